@@ -1,0 +1,325 @@
+"""The hub's configuration: etc/hub.yaml plus BSSCIHUB_* environment overrides.
+
+Loaded once into frozen attrs values; a bad or unknown key is a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+T = TypeVar("T")
+
+ENV_PREFIX = "BSSCIHUB_"
+
+
+class ConfigError(Exception):
+    """A user mistake in the configuration; str() is the one line to print."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"config error: {key} = {value!r}: {expected}")
+
+
+# --- value parsers: each takes the raw YAML value and raises ValueError("expected ...")
+
+
+def _str(value: Any) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        raise ValueError("expected a string")
+    return str(value)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError("expected true or false")
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("expected a positive whole number")
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def duration(value: Any) -> float:
+    """Seconds, as a number or with a unit: 0.5, "500ms", "5m", "36h", "7d"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value)) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError("expected a duration in seconds, e.g. 0.5, 500ms, 5m, 36h")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("expected a duration greater than zero")
+    return seconds
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return str(value)
+
+    return parse
+
+
+def _endpoint(value: Any) -> str:
+    text = _str(value)
+    if not re.match(r"^(tcp|tcp6|unix|ssl|systemd):\S+$", text):
+        raise ValueError("expected a Twisted endpoint string such as tcp:8080:interface=127.0.0.1")
+    return text
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of names")
+    return tuple(value)
+
+
+def _database(value: Any) -> str:
+    text = _str(value)
+    scheme = urlsplit(text).scheme
+    if scheme not in ("sqlite", "postgresql", "postgres"):
+        raise ValueError("expected sqlite:///FILE or postgresql://user:password@host/dbname")
+    return text
+
+
+def _mqtt_url(value: Any) -> str:
+    text = _str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError("expected mqtt://host:port or mqtts://host:port")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("expected a numeric port in the URL") from None
+    return text
+
+
+def _topic_root(value: Any) -> str:
+    text = _str(value)
+    if not text or any(c in text for c in "#+") or text.startswith("/") or text.endswith("/"):
+        raise ValueError("expected a topic root without wildcards or leading/trailing '/'")
+    return text
+
+
+def setting(default: Any, parse: Callable[[Any], Any], doc: str, *, secret: bool = False) -> Any:
+    """An attrs field of a config section: its default, parser and one-line doc."""
+    return attrs.field(default=default, metadata={"parse": parse, "doc": doc, "secret": secret})
+
+
+# --- the core sections (families add their own through IFamily.config_sections)
+
+
+@attrs.frozen
+class LogConfig:
+    level: str = setting("info", one_of("debug", "info", "warn", "error"), "lowest level logged")
+    format: str = setting("text", one_of("text", "json"), "text for people, json for log collectors")
+
+
+@attrs.frozen
+class TLSConfig:
+    ca: str = setting("certs/ca.pem", _str, "CA certificate that signs base-station client certificates")
+    cert: str = setting("certs/hub.pem", _str, "the hub's server certificate")
+    key: str = setting("certs/hub.key", _str, "the hub's server key", secret=True)
+    ca_key: str = setting("certs/ca.key", _str, "CA key, used to issue base-station certificates", secret=True)
+    lenient: bool = setting(False, _bool, "accept legacy CAs without keyUsage (verification stays on)")
+
+
+@attrs.frozen
+class WebConfig:
+    listen: str = setting("tcp:8080:interface=127.0.0.1", _endpoint, "endpoint of the web UI and API")
+    https: bool = setting(False, _bool, "serve HTTPS with tls.cert/tls.key")
+    session_idle: float = setting(1800.0, duration, "admin session idle expiry")
+    session_max: float = setting(43200.0, duration, "admin session absolute expiry")
+
+
+@attrs.frozen
+class MQTTConfig:
+    url: str = setting("mqtt://127.0.0.1:1883", _mqtt_url, "broker URL; mqtts:// for TLS")
+    username: str = setting("", _str, "broker user (or in the URL)")
+    password: str = setting("", _str, "broker password (or in the URL)", secret=True)
+    prefix: str = setting("bsscihub", _topic_root, "root of every topic the hub publishes and takes commands on")
+    client_id: str = setting("bsscihub", _str, "stable MQTT client id (persistent session)")
+    protocol: str = setting("5", one_of("5", "3.1.1"), "MQTT protocol version")
+    ca: str = setting("", _str, "CA file for mqtts:// (empty: system CAs)")
+    cert: str = setting("", _str, "client certificate for mqtts:// (optional)")
+    key: str = setting("", _str, "client key for mqtts:// (optional)", secret=True)
+    keepalive: int = setting(30, _positive_int, "keepalive interval in seconds")
+    outbox_max: int = setting(1_000_000, _positive_int, "most messages kept while the broker is away")
+    outbox_overflow: str = setting(
+        "drop_oldest", one_of("drop_oldest", "drop_new"), "what to drop when the outbox is full"
+    )
+    layout: str = setting("standard", one_of("standard", "seed"), "seed also publishes the legacy layout")
+    seed_base: str = setting("mioty", _topic_root, "topic root of the legacy (seed) layout")
+
+
+CORE_SECTIONS: dict[str, type] = {
+    "log": LogConfig,
+    "tls": TLSConfig,
+    "web": WebConfig,
+    "mqtt": MQTTConfig,
+}
+
+TOP_LEVEL: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
+    "data_dir": ("var", _str, "where SQLite, the outbox and uploads live"),
+    "database": ("sqlite:///hub.sqlite", _database, "sqlite:///FILE (relative: inside data_dir) or postgresql://..."),
+    "families": (None, _names, "enabled device families (default: every installed one)"),
+}
+
+
+@attrs.frozen
+class HubConfig:
+    data_dir: Path
+    database: str
+    families: tuple[str, ...] | None
+    log: LogConfig
+    tls: TLSConfig
+    web: WebConfig
+    mqtt: MQTTConfig
+    sections: Mapping[str, Any] = attrs.field(factory=dict)
+    """Family sections by name (e.g. "mioty", "bssci")."""
+
+    def section(self, name: str) -> Any:
+        if name in CORE_SECTIONS:
+            return getattr(self, name)
+        return self.sections[name]
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, or None for PostgreSQL."""
+        parts = urlsplit(self.database)
+        if parts.scheme != "sqlite":
+            return None
+        path = Path(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        return path if path.is_absolute() else self.data_dir / path
+
+    def masked(self) -> dict[str, Any]:
+        """Everything, secrets replaced by '***': for the read-only config view."""
+        out: dict[str, Any] = {
+            "data_dir": str(self.data_dir),
+            "database": _mask_url(self.database),
+            "families": list(self.families or ()),
+        }
+        named = {name: getattr(self, name) for name in CORE_SECTIONS} | dict(self.sections)
+        for name, value in named.items():
+            out[name] = {
+                f.name: ("***" if f.metadata.get("secret") and getattr(value, f.name) else getattr(value, f.name))
+                for f in attrs.fields(type(value))
+            }
+        out["mqtt"]["url"] = _mask_url(out["mqtt"]["url"])
+        return out
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def build_section(cls: type[T], name: str, raw: Any) -> T:
+    """Parse one section mapping into its attrs class; unknown keys are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(name, raw, "expected a mapping of keys")
+    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    values = {}
+    for key, value in raw.items():
+        field = fields.get(key)
+        if field is None:
+            raise ConfigError(f"{name}.{key}", value, "unknown key; known: " + ", ".join(sorted(fields)))
+        try:
+            values[key] = field.metadata["parse"](value)
+        except ValueError as e:
+            raise ConfigError(f"{name}.{key}", value, str(e)) from None
+    return cls(**values)
+
+
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], sections: Mapping[str, type]) -> None:
+    """Apply BSSCIHUB_<SECTION>_<KEY> and BSSCIHUB_<KEY> (values parsed as YAML scalars)."""
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        if rest in TOP_LEVEL:
+            raw[rest] = value
+            continue
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            raise ConfigError(var, text, "unknown environment override; use BSSCIHUB_<SECTION>_<KEY>")
+        current = raw.get(section)
+        if not isinstance(current, dict):
+            current = raw[section] = {}
+        current[key] = value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    family_sections: Mapping[str, type] | None = None,
+) -> HubConfig:
+    """Read the YAML file (if any), apply environment overrides, validate everything."""
+    environ = os.environ if environ is None else environ
+    sections = dict(CORE_SECTIONS) | dict(family_sections or {})
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError("--config", str(path), f"cannot read the file: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", str(path), f"not valid YAML: {e}".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("--config", str(path), "expected a YAML mapping at the top")
+        raw = dict(loaded or {})
+    _env_overrides(raw, environ, sections)
+
+    top: dict[str, Any] = {}
+    for key, (default, parse, _doc) in TOP_LEVEL.items():
+        if key in raw and raw[key] is not None:
+            try:
+                top[key] = parse(raw.pop(key))
+            except ValueError as e:
+                raise ConfigError(key, raw.get(key, "?"), str(e)) from None
+        else:
+            raw.pop(key, None)
+            top[key] = default
+    built: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in sections:
+            known = sorted(set(TOP_LEVEL) | set(sections))
+            raise ConfigError(key, value, "unknown key; known: " + ", ".join(known))
+    for name, cls in sections.items():
+        built[name] = build_section(cls, name, raw.get(name))
+    core = {name: built.pop(name) for name in CORE_SECTIONS}
+    if top["families"] is not None:
+        top["families"] = tuple(top["families"])
+    return HubConfig(
+        data_dir=Path(top["data_dir"]),
+        database=top["database"],
+        families=top["families"],
+        sections=built,
+        **core,
+    )

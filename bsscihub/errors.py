@@ -1,0 +1,8 @@
+"""The base of every error that is a user mistake rather than a bug.
+
+The CLI prints such an error as one line (no traceback); the web layer maps it to a 4xx.
+"""
+
+
+class UserFacingError(Exception):
+    """str(error) is a complete, one-line explanation for the user."""

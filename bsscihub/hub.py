@@ -1,0 +1,118 @@
+"""The hub's shared parts (config, store, bus, health, metrics) and the service that starts them in order.
+
+Storage is migrated before any listener binds; on stop, listeners close before pending writes are flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from bsscihub import __version__
+from bsscihub.bus import EventBus
+from bsscihub.config import HubConfig
+from bsscihub.family import IFamily
+from bsscihub.health import ComponentHealth, HealthRegistry
+from bsscihub.store import Migration, Store, open_store
+from bsscihub.store.schema import CORE_MIGRATIONS
+
+
+@attrs.define(eq=False)
+class Hub:
+    """What every component of one running hub shares."""
+
+    config: HubConfig
+    reactor: Any
+    store: Store
+    bus: EventBus
+    health: HealthRegistry
+    metrics: CollectorRegistry
+    families: dict[str, IFamily]
+    version: str = __version__
+    started_at: float = attrs.field(factory=time.time)
+    mqtt: Any = None
+    """The MQTT bridge once it exists (families subscribe to device topics through it)."""
+
+    def migrations(self) -> list[Migration]:
+        found = list(CORE_MIGRATIONS)
+        for family in self.families.values():
+            found.extend(family.migrations)
+        return found
+
+
+def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> Hub:
+    store = open_store(config.database, config.sqlite_path, reactor)
+    hub = Hub(
+        config=config,
+        reactor=reactor,
+        store=store,
+        bus=EventBus(),
+        health=HealthRegistry(),
+        metrics=CollectorRegistry(),
+        families=families,
+    )
+    hub.health.register("storage", lambda: ComponentHealth(store.running, {"backend": store.dialect}))
+    return hub
+
+
+class HubService(MultiService):
+    """Starts storage (with migrations) first, then its children; stops them in reverse, then storage."""
+
+    log = Logger()
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self.hub = hub
+        self._starting: defer.Deferred[None] | None = None
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        """Fires once storage is migrated and every child has started."""
+
+    def startService(self) -> None:
+        # Service.startService, not MultiService's: children wait for storage.
+        Service.startService(self)
+        self._starting = defer.Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._failed)
+
+    async def _start(self) -> None:
+        hub = self.hub
+        hub.config.data_dir.mkdir(parents=True, exist_ok=True)
+        hub.store.start()
+        await hub.store.migrate(hub.migrations())
+        for child in self:
+            child.startService()
+        self.log.info(
+            "bsscihub {version} started: families {families}, data in {data_dir}, database {backend}",
+            version=hub.version,
+            families=",".join(hub.families) or "none",
+            data_dir=str(hub.config.data_dir),
+            backend=hub.store.dialect,
+        )
+        self.ready.callback(None)
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure("hub failed to start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        # twistd has no exit status of its own; a hub that could not start must not exit 0.
+        self.hub.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self.hub.reactor.callWhenRunning(self.hub.reactor.stop)
+
+    async def _stop(self) -> None:
+        if self._starting is not None:
+            await self._starting
+        for child in reversed(list(self)):
+            if child.running:
+                await defer.maybeDeferred(child.stopService)
+        await self.hub.store.stop()
+        self.log.info("bsscihub stopped")
+
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop())

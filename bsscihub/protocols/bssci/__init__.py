@@ -1,0 +1,1 @@
+"""BSSCI: the mioty Base Station - Service Center Interface (framing, messages, sessions)."""

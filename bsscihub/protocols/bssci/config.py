@@ -1,0 +1,49 @@
+"""Configuration sections of the mioty family: `bssci` (the base-station listener) and `mioty` (sensors).
+
+Validated like the core sections; every key is documented in etc/hub.yaml.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+from bsscihub.config import _endpoint, _positive_int, _str, duration, setting
+
+
+def _eui(value: Any) -> str:
+    text = _str(value).lower()
+    if not re.fullmatch(r"[0-9a-f]{16}", text):
+        raise ValueError("expected an EUI-64 as 16 hex digits")
+    return text
+
+
+def _version(value: Any) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"\d+\.\d+\.\d+", text):
+        raise ValueError("expected a version major.minor.patch, e.g. 1.0.0")
+    return text
+
+
+@attrs.frozen
+class BSSCIConfig:
+    listen: str = setting("tcp:16017", _endpoint, "endpoint of the BSSCI listener; the hub adds mutual TLS")
+    sc_eui: str = setting("70b3d59cd0000000", _eui, "the service center's EUI-64 sent in conRsp")
+    version: str = setting("1.0.0", _version, "BSSCI version the hub speaks (major must match the BS)")
+    status_interval: float = setting(300.0, duration, "how often each base station is polled for status")
+    ping_idle: float = setting(60.0, duration, "idle time after which the hub pings a base station")
+    ping_timeout: float = setting(30.0, duration, "a base station that does not answer a ping in time is dropped")
+    op_timeout: float = setting(60.0, duration, "an SC-initiated operation not answered in time is abandoned")
+    max_frame: int = setting(1 << 20, _positive_int, "largest accepted frame payload in bytes")
+    propagate_window: int = setting(64, _positive_int, "attPrp/detPrp operations in flight per base station")
+
+
+@attrs.frozen
+class MiotyConfig:
+    dedup_window: float = setting(0.5, duration, "seconds to collect copies of one uplink from several base stations")
+    inactivity_warning: float = setting(129600.0, duration, "silence after which a sensor gets an inactivity_warning")
+    auto_detach: float = setting(259200.0, duration, "silence after which a sensor is detached automatically")
+    uplink_retention: float = setting(2592000.0, duration, "how long uplink history is kept")
+    dedup_memory: int = setting(200_000, _positive_int, "most recent uplink keys remembered to drop late copies")

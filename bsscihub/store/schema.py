@@ -1,0 +1,45 @@
+"""The core schema (users, API keys, audit log); families bring their own migrations.
+
+Dialect tokens ({pk}, {real}, {blob}, {bigint}) are replaced per backend by Store.migrate.
+"""
+
+from bsscihub.store import Migration
+
+CORE_MIGRATIONS = [
+    Migration(
+        "core",
+        1,
+        """
+        CREATE TABLE users (
+            id {pk},
+            name TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL,
+            role TEXT NOT NULL,
+            created_at {real} NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE api_keys (
+            id {pk},
+            name TEXT NOT NULL,
+            user_id {bigint} REFERENCES users(id) ON DELETE CASCADE,
+            prefix TEXT NOT NULL UNIQUE,
+            secret_hash TEXT NOT NULL,
+            role TEXT NOT NULL,
+            created_at {real} NOT NULL,
+            expires_at {real},
+            revoked_at {real},
+            last_used_at {real}
+        );
+        CREATE TABLE audit_log (
+            id {pk},
+            time {real} NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL DEFAULT '',
+            detail TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX audit_log_time ON audit_log (time)
+        """,
+    ),
+]

@@ -1,0 +1,72 @@
+"""twistd entry point: `Options` (--config) and `makeService(config, reactor)` building the hub.
+
+A configuration mistake prints one line and exits 2; it never reaches makeService.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from bsscihub.config import ConfigError, HubConfig, load_config
+from bsscihub.family import UnknownFamily, all_config_sections, enabled_families, installed_families
+from bsscihub.hub import HubService, make_hub
+from bsscihub.logs import use_for_twistd
+
+
+def load_hub_config(path: str | None, environ: Any = None) -> tuple[HubConfig, dict[str, Any]]:
+    """Config plus enabled families; raises ConfigError for any user mistake."""
+    installed = installed_families()
+    config = load_config(path, environ, all_config_sections(installed))
+    try:
+        families = enabled_families(installed, config.families)
+    except UnknownFamily as e:
+        raise ConfigError(
+            "families", list(config.families or ()), f"unknown family {e.args[0]!r}; installed: {', '.join(sorted(installed))}"
+        ) from None
+    return config, families
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = "Run the bsscihub IoT hub. Every config key can be overridden with BSSCIHUB_<SECTION>_<KEY>."
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (e.g. etc/hub.yaml); defaults apply without one"],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if path is None and os.path.exists("etc/hub.yaml"):
+            path = self["config"] = "etc/hub.yaml"
+        try:
+            self.hub_config, self.families = load_hub_config(path)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            raise SystemExit(2) from None
+        # Unless twistd was told where to log, log as the config says.
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger") and parent.get("logfile") in (None, "-"):
+            parent["logger"] = use_for_twistd(self.hub_config.log.level, self.hub_config.log.format)
+
+
+def build_service(config: HubConfig, families: dict[str, Any], reactor: Any) -> HubService:
+    """The whole hub as one service tree (used by twistd and by the tests)."""
+    from bsscihub.web.service import make_web_service
+
+    hub = make_hub(config, reactor, families)
+    service = HubService(hub)
+    for family in families.values():
+        family.make_service(hub).setServiceParent(service)
+    make_web_service(hub).setServiceParent(service)
+    return service
+
+
+def makeService(options: Options, reactor: Any = None) -> HubService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return build_service(options.hub_config, options.families, reactor)
