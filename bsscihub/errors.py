@@ -6,3 +6,7 @@ The CLI prints such an error as one line (no traceback); the web layer maps it t
 
 class UserFacingError(Exception):
     """str(error) is a complete, one-line explanation for the user."""
+
+
+class CommandError(UserFacingError):
+    """A command (MQTT, REST, CLI) that cannot be carried out; str() is the reason given back."""

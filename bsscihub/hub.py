@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -24,6 +25,10 @@ from bsscihub.store import Migration, Store, open_store
 from bsscihub.store.schema import CORE_MIGRATIONS
 
 
+CommandHandler = Callable[[str, str, str, Any], Awaitable[Mapping[str, Any] | None]]
+"""async handler(kind, id, name, payload) -> optional result; raises CommandError with the reason."""
+
+
 @attrs.define(eq=False)
 class Hub:
     """What every component of one running hub shares."""
@@ -39,6 +44,10 @@ class Hub:
     started_at: float = attrs.field(factory=time.time)
     mqtt: Any = None
     """The MQTT bridge once it exists (families subscribe to device topics through it)."""
+    services: dict[str, Any] = attrs.field(factory=dict)
+    """Each enabled family's service, by family name (REST routes and commands reach it here)."""
+    commands: dict[str, CommandHandler] = attrs.field(factory=dict)
+    """Command handlers by family name, for `{prefix}/{family}/{kind}/{id}/cmd/{name}`."""
 
     def migrations(self) -> list[Migration]:
         found = list(CORE_MIGRATIONS)

@@ -58,8 +58,10 @@ def build_service(config: HubConfig, families: dict[str, Any], reactor: Any) -> 
 
     hub = make_hub(config, reactor, families)
     service = HubService(hub)
-    for family in families.values():
-        family.make_service(hub).setServiceParent(service)
+    for name, family in families.items():
+        family_service = family.make_service(hub)
+        hub.services[name] = family_service
+        family_service.setServiceParent(service)
     make_web_service(hub).setServiceParent(service)
     return service
 
