@@ -172,7 +172,11 @@ class Store:
             self._pool = ThreadPool(minthreads=1, maxthreads=self._backend.threads, name="bsscihub-store")
             self._pool.start()
 
-    async def stop(self) -> None:
+    def stop(self) -> defer.Deferred[None]:
+        """Flush pending batches, close connections, join the threads."""
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         for batcher in self._batchers:
             await batcher.flush()
         if self._pool is not None:

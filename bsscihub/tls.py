@@ -1,0 +1,416 @@
+"""The mutual-TLS policy of the BSSCI listener (and of HTTPS when enabled): one
+OpenSSL context, an endpoint wrapper, and a log line for every failed handshake."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+from weakref import WeakKeyDictionary
+
+import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "MutualTLSEndpoint",
+    "RevocationCheck",
+    "ServerTLSPolicy",
+    "TLSConfigError",
+    "format_peer",
+    "peer_certificate",
+    "peer_common_name",
+    "server_context_factory",
+]
+
+StrPath = str | os.PathLike[str]
+
+#: Given a client certificate whose chain verified, a reason to refuse it, or None.
+RevocationCheck = Callable[[x509.Certificate], "str | None"]
+
+# Base stations on slow cellular links need a few round trips of RSA; a peer
+# that has not finished after this long is holding a slot for nothing.
+DEFAULT_HANDSHAKE_TIMEOUT = 60.0
+
+# OpenSSL reasons that deserve a hint for the operator reading the log.
+_HINTS = {
+    "tlsv1 alert unknown ca": "the peer does not trust the hub certificate",
+    "sslv3 alert bad certificate": "the peer rejected the hub certificate",
+    "sslv3 alert certificate unknown": "the peer rejected the hub certificate",
+    "unsupported protocol": "the peer offers nothing from TLS 1.2 up",
+    "http request": "plain HTTP sent to the TLS port",
+    "wrong version number": "not TLS, or a TLS version OpenSSL does not know",
+}
+
+
+class TLSConfigError(Exception):
+    """The TLS certificates or keys cannot be used."""
+
+
+@attrs.define
+class _Verification:
+    """What the verify callback learned about one connection's peer."""
+
+    reason: str | None = None
+    # A policy decision (revocation), not a broken certificate chain.
+    refused: bool = False
+    revocation_checked: bool = False
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+@attrs.frozen
+class ServerTLSPolicy:
+    """Makes one OpenSSL server connection per accepted TCP connection, all
+    sharing one context built once by server_context_factory, and is that
+    context's verify callback."""
+
+    context: SSL.Context
+    is_revoked: RevocationCheck | None = None
+    # Per connection: Twisted keeps the connection's app data for itself.
+    _verifications: WeakKeyDictionary[SSL.Connection, _Verification] = attrs.field(
+        factory=WeakKeyDictionary, init=False, repr=False
+    )
+    log = Logger()
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_accept_state()
+        self._verifications[connection] = _Verification()
+        return connection
+
+    def verification(self, connection: SSL.Connection) -> _Verification | None:
+        """What verifying this connection's peer certificate found."""
+        return self._verifications.get(connection)
+
+    def verify(
+        self,
+        connection: SSL.Connection,
+        cert: crypto.X509,
+        errno: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
+        """The OpenSSL verify callback: record why a chain failed, then consult
+        the revocation check once the chain has verified."""
+        # A connection made elsewhere on this context: verify, record nothing.
+        state = self._verifications.get(connection) or _Verification()
+        if not ok:
+            if state.reason is None:
+                state.reason = (
+                    f"certificate verify failed ({_verify_error_string(errno)}):"
+                    f" {_describe_chain_cert(cert.to_cryptography(), depth)}"
+                )
+            return False
+        if depth != 0 or self.is_revoked is None or state.revocation_checked:
+            return True
+        state.revocation_checked = True
+        leaf = cert.to_cryptography()
+        serial = f"certificate serial {leaf.serial_number:#x} ({_subject(leaf)})"
+        try:
+            why = self.is_revoked(leaf)
+        except Exception:  # noqa: BLE001 - any bug in the check must refuse
+            # Fail closed: a broken check must not let a revoked station in.
+            self.log.failure(
+                "revocation check failed for {subject}", subject=_subject(leaf)
+            )
+            state.reason = f"{serial}: the revocation check failed"
+        else:
+            if why is None:
+                return True
+            state.reason = f"{serial} revoked: {why}"
+        state.refused = True
+        return False
+
+
+def server_context_factory(
+    ca_path: StrPath,
+    cert_path: StrPath,
+    key_path: StrPath,
+    *,
+    require_client_cert: bool = True,
+    lenient: bool = False,
+    is_revoked: RevocationCheck | None = None,
+) -> IOpenSSLServerConnectionCreator:
+    """The hub's TLS server policy: TLS 1.2+, the hub certificate, and client
+    certificates verified against the CAs in ca_path only.
+
+    lenient drops the strict X.509 checks (for base-station CAs without
+    keyUsage) and nothing else. is_revoked may refuse a certificate whose chain
+    verified; it runs inside the handshake on the reactor thread, so it must
+    answer from memory.
+    """
+    ca_certs = _load_ca_bundle(Path(ca_path))
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_SINGLE_DH_USE
+        | SSL.OP_SINGLE_ECDH_USE
+        # A resumed session skips the verify callback, hence the revocation
+        # check; base stations keep one long connection, so nothing is lost.
+        | SSL.OP_NO_TICKET
+    )
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_session_id(b"bsscihub")
+    try:
+        context.use_certificate_chain_file(os.fsencode(cert_path))
+    except SSL.Error as e:
+        raise TLSConfigError(
+            f"cannot load the hub certificate {cert_path}: {_reasons(e)}"
+        ) from None
+    try:
+        context.use_privatekey_file(os.fsencode(key_path))
+        context.check_privatekey()
+    except SSL.Error as e:
+        raise TLSConfigError(
+            f"cannot use the hub key {key_path} with {cert_path}: {_reasons(e)}"
+        ) from None
+    # Trust only these CAs: never the system store, which would let any
+    # publicly issued certificate in.
+    store = context.get_cert_store()
+    if store is None:
+        raise TLSConfigError("OpenSSL context has no certificate store")
+    for ca in ca_certs:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+        # Tells the base station which CA to pick its certificate for.
+        context.add_client_ca(ca)
+    if not lenient:
+        store.set_flags(crypto.X509StoreFlags.X509_STRICT)
+    mode = SSL.VERIFY_PEER
+    if require_client_cert:
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    policy = ServerTLSPolicy(context, is_revoked)
+    context.set_verify(mode, policy.verify)
+    return policy
+
+
+class _HandshakeReportingTLS(BufferingTLSTransport):
+    """TLS over one connection, logging once how its handshake ended: Twisted
+    alone hands a failure to the application and logs nothing."""
+
+    log = Logger()
+    factory: _MutualTLSFactory
+    _peer = "unknown peer"
+    _reported = False
+    _received = False
+    _timed_out = False
+    _timeout_call: IDelayedCall | None = None
+
+    def makeConnection(self, transport: object) -> None:
+        self._peer = format_peer(getattr(transport, "getPeer", lambda: None)())
+        super().makeConnection(transport)
+        timeout = self.factory.handshake_timeout
+        if timeout is not None and not self._reported and self.connected:
+            self._timeout_call = self.factory.clock.callLater(
+                timeout, self._handshakeTimedOut
+            )
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received = True
+        super().dataReceived(data)
+        if (
+            not self._reported
+            and self._handshakeDone
+            and self._tlsConnection is not None
+        ):
+            self._reportSuccess()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._reported and not self._handshakeDone:
+            state = None
+            policy = self.factory.policy
+            if self._tlsConnection is not None and isinstance(policy, ServerTLSPolicy):
+                state = policy.verification(self._tlsConnection)
+            self._reportFailure(self._reason or reason, state)
+        self._cancelTimeout()
+        super().connectionLost(reason)
+
+    def _handshakeTimedOut(self) -> None:
+        self._timeout_call = None
+        self._timed_out = True
+        self.abortConnection()
+
+    def _cancelTimeout(self) -> None:
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+
+    def _reportSuccess(self) -> None:
+        self._reported = True
+        self._cancelTimeout()
+        cert = peer_certificate(self)
+        self.log.info(
+            "TLS handshake with {peer} completed: {subject}, {version}",
+            peer=self._peer,
+            subject=_subject(cert) if cert is not None else "no client certificate",
+            version=self._tlsConnection.get_protocol_version_name(),
+        )
+
+    def _reportFailure(self, failure: Failure, state: _Verification | None) -> None:
+        self._reported = True
+        outcome, level = "failed", LogLevel.warn
+        if self._timed_out:
+            why = f"no handshake within {self.factory.handshake_timeout:g} s"
+        elif state is not None and state.reason is not None:
+            why = state.reason
+            if state.refused:
+                outcome = "refused"
+        elif isinstance(failure.value, SSL.Error):
+            reasons = _reasons(failure.value)
+            if "peer did not return a certificate" in reasons:
+                outcome, why = "refused", "no client certificate"
+            else:
+                hints = [_HINTS[r] for r in _HINTS if r in reasons]
+                why = reasons + (f" ({'; '.join(hints)})" if hints else "")
+        else:
+            why = "connection closed before the handshake completed"
+            if not self._received:
+                # Port probes and load-balancer health checks: not an incident.
+                level = LogLevel.info
+        self.log.emit(
+            level,
+            "TLS handshake with {peer} {outcome}: {reason}",
+            peer=self._peer,
+            outcome=outcome,
+            reason=why,
+        )
+
+
+class _MutualTLSFactory(TLSMemoryBIOFactory):
+    protocol = _HandshakeReportingTLS
+
+    def __init__(
+        self,
+        policy: IOpenSSLServerConnectionCreator,
+        wrappedFactory: IProtocolFactory,
+        clock: IReactorTime,
+        handshake_timeout: float | None,
+    ) -> None:
+        super().__init__(policy, False, wrappedFactory, clock=clock)
+        self.policy = policy
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class MutualTLSEndpoint:
+    """Any stream server endpoint (usually `tcp:16017`) with TLS on top, using
+    the policy from server_context_factory."""
+
+    endpoint: IStreamServerEndpoint
+    policy: IOpenSSLServerConnectionCreator
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
+    clock: IReactorTime | None = None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        return self.endpoint.listen(
+            _MutualTLSFactory(
+                self.policy, protocolFactory, clock, self.handshake_timeout
+            )
+        )
+
+
+def peer_certificate(transport: object) -> x509.Certificate | None:
+    """The client certificate of a TLS transport, once its handshake is done."""
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return None
+    try:
+        cert = get()
+    except (AttributeError, SSL.Error):
+        # The TLS connection is already gone.
+        return None
+    if cert is None or isinstance(cert, x509.Certificate):
+        return cert
+    return cast(crypto.X509, cert).to_cryptography()
+
+
+def peer_common_name(transport: object) -> str | None:
+    """The CN of the client certificate: the base station's name."""
+    cert = peer_certificate(transport)
+    return None if cert is None else _common_name(cert)
+
+
+def format_peer(address: object) -> str:
+    """host:port for log lines, with IPv6 hosts in brackets."""
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    return "unknown peer" if address is None else str(address)
+
+
+def _load_ca_bundle(path: Path) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as e:
+        raise TLSConfigError(f"cannot read the CA file {path}: {e.strerror}") from None
+    except ValueError:
+        raise TLSConfigError(f"{path} holds no PEM certificate") from None
+    return certs
+
+
+def _reasons(error: SSL.Error) -> str:
+    """OpenSSL's reason strings from an error queue, without library names."""
+    queue = error.args[0] if error.args else None
+    if isinstance(queue, list):
+        found = [
+            str(e[2]) for e in queue if isinstance(e, tuple) and len(e) == 3 and e[2]
+        ]
+        if found:
+            return "; ".join(dict.fromkeys(found))
+    return str(error) or type(error).__name__
+
+
+def _verify_error_string(errno: int) -> str:
+    # pyOpenSSL has no public name for X509_verify_cert_error_string.
+    try:
+        from OpenSSL._util import ffi, lib
+
+        return cast(
+            bytes, ffi.string(lib.X509_verify_cert_error_string(errno))
+        ).decode()
+    except (ImportError, AttributeError):
+        return f"X.509 verify error {errno}"
+
+
+def _common_name(cert: x509.Certificate) -> str | None:
+    for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attribute.value
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return None
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "empty subject"
+
+
+def _describe_chain_cert(cert: x509.Certificate, depth: int) -> str:
+    if depth == 0:
+        return f"{_subject(cert)} issued by {cert.issuer.rfc4514_string()}"
+    return f"CA certificate {_subject(cert)} (chain depth {depth})"

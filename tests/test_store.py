@@ -1,0 +1,108 @@
+"""The storage suite: the same tests on SQLite and on a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from bsscihub.store import Cursor, Migration, Store
+from bsscihub.store.schema import CORE_MIGRATIONS
+
+SAMPLE = [
+    Migration("sample", 1, "CREATE TABLE things (id {pk}, name TEXT NOT NULL, data {blob}, n {bigint})"),
+    Migration("sample", 2, "ALTER TABLE things ADD COLUMN score {real}; CREATE INDEX things_name ON things (name)"),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrations_apply_once_in_order(store: Store) -> None:
+    applied = await store.migrate(CORE_MIGRATIONS + SAMPLE)
+    assert [(m.component, m.version) for m in applied] == [("core", 1), ("sample", 1), ("sample", 2)]
+    assert await store.migrate(CORE_MIGRATIONS + SAMPLE) == []
+    rows = await store.fetchall("SELECT component, version FROM schema_migrations ORDER BY component, version")
+    assert rows == [("core", 1), ("sample", 1), ("sample", 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_later_migration_applies_on_existing_schema(store: Store) -> None:
+    await store.migrate(SAMPLE[:1])
+    await store.execute("INSERT INTO things (name, n) VALUES (?, ?)", ("a", 2**40))
+    applied = await store.migrate(SAMPLE)
+    assert [m.version for m in applied] == [2]
+    assert await store.fetchall("SELECT name, n, score FROM things") == [("a", 2**40, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_migration_rolls_back(store: Store) -> None:
+    bad = Migration("bad", 1, "CREATE TABLE ok_table (id {pk}); CREATE TABLE broken (")
+    with pytest.raises(Exception):
+        await store.migrate([bad])
+    assert await store.migrate([Migration("bad", 1, "CREATE TABLE ok_table (id {pk})")]) != []
+
+
+@pytest_twisted.ensureDeferred
+async def test_interaction_is_one_transaction(store: Store) -> None:
+    await store.migrate(SAMPLE)
+
+    def fails(c: Cursor) -> None:
+        c.execute("INSERT INTO things (name) VALUES (?)", ("lost",))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await store.interaction(fails)
+    assert await store.fetchall("SELECT name FROM things") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_and_returning(store: Store) -> None:
+    await store.migrate(SAMPLE)
+    row = await store.fetchone("INSERT INTO things (name, data) VALUES (?, ?) RETURNING id", ("x", b"\x00\xff"))
+    assert row is not None and row[0] >= 1
+    (data,) = await store.fetchone("SELECT data FROM things WHERE id = ?", (row[0],)) or (None,)
+    assert bytes(data) == b"\x00\xff"
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_writer_commits_every_row_before_acknowledging(store: Store) -> None:
+    await store.migrate(SAMPLE)
+    writer = store.batch_writer("INSERT INTO things (name, n) VALUES (?, ?)", max_rows=50)
+    acks = [writer.add((f"r{i}", i)) for i in range(120)]
+    for d in acks:
+        await d
+    (count,) = await store.fetchone("SELECT COUNT(*) FROM things") or (0,)
+    assert count == 120
+    assert writer.committed == 120
+    rows = await store.fetchall("SELECT n FROM things ORDER BY id")
+    assert [r[0] for r in rows] == list(range(120))
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_writer_failure_reaches_every_waiter(store: Store) -> None:
+    await store.migrate(SAMPLE)
+    writer = store.batch_writer("INSERT INTO nowhere (x) VALUES (?)")
+    results = []
+    for i in range(3):
+        d = writer.add((i,))
+        d.addErrback(lambda f: results.append(f.type))
+    await writer.flush()
+    assert len(results) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_flushes_pending_batches(database_url: str, tmp_path) -> None:
+    from twisted.internet import reactor
+
+    from bsscihub.store import open_store
+
+    s = open_store(database_url, tmp_path / "hub.sqlite", reactor)
+    s.start()
+    await s.migrate(SAMPLE)
+    writer = s.batch_writer("INSERT INTO things (name) VALUES (?)", delay=10.0)
+    writer.add(("pending",))
+    await s.stop()
+    s2 = open_store(database_url, tmp_path / "hub.sqlite", reactor)
+    s2.start()
+    try:
+        assert await s2.fetchall("SELECT name FROM things") == [("pending",)]
+    finally:
+        await s2.stop()
