@@ -86,7 +86,7 @@ def run_with_store(config: HubConfig, families: dict[str, Any], work: Callable[[
 
     from bsscihub.hub import make_hub
 
-    result: list[int] = []
+    outcome: list[Any] = []
 
     async def main(reactor: Any) -> None:
         hub = make_hub(config, reactor, families)
@@ -94,7 +94,9 @@ def run_with_store(config: HubConfig, families: dict[str, Any], work: Callable[[
         hub.store.start()
         try:
             await hub.store.migrate(hub.migrations())
-            result.append(await work(hub))
+            outcome.append(await work(hub))
+        except UserFacingError as e:
+            outcome.append(e)  # re-raised below, outside the reactor, as one line
         finally:
             await hub.store.stop()
 
@@ -103,7 +105,11 @@ def run_with_store(config: HubConfig, families: dict[str, Any], work: Callable[[
     except SystemExit as e:
         if e.code not in (0, None):
             raise
-    return result[0] if result else 1
+    if not outcome:
+        return 1
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return int(outcome[0])
 
 
 def cmd_init(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:

@@ -105,7 +105,7 @@ def _mqtt_url(value: Any) -> str:
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise ValueError("expected mqtt://host:port or mqtts://host:port")
     try:
-        parts.port
+        _ = parts.port  # urlsplit only validates the port when asked
     except ValueError:
         raise ValueError("expected a numeric port in the URL") from None
     return text
@@ -298,14 +298,14 @@ def load_config(
 
     top: dict[str, Any] = {}
     for key, (default, parse, _doc) in TOP_LEVEL.items():
-        if key in raw and raw[key] is not None:
-            try:
-                top[key] = parse(raw.pop(key))
-            except ValueError as e:
-                raise ConfigError(key, raw.get(key, "?"), str(e)) from None
-        else:
-            raw.pop(key, None)
+        value = raw.pop(key, None)
+        if value is None:
             top[key] = default
+            continue
+        try:
+            top[key] = parse(value)
+        except ValueError as e:
+            raise ConfigError(key, value, str(e)) from None
     built: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in sections:

@@ -24,7 +24,6 @@ from bsscihub.health import ComponentHealth, HealthRegistry
 from bsscihub.store import Migration, Store, open_store
 from bsscihub.store.schema import CORE_MIGRATIONS
 
-
 CommandHandler = Callable[[str, str, str, Any], Awaitable[Mapping[str, Any] | None]]
 """async handler(kind, id, name, payload) -> optional result; raises CommandError with the reason."""
 
@@ -76,12 +75,29 @@ class HubService(MultiService):
 
     log = Logger()
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, on_start_failure: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.hub = hub
+        self._on_start_failure = on_start_failure or self._exit_process
         self._starting: defer.Deferred[None] | None = None
-        self.ready: defer.Deferred[None] = defer.Deferred()
-        """Fires once storage is migrated and every child has started."""
+        self._outcome: Any = None  # None while starting, then True or the Failure
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def when_ready(self) -> defer.Deferred[None]:
+        """Fires once storage is migrated and every child has started (fails if the start failed)."""
+        if self._outcome is True:
+            return defer.succeed(None)
+        if self._outcome is not None:
+            return defer.fail(self._outcome)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None) if outcome is True else d.errback(outcome)
 
     def startService(self) -> None:
         # Service.startService, not MultiService's: children wait for storage.
@@ -103,18 +119,20 @@ class HubService(MultiService):
             data_dir=str(hub.config.data_dir),
             backend=hub.store.dialect,
         )
-        self.ready.callback(None)
+        self._settle(True)
 
     def _failed(self, failure: Any) -> None:
         self.log.failure("hub failed to start", failure)
-        if not self.ready.called:
-            self.ready.errback(failure)
+        self._settle(failure)
+        self._on_start_failure()
+
+    def _exit_process(self) -> None:
         # twistd has no exit status of its own; a hub that could not start must not exit 0.
         self.hub.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         self.hub.reactor.callWhenRunning(self.hub.reactor.stop)
 
     async def _stop(self) -> None:
-        if self._starting is not None:
+        if self._starting is not None and not self._starting.called:
             await self._starting
         for child in reversed(list(self)):
             if child.running:

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
 
+from bsscihub.errors import UserFacingError
+
 __all__ = [
     "CertInfo",
     "IssuedCert",
@@ -57,7 +59,7 @@ _ISSUER_KEY_TYPES = (
 )
 
 
-class PKIError(Exception):
+class PKIError(UserFacingError):
     """A certificate or key could not be created, read or used."""
 
 

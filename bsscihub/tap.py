@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.python import usage
@@ -24,8 +25,9 @@ def load_hub_config(path: str | None, environ: Any = None) -> tuple[HubConfig, d
     try:
         families = enabled_families(installed, config.families)
     except UnknownFamily as e:
+        known = ", ".join(sorted(installed))
         raise ConfigError(
-            "families", list(config.families or ()), f"unknown family {e.args[0]!r}; installed: {', '.join(sorted(installed))}"
+            "families", list(config.families or ()), f"unknown family {e.args[0]!r}; installed: {known}"
         ) from None
     return config, families
 
@@ -52,12 +54,14 @@ class Options(usage.Options):
             parent["logger"] = use_for_twistd(self.hub_config.log.level, self.hub_config.log.format)
 
 
-def build_service(config: HubConfig, families: dict[str, Any], reactor: Any) -> HubService:
+def build_service(
+    config: HubConfig, families: dict[str, Any], reactor: Any, on_start_failure: Callable[[], None] | None = None
+) -> HubService:
     """The whole hub as one service tree (used by twistd and by the tests)."""
     from bsscihub.web.service import make_web_service
 
     hub = make_hub(config, reactor, families)
-    service = HubService(hub)
+    service = HubService(hub, on_start_failure)
     for name, family in families.items():
         family_service = family.make_service(hub)
         hub.services[name] = family_service

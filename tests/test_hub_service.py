@@ -1,0 +1,85 @@
+"""The hub as a service tree: start order, /health, and a clean stop (no port or thread left behind)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest_twisted
+import treq
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
+
+from bsscihub.health import ComponentHealth
+from bsscihub.hub import make_hub
+from bsscihub.tap import build_service
+from bsscihub.web.app import WebApp
+from tests.conftest import make_config
+
+
+def store_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "bsscihub-store" in t.name]
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_serves_health_then_stop_releases_port_and_threads(tmp_path: Path) -> None:
+    config = make_config(tmp_path, families=[])
+    service = build_service(config, {}, reactor)
+    service.startService()
+    await service.when_ready()
+    port = await service.getServiceNamed("web")._waitingForPort
+    number = port.getHost().port
+    assert store_threads(), "the store runs on its own threads while the hub runs"
+
+    response = await treq.get(f"http://127.0.0.1:{number}/health")
+    assert response.code == 200
+    doc = json.loads(await response.content())
+    assert doc["status"] == "ok"
+    assert doc["components"]["storage"] == {"up": True, "backend": "sqlite"}
+    assert (tmp_path / "var" / "hub.sqlite").exists()
+
+    await service.stopService()
+    assert not store_threads()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", number)) != 0, "the web port is released on stop"
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_is_503_when_a_component_is_down(tmp_path: Path) -> None:
+    hub = make_hub(make_config(tmp_path, families=[]), reactor, {})
+    hub.store.start()
+    try:
+        hub.health.register("mqtt", lambda: ComponentHealth(False, {"state": "waiting"}))
+        client = StubTreq(WebApp(hub).resource())
+        response = await client.get("http://hub/health")
+        assert response.code == 503
+        doc = json.loads(await response.content())
+        assert doc["status"] == "degraded"
+        assert doc["components"]["mqtt"] == {"up": False, "state": "waiting"}
+        assert doc["components"]["storage"]["up"] is True
+    finally:
+        await hub.store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_failure_is_reported_not_swallowed(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        config = make_config(tmp_path, families=[], web={"listen": f"tcp:{taken}:interface=127.0.0.1"})
+        failures: list[bool] = []
+        service = build_service(config, {}, reactor, on_start_failure=lambda: failures.append(True))
+        service.startService()
+        try:
+            await service.when_ready()
+        except CannotListenError:
+            pass
+        else:
+            raise AssertionError("binding a busy port must fail the start")
+        finally:
+            await service.stopService()
+        assert failures == [True]
