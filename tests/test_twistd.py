@@ -1,0 +1,140 @@
+"""The hub under twistd, as a user runs it: plugin discovery, bad config, /health, SIGTERM, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "etc" / "hub.yaml")
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BSSCIHUB_")}
+    return {**env, **extra}
+
+
+def test_plugin_is_discoverable() -> None:
+    names = [maker.tapname for maker in getPlugins(IServiceMaker)]
+    assert "bsscihub" in names
+    listed = subprocess.run([*TWISTD, "--help"], capture_output=True, text=True, timeout=60, cwd="/")
+    assert "bsscihub" in listed.stdout
+
+
+def test_bad_value_stops_startup_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
+        env=clean_env(BSSCIHUB_MIOTY_DEDUP_WINDOW="banana"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "config error: mioty.dedup_window = 'banana': expected a duration in seconds, e.g. 0.5, 500ms, 5m, 36h\n"
+    )
+
+
+def get_health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def start_hub(home: Path, web: int) -> subprocess.Popen[str]:
+    env = clean_env(
+        BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
+        BSSCIHUB_BSSCI_LISTEN=f"tcp:{free_port()}:interface=127.0.0.1",
+        BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",  # nothing listens there
+        BSSCIHUB_DATA_DIR=str(home / "data"),
+    )
+    process = subprocess.Popen(
+        [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
+        env=env,
+        cwd=home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            get_health(web)
+            return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError("the hub did not serve /health within 30 s")
+
+
+def stop_hub(process: subprocess.Popen[str]) -> tuple[int, str, float]:
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=15)
+    return process.returncode, output, time.monotonic() - started
+
+
+def test_runs_serves_health_without_broker_stops_cleanly_and_restarts(tmp_path: Path) -> None:
+    init = subprocess.run(
+        [sys.executable, "-m", "bsscihub.cli", "init", "--config", CONFIG],
+        cwd=tmp_path,
+        env=clean_env(BSSCIHUB_DATA_DIR=str(tmp_path / "data")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    web = free_port()
+
+    hub = start_hub(tmp_path, web)
+    code, doc = get_health(web)
+    assert doc["components"]["storage"]["up"] is True
+    assert doc["components"]["web"]["up"] is True
+    if "mqtt" in doc["components"]:  # no broker: the hub runs, /health says MQTT is down
+        assert code == 503 and doc["components"]["mqtt"]["up"] is False
+    returncode, output, took = stop_hub(hub)
+    assert returncode == 0, output
+    assert took < 10
+    assert "bsscihub stopped" in output
+    assert "Traceback" not in output
+
+    hub = start_hub(tmp_path, web)
+    returncode, output, _ = stop_hub(hub)
+    assert returncode == 0, output
+    assert "applied migration" not in output, "a second start finds the schema as it was"
+    with sqlite3.connect(tmp_path / "data" / "hub.sqlite") as db:
+        assert db.execute("SELECT role FROM users WHERE name = 'admin'").fetchall() == [("admin",)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT])
+def test_sigint_also_stops_cleanly(tmp_path: Path, signum: int) -> None:
+    web = free_port()
+    hub = start_hub(tmp_path, web)
+    hub.send_signal(signum)
+    output, _ = hub.communicate(timeout=15)
+    assert hub.returncode == 0, output
+    assert "bsscihub stopped" in output
