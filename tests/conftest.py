@@ -18,6 +18,8 @@ from bsscihub.config import HubConfig, load_config
 from bsscihub.family import all_config_sections, installed_families
 from bsscihub.store import Store, open_store
 
+pytest_plugins = ["tests.broker"]
+
 PG_ADMIN_URL = os.environ.get("HUBTEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
