@@ -6,10 +6,12 @@ A configuration mistake prints one line and exits 2; it never reaches makeServic
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from bsscihub.config import ConfigError, HubConfig, load_config
@@ -30,6 +32,9 @@ def load_hub_config(path: str | None, environ: Any = None) -> tuple[HubConfig, d
             "families", list(config.families or ()), f"unknown family {e.args[0]!r}; installed: {known}"
         ) from None
     return config, families
+
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -75,4 +80,21 @@ def makeService(options: Options, reactor: Any = None) -> HubService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    reactor.callWhenRunning(_exit_zero_on_signals, reactor)
     return build_service(options.hub_config, options.families, reactor)
+
+
+def _exit_zero_on_signals(reactor: Any) -> None:
+    """SIGTERM/SIGINT stop the hub cleanly with exit status 0.
+
+    twistd's own handlers re-raise the signal after shutdown (exit status -15), which
+    service managers and scripts read as a failure; a requested stop is not one.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        log.info("received {signal}, stopping", signal=signal.Signals(signum).name)
+        reactor.callFromThread(lambda: reactor.running and reactor.stop())
+
+    # Installed once the reactor runs, so it replaces the reactor's own handlers.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
