@@ -63,10 +63,12 @@ def build_service(
     config: HubConfig, families: dict[str, Any], reactor: Any, on_start_failure: Callable[[], None] | None = None
 ) -> HubService:
     """The whole hub as one service tree (used by twistd and by the tests)."""
+    from bsscihub.mqtt.bridge import install as install_mqtt_bridge
     from bsscihub.web.service import make_web_service
 
     hub = make_hub(config, reactor, families)
     service = HubService(hub, on_start_failure)
+    install_mqtt_bridge(hub, service)  # first: families find hub.mqtt, and it stops last
     for name, family in families.items():
         family_service = family.make_service(hub)
         hub.services[name] = family_service

@@ -76,6 +76,8 @@ def make_config(tmp_path: Path, **overrides: Any) -> HubConfig:
         "data_dir": str(tmp_path / "var"),
         "web": {"listen": "tcp:0:interface=127.0.0.1"},
         "bssci": {"listen": "tcp:0:interface=127.0.0.1"},
+        # Never the machine's own broker: tests that need one pass a fixture's URL.
+        "mqtt": {"url": "mqtt://127.0.0.1:1"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):

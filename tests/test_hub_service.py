@@ -6,11 +6,13 @@ import json
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 import treq
 from treq.testing import StubTreq
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.error import CannotListenError
 
 from bsscihub.health import ComponentHealth
@@ -25,24 +27,33 @@ def store_threads() -> list[threading.Thread]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_start_serves_health_then_stop_releases_port_and_threads(tmp_path: Path) -> None:
-    config = make_config(tmp_path, families=[])
+async def test_start_serves_health_then_stop_releases_port_and_threads(tmp_path: Path, mosquitto: Any) -> None:
+    config = make_config(tmp_path, families=[], mqtt={"url": f"mqtt://{mosquitto.host}:{mosquitto.port}"})
+    before = {t.ident for t in threading.enumerate()}
     service = build_service(config, {}, reactor)
     service.startService()
-    await service.when_ready()
-    port = await service.getServiceNamed("web")._waitingForPort
-    number = port.getHost().port
-    assert store_threads(), "the store runs on its own threads while the hub runs"
+    try:
+        await service.when_ready()
+        port = await service.getServiceNamed("web")._waitingForPort
+        number = port.getHost().port
+        assert store_threads(), "the store runs on its own threads while the hub runs"
 
-    response = await treq.get(f"http://127.0.0.1:{number}/health")
-    assert response.code == 200
-    doc = json.loads(await response.content())
-    assert doc["status"] == "ok"
-    assert doc["components"]["storage"] == {"up": True, "backend": "sqlite"}
-    assert (tmp_path / "var" / "hub.sqlite").exists()
-
-    await service.stopService()
+        for _ in range(100):  # the bridge connects right after start
+            response = await treq.get(f"http://127.0.0.1:{number}/health")
+            if response.code == 200:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert response.code == 200
+        doc = json.loads(await response.content())
+        assert doc["status"] == "ok"
+        assert doc["components"]["storage"] == {"up": True, "backend": "sqlite"}
+        assert doc["components"]["mqtt"]["up"] is True
+        assert (tmp_path / "var" / "hub.sqlite").exists()
+    finally:
+        await service.stopService()
     assert not store_threads()
+    leftover = [t for t in threading.enumerate() if t.ident not in before and "PoolThread-twisted" not in t.name]
+    assert not leftover, leftover
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", number)) != 0, "the web port is released on stop"
 
