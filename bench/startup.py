@@ -45,9 +45,20 @@ def one_run(home: Path) -> tuple[float, float]:
     )
     started = time.perf_counter()
     hub = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "bsscihub",
-         "--config", str(REPO / "etc" / "hub.yaml")],
-        cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "bsscihub",
+            "--config",
+            str(REPO / "etc" / "hub.yaml"),
+        ],
+        cwd=home,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         while True:
@@ -76,14 +87,19 @@ def main() -> None:
     try:
         subprocess.run(
             [sys.executable, "-m", "bsscihub.cli", "init", "--config", str(REPO / "etc" / "hub.yaml")],
-            cwd=home, env={**os.environ, "BSSCIHUB_DATA_DIR": str(home / "data")}, check=True, capture_output=True,
+            cwd=home,
+            env={**os.environ, "BSSCIHUB_DATA_DIR": str(home / "data")},
+            check=True,
+            capture_output=True,
         )
         results = [one_run(home) for _ in range(args.runs)]
     finally:
         shutil.rmtree(home, ignore_errors=True)
     starts = [r[0] for r in results]
     rss = [r[1] for r in results]
-    print(f"start-up to /health: median {statistics.median(starts):.2f} s (min {min(starts):.2f}, max {max(starts):.2f})")
+    print(
+        f"start-up to /health: median {statistics.median(starts):.2f} s (min {min(starts):.2f}, max {max(starts):.2f})"
+    )
     print(f"idle RSS: median {statistics.median(rss):.1f} MiB (min {min(rss):.1f}, max {max(rss):.1f})")
 
 

@@ -5,15 +5,20 @@ Families are IFamily providers found with twisted.plugin.getPlugins in bsscihub.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import attrs
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.plugin import IPlugin, getPlugins
-from zope.interface import Attribute, Interface
+from twisted.python.failure import Failure
+from zope.interface import Attribute
 
 if TYPE_CHECKING:
-    from twisted.application.service import IService
-
     from bsscihub.hub import Hub
 
 
@@ -26,6 +31,21 @@ class IFamily(IPlugin):
 
     def make_service(hub: Hub) -> IService:  # type: ignore[misc]
         """The family's ingress, timers and command handlers, started after storage is ready."""
+
+    # Optional (the web layer uses it when present, so keep the import inside it lazy):
+    # def web_routes(hub: Hub) -> object:
+    #     An object whose methods are declared with bsscihub.web.routing.api_route / page_route;
+    #     its API routes are mounted under /api/v1/{name}/ and its pages under /{name}/. It may
+    #     also have `nav` (NavItems), `templates` ({name: jinja source}), an async `summary()`
+    #     giving the dashboard's counts ({key: {"label", "value", "href"}}) and an async
+    #     `certificate_revoked(serial, reason, actor)` called when the web revokes a certificate.
+    #
+    # Optional, for the MQTT side (see FamilyService, which wires both at start):
+    # topic_root: str
+    #     The first topic level under mqtt.prefix for the family's events and commands when it
+    #     differs from `name` (the `devices` family publishes under {p}/dev/...).
+    # events: Sequence[EventSpec]
+    #     Every topic the family publishes under {p}/, for the docs, the tests and the admin UI.
 
 
 class UnknownFamily(Exception):
@@ -57,3 +77,164 @@ def enabled_families(installed: Mapping[str, IFamily], names: tuple[str, ...] | 
     if unknown:
         raise UnknownFamily(unknown[0])
     return {n: installed[n] for n in names}
+
+
+# -- the running side of a family (added for the MQTT families; ingress, commands, events)
+
+
+class IFamilyService(IService):  # type: ignore[misc]
+    """What `IFamily.make_service` returns: a service whose ingress and commands the hub can reach.
+
+    Listeners (endpoint services) are its children; MQTT ingress is `subscriptions()`, made through
+    the hub's MQTT bridge; events go on `hub.bus` as `bsscihub.bus.Event`s.
+    """
+
+    family = Attribute("The family's name.")
+
+    def subscriptions() -> Mapping[str, Any]:  # type: ignore[misc]
+        """Device-side topic filters (outside mqtt.prefix) and their `handler(topic, payload, properties)`."""
+
+    async def command(kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:  # type: ignore[misc]
+        """Carry out `{p}/{topic_root}/{kind}/{id}/cmd/{name}` (or the same from REST); raise CommandError."""
+
+
+@attrs.frozen
+class EventSpec:
+    """One topic a family publishes, relative to mqtt.prefix, with `{placeholders}` for the ids."""
+
+    kind: str
+    topic: str
+    retained: bool
+    payload: str
+
+
+class FamilyService(MultiService):
+    """A base for family services: on start, `prepare()` (e.g. load the registry), then registers
+    `command` in `hub.commands` and subscribes `subscriptions()` through `hub.mqtt`, each handler
+    guarded by bsscihub.ingest (bad input is counted, logged once per source and dropped; a handler
+    never raises into the bridge). On stop, ingress is cut first, then `drain()` flushes."""
+
+    log = Logger()
+    family = ""
+    topic_root: str | None = None
+    command: Any = None  # a subclass defines `async def command(self, kind, id, name, payload)`
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self.hub = hub
+        self.setName(self.family)
+        self._ingest: Any = None
+        self._ready: Deferred[None] | None = None
+        self._start_failure: Failure | None = None
+        self._subscribed: list[Deferred[Any]] = []
+
+    @property
+    def ingest(self) -> Any:
+        if self._ingest is None:
+            from bsscihub.ingest import Ingest
+
+            self._ingest = Ingest(self.family, self.hub.metrics, self.hub.reactor)
+        return self._ingest
+
+    async def prepare(self) -> None:
+        """Runs at start, before any message or command is taken (storage is migrated by then)."""
+
+    async def drain(self) -> None:
+        """Runs at stop, after ingress is cut: flush what is pending while storage is still up."""
+
+    def subscriptions(self) -> Mapping[str, Any]:
+        return {}
+
+    def looping(self, fn: Any, what: str) -> LoopingCall:
+        """A LoopingCall on the hub's clock that survives a failed round (a database hiccup must
+        not end a timer for good); `fn` may be async."""
+
+        def run() -> Deferred[Any]:
+            d = maybeDeferred(fn)
+            d.addCallback(lambda r: Deferred.fromCoroutine(r) if inspect.iscoroutine(r) else r)
+            d.addErrback(lambda f: self.log.failure("{family}: {what} failed", f, family=self.family, what=what))
+            return d
+
+        loop = LoopingCall(run)
+        loop.clock = self.hub.reactor
+        return loop
+
+    def _command_keys(self) -> set[str]:
+        return {self.family, self.topic_root or self.family}
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the service takes messages and commands (fails if `prepare` failed)."""
+        if self._ready is None:
+            return fail(RuntimeError(f"{self.family} service not started"))
+        d: Deferred[None] = Deferred()
+
+        def settle(_: Any) -> None:
+            if self._start_failure is not None:
+                d.errback(self._start_failure)
+            else:
+                d.callback(None)
+
+        self._ready.addCallback(settle)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._start_failure = None
+        self._ready = Deferred.fromCoroutine(self._start())
+        self._ready.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        self._start_failure = failure
+        # The hub reports the failure once, when it waits for its families to be ready.
+        self.log.debug("{family} failed to start: {reason}", family=self.family, reason=failure.getErrorMessage())
+
+    async def _start(self) -> None:
+        await self.prepare()
+        if not self.running:
+            return
+        if self.command is not None:
+            for key in self._command_keys():
+                self.hub.commands[key] = self.command
+        subscriptions = self.subscriptions()
+        if subscriptions and self.hub.mqtt is None:
+            self.log.warn("{family}: no MQTT bridge, not subscribing to {filters}", family=self.family,
+                          filters=", ".join(subscriptions))
+            return
+        for topic_filter, handler in subscriptions.items():
+            result = self.hub.mqtt.subscribe(topic_filter, self.ingest.guard(handler, lambda: self.running))
+            if isinstance(result, Deferred):
+                result.addErrback(self._subscribe_failed, topic_filter)
+                self._subscribed.append(result)
+
+    def _subscribe_failed(self, failure: Failure, topic_filter: str) -> None:
+        self.log.failure("{family}: subscribing to {filter} failed", failure, family=self.family, filter=topic_filter)
+
+    async def when_subscribed(self) -> None:
+        """Once ready and the broker has acknowledged every subscription (it may never, while it is away)."""
+        await self.when_ready()
+        for d in list(self._subscribed):
+            waiter: Deferred[None] = Deferred()
+
+            def passed(result: Any, waiter: Deferred[None] = waiter) -> Any:
+                waiter.callback(None)
+                return result
+
+            d.addBoth(passed)
+            await waiter
+
+    def stopService(self) -> Deferred[None]:
+        # Messages still arriving are dropped by the guard once `running` is false.
+        for key in self._command_keys():
+            if self.hub.commands.get(key) == self.command:
+                del self.hub.commands[key]
+        children = super().stopService()
+        return Deferred.fromCoroutine(self._stop(children))
+
+    async def _stop(self, children: Any) -> None:
+        if self._ready is not None and not self._ready.called:
+            try:
+                await self.when_ready()
+            except Exception:
+                return
+        await children
+        await self.drain()

@@ -14,11 +14,13 @@ import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from bsscihub import __version__
 from bsscihub.bus import EventBus
 from bsscihub.config import HubConfig
+from bsscihub.errors import UserFacingError
 from bsscihub.family import IFamily
 from bsscihub.health import ComponentHealth, HealthRegistry
 from bsscihub.store import Migration, Store, open_store
@@ -112,6 +114,11 @@ class HubService(MultiService):
         await hub.store.migrate(hub.migrations())
         for child in self:
             child.startService()
+        # A family that cannot start (certificates missing, port taken) fails the hub's start.
+        for child in self:
+            when_ready = getattr(child, "when_ready", None)
+            if when_ready is not None:
+                await when_ready()
         self.log.info(
             "bsscihub {version} started: families {families}, data in {data_dir}, database {backend}",
             version=hub.version,
@@ -122,7 +129,11 @@ class HubService(MultiService):
         self._settle(True)
 
     def _failed(self, failure: Any) -> None:
-        self.log.failure("hub failed to start", failure)
+        if failure.check(UserFacingError, CannotListenError):
+            # A setup mistake (missing certificates, port taken): one line, no traceback.
+            self.log.critical("hub failed to start: {reason}", reason=failure.getErrorMessage())
+        else:
+            self.log.failure("hub failed to start", failure)
         self._settle(failure)
         self._on_start_failure()
 

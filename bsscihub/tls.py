@@ -29,6 +29,8 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from bsscihub.errors import UserFacingError
+
 __all__ = [
     "MutualTLSEndpoint",
     "RevocationCheck",
@@ -60,7 +62,7 @@ _HINTS = {
 }
 
 
-class TLSConfigError(Exception):
+class TLSConfigError(UserFacingError):
     """The TLS certificates or keys cannot be used."""
 
 

@@ -98,7 +98,9 @@ def stop_hub(process: subprocess.Popen[str]) -> tuple[int, str, float]:
     return process.returncode, output, time.monotonic() - started
 
 
-def test_runs_serves_health_without_broker_stops_cleanly_and_restarts(tmp_path: Path) -> None:
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A directory after `bsscihub init` (certificates, schema, admin user)."""
     init = subprocess.run(
         [sys.executable, "-m", "bsscihub.cli", "init", "--config", CONFIG],
         cwd=tmp_path,
@@ -108,6 +110,11 @@ def test_runs_serves_health_without_broker_stops_cleanly_and_restarts(tmp_path: 
         timeout=120,
     )
     assert init.returncode == 0, init.stderr
+    return tmp_path
+
+
+def test_runs_serves_health_without_broker_stops_cleanly_and_restarts(home: Path) -> None:
+    tmp_path = home
     web = free_port()
 
     hub = start_hub(tmp_path, web)
@@ -130,11 +137,27 @@ def test_runs_serves_health_without_broker_stops_cleanly_and_restarts(tmp_path: 
         assert db.execute("SELECT role FROM users WHERE name = 'admin'").fetchall() == [("admin",)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT])
-def test_sigint_also_stops_cleanly(tmp_path: Path, signum: int) -> None:
-    web = free_port()
-    hub = start_hub(tmp_path, web)
-    hub.send_signal(signum)
+def test_sigint_also_stops_cleanly(home: Path) -> None:
+    hub = start_hub(home, free_port())
+    hub.send_signal(signal.SIGINT)
     output, _ = hub.communicate(timeout=15)
     assert hub.returncode == 0, output
     assert "bsscihub stopped" in output
+
+
+def test_missing_certificates_fail_the_start_with_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
+        env=clean_env(
+            BSSCIHUB_WEB_LISTEN=f"tcp:{free_port()}:interface=127.0.0.1",
+            BSSCIHUB_BSSCI_LISTEN=f"tcp:{free_port()}:interface=127.0.0.1",
+            BSSCIHUB_MQTT_URL="mqtt://127.0.0.1:1",
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "hub failed to start: cannot read the CA file certs/ca.pem" in result.stdout
+    assert "Traceback" not in result.stdout

@@ -30,5 +30,10 @@ class MiotyFamily:
 
         return MiotyService(hub)
 
+    def web_routes(self, hub: Any) -> Any:
+        from bsscihub.protocols.bssci.api import MiotyWeb
+
+        return MiotyWeb(hub)
+
 
 mioty = MiotyFamily()

@@ -42,4 +42,30 @@ CORE_MIGRATIONS = [
         CREATE INDEX audit_log_time ON audit_log (time)
         """,
     ),
+    # Web security and certificates: login tokens share api_keys (kind 'token' vs named 'key'),
+    # the audit log gets indexes for its filters, issued and revoked certificates are recorded.
+    Migration(
+        "core",
+        2,
+        """
+        ALTER TABLE api_keys ADD COLUMN kind TEXT NOT NULL DEFAULT 'key';
+        CREATE INDEX api_keys_user ON api_keys (user_id);
+        CREATE INDEX audit_log_actor ON audit_log (actor, time);
+        CREATE INDEX audit_log_action ON audit_log (action, time);
+        CREATE TABLE issued_certs (
+            serial TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            bs_eui TEXT,
+            not_after {real} NOT NULL,
+            issued_at {real} NOT NULL,
+            actor TEXT NOT NULL
+        );
+        CREATE TABLE revoked_certs (
+            serial TEXT PRIMARY KEY,
+            reason TEXT NOT NULL DEFAULT '',
+            revoked_at {real} NOT NULL,
+            actor TEXT NOT NULL
+        )
+        """,
+    ),
 ]

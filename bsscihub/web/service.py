@@ -5,13 +5,92 @@ An endpoint service, so the port is bound in startService and released in stopSe
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
-from twisted.web.server import Site
+from twisted.web import http
+from twisted.web.server import Request, Site
 
 from bsscihub.health import ComponentHealth
 from bsscihub.hub import Hub
 from bsscihub.web.app import WebApp
+
+MAX_BODY = 8 << 20
+"""No request body is read beyond this; routes set their own, lower limits (the API answers 413)."""
+
+
+class _Discard:
+    """Stands in for the body file once a request is over the limit: nothing more is kept."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class BoundedRequest(Request):
+    """A request that stops buffering its body past MAX_BODY (and says so, for the 413)."""
+
+    body_too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY:
+            self.body_too_large = True
+            self.content = _Discard()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self.body_too_large = True
+            self.content = _Discard()
+            return
+        super().handleContentChunk(data)
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """The combined log format without the query string: tickets and search terms stay out of logs."""
+    path = request.uri.split(b"?", 1)[0]
+    line = http.combinedLogFormatter(timestamp, request)
+    return line.replace(http._escape(request.uri), http._escape(path), 1)
+
+
+class WebService(StreamServerEndpointService):
+    """Starts the app's bus subscriptions and log ring with the listener, and stops them with it."""
+
+    def __init__(self, endpoint: Any, site: Site, web: WebApp) -> None:
+        super().__init__(endpoint, site)
+        self.web = web
+
+    def startService(self) -> None:
+        self.web.start()
+        super().startService()
+
+    def stopService(self) -> Any:
+        self.web.stop()
+        return super().stopService()
+
+
+def make_site(web: WebApp) -> Site:
+    site = Site(web.resource(), logFormatter=access_log_line)
+    site.requestFactory = BoundedRequest
+    site.displayTracebacks = False
+    return site
 
 
 def make_web_service(hub: Hub) -> StreamServerEndpointService:
@@ -24,9 +103,8 @@ def make_web_service(hub: Hub) -> StreamServerEndpointService:
             config.tls.ca, config.tls.cert, config.tls.key, require_client_cert=False
         )
         endpoint = MutualTLSEndpoint(endpoint, context)
-    site = Site(WebApp(hub).resource())
-    site.displayTracebacks = False
-    service = StreamServerEndpointService(endpoint, site)
+    web = WebApp(hub)
+    service = WebService(endpoint, make_site(web), web)
     service.setName("web")
     # A port that cannot be bound fails the hub's start instead of only logging.
     service._raiseSynchronously = True

@@ -29,9 +29,11 @@ def _version(value: Any) -> str:
 
 @attrs.frozen
 class BSSCIConfig:
-    listen: str = setting("tcp:16017", _endpoint, "endpoint of the BSSCI listener; the hub adds mutual TLS")
+    listen: str = setting(
+        "tcp:16017:backlog=1024", _endpoint, "endpoint of the BSSCI listener; the hub adds mutual TLS"
+    )
     sc_eui: str = setting("70b3d59cd0000000", _eui, "the service center's EUI-64 sent in conRsp")
-    version: str = setting("1.0.0", _version, "BSSCI version the hub speaks (major must match the BS)")
+    version: str = setting("1.0.0", _version, "BSSCI version the hub speaks; base stations on 1.0 or 1.1 are accepted")
     status_interval: float = setting(300.0, duration, "how often each base station is polled for status")
     ping_idle: float = setting(60.0, duration, "idle time after which the hub pings a base station")
     ping_timeout: float = setting(30.0, duration, "a base station that does not answer a ping in time is dropped")
@@ -47,3 +49,6 @@ class MiotyConfig:
     auto_detach: float = setting(259200.0, duration, "silence after which a sensor is detached automatically")
     uplink_retention: float = setting(2592000.0, duration, "how long uplink history is kept")
     dedup_memory: int = setting(200_000, _positive_int, "most recent uplink keys remembered to drop late copies")
+    flush_interval: float = setting(
+        5.0, duration, "how often sensor state is written back and sensor changes by other processes are taken in"
+    )

@@ -1,0 +1,401 @@
+"""The BLE family at run time: gateway messages in, registry and deduplicated readings out.
+
+The registry lives in memory (loaded at start, written back every few seconds); readings are group-committed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from bsscihub import ingest
+from bsscihub.bus import Event
+from bsscihub.errors import CommandError
+from bsscihub.family import FamilyService
+from bsscihub.hub import Hub
+from bsscihub.ingest import Rejected, errback
+
+# Plausible ranges of the quantities beacons commonly report; other numeric fields are kept as
+# they come, within GENERIC_RANGE, under a name that is safe in SQL rows and JSON paths.
+QUANTITIES: dict[str, tuple[float, float]] = {
+    "temperature": (-60.0, 150.0),
+    "humidity": (0.0, 100.0),
+    "pressure": (300.0, 1200.0),
+    "battery": (0.0, 100.0),
+    "voltage": (0.0, 60.0),
+    "co2": (0.0, 100_000.0),
+    "illuminance": (0.0, 200_000.0),
+}
+GENERIC_RANGE = (-1e9, 1e9)
+RESERVED = {"gateway_id", "gatewayId", "mac", "rssi", "time", "timestamp", "type", "name", "tx_power", "txPower"}
+QUANTITY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_QUANTITIES = 16
+MAX_BATCH = 1000
+MAC = re.compile(r"^[0-9a-f]{12}$")
+FLUSH_EVERY = 2.0
+
+
+def normalize_mac(value: Any) -> str:
+    """'11:22:33:44:55:66', '11-22-..', '1122.3344.5566' or '112233445566', any case -> '112233445566'."""
+    if not isinstance(value, str):
+        raise Rejected(ingest.WRONG_TYPE, f"mac: expected a string, got {ingest.type_name(value)}")
+    digits = re.sub(r"[:.\-]", "", value.strip()).lower()
+    if not MAC.match(digits):
+        raise Rejected(ingest.IMPLAUSIBLE, f"mac: {value[:40]!r} is not a MAC address")
+    return digits
+
+
+def mac_text(mac: str) -> str:
+    return ":".join(mac[i : i + 2] for i in range(0, 12, 2))
+
+
+@attrs.frozen
+class Sighting:
+    """One gateway's report of one beacon broadcast, validated."""
+
+    gateway: str
+    mac: str
+    rssi: int
+    values: Mapping[str, float]
+
+
+def parse_sighting(doc: Any, topic_gateway: str | None) -> Sighting:
+    if not isinstance(doc, dict):
+        raise Rejected(ingest.WRONG_TYPE, f"expected a JSON object, got {ingest.type_name(doc)}")
+    if doc.get("gateway_id") is None and doc.get("gatewayId") is None and topic_gateway is not None:
+        gateway = ingest.check_identifier(topic_gateway, "gateway_id (from the topic)")
+    else:
+        gateway = ingest.identifier(doc, "gatewayId" if "gatewayId" in doc else "gateway_id")
+    mac = normalize_mac(ingest.require(doc, "mac"))
+    rssi = int(ingest.check_number(ingest.require(doc, "rssi"), "rssi", -127, 0, integer=True))
+    values: dict[str, float] = {}
+    for key, value in doc.items():
+        if key in RESERVED or isinstance(value, (str, bool, list, dict)) or value is None:
+            continue
+        if key in QUANTITIES:
+            low, high = QUANTITIES[key]
+        elif QUANTITY_NAME.match(key):
+            low, high = GENERIC_RANGE
+        else:
+            raise Rejected(ingest.IMPLAUSIBLE, f"{key[:40]!r} is not a quantity name")
+        values[key] = ingest.check_number(value, key, low, high)
+    if len(values) > MAX_QUANTITIES:
+        raise Rejected(ingest.IMPLAUSIBLE, f"{len(values)} quantities, more than {MAX_QUANTITIES}")
+    return Sighting(gateway, mac, rssi, values)
+
+
+@attrs.define
+class Gateway:
+    id: str
+    first_seen: float
+    last_seen: float
+    state: str
+    since: float
+    messages: int = 0
+    unsaved: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gatewayId": self.id, "state": self.state, "since": self.since, "firstSeen": self.first_seen,
+                "lastSeen": self.last_seen, "messages": self.messages}
+
+
+@attrs.define
+class Node:
+    mac: str
+    first_seen: float
+    last_seen: float
+    gateway: str
+    rssi: int | None
+    readings: int = 0
+    values: dict[str, float] = attrs.field(factory=dict)
+    unsaved: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mac": mac_text(self.mac), "id": self.mac, "firstSeen": self.first_seen, "lastSeen": self.last_seen,
+                "gatewayId": self.gateway, "rssi": self.rssi, "readings": self.readings, "values": dict(self.values)}
+
+
+@attrs.define
+class Window:
+    """Copies of one beacon broadcast being collected, by gateway."""
+
+    mac: str
+    time: float
+    values: dict[str, float]
+    rssi: dict[str, int]
+    timer: Any = None
+
+
+class BLEService(FamilyService):
+    """Subscribes to the gateways' topics; registers gateways and nodes; stores and publishes readings."""
+
+    log = Logger()
+    family = "ble"
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.config = hub.config.section("ble")
+        self.clock = hub.reactor
+        self.gateways: dict[str, Gateway] = {}
+        self.nodes: dict[str, Node] = {}
+        self.windows: dict[str, Window] = {}
+        self.readings_stored = 0
+        self._dirty_gateways: set[str] = set()
+        self._dirty_nodes: set[str] = set()
+        self._inserts: set[defer.Deferred[Any]] = set()
+        # Group-committed: many beacons seen for the first time must not cost a commit each.
+        self._new_nodes = hub.store.batch_writer(
+            "INSERT INTO ble_nodes (mac, first_seen, last_seen, gateway, rssi) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (mac) DO NOTHING")
+        self._new_gateways = hub.store.batch_writer(
+            "INSERT INTO ble_gateways (id, first_seen, last_seen, state, since) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING")
+        self._readings = hub.store.batch_writer(
+            "INSERT INTO ble_readings (mac, time, receivers, data) VALUES (?, ?, ?, ?)"
+        )
+        self._samples = hub.store.batch_writer(
+            "INSERT INTO ble_samples (mac, quantity, time, value) VALUES (?, ?, ?, ?)"
+        )
+        self._flusher = self.looping(self._flush_registry, "writing the registry")
+        self._checker = self.looping(self.check_gateways, "checking gateways")
+        self._pruner = self.looping(self.prune, "pruning old readings")
+
+
+    # -- lifecycle
+
+    async def prepare(self) -> None:
+        rows = await self.hub.store.fetchall(
+            "SELECT id, first_seen, last_seen, state, since, messages FROM ble_gateways"
+        )
+        for gid, first, last, state, since, messages in rows:
+            self.gateways[gid] = Gateway(gid, float(first), float(last), state, float(since), int(messages))
+        rows = await self.hub.store.fetchall(
+            "SELECT mac, first_seen, last_seen, gateway, rssi, readings, last_values FROM ble_nodes"
+        )
+        for mac, first, last, gateway, rssi, readings, values in rows:
+            self.nodes[mac] = Node(mac, float(first), float(last), gateway, rssi, int(readings), json.loads(values))
+        self._flusher.start(FLUSH_EVERY, now=False).addErrback(errback(self.log, "ble: registry writer stopped"))
+        check = max(0.05, min(self.config.gateway_timeout / 4, 15.0))
+        self._checker.start(check, now=False).addErrback(errback(self.log, "ble: gateway checker stopped"))
+        self._pruner.start(3600.0, now=True).addErrback(errback(self.log, "ble: pruning stopped"))
+
+    def subscriptions(self) -> Mapping[str, Any]:
+        return {topic_filter: self.on_message for topic_filter in self.config.topics}
+
+    async def drain(self) -> None:
+        for loop in (self._flusher, self._checker, self._pruner):
+            if loop.running:
+                loop.stop()
+        for mac in list(self.windows):
+            self._close_window(mac)
+        await self._flush_registry()
+
+    # -- ingress
+
+    def on_message(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        doc = ingest.parse_json(payload, self.config.max_payload)
+        items = doc if isinstance(doc, list) else [doc]
+        if len(items) > MAX_BATCH:
+            raise Rejected(ingest.IMPLAUSIBLE, f"{len(items)} readings in one message, more than {MAX_BATCH}")
+        levels = topic.split("/")
+        topic_gateway = levels[1] if len(levels) == 2 and levels[1] else None
+        for item in items:
+            # One bad entry of a gateway's batch drops that entry, not its neighbours.
+            try:
+                sighting = parse_sighting(item, topic_gateway)
+            except Rejected as e:
+                if e.source is None and isinstance(item, dict) and isinstance(item.get("gateway_id"), str):
+                    e.source = item["gateway_id"][:64]
+                self.ingest.rejected(e, topic)
+                continue
+            self.sighted(sighting)
+            self.ingest.accepted()
+
+    def sighted(self, s: Sighting) -> None:
+        now = self.clock.seconds()
+        self._gateway_heard(s.gateway, now)
+        if s.mac not in self.nodes:
+            self.nodes[s.mac] = Node(s.mac, now, now, s.gateway, s.rssi)
+            self._write(self._new_nodes, (s.mac, now, now, s.gateway, s.rssi))
+            self.emit("node_registered", f"ble/node/{s.mac}/event/registered",
+                      {"mac": mac_text(s.mac), "gatewayId": s.gateway, "time": now})
+        window = self.windows.get(s.mac)
+        if window is not None and s.gateway in window.rssi:
+            # The same gateway again: a new broadcast, so the one being collected is complete.
+            self._close_window(s.mac)
+            window = None
+        if window is None:
+            window = Window(s.mac, now, dict(s.values), {s.gateway: s.rssi})
+            window.timer = self.clock.callLater(self.config.dedup_window, self._close_window, s.mac)
+            self.windows[s.mac] = window
+        else:
+            window.rssi[s.gateway] = s.rssi
+            for key, value in s.values.items():
+                window.values.setdefault(key, value)
+
+    def _gateway_heard(self, gid: str, now: float) -> None:
+        gateway = self.gateways.get(gid)
+        if gateway is None:
+            gateway = self.gateways[gid] = Gateway(gid, now, now, "online", now)
+            self._write(self._new_gateways, (gid, now, now, "online", now))
+            self.emit("gateway_registered", f"ble/gw/{gid}/event/registered", {"gatewayId": gid, "time": now})
+            self._gateway_state(gateway)
+        elif gateway.state != "online":
+            gateway.state, gateway.since = "online", now
+            self._gateway_state(gateway)
+        gateway.last_seen = now
+        gateway.messages += 1
+        gateway.unsaved += 1
+        self._dirty_gateways.add(gid)
+
+    def _close_window(self, mac: str) -> None:
+        window = self.windows.pop(mac, None)
+        if window is None:
+            return
+        if window.timer is not None and window.timer.active():
+            window.timer.cancel()
+        # Nearest first: the strongest signal; ties broken by gateway id so the order is stable.
+        receivers = sorted(window.rssi.items(), key=lambda item: (-item[1], item[0]))
+        nearest, rssi = receivers[0]
+        node = self.nodes[mac]
+        node.last_seen, node.gateway, node.rssi = window.time, nearest, rssi
+        node.values.update(window.values)
+        node.readings += 1
+        node.unsaved += 1
+        self._dirty_nodes.add(mac)
+        receivers_json = [{"gatewayId": g, "rssi": r} for g, r in receivers]
+        self._store(self._readings.add((mac, window.time, json.dumps(receivers_json), json.dumps(window.values))))
+        for quantity, value in window.values.items():
+            self._store(self._samples.add((mac, quantity, window.time, value)))
+        self.emit("up", f"ble/node/{mac}/up", {
+            "mac": mac_text(mac), "time": window.time, "values": dict(window.values),
+            "gatewayId": nearest, "rssi": rssi, "receivers": receivers_json,
+        })
+
+    def _store(self, d: defer.Deferred[None]) -> None:
+        def stored(_: Any) -> None:
+            self.readings_stored += 1
+
+        d.addCallbacks(stored, errback(self.log, "ble: storing a reading failed"))
+
+    # -- gateways going silent
+
+    def check_gateways(self) -> None:
+        now = self.clock.seconds()
+        for gateway in self.gateways.values():
+            if gateway.state == "online" and now - gateway.last_seen > self.config.gateway_timeout:
+                gateway.state, gateway.since = "offline", now
+                self._dirty_gateways.add(gateway.id)
+                self.log.info("ble gateway {gateway} offline: silent since {last_seen}", gateway=gateway.id,
+                              last_seen=gateway.last_seen)
+                self._gateway_state(gateway)
+
+    def _gateway_state(self, gateway: Gateway) -> None:
+        self.emit("gateway_state", f"ble/gw/{gateway.id}/state", {
+            "gatewayId": gateway.id, "state": gateway.state, "since": gateway.since, "lastSeen": gateway.last_seen,
+        }, retain=True)
+
+    # -- events and writes
+
+    def emit(self, kind: str, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        self.hub.bus.publish(Event("ble", kind, topic, payload, retain)).addErrback(
+            errback(self.log, "ble: publishing {topic} failed", topic=topic)
+        )
+
+    def _write(self, writer: Any, row: tuple[Any, ...]) -> None:
+        """A registry INSERT, not awaited by the message path, but before the next flush of that row."""
+        d = writer.add(row)
+        self._inserts.add(d)
+        d.addErrback(errback(self.log, "ble: registry insert failed"))
+        d.addBoth(lambda _: self._inserts.discard(d))
+
+    async def _flush_registry(self) -> None:
+        """Write back what changed since the last flush: one UPDATE per dirty row, in one transaction."""
+        # Rows are UPDATEd below: their INSERTs must have landed (PostgreSQL runs statements on several threads).
+        if self._inserts:
+            await defer.DeferredList(list(self._inserts))
+        gateways, self._dirty_gateways = self._dirty_gateways, set()
+        nodes, self._dirty_nodes = self._dirty_nodes, set()
+        gw_rows, node_rows = [], []
+        for gid in gateways:
+            g = self.gateways.get(gid)
+            if g is not None:
+                gw_rows.append((g.last_seen, g.state, g.since, g.unsaved, gid))
+                g.unsaved = 0
+        for mac in nodes:
+            n = self.nodes.get(mac)
+            if n is not None:
+                node_rows.append((n.last_seen, n.gateway, n.rssi, n.unsaved, json.dumps(n.values), mac))
+                n.unsaved = 0
+        if not gw_rows and not node_rows:
+            return
+
+        def write(cursor: Any) -> None:
+            if gw_rows:
+                cursor.executemany("UPDATE ble_gateways SET last_seen = ?, state = ?, since = ?,"
+                                   " messages = messages + ? WHERE id = ?", gw_rows)
+            if node_rows:
+                cursor.executemany("UPDATE ble_nodes SET last_seen = ?, gateway = ?, rssi = ?,"
+                                   " readings = readings + ?, last_values = ? WHERE mac = ?", node_rows)
+
+        await self.hub.store.interaction(write)
+
+    async def prune(self) -> None:
+        cutoff = self.clock.seconds() - self.config.retention
+        await self.hub.store.execute("DELETE FROM ble_samples WHERE time < ?", (cutoff,))
+        await self.hub.store.execute("DELETE FROM ble_readings WHERE time < ?", (cutoff,))
+
+    # -- registry changes (REST and MQTT commands)
+
+    async def forget_gateway(self, gid: str) -> bool:
+        if self.gateways.pop(gid, None) is None:
+            return False
+        self._dirty_gateways.discard(gid)
+        if self._inserts:  # its registration may not have landed yet
+            await defer.DeferredList(list(self._inserts))
+        await self.hub.store.execute("DELETE FROM ble_gateways WHERE id = ?", (gid,))
+        # Clear the retained state so subscribers no longer see a gateway that is gone.
+        self.emit("gateway_state", f"ble/gw/{gid}/state", {}, retain=True)
+        return True
+
+    async def forget_node(self, mac: str) -> bool:
+        if self.nodes.pop(mac, None) is None:
+            return False
+        self._dirty_nodes.discard(mac)
+        window = self.windows.pop(mac, None)
+        if window is not None and window.timer is not None and window.timer.active():
+            window.timer.cancel()
+
+        if self._inserts:  # its registration may not have landed yet
+            await defer.DeferredList(list(self._inserts))
+
+        def delete(cursor: Any) -> None:
+            for table in ("ble_samples", "ble_readings", "ble_nodes"):
+                cursor.execute(f"DELETE FROM {table} WHERE mac = ?", (mac,))
+
+        await self.hub.store.interaction(delete)
+        return True
+
+    async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
+        """`{p}/ble/gw/{id}/cmd/forget` and `{p}/ble/node/{mac}/cmd/forget`: drop from the registry."""
+        if name != "forget":
+            raise CommandError(f"unknown command {name!r}; the ble family takes: forget")
+        if kind == "gw":
+            found = await self.forget_gateway(id)
+        elif kind == "node":
+            try:
+                mac = normalize_mac(id)
+            except Rejected as e:
+                raise CommandError(e.detail) from None
+            found = await self.forget_node(mac)
+        else:
+            raise CommandError(f"unknown kind {kind!r}; expected gw or node")
+        if not found:
+            raise CommandError(f"no such {kind} {id}")
+        return {"forgotten": id}

@@ -1,0 +1,709 @@
+"""The mioty family's REST routes (/api/v1/mioty/...) and admin pages (/mioty/...), over the family service.
+
+Mounted by the web layer through MiotyFamily.web_routes; roles and audit come from the route declarations.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+from bsscihub.web.errors import ApiError, not_found, unavailable
+from bsscihub.web.routing import (
+    NO_CONTENT,
+    PAGING,
+    Accepted,
+    Call,
+    Created,
+    Download,
+    NavItem,
+    Page,
+    Param,
+    Redirect,
+    api_route,
+    page,
+    page_route,
+)
+from bsscihub.web.schema import ANY_OBJECT, hexstr, obj, page_of, string
+
+EUI = hexstr(16, "EUI-64")
+NW_KEY = hexstr(32, "network key (AES-128)")
+SHORT_ADDR = hexstr(4, "short address")
+BS = Param("eui", EUI, "base-station EUI-64", example="70b3d59cd0000001")
+EP = Param("eui", EUI, "end point (sensor) EUI-64", example="0011223344556677")
+ENDPOINT = obj({"eui": EUI, "nwKey": NW_KEY, "shortAddr": SHORT_ADDR, "bidi": {"type": "boolean"}},
+               ("eui", "nwKey", "shortAddr", "bidi"))
+ATTACH = obj({"nwKey": NW_KEY, "shortAddr": SHORT_ADDR, "bidi": {"type": "boolean"}}, ("nwKey", "shortAddr", "bidi"))
+DOWNLINK = obj(
+    {
+        "data": string("payload as hex", minLength=2, maxLength=2048, pattern=r"^([0-9a-fA-F]{2})+$",
+                       **{"x-expected": "an even number of hex digits"}),
+        "format": {"type": "integer", "minimum": 0, "maximum": 255},
+        "prio": {"type": "number", "minimum": 0},
+        "responseExp": {"type": "boolean"},
+    },
+    ("data",),
+)
+SENSOR = obj({"epEui": {"type": "string"}}, (), closed=False)
+BASE_STATION = obj({"bsEui": {"type": "string"}}, (), closed=False)
+_SECRET_FIELDS = ("nwKey", "nw_key")
+
+
+def _public(sensor: Any) -> Any:
+    """Sensor views never carry the network key; only the export (admin) does."""
+    if isinstance(sensor, dict):
+        return {k: v for k, v in sensor.items() if k not in _SECRET_FIELDS}
+    return sensor
+
+
+def _normalize_page(result: Any) -> tuple[list[Any], int | None]:
+    if isinstance(result, dict) and "items" in result:
+        return list(result["items"]), result.get("total")
+    if isinstance(result, tuple) and len(result) == 2:
+        return list(result[0]), int(result[1])
+    return list(result or []), None
+
+
+def _eui_of(item: Any, *keys: str) -> str:
+    for key in keys:
+        if isinstance(item, dict) and item.get(key):
+            return str(item[key])
+    return ""
+
+
+def _uplink_time(uplink: dict[str, Any]) -> float | None:
+    rx = uplink.get("rxTime")
+    if isinstance(rx, (int, float)) and rx > 0:
+        return float(rx) / 1e9
+    text = uplink.get("time")
+    if isinstance(text, str):
+        try:
+            return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def chart_points(uplinks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(time, [best RSSI, best SNR]) per uplink, oldest first, for the sensor page's chart."""
+    points = []
+    for up in uplinks:
+        t = _uplink_time(up)
+        receivers = up.get("receivers") or [{}]
+        best = receivers[0] if isinstance(receivers[0], dict) else {}
+        if t is not None:
+            points.append({"t": t, "v": [best.get("rssi"), best.get("snr")]})
+    return sorted(points, key=lambda p: p["t"])
+
+
+class _NotFoundMapping:
+    """Wraps the service: its UnknownDevice (a CommandError) becomes the API's 404."""
+
+    def __init__(self, service: Any) -> None:
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._service, name)
+        if not callable(method):
+            return method
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            from bsscihub.protocols.bssci.service import UnknownDevice
+
+            try:
+                return await method(*args, **kwargs)
+            except UnknownDevice as e:
+                raise ApiError(404, "not_found", str(e)) from None
+
+        return call
+
+
+class MiotyWeb:
+    """REST routes and pages of the mioty family; every call goes to `hub.services["mioty"]`."""
+
+    nav = [
+        NavItem("Base stations", "/mioty/base-stations", "viewer", "bs"),
+        NavItem("Sensors", "/mioty/sensors", "viewer", "sensor"),
+    ]
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self.templates = TEMPLATES
+
+    @property
+    def service(self) -> Any:
+        service = self.hub.services.get("mioty")
+        if service is None or not getattr(service, "running", True):
+            raise unavailable("the mioty service is not running")
+        return _NotFoundMapping(service)
+
+    async def certificate_revoked(self, serial: int, reason: str, actor: str) -> None:
+        """Called by the web layer when a certificate is revoked: base stations using it are refused."""
+        service = self.hub.services.get("mioty")
+        if service is not None and getattr(service, "running", False):
+            await service.revoke_certificate(serial, reason, actor=actor)
+
+    async def summary(self) -> dict[str, Any]:
+        stations = list(await self.service.list_base_stations())
+        online = sum(1 for s in stations if isinstance(s, dict) and s.get("state") == "online")
+        items, total = _normalize_page(await self.service.list_sensors(None, 1, 0))
+        return {
+            "mioty.baseStations": {"label": "Base stations online", "value": f"{online} / {len(stations)}",
+                                   "href": "/mioty/base-stations"},
+            "mioty.sensors": {"label": "Sensors", "value": total if total is not None else len(items),
+                              "href": "/mioty/sensors"},
+        }
+
+    # -- base stations
+
+    @api_route("GET", "/base-stations", role="viewer", summary="List base stations",
+               query=(Param("q", string("part of EUI, name, vendor or model", maxLength=64)),
+                      Param("state", string("online or offline", enum=["online", "offline"])), *PAGING),
+               response=page_of(BASE_STATION))
+    async def list_base_stations(self, call: Call) -> Any:
+        q = call.query
+        stations = list(await self.service.list_base_stations())
+        if q.get("state"):
+            stations = [s for s in stations if s.get("state") == q["state"]]
+        if q.get("q"):
+            needle = q["q"].lower()
+            stations = [s for s in stations if any(needle in str(v).lower() for v in s.values()
+                                                   if isinstance(v, (str, int)))]
+        return page(stations[q["offset"]: q["offset"] + q["limit"]], len(stations), q["limit"], q["offset"])
+
+    @api_route("GET", "/base-stations/{eui}", role="viewer", summary="One base station", params=(BS,),
+               response=BASE_STATION, errors=(404,))
+    async def get_base_station(self, call: Call) -> Any:
+        station = await self.service.get_base_station(call.params["eui"].lower())
+        if station is None:
+            raise not_found(f"base station {call.params['eui']}")
+        return station
+
+    @api_route("POST", "/base-stations/{eui}/status", role="operator", summary="Poll the base station's status now",
+               params=(BS,), response=ANY_OBJECT, errors=(404, 409), audit="mioty.bs.status", audit_target="eui")
+    async def poll_status(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_base_station(eui) is None:
+            raise not_found(f"base station {eui}")
+        result = await self.service.poll_status(eui)
+        return result if isinstance(result, dict) else {"bsEui": eui, "requested": True}
+
+    @api_route("POST", "/base-stations/{eui}/revoke", role="admin",
+               summary="Revoke a base station: drop it and refuse its certificate",
+               params=(BS,), body=obj({"reason": string("why", maxLength=200)}), body_required=False,
+               response=ANY_OBJECT, errors=(404, 409), audit="mioty.bs.revoke", audit_target="eui")
+    async def revoke_base_station(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_base_station(eui) is None:
+            raise not_found(f"base station {eui}")
+        reason = (call.body or {}).get("reason", "")
+        result = await self.service.revoke_base_station(eui, reason, actor=call.actor)
+        call.detail = {"reason": reason}
+        return result if isinstance(result, dict) else {"bsEui": eui, "revoked": True, "reason": reason}
+
+    # -- sensors
+
+    @api_route("GET", "/sensors", role="viewer", summary="List and search sensors",
+               query=(Param("q", string("part of the EUI", maxLength=64)), *PAGING), response=page_of(SENSOR))
+    async def list_sensors(self, call: Call) -> Any:
+        q = call.query
+        items, total = _normalize_page(await self.service.list_sensors(q.get("q") or None, q["limit"], q["offset"]))
+        return page([_public(s) for s in items], total if total is not None else q["offset"] + len(items),
+                    q["limit"], q["offset"])
+
+    @api_route("POST", "/sensors", role="operator", summary="Register and attach a sensor", status=201,
+               body=obj({"eui": EUI, **ATTACH["properties"]}, ("eui", "nwKey", "shortAddr", "bidi")),
+               response=SENSOR, errors=(409,), audit="mioty.sensor.create",
+               body_example={"eui": "0011223344556677", "nwKey": "000102030405060708090a0b0c0d0e0f",
+                             "shortAddr": "1a2b", "bidi": False})
+    async def create_sensor(self, call: Call) -> Any:
+        body = call.body
+        eui = body["eui"].lower()
+        if await self.service.get_sensor(eui) is not None:
+            raise ApiError(409, "conflict", f"sensor {eui} exists already; PUT /sensors/{eui} changes it")
+        await self.service.attach(eui, body["nwKey"].lower(), body["shortAddr"].lower(), body["bidi"], actor=call.actor)
+        call.target, call.detail = eui, {"shortAddr": body["shortAddr"].lower(), "bidi": body["bidi"]}
+        return Created(_public(await self.service.get_sensor(eui)) or {"epEui": eui},
+                       location=f"/api/v1/mioty/sensors/{eui}")
+
+    @api_route("GET", "/sensors/export", role="admin", summary="Every sensor as endpoints.json (with keys)",
+               produces="application/json", response={"type": "array", "items": ENDPOINT})
+    async def export_sensors(self, call: Call) -> Any:
+        from bsscihub.protocols.bssci import endpoints
+
+        data = await endpoints.export_endpoints(self.hub)
+        return Download(json.dumps(data, indent=2).encode(), "endpoints.json", "application/json")
+
+    @api_route("POST", "/sensors/import", role="operator", summary="Import sensors from endpoints.json",
+               body={"type": "array", "items": ENDPOINT, "maxItems": 100_000}, max_body=8 << 20,
+               response=obj({"imported": {"type": "integer"}, "errors": {"type": "array", "items": ANY_OBJECT}},
+                            ("imported",), closed=False),
+               audit="mioty.sensor.import")
+    async def import_sensors(self, call: Call) -> Any:
+        from bsscihub.protocols.bssci import endpoints
+
+        result = await endpoints.import_endpoints(self.hub, call.body, actor=call.actor)
+        call.detail = {"count": len(call.body)}
+        return result
+
+    @api_route("GET", "/sensors/{eui}", role="viewer", summary="One sensor", params=(EP,), response=SENSOR,
+               errors=(404,))
+    async def get_sensor(self, call: Call) -> Any:
+        sensor = await self.service.get_sensor(call.params["eui"].lower())
+        if sensor is None:
+            raise not_found(f"sensor {call.params['eui']}")
+        return _public(sensor)
+
+    @api_route("PUT", "/sensors/{eui}", role="operator", summary="Change a sensor's keys (re-attaches it)",
+               params=(EP,), body=ATTACH, response=SENSOR, errors=(404, 409), audit="mioty.sensor.update",
+               audit_target="eui")
+    async def update_sensor(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        body = call.body
+        await self.service.attach(eui, body["nwKey"].lower(), body["shortAddr"].lower(), body["bidi"], actor=call.actor)
+        call.detail = {"shortAddr": body["shortAddr"].lower(), "bidi": body["bidi"]}
+        return _public(await self.service.get_sensor(eui))
+
+    @api_route("DELETE", "/sensors/{eui}", role="operator", summary="Detach and remove a sensor", params=(EP,),
+               status=204, errors=(404, 409), audit="mioty.sensor.delete", audit_target="eui")
+    async def delete_sensor(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        remove = getattr(self.service, "remove_sensor", None)
+        if remove is not None:
+            await remove(eui, actor=call.actor)
+        else:
+            await self.service.detach(eui, actor=call.actor)
+        return NO_CONTENT
+
+    @api_route("POST", "/sensors/{eui}/attach", role="operator", summary="Attach a sensor (propagate to base stations)",
+               params=(EP,), body=ATTACH, response=SENSOR, errors=(409,), audit="mioty.sensor.attach",
+               audit_target="eui")
+    async def attach(self, call: Call) -> Any:
+        eui, body = call.params["eui"].lower(), call.body
+        await self.service.attach(eui, body["nwKey"].lower(), body["shortAddr"].lower(), body["bidi"], actor=call.actor)
+        call.detail = {"shortAddr": body["shortAddr"].lower(), "bidi": body["bidi"]}
+        return _public(await self.service.get_sensor(eui)) or {"epEui": eui}
+
+    @api_route("POST", "/sensors/{eui}/detach", role="operator", summary="Detach a sensor", params=(EP,),
+               response=SENSOR, errors=(404, 409), audit="mioty.sensor.detach", audit_target="eui")
+    async def detach(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        await self.service.detach(eui, actor=call.actor)
+        return _public(await self.service.get_sensor(eui)) or {"epEui": eui}
+
+    @api_route("GET", "/sensors/{eui}/uplinks", role="viewer", summary="Uplink history, newest first",
+               params=(EP,), errors=(404,),
+               query=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                      Param("before", {"type": "number", "minimum": 0}, "only uplinks before this time (epoch s)")),
+               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+    async def uplinks(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        history = await self.service.uplink_history(eui, call.query["limit"], call.query.get("before"))
+        items, _ = _normalize_page(history)
+        return {"items": items}
+
+    @api_route("GET", "/sensors/{eui}/downlinks", role="viewer", summary="Queued and recent downlinks",
+               params=(EP,), errors=(404,),
+               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+    async def downlinks(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        items, _ = _normalize_page(await self.service.downlinks(eui))
+        return {"items": items}
+
+    @api_route("POST", "/sensors/{eui}/downlinks", role="operator", summary="Queue a downlink", params=(EP,),
+               body=DOWNLINK, status=202, response=ANY_OBJECT, errors=(404, 409), audit="mioty.sensor.downlink",
+               audit_target="eui")
+    async def queue_downlink(self, call: Call) -> Any:
+        eui, body = call.params["eui"].lower(), call.body
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        result = await self.service.queue_downlink(
+            eui, bytes.fromhex(body["data"]), format=body.get("format"), prio=body.get("prio"),
+            response_exp=body.get("responseExp"), actor=call.actor,
+        )
+        call.detail = {"bytes": len(body["data"]) // 2}
+        return Accepted(result if isinstance(result, dict) else {"epEui": eui, "queued": True})
+
+    # -- pages
+
+    async def _invoke(self, call: Call, name: str, **kwargs: Any) -> Any:
+        return await call.invoke(name, **kwargs)
+
+    @page_route("GET", "/base-stations", role="viewer", summary="Base stations")
+    async def base_stations_page(self, call: Call) -> Any:
+        stations = await self._invoke(call, "list_base_stations", query={"limit": "1000", "q": call.query.get("q", "")})
+        return Page("mioty/base_stations.html", {"stations": stations, "q": call.query.get("q", ""),
+                                                 "title": "Base stations"})
+
+    @page_route("GET", "/base-stations/{eui}", role="viewer", summary="Base station", params=(BS,))
+    async def base_station_page(self, call: Call) -> Any:
+        station = await self._invoke(call, "get_base_station", params=call.params)
+        return Page("mioty/base_station.html", {"bs": station, "eui": call.params["eui"].lower(),
+                                                "title": f"Base station {call.params['eui']}"})
+
+    @page_route("POST", "/base-stations/{eui}/status", role="operator", summary="Poll status", params=(BS,))
+    async def poll_page(self, call: Call) -> Any:
+        back = f"/mioty/base-stations/{call.params['eui'].lower()}"
+        try:
+            await self._invoke(call, "poll_status", params=call.params)
+        except ApiError as e:
+            return Redirect(back, error=e.message)
+        return Redirect(back, flash="status requested")
+
+    @page_route("POST", "/base-stations/{eui}/revoke", role="admin", summary="Revoke", params=(BS,))
+    async def revoke_page(self, call: Call) -> Any:
+        back = f"/mioty/base-stations/{call.params['eui'].lower()}"
+        try:
+            await self._invoke(call, "revoke_base_station", params=call.params,
+                               body={"reason": str(call.body.get("reason", ""))[:200]})
+        except ApiError as e:
+            return Redirect(back, error=e.message)
+        return Redirect(back, flash="base station revoked")
+
+    @page_route("GET", "/sensors", role="viewer", summary="Sensors")
+    async def sensors_page(self, call: Call) -> Any:
+        query = {"q": call.query.get("q", ""), "limit": call.query.get("limit", "50"),
+                 "offset": call.query.get("offset", "0")}
+        try:
+            sensors = await self._invoke(call, "list_sensors", query=query)
+        except ApiError as e:
+            if e.status != 400:
+                raise
+            sensors = {"items": [], "total": 0, "limit": 50, "offset": 0}
+        return Page("mioty/sensors.html", {"sensors": sensors, "q": query["q"], "title": "Sensors"})
+
+    @page_route("POST", "/sensors", role="operator", summary="Add a sensor")
+    async def add_sensor_page(self, call: Call) -> Any:
+        form = call.body
+        body = {"eui": form.get("eui", "").strip().lower(), "nwKey": form.get("nwKey", "").strip().lower(),
+                "shortAddr": form.get("shortAddr", "").strip().lower(), "bidi": form.get("bidi") in ("on", "true", "1")}
+        try:
+            await self._invoke(call, "create_sensor", body=body)
+        except ApiError as e:
+            return Redirect("/mioty/sensors", error=e.message)
+        return Redirect(f"/mioty/sensors/{body['eui']}", flash=f"sensor {body['eui']} added and attached")
+
+    @page_route("POST", "/sensors/import", role="operator", summary="Import endpoints.json", max_body=8 << 20)
+    async def import_page(self, call: Call) -> Any:
+        raw = call.body.get("file", b"")
+        try:
+            data = json.loads(raw)
+        except (ValueError, TypeError):
+            return Redirect("/mioty/sensors", error="the file is not valid JSON (expected endpoints.json)")
+        try:
+            result = await self._invoke(call, "import_sensors", body=data)
+        except ApiError as e:
+            return Redirect("/mioty/sensors", error=e.message)
+        errors = result.get("errors") or []
+        message = f"imported {result.get('imported', 0)} sensors" + (f", {len(errors)} refused" if errors else "")
+        return Redirect("/mioty/sensors", flash=message)
+
+    @page_route("GET", "/sensors/{eui}", role="viewer", summary="Sensor", params=(EP,))
+    async def sensor_page(self, call: Call) -> Any:
+        sensor = await self._invoke(call, "get_sensor", params=call.params)
+        ups = (await self._invoke(call, "uplinks", params=call.params, query={"limit": "100"}))["items"]
+        downs = (await self._invoke(call, "downlinks", params=call.params))["items"]
+        return Page("mioty/sensor.html", {
+            "sensor": sensor, "eui": call.params["eui"].lower(), "uplinks": ups, "downlinks": downs,
+            "points": chart_points(ups), "title": f"Sensor {call.params['eui']}",
+            "series": [{"label": "RSSI (dBm)", "path": "receivers.0.rssi"},
+                       {"label": "SNR (dB)", "path": "receivers.0.snr"}],
+        })
+
+    async def _sensor_action(self, call: Call, name: str, done: str, **kwargs: Any) -> Any:
+        back = f"/mioty/sensors/{call.params['eui'].lower()}"
+        try:
+            await self._invoke(call, name, params=call.params, **kwargs)
+        except ApiError as e:
+            return Redirect(back, error=e.message)
+        return Redirect(back, flash=done)
+
+    @page_route("POST", "/sensors/{eui}/attach", role="operator", summary="Attach", params=(EP,))
+    async def attach_page(self, call: Call) -> Any:
+        form = call.body
+        body = {"nwKey": form.get("nwKey", "").strip().lower(), "shortAddr": form.get("shortAddr", "").strip().lower(),
+                "bidi": form.get("bidi") in ("on", "true", "1")}
+        return await self._sensor_action(call, "attach", "attach sent to the base stations", body=body)
+
+    @page_route("POST", "/sensors/{eui}/detach", role="operator", summary="Detach", params=(EP,))
+    async def detach_page(self, call: Call) -> Any:
+        return await self._sensor_action(call, "detach", "detach sent to the base stations")
+
+    @page_route("POST", "/sensors/{eui}/downlink", role="operator", summary="Queue a downlink", params=(EP,))
+    async def downlink_page(self, call: Call) -> Any:
+        form = call.body
+        body: dict[str, Any] = {"data": form.get("data", "").strip().replace(" ", "")}
+        if form.get("format", "").strip():
+            try:
+                body["format"] = int(form["format"])
+            except ValueError:
+                return Redirect(f"/mioty/sensors/{call.params['eui'].lower()}", error="format: expected a number")
+        if form.get("responseExp"):
+            body["responseExp"] = True
+        return await self._sensor_action(call, "queue_downlink", "downlink queued", body=body)
+
+    @page_route("POST", "/sensors/{eui}/delete", role="operator", summary="Remove a sensor", params=(EP,))
+    async def delete_page(self, call: Call) -> Any:
+        try:
+            await self._invoke(call, "delete_sensor", params=call.params)
+        except ApiError as e:
+            return Redirect(f"/mioty/sensors/{call.params['eui'].lower()}", error=e.message)
+        return Redirect("/mioty/sensors", flash=f"sensor {call.params['eui'].lower()} removed")
+
+
+# The family's page templates; they extend the hub's layout (base.html, _macros.html).
+TEMPLATES: dict[str, str] = {
+    "mioty/base_stations.html": """\
+{% extends "base.html" %}
+{% from "_macros.html" import page_head, state, empty with context %}
+{% block content %}
+{% call page_head("Base stations", stations.total ~ " known") %}
+  <form method="get" class="search"><input name="q" value="{{ q }}" placeholder="EUI, name, vendor"
+    aria-label="Search base stations"></form>
+{% endcall %}
+<section class="card">
+{% if stations["items"] %}
+  <div class="table-wrap"><table>
+    <thead><tr><th>EUI</th><th>Name</th><th>Vendor / model</th><th>Software</th><th>State</th><th>Since</th></tr>
+      </thead>
+    <tbody>
+    {% for bs in stations["items"] %}
+      {% set eui = bs.get("bsEui") or bs.get("eui") or "" %}
+      <tr>
+        <td class="mono"><a href="/mioty/base-stations/{{ eui }}">{{ eui }}</a></td>
+        <td>{{ bs.get("name") or "—" }}</td>
+        <td>{{ bs.get("vendor") or "—" }} {{ bs.get("model") or "" }}</td>
+        <td class="mono">{{ bs.get("swVersion") or "—" }}</td>
+        <td>{{ state(bs.get("state") == "online", "online", bs.get("state") or "unknown") }}</td>
+        <td class="nowrap">{{ bs.get("since") or "—" }}</td>
+      </tr>
+    {% endfor %}
+    </tbody>
+  </table></div>
+{% else %}
+  {{ empty("No base station has connected yet. Issue a certificate under Certificates "
+           "and point the base station at this hub.") }}
+{% endif %}
+</section>
+{% endblock %}
+""",
+    "mioty/base_station.html": """\
+{% extends "base.html" %}
+{% from "_macros.html" import page_head, state, csrf with context %}
+{% block content %}
+{% call page_head("Base station " ~ eui, bs.get("name") or "") %}
+  {{ state(bs.get("state") == "online", "online", bs.get("state") or "unknown") }}
+  {% if user.role in ("operator", "admin") %}
+  <form method="post" action="/mioty/base-stations/{{ eui }}/status" class="inline">{{ csrf() }}<button class="btn"
+    type="submit">Poll status now</button></form>
+  {% endif %}
+{% endcall %}
+<div class="grid-2">
+  <section class="card">
+    <h2>Identity</h2>
+    <dl class="kv">
+      {% for key, value in bs.items() if value is not mapping and key != "status" %}
+      <dt>{{ key }}</dt><dd class="mono">{{ value if value is string else value|tojson }}</dd>
+      {% endfor %}
+    </dl>
+  </section>
+  <section class="card">
+    <h2>Last status</h2>
+    {% if bs.get("status") %}
+    <dl class="kv">
+      {% for key, value in bs.get("status").items() %}
+      <dt>{{ key }}</dt><dd class="mono">{{ value if value is string else value|tojson }}</dd>
+      {% endfor %}
+    </dl>
+    {% else %}<div class="empty">No status report yet.</div>{% endif %}
+  </section>
+</div>
+{% if user.role == "admin" %}
+<section class="card">
+  <h2>Revoke</h2>
+  <p class="muted small">Disconnects the base station and refuses its certificate from now on.</p>
+  <form method="post" action="/mioty/base-stations/{{ eui }}/revoke" class="row"
+    data-confirm="Revoke base station {{ eui }}? It is disconnected and can no longer connect with its certificate.">
+    {{ csrf() }}
+    <label>Reason<input name="reason" maxlength="200" placeholder="e.g. stolen, decommissioned"></label>
+    <div class="filter-actions"><button class="btn danger" type="submit">Revoke base station</button></div>
+  </form>
+</section>
+{% endif %}
+{% endblock %}
+""",
+    "mioty/sensors.html": """\
+{% extends "base.html" %}
+{% from "_macros.html" import page_head, csrf, pagination, empty with context %}
+{% block content %}
+{% call page_head("Sensors", sensors.total ~ " registered") %}
+  <form method="get" class="search"><input name="q" value="{{ q }}" placeholder="Search by EUI"
+    aria-label="Search sensors"></form>
+  {% if user.role == "admin" %}<a class="btn ghost"
+    href="/api/v1/mioty/sensors/export" download>Export endpoints.json</a>{% endif %}
+{% endcall %}
+{% if user.role in ("operator", "admin") %}
+<div class="grid-2">
+  <section class="card">
+    <h2>Add a sensor</h2>
+    <form method="post" action="/mioty/sensors" class="stack" id="add-sensor">
+      {{ csrf() }}
+      <div class="row">
+        <label>EUI-64<input name="eui" id="sensor-eui" required maxlength="16" pattern="[0-9a-fA-F]{16}"
+          class="mono" placeholder="0011223344556677"></label>
+        <label>Short address<input name="shortAddr" id="sensor-short" required maxlength="4"
+          pattern="[0-9a-fA-F]{4}" class="mono" placeholder="1a2b"></label>
+      </div>
+      <label>Network key<input name="nwKey" id="sensor-key" required maxlength="32" pattern="[0-9a-fA-F]{32}"
+        class="mono" autocomplete="off" placeholder="32 hex digits"></label>
+      <label class="check"><span><input type="checkbox" name="bidi" value="on"> Bidirectional (downlinks)</span></label>
+      <button class="btn primary" type="submit" id="add-sensor-submit">Add and attach</button>
+    </form>
+  </section>
+  <section class="card">
+    <h2>Import</h2>
+    <p class="muted small">An <code>endpoints.json</code> file: a list of
+      <code>{"eui", "nwKey", "shortAddr", "bidi"}</code>. Existing sensors are updated.</p>
+    <form method="post" action="/mioty/sensors/import" enctype="multipart/form-data" class="stack">
+      {{ csrf() }}
+      <label>File<input type="file" name="file" accept=".json,application/json" required></label>
+      <button class="btn" type="submit">Import</button>
+    </form>
+  </section>
+</div>
+{% endif %}
+<section class="card">
+{% if sensors["items"] %}
+  <div class="table-wrap"><table id="sensor-table">
+    <thead><tr><th>EUI</th><th>Short address</th><th>Bidi</th><th>State</th><th>Last uplink</th></tr></thead>
+    <tbody>
+    {% for s in sensors["items"] %}
+      {% set eui = s.get("epEui") or s.get("eui") or "" %}
+      <tr>
+        <td class="mono"><a href="/mioty/sensors/{{ eui }}">{{ eui }}</a></td>
+        <td class="mono">{{ s.get("shortAddr") or "—" }}</td>
+        <td>{{ "yes" if s.get("bidi") else "no" }}</td>
+        <td><span
+          class="pill {{ 'ok' if s.get('attached') else 'muted' }}">
+          {{- "attached" if s.get("attached") else "detached" -}}
+        </span></td>
+        <td class="nowrap">{{ s.get("lastSeen") or s.get("lastUplink") or "—" }}</td>
+      </tr>
+    {% endfor %}
+    </tbody>
+  </table></div>
+  {{ pagination(pager(sensors.total, sensors.limit, sensors.offset, {"q": q})) }}
+{% else %}{{ empty("No sensors yet." if not q else "No sensor matches.") }}{% endif %}
+</section>
+{% endblock %}
+""",
+    "mioty/sensor.html": """\
+{% extends "base.html" %}
+{% from "_macros.html" import page_head, csrf, empty with context %}
+{% block content %}
+{% set subtitle = ("attached" if sensor.get("attached") else "detached")
+                  ~ " · short address " ~ (sensor.get("shortAddr") or "—") %}
+{% call page_head("Sensor " ~ eui, subtitle) %}
+  <span class="pill live" id="live-state" data-state="connecting">connecting…</span>
+{% endcall %}
+<div class="grid-2">
+  <section class="card">
+    <div class="card-head"><h2>Signal</h2>
+      <div class="legend">{% for s in series %}<span><i class="s{{ loop.index0 }}"></i>{{ s.label }}
+        </span>{% endfor %}</div></div>
+    <canvas id="signal-chart" class="chart tall" data-chart="lines" data-points='{{ points|json_attr }}'
+      data-series='{{ series|json_attr }}'></canvas>
+  </section>
+  <section class="card">
+    <h2>Details</h2>
+    <dl class="kv">
+      {% for key, value in sensor.items() if value is not mapping %}
+      <dt>{{ key }}</dt><dd class="mono">{{ value if value is string else value|tojson }}</dd>
+      {% endfor %}
+    </dl>
+  </section>
+</div>
+{% if user.role in ("operator", "admin") %}
+<div class="grid-2">
+  <section class="card">
+    <h2>Queue a downlink</h2>
+    <form method="post" action="/mioty/sensors/{{ eui }}/downlink" class="stack" id="downlink-form">
+      {{ csrf() }}
+      <label>Data (hex)<input name="data" required maxlength="2048" pattern="([0-9a-fA-F]{2})+" class="mono"
+        placeholder="01a2ff"></label>
+      <div class="row">
+        <label>Format<input name="format" type="number" min="0" max="255" placeholder="optional"></label>
+        <label class="check"><span><input type="checkbox" name="responseExp" value="on"> Response expected</span>
+          </label>
+      </div>
+      <button class="btn primary"
+        type="submit" {{ "" if sensor.get("bidi", True) else "disabled" }}>Queue downlink</button>
+    </form>
+  </section>
+  <section class="card">
+    <h2>Attach / detach</h2>
+    <form method="post" action="/mioty/sensors/{{ eui }}/attach" class="stack">
+      {{ csrf() }}
+      <div class="row">
+        <label>Network key<input name="nwKey" required maxlength="32" pattern="[0-9a-fA-F]{32}" class="mono"
+          autocomplete="off"></label>
+        <label>Short address<input name="shortAddr" required maxlength="4" pattern="[0-9a-fA-F]{4}" class="mono"
+          value="{{ sensor.get('shortAddr') or '' }}"></label>
+      </div>
+      <label class="check"><span><input type="checkbox" name="bidi"
+        value="on" {{ "checked" if sensor.get("bidi") else "" }}> Bidirectional</span></label>
+      <div class="row">
+        <button class="btn" type="submit">Attach</button>
+      </div>
+    </form>
+    <div class="row">
+      <form method="post" action="/mioty/sensors/{{ eui }}/detach" class="inline"
+        data-confirm="Detach {{ eui }} from every base station?">{{ csrf() }}<button class="btn"
+        type="submit">Detach</button></form>
+      <form method="post" action="/mioty/sensors/{{ eui }}/delete" class="inline"
+        data-confirm="Remove {{ eui }} from the hub?">{{ csrf() }}<button class="btn danger"
+        type="submit">Remove sensor</button></form>
+    </div>
+  </section>
+</div>
+{% endif %}
+<section class="card" data-stream='["mioty/up"]' data-filter-key="epEui" data-filter-value="{{ eui }}"
+  data-row-paths='["packetCnt","receivers.0.bsEui","receivers.0.rssi","receivers.0.snr","data"]'>
+  <div class="card-head"><h2>Uplinks</h2><span class="muted small">newest first · live</span></div>
+  <div class="table-wrap"><table>
+    <thead><tr><th>Time</th><th>Count</th><th>Best base station</th><th>RSSI</th><th>SNR</th><th>Data</th></tr></thead>
+    <tbody>
+    {% for up in uplinks %}
+      {% set best = (up.get("receivers") or [{}])[0] %}
+      <tr><td class="nowrap">{{ up.get("time") or "—" }}</td><td class="mono">{{ up.get("packetCnt") }}</td><td
+        class="mono">{{ best.get("bsEui") or "—" }}</td><td class="mono">{{ best.get("rssi") }}</td><td
+        class="mono">{{ best.get("snr") }}</td><td class="mono">{{ up.get("data") }}</td></tr>
+    {% endfor %}
+    </tbody>
+  </table></div>
+  <p class="empty" {% if uplinks %}hidden{% endif %}>No uplinks stored yet.</p>
+</section>
+<section class="card">
+  <h2>Downlinks</h2>
+  {% if downlinks %}
+  <div class="table-wrap"><table>
+    <thead><tr>{% for key in downlinks[0].keys() %}<th>{{ key }}</th>{% endfor %}</tr></thead>
+    <tbody>{% for d in downlinks %}<tr>{% for value in d.values() %}<td
+      class="mono">{{ value if value is string else value|tojson }}</td>{% endfor %}</tr>{% endfor %}</tbody>
+  </table></div>
+  {% else %}{{ empty("No downlinks.") }}{% endif %}
+</section>
+{% endblock %}
+""",
+}

@@ -1,0 +1,37 @@
+"""Configuration of the `devices` family (section `devices`), validated like the core sections.
+
+Kept free of the family's implementation so that reading the config never imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from bsscihub.config import _bool, _positive_int, _str, _topic_root, duration, setting
+from bsscihub.protocols.ble.config import topic_filters
+
+
+def _base_url(value: Any) -> str:
+    text = _str(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected the hub's URL as devices reach it, e.g. https://hub.example.net:8080")
+    return text
+
+
+@attrs.frozen
+class DevicesConfig:
+    sensor_topics: tuple[str, ...] = setting(("SensorData/#",), topic_filters,
+                                             'topic filters of {"device_id", "type", "value"} messages')
+    device_root: str = setting("device", _topic_root, "root of device/{id}/telemetry/{type}, /status, /commands")
+    ota_root: str = setting("OTA", _topic_root, "root of OTA/{id}/update (to devices) and OTA/{id}/response")
+    auto_register: bool = setting(True, _bool, "register unknown devices on first sight (else reject them)")
+    command_timeout: float = setting(30.0, duration, "a command not answered in time is marked timeout")
+    ota_timeout: float = setting(3600.0, duration, "an OTA offer without a final answer in time is marked timeout")
+    ota_base_url: str = setting("http://127.0.0.1:8080", _base_url, "the hub's URL in firmware links sent to devices")
+    max_payload: int = setting(16384, _positive_int, "largest device message accepted, in bytes")
+    max_firmware: int = setting(8 << 20, _positive_int, "largest firmware image accepted, in bytes")
+    retention: float = setting(30 * 86400.0, duration, "how long telemetry is kept")

@@ -1,0 +1,56 @@
+"""Time series queries shared by the MQTT families: a range of samples averaged into buckets in SQL.
+
+Charts ask for a few hundred points whatever the range; the database does the averaging, not Python.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bsscihub.store import Store
+
+MAX_POINTS = 2000
+
+
+def bucket_expression(dialect: str) -> str:
+    """The bucket number of a row, from (start, width) parameters; floor division on both backends."""
+    if dialect == "postgresql":
+        return "FLOOR((time - ?) / ?)"
+    # SQLite's CAST truncates toward zero, which is floor here: rows are never before the start.
+    return "CAST((time - ?) / ? AS INTEGER)"
+
+
+def bucket_width(since: float, until: float, points: int) -> float:
+    """Whole seconds, at least one, so that [since, until) fits in `points` buckets."""
+    return float(max(1, math.ceil((until - since) / max(1, min(points, MAX_POINTS)))))
+
+
+async def bucketed(
+    store: Store, table: str, where: str, params: tuple[Any, ...], since: float, until: float, points: int
+) -> dict[str, Any]:
+    """Averages (with min, max and count) of `value` per bucket of `table` rows matching `where`.
+
+    `table` and `where` come from the family's code, never from a request; `params` fill `where`.
+    """
+    width = bucket_width(since, until, points)
+    sql = (
+        f"SELECT b, AVG(value), MIN(value), MAX(value), COUNT(*) FROM ("
+        f" SELECT {bucket_expression(store.dialect)} AS b, value FROM {table}"
+        f" WHERE {where} AND time >= ? AND time < ?) AS t GROUP BY b ORDER BY b"
+    )
+    rows = await store.fetchall(sql, (since, width, *params, since, until))
+    return {
+        "since": since,
+        "until": until,
+        "bucket": width,
+        "points": [
+            {"time": since + int(b) * width, "avg": float(avg), "min": float(lo), "max": float(hi), "count": int(n)}
+            for b, avg, lo, hi, n in rows
+        ],
+    }
+
+
+def chart_points(series: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shape the admin UI's line charts take: [{"t": seconds, "v": [value]}]."""
+    return [{"t": p["time"] + series["bucket"] / 2, "v": [round(p["avg"], 4)]} for p in series["points"]]

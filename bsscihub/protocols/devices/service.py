@@ -1,0 +1,719 @@
+"""The `devices` family at run time: telemetry and status in, commands and OTA offers out, all tracked.
+
+The registry lives in memory (loaded at start, written back every few seconds); telemetry is group-committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from bsscihub import ingest
+from bsscihub.bus import Event
+from bsscihub.errors import CommandError
+from bsscihub.family import FamilyService
+from bsscihub.hub import Hub
+from bsscihub.ingest import Rejected, errback
+
+TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VALUE_RANGE = (-1e12, 1e12)
+STATE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+FLUSH_EVERY = 2.0
+KEY_SCHEME = "bdk"
+OTA_STATES = ("offered", "downloading", "installing", "done", "failed", "rejected", "timeout")
+OTA_REPORTS = ("downloading", "installing", "done", "failed", "rejected")
+OTA_FINAL = ("done", "failed", "rejected", "timeout")
+
+
+class DeviceError(CommandError):
+    """A command or REST call about a device that cannot be done; `http_status` for the web layer."""
+
+    def __init__(self, message: str, http_status: int = 409, code: str | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.code = code or {404: "not_found", 409: "conflict", 503: "unavailable"}.get(http_status, "invalid")
+
+
+def hash_device_key(device_id: str, secret: str) -> str:
+    """HMAC-SHA256 of the key, keyed by the device id.
+
+    A fast hash is enough: the key is 256 random bits, so there is nothing to guess, and a slow
+    password hash would only cost CPU on every HTTPS ingestion. Keying by the device id binds a
+    stored hash to its device (a row copied onto another device never verifies).
+    """
+    return "hmac-sha256:" + hmac.new(device_id.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def check_type(value: Any, name: str = "type") -> str:
+    if not isinstance(value, str):
+        raise Rejected(ingest.WRONG_TYPE, f"{name}: expected a string, got {ingest.type_name(value)}")
+    if not TYPE.match(value):
+        raise Rejected(ingest.IMPLAUSIBLE, f"{name}: {value[:70]!r} is not 1-64 letters, digits, '_', '.', '-'")
+    return value
+
+
+@attrs.define
+class Device:
+    id: str
+    first_seen: float
+    registered_via: str
+    name: str = ""
+    last_seen: float | None = None
+    status: str = ""
+    status_detail: dict[str, Any] = attrs.field(factory=dict)
+    status_time: float | None = None
+    firmware: str = ""
+    messages: int = 0
+    unsaved: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deviceId": self.id, "name": self.name, "firstSeen": self.first_seen, "lastSeen": self.last_seen,
+                "registeredVia": self.registered_via, "status": self.status, "statusDetail": self.status_detail,
+                "statusTime": self.status_time, "firmware": self.firmware, "messages": self.messages}
+
+
+@attrs.define
+class Pending:
+    """A command or OTA offer waiting for the device's answer."""
+
+    id: str
+    device: str
+    name: str
+    timer: Any = None
+    firmware: int = 0
+    version: str = ""
+
+
+class DevicesService(FamilyService):
+    """Generic MQTT devices: registry, telemetry, status, commands with results, device keys, OTA."""
+
+    log = Logger()
+    family = "devices"
+    topic_root = "dev"
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.config = hub.config.section("devices")
+        self.clock = hub.reactor
+        self.devices: dict[str, Device] = {}
+        self.commands: dict[str, Pending] = {}
+        self.offers: dict[str, Pending] = {}
+        self.stored = 0
+        self.firmware_dir = Path(hub.config.data_dir) / "firmware"
+        self._dirty: set[str] = set()
+        self._inserts: set[defer.Deferred[Any]] = set()
+        # Group-committed like telemetry: a fleet seen for the first time must not cost a commit per device.
+        self._registrations = hub.store.batch_writer(
+            "INSERT INTO dev_devices (id, name, first_seen, registered_via) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING"
+        )
+        self._key_used: dict[str, float] = {}
+        self._telemetry = hub.store.batch_writer(
+            "INSERT INTO dev_telemetry (device, type, time, value) VALUES (?, ?, ?, ?)"
+        )
+        self._flusher = self.looping(self._flush_registry, "writing the registry")
+        self._pruner = self.looping(self.prune, "pruning old telemetry")
+
+    # -- lifecycle
+
+    async def prepare(self) -> None:
+        rows = await self.hub.store.fetchall(
+            "SELECT id, name, first_seen, last_seen, registered_via, status, status_detail, status_time, firmware,"
+            " messages FROM dev_devices"
+        )
+        for did, name, first, last, via, status, detail, status_time, firmware, messages in rows:
+            self.devices[did] = Device(did, float(first), via, name, last, status, json.loads(detail), status_time,
+                                       firmware, int(messages))
+        now = self.clock.seconds()
+        # Commands and offers still open when the hub stopped keep their deadlines.
+        for cid, device, name, deadline in await self.hub.store.fetchall(
+            "SELECT id, device, name, deadline FROM dev_commands WHERE state = 'sent'"
+        ):
+            pending = self.commands[cid] = Pending(cid, device, name)
+            pending.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._command_timed_out, cid)
+        for oid, device, firmware, deadline, version in await self.hub.store.fetchall(
+            "SELECT o.id, o.device, o.firmware, o.deadline, f.version FROM dev_ota o"
+            " JOIN dev_firmware f ON f.id = o.firmware WHERE o.state IN ('offered', 'downloading', 'installing')"
+        ):
+            offer = self.offers[oid] = Pending(oid, device, "ota", firmware=int(firmware), version=version)
+            offer.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._offer_timed_out, oid)
+        self._flusher.start(FLUSH_EVERY, now=False)
+        self._pruner.start(3600.0, now=True)
+
+    async def drain(self) -> None:
+        for loop in (self._flusher, self._pruner):
+            if loop.running:
+                loop.stop()
+        for pending in (*self.commands.values(), *self.offers.values()):
+            if pending.timer is not None and pending.timer.active():
+                pending.timer.cancel()
+        await self._flush_registry()
+
+    def subscriptions(self) -> Mapping[str, Any]:
+        root, ota = self.config.device_root, self.config.ota_root
+        found: dict[str, Any] = {f: self.on_sensor_data for f in self.config.sensor_topics}
+        found[f"{root}/+/telemetry/+"] = self.on_telemetry
+        found[f"{root}/+/status"] = self.on_status
+        found[f"{root}/+/commands/+/result"] = self.on_command_result
+        found[f"{ota}/+/response"] = self.on_ota_response
+        return found
+
+    # -- ingress
+
+    def on_sensor_data(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        """`SensorData/...`: {"device_id", "type", "value", "time"?}."""
+        doc = ingest.json_object(payload, self.config.max_payload)
+        device_id = ingest.identifier(doc, "device_id")
+        try:
+            kind = check_type(ingest.require(doc, "type"))
+            value = ingest.number(doc, "value", *VALUE_RANGE)
+            when = ingest.device_time(doc, "time", self.clock.seconds())
+        except Rejected as e:
+            e.source = device_id
+            raise
+        self.record(device_id, kind, value, when, "mqtt", topic)  # type: ignore[arg-type]
+
+    def on_telemetry(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        """`device/{id}/telemetry/{type}`: a JSON number, or {"value", "time"?}."""
+        levels = topic.split("/")
+        device_id = self._topic_device(levels[1], topic)
+        try:
+            kind = check_type(levels[3], "type (topic)")
+            doc = ingest.parse_json(payload, self.config.max_payload)
+            if not isinstance(doc, dict):
+                doc = {"value": doc}
+            value = ingest.number(doc, "value", *VALUE_RANGE)
+            when = ingest.device_time(doc, "time", self.clock.seconds())
+        except Rejected as e:
+            e.source = device_id
+            raise
+        self.record(device_id, kind, value, when, "mqtt", topic)  # type: ignore[arg-type]
+
+    def on_status(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        """`device/{id}/status`: a JSON object ({"state"|"status", ...}), a JSON string, or a bare word
+        such as `online` / `offline` (what most devices set as their MQTT will)."""
+        device_id = self._topic_device(topic.split("/")[1], topic)
+        try:
+            state, detail = self._parse_status(payload)
+            device = self._seen(device_id, "mqtt", topic)
+        except Rejected as e:
+            e.source = device_id
+            raise
+        now = self.clock.seconds()
+        device.status, device.status_detail, device.status_time = state, detail, now
+        firmware = detail.get("firmware", detail.get("version"))
+        if isinstance(firmware, str) and len(firmware) <= 64:
+            device.firmware = firmware
+        device.last_seen = now
+        self._dirty.add(device_id)
+        self.ingest.accepted()
+        self.emit("status", f"dev/device/{device_id}/status",
+                  {"deviceId": device_id, "state": state, "detail": detail, "time": now}, retain=True)
+
+    def _parse_status(self, payload: bytes) -> tuple[str, dict[str, Any]]:
+        try:
+            doc = ingest.parse_json(payload, self.config.max_payload)
+        except Rejected as e:
+            word = payload.decode("utf-8", "replace").strip()
+            if e.reason == ingest.NOT_JSON and STATE.match(word):
+                return word.lower(), {}
+            raise
+        if isinstance(doc, str):
+            doc = {"state": doc}
+        if not isinstance(doc, dict):
+            raise Rejected(ingest.WRONG_TYPE, f"status: expected an object or a word, got {ingest.type_name(doc)}")
+        state = doc.get("state", doc.get("status", ""))
+        if not isinstance(state, str):
+            raise Rejected(ingest.WRONG_TYPE, f"state: expected a string, got {ingest.type_name(state)}")
+        if state and not STATE.match(state):
+            raise Rejected(ingest.IMPLAUSIBLE, f"state: {state[:40]!r} is not a short word")
+        return state.lower(), doc
+
+    def _topic_device(self, level: str, topic: str) -> str:
+        try:
+            return ingest.check_identifier(level, "device id (topic)")
+        except Rejected as e:
+            raise Rejected(ingest.BAD_TOPIC, e.detail) from None
+
+    def record(self, device_id: str, kind: str, value: float, when: float, via: str, topic: str) -> None:
+        """One telemetry value: registry, storage (group-committed), `{p}/dev/device/{id}/up`."""
+        device = self._seen(device_id, via, topic)
+        now = self.clock.seconds()
+        device.last_seen = now
+        device.messages += 1
+        device.unsaved += 1
+        self._dirty.add(device_id)
+        self._telemetry.add((device_id, kind, when, value)).addCallbacks(
+            self._stored, errback(self.log, "devices: storing telemetry failed"))
+        self.ingest.accepted()
+        self.emit("up", f"dev/device/{device_id}/up", {
+            "deviceId": device_id, "type": kind, "value": value, "time": when, "via": via, "values": {kind: value},
+        })
+
+    def _stored(self, _: Any) -> None:
+        self.stored += 1
+
+    def _seen(self, device_id: str, via: str, topic: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is not None:
+            return device
+        if not self.config.auto_register:
+            # One event per device per minute: a flood from an unknown device must not flood subscribers.
+            if self.ingest.reject_log.allow("event:" + device_id)[0]:
+                self.emit("rejected", f"dev/device/{device_id}/event/rejected", {
+                    "deviceId": device_id, "reason": "unknown device (auto_register is off)", "topic": topic,
+                    "time": self.clock.seconds()})
+            raise Rejected(ingest.UNKNOWN_DEVICE, "unknown device and devices.auto_register is off",
+                           source=device_id)
+        return self._register(device_id, via)
+
+    def _register(self, device_id: str, via: str, name: str = "") -> Device:
+        now = self.clock.seconds()
+        device = self.devices[device_id] = Device(device_id, now, via, name)
+        self._insert((device_id, name, now, via))
+        self.log.info("device {device} registered via {via}", device=device_id, via=via)
+        self.emit("registered", f"dev/device/{device_id}/event/registered",
+                  {"deviceId": device_id, "via": via, "time": now})
+        return device
+
+    # -- registry (REST)
+
+    def register(self, device_id: str, name: str = "") -> Device:
+        if device_id in self.devices:
+            raise DeviceError(f"device {device_id} is already registered", 409)
+        return self._register(device_id, "api", name)
+
+    def get(self, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None:
+            raise DeviceError(f"device {device_id} not found", 404)
+        return device
+
+    def rename(self, device_id: str, name: str) -> Device:
+        device = self.get(device_id)
+        device.name = name
+        self._dirty.add(device_id)
+        return device
+
+    async def forget(self, device_id: str) -> None:
+        self.get(device_id)
+        del self.devices[device_id]
+        self._dirty.discard(device_id)
+        for table in (self.commands, self.offers):
+            for pending in [p for p in table.values() if p.device == device_id]:
+                if pending.timer is not None and pending.timer.active():
+                    pending.timer.cancel()
+                del table[pending.id]
+
+        if self._inserts:  # its registration may not have landed yet
+            await defer.DeferredList(list(self._inserts))
+
+        def delete(cursor: Any) -> None:
+            for table, column in (("dev_telemetry", "device"), ("dev_commands", "device"), ("dev_keys", "device"),
+                                  ("dev_ota", "device"), ("dev_devices", "id")):
+                cursor.execute(f"DELETE FROM {table} WHERE {column} = ?", (device_id,))
+
+        await self.hub.store.interaction(delete)
+        self.emit("status", f"dev/device/{device_id}/status", {}, retain=True)  # clears the retained status
+
+    # -- commands
+
+    async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
+        """`{p}/dev/device/{id}/cmd/{name}` (forwarded to the device) and `{p}/dev/ota/{id}/cmd/start`."""
+        if kind == "device":
+            return await self.send_command(id, name, payload, "mqtt")
+        if kind == "ota" and name == "start":
+            firmware = payload.get("firmware") if isinstance(payload, dict) else None
+            if isinstance(firmware, bool) or not isinstance(firmware, int):
+                raise DeviceError('expected {"firmware": id}', 400)
+            return await self.offer(id, firmware, "mqtt")
+        raise DeviceError(f"unknown command {kind}/{name}; expected device/<name> or ota/start", 400)
+
+    async def send_command(self, device_id: str, name: str, args: Any, actor: str) -> dict[str, Any]:
+        """Publish `device/{id}/commands/{name}` with {"id", "name", "args"}; the answer is tracked."""
+        self.get(device_id)
+        if not COMMAND.match(name):
+            raise DeviceError(f"command name {name[:70]!r}: expected 1-64 letters, digits, '_', '.', '-'", 400)
+        body = json.dumps({"id": "", "name": name, "args": args})
+        if len(body) > self.config.max_payload:
+            raise DeviceError(f"command arguments over {self.config.max_payload} bytes", 400)
+        mqtt = self._mqtt()
+        cid = secrets.token_hex(8)
+        now = self.clock.seconds()
+        deadline = now + self.config.command_timeout
+        await self.hub.store.execute(
+            "INSERT INTO dev_commands (id, device, name, args, state, created_at, deadline, actor)"
+            " VALUES (?, ?, ?, ?, 'sent', ?, ?, ?)", (cid, device_id, name, json.dumps(args), now, deadline, actor))
+        # Tracked before it is published: a quick device may answer before publish() returns.
+        pending = self.commands[cid] = Pending(cid, device_id, name)
+        pending.timer = self.clock.callLater(self.config.command_timeout, self._command_timed_out, cid)
+        message = {"id": cid, "name": name, "args": args}
+        try:
+            await mqtt.publish(f"{self.config.device_root}/{device_id}/commands/{name}",
+                               json.dumps(message).encode())
+        except Exception as e:
+            await self._finish_command(cid, "failed", None, f"not published: {e}")
+            raise DeviceError(f"command not sent: {e}", 503) from None
+        return {"commandId": cid, "deviceId": device_id, "command": name, "state": "sent", "deadline": deadline}
+
+    def on_command_result(self, topic: str, payload: bytes, properties: Any = None) -> Any:
+        """`device/{id}/commands/{name}/result`: {"id", "ok"?, "result"?, "error"?}."""
+        levels = topic.split("/")
+        device_id = self._topic_device(levels[1], topic)
+        try:
+            doc = ingest.json_object(payload, self.config.max_payload)
+            cid = ingest.text(doc, "id")
+            ok = doc.get("ok", "error" not in doc)
+            if not isinstance(ok, bool):
+                raise Rejected(ingest.WRONG_TYPE, f"ok: expected true or false, got {ingest.type_name(ok)}")
+            error = ingest.text(doc, "error", max_length=500, required=False)
+            pending = self.commands.get(cid)  # type: ignore[arg-type]
+            if pending is None or pending.device != device_id:
+                raise Rejected(ingest.UNKNOWN_COMMAND, f"no open command {cid!r} for this device")
+        except Rejected as e:
+            e.source = device_id
+            raise
+        self.ingest.accepted()
+        return defer.Deferred.fromCoroutine(
+            self._finish_command(pending.id, "ok" if ok else "failed", doc.get("result"), error))
+
+    def _command_timed_out(self, cid: str) -> None:
+        defer.Deferred.fromCoroutine(
+            self._finish_command(cid, "timeout", None, f"no answer within {self.config.command_timeout:g} s")
+        ).addErrback(errback(self.log, "devices: timing out command {cid} failed", cid=cid))
+
+    async def _finish_command(self, cid: str, state: str, result: Any, error: str | None) -> None:
+        pending = self.commands.pop(cid, None)
+        if pending is None:
+            return
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        now = self.clock.seconds()
+        await self.hub.store.execute(
+            "UPDATE dev_commands SET state = ?, result = ?, error = ?, answered_at = ? WHERE id = ?",
+            (state, json.dumps(result) if result is not None else None, error, now, cid))
+        self.emit("command_result", f"dev/device/{pending.device}/event/command_result", {
+            "commandId": cid, "deviceId": pending.device, "command": pending.name, "state": state,
+            "ok": state == "ok", "result": result, "error": error, "time": now})
+
+    async def get_command(self, device_id: str, cid: str) -> dict[str, Any] | None:
+        row = await self.hub.store.fetchone(
+            "SELECT id, name, args, state, result, error, created_at, deadline, answered_at, actor"
+            " FROM dev_commands WHERE device = ? AND id = ?", (device_id, cid))
+        return _command_json(device_id, row) if row else None
+
+    async def list_commands(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        rows = await self.hub.store.fetchall(
+            "SELECT id, name, args, state, result, error, created_at, deadline, answered_at, actor"
+            " FROM dev_commands WHERE device = ? ORDER BY created_at DESC LIMIT ?", (device_id, limit))
+        return [_command_json(device_id, row) for row in rows]
+
+    def _mqtt(self) -> Any:
+        if self.hub.mqtt is None:
+            raise DeviceError("the MQTT bridge is not running", 503)
+        return self.hub.mqtt
+
+    # -- device keys (HTTPS ingestion)
+
+    async def create_key(self, device_id: str) -> dict[str, Any]:
+        """A new key for the device (replacing any old one); the key itself is returned only here."""
+        self.get(device_id)
+        secret = secrets.token_urlsafe(32)
+        prefix = secret[:8]
+        now = self.clock.seconds()
+        await self.hub.store.execute(
+            "INSERT INTO dev_keys (device, prefix, secret_hash, created_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (device) DO UPDATE SET prefix = excluded.prefix, secret_hash = excluded.secret_hash,"
+            " created_at = excluded.created_at, last_used_at = NULL",
+            (device_id, prefix, hash_device_key(device_id, secret), now))
+        return {"deviceId": device_id, "key": f"{KEY_SCHEME}_{secret}", "prefix": prefix, "createdAt": now}
+
+    async def key_info(self, device_id: str) -> dict[str, Any] | None:
+        row = await self.hub.store.fetchone(
+            "SELECT prefix, created_at, last_used_at FROM dev_keys WHERE device = ?", (device_id,))
+        return {"prefix": row[0], "createdAt": row[1], "lastUsedAt": row[2]} if row else None
+
+    async def revoke_key(self, device_id: str) -> bool:
+        return bool(await self.hub.store.execute("DELETE FROM dev_keys WHERE device = ?", (device_id,)))
+
+    async def check_key(self, device_id: str, key: str) -> bool:
+        scheme, _, secret = key.partition("_")
+        if scheme != KEY_SCHEME or not secret or len(secret) > 100 or device_id not in self.devices:
+            return False
+        row = await self.hub.store.fetchone("SELECT secret_hash FROM dev_keys WHERE device = ?", (device_id,))
+        if row is None or not hmac.compare_digest(row[0], hash_device_key(device_id, secret)):
+            return False
+        now = self.clock.seconds()
+        # At most one write a minute per key: a write per request would cost more than the request.
+        if now - self._key_used.get(device_id, 0.0) >= 60.0:
+            self._key_used[device_id] = now
+            await self.hub.store.execute("UPDATE dev_keys SET last_used_at = ? WHERE device = ?", (now, device_id))
+        return True
+
+    def http_telemetry(self, device_id: str, body: Any, topic: str) -> int:
+        """`POST /api/v1/devices/{id}/telemetry`: {"type", "value", "time"?} or {"values": {type: value}, "time"?}.
+
+        Validated like MQTT input (and counted the same way); returns how many values were stored.
+        """
+        try:
+            if not isinstance(body, dict):
+                raise Rejected(ingest.WRONG_TYPE, f"expected a JSON object, got {ingest.type_name(body)}")
+            when = ingest.device_time(body, "time", self.clock.seconds())
+            if "values" in body:
+                values = body["values"]
+                if not isinstance(values, dict) or not values:
+                    raise Rejected(ingest.WRONG_TYPE, "values: expected an object of type: number")
+                if len(values) > 100:
+                    raise Rejected(ingest.IMPLAUSIBLE, "values: more than 100 types in one request")
+                items = [(check_type(k), ingest.check_number(v, k, *VALUE_RANGE)) for k, v in values.items()]
+            else:
+                value = ingest.check_number(ingest.require(body, "value"), "value", *VALUE_RANGE)
+                items = [(check_type(ingest.require(body, "type")), value)]
+        except Rejected as e:
+            e.source = device_id
+            self.ingest.rejected(e, topic)
+            raise
+        for kind, value in items:
+            self.record(device_id, kind, value, when, "http", topic)  # type: ignore[arg-type]
+        return len(items)
+
+    # -- telemetry queries
+
+    async def telemetry(self, device_id: str, kind: str | None, since: float, until: float, limit: int
+                        ) -> list[dict[str, Any]]:
+        where, params = "device = ? AND time >= ? AND time < ?", [device_id, since, until]
+        if kind:
+            where += " AND type = ?"
+            params.append(kind)
+        rows = await self.hub.store.fetchall(
+            f"SELECT type, time, value FROM dev_telemetry WHERE {where} ORDER BY time DESC LIMIT ?",
+            (*params, limit))
+        return [{"type": t, "time": float(tm), "value": float(v)} for t, tm, v in rows]
+
+    async def types(self, device_id: str) -> list[dict[str, Any]]:
+        """Each telemetry type of a device with its latest value (index-only lookups, one per type)."""
+        kinds = await self.hub.store.fetchall(
+            "SELECT type, COUNT(*) FROM dev_telemetry WHERE device = ? GROUP BY type ORDER BY type", (device_id,))
+        found = []
+        for kind, count in kinds:
+            row = await self.hub.store.fetchone(
+                "SELECT time, value FROM dev_telemetry WHERE device = ? AND type = ? ORDER BY time DESC LIMIT 1",
+                (device_id, kind))
+            if row is not None:
+                found.append({"type": kind, "count": int(count), "time": float(row[0]), "value": float(row[1])})
+        return found
+
+    # -- firmware and OTA
+
+    async def add_firmware(self, name: str, version: str, data: bytes, actor: str) -> dict[str, Any]:
+        if not data:
+            raise DeviceError("empty firmware image", 400)
+        if len(data) > self.config.max_firmware:
+            raise DeviceError(f"firmware over {self.config.max_firmware} bytes", 413)
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.firmware_dir / f"{digest}.bin"
+
+        def write() -> None:
+            self.firmware_dir.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".part")
+            partial.write_bytes(data)
+            partial.replace(path)  # whole or nothing: a device never downloads half an image
+
+        await threads.deferToThread(write)
+        now = self.clock.seconds()
+        await self.hub.store.execute(
+            "INSERT INTO dev_firmware (name, version, sha256, size, created_at, actor) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (sha256) DO NOTHING", (name, version, digest, len(data), now, actor))
+        found = await self.get_firmware_by_hash(digest)
+        assert found is not None
+        return found
+
+    async def get_firmware_by_hash(self, digest: str) -> dict[str, Any] | None:
+        row = await self.hub.store.fetchone(
+            "SELECT id, name, version, sha256, size, created_at, actor FROM dev_firmware WHERE sha256 = ?", (digest,))
+        return _firmware_json(row) if row else None
+
+    async def get_firmware(self, firmware_id: int) -> dict[str, Any] | None:
+        row = await self.hub.store.fetchone(
+            "SELECT id, name, version, sha256, size, created_at, actor FROM dev_firmware WHERE id = ?",
+            (firmware_id,))
+        return _firmware_json(row) if row else None
+
+    async def list_firmware(self) -> list[dict[str, Any]]:
+        rows = await self.hub.store.fetchall(
+            "SELECT id, name, version, sha256, size, created_at, actor FROM dev_firmware ORDER BY created_at DESC")
+        return [_firmware_json(row) for row in rows]
+
+    async def delete_firmware(self, firmware_id: int) -> bool:
+        firmware = await self.get_firmware(firmware_id)
+        if firmware is None:
+            return False
+        if any(o.firmware == firmware_id for o in self.offers.values()):
+            raise DeviceError("this firmware is being offered to a device; wait for the update to end", 409)
+        await self.hub.store.execute("DELETE FROM dev_firmware WHERE id = ?", (firmware_id,))
+        path = self.firmware_dir / f"{firmware['sha256']}.bin"
+        await threads.deferToThread(path.unlink, True)
+        return True
+
+    async def offer(self, device_id: str, firmware_id: int, actor: str) -> dict[str, Any]:
+        """Offer a firmware image on `OTA/{id}/update` with a download URL (a one-offer token) and its sha256."""
+        self.get(device_id)
+        firmware = await self.get_firmware(firmware_id)
+        if firmware is None:
+            raise DeviceError(f"firmware {firmware_id} not found", 404)
+        if any(o.device == device_id for o in self.offers.values()):
+            raise DeviceError(f"an update of {device_id} is already in progress", 409)
+        mqtt = self._mqtt()
+        oid, token = secrets.token_hex(8), secrets.token_urlsafe(32)
+        now = self.clock.seconds()
+        deadline = now + self.config.ota_timeout
+        await self.hub.store.execute(
+            "INSERT INTO dev_ota (id, device, firmware, token_hash, state, created_at, updated_at, deadline, actor)"
+            " VALUES (?, ?, ?, ?, 'offered', ?, ?, ?, ?)",
+            (oid, device_id, firmware_id, hash_device_key(oid, token), now, now, deadline, actor))
+        offer = self.offers[oid] = Pending(oid, device_id, "ota", firmware=firmware_id, version=firmware["version"])
+        offer.timer = self.clock.callLater(self.config.ota_timeout, self._offer_timed_out, oid)
+        url = f"{self.config.ota_base_url}/api/v1/devices/{device_id}/ota/{oid}/firmware?token={token}"
+        message = {"offerId": oid, "name": firmware["name"], "version": firmware["version"], "url": url,
+                   "sha256": firmware["sha256"], "size": firmware["size"]}
+        try:
+            await mqtt.publish(f"{self.config.ota_root}/{device_id}/update", json.dumps(message).encode())
+        except Exception as e:
+            await self._ota_state(oid, "failed", error=f"not published: {e}")
+            raise DeviceError(f"update not offered: {e}", 503) from None
+        self._ota_event(offer, "offered", 0, "")
+        return {"offerId": oid, "deviceId": device_id, "firmware": firmware_id, "version": firmware["version"],
+                "state": "offered", "deadline": deadline}
+
+    async def firmware_for_offer(self, device_id: str, oid: str, token: str) -> tuple[bytes, str] | None:
+        """The image for an open offer whose token matches (None otherwise: the same answer for every failure)."""
+        offer = self.offers.get(oid)
+        if offer is None or offer.device != device_id:
+            return None
+        row = await self.hub.store.fetchone("SELECT token_hash FROM dev_ota WHERE id = ?", (oid,))
+        if row is None or not hmac.compare_digest(row[0], hash_device_key(oid, token)):
+            return None
+        firmware = await self.get_firmware(offer.firmware)
+        if firmware is None:
+            return None
+        path = self.firmware_dir / f"{firmware['sha256']}.bin"
+        data = await threads.deferToThread(path.read_bytes)
+        return data, f"{firmware['name']}-{firmware['version']}.bin"
+
+    def on_ota_response(self, topic: str, payload: bytes, properties: Any = None) -> Any:
+        """`OTA/{id}/response`: {"offerId"?, "status": downloading|installing|done|failed|rejected,
+        "progress"?: 0-100, "error"?, "version"?}."""
+        device_id = self._topic_device(topic.split("/")[1], topic)
+        try:
+            doc = ingest.json_object(payload, self.config.max_payload)
+            status = ingest.text(doc, "status", max_length=32)
+            if status not in OTA_REPORTS:
+                raise Rejected(ingest.IMPLAUSIBLE, f"status: {status!r} is not one of {', '.join(OTA_REPORTS)}")
+            progress = ingest.number(doc, "progress", 0, 100, required=False)
+            error = ingest.text(doc, "error", max_length=500, required=False) or ""
+            oid = ingest.text(doc, "offerId", required=False)
+            if oid is None:  # devices that do not echo the offer id answer about their open offer
+                oid = next((o.id for o in self.offers.values() if o.device == device_id), None)
+            offer = self.offers.get(oid) if oid else None
+            if offer is None or offer.device != device_id:
+                raise Rejected(ingest.UNKNOWN_COMMAND, f"no open update offer {oid!r} for this device")
+        except Rejected as e:
+            e.source = device_id
+            raise
+        self.ingest.accepted()
+        if status == "done":
+            progress = 100
+            self.devices[device_id].firmware = offer.version
+            self._dirty.add(device_id)
+        return defer.Deferred.fromCoroutine(self._ota_state(offer.id, status, progress, error))  # type: ignore[arg-type]
+
+    def _offer_timed_out(self, oid: str) -> None:
+        defer.Deferred.fromCoroutine(self._ota_state(oid, "timeout", error="no final answer in time")).addErrback(
+            errback(self.log, "devices: timing out offer {oid} failed", oid=oid))
+
+    async def _ota_state(self, oid: str, state: str, progress: float | None = None, error: str = "") -> None:
+        offer = self.offers.get(oid)
+        if offer is None:
+            return
+        if state in OTA_FINAL:
+            del self.offers[oid]
+            if offer.timer is not None and offer.timer.active():
+                offer.timer.cancel()
+        now = self.clock.seconds()
+        percent = int(progress) if progress is not None else None
+        await self.hub.store.execute(
+            "UPDATE dev_ota SET state = ?, progress = COALESCE(?, progress), error = ?, updated_at = ? WHERE id = ?",
+            (state, percent, error, now, oid))
+        self._ota_event(offer, state, percent, error)
+
+    def _ota_event(self, offer: Pending, state: str, progress: int | None, error: str) -> None:
+        self.emit("ota", f"dev/device/{offer.device}/event/ota", {
+            "deviceId": offer.device, "offerId": offer.id, "firmware": offer.firmware, "version": offer.version,
+            "state": state, "progress": progress, "error": error, "time": self.clock.seconds()})
+
+    async def list_offers(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        rows = await self.hub.store.fetchall(
+            "SELECT o.id, o.firmware, f.version, o.state, o.progress, o.error, o.created_at, o.updated_at, o.actor"
+            " FROM dev_ota o LEFT JOIN dev_firmware f ON f.id = o.firmware WHERE o.device = ?"
+            " ORDER BY o.created_at DESC LIMIT ?", (device_id, limit))
+        return [{"offerId": r[0], "firmware": r[1], "version": r[2], "state": r[3], "progress": r[4], "error": r[5],
+                 "createdAt": r[6], "updatedAt": r[7], "actor": r[8]} for r in rows]
+
+    # -- events and writes
+
+    def emit(self, kind: str, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        self.hub.bus.publish(Event("devices", kind, topic, payload, retain)).addErrback(
+            errback(self.log, "devices: publishing {topic} failed", topic=topic))
+
+    def _insert(self, row: tuple[Any, ...]) -> None:
+        """A registry INSERT, not awaited by the message path, but before the next flush of that row."""
+        d = self._registrations.add(row)
+        self._inserts.add(d)
+        d.addErrback(errback(self.log, "devices: registry insert failed"))
+        d.addBoth(lambda _: self._inserts.discard(d))
+
+    async def _flush_registry(self) -> None:
+        # Rows are UPDATEd below: their INSERTs must have landed (PostgreSQL runs statements on several threads).
+        if self._inserts:
+            await defer.DeferredList(list(self._inserts))
+        dirty, self._dirty = self._dirty, set()
+        rows = []
+        for did in dirty:
+            d = self.devices.get(did)
+            if d is not None:
+                rows.append((d.name, d.last_seen, d.status, json.dumps(d.status_detail), d.status_time, d.firmware,
+                             d.unsaved, did))
+                d.unsaved = 0
+        if rows:
+            await self.hub.store.executemany(
+                "UPDATE dev_devices SET name = ?, last_seen = ?, status = ?, status_detail = ?, status_time = ?,"
+                " firmware = ?, messages = messages + ? WHERE id = ?", rows)
+
+    async def prune(self) -> None:
+        cutoff = self.clock.seconds() - self.config.retention
+        await self.hub.store.execute("DELETE FROM dev_telemetry WHERE time < ?", (cutoff,))
+        await self.hub.store.execute("DELETE FROM dev_commands WHERE created_at < ? AND state <> 'sent'", (cutoff,))
+
+
+def _command_json(device_id: str, row: tuple[Any, ...]) -> dict[str, Any]:
+    cid, name, args, state, result, error, created, deadline, answered, actor = row
+    return {"commandId": cid, "deviceId": device_id, "command": name, "args": json.loads(args), "state": state,
+            "result": json.loads(result) if result is not None else None, "error": error, "createdAt": created,
+            "deadline": deadline, "answeredAt": answered, "actor": actor}
+
+
+def _firmware_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    fid, name, version, digest, size, created, actor = row
+    return {"id": int(fid), "name": name, "version": version, "sha256": digest, "size": int(size),
+            "createdAt": created, "actor": actor}

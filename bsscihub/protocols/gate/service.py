@@ -1,0 +1,736 @@
+"""The gate family at run time: registration, status in, commands out, app access, sharing, signed files.
+
+Everything the REST routes and MQTT commands do goes through `GateService`; the web module only authenticates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from bsscihub import ingest
+from bsscihub.bus import Event
+from bsscihub.errors import CommandError
+from bsscihub.family import FamilyService
+from bsscihub.health import ComponentHealth
+from bsscihub.hub import Hub
+from bsscihub.ingest import Rejected
+from bsscihub.protocols.gate import registry
+from bsscihub.protocols.gate.dynsec import DynsecError, DynsecProvisioner, NoProvisioning, UnitTopics, unit_username
+from bsscihub.protocols.gate.registry import (
+    Access,
+    Command,
+    FileRecord,
+    ProvisioningKey,
+    Refused,
+    Registration,
+    Share,
+    Unit,
+    level_at_least,
+)
+from bsscihub.protocols.gate.signed import DOWN, UP, BadURL, URLSigner
+from bsscihub.protocols.gate.tokens import APP, PROVISIONING, SHARE, UNIT, Keyring, new_token
+
+FAMILY = "gate"
+FILES_PATH = "/api/v1/gates/files/"
+"""Where the web layer serves signed file URLs (the service builds the URLs)."""
+
+COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+USER_COMMANDS = frozenset({"open", "close", "stop", "status"})
+"""What an app with `user` access may send; every other command needs `engineer`."""
+
+RESERVED_IDS = frozenset({"register", "mine", "shares", "files", "provisioning-keys"})
+"""Path segments of the REST API next to /gates/{controller_id}: no unit may be called so."""
+
+RENAME_NOTICE_WAIT = 5.0
+
+
+def rfc3339(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def check_controller_id(value: str) -> str:
+    if not ingest.IDENTIFIER.match(value) or value in RESERVED_IDS:
+        raise Refused(400, "invalid_controller_id",
+                      f"controller_id {value[:70]!r} must be 1-64 letters, digits, '_', '.', ':', '-' and not one of "
+                      + ", ".join(sorted(RESERVED_IDS)))
+    return value
+
+
+def command_level(name: str) -> str:
+    return "user" if name in USER_COMMANDS else "engineer"
+
+
+@attrs.frozen
+class Caller:
+    """Who is acting, for the audit log and for limits: a hub user, an app (with its level), a unit, MQTT."""
+
+    actor: str
+    kind: str  # "user", "app", "unit", "key", "mqtt", "url", "anonymous"
+    level: str | None = None  # an app's access level on the unit at hand
+
+
+class GateService(FamilyService):
+    """Keeps the gate registry, relays commands to units and their answers back, and hands out secrets."""
+
+    log = Logger()
+    family = FAMILY
+
+    def __init__(self, hub: Hub, *, provisioner: Any = None) -> None:
+        super().__init__(hub)
+        self.config = hub.config.section("gate")
+        self.clock = hub.reactor
+        self.root = self.config.topic_root
+        self.files_dir = Path(hub.config.data_dir) / "gate" / "files"
+        self.keyring: Keyring | None = None
+        self.signer: URLSigner | None = None
+        self.broker = provisioner if provisioner is not None else self._make_provisioner()
+        self._by_controller: dict[str, int] = {}
+        self._offline_timers: dict[int, IDelayedCall] = {}
+        self._command_timers: dict[str, IDelayedCall] = {}
+        self._waiters: dict[str, list[defer.Deferred[Command]]] = {}
+        # Registrations, renames and deletions touch the broker and the database: one at a time.
+        self._lock = defer.DeferredLock()
+
+    def _make_provisioner(self) -> Any:
+        if self.config.broker_provisioning != "dynsec":
+            return NoProvisioning()
+        from bsscihub.mqtt.client import MQTTSettings
+
+        core = self.hub.config.mqtt
+        settings = MQTTSettings.from_url(
+            self.config.dynsec_url or core.url,
+            username=self.config.dynsec_username or None,
+            password=self.config.dynsec_password or None,
+            client_id=f"bsscihub-gate-dynsec-{uuid.uuid4().hex[:8]}",
+            session_expiry=0,
+            keepalive=core.keepalive,
+            ca_file=core.ca or None,
+        )
+        return DynsecProvisioner(settings, self.hub.reactor)
+
+    # -- lifecycle
+
+    async def prepare(self) -> None:
+        self.keyring = Keyring.load(self.config.secret, Path(self.hub.config.data_dir))
+        self.signer = URLSigner(self.keyring.url_key)
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        now = self.now()
+        for unit in await registry.all_units(self.hub.store):
+            self._by_controller[unit.controller_id] = unit.id
+            if unit.online:
+                silent = now - (unit.last_seen or now)
+                self._arm_offline(unit.id, max(0.0, self.config.offline_after - silent))
+        for command in await registry.pending_commands(self.hub.store):
+            self._arm_timeout(command.id, command.unit_id, max(0.0, command.deadline - now))
+        if self.broker.enabled:
+            self.hub.health.register(
+                "gate_broker", lambda: ComponentHealth(self.broker.connected, {"provisioning": "dynsec"})
+            )
+        self.broker.start()
+
+    async def drain(self) -> None:
+        for timer in [*self._offline_timers.values(), *self._command_timers.values()]:
+            if timer.active():
+                timer.cancel()
+        self._offline_timers.clear()
+        self._command_timers.clear()
+        waiters, self._waiters = self._waiters, {}
+        for ds in waiters.values():
+            for d in ds:
+                d.cancel()
+        await self.broker.stop()
+
+    def subscriptions(self) -> Mapping[str, Any]:
+        return {f"{self.root}/+/status": self.on_status}
+
+    # -- small helpers
+
+    def now(self) -> float:
+        return float(self.clock.seconds())
+
+    def topics(self, controller_id: str) -> UnitTopics:
+        return UnitTopics.of(self.root, controller_id)
+
+    def _keys(self) -> Keyring:
+        if self.keyring is None:
+            raise Refused(503, "unavailable", "the gate service is not started")
+        return self.keyring
+
+    def emit(self, kind: str, topic: str, payload: Mapping[str, Any], retain: bool = False) -> None:
+        d = self.hub.bus.publish(Event(FAMILY, kind, f"{FAMILY}/{topic}", payload, retain))
+        d.addErrback(lambda f: self.log.failure("gate: publishing {topic} failed", f, topic=topic))
+
+    def _unit_event(self, unit: Unit, kind: str, /, **fields: Any) -> None:
+        payload = {"controllerId": unit.controller_id, "hardwareId": unit.hardware_id, "time": rfc3339(self.now()),
+                   **fields}
+        self.emit(kind, f"unit/{unit.controller_id}/event/{kind}", payload)
+
+    def _state_event(self, unit: Unit, online: bool, since: float) -> None:
+        self.emit("state", f"unit/{unit.controller_id}/state", {
+            "controllerId": unit.controller_id, "hardwareId": unit.hardware_id,
+            "firmwareVersion": unit.firmware_version, "state": "online" if online else "offline",
+            "since": rfc3339(since),
+        }, retain=True)
+
+    def _publish_device(self, topic: str, payload: Mapping[str, Any], *, acked: bool = False) -> Any:
+        """Through the bridge's outbox; `acked`: the Deferred waits for the broker, not only the disk."""
+        if self.hub.mqtt is None:
+            raise Refused(503, "mqtt_unavailable", "the hub has no MQTT bridge: nothing can reach the units")
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        return self.hub.mqtt.publish(topic, data, acked=acked)
+
+    def _clear_retained(self, controller_id: str) -> None:
+        """After a rename or deletion, nothing stays retained under a name that is free again."""
+        if self.hub.mqtt is None:
+            return
+        prefix = self.hub.config.mqtt.prefix
+        for suffix in ("state", "status"):
+            d = self.hub.mqtt.publish(f"{prefix}/{FAMILY}/unit/{controller_id}/{suffix}", b"", retain=True)
+            if isinstance(d, defer.Deferred):
+                d.addErrback(lambda f: self.log.failure("gate: clearing retained topics failed", f))
+
+    async def unit_or_none(self, controller_id: str) -> Unit | None:
+        return await registry.get_unit(self.hub.store, "controller_id", controller_id)
+
+    async def unit(self, controller_id: str) -> Unit:
+        found = await self.unit_or_none(controller_id)
+        if found is None:
+            raise Refused(404, "not_found", f"gate unit {controller_id} not found")
+        return found
+
+    # -- reads for the API and the pages
+
+    async def list_units(self, q: str, limit: int, offset: int) -> tuple[list[Unit], int]:
+        return await registry.list_units(self.hub.store, q=q, limit=limit, offset=offset)
+
+    async def names(self, unit: Unit) -> list[dict[str, Any]]:
+        return [n.to_json() for n in await registry.names(self.hub.store, unit.id)]
+
+    async def status_history(self, unit: Unit, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        return await registry.status_history(self.hub.store, unit.id, limit, offset)
+
+    async def commands(self, unit: Unit, limit: int, offset: int) -> tuple[list[Command], int]:
+        return await registry.list_commands(self.hub.store, unit.id, limit, offset)
+
+    async def access_list(self, unit: Unit) -> list[Access]:
+        return await registry.list_access(self.hub.store, unit.id)
+
+    async def shares(self, unit: Unit) -> list[Share]:
+        return await registry.list_shares(self.hub.store, unit.id)
+
+    async def files(self, unit: Unit) -> list[FileRecord]:
+        return await registry.list_files(self.hub.store, unit.id)
+
+    async def provisioning_keys(self) -> list[ProvisioningKey]:
+        return await registry.list_keys(self.hub.store)
+
+    # -- provisioning keys
+
+    async def create_provisioning_key(self, *, name: str, single_use: bool, expires_in: float | None,
+                                      actor: str) -> tuple[ProvisioningKey, str]:
+        token, prefix = new_token(PROVISIONING)
+        now = self.now()
+        key = await registry.create_key(
+            self.hub.store, name=name, prefix=prefix, secret_hash=self._keys().hash(PROVISIONING, token),
+            single_use=single_use, now=now, actor=actor, expires_at=None if expires_in is None else now + expires_in,
+        )
+        return key, token
+
+    async def check_provisioning_key(self, token: str) -> ProvisioningKey:
+        key = await registry.key_by_hash(self.hub.store, self._keys().hash(PROVISIONING, token))
+        if key is None:
+            raise Refused(401, "invalid_provisioning_key", "unknown provisioning key")
+        state = key.state(self.now())
+        if state != "active":
+            messages = {"revoked": "the provisioning key was revoked", "expired": "the provisioning key has expired",
+                        "used": "the single-use provisioning key was used already"}
+            raise Refused(401, f"provisioning_key_{state}", messages[state])
+        return key
+
+    async def revoke_provisioning_key(self, key_id: int) -> ProvisioningKey:
+        if not await registry.revoke_key(self.hub.store, key_id, self.now()):
+            key = await registry.get_key(self.hub.store, key_id)
+            if key is None:
+                raise Refused(404, "not_found", f"provisioning key {key_id} not found")
+            raise Refused(409, "already_revoked", f"provisioning key {key_id} is revoked already")
+        key = await registry.get_key(self.hub.store, key_id)
+        assert key is not None
+        return key
+
+    # -- units
+
+    async def unit_by_key(self, unit_key: str) -> Unit | None:
+        return await registry.get_unit(self.hub.store, "key_hash", self._keys().hash(UNIT, unit_key))
+
+    async def register(self, *, hardware_id: str, controller_id: str, firmware_version: str, actor: str,
+                       provisioning_key: ProvisioningKey | None = None,
+                       as_unit: Unit | None = None) -> tuple[Registration, str]:
+        """Register a new unit or re-register a known one (new key, new firmware); returns the unit key.
+
+        A known unit keeps its controller_id: only an operator renames. The answer names the current
+        one, which is how a unit that missed a rename learns its topics.
+        """
+        keys = self._keys()
+        async with self._lock:
+            existing = await registry.get_unit(self.hub.store, "hardware_id", hardware_id)
+            if as_unit is not None and (existing is None or existing.id != as_unit.id):
+                raise Refused(403, "wrong_unit", "a unit key may only re-register its own unit")
+            if existing is None:
+                check_controller_id(controller_id)
+                holder = await registry.get_unit(self.hub.store, "controller_id", controller_id)
+                if holder is not None:
+                    raise registry.taken(controller_id, holder)
+            else:
+                controller_id = existing.controller_id
+            unit_key, _ = new_token(UNIT)
+            await self._provision(hardware_id, unit_key, controller_id)
+            try:
+                registration = await registry.register(
+                    self.hub.store, hardware_id=hardware_id, controller_id=controller_id,
+                    firmware_version=firmware_version, key_hash=keys.hash(UNIT, unit_key), now=self.now(),
+                    actor=actor, provisioning_key_id=provisioning_key.id if provisioning_key is not None else None,
+                )
+            except Exception:
+                if existing is None:  # no account may outlive a registration that did not happen
+                    await self.broker.remove(unit_username(hardware_id))
+                raise
+        unit = registration.unit
+        self._by_controller[unit.controller_id] = unit.id
+        self._unit_event(unit, "registered" if registration.created else "reregistered",
+                         firmwareVersion=unit.firmware_version)
+        self.log.info("gate unit {controller_id} ({hardware_id}) {what}, firmware {firmware}",
+                      controller_id=unit.controller_id, hardware_id=unit.hardware_id,
+                      what="registered" if registration.created else "re-registered", firmware=unit.firmware_version)
+        return registration, unit_key
+
+    async def _provision(self, hardware_id: str, unit_key: str, controller_id: str) -> None:
+        try:
+            await self.broker.provision(unit_username(hardware_id), unit_key, self.topics(controller_id))
+        except DynsecError as e:
+            raise Refused(503, "broker_unavailable", f"the broker account could not be provisioned: {e}") from None
+
+    def credentials(self, unit: Unit, unit_key: str) -> dict[str, Any]:
+        """What a unit needs to connect: shown once, in the registration answer."""
+        from bsscihub.mqtt.client import MQTTSettings
+
+        url = self.config.unit_mqtt_url or self.hub.config.mqtt.url
+        broker = MQTTSettings.from_url(url)
+        topics = self.topics(unit.controller_id)
+        provisioned = self.broker.enabled
+        return {
+            "url": f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}",
+            "host": broker.host,
+            "port": broker.port,
+            "tls": broker.tls,
+            "username": unit_username(unit.hardware_id) if provisioned else None,
+            "password": unit_key if provisioned else None,
+            "client_id": unit_username(unit.hardware_id),
+            "provisioned": provisioned,
+            "topics": {"subscribe": topics.commands, "publish": topics.status},
+        }
+
+    async def rename(self, controller_id: str, new_id: str, actor: str) -> Unit:
+        check_controller_id(new_id)
+        async with self._lock:
+            unit = await self.unit(controller_id)
+            if new_id == unit.controller_id:
+                return unit
+            holder = await registry.get_unit(self.hub.store, "controller_id", new_id)
+            if holder is not None:
+                raise registry.taken(new_id, holder)
+            await self._notify_rename(unit, new_id)
+            try:
+                await self.broker.move(unit_username(unit.hardware_id), self.topics(new_id))
+            except DynsecError as e:
+                raise Refused(503, "broker_unavailable", f"the broker permissions could not be moved: {e}") from None
+            renamed = await registry.rename(self.hub.store, unit, new_id, self.now(), actor)
+        self._by_controller.pop(controller_id, None)
+        self._by_controller[new_id] = unit.id
+        self._clear_retained(controller_id)
+        self._unit_event(renamed, "renamed", previousControllerId=controller_id)
+        self._state_event(renamed, renamed.online, renamed.online_since or self.now())
+        self.log.info("gate unit {old} renamed to {new}", old=controller_id, new=new_id)
+        return renamed
+
+    async def _notify_rename(self, unit: Unit, new_id: str) -> None:
+        """Tell the unit its new topics on its old command topic, before the broker moves its permissions."""
+        if self.hub.mqtt is None:
+            return
+        topics = self.topics(new_id)
+        notice = {"id": uuid.uuid4().hex, "command": "renamed", "time": rfc3339(self.now()),
+                  "args": {"controller_id": new_id, "topics": {"subscribe": topics.commands, "publish": topics.status}}}
+        d = self._publish_device(self.topics(unit.controller_id).commands, notice, acked=True)
+        if isinstance(d, defer.Deferred):
+            # Best effort and bounded: a unit that misses it learns its name by re-registering.
+            d.addTimeout(RENAME_NOTICE_WAIT, self.clock)
+            try:
+                await d
+            except Exception:
+                self.log.warn("gate: rename notice to {controller_id} not confirmed", controller_id=unit.controller_id)
+
+    async def delete(self, controller_id: str) -> Unit:
+        async with self._lock:
+            unit = await self.unit(controller_id)
+            try:
+                await self.broker.remove(unit_username(unit.hardware_id))
+            except DynsecError as e:
+                raise Refused(503, "broker_unavailable", f"the broker account could not be removed: {e}") from None
+            files = await registry.list_files(self.hub.store, unit.id)
+            await registry.delete_unit(self.hub.store, unit.id)
+        await threads.deferToThread(self._remove_files, [f.id for f in files])
+        self._by_controller.pop(unit.controller_id, None)
+        timer = self._offline_timers.pop(unit.id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._clear_retained(unit.controller_id)
+        self._unit_event(unit, "deleted")
+        return unit
+
+    # -- status and online state
+
+    async def on_status(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        controller_id = topic[len(self.root) + 1:].rpartition("/")[0]
+        ingest.check_identifier(controller_id, "controller_id (from the topic)")
+        unit_id = self._by_controller.get(controller_id)
+        if unit_id is None:
+            raise Rejected(ingest.UNKNOWN_DEVICE, f"no gate unit is called {controller_id}", source=controller_id)
+        doc = ingest.json_object(payload, self.config.max_status_bytes)
+        now = self.now()
+        came_online = await registry.record_status(self.hub.store, unit_id, now, doc, self.config.status_history)
+        self.ingest.accepted()
+        unit = await registry.get_unit(self.hub.store, "id", unit_id)
+        if unit is None:
+            return
+        if unit.online:
+            self._arm_offline(unit_id, self.config.offline_after)
+            if came_online:
+                self._state_event(unit, True, now)
+        else:
+            self._went_offline(unit)
+        self.emit("status", f"unit/{unit.controller_id}/status",
+                  {**doc, "controllerId": unit.controller_id, "time": rfc3339(now)}, retain=True)
+        command_id = doc.get("command_id")
+        if isinstance(command_id, str):
+            await self._answered(unit, command_id, doc, now)
+
+    def _arm_offline(self, unit_id: int, delay: float) -> None:
+        timer = self._offline_timers.get(unit_id)
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._offline_timers[unit_id] = self.clock.callLater(delay, self._silent, unit_id)
+
+    def _silent(self, unit_id: int) -> None:
+        self._offline_timers.pop(unit_id, None)
+
+        async def mark() -> None:
+            if await registry.set_offline(self.hub.store, unit_id):
+                unit = await registry.get_unit(self.hub.store, "id", unit_id)
+                if unit is not None:
+                    self._state_event(unit, False, self.now())
+                    self.log.info("gate unit {controller_id} is offline (silent for {seconds:g} s)",
+                                  controller_id=unit.controller_id, seconds=self.config.offline_after)
+
+        defer.Deferred.fromCoroutine(mark()).addErrback(
+            lambda f: self.log.failure("gate: marking a unit offline failed", f))
+
+    def _went_offline(self, unit: Unit) -> None:
+        """The unit said so itself (its MQTT will: {"online": false})."""
+        timer = self._offline_timers.pop(unit.id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+            self._state_event(unit, False, self.now())
+
+    # -- commands
+
+    async def send_command(self, unit: Unit, name: str, args: Any, *, caller: Caller, via: str,
+                           timeout: float | None = None) -> Command:
+        if not COMMAND_NAME.match(name):
+            raise Refused(400, "invalid_command", f"command {name[:40]!r} must be 1-32 of a-z, 0-9, '_'")
+        if caller.kind == "app":
+            needed = command_level(name)
+            if caller.level is None or not level_at_least(caller.level, needed):
+                raise Refused(403, "access_level", f"{name} needs {needed} access; this app has {caller.level}")
+        if self.hub.mqtt is None:
+            raise Refused(503, "mqtt_unavailable", "the hub has no MQTT bridge: nothing can reach the units")
+        now = self.now()
+        timeout = timeout or self.config.command_timeout
+        command = Command(uuid.uuid4().hex, unit.id, name, args if args is not None else {}, caller.actor, via, now,
+                          now + timeout, "pending", None, None, None)
+        await registry.insert_command(self.hub.store, command)
+        self._arm_timeout(command.id, unit.id, timeout)
+        message = {"id": command.id, "command": name, "args": command.args, "time": rfc3339(now),
+                   "expires": rfc3339(command.deadline)}
+        d = self._publish_device(self.topics(unit.controller_id).commands, message)
+        if isinstance(d, defer.Deferred):
+            # The outbox keeps it until the broker has it; the unit drops it after `expires`.
+            d.addErrback(lambda f: self.log.failure("gate: command {id} not handed to the broker", f, id=command.id))
+        self.log.info("gate command {command} {id} to {controller_id} by {actor}", command=name, id=command.id,
+                      controller_id=unit.controller_id, actor=caller.actor)
+        return command
+
+    def _arm_timeout(self, command_id: str, unit_id: int, delay: float) -> None:
+        self._command_timers[command_id] = self.clock.callLater(delay, self._timed_out, command_id, unit_id)
+
+    def _timed_out(self, command_id: str, unit_id: int) -> None:
+        self._command_timers.pop(command_id, None)
+        d = defer.Deferred.fromCoroutine(self._settle(command_id, unit_id, "timeout", None,
+                                                      "the unit did not answer before the command's deadline"))
+        d.addErrback(lambda f: self.log.failure("gate: timing out command {id} failed", f, id=command_id))
+
+    async def _answered(self, unit: Unit, command_id: str, doc: Mapping[str, Any], now: float) -> None:
+        error = doc.get("error")
+        ok = doc.get("ok", error is None) is True
+        state = "succeeded" if ok else "failed"
+        text = None if ok else (str(error)[:500] if error is not None else "the unit reported a failure")
+        timer = self._command_timers.get(command_id)
+        settled = await self._settle(command_id, unit.id, state, doc.get("result"), text)
+        if settled is not None and timer is not None:
+            self._command_timers.pop(command_id, None)
+            if timer.active():
+                timer.cancel()
+
+    async def _settle(self, command_id: str, unit_id: int, state: str, result: Any, error: str | None
+                      ) -> Command | None:
+        command = await registry.complete_command(self.hub.store, command_id, unit_id, state, result, error,
+                                                  self.now())
+        if command is None:
+            return None  # unknown, another unit's, or settled already: a unit cannot answer for another
+        unit = await registry.get_unit(self.hub.store, "id", unit_id)
+        if unit is not None:
+            self._unit_event(unit, "command", id=command.id, command=command.command, via=command.via, state=state,
+                             ok=state == "succeeded", result=result, error=error)
+        for waiter in self._waiters.pop(command_id, []):
+            waiter.callback(command)
+        return command
+
+    async def wait_command(self, command_id: str, wait: float) -> Command:
+        """The command once settled, or as it is after `wait` seconds."""
+        command = await registry.get_command(self.hub.store, command_id)
+        if command is None:
+            raise Refused(404, "not_found", f"command {command_id} not found")
+        if command.done or wait <= 0:
+            return command
+        d: defer.Deferred[Command] = defer.Deferred()
+        self._waiters.setdefault(command_id, []).append(d)
+        d.addTimeout(wait, self.clock)
+        try:
+            return await d
+        except defer.TimeoutError:
+            waiting = self._waiters.get(command_id, [])
+            if d in waiting:
+                waiting.remove(d)
+            latest = await registry.get_command(self.hub.store, command_id)
+            assert latest is not None
+            return latest
+
+    async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
+        """`{p}/gate/unit/{controller_id}/cmd/{name}` from MQTT: relayed, and answered once the unit answers."""
+        if kind != "unit":
+            raise CommandError(f"unknown kind {kind!r}; gate commands go to unit/{{controller_id}}/cmd/{{name}}")
+        try:
+            unit = await self.unit(id)
+            sent = await self.send_command(unit, name, payload, caller=Caller("mqtt", "mqtt"), via="mqtt")
+        except Refused as e:
+            raise CommandError(str(e)) from None
+        done = await self.wait_command(sent.id, sent.deadline - self.now() + 1.0)
+        if done.state != "succeeded":
+            raise CommandError(done.error or f"command {done.state}")
+        return {"id": done.id, "result": done.result}
+
+    # -- app access
+
+    def app_actor(self, app_token: str) -> str:
+        return f"gate-app:{self._keys().fingerprint(APP, app_token)}"
+
+    async def grant_app(self, unit: Unit, user_token: str, level: str) -> Access:
+        keys = self._keys()
+        return await registry.grant_access(self.hub.store, unit.id, keys.hash(APP, user_token),
+                                           keys.fingerprint(APP, user_token), level, "ble", self.now())
+
+    async def revoke_app_token(self, unit: Unit, user_token: str) -> bool:
+        return await registry.revoke_access(self.hub.store, unit.id, now=self.now(),
+                                            token_hash=self._keys().hash(APP, user_token))
+
+    async def revoke_access(self, unit: Unit, access_id: int) -> None:
+        if not await registry.revoke_access(self.hub.store, unit.id, now=self.now(), access_id=access_id):
+            raise Refused(404, "not_found", f"no active app access {access_id} on {unit.controller_id}")
+
+    async def app_access(self, unit: Unit, app_token: str) -> Access | None:
+        access = await registry.access_for(self.hub.store, unit.id, self._keys().hash(APP, app_token))
+        if access is not None:
+            await registry.touch_access(self.hub.store, access.id, self.now())
+        return access
+
+    async def app_units(self, app_token: str) -> list[tuple[Access, Unit]]:
+        return await registry.accesses_of_token(self.hub.store, self._keys().hash(APP, app_token))
+
+    # -- sharing tokens
+
+    async def create_share(self, unit: Unit, level: str, expires_in: float, caller: Caller) -> tuple[Share, str]:
+        if expires_in > self.config.share_max_ttl:
+            raise Refused(400, "expiry_too_long",
+                          f"a sharing token may last at most {self.config.share_max_ttl:g} s")
+        if caller.kind == "app" and (caller.level is None or not level_at_least(caller.level, level)):
+            raise Refused(403, "access_level", f"an app with {caller.level} access cannot share {level} access")
+        token, prefix = new_token(SHARE)
+        now = self.now()
+        share = await registry.create_share(
+            self.hub.store, unit_id=unit.id, prefix=prefix, secret_hash=self._keys().hash(SHARE, token), level=level,
+            actor=caller.actor, now=now, expires_at=now + expires_in,
+        )
+        return share, token
+
+    async def redeem_share(self, share_token: str, app_token: str) -> tuple[Share, Access]:
+        keys = self._keys()
+        return await registry.redeem_share(
+            self.hub.store, secret_hash=keys.hash(SHARE, share_token), token_hash=keys.hash(APP, app_token),
+            fingerprint=keys.fingerprint(APP, app_token), used_by=self.app_actor(app_token), now=self.now(),
+        )
+
+    async def revoke_share(self, unit: Unit, share_id: int, caller: Caller) -> Share:
+        share = await registry.get_share(self.hub.store, share_id)
+        if share is None or share.unit_id != unit.id:
+            raise Refused(404, "not_found", f"sharing token {share_id} not found on {unit.controller_id}")
+        if caller.kind == "app" and share.created_by != caller.actor:
+            raise Refused(403, "not_creator", "an app may revoke only the sharing tokens it created")
+        if not await registry.revoke_share(self.hub.store, share_id, self.now()):
+            raise Refused(409, f"share_{share.state(self.now())}",
+                          f"sharing token {share_id} is {share.state(self.now())} and cannot be revoked")
+        return attrs.evolve(share, revoked_at=self.now())
+
+    # -- files
+
+    def file_url(self, base_url: str, file_id: str, direction: str, max_size: int) -> tuple[str, int]:
+        assert self.signer is not None
+        expires = int(self.now() + self.config.url_ttl)
+        query = self.signer.query(file_id, direction, expires, max_size)
+        return f"{self.config.public_url or base_url}{FILES_PATH}{file_id}?{query}", expires
+
+    def _path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def _check_size(self, size: int) -> None:
+        if size > self.config.max_file_size:
+            raise Refused(413, "too_large", f"{size} bytes; files may have at most {self.config.max_file_size}")
+
+    async def upload_url(self, unit: Unit, *, name: str, size: int, kind: str, base_url: str,
+                         actor: str) -> tuple[FileRecord, str, int]:
+        self._check_size(size)
+        record = FileRecord(uuid.uuid4().hex, unit.id, UP, kind, name, size, None, None, self.now(), actor, None)
+        await registry.create_file(self.hub.store, record)
+        url, expires = self.file_url(base_url, record.id, UP, size)
+        return record, url, expires
+
+    async def download_url(self, unit: Unit, file_id: str, base_url: str) -> tuple[FileRecord, str, int]:
+        record = await registry.get_file(self.hub.store, file_id)
+        if record is None or record.unit_id != unit.id:
+            raise Refused(404, "not_found", f"file {file_id} not found on {unit.controller_id}")
+        if record.stored_at is None:
+            raise Refused(409, "not_uploaded", f"file {file_id} has not been uploaded yet")
+        url, expires = self.file_url(base_url, record.id, DOWN, int(record.size or 0))
+        return record, url, expires
+
+    def _verify(self, file_id: str, direction: str, args: dict[str, str]) -> int:
+        assert self.signer is not None
+        try:
+            return self.signer.verify(file_id, direction, args, self.now())
+        except BadURL as e:
+            raise Refused(403, e.code, e.message) from None
+
+    async def receive_upload(self, file_id: str, args: dict[str, str], content: Any) -> FileRecord:
+        """Store the body of a PUT to a signed upload URL (a URL uploads once, at most its size)."""
+        limit = self._verify(file_id, UP, args)
+        record = await registry.get_file(self.hub.store, file_id)
+        if record is None or record.direction != UP:
+            raise Refused(404, "not_found", f"file {file_id} not found")
+        if record.stored_at is not None:
+            raise Refused(409, "already_uploaded", f"file {file_id} was uploaded already; ask for a new URL")
+        content.seek(0, os.SEEK_END)
+        size = content.tell()
+        if size > min(limit, record.max_size):
+            raise Refused(413, "too_large", f"{size} bytes; this URL takes at most {min(limit, record.max_size)}")
+        content.seek(0)
+        digest = await threads.deferToThread(self._write, file_id, content)
+        if not await registry.file_stored(self.hub.store, file_id, size, digest, self.now()):
+            raise Refused(409, "already_uploaded", f"file {file_id} was uploaded already; ask for a new URL")
+        stored = await registry.get_file(self.hub.store, file_id)
+        assert stored is not None
+        unit = await registry.get_unit(self.hub.store, "id", stored.unit_id)
+        if unit is not None:
+            self._unit_event(unit, "file_stored", fileId=file_id, kind=stored.kind, name=stored.name, size=size)
+        return stored
+
+    def _remove_files(self, file_ids: list[str]) -> None:
+        for file_id in file_ids:
+            self._path(file_id).unlink(missing_ok=True)
+
+    def _write(self, file_id: str, content: Any) -> str:
+        # In a thread: files up to max_file_size should not hold the reactor. Renamed into place so
+        # a reader never sees half a file.
+        digest = hashlib.sha256()
+        partial = self._path(file_id + ".part")
+        with partial.open("wb") as out:
+            while chunk := content.read(1 << 16):
+                digest.update(chunk)
+                out.write(chunk)
+        partial.replace(self._path(file_id))
+        return digest.hexdigest()
+
+    async def read_download(self, file_id: str, args: dict[str, str]) -> tuple[FileRecord, bytes]:
+        limit = self._verify(file_id, DOWN, args)
+        record = await registry.get_file(self.hub.store, file_id)
+        if record is None or record.stored_at is None:
+            raise Refused(404, "not_found", f"file {file_id} not found")
+        if (record.size or 0) > limit:
+            raise Refused(403, "bad_signature", "the URL was signed for another version of this file")
+        data = await threads.deferToThread(self._path(file_id).read_bytes)
+        return record, data
+
+    async def read_file(self, unit: Unit, file_id: str) -> tuple[FileRecord, bytes]:
+        """For operators (already authorized): the stored bytes of one of the unit's files."""
+        record = await registry.get_file(self.hub.store, file_id)
+        if record is None or record.unit_id != unit.id or record.stored_at is None:
+            raise Refused(404, "not_found", f"file {file_id} not found on {unit.controller_id}")
+        return record, await threads.deferToThread(self._path(file_id).read_bytes)
+
+    async def push_config(self, unit: Unit, data: bytes, *, name: str, base_url: str, caller: Caller,
+                          via: str) -> tuple[FileRecord, Command]:
+        """Store a config file and tell the unit where to fetch it: a `config_update` command with a signed URL."""
+        self._check_size(len(data))
+        if self.hub.mqtt is None:
+            raise Refused(503, "mqtt_unavailable", "the hub has no MQTT bridge: nothing can reach the units")
+        now = self.now()
+        file_id = uuid.uuid4().hex
+        digest = hashlib.sha256(data).hexdigest()
+        await threads.deferToThread(self._path(file_id).write_bytes, data)
+        record = FileRecord(file_id, unit.id, DOWN, "config", name, len(data), len(data), digest, now, caller.actor,
+                            now)
+        await registry.create_file(self.hub.store, record)
+        url, expires = self.file_url(base_url, file_id, DOWN, len(data))
+        args = {"file_id": file_id, "name": name, "size": len(data), "sha256": digest, "url": url,
+                "url_expires": rfc3339(expires)}
+        command = await self.send_command(unit, "config_update", args, caller=caller, via=via,
+                                          timeout=max(self.config.command_timeout, self.config.url_ttl))
+        return record, command
+
+    # -- the dashboard
+
+    async def summary(self) -> dict[str, Any]:
+        row = await self.hub.store.fetchone("SELECT COUNT(*), COALESCE(SUM(online), 0) FROM gate_units")
+        total, online = (int(row[0]), int(row[1])) if row else (0, 0)
+        return {"gate_units": {"label": "Gate units online", "value": f"{online} / {total}", "href": "/gates"}}

@@ -1,0 +1,83 @@
+"""Secrets the gate family hands out (unit keys, provisioning keys, sharing tokens) and how it keeps them.
+
+Only keyed hashes are stored: HMAC-SHA256 under the hub's gate key, which also derives the URL-signing key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+import attrs
+
+# Why a fast hash is enough: every secret the hub issues carries 256 random bits, so no amount of
+# guessing speed finds one; a slow KDF would only cost time on every device request. The hash is
+# keyed (HMAC) so a stolen database alone cannot even confirm a guessed app token, the one kind of
+# secret that the hub does not generate itself.
+
+PROVISIONING = "gpk"
+UNIT = "gtu"
+SHARE = "gsh"
+APP = "app"  # app tokens are the app's own; the prefix only separates their hashes from ours
+
+
+def new_token(kind: str) -> tuple[str, str]:
+    """(the token shown once, its public prefix): `kind_<8 hex>_<43 chars of 256 random bits>`."""
+    prefix = secrets.token_hex(4)
+    return f"{kind}_{prefix}_{secrets.token_urlsafe(32)}", f"{kind}_{prefix}"
+
+
+def public_prefix(token: str) -> str:
+    """The part of an issued token that is safe to show and log (empty for anything else)."""
+    kind, _, rest = token.partition("_")
+    prefix = rest.partition("_")[0]
+    if kind in (PROVISIONING, UNIT, SHARE) and len(prefix) == 8:
+        return f"{kind}_{prefix}"
+    return ""
+
+
+@attrs.frozen
+class Keyring:
+    """The gate key: hashes secrets for storage and derives the key that signs file URLs."""
+
+    key: bytes = attrs.field(repr=False)
+
+    def hash(self, kind: str, secret: str) -> str:
+        return hmac.new(self.key, f"{kind}\0{secret}".encode(), hashlib.sha256).hexdigest()
+
+    def fingerprint(self, kind: str, secret: str) -> str:
+        """A short, stable name for a secret (for lists and the audit log), not enough to find it."""
+        return self.hash(kind + ":fp", secret)[:12]
+
+    @property
+    def url_key(self) -> bytes:
+        return hmac.new(self.key, b"signed-url", hashlib.sha256).digest()
+
+    @classmethod
+    def load(cls, configured: str, data_dir: Path) -> Keyring:
+        """`gate.secret` if set, else `data_dir/gate.key`, created (32 random bytes, mode 0600) if missing.
+
+        Back the key file up with the database: without it, every stored hash is useless.
+        """
+        if configured:
+            return cls(hashlib.sha256(configured.encode()).digest())
+        path = data_dir / "gate.key"
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            key = secrets.token_bytes(32)
+            # O_EXCL: two hubs starting at once must not each write their own key.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                key = path.read_bytes()
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key)
+        if len(key) < 32:
+            raise ValueError(f"{path} holds {len(key)} bytes; a gate key needs 32")
+        return cls(key)

@@ -1,0 +1,30 @@
+"""Entry points of a worker: run one plan on the chosen stack, in this process or in a
+spawned one that reports per-second counts and its summary through a queue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bsscihub.sim._plan import WorkerPlan
+
+__all__ = ["main", "run_plan"]
+
+
+def run_plan(
+    plan: WorkerPlan,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    stop_on_sigint: bool = False,
+) -> dict[str, Any]:
+    if plan.options.stack == "twisted":
+        from bsscihub.sim._tx import run_worker
+    else:
+        from bsscihub.sim._aio import run_worker  # type: ignore[assignment]
+    return run_worker(plan, report, stop_on_sigint=stop_on_sigint)
+
+
+def main(plan: WorkerPlan, queue: Any) -> None:
+    """A spawned worker process: everything goes back to the parent through `queue`."""
+    summary = run_plan(plan, lambda second: queue.put(("second", plan.worker, second)), stop_on_sigint=True)
+    queue.put(("summary", plan.worker, summary))

@@ -1,0 +1,337 @@
+"""Who is calling: session cookies, bearer tokens and named API keys, WebSocket tickets, login rate limits.
+
+Tokens are `bsh_<prefix>_<secret>`: the prefix finds the row, the 256-bit secret is stored as its SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict, deque
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from bsscihub.store import Cursor, Store
+from bsscihub.users import RANK, User
+from bsscihub.web.errors import unauthorized
+from bsscihub.web.sessions import COOKIE, SECURE_COOKIE, Session, SessionStore
+
+# A fast hash is right here, unlike for passwords: a secret of 256 random bits cannot be
+# guessed however fast each guess is, so Argon2 would only cost ~50 ms on every API request.
+TOKEN_SCHEME = "bsh"
+TICKET_TTL = 30.0
+
+
+@attrs.frozen
+class Principal:
+    """An authenticated caller; `role` is the effective one (a key never exceeds its user)."""
+
+    user_id: int
+    name: str
+    role: str
+    via: str  # "session", "token", "key" or "ticket"
+    key_id: int | None = None
+    session: Session | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class ApiKey:
+    id: int
+    name: str
+    user: str
+    prefix: str
+    role: str
+    kind: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "user": self.user,
+            "prefix": f"{TOKEN_SCHEME}_{self.prefix}",
+            "role": self.role,
+            "kind": self.kind,
+            "createdAt": self.created_at,
+            "expiresAt": self.expires_at,
+            "revokedAt": self.revoked_at,
+            "lastUsedAt": self.last_used_at,
+            "state": self.state(now),
+        }
+
+
+def hash_secret(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_token() -> tuple[str, str, str]:
+    """(the token shown once, its public prefix, the hash stored)."""
+    prefix = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return f"{TOKEN_SCHEME}_{prefix}_{secret}", prefix, hash_secret(secret)
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    scheme, _, rest = token.partition("_")
+    prefix, _, secret = rest.partition("_")
+    if scheme != TOKEN_SCHEME or len(prefix) != 12 or not secret or len(secret) > 100:
+        return None
+    return prefix, secret
+
+
+_KEY_COLUMNS = (
+    "k.id, k.name, u.name, k.prefix, k.role, k.kind, k.created_at, k.expires_at, k.revoked_at, k.last_used_at"
+)
+
+
+def _key(row: tuple[Any, ...]) -> ApiKey:
+    return ApiKey(
+        int(row[0]), row[1], row[2], row[3], row[4], row[5], float(row[6]),
+        None if row[7] is None else float(row[7]),
+        None if row[8] is None else float(row[8]),
+        None if row[9] is None else float(row[9]),
+    )
+
+
+async def create_key(
+    store: Store, user: User, name: str, role: str, kind: str, now: float, expires_at: float | None
+) -> tuple[ApiKey, str]:
+    """Store a new key or login token; returns it and the token text (never stored, shown once)."""
+    token, prefix, secret_hash = new_token()
+
+    def insert(c: Cursor) -> ApiKey:
+        row = c.execute(
+            "INSERT INTO api_keys (name, user_id, prefix, secret_hash, role, created_at, expires_at, kind)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (name, user.id, prefix, secret_hash, role, now, expires_at, kind),
+        ).fetchone()
+        assert row is not None
+        return ApiKey(int(row[0]), name, user.name, prefix, role, kind, now, expires_at, None, None)
+
+    return await store.interaction(insert), token
+
+
+async def list_keys(
+    store: Store, *, user_id: int | None, kind: str = "key", limit: int = 50, offset: int = 0
+) -> tuple[list[ApiKey], int]:
+    where, params = ["k.kind = ?"], [kind]
+    if user_id is not None:
+        where.append("k.user_id = ?")
+        params.append(user_id)  # type: ignore[arg-type]
+    sql_where = " AND ".join(where)
+
+    def run(c: Cursor) -> tuple[list[ApiKey], int]:
+        total = c.execute(f"SELECT COUNT(*) FROM api_keys k WHERE {sql_where}", params).fetchone()
+        rows = c.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id"
+            f" WHERE {sql_where} ORDER BY k.created_at DESC, k.id DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        ).fetchall()
+        return [_key(r) for r in rows], int(total[0]) if total else 0
+
+    return await store.interaction(run)
+
+
+async def get_key(store: Store, key_id: int) -> ApiKey | None:
+    row = await store.fetchone(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.id = ?", (key_id,)
+    )
+    return None if row is None else _key(row)
+
+
+async def revoke_key(store: Store, key_id: int, now: float) -> bool:
+    """Mark a key revoked (the row stays for the record); False if it was revoked already."""
+    count = await store.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)
+    )
+    return count > 0
+
+
+async def revoke_user_tokens(store: Store, user_id: int, now: float, *, keys_too: bool = False) -> int:
+    kinds = "" if keys_too else " AND kind = 'token'"
+    return await store.execute(
+        f"UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL{kinds}", (now, user_id)
+    )
+
+
+class LoginLimiter:
+    """Failed log-ins counted in sliding windows per client address and per account name.
+
+    Per account stops slow guessing from many addresses; per address stops one client trying
+    many names. Success clears the account's count. Memory is bounded by `max_keys`.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        per_ip: tuple[int, float] = (20, 300.0),
+        per_account: tuple[int, float] = (5, 900.0),
+        max_keys: int = 10_000,
+    ) -> None:
+        self.clock = clock
+        self.per_ip, self.per_account, self.max_keys = per_ip, per_account, max_keys
+        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+
+    def _window(self, key: tuple[str, str], limit: tuple[int, float], now: float) -> float | None:
+        """Seconds until the key may try again, or None if it may now."""
+        times = self._failures.get(key)
+        if not times:
+            return None
+        count, window = limit
+        while times and now - times[0] >= window:
+            times.popleft()
+        if len(times) < count:
+            return None
+        return times[0] + window - now
+
+    def retry_after(self, ip: str, account: str) -> float | None:
+        now = self.clock.seconds()
+        waits = [
+            w
+            for w in (
+                self._window(("ip", ip), self.per_ip, now),
+                self._window(("account", account.lower()), self.per_account, now),
+            )
+            if w is not None
+        ]
+        return max(waits) if waits else None
+
+    def failed(self, ip: str, account: str) -> None:
+        now = self.clock.seconds()
+        for key in (("ip", ip), ("account", account.lower())):
+            times = self._failures.get(key)
+            if times is None:
+                times = self._failures[key] = deque(maxlen=64)
+            times.append(now)
+            self._failures.move_to_end(key)
+        while len(self._failures) > self.max_keys:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, account: str) -> None:
+        self._failures.pop(("account", account.lower()), None)
+
+
+@attrs.frozen
+class _Ticket:
+    principal: Principal
+    expires: float
+
+
+class Authenticator:
+    """Turns a request's credentials into a Principal, or refuses with 401."""
+
+    def __init__(self, store: Store, sessions: SessionStore, clock: IReactorTime, *, secure: bool) -> None:
+        self.store, self.sessions, self.clock, self.secure = store, sessions, clock, secure
+        self.cookie_name = SECURE_COOKIE if secure else COOKIE
+        self._tickets: dict[str, _Ticket] = {}
+        self._last_used: dict[int, float] = {}
+
+    # -- sessions
+
+    def session_cookie(self, request: Any) -> str | None:
+        value = request.getCookie(self.cookie_name.encode())
+        return value.decode("ascii", "replace") if value else None
+
+    def session_principal(self, request: Any) -> Principal | None:
+        session = self.sessions.get(self.session_cookie(request))
+        if session is None:
+            return None
+        return Principal(session.user_id, session.name, session.role, "session", session=session)
+
+    def set_session_cookie(self, request: Any, session_id: str) -> None:
+        request.addCookie(
+            self.cookie_name,
+            session_id,
+            path="/",
+            httpOnly=True,
+            secure=self.secure,
+            sameSite="strict",
+        )
+
+    def clear_session_cookie(self, request: Any) -> None:
+        request.addCookie(
+            self.cookie_name, "", path="/", httpOnly=True, secure=self.secure, sameSite="strict", max_age="0"
+        )
+
+    # -- bearer tokens and API keys
+
+    async def bearer_principal(self, token: str) -> Principal:
+        parsed = parse_token(token)
+        if parsed is None:
+            raise unauthorized("malformed bearer token")
+        prefix, secret = parsed
+        row = await self.store.fetchone(
+            "SELECT k.id, k.secret_hash, k.role, k.kind, k.expires_at, k.revoked_at,"
+            " u.id, u.name, u.role, u.disabled FROM api_keys k JOIN users u ON u.id = k.user_id"
+            " WHERE k.prefix = ?",
+            (prefix,),
+        )
+        # The same refusal whatever failed: a caller learns nothing about which part was wrong.
+        if row is None or not hmac.compare_digest(row[1], hash_secret(secret)):
+            raise unauthorized("invalid or expired token")
+        key_id, _, key_role, kind, expires_at, revoked_at, user_id, name, user_role, disabled = row
+        now = self.clock.seconds()
+        if revoked_at is not None or disabled or (expires_at is not None and now >= float(expires_at)):
+            raise unauthorized("invalid or expired token")
+        role = key_role if RANK.get(key_role, -1) <= RANK.get(user_role, -1) else user_role
+        await self._touch(int(key_id), now)
+        return Principal(int(user_id), name, role, "key" if kind == "key" else "token", key_id=int(key_id))
+
+    async def _touch(self, key_id: int, now: float) -> None:
+        # At most once a minute per key: a write per API request would cost more than the request.
+        if now - self._last_used.get(key_id, 0.0) < 60.0:
+            return
+        self._last_used[key_id] = now
+        if len(self._last_used) > 10_000:
+            self._last_used.clear()
+        await self.store.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))
+
+    # -- WebSocket tickets
+
+    def issue_ticket(self, principal: Principal) -> str:
+        now = self.clock.seconds()
+        for t in [t for t, v in self._tickets.items() if v.expires <= now]:
+            del self._tickets[t]
+        ticket = secrets.token_urlsafe(32)
+        self._tickets[ticket] = _Ticket(attrs.evolve(principal, via="ticket", session=None), now + TICKET_TTL)
+        return ticket
+
+    def redeem_ticket(self, ticket: str) -> Principal | None:
+        """A ticket works once, within TICKET_TTL seconds of being issued."""
+        entry = self._tickets.pop(ticket, None)
+        if entry is None or entry.expires <= self.clock.seconds():
+            return None
+        return entry.principal
+
+    # -- the one entry point
+
+    async def authenticate(self, request: Any, *, allow_ticket: bool = False) -> Principal | None:
+        """The caller, None if the request carries no credentials; 401 if it carries bad ones."""
+        header = request.getHeader(b"authorization")
+        if header:
+            scheme, _, token = header.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise unauthorized("expected Authorization: Bearer <token>")
+            return await self.bearer_principal(token.strip())
+        if allow_ticket:
+            values = request.args.get(b"ticket")
+            if values:
+                principal = self.redeem_ticket(values[0].decode("ascii", "replace"))
+                if principal is None:
+                    raise unauthorized("invalid or expired ticket")
+                return principal
+        return self.session_principal(request)

@@ -1,0 +1,69 @@
+"""The recent log lines shown on the admin pages: a bounded ring filled by a twisted.logger observer.
+
+Lines are formatted once and scrubbed of anything that looks like a credential before they are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any
+
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import implementer
+
+LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3, "critical": 4}
+
+_SCRUB = [
+    # "password=..", "token: .." and the like, in any case and quoting.
+    (re.compile(r"(?i)\b(password|passwd|secret|token|api[_-]?key|nwkey|authorization)(\W{1,3})([^\s,;&'\"]+)"),
+     r"\1\2***"),
+    (re.compile(r"\bbsh_[0-9a-f]{12}_[A-Za-z0-9_-]+"), "bsh_***"),
+    (re.compile(r"(?i)\bbearer\s+\S+"), "Bearer ***"),
+    (re.compile(r"(?i)([?&]ticket=)[^&\s]+"), r"\1***"),
+    # 128-bit keys (mioty network keys) written as hex.
+    (re.compile(r"\b[0-9a-fA-F]{32}\b"), "[32 hex digits]"),
+]
+
+
+def scrub(text: str) -> str:
+    for pattern, replacement in _SCRUB:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+@implementer(ILogObserver)
+class LogRing:
+    def __init__(self, size: int = 1000, max_line: int = 2000) -> None:
+        self._lines: deque[dict[str, Any]] = deque(maxlen=size)
+        self.max_line = max_line
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        name = getattr(level, "name", "info")
+        if name == "debug":
+            return
+        text = formatEvent(event) or ""
+        failure = event.get("log_failure")
+        if failure is not None:
+            # One line about the error; tracebacks stay in the real log.
+            text = f"{text}: {failure.type.__name__}: {failure.getErrorMessage()}"
+        self._lines.append(
+            {
+                "time": float(event.get("log_time") or 0.0),
+                "level": name,
+                "namespace": str(event.get("log_namespace", "")),
+                "text": scrub(text)[: self.max_line],
+            }
+        )
+
+    def lines(self, *, level: str = "info", limit: int = 200) -> list[dict[str, Any]]:
+        """Newest first, at or above `level`."""
+        floor = LEVELS.get(level, 1)
+        out = []
+        for line in reversed(self._lines):
+            if LEVELS.get(line["level"], 1) >= floor:
+                out.append(line)
+                if len(out) >= limit:
+                    break
+        return out

@@ -1,0 +1,536 @@
+"""The mioty service center over real sockets with real certificates (made with bsscihub.pki): base
+stations connect with mutual TLS, uplinks are deduplicated into events, commands, revocation, durability."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import provider
+
+from bsscihub.bus import Event
+from bsscihub.errors import CommandError
+from bsscihub.family import installed_families
+from bsscihub.hub import Hub, make_hub
+from bsscihub.pki import create_ca, issue_client_cert, issue_server_cert
+from bsscihub.protocols.bssci.framing import Framer, encode_frame
+from bsscihub.protocols.bssci.service import MiotyService, UnknownDevice
+from bsscihub.protocols.bssci.session import attach_signature
+from tests.conftest import make_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+
+A, B, C = "00000000000000aa", "00000000000000bb", "00000000000000cc"
+EP = "0011223344556677"
+KEY = bytes(range(16))
+# What a station answers by itself to the hub's operations.
+AUTO = {
+    "attPrp": "attPrpRsp", "detPrp": "detPrpRsp", "ping": "pingRsp", "dlDataQue": "dlDataQueRsp",
+    "dlDataRev": "dlDataRevRsp", "dlRxStatQry": "dlRxStatQryRsp",
+}  # fmt: skip
+
+
+@attrs.frozen
+class PKI:
+    ca: Path
+    ca_key: Path
+    hub_cert: Path
+    hub_key: Path
+    bs: dict[str, tuple[Path, Path]]  # name -> (cert, key)
+    other: tuple[Path, Path]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    create_ca(d / "ca.pem", d / "ca.key")
+    issue_server_cert(d / "ca.pem", d / "ca.key", d / "hub.pem", d / "hub.key")
+    bs = {}
+    for name, eui in (("bs-a", A), ("bs-b", B), ("bs-any", None)):
+        issued = issue_client_cert(d / "ca.pem", d / "ca.key", name, d / "bs", bs_eui=eui)
+        bs[name] = (issued.cert_path, issued.key_path)
+    create_ca(d / "other.pem", d / "other.key", common_name="other CA")
+    other = issue_client_cert(d / "other.pem", d / "other.key", "bs-x", d / "other")
+    return PKI(d / "ca.pem", d / "ca.key", d / "hub.pem", d / "hub.key", bs, (other.cert_path, other.key_path))
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace", "").startswith("bsscihub"):
+            lines.append(str(formatEvent(event)))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+class Station(Protocol):
+    """A base station for the tests: frames, records, answers the hub's operations by itself."""
+
+    def __init__(self) -> None:
+        self.framer = Framer()
+        self.inbox: list[dict[str, Any]] = []
+        self.seen: list[dict[str, Any]] = []
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.reason: Failure | None = None
+        self.next_op = 1
+
+    def dataReceived(self, data: bytes) -> None:
+        for msg in self.framer.feed(data):
+            self.seen.append(msg)
+            answer = AUTO.get(msg["command"])
+            if answer is not None:
+                self.send(answer, msg["opId"])
+            elif msg["command"] == "status":
+                self.send("statusRsp", msg["opId"], code=0, message="fine", time=5, dutyCycle=0.02, temp=40.5)
+            self.inbox.append(msg)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+    def send(self, command: str, op: int | None = None, **fields: Any) -> int:
+        if op is None:
+            op, self.next_op = self.next_op, self.next_op + 1
+        assert self.transport is not None
+        self.transport.write(encode_frame({"command": command, "opId": op, **fields}))
+        return op
+
+    async def expect(self, command: str, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = reactor.seconds() + timeout
+        while True:
+            for i, msg in enumerate(self.inbox):
+                if msg["command"] == command:
+                    return self.inbox.pop(i)
+            if reactor.seconds() > deadline or self.lost.called:
+                raise AssertionError(f"no {command}; got {[m['command'] for m in self.inbox]}")
+            await deferLater(reactor, 0.005, lambda: None)
+
+    def uplink(self, ep: str = EP, cnt: int = 1, snr: float = 5.0, **over: Any) -> int:
+        return self.send("ulData", epEui=int(ep, 16), rxTime=1_700_000_000_000_000_000 + cnt, packetCnt=cnt,
+                         snr=snr, rssi=-100.0, userData=[1, 2, 3], dlOpen=True, responseExp=False, dlAck=False,
+                         **over)
+
+
+@attrs.define
+class Running:
+    hub: Hub
+    service: MiotyService
+    events: list[Event]
+    pki: PKI
+
+    @property
+    def port(self) -> int:
+        return int(self.service.port.getHost().port)
+
+    def of(self, kind: str) -> list[Event]:
+        return [e for e in self.events if e.kind == kind]
+
+    async def tls(self, pair: tuple[Path, Path] | None, ca: Path | None = None) -> Station:
+        client_cert = None
+        if pair is not None:
+            client_cert = PrivateCertificate.loadPEM(pair[0].read_bytes() + pair[1].read_bytes())
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM((ca or self.pki.ca).read_bytes()),
+                                      clientCertificate=client_cert)
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", self.port))
+        return await connectProtocol(endpoint, Station())
+
+    async def station(self, name: str, eui: str, version: str = "1.0.0") -> Station:
+        station = await self.tls(self.pki.bs[name])
+        station.send("con", 0, version=version, bsEui=int(eui, 16), vendor="Test", model="T1", name=name, bidi=True,
+                     snBsUuid=list(os.urandom(16)))
+        await station.expect("conRsp")
+        station.send("conCmp", 0)
+        await wait_for(lambda: self.service.sessions.get(eui) is not None and
+                       self.service.sessions[eui].established_at is not None)
+        return station
+
+    async def stop(self) -> None:
+        if self.service.running:
+            await self.service.stopService()
+        await self.hub.store.stop()
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
+        await deferLater(reactor, 0.005, lambda: None)
+
+
+async def start(tmp_path: Path, pki: PKI, sink: Any = None, **mioty: Any) -> Running:
+    config = make_config(
+        tmp_path,
+        families=["mioty"],
+        tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
+        mioty={"dedup_window": 0.2, **mioty},
+    )
+    hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    events: list[Event] = []
+
+    def record(event: Event) -> Any:
+        events.append(event)
+        return sink(event) if sink is not None else None
+
+    hub.bus.subscribe(record)
+    service = MiotyService(hub)
+    service.drain_wait = 0.2
+    hub.services["mioty"] = service
+    service.startService()
+    await service.when_ready()
+    return Running(hub, service, events, pki)
+
+
+@pytest.fixture
+def running(tmp_path: Path, pki: PKI) -> Iterator[Running]:
+    hub = pytest_twisted.blockon(defer.ensureDeferred(start(tmp_path, pki)))
+    yield hub
+    pytest_twisted.blockon(defer.ensureDeferred(hub.stop()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_uplink_heard_by_two_base_stations_is_one_event(running: Running) -> None:
+    service = running.service
+    await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+    a = await running.station("bs-a", A)
+    b = await running.station("bs-b", B)
+    for station in (a, b):
+        prp = await station.expect("attPrp")
+        assert prp["epEui"] == int(EP, 16) and bytes(prp["nwkSnKey"]) == KEY and prp["shAddr"] == 0x1A2B
+        assert prp["opId"] == -1  # per connection
+    op_a = a.uplink(snr=3.0)
+    op_b = b.uplink(snr=9.0)
+    assert (await a.expect("ulDataRsp"))["opId"] == op_a
+    assert (await b.expect("ulDataRsp"))["opId"] == op_b
+    a.send("ulDataCmp", op_a)
+    b.send("ulDataCmp", op_b)
+    await wait_for(lambda: running.of("uplink"))
+    await deferLater(reactor, 0.3, lambda: None)
+    [event] = running.of("uplink")
+    assert event.topic == f"mioty/ep/{EP}/up" and event.family == "mioty" and not event.retain
+    payload = event.payload
+    assert [r["bsEui"] for r in payload["receivers"]] == [B, A]
+    assert [r["snr"] for r in payload["receivers"]] == [9.0, 3.0]
+    assert payload["data"] == "010203" and payload["packetCnt"] == 1 and payload["time"].endswith("Z")
+    assert set(payload) == {"epEui", "packetCnt", "rxTime", "time", "data", "format", "dlOpen", "responseExp",
+                            "dlAck", "receivers"}
+    sensor = await service.get_sensor(EP)
+    assert sensor is not None and sensor["bestBs"] == B and sensor["lastPacketCnt"] == 1
+    history = (await service.uplink_history(EP))["items"]
+    assert [[r["bsEui"] for r in up["receivers"]] for up in history] == [[B, A]]
+    assert (service.counters.copies, service.counters.uplinks, service.counters.merged) == (2, 1, 1)
+    # A late copy is acknowledged, counted and dropped.
+    c = await running.station("bs-any", C)
+    op_c = c.uplink(snr=1.0)
+    assert (await c.expect("ulDataRsp"))["opId"] == op_c
+    await wait_for(lambda: service.counters.late == 1)
+    assert len(running.of("uplink")) == 1
+    # The downlink goes to the best path: B.
+    result = await service.queue_downlink(EP, b"\xca\xfe", format=1, actor="test")
+    assert result["baseStations"] == [B] and result["status"] == "accepted"
+    que = await b.expect("dlDataQue")
+    assert que["userData"] == [[0xCA, 0xFE]] and que["queId"] == result["queId"]
+    assert not [m for m in a.seen if m["command"] == "dlDataQue"]
+    op = b.send("dlDataRes", epEui=int(EP, 16), queId=result["queId"], result="sent", txTime=7, packetCnt=2)
+    assert (await b.expect("dlDataResRsp"))["opId"] == op
+    await wait_for(lambda: running.of("dl_result"))
+    [dl] = running.of("dl_result")
+    assert dl.topic == f"mioty/ep/{EP}/event/dl_result"
+    assert dl.payload["result"] == "sent" and dl.payload["bsEui"] == B and dl.payload["queId"] == result["queId"]
+    for _ in range(200):  # the result is recorded in the background
+        [entry] = (await service.downlinks(EP))["items"]
+        if entry["status"] != "accepted":
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert entry["status"] == "sent" and entry["resultBs"] == B
+    # Prometheus sees the counters.
+    from prometheus_client import generate_latest
+
+    text = generate_latest(running.hub.metrics).decode()
+    assert "bsscihub_mioty_uplinks_total 1.0" in text and "bsscihub_mioty_late_copies_total 1.0" in text
+    assert 'bsscihub_mioty_dedup_latency_seconds_bucket{le="+Inf"} 1.0' in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_and_status_events_and_health(running: Running) -> None:
+    a = await running.station("bs-a", A)
+    await wait_for(lambda: running.of("status"))
+    [state] = running.of("state")
+    assert state.retain and state.topic == f"mioty/bs/{A}/state"
+    assert state.payload["state"] == "online" and state.payload["vendor"] == "Test"
+    assert set(state.payload) == {"state", "vendor", "model", "name", "swVersion", "version", "since"}
+    [status] = running.of("status")
+    assert status.retain and status.payload["code"] == 0 and status.payload["temp"] == 40.5
+    assert status.payload["bsTime"] == 5 and status.payload["time"].endswith("Z")
+    up, detail = running.hub.health.report()
+    assert up and detail["components"]["bssci"]["baseStations"] == [A]
+    assert running.hub.commands["mioty"] == running.service.command
+    polled = await running.hub.commands["mioty"]("bs", A.upper(), "status", {})
+    assert polled["bsEui"] == A and polled["dutyCycle"] == 0.02
+    a.transport.loseConnection()
+    await wait_for(lambda: len(running.of("state")) == 2)
+    assert running.of("state")[1].payload["state"] == "offline"
+    [bs] = await running.service.list_base_stations()
+    assert bs["state"] == "offline" and bs["certSerial"].startswith("0x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stations_without_or_with_a_foreign_certificate_are_refused(running: Running,
+                                                                          logged: list[str]) -> None:
+    bare = await running.tls(None)
+    await bare.lost
+    foreign = await running.tls(running.pki.other, ca=running.pki.ca)
+    await foreign.lost
+    refused = [line for line in logged if "TLS handshake with 127.0.0.1:" in line]
+    assert any("refused: no client certificate" in line for line in refused)
+    assert any("certificate verify failed" in line and "CN=bs-x" in line for line in refused)
+    assert running.service.sessions == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_base_station_is_dropped_and_refused(running: Running, logged: list[str]) -> None:
+    a = await running.station("bs-a", A)
+    result = await running.service.revoke_base_station(A, "stolen from the roof", actor="test")
+    assert result["revoked"] and result["revokedSerials"]
+    await a.lost
+    again = await running.tls(running.pki.bs["bs-a"])
+    await again.lost
+    assert any("TLS handshake with 127.0.0.1:" in line and "revoked" in line and "stolen" in line
+               for line in logged)
+    # The same bsEui with another certificate is refused at con.
+    other = await running.tls(running.pki.bs["bs-any"])
+    other.send("con", 0, version="1.0.0", bsEui=int(A, 16), bidi=True, snBsUuid=[0] * 16)
+    error = await other.expect("error")
+    assert error["code"] == 13 and "revoked" in error["message"]
+    await other.lost
+    with pytest.raises(UnknownDevice):
+        await running.service.revoke_base_station(C, "never seen")
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_bound_to_another_bs_eui_is_refused(running: Running) -> None:
+    station = await running.tls(running.pki.bs["bs-a"])
+    station.send("con", 0, version="1.0.0", bsEui=int(B, 16), bidi=True, snBsUuid=[0] * 16)
+    error = await station.expect("error")
+    assert error["code"] == 13 and f"belongs to base station {A}" in error["message"]
+    await station.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_connection_of_a_bs_eui_replaces_the_first(running: Running, logged: list[str]) -> None:
+    await running.service.attach(EP, KEY, 0x1A2B, False)
+    first = await running.station("bs-any", C)
+    assert (await first.expect("attPrp"))["opId"] == -1
+    second = await running.station("bs-any", C)
+    await first.lost
+    # Re-propagated on the new connection, SC opIds from -1 again.
+    prp = await second.expect("attPrp")
+    assert prp["opId"] == -1 and prp["bidi"] is False
+    assert any(f"base station {C} connected again" in line and "closing its older connection" in line
+               for line in logged)
+    assert [e.payload["state"] for e in running.of("state")] == ["online", "online"]
+    second.uplink()
+    await second.expect("ulDataRsp")
+
+
+@pytest_twisted.ensureDeferred
+async def test_operator_attach_detach_propagate_to_connected_stations(running: Running) -> None:
+    a = await running.station("bs-a", A)
+    b = await running.station("bs-b", B, version="1.1.0")
+    await running.service.command("ep", EP, "attach", {"nwKey": KEY.hex().upper(), "shortAddr": "00ff",
+                                                        "bidi": True})
+    prp_a, prp_b = await a.expect("attPrp"), await b.expect("attPrp")
+    assert prp_a["bidi"] is True and "epClass" not in prp_a
+    assert prp_b["epClass"] == "a" and "bidi" not in prp_b  # BSSCI 1.1 layout
+    result = await running.service.command("ep", EP, "detach", {})
+    assert result["baseStations"] == [A, B]
+    assert (await a.expect("detPrp"))["epEui"] == int(EP, 16)
+    await b.expect("detPrp")
+    assert [e.kind for e in running.events if e.topic.startswith(f"mioty/ep/{EP}/event/")] == ["attach", "detach"]
+    rows = await running.hub.store.fetchall("SELECT actor, action, target FROM audit_log ORDER BY id")
+    assert rows == [("mqtt", "mioty.sensor.attach", EP), ("mqtt", "mioty.sensor.detach", EP)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_are_validated(running: Running) -> None:
+    command = running.service.command
+    cases = [
+        (("gw", EP, "attach", {}), "unknown target 'gw'"),
+        (("ep", "xyz", "attach", {}), "bad end point EUI 'xyz'"),
+        (("ep", EP, "reboot", {}), "unknown ep command 'reboot'"),
+        (("ep", EP, "attach", []), "the payload must be a JSON object"),
+        (("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b"}), "missing field 'bidi'"),
+        (("ep", EP, "attach", {"nwKey": "00", "shortAddr": "1a2b", "bidi": True}), "nwKey must be 32 hexadecimal"),
+        (("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b", "bidi": 1}), "bidi must be true or false"),
+        (("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "xyz1", "bidi": True}), "shortAddr must be 4"),
+        (("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b", "bidi": True, "x": 1}), "unknown field 'x'"),
+        (("ep", EP, "detach", {}), f"unknown end point {EP}"),
+        (("bs", A, "status", {}), f"unknown base station {A}"),
+    ]
+    for args, expected in cases:
+        with pytest.raises(CommandError) as caught:
+            await command(*args)
+        assert expected in str(caught.value), (args, str(caught.value))
+        assert KEY.hex() not in str(caught.value)
+    await command("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b", "bidi": False})
+    for payload, expected in [
+        ({"data": "zz"}, "data must be hexadecimal"),
+        ({"data": "01", "format": 300}, "format must be an integer 0..255"),
+        ({"data": "01", "prio": -1}, "prio must be a non-negative number"),
+        ({"data": "01"}, "not bidirectional"),
+    ]:
+        with pytest.raises(CommandError) as caught:
+            await command("ep", EP, "down", payload)
+        assert expected in str(caught.value)
+    await command("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b", "bidi": True})
+    with pytest.raises(CommandError, match="no connected bidirectional base station"):
+        await command("ep", EP, "down", {"data": "01"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_the_air_attach(running: Running) -> None:
+    await running.service.attach(EP, KEY, 0x1A2B, True)
+    a = await running.station("bs-a", A)
+    b = await running.station("bs-b", B)
+    await a.expect("attPrp")
+    await b.expect("attPrp")
+    ep = int(EP, 16)
+
+    def att(station: Station, cnt: int, sign: bytes) -> int:
+        return station.send("att", epEui=ep, rxTime=1, attachCnt=cnt, snr=5.0, rssi=-90.0, nonce=[1, 2, 3, 4],
+                            sign=list(sign), dualChan=True, repetition=False, wideCarrOff=False, longBlkDist=False)
+
+    good = attach_signature(KEY, ep, 7)
+    att(a, 7, good)
+    rsp = await a.expect("attRsp")
+    assert bytes(rsp["nwkSnKey"]) == KEY and rsp["shAddr"] == 0x1A2B
+    att(b, 7, good)  # the same request heard by another base station: answered alike
+    assert bytes((await b.expect("attRsp"))["nwkSnKey"]) == KEY
+    await b.expect("attPrp")  # the other station learns the attachment
+    att(a, 8, b"\x00\x00\x00\x00")
+    error = await a.expect("error")
+    assert error["code"] == 13 and "does not verify" in error["message"]
+    att(a, 6, attach_signature(KEY, ep, 6))
+    assert "replayed attachCnt 6" in (await a.expect("error"))["message"]
+    att(a, 1, attach_signature(KEY, 0x99, 1))
+    assert (await a.expect("error"))["code"] == 13
+    await wait_for(lambda: len(running.of("att_rejected")) == 3)
+    ota = running.of("attach")[-1].payload
+    assert (ota["source"], ota["bsEui"], ota["attachCnt"]) == ("ota", A, 7) and "nwKey" not in ota
+    sensor = await running.service.get_sensor(EP)
+    assert sensor is not None and sensor["attachCnt"] == 7 and sensor["dualChan"] is True
+    # Over-the-air detach: refused with a reason, reported once for the operator.
+    for station in (a, b):
+        station.send("det", epEui=ep, rxTime=1, packetCnt=3, snr=1.0, rssi=-99.0, sign=[1, 2, 3, 4])
+        assert (await station.expect("error"))["code"] == 95
+    await wait_for(lambda: running.of("det_request"))
+    [det] = running.of("det_request")
+    assert det.topic == f"mioty/ep/{EP}/event/det_request" and det.payload["sign"] == "01020304"
+
+
+@pytest_twisted.ensureDeferred
+async def test_inactivity_warning_and_auto_detach(running: Running) -> None:
+    service = running.service
+    await service.attach(EP, KEY, 1, False)
+    a = await running.station("bs-a", A)
+    await a.expect("attPrp")
+    now = service.clock.seconds()
+    # Heard long ago, before a long hub outage: silence counts from the hub's start only.
+    service.registry.sensors[EP].last_seen = now - 100 * 86400
+    await service.check_lifecycle(now + 3600)
+    assert running.of("inactivity_warning") == []
+    await service.check_lifecycle(now + 36 * 3600)
+    await service.check_lifecycle(now + 37 * 3600)  # warned once per silence
+    assert [e.kind for e in running.events if "/event/" in e.topic] == ["attach", "inactivity_warning"]
+    await service.check_lifecycle(now + 72 * 3600)
+    [detach] = running.of("auto_detach")
+    assert detach.payload["silentFor"] >= 72 * 3600 and detach.payload["lastSeen"].endswith("Z")
+    assert (await a.expect("detPrp"))["epEui"] == int(EP, 16)
+    sensor = await service.get_sensor(EP)
+    assert sensor is not None and sensor["attached"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_acknowledged_uplink_survives_a_stop_without_publishing(tmp_path: Path, pki: PKI) -> None:
+    never: list[defer.Deferred[None]] = []
+
+    def stuck(event: Event) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        never.append(d)  # the outbox never confirms: as if the process died first
+        return d
+
+    first = await start(tmp_path, pki, sink=stuck)
+    try:
+        a = await first.station("bs-a", A)
+        a.uplink(cnt=41, snr=4.0)
+        await a.expect("ulDataRsp")  # acknowledged: it must not be lost
+        await wait_for(lambda: first.of("uplink"))
+    finally:
+        await first.stop()
+    second = await start(tmp_path, pki)
+    try:
+        [event] = second.of("uplink")
+        assert event.payload["packetCnt"] == 41 and event.payload["receivers"][0]["bsEui"] == A
+        assert second.service.counters.replayed == 1
+        # A late copy of it after the restart is still recognised.
+        b = await second.station("bs-b", B)
+        b.uplink(cnt=41)
+        await b.expect("ulDataRsp")
+        await wait_for(lambda: second.service.counters.late == 1)
+        await second.service.registry.flush()
+    finally:
+        await second.stop()
+    third = await start(tmp_path, pki)
+    try:
+        assert third.of("uplink") == []  # confirmed by the second run: not again
+    finally:
+        await third.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sensors_imported_elsewhere_or_here_reach_connected_stations(running: Running) -> None:
+    from bsscihub.protocols.bssci import endpoints
+
+    a = await running.station("bs-a", A)
+    # `bsscihub sensors import` in another process: same database, no running service.
+    cli = make_hub(running.hub.config, reactor, {"mioty": installed_families()["mioty"]})
+    cli.store.start()
+    try:
+        doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False}]
+        assert (await endpoints.import_endpoints(cli, doc))["created"] == 1
+    finally:
+        await cli.store.stop()
+    assert a.seen[-1]["command"] != "attPrp"
+    await running.service.sync()  # what the flush_interval timer runs
+    prp = await a.expect("attPrp")
+    assert prp["epEui"] == int(EP, 16) and prp["shAddr"] == 0x42
+    assert running.of("attach")[-1].payload["source"] == "external"
+    # Through the running service (the REST import): propagated at once, only what changed.
+    doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0043", "bidi": False},
+           {"eui": "0011223344556678", "nwKey": KEY.hex(), "shortAddr": "0044", "bidi": True}]
+    result = await endpoints.import_endpoints(running.hub, doc, actor="alice")
+    assert (result["created"], result["updated"]) == (1, 1)
+    got = sorted([(await a.expect("attPrp"))["shAddr"], (await a.expect("attPrp"))["shAddr"]])
+    assert got == [0x43, 0x44]
+    await running.service.sync()
+    await deferLater(reactor, 0.05, lambda: None)
+    assert not [m for m in a.inbox if m["command"] == "attPrp"]  # its own writes are not news

@@ -1,0 +1,173 @@
+"""The live stream over real local sockets: WebSocket auth (bearer, ticket, cookie + origin), channels, slow clients.
+
+The hub's bus is fed directly; clients are autobahn's own WebSocket client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from bsscihub.bus import Event
+from bsscihub.web.service import make_site
+from tests.test_web_support import Harness, harness_fixture
+
+
+@pytest.fixture
+def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    yield from harness_fixture(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def port(harness: Harness) -> Iterator[int]:
+    harness.web.start()
+    listening = pytest_twisted.blockon(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        make_site(harness.web)))
+    yield listening.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(listening.stopListening))
+
+
+class Client(WebSocketClientProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: DeferredQueue[Any] = DeferredQueue()
+        self.closed: defer.Deferred[tuple[bool, int | None]] = defer.Deferred()
+        self.opened: defer.Deferred[None] = defer.Deferred()
+
+    def onOpen(self) -> None:
+        self.opened.callback(None)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(reason or "handshake refused"))
+        if not self.closed.called:
+            self.closed.callback((wasClean, code))
+
+    def send_json(self, value: Any) -> None:
+        self.sendMessage(json.dumps(value).encode())
+
+
+async def connect(port: int, *, query: str = "", headers: dict[str, str] | None = None) -> Client:
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/api/v1/stream{query}", headers=headers or {})
+    factory.protocol = Client
+    made: defer.Deferred[Client] = defer.Deferred()
+    factory.buildProtocol = _capture(factory.buildProtocol, made)  # type: ignore[method-assign]
+    connectWS(factory)
+    client = await made
+    await client.opened
+    return client
+
+
+def _capture(build: Any, made: defer.Deferred[Any]) -> Any:
+    def wrapper(addr: Any) -> Any:
+        protocol = build(addr)
+        made.callback(protocol)
+        return protocol
+
+    return wrapper
+
+
+async def next_message(client: Client, timeout: float = 5.0) -> Any:
+    return await client.messages.get().addTimeout(timeout, reactor)
+
+
+async def subscribe(client: Client, channels: list[str]) -> Any:
+    client.send_json({"subscribe": channels})
+    return await next_message(client)
+
+
+def uplink(eui: str = "0011223344556677", n: int = 1) -> Event:
+    return Event("mioty", "up", f"mioty/ep/{eui}/up", {"epEui": eui, "packetCnt": n})
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscribed_channels_only(harness: Harness, port: int) -> None:
+    client = await connect(port, headers={"Authorization": f"Bearer {harness.tokens['viewer']}"})
+    hello = await next_message(client)
+    assert hello == {"hello": {"user": "viewer", "role": "viewer"}}
+    assert await subscribe(client, ["mioty/up"]) == {"subscribed": ["mioty/up"]}
+    harness.hub.bus.publish(Event("ble", "adv", "ble/gw/1/adv", {"rssi": -50}))
+    harness.hub.bus.publish(uplink(n=1))
+    message = await next_message(client)
+    assert message["event"]["channel"] == "mioty/up" and message["event"]["payload"]["packetCnt"] == 1
+    assert await subscribe(client, ["ble"]) == {"subscribed": ["ble", "mioty/up"]}
+    harness.hub.bus.publish(Event("ble", "adv", "ble/gw/1/adv", {"rssi": -50}))
+    assert (await next_message(client))["event"]["topic"] == "ble/gw/1/adv"
+    client.send_json({"subscribe": ["not a channel!"]})
+    assert (await next_message(client))["error"]["field"] == "subscribe"
+    client.sendClose()
+    await client.closed
+    assert harness.web.stream.clients == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_authentication(harness: Harness, port: int) -> None:
+    with pytest.raises(ConnectionError):
+        await connect(port)  # anonymous: 401 before the upgrade
+    ticket = (await harness.request("POST", "/api/v1/auth/ticket", role="operator")).json()["ticket"]
+    client = await connect(port, query=f"?ticket={ticket}")
+    assert (await next_message(client))["hello"]["user"] == "operator"
+    client.sendClose()
+    with pytest.raises(ConnectionError):
+        await connect(port, query=f"?ticket={ticket}")  # single use
+
+    cookies, _ = await harness.login("viewer")
+    cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    with pytest.raises(ConnectionError):
+        await connect(port, headers={"Cookie": cookie, "Origin": "http://evil.example"})
+    client = await connect(port, headers={"Cookie": cookie, "Origin": f"http://127.0.0.1:{port}"})
+    assert (await next_message(client))["hello"]["user"] == "viewer"
+    client.sendClose()
+    await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_client_is_dropped_not_buffered(harness: Harness, port: int) -> None:
+    stream = harness.web.stream
+    stream.max_backlog, stream.max_backlog_bytes = 50, 1 << 20
+    token = {"Authorization": f"Bearer {harness.tokens['viewer']}"}
+    slow, fast = await connect(port, headers=token), await connect(port, headers=token)
+    for client in (slow, fast):
+        await next_message(client)
+        await subscribe(client, ["*"])
+    slow.transport.pauseProducing()  # stops reading: the hub's socket buffer fills up
+    received = 0
+    big = "ab" * 8000
+    # Three 16 kB events per reactor turn: less than a reader takes in one turn (64 kB), so the
+    # reading client keeps up, while the paused one's kernel buffers fill and then the hub's.
+    for batch in range(3000):
+        for n in range(3):
+            harness.hub.bus.publish(Event("mioty", "up", "mioty/ep/x/up", {"n": batch * 3 + n, "data": big}))
+        await task.deferLater(reactor, 0, lambda: None)
+        while fast.messages.pending:
+            fast.messages.pending.pop(0)
+            received += 1
+        if len(stream.clients) == 1:
+            break
+    assert len(stream.clients) == 1, "the slow client was never dropped"
+    assert slow not in stream.clients
+    wasClean, _ = await slow.closed.addTimeout(5, reactor)
+    assert not wasClean
+    # The fast client keeps everything and keeps going.
+    harness.hub.bus.publish(uplink(n=999_999))
+    while True:
+        message = await next_message(fast)
+        received += 1
+        if message["event"]["payload"].get("packetCnt") == 999_999:
+            break
+    assert received == (batch + 1) * 3 + 1
+    metrics = (await harness.request("GET", "/api/v1/metrics", role="viewer")).body
+    assert b"bsscihub_stream_slow_disconnects_total 1.0" in metrics
+    fast.sendClose()
