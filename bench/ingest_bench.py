@@ -2,6 +2,7 @@
 against a bare paho subscriber on the same broker in the same run (the ratio is the hub's cost).
 
     .venv/bin/python bench/ingest_bench.py [--devices 10000] [--messages 100000] [--database sqlite|URL]
+                                           [--protocol 5|3.1.1] [--profile FILE]
 
 A private mosquitto (unlimited queues, so a slow consumer is measured, not dropped) serves three
 consumers of the same publisher: the hub (devices family, real MQTT bridge and outbox, SQLite by
@@ -108,7 +109,8 @@ async def run(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
     (work / "hub.yaml").write_text(json.dumps({
         "data_dir": str(work / "var"), "database": database, "families": ["devices"],
         "web": {"listen": "tcp:0:interface=127.0.0.1"}, "log": {"level": "warn"},
-        "mqtt": {"url": f"mqtt://127.0.0.1:{broker.port}", "prefix": PREFIX, "client_id": "bench-hub"},
+        "mqtt": {"url": f"mqtt://127.0.0.1:{broker.port}", "prefix": PREFIX, "client_id": "bench-hub",
+                 "protocol": args.protocol},
     }))
     installed = installed_families()
     config = load_config(work / "hub.yaml", environ={}, family_sections=all_config_sections(installed))
@@ -128,7 +130,8 @@ async def run(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
         profiler = cProfile.Profile()
         profiler.enable()
     ctx = multiprocessing.get_context("spawn")
-    results: dict[str, Any] = {"devices": args.devices, "messages": args.messages, "database": hub.store.dialect}
+    results: dict[str, Any] = {"devices": args.devices, "messages": args.messages, "database": hub.store.dialect,
+                               "hub_mqtt_protocol": args.protocol}
     try:
         offset = 0
         for phase, count in (("register", args.devices), ("sustained", args.messages)):
@@ -166,7 +169,7 @@ async def run(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
             _, up_count, up_at = reports[f"{PREFIX}/dev/device/+/up"]
             stored = devices_service.stored - stored_before
 
-            def rate(n: int, at: float | None) -> float:
+            def rate(n: int, at: float | None, first: float = first) -> float:
                 return round(n / max(1e-6, (at or time.time()) - first), 1)
 
             results[phase] = {
@@ -205,10 +208,11 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000, help="messages in the sustained phase")
     parser.add_argument("--database", default="sqlite", help="sqlite, or a postgresql:// URL (an empty database)")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up on a phase after this many seconds")
+    parser.add_argument("--protocol", default="5", choices=["5", "3.1.1"], help="the hub's MQTT protocol")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the hub's process into FILE")
     args = parser.parse_args()
 
-    from twisted.internet import defer, reactor, task
+    from twisted.internet import defer, task
 
     async def go(reactor: Any) -> None:
         print(json.dumps(await run(args, reactor), indent=2))

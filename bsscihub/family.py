@@ -16,7 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python.failure import Failure
-from zope.interface import Attribute
+from zope.interface import Attribute, implementer
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -108,6 +108,7 @@ class EventSpec:
     payload: str
 
 
+@implementer(IFamilyService)
 class FamilyService(MultiService):
     """A base for family services: on start, `prepare()` (e.g. load the registry), then registers
     `command` in `hub.commands` and subscribes `subscriptions()` through `hub.mqtt`, each handler

@@ -58,7 +58,7 @@ def test_sightings_are_validated(doc: Any, reason: str | None) -> None:
 @pytest_twisted.ensureDeferred
 async def test_gateways_and_beacons_end_to_end(tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any) -> None:
     witness = subscriber_factory(mosquitto, f"{PREFIX}/ble/#")
-    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={"dedup_window": "300ms", "gateway_timeout": "1500ms"})
+    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={"dedup_window": "1s", "gateway_timeout": "3s"})
     gateway = DeviceClient(mosquitto)
     try:
         # One broadcast heard by two gateways (MACs written differently): one reading, nearest first.
@@ -66,7 +66,7 @@ async def test_gateways_and_beacons_end_to_end(tmp_path: Path, mosquitto: Mosqui
         await gateway.publish("BLEGatewayData/GW002", reading("GW002", -60, mac="11-22-33-44-55-66", temperature=22,
                                                               humidity=65))
         [up] = [m.payload for m in await witness.when(lambda m: m.topic == UP)]
-        await task.deferLater(reactor, 0.5, lambda: None)
+        await task.deferLater(reactor, 1.1, lambda: None)  # a late copy would make a second reading by now
         [first] = payloads(witness, UP)
         assert first["receivers"] == [{"gatewayId": "GW002", "rssi": -60}, {"gatewayId": "GW001", "rssi": -71}]
         assert (first["mac"], first["gatewayId"], first["rssi"]) == ("11:22:33:44:55:66", "GW002", -60)
@@ -97,7 +97,8 @@ async def test_gateways_and_beacons_end_to_end(tmp_path: Path, mosquitto: Mosqui
         # The REST view.
         code, gateways = await running.api("GET", "/api/v1/ble/gateways")
         assert code == 200 and gateways["total"] == 2
-        assert {g["gatewayId"]: g["state"] for g in gateways["items"]} == {"GW001": "online", "GW002": "online"}
+        assert [g["gatewayId"] for g in gateways["items"]] == ["GW001", "GW002"], "most recently heard first"
+        assert gateways["items"][0]["state"] == "online" and gateways["items"][0]["messages"] == 3
         code, node = await running.api("GET", "/api/v1/ble/nodes/11:22:33:44:55:66")
         assert code == 200
         assert (node["values"], node["readings"], node["gatewayId"]) == ({"temperature": 24.0, "humidity": 64.0}, 3,
@@ -123,13 +124,18 @@ async def test_gateways_and_beacons_end_to_end(tmp_path: Path, mosquitto: Mosqui
         # Silence: both gateways go offline, with a retained state event each.
         for gid in ("GW001", "GW002"):
             await witness.when(lambda m, g=gid: m.topic == f"{PREFIX}/ble/gw/{g}/state" and b'"offline"' in m.payload,
-                               timeout=5)
+                               timeout=10)
         code, gw = await running.api("GET", "/api/v1/ble/gateways/GW002")
         assert gw["state"] == "offline" and gw["nearestNodes"] == []
         # ... and back online when heard again.
         await gateway.publish("BLEGatewayData", reading("GW002", -50))
         await witness.when(lambda m: m.topic == f"{PREFIX}/ble/gw/GW002/state" and b'"online"' in m.payload,
                            count=2)
+
+        # Forgetting a gateway clears its retained state.
+        assert (await running.api("DELETE", "/api/v1/ble/gateways/GW001"))[0] == 204
+        await witness.when(lambda m: m.topic == f"{PREFIX}/ble/gw/GW001/state" and m.payload == b"" and m.retain)
+        assert (await running.api("GET", "/api/v1/ble/gateways/GW001"))[0] == 404
 
         # A command over MQTT: forget the node.
         await gateway.publish(f"{PREFIX}/ble/node/{MAC}/cmd/forget", {})

@@ -103,7 +103,7 @@ async def test_commands_keys_and_firmware_updates(
     tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any
 ) -> None:
     witness = subscriber_factory(mosquitto, f"{PREFIX}/dev/#", "device/+/commands/#", "OTA/#")
-    running = await start_hub(tmp_path, mosquitto, ["devices"], devices={"command_timeout": "1s"})
+    running = await start_hub(tmp_path, mosquitto, ["devices"], devices={"command_timeout": "2s"})
     device = DeviceClient(mosquitto)
     try:
         await device.publish("device/esp32-01/status", b"online")
@@ -232,6 +232,16 @@ async def test_unknown_devices_are_rejected_with_an_event_when_auto_register_is_
         await device.publish("SensorData", {"device_id": "ghost", "type": "t", "value": 2})
         [up] = [json.loads(m.payload) for m in await witness.when(lambda m: m.topic == f"{DEV}/ghost/up")]
         assert up["value"] == 2.0
+        await device.publish("device/ghost/status", b"online")
+        await witness.when(lambda m: m.topic == f"{DEV}/ghost/status")
+
+        # Forgotten: telemetry gone, the retained status cleared, and unknown again.
+        assert (await running.api("DELETE", "/api/v1/devices/ghost"))[0] == 204
+        await witness.when(lambda m: m.topic == f"{DEV}/ghost/status" and m.payload == b"" and m.retain)
+        assert (await running.api("GET", "/api/v1/devices/ghost"))[0] == 404
+        assert await running.hub.store.fetchall("SELECT * FROM dev_telemetry") == []
+        await device.publish("SensorData", {"device_id": "ghost", "type": "t", "value": 3})
+        await eventually(lambda: running.rejected("devices", "unknown_device") == 5, what="rejected again")
     finally:
         device.stop()
         await running.stop()

@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 import bsscihub.plugins
 from bsscihub import users
 from bsscihub.config import ConfigError
-from bsscihub.family import IFamily, enabled_families, installed_families
+from bsscihub.family import IFamily, IFamilyService, enabled_families, installed_families
 from bsscihub.hub import Hub
 from bsscihub.tap import build_service, load_hub_config
 from bsscihub.web import auth
@@ -340,6 +340,7 @@ async def test_a_new_family_works_end_to_end_without_hub_changes(
         applied = await hub.store.fetchall("SELECT version FROM schema_migrations WHERE component = 'testfam'")
         assert applied == [(1,)]
         assert hub.services["testfam"].running
+        assert verifyObject(IFamilyService, hub.services["testfam"])
 
         await device.publish("testfam/t1/in", b"not json")
         await device.publish("testfam/t1/in", {"value": 1000})

@@ -360,8 +360,10 @@ class BLEService(FamilyService):
         if self._inserts:  # its registration may not have landed yet
             await defer.DeferredList(list(self._inserts))
         await self.hub.store.execute("DELETE FROM ble_gateways WHERE id = ?", (gid,))
-        # Clear the retained state so subscribers no longer see a gateway that is gone.
-        self.emit("gateway_state", f"ble/gw/{gid}/state", {}, retain=True)
+        # An empty retained message clears the state: subscribers no longer see a gateway that is gone.
+        if self.hub.mqtt is not None:
+            self.hub.mqtt.publish(self.hub.mqtt.topic(f"ble/gw/{gid}/state"), b"", retain=True).addErrback(
+                errback(self.log, "ble: clearing the state of {gateway} failed", gateway=gid))
         return True
 
     async def forget_node(self, mac: str) -> bool:

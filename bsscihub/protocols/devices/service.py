@@ -325,7 +325,10 @@ class DevicesService(FamilyService):
                 cursor.execute(f"DELETE FROM {table} WHERE {column} = ?", (device_id,))
 
         await self.hub.store.interaction(delete)
-        self.emit("status", f"dev/device/{device_id}/status", {}, retain=True)  # clears the retained status
+        # An empty retained message clears the status: subscribers no longer see a device that is gone.
+        if self.hub.mqtt is not None:
+            self.hub.mqtt.publish(self.hub.mqtt.topic(f"dev/device/{device_id}/status"), b"", retain=True).addErrback(
+                errback(self.log, "devices: clearing the status of {device} failed", device=device_id))
 
     # -- commands
 
