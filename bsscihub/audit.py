@@ -71,7 +71,8 @@ async def query(
     offset: int = 0,
 ) -> tuple[list[AuditEntry], int]:
     """Newest first. `action` ending in '.' or '*' matches a prefix ("user." finds user.add, user.delete)."""
-    where, params = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
     if actor:
         where.append("actor = ?")
         params.append(actor)

@@ -37,6 +37,10 @@ class UserExists(UserError):
     pass
 
 
+class LastAdmin(UserError):
+    """The change would leave no enabled admin (nobody could manage the hub any more)."""
+
+
 @attrs.frozen
 class User:
     id: int
@@ -174,7 +178,7 @@ def _guard_last_admin(c: Cursor, name: str) -> None:
         "SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND name <> ?", (name,)
     ).fetchone()
     if not row or int(row[0]) == 0:
-        raise UserError(f"{name!r} is the last enabled admin")
+        raise LastAdmin(f"{name!r} is the last enabled admin")
 
 
 async def update_user(

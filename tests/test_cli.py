@@ -98,9 +98,10 @@ def test_environment_overrides_apply_to_subcommands(tmp_path: Path) -> None:
     assert bad.stderr == "config error: log.level = 'loud': expected one of debug, info, warn, error\n"
 
 
-@pytest.mark.parametrize(
-    "args", [[], ["init"], ["certs", "issue-bs"], ["user", "add"], ["sensors", "import"], ["sensors", "export"], ["sim"]]
-)
+SUBCOMMANDS = [[], ["init"], ["certs", "issue-bs"], ["user", "add"], ["sensors", "import"], ["sensors", "export"], ["sim"]]
+
+
+@pytest.mark.parametrize("args", SUBCOMMANDS)
 def test_help_everywhere(tmp_path: Path, args: list[str]) -> None:
     result = bsscihub(tmp_path, *args, "--help")
     assert result.returncode == 0, result.stderr

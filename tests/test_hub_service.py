@@ -12,8 +12,8 @@ import pytest_twisted
 import treq
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 
 from bsscihub.health import ComponentHealth
 from bsscihub.hub import make_hub

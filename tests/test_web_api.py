@@ -196,9 +196,9 @@ async def test_users_lifecycle_is_audited(harness: Harness) -> None:
 @pytest_twisted.ensureDeferred
 async def test_the_last_admin_cannot_be_removed(harness: Harness) -> None:
     reply = await harness.request("DELETE", "/api/v1/users/admin", role="admin")
-    assert reply.code == 400 and "last enabled admin" in reply.error["message"]
+    assert reply.code == 409 and "last enabled admin" in reply.error["message"]
     reply = await harness.request("PATCH", "/api/v1/users/admin", role="admin", json_body={"role": "viewer"})
-    assert reply.code == 400
+    assert reply.code == 409
 
 
 @pytest_twisted.ensureDeferred
@@ -269,6 +269,28 @@ async def test_sensor_routes(harness: Harness) -> None:
     actions = [e.action for e in (await audit.query(h.hub.store, target=EUI))[0]]
     assert sorted(actions) == sorted(["mioty.sensor.create", "mioty.sensor.downlink", "mioty.sensor.detach",
                                       "mioty.sensor.attach", "mioty.sensor.delete"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_sensor_import_and_export(harness: Harness) -> None:
+    h = harness
+    del h.hub.services["mioty"]  # endpoints.py then works on the registry in the database
+    doc = [{"eui": EUI, "nwKey": KEY, "shortAddr": "1a2b", "bidi": True},
+           {"eui": "00000000000000AA", "nwKey": KEY.upper(), "shortAddr": "0001", "bidi": False}]
+    reply = await h.request("POST", "/api/v1/mioty/sensors/import", role="operator", json_body=doc)
+    assert reply.code == 200 and (reply.json()["imported"], reply.json()["created"]) == (2, 2)
+    reply = await h.request("POST", "/api/v1/mioty/sensors/import", role="operator", json_body=[doc[0], doc[0]])
+    assert (reply.code, reply.error["code"]) == (409, "conflict") and "appears already" in reply.error["message"]
+    reply = await h.request("POST", "/api/v1/mioty/sensors/import", role="operator",
+                            json_body=[{**doc[0], "extra": 1}])
+    assert (reply.code, reply.error["field"]) == (400, "[0].extra")
+    assert (await h.request("GET", "/api/v1/mioty/sensors/export", role="operator")).code == 403  # holds keys
+    exported = await h.request("GET", "/api/v1/mioty/sensors/export", role="admin")
+    assert exported.header("Content-Disposition") == 'attachment; filename="endpoints.json"'
+    assert exported.json() == [{"eui": "00000000000000aa", "nwKey": KEY, "shortAddr": "0001", "bidi": False},
+                               {"eui": EUI, "nwKey": KEY, "shortAddr": "1a2b", "bidi": True}]
+    entries, _ = await audit.query(h.hub.store, action="mioty.sensor.import")
+    assert [(e.actor, e.detail["created"]) for e in entries] == [("operator", 2)]
 
 
 @pytest_twisted.ensureDeferred

@@ -217,7 +217,7 @@ async def test_api_keys_shown_once_revocable_and_expiring(harness: Harness) -> N
 async def test_api_keys_never_exceed_their_user(harness: Harness) -> None:
     h = harness
     reply = await h.request("POST", "/api/v1/api-keys", role="viewer", json_body={"name": "x", "role": "admin"})
-    assert (reply.code, reply.error["field"]) == (400, "role")
+    assert (reply.code, reply.error["field"]) == (403, "role")
     reply = await h.request("POST", "/api/v1/api-keys", role="viewer", json_body={"name": "x", "user": "admin"})
     assert reply.code == 403
     reply = await h.request("POST", "/api/v1/api-keys", role="admin", json_body={"name": "ops", "user": "operator"})
@@ -262,7 +262,7 @@ async def test_password_change(harness: Harness) -> None:
     other, _ = await h.login("viewer")
     reply = await h.request("POST", "/api/v1/auth/password", cookies=cookies, headers={"X-CSRF-Token": csrf},
                             json_body={"current": "wrong-one", "new": "a-new-password"})
-    assert (reply.code, reply.error["field"]) == (400, "current")
+    assert (reply.code, reply.error["field"]) == (403, "current")
     reply = await h.request("POST", "/api/v1/auth/password", cookies=cookies, headers={"X-CSRF-Token": csrf},
                             json_body={"current": PASSWORD, "new": "a-new-password"})
     assert reply.code == 204
@@ -298,3 +298,16 @@ async def test_passwords_are_argon2id_and_unknown_users_take_as_long(harness: Ha
     monkeypatch.setattr(users, "verify_password", lambda h, p: verified.append(h) or real(h, p))
     assert await users.authenticate(harness.hub.store, "nobody", "whatever") is None
     assert verified and verified[0].startswith("$argon2id$")  # a dummy hash is checked all the same
+
+
+@pytest_twisted.ensureDeferred
+async def test_revocation_elsewhere_applies_within_the_key_cache_ttl(harness: Harness) -> None:
+    from bsscihub.web.auth import KEY_CACHE_TTL
+
+    h = harness
+    assert (await h.request("GET", "/api/v1/auth/me", role="viewer")).code == 200
+    # Another process on the same database revokes the key: this one learns it within the TTL.
+    await h.hub.store.execute("UPDATE api_keys SET revoked_at = 1 WHERE name = 'test'")
+    assert (await h.request("GET", "/api/v1/auth/me", role="viewer")).code == 200
+    h.clock.advance(KEY_CACHE_TTL)
+    assert (await h.request("GET", "/api/v1/auth/me", role="viewer")).code == 401

@@ -1,6 +1,6 @@
-"""The live stream over real local sockets: WebSocket auth (bearer, ticket, cookie + origin), channels, slow clients.
+"""The web listener over real local sockets: HTTPS, and the live stream's auth, channels and slow clients.
 
-The hub's bus is fed directly; clients are autobahn's own WebSocket client.
+The hub's bus is fed directly; WebSocket clients are autobahn's own client.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
+from bsscihub import pki
 from bsscihub.bus import Event
-from bsscihub.web.service import make_site
+from bsscihub.hub import make_hub
+from bsscihub.web.service import make_site, make_web_service
+from tests.conftest import make_config
 from tests.test_web_support import Harness, harness_fixture
 
 
@@ -158,6 +161,7 @@ async def test_a_slow_client_is_dropped_not_buffered(harness: Harness, port: int
             break
     assert len(stream.clients) == 1, "the slow client was never dropped"
     assert slow not in stream.clients
+    slow.transport.resumeProducing()  # reading again, it finds the connection gone
     wasClean, _ = await slow.closed.addTimeout(5, reactor)
     assert not wasClean
     # The fast client keeps everything and keeps going.
@@ -171,3 +175,41 @@ async def test_a_slow_client_is_dropped_not_buffered(harness: Harness, port: int
     metrics = (await harness.request("GET", "/api/v1/metrics", role="viewer")).body
     assert b"bsscihub_stream_slow_disconnects_total 1.0" in metrics
     fast.sendClose()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_listener(tmp_path: Path) -> None:
+    import http.client
+    import ssl
+
+    from tests.broker import free_port
+
+    certs, port = tmp_path / "certs", free_port()
+    config = make_config(tmp_path, families=[], web={"listen": f"tcp:{port}:interface=127.0.0.1", "https": True},
+                         tls={"ca": str(certs / "ca.pem"), "ca_key": str(certs / "ca.key"),
+                              "cert": str(certs / "hub.pem"), "key": str(certs / "hub.key")})
+    pki.create_ca(config.tls.ca, config.tls.ca_key)
+    pki.issue_server_cert(config.tls.ca, config.tls.ca_key, config.tls.cert, config.tls.key)
+    hub = make_hub(config, reactor, {})
+    config.data_dir.mkdir(parents=True)
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    service = make_web_service(hub)
+    service.startService()
+
+    def get(path: str) -> tuple[int, dict[str, str]]:
+        context = ssl.create_default_context(cafile=config.tls.ca)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+
+    try:
+        status, headers = await threads.deferToThread(get, "/health")
+        assert status == 200 and headers["strict-transport-security"].startswith("max-age=")
+        status, headers = await threads.deferToThread(get, "/login")
+        assert "secure" in headers["set-cookie"].lower()
+    finally:
+        await defer.maybeDeferred(service.stopService)
+        await hub.store.stop()

@@ -6,6 +6,7 @@ Each handler declares its method, path, role and schemas next to it; families ad
 from __future__ import annotations
 
 import datetime
+import re
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -85,27 +86,44 @@ SERIAL = Param("serial", string("certificate serial number, hex", minLength=1, m
                                 pattern=r"^(0[xX])?[0-9a-fA-F:]+$"), example="1a2b3c")
 TIME_QUERY = {
     "type": "string",
+    "format": "date-time",
     "maxLength": 40,
-    "pattern": r"^(\d+(\.\d+)?|\d{4}-\d{2}-\d{2}([T ][0-9:.]+)?(Z|[+-]\d{2}:?\d{2})?)$",
-    "x-expected": "seconds since 1970 or an RFC 3339 time",
+    "description": "RFC 3339 time; seconds since 1970 are accepted too",
 }
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?)?([Zz]|[+-]\d{2}:?\d{2})?$"
+)
 
 
 def parse_time(value: str | None, field: str) -> float | None:
-    """Epoch seconds or RFC 3339 (a date alone is midnight UTC)."""
+    """RFC 3339 (a date alone is midnight UTC, no zone is UTC) or seconds since 1970."""
     if value is None:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if seconds == seconds and abs(seconds) < 1e11:
+            return seconds
+        raise bad_field(field, "expected seconds since 1970 or an RFC 3339 time")
+    match = _RFC3339.match(value.strip())
     try:
-        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "T"))
-    except ValueError:
+        if match is None:
+            raise ValueError(value)
+        year, month, day, hour, minute, second, fraction, zone = match.groups()
+        moment = datetime.datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+            min(int(second or 0), 59),  # a leap second counts as :59
+            int(float(fraction) * 1e6) if fraction else 0, tzinfo=datetime.UTC,
+        )
+        if zone and zone not in "Zz":
+            sign = -1 if zone[0] == "-" else 1
+            digits = zone[1:].replace(":", "")
+            moment -= sign * datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+        return moment.timestamp()
+    except (ValueError, OverflowError):
         raise bad_field(field, "expected seconds since 1970 or an RFC 3339 time") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.UTC)
-    return parsed.timestamp()
 
 
 class AuthApi:
@@ -172,6 +190,7 @@ class AuthApi:
             self.web.auth.clear_session_cookie(call.request)
         elif principal.via == "token":
             await auth.revoke_key(self.web.hub.store, principal.key_id, self.web.clock.seconds())
+            self.web.auth.forget()
         else:
             raise ApiError(400, "not_a_login", "API keys are revoked with DELETE /api/v1/api-keys/{id}")
         call.audit_action, call.target, call.detail = "auth.logout", principal.name, {"via": principal.via}
@@ -201,11 +220,12 @@ class AuthApi:
     async def change_password(self, call: Call) -> Any:
         p = call.principal
         if await users.authenticate(self.web.hub.store, p.name, call.body["current"]) is None:
-            raise bad_field("current", "wrong password")
+            raise ApiError(403, "wrong_password", "current: wrong password", field="current")
         await users.update_user(self.web.hub.store, p.name, password=call.body["new"])
         # Everything else logged in as this user ends; this session continues.
         self.web.sessions.drop_user(p.user_id, keep=p.session)
         await auth.revoke_user_tokens(self.web.hub.store, p.user_id, self.web.clock.seconds())
+        self.web.auth.forget()
         call.target = p.name
         return NO_CONTENT
 
@@ -266,6 +286,7 @@ class UsersApi:
             self.web.sessions.drop_user(user.id)
             await auth.revoke_user_tokens(self.web.hub.store, user.id, now)
         self.web.sessions.set_role(user.id, user.role)
+        self.web.auth.forget()  # keys follow their user's role and state at once
         # Never the password itself: only that it changed.
         call.detail = {k: (v if k != "password" else "changed") for k, v in body.items()}
         return user.to_json()
@@ -277,10 +298,11 @@ class UsersApi:
         if user is None:
             raise not_found(f"user {call.params['name']}")
         self.web.sessions.drop_user(user.id)
+        self.web.auth.forget()
         return NO_CONTENT
 
 
-KEY_ID = Param("id", {"type": "integer", "minimum": 1}, "API key id", example=999999)
+KEY_ID = Param("id", {"type": "integer", "minimum": 1, "maximum": 2**53}, "API key id", example=999999)
 
 
 class KeysApi:
@@ -321,10 +343,11 @@ class KeysApi:
         if owner.id != p.user_id and p.role != "admin":
             raise forbidden("only admins create keys for other users")
         role = body.get("role") or owner.role
+        # A key never grants more than its owner has, nor more than its creator has.
         if users.RANK[role] > users.RANK[owner.role]:
-            raise bad_field("role", f"at most the owner's role ({owner.role})")
+            raise ApiError(403, "forbidden", f"role: at most the owner's role ({owner.role})", field="role")
         if users.RANK[role] > users.RANK[p.role]:
-            raise bad_field("role", f"at most your own role ({p.role})")
+            raise ApiError(403, "forbidden", f"role: at most your own role ({p.role})", field="role")
         now = self.web.clock.seconds()
         expires = now + DAY * body.get("expiresInDays", 90)
         key, secret = await auth.create_key(self.web.hub.store, owner, body["name"], role, "key", now, expires)
@@ -339,7 +362,9 @@ class KeysApi:
         # Someone else's key is "not found": its existence is not the caller's business.
         if key is None or (p.role != "admin" and key.user != p.name):
             raise not_found(f"API key {call.params['id']}")
-        if not await auth.revoke_key(self.web.hub.store, key.id, self.web.clock.seconds()):
+        revoked = await auth.revoke_key(self.web.hub.store, key.id, self.web.clock.seconds())
+        self.web.auth.forget()
+        if not revoked:
             raise ApiError(409, "conflict", f"API key {key.id} is revoked already")
         call.detail = {"name": key.name, "user": key.user}
         return NO_CONTENT
@@ -380,10 +405,12 @@ class HubApi:
 
     @api_route("GET", "/logs", role="admin", summary="Recent log lines, newest first", tag="hub",
                query=(Param("level", string("lowest level", enum=["info", "warn", "error", "critical"])),
-                      Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 200})),
+                      Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 200}),
+                      Param("access", {"type": "boolean", "default": False}, "include HTTP access lines")),
                response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
     def logs(self, call: Call) -> Any:
-        return {"items": self.web.logs.lines(level=call.query.get("level") or "info", limit=call.query["limit"])}
+        q = call.query
+        return {"items": self.web.logs.lines(level=q.get("level") or "info", limit=q["limit"], access=q["access"])}
 
     @api_route("GET", "/audit", role="admin", summary="The audit log, newest first", tag="audit",
                query=(Param("actor", string("who", maxLength=64)),
@@ -404,7 +431,7 @@ class HubApi:
     @api_route("GET", "/stream", role="viewer", summary="Live events over WebSocket", tag="stream",
                ticket_auth=True, errors=(426, 503),
                query=(Param("ticket", string("single-use ticket from POST /auth/ticket", maxLength=100)),),
-               description='Send {"subscribe": ["mioty/up", "mioty", "*"]}; receive {"event": {"channel", "topic",'
+               description='Send {"subscribe": ["mioty/uplink", "mioty", "*"]}; receive {"event": {"channel", "topic",'
                            ' "time", "payload"}}. Authenticate with the session cookie, a bearer header or a ticket. '
                            "A client that does not keep up is disconnected.")
     def stream(self, call: Call) -> Any:
@@ -450,8 +477,8 @@ class CertsApi:
                tag="certificates", status=201, produces="application/zip", errors=(409,), audit="cert.issue",
                body=obj({
                    "name": string("base-station name: certificate CN and DNS SAN", minLength=1, maxLength=64,
-                                  pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$",
-                                  **{"x-expected": "1-64 letters, digits, '.', '_', '-'"}),
+                                  pattern=r"^(?![cC][aA]$)[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$",
+                                  **{"x-expected": "1-64 letters, digits, '.', '_', '-' (not 'ca')"}),
                    "bsEui": hexstr(16, "base-station EUI-64 bound into the certificate"),
                    "days": {"type": "integer", "minimum": 1, "maximum": 3650, "default": 825},
                    "format": string("zip (NAME.pem, NAME.key, ca.pem) or pem (one bundle)", enum=["zip", "pem"]),

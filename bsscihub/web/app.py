@@ -26,7 +26,7 @@ from bsscihub.web.dispatch import Dispatcher
 from bsscihub.web.events import EventStats
 from bsscihub.web.logring import LogRing
 from bsscihub.web.pages import CORE_NAV, CorePages, Pages
-from bsscihub.web.routing import BoundRoute, NavItem, collect
+from bsscihub.web.routing import BoundRoute, collect
 from bsscihub.web.sessions import SessionStore
 from bsscihub.web.stream import StreamHub
 
@@ -150,9 +150,6 @@ class WebApp:
             self._openapi = openapi.build([b.route for b in self.routes], version=self.hub.version,
                                           api_prefix=API_PREFIX)
         return self._openapi
-
-    def nav_items(self) -> list[NavItem]:
-        return self.pages.nav
 
     def same_origin(self, request: Any) -> bool:
         """For cookie-authenticated WebSockets: browsers send Origin, and it must be this host."""

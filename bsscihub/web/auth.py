@@ -23,6 +23,7 @@ from bsscihub.web.sessions import COOKIE, SECURE_COOKIE, Session, SessionStore
 # guessed however fast each guess is, so Argon2 would only cost ~50 ms on every API request.
 TOKEN_SCHEME = "bsh"
 TICKET_TTL = 30.0
+KEY_CACHE_TTL = 5.0
 
 
 @attrs.frozen
@@ -239,6 +240,7 @@ class Authenticator:
         self.cookie_name = SECURE_COOKIE if secure else COOKIE
         self._tickets: dict[str, _Ticket] = {}
         self._last_used: dict[int, float] = {}
+        self._keys: dict[str, tuple[float, tuple[Any, ...]]] = {}
 
     # -- sessions
 
@@ -274,22 +276,40 @@ class Authenticator:
         if parsed is None:
             raise unauthorized("malformed bearer token")
         prefix, secret = parsed
+        now = self.clock.seconds()
+        row = await self._key_row(prefix, now)
+        # The same refusal whatever failed: a caller learns nothing about which part was wrong.
+        if row is None or not hmac.compare_digest(row[1], hash_secret(secret)):
+            raise unauthorized("invalid or expired token")
+        key_id, _, key_role, kind, expires_at, revoked_at, user_id, name, user_role, disabled = row
+        if revoked_at is not None or disabled or (expires_at is not None and now >= float(expires_at)):
+            raise unauthorized("invalid or expired token")
+        role = key_role if RANK.get(key_role, -1) <= RANK.get(user_role, -1) else user_role
+        await self._touch(int(key_id), now)
+        return Principal(int(user_id), name, role, "key" if kind == "key" else "token", key_id=int(key_id))
+
+    async def _key_row(self, prefix: str, now: float) -> tuple[Any, ...] | None:
+        """The key and its user, remembered for KEY_CACHE_TTL seconds: a store round trip per API call
+        would queue behind uplink writes. Every change made here calls forget(), so a revocation
+        applies at once; one made by another process on the same database within the TTL."""
+        cached = self._keys.get(prefix)
+        if cached is not None and now - cached[0] < KEY_CACHE_TTL:
+            return cached[1]
         row = await self.store.fetchone(
             "SELECT k.id, k.secret_hash, k.role, k.kind, k.expires_at, k.revoked_at,"
             " u.id, u.name, u.role, u.disabled FROM api_keys k JOIN users u ON u.id = k.user_id"
             " WHERE k.prefix = ?",
             (prefix,),
         )
-        # The same refusal whatever failed: a caller learns nothing about which part was wrong.
-        if row is None or not hmac.compare_digest(row[1], hash_secret(secret)):
-            raise unauthorized("invalid or expired token")
-        key_id, _, key_role, kind, expires_at, revoked_at, user_id, name, user_role, disabled = row
-        now = self.clock.seconds()
-        if revoked_at is not None or disabled or (expires_at is not None and now >= float(expires_at)):
-            raise unauthorized("invalid or expired token")
-        role = key_role if RANK.get(key_role, -1) <= RANK.get(user_role, -1) else user_role
-        await self._touch(int(key_id), now)
-        return Principal(int(user_id), name, role, "key" if kind == "key" else "token", key_id=int(key_id))
+        if row is not None:
+            if len(self._keys) >= 10_000:
+                self._keys.clear()
+            self._keys[prefix] = (now, tuple(row))
+        return row
+
+    def forget(self) -> None:
+        """Drop remembered keys: call after revoking a key or changing, disabling or deleting a user."""
+        self._keys.clear()
 
     async def _touch(self, key_id: int, now: float) -> None:
         # At most once a minute per key: a write per API request would cost more than the request.

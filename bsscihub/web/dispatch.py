@@ -83,7 +83,7 @@ def _first_args(request: Any) -> dict[str, Any]:
     return out
 
 
-def _safe_filename(name: str) -> str:
+def safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "download"
 
 
@@ -293,7 +293,7 @@ class Dispatcher:
             request.setResponseCode(result.status)
             request.setHeader(b"content-type", result.content_type.encode())
             request.setHeader(
-                b"content-disposition", f'attachment; filename="{_safe_filename(result.filename)}"'.encode()
+                b"content-disposition", f'attachment; filename="{safe_filename(result.filename)}"'.encode()
             )
             return result.data
         if isinstance(result, Text):

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bsscihub.errors import CommandError, UserFacingError
-from bsscihub.users import UserError, UserExists
+from bsscihub.users import LastAdmin, UserError, UserExists
 
 log = Logger()
 
@@ -87,7 +87,7 @@ def map_exception(exc: BaseException) -> ErrorResponse:
     """The status and body for any exception a route let through (unknown ones are logged, 500)."""
     if isinstance(exc, ApiError):
         return ErrorResponse(exc.status, exc.code, exc.message, exc.field, exc.headers)
-    if isinstance(exc, UserExists):
+    if isinstance(exc, (UserExists, LastAdmin)):
         return ErrorResponse(409, "conflict", str(exc))
     if isinstance(exc, UserError):
         return ErrorResponse(400, "invalid", str(exc))

@@ -13,6 +13,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
 LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3, "critical": 4}
+ACCESS = "bsscihub.web.access"
 
 _SCRUB = [
     # "password=..", "token: .." and the like, in any case and quoting.
@@ -57,11 +58,13 @@ class LogRing:
             }
         )
 
-    def lines(self, *, level: str = "info", limit: int = 200) -> list[dict[str, Any]]:
-        """Newest first, at or above `level`."""
+    def lines(self, *, level: str = "info", limit: int = 200, access: bool = False) -> list[dict[str, Any]]:
+        """Newest first, at or above `level`; HTTP access lines only if asked for."""
         floor = LEVELS.get(level, 1)
         out = []
         for line in reversed(self._lines):
+            if not access and line["namespace"] == ACCESS:
+                continue
             if LEVELS.get(line["level"], 1) >= floor:
                 out.append(line)
                 if len(out) >= limit:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from markupsafe import Markup
 
 from bsscihub import users
 from bsscihub.web import csrf
+from bsscihub.web.dispatch import safe_filename
 from bsscihub.web.errors import ApiError
 from bsscihub.web.routing import (
     ANONYMOUS,
@@ -45,14 +47,40 @@ CORE_NAV = [
 ]
 
 
+_ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$")
+
+
 def fmt_time(value: Any) -> str:
+    """Seconds since 1970, an RFC 3339 text or a datetime, as one consistent UTC form."""
     if value in (None, ""):
         return "—"
     try:
-        moment = datetime.datetime.fromtimestamp(float(value), datetime.UTC)
+        if isinstance(value, datetime.datetime):
+            moment = value
+        elif isinstance(value, str) and _ISO_TIME.match(value):
+            moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        else:
+            moment = datetime.datetime.fromtimestamp(float(value), datetime.UTC)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
     except (TypeError, ValueError, OverflowError):
         return str(value)
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def fmt_value(value: Any) -> str:
+    """A device field for people: times in one form, short decimals, a dash for nothing."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}".rstrip("0").rstrip(".") if abs(value) < 1e6 else f"{value:.6g}"
+    if isinstance(value, str) and _ISO_TIME.match(value):
+        return fmt_time(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(", ", ": "))
+    return str(value)
 
 
 def fmt_ago(value: Any, now: float) -> str:
@@ -102,6 +130,7 @@ class Pages:
             lstrip_blocks=True,
         )
         self.env.filters["time"] = fmt_time
+        self.env.filters["show"] = fmt_value
         self.env.filters["ago"] = lambda v: fmt_ago(v, self.web.clock.seconds())
         self.env.filters["json_attr"] = lambda v: Markup(json.dumps(v, separators=(",", ":")).replace("&", "\\u0026")
                                                          .replace("'", "\\u0027").replace("<", "\\u003c")
@@ -125,7 +154,8 @@ class Pages:
         if isinstance(result, Download):
             request.setResponseCode(result.status)
             request.setHeader(b"content-type", result.content_type.encode())
-            request.setHeader(b"content-disposition", f'attachment; filename="{result.filename}"'.encode())
+            disposition = f'attachment; filename="{safe_filename(result.filename)}"'
+            request.setHeader(b"content-disposition", disposition.encode())
             return result.data
         assert isinstance(result, Page), result
         context = {
@@ -246,7 +276,7 @@ class CorePages:
         return Redirect(back, flash=f"API key {created.value['key']['name']} created — copy it now, it is shown once")
 
     @page_route("POST", "/account/keys/{id}/revoke", role="viewer", summary="Revoke an API key",
-                params=(Param("id", {"type": "integer", "minimum": 1}, example=999999),))
+                params=(Param("id", {"type": "integer", "minimum": 1, "maximum": 2**53}, example=999999),))
     async def revoke_key(self, call: Call) -> Any:
         back = "/users" if call.body.get("back") == "users" and call.principal.role == "admin" else "/account"
         try:
@@ -326,8 +356,9 @@ class CorePages:
     async def logs(self, call: Call) -> Any:
         level = call.query.get("level", "info")
         level = level if level in ("info", "warn", "error") else "info"
-        lines = await self._invoke(call, "logs", query={"level": level, "limit": "500"})
-        return Page("logs.html", {"lines": lines["items"], "level": level, "title": "Logs"})
+        access = call.query.get("access") == "true"
+        lines = await self._invoke(call, "logs", query={"level": level, "limit": "500", "access": str(access).lower()})
+        return Page("logs.html", {"lines": lines["items"], "level": level, "access": access, "title": "Logs"})
 
     @page_route("GET", "/config", role="operator", summary="Configuration")
     async def config(self, call: Call) -> Any:

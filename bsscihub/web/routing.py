@@ -214,5 +214,6 @@ def page(items: Sequence[Any], total: int, limit: int, offset: int) -> dict[str,
 
 
 LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}, "page size", example=10)
-OFFSET = Param("offset", {"type": "integer", "minimum": 0, "default": 0}, "items to skip", example=0)
+OFFSET = Param("offset", {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0}, "items to skip",
+                example=0)
 PAGING = (LIMIT, OFFSET)

@@ -9,12 +9,14 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.server import Request, Site
 
 from bsscihub.health import ComponentHealth
 from bsscihub.hub import Hub
 from bsscihub.web.app import WebApp
+from bsscihub.web.logring import ACCESS
 
 MAX_BODY = 8 << 20
 """No request body is read beyond this; routes set their own, lower limits (the API answers 413)."""
@@ -86,8 +88,19 @@ class WebService(StreamServerEndpointService):
         return super().stopService()
 
 
+# Module level: a Logger class attribute would take the class's name as its namespace.
+_access_log = Logger(namespace=ACCESS)
+
+
+class WebSite(Site):
+    """Access lines go through twisted.logger under their own namespace (the log page can leave them out)."""
+
+    def log(self, request: Any) -> None:
+        _access_log.info("{line}", line=self._logFormatter(self._logDateTime, request))
+
+
 def make_site(web: WebApp) -> Site:
-    site = Site(web.resource(), logFormatter=access_log_line)
+    site = WebSite(web.resource(), logFormatter=access_log_line)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     return site

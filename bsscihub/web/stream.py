@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -43,38 +43,39 @@ class StreamProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         # The HTTP channel that parsed the upgrade request is still the transport's producer.
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.registerProducer(self, True)
         self._open = True
         self.factory.hub.add(self)
-        self._send({"hello": {"user": self.principal.name, "role": self.principal.role}})
+        self.send_json({"hello": {"user": self.principal.name, "role": self.principal.role}})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self.sendClose(1003, "text frames only")
+            self.sendClose(1000, "text frames only")
             return
         try:
             message = json.loads(payload)
         except ValueError:
-            self._send({"error": {"code": "bad_json", "message": "messages are JSON objects"}})
+            self.send_json({"error": {"code": "bad_json", "message": "messages are JSON objects"}})
             return
         if not isinstance(message, dict) or not ({"subscribe", "unsubscribe"} & set(message)):
-            self._send({"error": {"code": "invalid", "message": 'expected {"subscribe": [channels]}'}})
+            self.send_json({"error": {"code": "invalid", "message": 'expected {"subscribe": [channels]}'}})
             return
         for verb in ("subscribe", "unsubscribe"):
             channels = message.get(verb)
             if channels is None:
                 continue
             if not isinstance(channels, list) or not all(isinstance(c, str) and _CHANNEL.match(c) for c in channels):
-                message = f'{verb}: expected a list of channels like "mioty/up", "mioty" or "*"'
-                self._send({"error": {"code": "invalid_field", "field": verb, "message": message}})
+                message = f'{verb}: expected a list of channels like "mioty/uplink", "mioty" or "*"'
+                self.send_json({"error": {"code": "invalid_field", "field": verb, "message": message}})
                 return
             wanted = self.subscriptions | set(channels) if verb == "subscribe" else self.subscriptions - set(channels)
             if len(wanted) > MAX_SUBSCRIPTIONS:
-                self._send({"error": {"code": "invalid", "message": f"at most {MAX_SUBSCRIPTIONS} subscriptions"}})
+                self.send_json({"error": {"code": "invalid", "message": f"at most {MAX_SUBSCRIPTIONS} subscriptions"}})
                 return
             self.factory.hub.resubscribe(self, wanted)
-        self._send({"subscribed": sorted(self.subscriptions)})
+        self.send_json({"subscribed": sorted(self.subscriptions)})
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._open:
@@ -84,7 +85,7 @@ class StreamProtocol(WebSocketServerProtocol):
 
     # -- sending, with a bound on what waits for a slow client
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def send_json(self, message: dict[str, Any]) -> None:
         self.deliver(self.factory.prepareMessage(json.dumps(message, separators=(",", ":")).encode()))
 
     def deliver(self, prepared: Any) -> None:
@@ -136,7 +137,7 @@ class StreamFactory(WebSocketServerFactory):
         )
 
     def buildProtocol(self, addr: Any) -> StreamProtocol:
-        protocol = super().buildProtocol(addr)
+        protocol = cast(StreamProtocol, super().buildProtocol(addr))
         protocol.principal, self.next_principal = self.next_principal, None
         return protocol
 
@@ -160,7 +161,7 @@ class _AuthorizedStream(WebSocketResource):
 
 
 class StreamHub:
-    """Fans bus events out to clients by subscription: "*" (all), a family ("mioty") or a channel ("mioty/up")."""
+    """Fans bus events out to clients by subscription: "*" (all), a family ("mioty") or a channel ("mioty/uplink")."""
 
     log = Logger()
 
@@ -195,7 +196,7 @@ class StreamHub:
             self._unsubscribe()
             self._unsubscribe = None
         for client in list(self.clients):
-            client.sendClose(1001, "hub stopping")
+            client.sendClose(1000, "hub stopping")
 
     def full(self) -> bool:
         return len(self.clients) >= self.max_clients

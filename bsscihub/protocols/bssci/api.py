@@ -239,12 +239,16 @@ class MiotyWeb:
                body={"type": "array", "items": ENDPOINT, "maxItems": 100_000}, max_body=8 << 20,
                response=obj({"imported": {"type": "integer"}, "errors": {"type": "array", "items": ANY_OBJECT}},
                             ("imported",), closed=False),
-               audit="mioty.sensor.import")
+               errors=(409,), audit="mioty.sensor.import")
     async def import_sensors(self, call: Call) -> Any:
         from bsscihub.protocols.bssci import endpoints
 
-        result = await endpoints.import_endpoints(self.hub, call.body, actor=call.actor)
-        call.detail = {"count": len(call.body)}
+        try:
+            result = await endpoints.import_endpoints(self.hub, call.body, actor=call.actor)
+        except endpoints.EndpointsError as e:
+            # The schema already checked every entry; what is left is a list naming a sensor twice.
+            raise ApiError(409, "conflict", str(e)) from None
+        call.detail = {k: result[k] for k in ("imported", "created", "updated", "unchanged") if k in result}
         return result
 
     @api_route("GET", "/sensors/{eui}", role="viewer", summary="One sensor", params=(EP,), response=SENSOR,
@@ -486,7 +490,7 @@ TEMPLATES: dict[str, str] = {
         <td>{{ bs.get("vendor") or "—" }} {{ bs.get("model") or "" }}</td>
         <td class="mono">{{ bs.get("swVersion") or "—" }}</td>
         <td>{{ state(bs.get("state") == "online", "online", bs.get("state") or "unknown") }}</td>
-        <td class="nowrap">{{ bs.get("since") or "—" }}</td>
+        <td class="nowrap">{{ bs.get("since")|time }}</td>
       </tr>
     {% endfor %}
     </tbody>
@@ -514,7 +518,7 @@ TEMPLATES: dict[str, str] = {
     <h2>Identity</h2>
     <dl class="kv">
       {% for key, value in bs.items() if value is not mapping and key != "status" %}
-      <dt>{{ key }}</dt><dd class="mono">{{ value if value is string else value|tojson }}</dd>
+      <dt>{{ key }}</dt><dd class="mono">{{ value|show }}</dd>
       {% endfor %}
     </dl>
   </section>
@@ -523,7 +527,7 @@ TEMPLATES: dict[str, str] = {
     {% if bs.get("status") %}
     <dl class="kv">
       {% for key, value in bs.get("status").items() %}
-      <dt>{{ key }}</dt><dd class="mono">{{ value if value is string else value|tojson }}</dd>
+      <dt>{{ key }}</dt><dd class="mono">{{ value|show }}</dd>
       {% endfor %}
     </dl>
     {% else %}<div class="empty">No status report yet.</div>{% endif %}
@@ -598,7 +602,7 @@ TEMPLATES: dict[str, str] = {
           class="pill {{ 'ok' if s.get('attached') else 'muted' }}">
           {{- "attached" if s.get("attached") else "detached" -}}
         </span></td>
-        <td class="nowrap">{{ s.get("lastSeen") or s.get("lastUplink") or "—" }}</td>
+        <td class="nowrap">{{ s.get("lastSeen")|time }}</td>
       </tr>
     {% endfor %}
     </tbody>
@@ -629,7 +633,7 @@ TEMPLATES: dict[str, str] = {
     <h2>Details</h2>
     <dl class="kv">
       {% for key, value in sensor.items() if value is not mapping %}
-      <dt>{{ key }}</dt><dd class="mono">{{ value if value is string else value|tojson }}</dd>
+      <dt>{{ key }}</dt><dd class="mono">{{ value|show }}</dd>
       {% endfor %}
     </dl>
   </section>
@@ -678,7 +682,8 @@ TEMPLATES: dict[str, str] = {
   </section>
 </div>
 {% endif %}
-<section class="card" data-stream='["mioty/up"]' data-filter-key="epEui" data-filter-value="{{ eui }}"
+<section class="card" data-stream='["mioty/uplink"]' data-filter-key="epEui" data-filter-value="{{ eui }}"
+  data-row-key="packetCnt"
   data-row-paths='["packetCnt","receivers.0.bsEui","receivers.0.rssi","receivers.0.snr","data"]'>
   <div class="card-head"><h2>Uplinks</h2><span class="muted small">newest first · live</span></div>
   <div class="table-wrap"><table>
@@ -686,9 +691,10 @@ TEMPLATES: dict[str, str] = {
     <tbody>
     {% for up in uplinks %}
       {% set best = (up.get("receivers") or [{}])[0] %}
-      <tr><td class="nowrap">{{ up.get("time") or "—" }}</td><td class="mono">{{ up.get("packetCnt") }}</td><td
-        class="mono">{{ best.get("bsEui") or "—" }}</td><td class="mono">{{ best.get("rssi") }}</td><td
-        class="mono">{{ best.get("snr") }}</td><td class="mono">{{ up.get("data") }}</td></tr>
+      <tr data-key="{{ up.get('packetCnt') }}">
+        <td class="nowrap">{{ up.get("time")|time }}</td><td class="mono">{{ up.get("packetCnt") }}</td><td
+        class="mono">{{ best.get("bsEui") or "—" }}</td><td class="mono">{{ best.get("rssi")|show }}</td><td
+        class="mono">{{ best.get("snr")|show }}</td><td class="mono">{{ up.get("data") }}</td></tr>
     {% endfor %}
     </tbody>
   </table></div>
@@ -700,7 +706,7 @@ TEMPLATES: dict[str, str] = {
   <div class="table-wrap"><table>
     <thead><tr>{% for key in downlinks[0].keys() %}<th>{{ key }}</th>{% endfor %}</tr></thead>
     <tbody>{% for d in downlinks %}<tr>{% for value in d.values() %}<td
-      class="mono">{{ value if value is string else value|tojson }}</td>{% endfor %}</tr>{% endfor %}</tbody>
+      class="mono">{{ value|show }}</td>{% endfor %}</tr>{% endfor %}</tbody>
   </table></div>
   {% else %}{{ empty("No downlinks.") }}{% endif %}
 </section>

@@ -23,6 +23,12 @@
     return d.toISOString().replace("T", " ").slice(0, 19) + " UTC";
   }
 
+  function fmtValue(v) {
+    if (v === undefined || v === null || v === "") return "—";
+    if (typeof v === "number" && !Number.isInteger(v)) return String(Number(v.toFixed(2)));
+    return String(v);
+  }
+
   function get(obj, path) {
     var parts = path.split(".");
     for (var i = 0; i < parts.length && obj != null; i++) obj = obj[parts[i]];
@@ -111,7 +117,7 @@
     var series = rates && rates.series ? rates.series : {};
     var values = null;
     Object.keys(series).forEach(function (channel) {
-      if (match && channel.slice(-match.length) !== match) return;
+      if (match && !match.some(function (m) { return channel.slice(-m.length) === m; })) return;
       var s = series[channel];
       if (!values) values = s.slice(); else for (var i = 0; i < s.length; i++) values[i] += s[i];
     });
@@ -147,7 +153,10 @@
     series.forEach(function (s, k) {
       var vals = points.map(function (p) { return p.v[k]; }).filter(function (v) { return v !== null; });
       if (!vals.length) return;
+      // Whole-number ticks: widen the range to a multiple of four steps.
       var lo = Math.floor(Math.min.apply(null, vals) - 1), hi = Math.ceil(Math.max.apply(null, vals) + 1);
+      var step = Math.max(1, Math.ceil((hi - lo) / 4));
+      hi = lo + 4 * step;
       if (k === 0) grid(c, left, top, right, bottom, lo, hi, 4);
       else {
         ctx.fillStyle = COLORS[k];
@@ -189,7 +198,7 @@
       var chart = { canvas: canvas, kind: canvas.getAttribute("data-chart") };
       if (chart.kind === "bars") {
         chart.rates = readJSON(canvas, "data-rates") || { series: {} };
-        chart.match = canvas.getAttribute("data-match") || "";
+        chart.match = readJSON(canvas, "data-match");  // channel endings counted, e.g. ["/uplink"]
         chart.draw = function () { drawBars(canvas, chart.rates, chart.match); };
       } else {
         chart.points = readJSON(canvas, "data-points") || [];
@@ -247,15 +256,22 @@
       pill.textContent = text;
     }
 
+    var rowKey = section.getAttribute("data-row-key");
+
+    // False when the row is there already (rendered by the server just as the event came in).
     function addRow(ev) {
-      if (!tbody) return;
+      if (!tbody) return true;
       var tr = el("tr", "fresh");
+      if (rowKey) {
+        var key = String(get(ev.payload, rowKey));
+        if (tbody.querySelector('tr[data-key="' + CSS.escape(key) + '"]')) return false;
+        tr.setAttribute("data-key", key);
+      }
       var paths = readJSON(section, "data-row-paths");
       if (paths) {
         tr.appendChild(el("td", "nowrap", fmtTime(ev.time)));
         paths.forEach(function (path) {
-          var v = get(ev.payload, path);
-          tr.appendChild(el("td", "mono", v === undefined || v === null ? "—" : String(v)));
+          tr.appendChild(el("td", "mono", fmtValue(get(ev.payload, path))));
         });
       } else {
         tr.appendChild(el("td", "nowrap", fmtTime(ev.time)));
@@ -268,6 +284,7 @@
       tbody.insertBefore(tr, tbody.firstChild);
       while (tbody.children.length > 50) tbody.removeChild(tbody.lastChild);
       if (empty) empty.hidden = true;
+      return true;
     }
 
     function addPoint(ev) {
@@ -294,7 +311,7 @@
         if (!data.event) return;
         var ev = data.event;
         if (filterKey && (!ev.payload || String(ev.payload[filterKey]) !== filterValue)) return;
-        addRow(ev);
+        if (!addRow(ev)) return;
         countEvent(ev.channel);
         addPoint(ev);
         document.dispatchEvent(new CustomEvent("hub:event", { detail: ev }));
