@@ -98,7 +98,9 @@ def test_environment_overrides_apply_to_subcommands(tmp_path: Path) -> None:
     assert bad.stderr == "config error: log.level = 'loud': expected one of debug, info, warn, error\n"
 
 
-SUBCOMMANDS = [[], ["init"], ["certs", "issue-bs"], ["user", "add"], ["sensors", "import"], ["sensors", "export"], ["sim"]]
+SUBCOMMANDS = [
+    [], ["init"], ["certs", "issue-bs"], ["user", "add"], ["sensors", "import"], ["sensors", "export"], ["sim"]
+]
 
 
 @pytest.mark.parametrize("args", SUBCOMMANDS)
