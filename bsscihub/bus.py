@@ -28,6 +28,18 @@ class Event:
     retain: bool = False
 
 
+class PlainJSON(dict):  # type: ignore[type-arg]
+    """An event payload its producer guarantees to be plain JSON: str keys; str, int (64-bit),
+    finite float, bool, None, list and dict values only (e.g. the mioty uplink, whose numbers
+    are checked at the edge).
+
+    A marker, nothing more: a sink may encode such a payload with a fast encoder that does not
+    check for NaN (orjson writes NaN as null, where the standard encoder refuses it).
+    """
+
+    __slots__ = ()
+
+
 Sink = Callable[[Event], "defer.Deferred[Any] | None"]
 
 

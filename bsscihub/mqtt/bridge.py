@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bsscihub.bus import Event
+from bsscihub.bus import Event, PlainJSON
 from bsscihub.config import ConfigError, MQTTConfig
 from bsscihub.errors import CommandError
 from bsscihub.health import ComponentHealth
@@ -66,6 +66,28 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 def to_json(value: Any) -> bytes:
     """Compact UTF-8 JSON, as every payload of the contract is."""
     return _ENCODER.encode(value).encode("utf-8")
+
+
+def _plain_to_json(value: PlainJSON) -> bytes:
+    """A PlainJSON payload (no NaN by its producer's promise) with orjson: ~1 µs instead of
+    ~9 µs for an uplink with three receivers, on the reactor thread, once per uplink.
+    Same bytes as to_json for such payloads (compact, UTF-8, key order kept), except that a
+    few floats are spelled differently, the same number (0.00001 where json writes 1e-05)."""
+    try:
+        # Copied into an exactly sized bytes object: orjson shrinks its ~4 KB write buffer in
+        # place, and each such result kept alive (the outbox holds up to memory_max payloads
+        # while the broker lags) pinned ~4 KB of heap: 25,000 uplinks took 101 MB instead of
+        # 16 MB. The copy costs ~0.2 µs.
+        return memoryview(_orjson_dumps(value)).tobytes()
+    except TypeError:
+        # e.g. an int beyond 64 bits: let the standard encoder decide, as for any payload
+        return to_json(value)
+
+
+try:
+    from orjson import dumps as _orjson_dumps
+except ImportError:  # pragma: no cover - orjson is a dependency; without it, all goes the standard way
+    _plain_to_json = to_json  # type: ignore[assignment]  # noqa: F811
 
 
 def _mask(url: str) -> str:
@@ -419,7 +441,10 @@ class MQTTBridge(Service):
     def _onEvent(self, event: Event) -> defer.Deferred[None]:
         """The bus sink: the Deferred fires once the event is committed to the outbox."""
         try:
-            payload = to_json(event.payload)
+            if type(event.payload) is PlainJSON:
+                payload = _plain_to_json(event.payload)
+            else:
+                payload = to_json(event.payload)
         except (TypeError, ValueError) as e:
             self.log.error(
                 "event for {topic} cannot be published: its payload is not JSON: {error}",

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from bsscihub.bus import PlainJSON
 from bsscihub.protocols.bssci.messages import Subpackets, UlData
 from bsscihub.protocols.bssci.registry import rfc3339
 
@@ -162,7 +163,9 @@ def uplink_payload(ep_eui: str, copies: Sequence[Copy], received: float) -> dict
     """
     ordered = sorted(copies, key=lambda c: c.msg.snr, reverse=True)
     best = ordered[0].msg
-    return {
+    # PlainJSON: every number here was checked finite and below 2**64 when the copy arrived
+    # (MiotyService.uplink), so the MQTT bridge may encode it without the NaN check.
+    return PlainJSON({
         "epEui": ep_eui,
         "packetCnt": best.packetCnt,
         "rxTime": best.rxTime,
@@ -173,4 +176,4 @@ def uplink_payload(ep_eui: str, copies: Sequence[Copy], received: float) -> dict
         "responseExp": best.responseExp,
         "dlAck": best.dlAck,
         "receivers": [receiver(c) for c in ordered],
-    }
+    })
