@@ -39,7 +39,9 @@ class EventStats:
     def __init__(self, clock: IReactorTime, *, minutes: int = 60, keep: int = 50) -> None:
         self.clock, self.minutes = clock, minutes
         self._counts: dict[str, dict[int, int]] = {}
-        self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        # Raw events: redacting and copying only when the dashboard asks keeps this sink cheap
+        # on the uplink hot path (it runs for every event, the page reads 50 of them).
+        self._recent: deque[tuple[Event, float]] = deque(maxlen=keep)
 
     def __call__(self, event: Event) -> None:
         now = self.clock.seconds()
@@ -49,7 +51,7 @@ class EventStats:
         if len(counts) > self.minutes + 1:
             for old in [m for m in counts if m <= minute - self.minutes]:
                 del counts[old]
-        self._recent.append(event_json(event, now))
+        self._recent.append((event, now))
 
     def rates(self) -> dict[str, Any]:
         """Counts per minute for each channel, oldest first, the last entry being the current minute."""
@@ -61,4 +63,4 @@ class EventStats:
         return {"start": first * 60, "step": 60, "series": dict(sorted(series.items()))}
 
     def recent(self) -> list[dict[str, Any]]:
-        return list(reversed(self._recent))
+        return [event_json(event, when) for event, when in reversed(self._recent)]
