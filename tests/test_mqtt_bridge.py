@@ -875,20 +875,3 @@ async def test_the_real_mioty_family_answers_through_the_bridge(
         assert bridge.client.connects == 1 and not failures(logged)
     finally:
         await service.stopService()
-
-
-# -- topic matching -------------------------------------------------------------------------
-
-TOPIC_FILTERS = ["#", "+", "a/#", "a/+", "a/+/c", "+/b/#", "a/b", "$SYS/#", "a/b/#", "+/+", "SensorData/#", "a.b/+"]
-TOPICS = ["a", "a/b", "a/b/c", "a/", "/a", "a//c", "$SYS/x", "$SYS", "x/b/c", "a/b/c/d", "ab", "SensorData",
-          "SensorData/x/y", "a.b/c", "axb/c", ""]
-
-
-@pytest.mark.parametrize("topic_filter", TOPIC_FILTERS)
-def test_topic_matching_agrees_with_paho(topic_filter: str) -> None:
-    from paho.mqtt.client import topic_matches_sub
-
-    from bsscihub.mqtt.bridge import topic_matches
-
-    for topic in TOPICS:
-        assert topic_matches(topic_filter, topic) == topic_matches_sub(topic_filter, topic), (topic_filter, topic)

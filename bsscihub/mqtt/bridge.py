@@ -6,16 +6,15 @@ Also the hub's presence topic, the legacy (seed) layout and the MQTT figures in 
 from __future__ import annotations
 
 import datetime
-import functools
 import inspect
 import json
-import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -463,7 +462,7 @@ class MQTTBridge(Service):
     # -- broker -> hub ------------------------------------------------------------------
 
     def _received(self, topic: str, payload: bytes, properties: Properties | None) -> None:
-        if topic_matches(self._command_filter, topic):
+        if topic_matches_sub(self._command_filter, topic):
             # one at a time per target, in arrival order: an attach is done before the detach after it
             target = topic.rsplit("/cmd/", 1)[0]
             lock = self._command_locks.get(target)
@@ -473,7 +472,7 @@ class MQTTBridge(Service):
             d.addErrback(lambda f: self.log.failure("MQTT command on {topic} was not answered", f, topic=topic))
             d.addBoth(self._commandDone, target, lock)
         for topic_filter, handlers in list(self._handlers.items()):
-            if handlers and topic_matches(topic_filter, topic):
+            if handlers and topic_matches_sub(topic_filter, topic):
                 for handler in list(handlers):
                     self._callHandler(handler, topic, payload, properties)
 
@@ -586,29 +585,6 @@ class MQTTBridge(Service):
         if self._outbox_error is not None:
             detail["error"] = f"outbox: {self._outbox_error}"
         return ComponentHealth(bool(client.connected) and self._outbox_error is None, detail)
-
-
-@functools.lru_cache(maxsize=1024)
-def _filter_pattern(topic_filter: str) -> re.Pattern[str]:
-    """A subscription filter as a regular expression (MQTT rules: `+` one level, `#` the rest,
-    wildcards in the first level never match `$` topics)."""
-    regex = ""
-    for level in topic_filter.split("/"):
-        if level == "#":
-            # `a/#` also matches `a` itself
-            regex = regex[:-1] + "(?:/.*)?" if regex else ".*"
-            break
-        regex += ("[^/]*" if level == "+" else re.escape(level)) + "/"
-    else:
-        regex = regex[:-1]
-    if topic_filter[:1] in ("+", "#"):
-        regex = r"(?!\$)" + regex
-    return re.compile(regex, re.DOTALL)
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """paho's topic_matches_sub, without building a matcher per message (it runs for every one)."""
-    return _filter_pattern(topic_filter).fullmatch(topic) is not None
 
 
 def install(hub: Any, parent: Any) -> MQTTBridge:
