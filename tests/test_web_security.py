@@ -311,3 +311,19 @@ async def test_revocation_elsewhere_applies_within_the_key_cache_ttl(harness: Ha
     assert (await h.request("GET", "/api/v1/auth/me", role="viewer")).code == 200
     h.clock.advance(KEY_CACHE_TTL)
     assert (await h.request("GET", "/api/v1/auth/me", role="viewer")).code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_before_the_handler_are_audited(harness: Harness) -> None:
+    h = harness
+    assert (await h.request("POST", "/api/v1/api-keys", json_body={"name": "x"})).code == 401
+    assert (await h.request("POST", "/api/v1/users", role="operator", json_body={"name": "x"})).code == 403
+    reply = await h.request("POST", "/api/v1/api-keys", role="operator", json_body={"name": 5})
+    assert reply.code == 400
+    entries, _ = await audit.query(h.hub.store)
+    refused = [(e.action, e.actor, e.detail["status"]) for e in entries if e.action.endswith(".refused")]
+    assert sorted(refused) == [
+        ("apikey.create.refused", "anonymous", 401),
+        ("apikey.create.refused", "operator", 400),
+        ("user.add.refused", "operator", 403),
+    ]

@@ -248,6 +248,8 @@ class Dispatcher:
     async def _api(self, bound: BoundRoute, request: Any, kwargs: dict[str, Any]) -> Any:
         route = bound.route
         started = time.perf_counter()
+        principal: Principal | None = None
+        handler_ran = False
         try:
             principal = await self.web.auth.authenticate(request, allow_ticket=route.ticket_auth)
             self.authorize(route, principal)
@@ -263,11 +265,26 @@ class Dispatcher:
                 source=client_address(request),
                 request=request,
             )
+            handler_ran = True
             result = self.render_api(request, route, await self._run(bound, call))
         except Exception as e:
-            result = self.render_error(request, map_exception(e))
+            error = map_exception(e)
+            if route.changes_state and not handler_ran:
+                # Refused before the handler (auth, role, CSRF, schema): the handler cannot audit it.
+                await self._audit_refusal(route, principal, request, error)
+            result = self.render_error(request, error)
         self._observe(route, request, started)
         return result
+
+    async def _audit_refusal(self, route: Route, principal: Principal | None, request: Any, error: Any) -> None:
+        actor = principal.name if principal is not None else "anonymous"
+        detail = {"status": error.status, "code": error.code, "message": error.message}
+        try:
+            action = f"{route.audit or route.name}.refused"
+            target = request.path.decode(errors="replace")
+            await audit.record(self.web.hub.store, actor, action, target, detail, client_address(request))
+        except Exception:
+            self.log.failure("could not audit a refused request to {route}", route=route.name)
 
     def _observe(self, route: Route, request: Any, started: float) -> None:
         self._latency.labels(route.name).observe(time.perf_counter() - started)
