@@ -13,7 +13,7 @@ import msgpack  # type: ignore[import-untyped]
 
 from bsscihub import __version__
 from bsscihub.protocols.bssci import messages as m
-from bsscihub.protocols.bssci.framing import MAGIC, Framer, FramingError, encode_frame
+from bsscihub.protocols.bssci.framing import MAGIC, Framer, FramingError, encode_frame, op_frame_encoder
 from bsscihub.sim._stats import Counters, Histogram
 
 __all__ = ["BaseStation", "Host", "Uplink", "ul_template"]
@@ -39,23 +39,13 @@ _COMPLETIONS = {answer[:-3] + "Cmp": request for request, answer in _ANSWERS.ite
 _packer = msgpack.Packer(use_bin_type=True)
 
 
-def _op_frame(command: str) -> Callable[[int], bytes]:
-    """A fast encoder for `{"command": command, "opId": op}`, the bulk of what is sent."""
-    prefix = b"\x82" + _packer.pack("command") + _packer.pack(command) + _packer.pack("opId")
-    pack = _packer.pack
-
-    def frame(op: int) -> bytes:
-        payload = prefix + pack(op)
-        return MAGIC + len(payload).to_bytes(4, "little") + payload
-
-    return frame
 
 
-_ul_data_cmp = _op_frame("ulDataCmp")
-_ping = _op_frame("ping")
-_ping_cmp = _op_frame("pingCmp")
-_error_ack = _op_frame("errorAck")
-_simple_answers = {command: _op_frame(answer) for command, answer in _ANSWERS.items() if command != "status"}
+_ul_data_cmp = op_frame_encoder("ulDataCmp")
+_ping = op_frame_encoder("ping")
+_ping_cmp = op_frame_encoder("pingCmp")
+_error_ack = op_frame_encoder("errorAck")
+_simple_answers = {command: op_frame_encoder(answer) for command, answer in _ANSWERS.items() if command != "status"}
 
 
 def ul_template(subpackets: int = 0) -> dict[str, Any]:

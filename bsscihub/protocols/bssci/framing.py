@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -137,3 +137,16 @@ def encode_frame(message: Mapping[str, Any]) -> bytes:
     """Frame one message map as MessagePack, the encoding every base station reads."""
     payload: bytes = _packer.pack(message)
     return _HEADER.pack(MAGIC, len(payload)) + payload
+
+
+def op_frame_encoder(command: str) -> Callable[[int], bytes]:
+    """A fast encoder of the frame `{"command": command, "opId": op}`, most of what a session
+    sends (Rsp/Cmp/ping): the map's constant part is packed once."""
+    prefix = b"\x82" + _packer.pack("command") + _packer.pack(command) + _packer.pack("opId")
+    pack = _packer.pack
+
+    def frame(op: int) -> bytes:
+        payload = prefix + pack(op)
+        return MAGIC + len(payload).to_bytes(4, "little") + payload
+
+    return frame

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-import msgpack  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
@@ -22,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from bsscihub.protocols.bssci import messages as m
-from bsscihub.protocols.bssci.framing import MAGIC, encode_frame
+from bsscihub.protocols.bssci.framing import encode_frame, op_frame_encoder
 
 __all__ = [
     "EACCES",
@@ -73,24 +72,8 @@ _RESPONSES: dict[str, type[m.Message]] = {
 }
 _INITIATED_BY_BS = frozenset({"con", "ping", "att", "det", "ulData", "dlDataRes", "dlRxStat"})
 
-
-_packer = msgpack.Packer(use_bin_type=True)
-
-
-def _op_frame(command: str) -> Callable[[int], bytes]:
-    """A fast encoder of `{"command": command, "opId": op}`, most of what a session sends."""
-    prefix = b"\x82" + _packer.pack("command") + _packer.pack(command) + _packer.pack("opId")
-    pack = _packer.pack
-
-    def frame(op: int) -> bytes:
-        payload = prefix + pack(op)
-        return MAGIC + len(payload).to_bytes(4, "little") + payload
-
-    return frame
-
-
 _FRAMES = {
-    name: _op_frame(name)
+    name: op_frame_encoder(name)
     for name in (
         "ping", "pingRsp", "pingCmp", "statusCmp", "attPrpCmp", "detPrpCmp", "ulDataRsp", "dlDataQueCmp",
         "dlDataRevCmp", "dlDataResRsp", "dlRxStatRsp", "dlRxStatQryCmp", "ulDataTxCmp", "errorAck",
