@@ -68,6 +68,14 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, "unavailable", message)
 
 
+def running_service(hub: Any, family: str) -> Any:
+    """A family's service for its routes, or 503 while it is not running (stopping, failed start)."""
+    service = hub.services.get(family)
+    if service is None or not getattr(service, "running", True):
+        raise unavailable(f"the {family} family is not running")
+    return service
+
+
 @attrs.frozen
 class ErrorResponse:
     status: int

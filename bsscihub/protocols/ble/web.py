@@ -11,7 +11,7 @@ from typing import Any
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import BLEService, normalize_mac
 from bsscihub.protocols.devices.series import bucketed, chart_points
-from bsscihub.web.errors import bad_field, not_found, unavailable
+from bsscihub.web.errors import bad_field, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, PAGING, Call, NavItem, Page, Param, Redirect, api_route, page, page_route
 from bsscihub.web.schema import ANY_OBJECT, obj, page_of, string
 
@@ -66,10 +66,7 @@ class BLEWeb:
 
     @property
     def service(self) -> BLEService:
-        service = self.hub.services.get("ble")
-        if service is None or not service.running:
-            raise unavailable("the BLE family is not running")
-        return service  # type: ignore[no-any-return]
+        return running_service(self.hub, "ble")  # type: ignore[no-any-return]
 
     async def summary(self) -> dict[str, Any]:
         service = self.service

@@ -9,7 +9,7 @@ import datetime
 import json
 from typing import Any
 
-from bsscihub.web.errors import ApiError, not_found, unavailable
+from bsscihub.web.errors import ApiError, not_found, running_service
 from bsscihub.web.routing import (
     NO_CONTENT,
     PAGING,
@@ -133,10 +133,7 @@ class MiotyWeb:
 
     @property
     def service(self) -> Any:
-        service = self.hub.services.get("mioty")
-        if service is None or not getattr(service, "running", True):
-            raise unavailable("the mioty service is not running")
-        return _NotFoundMapping(service)
+        return _NotFoundMapping(running_service(self.hub, "mioty"))
 
     async def certificate_revoked(self, serial: int, reason: str, actor: str) -> None:
         """Called by the web layer when a certificate is revoked: base stations using it are refused."""

@@ -11,7 +11,7 @@ from typing import Any
 from bsscihub.ingest import IDENTIFIER, OVERSIZED, Rejected
 from bsscihub.protocols.devices.series import bucketed, chart_points
 from bsscihub.protocols.devices.service import DeviceError, DevicesService
-from bsscihub.web.errors import ApiError, bad_field, not_found, unauthorized, unavailable
+from bsscihub.web.errors import ApiError, bad_field, not_found, running_service, unauthorized
 from bsscihub.web.routing import (
     ANONYMOUS,
     NO_CONTENT,
@@ -97,10 +97,7 @@ class DevicesWeb:
 
     @property
     def service(self) -> DevicesService:
-        service = self.hub.services.get("devices")
-        if service is None or not service.running:
-            raise unavailable("the devices family is not running")
-        return service  # type: ignore[no-any-return]
+        return running_service(self.hub, "devices")  # type: ignore[no-any-return]
 
     def _device(self, device_id: str) -> Any:
         device = self.service.devices.get(device_id)
