@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.logger import LogEvent, globalLogPublisher
 
 from bsscihub.config import HubConfig, load_config
 from bsscihub.family import all_config_sections, installed_families
@@ -97,3 +98,12 @@ def store(database_url: str, tmp_path: Path) -> Iterator[Store]:
     s.start()
     yield s
     pytest_twisted.blockon(s.stop())
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    """Every twisted.logger event emitted during the test."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import generate_latest
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
 from bsscihub import pki
 from bsscihub.bus import Event
@@ -171,14 +171,6 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if reactor.seconds() > deadline:
             raise TimeoutError("condition not met in time")
         await deferLater(reactor, 0.01, lambda: None)
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def failures(events: list[LogEvent]) -> list[LogEvent]:

@@ -7,7 +7,7 @@ import datetime
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
-from zope.interface import provider
 
 from bsscihub.mqtt.client import (
     ConnectionLost,
@@ -42,20 +41,6 @@ from bsscihub.mqtt.client import (
 from tests.broker import BrokerTLS, Mosquitto, Subscriber
 
 reactor: Any = _reactor
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    """Every twisted.logger event emitted during the test."""
-    events: list[LogEvent] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def messages(events: list[LogEvent]) -> list[str]:

@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from bsscihub.bus import Event
 from bsscihub.hub import make_hub
@@ -72,14 +72,6 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def numbered(count: int, start: int = 0) -> list[bytes]:
     return [b"m%05d" % i for i in range(start, start + count)]
-
-
-@pytest.fixture
-def logged() -> Any:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture
