@@ -11,7 +11,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from _common import free_port, log, port_open, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -31,16 +31,6 @@ MQTT_PREFIX = "bsscihub"
 # Histogram buckets and creation timestamps: not counts to subtract.
 _NOT_COUNTS = ("}", "_created")
 _COUNTS = ("_total", "_count", "_sum")
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(check: Any, timeout: float, what: str, process: subprocess.Popen[Any] | None = None) -> None:
@@ -53,25 +43,6 @@ def wait_for(check: Any, timeout: float, what: str, process: subprocess.Popen[An
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not within {timeout:g} s")
         time.sleep(0.1)
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def stop(process: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # --- what the hub process costs -----------------------------------------------------
