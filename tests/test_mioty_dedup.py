@@ -145,3 +145,16 @@ def test_uplink_payload_lists_receivers_best_snr_first() -> None:
              "mode": None, "subpackets": None},
         ],
     }
+
+
+def test_a_late_timer_does_not_hold_a_closed_window_open(clock: Clock, sink: Sink) -> None:
+    # Under load the reactor runs timers late; the next arriving copy closes what is due.
+    dedup = Deduplicator(clock, 0.5, 100, sink)
+    dedup.add((EP, 1), copy("bs-a", 3.0, 1000.0))
+    dedup.add((EP, 2), copy("bs-a", 3.0, 1000.4, cnt=2))
+    dedup.sweep_due(1000.45)
+    assert sink.events == []
+    dedup.sweep_due(1000.5)  # the Clock has not moved: only the call closes the window
+    assert [e[0] for e in sink.events] == [(EP, 1)] and dedup.pending == 1
+    clock.advance(1.0)  # the timer fires too, and publishes nothing twice
+    assert [e[0] for e in sink.events] == [(EP, 1), (EP, 2)] and dedup.pending == 0

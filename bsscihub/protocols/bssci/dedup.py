@@ -117,14 +117,19 @@ class Deduplicator:
         delay = max(0.0, deadline - self._clock.seconds()) + SWEEP_SLACK
         self._timer = self._clock.callLater(delay, self._sweep)
 
-    def _sweep(self) -> None:
-        self._timer = None
-        now = self._clock.seconds()
+    def sweep_due(self, now: float) -> None:
+        """Publish the windows that have closed by `now`. Called on every arriving copy: under
+        load the reactor runs timers late (one iteration reads every busy connection first), and
+        a window must not stay open longer because the hub is busy."""
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             self._close(deadlines.popleft()[1])
-        if deadlines:
-            self._arm(deadlines[0][0])
+
+    def _sweep(self) -> None:
+        self._timer = None
+        self.sweep_due(self._clock.seconds())
+        if self._deadlines:
+            self._arm(self._deadlines[0][0])
 
     def _close(self, key: Key) -> None:
         group = self._open.pop(key)

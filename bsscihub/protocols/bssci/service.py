@@ -525,6 +525,7 @@ class MiotyService(FamilyService):
             sub_json = json.dumps(subpackets_json(sub))
         ep = f"{msg.epEui:016x}"
         now = self.clock.seconds()
+        self.dedup.sweep_due(now)
         bs = session.bs_hex
         self.counters.copies += 1
         stored = self.registry.add_uplink(
