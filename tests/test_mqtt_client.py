@@ -124,6 +124,8 @@ class FakeSocket:
         self.closed = False
         self.eof = False
         self.blocked = False
+        self.sends = 0
+        self.recvs = 0
 
     def fileno(self) -> int:
         return -1 if self.closed else self._fd
@@ -136,10 +138,12 @@ class FakeSocket:
             raise OSError("closed")
         if self.blocked:
             raise BlockingIOError()
+        self.sends += 1
         self.sent += data
         return len(data)
 
     def recv(self, n: int) -> bytes:
+        self.recvs += 1
         if self.inbound:
             chunk = bytes(self.inbound[:n])
             del self.inbound[:n]
@@ -402,6 +406,37 @@ def test_publish_acks_and_connection_loss() -> None:
     sock = h.connect()
     h.flush()
     assert sock.kinds() == [1]
+
+
+def test_packets_are_sent_and_read_in_batches() -> None:
+    h = Harness()
+    sock = h.connect()
+    sends = sock.sends
+    ds = [h.client.publish(f"t/{i}", b"x") for i in range(5)]
+    h.flush()
+    sent = [p for p in sock.packets() if p.kind == 3]
+    assert len(sent) == 5 and sock.sends == sends + 1, "five PUBLISHes in one send()"
+
+    sock.inbound += b"".join(puback(p.mid) for p in sent)
+    recvs = sock.recvs
+    h.descriptor.doRead()
+    assert all(d.called for d in ds), "every PUBACK of one read is handled in that read"
+    assert sock.recvs - recvs <= 2, "paho's byte-sized reads are served from one recv()"
+
+
+def test_a_full_socket_keeps_the_batch_until_it_drains() -> None:
+    h = Harness()
+    sock = h.connect()
+    sock.blocked = True
+    h.client.publish("t/1", b"x")
+    h.client.publish("t/2", b"y")
+    h.flush()
+    assert [p for p in sock.packets() if p.kind == 3] == []
+    assert h.reactor.writers, "still waiting to write"
+    sock.blocked = False
+    h.flush()
+    assert [p.body[2:5] for p in sock.packets() if p.kind == 3] == [b"t/1", b"t/2"]
+    assert not h.reactor.writers
 
 
 def test_publish_refused_by_broker() -> None:
@@ -734,7 +769,7 @@ async def test_clean_stop_sends_no_will_but_a_lost_connection_does(
     await until(lambda: client.connected)
     # cut the TCP connection under paho: the broker sees no DISCONNECT
     assert client._descriptor is not None
-    sock = client._descriptor.sock
+    sock = client._descriptor.sock.raw
     assert isinstance(sock, socket.socket)
     sock.shutdown(socket.SHUT_RDWR)
     seen = await witness.when(lambda m: m.topic == "hub/status")
