@@ -5,6 +5,7 @@ A configuration mistake prints one line and exits 2; it never reaches makeServic
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -83,7 +84,32 @@ def makeService(options: Options, reactor: Any = None) -> HubService:
 
         reactor = default_reactor
     reactor.callWhenRunning(_exit_zero_on_signals, reactor)
-    return build_service(options.hub_config, options.families, reactor)
+    service = build_service(options.hub_config, options.families, reactor)
+    service.when_ready().addCallbacks(lambda _: tune_gc(), lambda _: None)
+    return service
+
+
+# Young collections after 10,000 new container objects rather than CPython's 700: a busy hub
+# makes short-lived Deferreds, frames and dicts by the hundred thousand a second.
+GC_THRESHOLDS = (10_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Once the hub has started: freeze what start-up built and collect less often.
+
+    With CPython's defaults, full collections walked every module, cache and registry
+    object again and again, up to 110 ms each at 8,000 uplinks/s, which showed as the
+    tail of the dedup latency. Frozen objects are never collected (nor scanned); start-up
+    garbage is collected first so that it is not frozen with them.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.info(
+        "garbage collector: {frozen} start-up objects frozen, thresholds {thresholds}",
+        frozen=gc.get_freeze_count(),
+        thresholds=GC_THRESHOLDS,
+    )
 
 
 def _exit_zero_on_signals(reactor: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
+from bsscihub.tap import GC_THRESHOLDS, tune_gc
 from tests.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +36,17 @@ def test_plugin_is_discoverable() -> None:
     assert "bsscihub" in names
     listed = subprocess.run([*TWISTD, "--help"], capture_output=True, text=True, timeout=60, cwd="/")
     assert "bsscihub" in listed.stdout
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 1000  # the modules, classes and config loaded so far
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_bad_value_stops_startup_with_one_line(tmp_path: Path) -> None:
@@ -122,6 +135,7 @@ def test_runs_serves_health_without_broker_stops_cleanly_and_restarts(home: Path
     assert returncode == 0, output
     assert took < 10
     assert "bsscihub stopped" in output
+    assert "garbage collector: " in output, "the started hub tunes the collector"
     assert "Traceback" not in output
 
     hub = start_hub(tmp_path, web)
