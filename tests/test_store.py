@@ -66,7 +66,7 @@ async def test_blob_and_returning(store: Store) -> None:
 @pytest_twisted.ensureDeferred
 async def test_batch_writer_commits_every_row_before_acknowledging(store: Store) -> None:
     await store.migrate(SAMPLE)
-    writer = store.batch_writer("INSERT INTO things (name, n) VALUES (?, ?)", max_rows=50)
+    writer = store.batch_writer("INSERT INTO things (name, n) VALUES {rows}", max_rows=50)
     acks = [writer.add((f"r{i}", i)) for i in range(120)]
     for d in acks:
         await d
@@ -78,9 +78,24 @@ async def test_batch_writer_commits_every_row_before_acknowledging(store: Store)
 
 
 @pytest_twisted.ensureDeferred
+async def test_execute_rows_writes_many_rows_per_statement_in_order(store: Store) -> None:
+    await store.migrate(SAMPLE)
+    await store.execute_rows("INSERT INTO things (name, n) VALUES {rows}", [(f"r{i}", i) for i in range(250)])
+    rows = await store.fetchall("SELECT name, n FROM things ORDER BY id")
+    assert rows == [(f"r{i}", i) for i in range(250)], "three statements (100, 100, 50), every row once"
+    # the same placeholder in an UPDATE ... FROM (VALUES ...), as the published marks use it
+    await store.execute_rows(
+        "UPDATE things SET n = -1 FROM (VALUES {rows}) AS v WHERE things.name = v.column1",
+        [(f"r{i}",) for i in range(0, 250, 2)],
+    )
+    (marked,) = await store.fetchone("SELECT COUNT(*) FROM things WHERE n = -1") or (0,)
+    assert marked == 125
+
+
+@pytest_twisted.ensureDeferred
 async def test_batch_writer_failure_reaches_every_waiter(store: Store) -> None:
     await store.migrate(SAMPLE)
-    writer = store.batch_writer("INSERT INTO nowhere (x) VALUES (?)")
+    writer = store.batch_writer("INSERT INTO nowhere (x) VALUES {rows}")
     results = []
     for i in range(3):
         d = writer.add((i,))
@@ -98,7 +113,7 @@ async def test_stop_flushes_pending_batches(database_url: str, tmp_path) -> None
     s = open_store(database_url, tmp_path / "hub.sqlite", reactor)
     s.start()
     await s.migrate(SAMPLE)
-    writer = s.batch_writer("INSERT INTO things (name) VALUES (?)", delay=10.0)
+    writer = s.batch_writer("INSERT INTO things (name) VALUES {rows}", delay=10.0)
     writer.add(("pending",))
     await s.stop()
     s2 = open_store(database_url, tmp_path / "hub.sqlite", reactor)

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from bsscihub.mqtt.client import ConnectionLost, PublishRefused
+from bsscihub.store import row_statements
 
 __all__ = ["Outbox", "OutboxClosed", "OutboxDropped", "OutboxFull", "Publish", "check_topic"]
 
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL
 )
 """
-_INSERT = "INSERT INTO outbox (id, topic, payload, retain, correlation, created) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO outbox (id, topic, payload, retain, correlation, created) VALUES {rows}"
 _SELECT = "SELECT id, topic, payload, retain, correlation, created FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
 
 _LOG_EVERY = 10.0
@@ -154,8 +155,8 @@ class _Disk:
         assert conn is not None
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if rows:
-                conn.executemany(_INSERT, rows)
+            for statement, params in row_statements(_INSERT, rows):
+                conn.execute(statement, params)
             if deletes:
                 conn.executemany("DELETE FROM outbox WHERE id BETWEEN ? AND ?", deletes)
         except BaseException:

@@ -151,16 +151,16 @@ class BLEService(FamilyService):
         self._inserts: set[defer.Deferred[Any]] = set()
         # Group-committed: many beacons seen for the first time must not cost a commit each.
         self._new_nodes = hub.store.batch_writer(
-            "INSERT INTO ble_nodes (mac, first_seen, last_seen, gateway, rssi) VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO ble_nodes (mac, first_seen, last_seen, gateway, rssi) VALUES {rows}"
             " ON CONFLICT (mac) DO NOTHING")
         self._new_gateways = hub.store.batch_writer(
-            "INSERT INTO ble_gateways (id, first_seen, last_seen, state, since) VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO ble_gateways (id, first_seen, last_seen, state, since) VALUES {rows}"
             " ON CONFLICT (id) DO NOTHING")
         self._readings = hub.store.batch_writer(
-            "INSERT INTO ble_readings (mac, time, receivers, data) VALUES (?, ?, ?, ?)"
+            "INSERT INTO ble_readings (mac, time, receivers, data) VALUES {rows}"
         )
         self._samples = hub.store.batch_writer(
-            "INSERT INTO ble_samples (mac, quantity, time, value) VALUES (?, ?, ?, ?)"
+            "INSERT INTO ble_samples (mac, quantity, time, value) VALUES {rows}"
         )
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._checker = self.looping(self.check_gateways, "checking gateways")

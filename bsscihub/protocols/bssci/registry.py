@@ -30,8 +30,12 @@ UPLINK_COLUMNS = (
     "ep_eui, packet_cnt, bs_eui, received, rx_time, rx_duration, snr, rssi, eq_snr,"
     " profile, mode, subpackets, data, format, dl_open, response_exp, dl_ack"
 )
-_INSERT_UPLINK = f"INSERT INTO mioty_uplinks ({UPLINK_COLUMNS}) VALUES ({', '.join('?' * 17)})"
-_MARK_PUBLISHED = "UPDATE mioty_uplinks SET published = 1 WHERE ep_eui = ? AND packet_cnt = ? AND published = 0"
+_INSERT_UPLINK = f"INSERT INTO mioty_uplinks ({UPLINK_COLUMNS}) VALUES {{rows}}"
+_MARK_PUBLISHED = (
+    "UPDATE mioty_uplinks SET published = 1 FROM (VALUES {rows}) AS marked"
+    " WHERE mioty_uplinks.published = 0 AND mioty_uplinks.ep_eui = marked.column1"
+    " AND mioty_uplinks.packet_cnt = marked.column2"
+)
 _SENSOR_COLUMNS = (
     "eui, nw_key, short_addr, bidi, dual_chan, repetition, wide_carr_off, long_blk_dist, ep_class,"
     " sync_burst, attached, attached_at, attach_cnt, last_packet_cnt, last_seen, best_bs, best_snr,"
@@ -318,7 +322,8 @@ class ImportCounts:
 
 
 class _Coalescer:
-    """Rows for one statement, written together once `delay` passed; no per-row Deferred.
+    """Rows for one `... {rows} ...` statement (row_statements), written together once `delay`
+    passed; no per-row Deferred.
 
     A failed write keeps its rows for the next round: these are idempotent updates.
     """
@@ -353,7 +358,7 @@ class _Coalescer:
             if self._rows and self._timer is None:
                 self._timer = self._clock.callLater(self._delay, self._write)
 
-        self._in_flight = self._store.executemany(self._sql, rows)
+        self._in_flight = self._store.execute_rows(self._sql, rows)
         self._in_flight.addBoth(done)
 
     async def flush(self) -> None:

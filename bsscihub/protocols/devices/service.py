@@ -115,12 +115,12 @@ class DevicesService(FamilyService):
         self._inserts: set[defer.Deferred[Any]] = set()
         # Group-committed like telemetry: a fleet seen for the first time must not cost a commit per device.
         self._registrations = hub.store.batch_writer(
-            "INSERT INTO dev_devices (id, name, first_seen, registered_via) VALUES (?, ?, ?, ?)"
+            "INSERT INTO dev_devices (id, name, first_seen, registered_via) VALUES {rows}"
             " ON CONFLICT (id) DO NOTHING"
         )
         self._key_used: dict[str, float] = {}
         self._telemetry = hub.store.batch_writer(
-            "INSERT INTO dev_telemetry (device, type, time, value) VALUES (?, ?, ?, ?)"
+            "INSERT INTO dev_telemetry (device, type, time, value) VALUES {rows}"
         )
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._pruner = self.looping(self.prune, "pruning old telemetry")
