@@ -77,12 +77,20 @@ async def test_batch_writer_commits_every_row_before_acknowledging(store: Store)
     assert [r[0] for r in rows] == list(range(120))
 
 
+def test_row_statements_use_few_distinct_sizes() -> None:
+    from bsscihub.store import row_statements
+
+    statements = list(row_statements("INSERT INTO t (a, b) VALUES {rows}", [(i, -i) for i in range(250)]))
+    assert [len(params) // 2 for _, params in statements] == [128, 64, 32, 16, 8, 2]
+    assert statements[-1] == ("INSERT INTO t (a, b) VALUES (?, ?), (?, ?)", [248, -248, 249, -249])
+
+
 @pytest_twisted.ensureDeferred
 async def test_execute_rows_writes_many_rows_per_statement_in_order(store: Store) -> None:
     await store.migrate(SAMPLE)
     await store.execute_rows("INSERT INTO things (name, n) VALUES {rows}", [(f"r{i}", i) for i in range(250)])
     rows = await store.fetchall("SELECT name, n FROM things ORDER BY id")
-    assert rows == [(f"r{i}", i) for i in range(250)], "three statements (100, 100, 50), every row once"
+    assert rows == [(f"r{i}", i) for i in range(250)], "statements of 128, 64, 32, 16, 8 and 2 rows, every row once"
     # the same placeholder in an UPDATE ... FROM (VALUES ...), as the published marks use it
     await store.execute_rows(
         "UPDATE things SET n = -1 FROM (VALUES {rows}) AS v WHERE things.name = v.column1",
