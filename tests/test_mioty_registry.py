@@ -10,6 +10,7 @@ from bsscihub.protocols.bssci.registry import BaseStation, Registry, attach_chan
 from bsscihub.protocols.bssci.schema import MIGRATIONS
 from bsscihub.store import Store
 from bsscihub.store.schema import CORE_MIGRATIONS
+from bsscihub.web import certs as web_certs
 
 KEY = bytes(range(16))
 EP1, EP2 = "0011223344556677", "00112233445566ff"
@@ -20,6 +21,16 @@ async def registry(store: Store) -> Registry:
     r = Registry(store, reactor)
     await r.load()
     return r
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_serials_of_version_1_move_to_the_core_table(store: Store) -> None:
+    await store.migrate(CORE_MIGRATIONS + MIGRATIONS[:1])
+    await store.execute("INSERT INTO mioty_revoked_certs (serial, bs_eui, reason, revoked_at) VALUES (?, ?, ?, ?)",
+                        ("0xabcdef", "00000000000000aa", "stolen", 4.0))
+    r = await registry(store)
+    assert r.revoked_serials == {0xABCDEF: "stolen"}
+    assert await store.fetchall("SELECT serial, reason, actor FROM revoked_certs") == [("abcdef", "stolen", "mioty")]
 
 
 def row(ep: str, cnt: int, bs: str, received: float, rx: int = 10**18, snr: float = 1.0) -> tuple[object, ...]:
@@ -87,13 +98,16 @@ async def test_base_stations_and_revocations(store: Store) -> None:
     await r.save_base_station(bs)
     bs.last_seen, bs.name = 3.0, "roof"
     await r.save_base_station(bs)
-    await r.revoke_certificate(0xABCDEF, "stolen", bs.eui, 4.0)
+    await r.revoke_certificate(0xABCDEF, "stolen", "admin", 4.0)
+    await r.revoke_certificate(0xABCDEF, "again", "admin", 5.0)  # the first reason stays
+    # Revoked from the web (core table only) while the family was not running: refused all the same.
+    await web_certs.revoke(store, "1234", "lost", "admin", 6.0)
     fresh = await registry(store)
     got = fresh.base_stations[bs.eui]
     assert (got.first_seen, got.last_seen, got.name, got.online, got.geo) == (1.0, 3.0, "roof", True,
                                                                             [50.1, 8.6, 100.0])
     assert got.last_status == {"code": 0, "time": "1970-01-01T00:00:02.000Z"}
-    assert fresh.revoked_serials == {0xABCDEF: "stolen"}
+    assert fresh.revoked_serials == {0xABCDEF: "stolen", 0x1234: "lost"}
     assert got.state_payload()["state"] == "online"
     stale = await fresh.mark_all_offline(9.0)
     assert [b.eui for b in stale] == [bs.eui]

@@ -403,7 +403,8 @@ class Registry:
         def read(c: Cursor) -> tuple[Any, ...]:
             sensors = c.execute(f"SELECT {_SENSOR_COLUMNS} FROM mioty_sensors").fetchall()
             stations = c.execute(f"SELECT {_BS_COLUMNS} FROM mioty_base_stations").fetchall()
-            certs = c.execute("SELECT serial, reason FROM mioty_revoked_certs").fetchall()
+            # The hub's one record of revoked serials, shared with the web's certificate pages.
+            certs = c.execute("SELECT serial, reason FROM revoked_certs").fetchall()
             rev = c.execute("SELECT value FROM mioty_meta WHERE name = 'sensor_rev'").fetchone()
             return sensors, stations, certs, rev
 
@@ -579,12 +580,13 @@ class Registry:
                 "UPDATE mioty_base_stations SET last_seen = ? WHERE eui = ?", [(now, eui) for eui in euis]
             )
 
-    async def revoke_certificate(self, serial: int, reason: str, bs_eui: str | None, now: float) -> None:
-        self.revoked_serials[serial] = reason
+    async def revoke_certificate(self, serial: int, reason: str, actor: str, now: float) -> None:
+        """Refuse `serial` from now on; a serial revoked already keeps its first reason."""
+        self.revoked_serials.setdefault(serial, reason)
         await self.store.execute(
-            "INSERT INTO mioty_revoked_certs (serial, bs_eui, reason, revoked_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (serial) DO UPDATE SET reason = excluded.reason, revoked_at = excluded.revoked_at",
-            (f"{serial:#x}", bs_eui, reason, now),
+            "INSERT INTO revoked_certs (serial, reason, revoked_at, actor) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (serial) DO NOTHING",
+            (format(serial, "x"), reason, now, actor),
         )
 
     # -- uplinks

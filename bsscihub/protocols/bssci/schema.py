@@ -1,4 +1,5 @@
-"""The mioty family's tables: base stations, revoked certificates, sensors, uplink copies, downlinks.
+"""The mioty family's tables: base stations, sensors, uplink copies, downlinks (revoked certificate
+serials live in the hub's core `revoked_certs`, shared with the web's certificate pages).
 
 EUIs are stored as 16 lower-case hex digits (an EUI64 overflows a signed 64-bit column); flags are 0/1 integers.
 """
@@ -108,6 +109,18 @@ MIGRATIONS = [
             updated {real} NOT NULL
         );
         CREATE INDEX mioty_downlinks_ep ON mioty_downlinks (ep_eui, id)
+        """,
+    ),
+    Migration(
+        "mioty",
+        2,
+        # Revoked serials move to the core table, so that a revocation made while this family was
+        # not running (from the web, say) is still refused when it starts. '0x1a2b' -> '1a2b'.
+        """
+        INSERT INTO revoked_certs (serial, reason, revoked_at, actor)
+            SELECT substr(serial, 3), reason, revoked_at, 'mioty' FROM mioty_revoked_certs WHERE true
+            ON CONFLICT (serial) DO NOTHING;
+        DROP TABLE mioty_revoked_certs
         """,
     ),
 ]

@@ -1036,7 +1036,7 @@ class MiotyService(FamilyService):
         if session is not None and session.certificate is not None:
             serials.add(session.certificate.serial_number)
         for serial in serials:
-            await self.registry.revoke_certificate(serial, reason or f"base station {eui} revoked", eui, now)
+            await self.registry.revoke_certificate(serial, reason or f"base station {eui} revoked", actor, now)
         self.log.warn("base station {bsEui} revoked by {actor}: {reason}", bsEui=eui, actor=actor,
                       reason=reason or "no reason given")
         if session is not None:
@@ -1047,7 +1047,7 @@ class MiotyService(FamilyService):
         """Refuse a client certificate by serial number (in every future TLS handshake)."""
         if type(serial) is not int or serial <= 0:
             raise CommandError(f"bad certificate serial {serial!r}")
-        await self.registry.revoke_certificate(serial, reason or "revoked", None, self.clock.seconds())
+        await self.registry.revoke_certificate(serial, reason or "revoked", actor, self.clock.seconds())
         for session in list(self.sessions.values()):
             if session.certificate is not None and session.certificate.serial_number == serial:
                 session.close(f"certificate revoked by {actor}")
