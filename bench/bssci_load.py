@@ -11,6 +11,7 @@ import re
 import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -200,6 +201,10 @@ def histogram_quantile(name: str, before: dict[str, float], after: dict[str, flo
 # --- profile -------------------------------------------------------------------------
 
 
+def find_py_spy() -> str | None:
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+
+
 class Profiler:
     """py-spy on the hub (`--profile`): one recording per interesting phase of the load run."""
 
@@ -207,7 +212,7 @@ class Profiler:
 
     def __init__(self, pid: int, prefix: Path) -> None:
         self.pid, self.prefix = pid, prefix
-        self.exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        self.exe = find_py_spy()
         self.files: dict[str, Path] = {}
         self.seconds: dict[str, float] = {}
         self._current: subprocess.Popen[bytes] | None = None
@@ -727,6 +732,26 @@ class Bench:
         }
 
 
+def stored_uplinks(database: Path, uniqueness: dict[str, Any]) -> dict[str, Any]:
+    """What the stopped hub's database holds for the run: every acknowledged copy stored once,
+    every unique uplink marked published (nothing left for a replay)."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        copies, unique, unpublished = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT ep_eui || ':' || packet_cnt), SUM(published = 0) FROM mioty_uplinks"
+        ).fetchone()
+        repeated = db.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM mioty_uplinks GROUP BY ep_eui, packet_cnt, bs_eui HAVING COUNT(*) > 1)"
+        ).fetchone()[0]
+    return {
+        "db_copies": copies,
+        "db_unique": unique,
+        "db_unpublished": unpublished or 0,
+        "db_repeated_copies": repeated,
+        "stored_exactly_once": unique == uniqueness["sim_unique_acked"] and copies == uniqueness["sim_ul_completed"]
+        and repeated == 0 and not unpublished,
+    }
+
+
 def _http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -812,6 +837,12 @@ def table(results: dict[str, Any]) -> str:
                     f"{u['mqtt_unique']:,} / {u['mqtt_duplicates']:,} / {u['sim_unique_acked']:,}",
                 )
                 row("  exactly once", "no uplink reached MQTT" if u["exactly_once"] is None else u["exactly_once"])
+            if "db_unique" in u:
+                row(
+                    "  stored: copies / unique / unpublished",
+                    f"{u['db_copies']:,} / {u['db_unique']:,} / {u['db_unpublished']:,}",
+                )
+                row("  stored exactly once", u["stored_exactly_once"])
         elif key == "b_attach_storm":
             row("  attPrp received / expected", f"{r['att_prp_received']:,} / {r['att_prp_expected']:,}")
             row("  all propagated after", r["all_propagated_after_s"], " s")
@@ -891,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
         help="record the hub with py-spy during the storm and the window (bench/results/hub-profile-*.txt)",
     )
     args = parser.parse_args(argv)
+    if args.profile and find_py_spy() is None:
+        parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
     if args.quick:
         args.duration, args.base_stations, args.sensors, args.idle = 5.0, 10, 300, 50
         args.idle_duration, args.warmup_timeout, args.sim_processes = 5.0, 60.0, 1
@@ -968,6 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 results["hub"] = bench.stop_hub()
                 results["hub"]["log_bytes"] = (tmp / "hub.log").stat().st_size if (tmp / "hub.log").exists() else None
+            uniqueness = results.get("a_sustained", {}).get("uniqueness")
+            if uniqueness is not None:
+                uniqueness.update(stored_uplinks(tmp / "var" / "hub.sqlite", uniqueness))
         if "c" in args.scenarios:
             idle_env = {**env, "BSSCIHUB_DATA_DIR": str(tmp / "var-idle")}
             try:
