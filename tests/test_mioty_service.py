@@ -407,6 +407,35 @@ async def test_commands_are_validated(running: Running) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_queued_downlink_is_revoked_and_reception_status_queried_by_command(running: Running) -> None:
+    command = running.service.command
+    b = await running.station("bs-b", B)
+    await command("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b", "bidi": True})
+    await b.expect("attPrp")
+    queued = await command("ep", EP, "down", {"data": "cafe"})
+    await b.expect("dlDataQue")
+    result = await command("ep", EP, "revoke_down", {"queId": queued["queId"]})
+    rev = await b.expect("dlDataRev")
+    assert (rev["epEui"], rev["queId"]) == (int(EP, 16), queued["queId"])
+    assert result == {"epEui": EP, "queId": queued["queId"], "status": "revoked", "problems": []}
+    [entry] = (await running.service.downlinks(EP))["items"]
+    assert entry["status"] == "revoked"
+    with pytest.raises(CommandError, match=f"no pending downlink {queued['queId']}"):
+        await command("ep", EP, "revoke_down", {"queId": queued["queId"]})  # gone already
+    with pytest.raises(CommandError, match="missing field 'queId'"):
+        await command("ep", EP, "revoke_down", {})
+
+    assert await command("ep", EP, "dl_rx_status", {}) == {"epEui": EP, "baseStations": [B]}
+    assert (await b.expect("dlRxStatQry"))["epEui"] == int(EP, 16)
+    op = b.send("dlRxStat", epEui=int(EP, 16), rxTime=9, packetCnt=3, dlRxSnr=4.5, dlRxRssi=-99.0)
+    assert (await b.expect("dlRxStatRsp"))["opId"] == op
+    await wait_for(lambda: running.of("dl_rx_status"))
+    assert running.of("dl_rx_status")[0].payload["dlRxSnr"] == 4.5
+    actions = [r[0] for r in await running.hub.store.fetchall("SELECT action FROM audit_log ORDER BY id")]
+    assert "mioty.sensor.downlink_revoke" in actions
+
+
+@pytest_twisted.ensureDeferred
 async def test_over_the_air_attach(running: Running) -> None:
     await running.service.attach(EP, KEY, 0x1A2B, True)
     a = await running.station("bs-a", A)

@@ -251,10 +251,18 @@ async def test_sensor_routes(harness: Harness) -> None:
                             json_body={"data": "abc"})
     assert reply.error["field"] == "data"
     downs = (await h.request("GET", f"/api/v1/mioty/sensors/{EUI}/downlinks", role="viewer")).json()
-    assert downs["items"] == [{"data": "01a2ff", "format": 3}]
+    assert downs["items"] == [{"queId": 1, "data": "01a2ff", "format": 3, "status": "accepted"}]
     reply = await h.request("POST", "/api/v1/mioty/sensors/0000000000000001/downlinks", role="operator",
                             json_body={"data": "00"})
     assert (reply.code, reply.error["code"]) == (409, "rejected")  # CommandError from the service
+    reply = await h.request("DELETE", f"/api/v1/mioty/sensors/{EUI}/downlinks/1", role="operator")
+    assert (reply.code, reply.json()["status"]) == (200, "revoked")
+    assert fake.calls[-1] == ("revoke_downlink", (EUI, 1, "operator"))
+    assert (await h.request("DELETE", f"/api/v1/mioty/sensors/{EUI}/downlinks/7", role="operator")).code == 409
+    reply = await h.request("DELETE", f"/api/v1/mioty/sensors/{EUI}/downlinks/x", role="operator")
+    assert (reply.code, reply.error["field"]) == (400, "queId")
+    reply = await h.request("POST", f"/api/v1/mioty/sensors/{EUI}/dl-rx-status", role="operator")
+    assert reply.code == 202 and fake.calls[-1] == ("dl_rx_status", EUI)
 
     fake.uplinks[EUI] = [{"epEui": EUI, "packetCnt": n, "receivers": [{"rssi": -90, "snr": 5}]} for n in range(5)]
     ups = (await h.request("GET", f"/api/v1/mioty/sensors/{EUI}/uplinks?limit=2", role="viewer")).json()
@@ -267,8 +275,8 @@ async def test_sensor_routes(harness: Harness) -> None:
     assert (await h.request("DELETE", f"/api/v1/mioty/sensors/{EUI}", role="operator")).code == 204
 
     actions = [e.action for e in (await audit.query(h.hub.store, target=EUI))[0]]
-    assert sorted(actions) == sorted(["mioty.sensor.create", "mioty.sensor.downlink", "mioty.sensor.detach",
-                                      "mioty.sensor.attach", "mioty.sensor.delete"])
+    assert sorted(actions) == sorted(["mioty.sensor.create", "mioty.sensor.downlink", "mioty.sensor.downlink_revoke",
+                                      "mioty.sensor.detach", "mioty.sensor.attach", "mioty.sensor.delete"])
 
 
 @pytest_twisted.ensureDeferred

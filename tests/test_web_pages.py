@@ -93,8 +93,18 @@ async def test_add_sensor_then_downlink_through_the_forms(harness: Harness) -> N
     await h.request("POST", f"/mioty/sensors/{EUI}/downlink", cookies=cookies, headers=FORM,
                     data=f"_csrf={csrf}&data=01ab&format=2")
     assert h.mioty.queued == [(EUI, b"\x01\xab", {"format": 2, "actor": "operator"})]
+    page = await h.request("GET", f"/mioty/sensors/{EUI}", cookies=cookies)
+    assert f'action="/mioty/sensors/{EUI}/downlinks/1/revoke"'.encode() in page.body
+    reply = await h.request("POST", f"/mioty/sensors/{EUI}/downlinks/1/revoke", cookies=cookies, headers=FORM,
+                            data=f"_csrf={csrf}")
+    page = await h.request("GET", reply.header("Location") or "", cookies=cookies)
+    assert b"downlink 1 withdrawn" in page.body and h.mioty.calls[-1] == ("revoke_downlink", (EUI, 1, "operator"))
+    reply = await h.request("POST", f"/mioty/sensors/{EUI}/dl-rx-status", cookies=cookies, headers=FORM,
+                            data=f"_csrf={csrf}")
+    assert reply.code == 303 and h.mioty.calls[-1] == ("dl_rx_status", EUI)
     entries, _ = await audit.query(h.hub.store, target=EUI)
-    assert [(e.action, e.actor) for e in entries] == [("mioty.sensor.downlink", "operator"),
+    assert [(e.action, e.actor) for e in entries] == [("mioty.sensor.downlink_revoke", "operator"),
+                                                      ("mioty.sensor.downlink", "operator"),
                                                       ("mioty.sensor.create", "operator")]
 
 

@@ -89,6 +89,18 @@ class FakeMioty:
         self.queued.append((ep_eui, data, {"format": format, "actor": actor}))
         return {"epEui": ep_eui, "queId": len(self.queued), "status": "accepted", "baseStations": []}
 
+    async def revoke_downlink(self, ep_eui: str, que_id: int, *, actor: str = "system") -> dict[str, Any]:
+        self._sensor(ep_eui)
+        if not 1 <= que_id <= len(self.queued):
+            raise CommandError(f"no pending downlink {que_id!r} for end point {ep_eui}")
+        self.calls.append(("revoke_downlink", (ep_eui, que_id, actor)))
+        return {"epEui": ep_eui, "queId": que_id, "status": "revoked", "problems": []}
+
+    async def query_dl_rx_status(self, ep_eui: str) -> dict[str, Any]:
+        self._sensor(ep_eui)
+        self.calls.append(("dl_rx_status", ep_eui))
+        return {"epEui": ep_eui, "baseStations": []}
+
     async def poll_status(self, bs_eui: str) -> dict[str, Any]:
         if bs_eui not in self.stations:
             raise UnknownDevice(f"unknown base station {bs_eui}")
@@ -123,7 +135,8 @@ class FakeMioty:
         return {"items": list(reversed(self.uplinks.get(ep_eui, [])))[:limit]}
 
     async def downlinks(self, ep_eui: str) -> dict[str, Any]:
-        return {"items": [{"data": d.hex(), "format": o["format"]} for e, d, o in self.queued if e == ep_eui]}
+        return {"items": [{"queId": i, "data": d.hex(), "format": o["format"], "status": "accepted"}
+                          for i, (e, d, o) in enumerate(self.queued, 1) if e == ep_eui]}
 
 
 @attrs.define

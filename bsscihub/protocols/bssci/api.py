@@ -32,6 +32,8 @@ NW_KEY = hexstr(32, "network key (AES-128)")
 SHORT_ADDR = hexstr(4, "short address")
 BS = Param("eui", EUI, "base-station EUI-64", example="70b3d59cd0000001")
 EP = Param("eui", EUI, "end point (sensor) EUI-64", example="0011223344556677")
+QUE_ID = Param("queId", {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}, "the downlink's queue id",
+               example=42)
 ENDPOINT = obj({"eui": EUI, "nwKey": NW_KEY, "shortAddr": SHORT_ADDR, "bidi": {"type": "boolean"}},
                ("eui", "nwKey", "shortAddr", "bidi"))
 ATTACH = obj({"nwKey": NW_KEY, "shortAddr": SHORT_ADDR, "bidi": {"type": "boolean"}}, ("nwKey", "shortAddr", "bidi"))
@@ -336,6 +338,28 @@ class MiotyWeb:
         call.detail = {"bytes": len(body["data"]) // 2}
         return Accepted(result if isinstance(result, dict) else {"epEui": eui, "queued": True})
 
+    @api_route("DELETE", "/sensors/{eui}/downlinks/{queId}", role="operator",
+               summary="Withdraw a queued downlink (dlDataRev to the base stations holding it)",
+               params=(EP, QUE_ID), response=ANY_OBJECT, errors=(404, 409), audit="mioty.sensor.downlink_revoke",
+               audit_target="eui")
+    async def revoke_downlink(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        que_id = call.params["queId"]
+        call.detail = {"queId": que_id}
+        return await self.service.revoke_downlink(eui, que_id, actor=call.actor)
+
+    @api_route("POST", "/sensors/{eui}/dl-rx-status", role="operator",
+               summary="Ask the base stations for the sensor's downlink reception status (dlRxStatQry);"
+                       " answers arrive as dl_rx_status events",
+               params=(EP,), status=202, response=ANY_OBJECT, errors=(404, 409))
+    async def query_dl_rx_status(self, call: Call) -> Any:
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        return Accepted(await self.service.query_dl_rx_status(eui))
+
     # -- pages
 
     async def _invoke(self, call: Call, name: str, **kwargs: Any) -> Any:
@@ -453,6 +477,17 @@ class MiotyWeb:
         if form.get("responseExp"):
             body["responseExp"] = True
         return await self._sensor_action(call, "queue_downlink", "downlink queued", body=body)
+
+    @page_route("POST", "/sensors/{eui}/downlinks/{queId}/revoke", role="operator", summary="Withdraw a downlink",
+                params=(EP, QUE_ID))
+    async def revoke_downlink_page(self, call: Call) -> Any:
+        return await self._sensor_action(call, "revoke_downlink", f"downlink {call.params['queId']} withdrawn")
+
+    @page_route("POST", "/sensors/{eui}/dl-rx-status", role="operator", summary="Ask for downlink reception status",
+                params=(EP,))
+    async def dl_rx_status_page(self, call: Call) -> Any:
+        return await self._sensor_action(call, "query_dl_rx_status",
+                                         "asked the base stations; answers arrive as dl_rx_status events")
 
     @page_route("POST", "/sensors/{eui}/delete", role="operator", summary="Remove a sensor", params=(EP,))
     async def delete_page(self, call: Call) -> Any:
@@ -700,11 +735,18 @@ TEMPLATES: dict[str, str] = {
 <section class="card">
   <h2>Downlinks</h2>
   {% if downlinks %}
+  {% set operator = user.role in ("operator", "admin") %}
   <div class="table-wrap"><table>
-    <thead><tr>{% for key in downlinks[0].keys() %}<th>{{ key }}</th>{% endfor %}</tr></thead>
+    <thead><tr>{% for key in downlinks[0].keys() %}<th>{{ key }}</th>{% endfor %}{% if operator %}<th></th>{% endif %}
+      </tr></thead>
     <tbody>{% for d in downlinks %}<tr>{% for value in d.values() %}<td
-      class="mono">{{ value|show }}</td>{% endfor %}</tr>{% endfor %}</tbody>
+      class="mono">{{ value|show }}</td>{% endfor %}{% if operator %}<td>{% if d.get("status") in ("queued", "accepted")
+      %}<form method="post" action="/mioty/sensors/{{ eui }}/downlinks/{{ d.get('queId') }}/revoke" class="inline"
+      data-confirm="Withdraw downlink {{ d.get('queId') }}?">{{ csrf() }}<button class="btn small"
+      type="submit">Withdraw</button></form>{% endif %}</td>{% endif %}</tr>{% endfor %}</tbody>
   </table></div>
+  {% if operator %}<form method="post" action="/mioty/sensors/{{ eui }}/dl-rx-status" class="inline">{{ csrf()
+    }}<button class="btn" type="submit">Ask for downlink reception status</button></form>{% endif %}
   {% else %}{{ empty("No downlinks.") }}{% endif %}
 </section>
 {% endblock %}

@@ -1124,8 +1124,8 @@ class MiotyService(FamilyService):
     # -- MQTT commands
 
     async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
-        """`{p}/mioty/{kind}/{id}/cmd/{name}`: ep attach/detach/down, bs status (ARCHITECTURE.md)."""
-        names = {"ep": ("attach", "detach", "down"), "bs": ("status",)}.get(kind)
+        """`{p}/mioty/{kind}/{id}/cmd/{name}`: ep attach/detach/down/revoke_down/dl_rx_status, bs status."""
+        names = {"ep": ("attach", "detach", "down", "revoke_down", "dl_rx_status"), "bs": ("status",)}.get(kind)
         if names is None:
             raise CommandError(f"unknown target {kind!r}: use ep (end point) or bs (base station)")
         if name not in names:
@@ -1148,6 +1148,14 @@ class MiotyService(FamilyService):
             result = await self.detach(eui, actor="mqtt", source="mqtt")
             await self._audit("mqtt", "mioty.sensor.detach", eui, {}, "mqtt")
             return result
+        if name == "revoke_down":
+            _fields(payload, ("queId",))
+            result = await self.revoke_downlink(eui, payload["queId"], actor="mqtt")
+            await self._audit("mqtt", "mioty.sensor.downlink_revoke", eui, {"queId": payload["queId"]}, "mqtt")
+            return result
+        if name == "dl_rx_status":
+            _fields(payload, ())
+            return await self.query_dl_rx_status(eui)
         _fields(payload, ("data",), ("format", "prio", "responseExp"))
         data = payload["data"]
         if not isinstance(data, str):
