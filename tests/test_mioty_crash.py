@@ -1,0 +1,269 @@
+"""A real crash of the hub under twistd: uplinks acknowledged with ulDataRsp but not yet published
+when the process is killed with SIGKILL are published after the restart, each exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bsscihub.pki import issue_client_cert
+from bsscihub.protocols.bssci.framing import Framer, encode_frame
+from tests import test_twistd
+from tests.broker import Mosquitto, Received, Subscriber, free_port
+from tests.test_twistd import CONFIG, TWISTD, clean_env, get_health
+
+home = test_twistd.home  # the fixture: a directory after `bsscihub init`
+
+EP = "0011223344556677"
+KEY = "000102030405060708090a0b0c0d0e0f"
+A, B = "70b3d59cd00000a1", "70b3d59cd00000b2"
+COUNT = 20  # uplinks; the even packetCnts are heard by both base stations
+# What a station answers by itself to the hub's operations.
+AUTO = {"attPrp": "attPrpRsp", "detPrp": "detPrpRsp", "ping": "pingRsp", "dlDataQue": "dlDataQueRsp",
+        "dlDataRev": "dlDataRevRsp", "dlRxStatQry": "dlRxStatQryRsp"}  # fmt: skip
+
+
+class Station:
+    """A base station over real mutual TLS on a blocking socket (stdlib ssl): frames, records, and
+    answers the hub's operations by itself while it waits for what the test expects."""
+
+    def __init__(self, port: int, cert: Path, key: Path, ca: Path) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(ca)
+        context.load_cert_chain(cert, key)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.framer = Framer()
+        self.inbox: list[dict[str, Any]] = []
+        self.next_op = 1
+
+    def send(self, command: str, op: int | None = None, **fields: Any) -> int:
+        if op is None:
+            op, self.next_op = self.next_op, self.next_op + 1
+        self.sock.sendall(encode_frame({"command": command, "opId": op, **fields}))
+        return op
+
+    def expect(self, command: str, op: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """The first received `command` (with opId `op` if given), reading until it arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, msg in enumerate(self.inbox):
+                if msg["command"] == command and (op is None or msg["opId"] == op):
+                    return self.inbox.pop(i)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {command} {op}; got {[(m['command'], m['opId']) for m in self.inbox]}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                raise AssertionError(f"the hub closed the connection; got {self.inbox}")
+            for msg in self.framer.feed(data):
+                answer = AUTO.get(msg["command"])
+                if answer is not None:
+                    self.send(answer, msg["opId"])
+                elif msg["command"] == "status":
+                    self.send("statusRsp", msg["opId"], code=0, message="fine", time=time.time_ns(), dutyCycle=0.01)
+                self.inbox.append(msg)
+
+    def connect(self, eui: str, name: str) -> None:
+        self.send(
+            "con",
+            0,
+            version="1.0.0",
+            bsEui=int(eui, 16),
+            vendor="Test",
+            model="T1",
+            name=name,
+            bidi=True,
+            snBsUuid=list(os.urandom(16)),
+        )
+        self.expect("conRsp", 0)
+        self.send("conCmp", 0)
+
+    def uplink(self, cnt: int, snr: float) -> int:
+        return self.send("ulData", epEui=int(EP, 16), rxTime=1_700_000_000_000_000_000 + cnt * 1_000_000,
+                         packetCnt=cnt, snr=snr, rssi=-100.0, userData=[cnt, 2, 3], dlOpen=False,
+                         responseExp=False, dlAck=False)  # fmt: skip
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def metric(web: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    [value] = [line.split()[-1] for line in text.splitlines() if line.startswith(f"{name} ")]
+    return float(value)
+
+
+def doc(message: Received) -> Any:
+    return json.loads(message.payload)
+
+
+def is_uplink(message: Received) -> bool:
+    return message.topic.startswith("bsscihub/mioty/ep/") and message.topic.endswith("/up")
+
+
+def offline(message: Received) -> bool:
+    return message.topic == "bsscihub/hub/status" and doc(message)["state"] == "offline"
+
+
+def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Mosquitto, **env: str) -> subprocess.Popen[bytes]:
+    """twistd -n bsscihub with stdout in `log`, once /health says every component is up."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
+            env=clean_env(
+                BSSCIHUB_DATA_DIR=str(home / "data"),
+                BSSCIHUB_FAMILIES="[mioty]",
+                BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
+                BSSCIHUB_BSSCI_LISTEN=f"tcp:{bssci}:interface=127.0.0.1",
+                BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
+                **env,
+            ),
+            cwd=home,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return get_health(web)[0] == 200
+        except OSError:
+            return False
+
+    try:
+        until(healthy, "the hub serving /health with every component up")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def log(home: Path) -> Iterator[Path]:
+    """Where the hubs write their output; printed at teardown, so a failure shows it."""
+    path = home / "hub.log"
+    yield path
+    if path.exists():
+        print(path.read_text())
+
+
+def test_acknowledged_uplinks_survive_kill_9_and_are_published_once_after_the_restart(
+    home: Path,
+    log: Path,
+    mosquitto_factory: Callable[..., Mosquitto],
+    subscriber_factory: Callable[..., Subscriber],
+) -> None:
+    certs = home / "certs"
+    stations: dict[str, tuple[str, Path, Path]] = {}  # bsEui -> (name, certificate, key)
+    for name, eui in (("bs-a", A), ("bs-b", B)):
+        issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", bs_eui=eui)
+        stations[eui] = (name, issued.cert_path, issued.key_path)
+    endpoints = home / "endpoints.json"
+    endpoints.write_text(json.dumps([{"eui": EP, "nwKey": KEY, "shortAddr": "1a2b", "bidi": False}]))
+    imported = subprocess.run(
+        [sys.executable, "-m", "bsscihub.cli", "sensors", "import", str(endpoints), "--config", CONFIG],
+        cwd=home,
+        env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.returncode == 0, imported.stderr
+    broker = mosquitto_factory()
+    witness = subscriber_factory(broker, "bsscihub/#")
+    web, bssci = free_port(), free_port()
+
+    # First run: every copy stored and acknowledged, every uplink still inside its 30 s window.
+    first = start_hub(home, log, web, bssci, broker, BSSCIHUB_MIOTY_DEDUP_WINDOW="30s")
+    connected: list[Station] = []
+    try:
+        for eui, (name, cert, key) in stations.items():
+            station = Station(bssci, cert, key, certs / "ca.pem")
+            connected.append(station)
+            station.connect(eui, name)
+            prp = station.expect("attPrp")  # the imported sensor, propagated after conCmp
+            assert prp["epEui"] == int(EP, 16) and prp["shAddr"] == 0x1A2B
+        a, b = connected
+        ops: dict[Station, list[int]] = {a: [], b: []}
+        for cnt in range(1, COUNT + 1):
+            ops[a].append(a.uplink(cnt, snr=3.0))
+            if cnt % 2 == 0:
+                ops[b].append(b.uplink(cnt, snr=9.0))
+        for station, sent in ops.items():
+            for op in sent:
+                station.expect("ulDataRsp", op)
+                station.send("ulDataCmp", op)
+        assert metric(web, "bsscihub_mioty_uplink_copies_total") == COUNT + COUNT // 2
+        assert metric(web, "bsscihub_mioty_uplinks_pending") == COUNT
+        # The bridge is up and publishing (the stations' states reached the broker), yet no uplink did.
+        for eui in stations:
+            witness.wait_for(lambda m, eui=eui: m.topic == f"bsscihub/mioty/bs/{eui}/state" and
+                             doc(m)["state"] == "online")  # fmt: skip
+        assert [m.topic for m in witness.messages if is_uplink(m)] == []
+
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert first.returncode == -signal.SIGKILL
+        witness.wait_for(offline)  # the broker's will: the hub is gone
+    finally:
+        for station in connected:
+            station.close()
+        kill(first)
+
+    # Second run on the same data directory, default window, no base station connected.
+    second = start_hub(home, log, web, bssci, broker)
+    try:
+        witness.wait_for(is_uplink, count=COUNT, timeout=15)
+        assert metric(web, "bsscihub_mioty_uplinks_replayed_total") == COUNT
+        second.send_signal(signal.SIGTERM)
+        second.wait(15)
+        assert second.returncode == 0, log.read_text()
+        witness.wait_for(offline, count=2)  # published last at a clean stop: every uplink came before it
+    finally:
+        kill(second)
+
+    ups = [m for m in witness.messages if is_uplink(m)]
+    keys = [(doc(m)["epEui"], doc(m)["packetCnt"]) for m in ups]
+    assert sorted(keys) == [(EP, cnt) for cnt in range(1, COUNT + 1)], "every acknowledged uplink, exactly once"
+    for message in ups:
+        up = doc(message)
+        assert message.topic == f"bsscihub/mioty/ep/{EP}/up" and not message.retain
+        both = up["packetCnt"] % 2 == 0
+        assert [r["bsEui"] for r in up["receivers"]] == ([B, A] if both else [A]), up  # best SNR first
+        assert up["data"] == f"{up['packetCnt']:02x}0203"
+    output = log.read_text()
+    assert f"published {COUNT} uplinks ({COUNT + COUNT // 2} copies) stored before the last stop" in output
+    assert "Traceback" not in output
