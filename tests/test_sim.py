@@ -15,8 +15,10 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from bsscihub.pki import create_ca, issue_server_cert
@@ -26,7 +28,7 @@ from bsscihub.sim import add_arguments
 from bsscihub.sim import run as sim_run
 from bsscihub.sim._certs import station_certs
 from bsscihub.sim._plan import SimOptions, bs_eui, endpoints, sensor_eui, split
-from bsscihub.sim._report import Aggregator
+from bsscihub.sim._report import Aggregator, describe
 from bsscihub.sim._session import BaseStation
 from bsscihub.sim._stats import Counters, Histogram
 from bsscihub.sim._worker import run_plan
@@ -247,6 +249,158 @@ def test_uplinks_respect_the_window_and_are_completed() -> None:
     assert conv.host.outstanding == 1  # opId 3 still in flight
 
 
+def dl_data_que(op: int, que_id: int, *counters: int, sensor: int = 0) -> m.DlDataQue:
+    """A downlink for `sensor`: for any uplink, or (cntDepend) only for one of `counters`."""
+    if counters:
+        data = tuple(bytes([que_id, c & 0xFF]) for c in counters)
+        return m.DlDataQue(opId=op, epEui=sensor_eui(sensor), queId=que_id, cntDepend=True, packetCnt=counters,
+                           userData=data)  # fmt: skip
+    return m.DlDataQue(opId=op, epEui=sensor_eui(sensor), queId=que_id, cntDepend=False, userData=(b"\x01\x02",))
+
+
+def queue(conv: Conversation, *requests: m.Message) -> None:
+    """The SC's side of SC-initiated operations: send, expect the Rsp, complete."""
+    answers = conv.send(*requests)
+    assert [(a["command"], a["opId"]) for a in answers] == [(r.command + "Rsp", r.opId) for r in requests]
+    assert conv.send(*({"command": r.command + "Cmp", "opId": r.opId} for r in requests)) == []
+
+
+def uplink_of(conv: Conversation, sensor: int, cnt: int) -> m.UlData:
+    """Offer one uplink of `sensor` with counter `cnt`; returns the ulData the station sent."""
+    conv.station.offer([sensor_eui(sensor), cnt, time.time_ns(), [7], False, None], 10.0, -110.0)
+    [wire] = conv.received()
+    ul = m.decode(wire)
+    assert isinstance(ul, m.UlData) and (ul.epEui, ul.packetCnt) == (sensor_eui(sensor), cnt)
+    return ul
+
+
+def test_a_queued_downlink_goes_out_with_the_next_uplink_of_its_sensor() -> None:
+    conv = connected()
+    queue(conv, dl_data_que(-1, 9))
+    other = uplink_of(conv, 1, 50)  # another sensor's uplink does not open the window
+    assert not other.dlOpen
+    assert conv.send({"command": "ulDataRsp", "opId": other.opId}) == [{"command": "ulDataCmp", "opId": other.opId}]
+    ul = uplink_of(conv, 0, 100)
+    assert ul.dlOpen and not ul.responseExp
+    # The result follows the uplink's Rsp, as a new operation with the next opId.
+    cmp, wire = conv.send({"command": "ulDataRsp", "opId": ul.opId})
+    assert cmp == {"command": "ulDataCmp", "opId": ul.opId}
+    res = m.decode(wire)
+    assert isinstance(res, m.DlDataRes)
+    assert (res.opId, res.epEui, res.queId, res.result, res.packetCnt) == (ul.opId + 1, sensor_eui(0), 9, "sent", 100)
+    assert res.txTime is not None and abs(res.txTime - time.time_ns()) < 60 * 10**9
+    assert conv.send({"command": "dlDataResRsp", "opId": res.opId}) == [{"command": "dlDataResCmp", "opId": res.opId}]
+    # Sent once: the next uplink closes its window again, and the opIds go on increasing.
+    after = uplink_of(conv, 0, 101)
+    assert not after.dlOpen and after.opId == res.opId + 1
+    assert conv.send({"command": "ulDataRsp", "opId": after.opId}) == [{"command": "ulDataCmp", "opId": after.opId}]
+    c = conv.host.counters
+    assert (c.dl_queued, c.dl_sent, c.dl_reported, c.dl_revoked, c.dl_errors) == (1, 1, 1, 0, 0)
+    assert not c.anomalies
+    # The SC answering a result twice breaks the rules.
+    assert conv.send({"command": "dlDataResRsp", "opId": res.opId}) == []
+    assert c.anomalies == {"dlDataResRsp for no dlDataRes in flight": 1}
+
+
+def test_a_revoked_downlink_is_not_sent() -> None:
+    conv = connected()
+    queue(conv, dl_data_que(-1, 9), dl_data_que(-2, 10))
+    queue(conv, m.DlDataRev(opId=-3, epEui=sensor_eui(0), queId=9))
+    ul = uplink_of(conv, 0, 100)
+    assert ul.dlOpen
+    [_, wire] = conv.send({"command": "ulDataRsp", "opId": ul.opId})
+    assert (wire["command"], wire["queId"]) == ("dlDataRes", 10)
+    conv.send({"command": "dlDataResRsp", "opId": wire["opId"]})
+    queue(conv, dl_data_que(-4, 11), m.DlDataRev(opId=-5, epEui=sensor_eui(0), queId=11))
+    ul = uplink_of(conv, 0, 101)
+    assert not ul.dlOpen
+    assert conv.send({"command": "ulDataRsp", "opId": ul.opId}) == [{"command": "ulDataCmp", "opId": ul.opId}]
+    c = conv.host.counters
+    assert (c.dl_queued, c.dl_revoked, c.dl_sent, c.dl_reported) == (3, 2, 1, 1)
+    assert not c.anomalies
+
+
+def test_a_counter_dependent_downlink_waits_for_its_counter() -> None:
+    conv = connected()
+    queue(conv, dl_data_que(-1, 9, 104, 105), dl_data_que(-2, 10, 101))
+    ul = uplink_of(conv, 0, 100)  # neither is meant for 100
+    assert not ul.dlOpen
+    assert conv.send({"command": "ulDataRsp", "opId": ul.opId}) == [{"command": "ulDataCmp", "opId": ul.opId}]
+    # 101 was missed: queId 10 can never go out, and is reported expired (without txTime or packetCnt).
+    ul = uplink_of(conv, 0, 102)
+    assert not ul.dlOpen
+    [_, wire] = conv.send({"command": "ulDataRsp", "opId": ul.opId})
+    assert wire == {"command": "dlDataRes", "opId": ul.opId + 1, "epEui": sensor_eui(0), "queId": 10,
+                    "result": "expired"}  # fmt: skip
+    conv.send({"command": "dlDataResRsp", "opId": wire["opId"]})
+    ul = uplink_of(conv, 0, 105)
+    assert ul.dlOpen
+    [_, wire] = conv.send({"command": "ulDataRsp", "opId": ul.opId})
+    assert (wire["command"], wire["queId"], wire["result"], wire["packetCnt"]) == ("dlDataRes", 9, "sent", 105)
+    conv.send({"command": "dlDataResRsp", "opId": wire["opId"]})
+    c = conv.host.counters
+    assert (c.dl_queued, c.dl_sent, c.dl_expired, c.dl_reported) == (2, 1, 1, 2)
+    assert not c.anomalies
+
+
+def test_an_error_for_a_downlink_result_is_acknowledged() -> None:
+    conv = connected()
+    queue(conv, dl_data_que(-1, 9), dl_data_que(-2, 10, sensor=1))
+    ul = uplink_of(conv, 0, 100)
+    [_, wire] = conv.send({"command": "ulDataRsp", "opId": ul.opId})
+    op = wire["opId"]
+    assert conv.send(m.Error(opId=op, code=2, message="no such downlink")) == [{"command": "errorAck", "opId": op}]
+    # An error instead of the uplink's Rsp: the downlink went out all the same, and is reported.
+    ul = uplink_of(conv, 1, 200)
+    assert ul.dlOpen
+    ack, wire = conv.send(m.Error(opId=ul.opId, code=5, message="disk full"))
+    assert ack == {"command": "errorAck", "opId": ul.opId}
+    assert (wire["command"], wire["opId"], wire["queId"], wire["packetCnt"]) == ("dlDataRes", ul.opId + 1, 10, 200)
+    c = conv.host.counters
+    assert (c.dl_sent, c.dl_errors, c.ul_errors, c.errors_received, c.dl_reported) == (2, 1, 1, 2, 0)
+    assert conv.station.dl_results_pending == 1
+    assert not c.anomalies
+
+
+def test_downlinks_and_unanswered_results_survive_a_reconnect() -> None:
+    conv = connected()
+    queue(conv, dl_data_que(-1, 9), dl_data_que(-2, 10, sensor=1))
+    ul = uplink_of(conv, 0, 100)
+    [_, res] = conv.send({"command": "ulDataRsp", "opId": ul.opId})
+    conv.station.connection_lost()  # before the SC answered the result
+    conv.station.connection_made(conv.written.append, lambda: conv.closed.append(True))
+    conv.received()  # con
+    answers = conv.send(m.ConRsp(opId=0, scEui=SC_EUI, snResume=False, snScUuid=os.urandom(16)))
+    # The new session reports it again, with its own opIds from 1.
+    assert answers == [{"command": "conCmp", "opId": 0}, {**res, "opId": 1}]
+    assert conv.send({"command": "dlDataResRsp", "opId": 1}) == [{"command": "dlDataResCmp", "opId": 1}]
+    # ... and the downlink still queued goes out with its sensor's next uplink.
+    assert uplink_of(conv, 1, 200).dlOpen
+    c = conv.host.counters
+    assert (c.dl_queued, c.dl_sent, c.dl_reported) == (2, 2, 1)
+    assert not c.anomalies
+
+
+def test_the_summary_shows_the_downlinks() -> None:
+    counters = Counters(connects=1, dl_queued=3, dl_sent=2, dl_expired=1, dl_reported=3)
+    summary = Aggregator(_options(port=1), None).summary(
+        [
+            {
+                "counters": counters.as_dict(),
+                "phases": {},
+                "latency": {},
+                "copy_spread": {},
+                "att_prp_done": 0,
+                "att_prp_last_at": None,
+                "att_prp_per_station_min": 0,
+                "loop_lag_max_ms": 0.0,
+            }
+        ]
+    )
+    assert summary["counters"]["dl_sent"] == 2
+    assert "downlinks: 3 queued, 2 sent, 1 expired, 0 revoked; 3 results completed" in describe(summary)
+
+
 def test_an_idle_station_pings() -> None:
     conv = connected()
     conv.station.check_idle(conv.clock.now + 5, idle=30, timeout=10)
@@ -293,7 +447,7 @@ def test_write_endpoints_matches_the_simulated_sensors(tmp_path: Path) -> None:
     args = parser.parse_args(["--sensors", "3", "--write-endpoints", str(out)])
     assert sim_run(None, args) == 0
     written = json.loads(out.read_text())
-    assert written == endpoints(3)
+    assert written == endpoints(3, bidi=True)  # bidirectional: they take downlinks
     assert written[1]["eui"] == f"{sensor_eui(1):016x}" and len(written[1]["nwKey"]) == 32
 
 
@@ -365,7 +519,8 @@ async def test_sim_completes_uplinks_against_the_ceiling(pki: PKI) -> None:
 
 class FakeSC(Protocol):
     """A scripted service center: after conCmp it propagates `factory.attach` sensors,
-    polls status and pings; it answers ulData and checks every answer with the codec."""
+    polls status, pings and queues a downlink for sensor 0; it answers ulData and dlDataRes
+    and checks every message with the codec."""
 
     factory: FakeSCFactory
 
@@ -385,11 +540,13 @@ class FakeSC(Protocol):
             elif isinstance(message, m.ConCmp):
                 ops: list[m.Message] = [att_prp(-1 - i, i) for i in range(self.factory.attach)]
                 n = len(ops)
-                ops += [m.Status(opId=-1 - n), m.Ping(opId=-2 - n)]
+                ops += [m.Status(opId=-1 - n), m.Ping(opId=-2 - n), dl_data_que(-3 - n, 77)]
                 for request in ops:
                     transport.write(encode_frame(m.encode(request)))
             elif isinstance(message, m.UlData):
                 transport.write(encode_frame({"command": "ulDataRsp", "opId": op}))
+            elif isinstance(message, m.DlDataRes):
+                transport.write(encode_frame({"command": "dlDataResRsp", "opId": op}))
             elif message.command.endswith("Rsp"):
                 transport.write(encode_frame({"command": message.command[:-3] + "Cmp", "opId": op}))
 
@@ -427,13 +584,20 @@ async def test_sim_answers_a_service_center_over_tls(pki: PKI) -> None:
     att = summary["att_prp"]
     assert att["received"] == 75 and att["stations_done"] == 3 and att["all_done_after_s"] is not None
     c = Counters.from_dict(summary["counters"])
-    assert (c.sc_ops, c.sc_completed) == (81, 81)
+    assert (c.sc_ops, c.sc_completed) == (84, 84)
     assert not c.anomalies and c.errors_sent == 0
     by_command: dict[str, int] = {}
     for message in factory.received:
         by_command[message.command] = by_command.get(message.command, 0) + 1
     assert by_command["attPrpRsp"] == 75
-    assert by_command["statusRsp"] == by_command["pingRsp"] == 3
+    assert by_command["statusRsp"] == by_command["pingRsp"] == by_command["dlDataQueRsp"] == 3
+    # Each station sent its downlink with an uplink of sensor 0 and reported it, completed.
+    assert (c.dl_queued, c.dl_sent, c.dl_reported) == (3, 3, 3)
+    assert by_command["dlDataRes"] == by_command["dlDataResCmp"] == 3
+    opened = {(u.epEui, u.packetCnt) for u in factory.received if isinstance(u, m.UlData) and u.dlOpen}
+    results = [r for r in factory.received if isinstance(r, m.DlDataRes)]
+    assert all(r.result == "sent" and r.queId == 77 and r.epEui == sensor_eui(0) for r in results)
+    assert {(r.epEui, r.packetCnt) for r in results} <= opened
     assert by_command["ulDataCmp"] == by_command["ulData"] == c.ul_completed
     # Every uplink was heard by all three stations: the closed loop makes an
     # uplink only when all of its stations are connected and have room.
@@ -444,6 +608,59 @@ async def test_sim_answers_a_service_center_over_tls(pki: PKI) -> None:
             heard[key] = heard.get(key, 0) + 1
     assert heard and c.unique_acked == len(heard)
     assert set(heard.values()) == {3} and c.ul_skipped == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_sim_sends_a_downlink_queued_on_the_hub(pki: PKI, tmp_path: Path) -> None:
+    """The hub's own service center queues a downlink; a simulated station sends it with the
+    sensor's next uplink, and the hub records it as sent."""
+    from bsscihub.family import installed_families
+    from bsscihub.hub import make_hub
+    from bsscihub.protocols.bssci.service import MiotyService
+    from tests.conftest import make_config
+
+    tls = {"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.cert), "key": str(pki.key)}
+    config = make_config(tmp_path, families=["mioty"], tls=tls, mioty={"dedup_window": 0.05})
+    hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    service = MiotyService(hub)
+    hub.services["mioty"] = service
+    service.startService()
+    await service.when_ready()
+    try:
+        [sensor] = endpoints(1, bidi=True)
+        ep = sensor["eui"]
+        await service.attach(ep, sensor["nwKey"], sensor["shortAddr"], True, actor="test")
+        options = _options(
+            port=service.port.getHost().port,
+            ca=str(pki.ca),
+            certs=pki.stations[:2],
+            sensors=1,
+            rate=20.0,
+            duration=1.5,
+        )
+        simulating = defer.ensureDeferred(_simulate(options))
+        deadline = time.monotonic() + 10
+        while len(service.sessions) < 2 or (await service.get_sensor(ep) or {}).get("lastPacketCnt") is None:
+            assert time.monotonic() < deadline, "the simulated stations did not connect and send"
+            await deferLater(reactor, 0.02, lambda: None)
+        queued = await service.queue_downlink(ep, b"\xca\xfe", actor="test")
+        summary = await simulating
+        for _ in range(200):  # the hub records the result in the background
+            [entry] = (await service.downlinks(ep))["items"]
+            if entry["status"] != "accepted":
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+    finally:
+        if service.running:
+            await service.stopService()
+        await hub.store.stop()
+    assert entry["queId"] == queued["queId"] and entry["status"] == "sent"
+    assert entry["resultBs"] in queued["baseStations"] and entry["packetCnt"] >= 1
+    c = Counters.from_dict(summary["counters"])
+    assert c.dl_queued == len(queued["baseStations"]) and c.dl_sent >= 1 and c.dl_reported == c.dl_sent
+    assert not c.anomalies and c.errors_received == 0
 
 
 def test_sim_cli_runs_against_the_ceiling_in_another_process(pki: PKI, tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Simulate mioty base stations against a hub (or any BSSCI service center): each one a "
         "mutual-TLS client with its own certificate that connects, answers every operation of "
-        "the service center and sends ulData. Prints a line per second and a summary."
+        "the service center, sends ulData and sends each queued downlink with its sensor's next "
+        "uplink (reported in dlDataRes). Prints a line per second and a summary."
     )
     where = parser.add_argument_group("where")
     where.add_argument("--host", default="127.0.0.1", help="service center address (default 127.0.0.1)")
@@ -108,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--write-endpoints",
         metavar="FILE",
-        help="write the --sensors simulated sensors as endpoints.json (for `bsscihub sensors import`) and exit",
+        help="write the --sensors simulated sensors as endpoints.json (for `bsscihub sensors import`;"
+        " bidirectional, so they take downlinks) and exit",
     )
 
 
@@ -144,7 +146,7 @@ def run(config: Any, args: argparse.Namespace) -> int:
 def _write_endpoints(args: argparse.Namespace) -> int:
     from bsscihub.sim._plan import endpoints
 
-    text = json.dumps(endpoints(args.sensors), indent=1) + "\n"
+    text = json.dumps(endpoints(args.sensors, bidi=True), indent=1) + "\n"
     if args.write_endpoints == "-":
         sys.stdout.write(text)
     else:

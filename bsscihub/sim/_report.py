@@ -1,5 +1,5 @@
 """What a simulation run prints: one line per second merged across workers, and the summary
-(per phase: duration, ulData operations/s, latency percentiles; attPrp progress; errors)."""
+(per phase: duration, ulData operations/s, latency percentiles; attPrp progress; downlinks; errors)."""
 
 from __future__ import annotations
 
@@ -234,6 +234,11 @@ def describe(summary: dict[str, Any]) -> str:
         f" {c['errors_received']} errors received, {c['pings_sent']} pings sent"
         f" ({c['pings_answered']} answered), {c['disconnects']} disconnects, {c['connect_failures']} failed connects"
     )
+    if c["dl_queued"] or c["dl_reported"]:
+        lines.append(
+            f"downlinks: {c['dl_queued']} queued, {c['dl_sent']} sent, {c['dl_expired']} expired,"
+            f" {c['dl_revoked']} revoked; {c['dl_reported']} results completed, {c['dl_errors']} answered with error"
+        )
     if summary["sim_loop_lag_max_ms"] >= 100:
         lines.append(
             f"warning: the simulator's event loop lagged up to {summary['sim_loop_lag_max_ms']:.0f} ms in the"

@@ -26,8 +26,8 @@ class Run:
     Phases: connecting (until every station got conRsp), warmup (only with
     expect_att_prp: until every station received that many attPrp), window
     (`duration` seconds: the measured part), drain (no new uplinks; wait for
-    the copies still out), done. Uplinks flow from the first connected
-    station on, so an attach storm is measured with load.
+    the copies and downlink results still out), done. Uplinks flow from the
+    first connected station on, so an attach storm is measured with load.
     """
 
     def __init__(
@@ -205,7 +205,9 @@ class Run:
             if elapsed >= opts.duration:
                 self._enter("drain", wall)
         elif self.phase == "drain":
-            if self.outstanding <= 0 or elapsed > opts.drain_timeout:
+            # Results too: one cut off by the end would leave its downlink pending at the SC.
+            drained = self.outstanding <= 0 and not any(st.dl_results_pending for st in self.stations)
+            if drained or elapsed > opts.drain_timeout:
                 self._enter("done", wall)
 
     def _enter(self, phase: str, wall: float) -> None:

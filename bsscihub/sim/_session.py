@@ -1,5 +1,5 @@
 """One simulated base station's side of a BSSCI connection, without I/O: bytes in, bytes out.
-It connects, answers every SC-initiated operation, sends uplinks in a window and checks the SC's rules."""
+It connects, answers every SC-initiated operation, sends uplinks and queued downlinks, and checks the SC's rules."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 import msgpack  # type: ignore[import-untyped]
 
 from bsscihub import __version__
@@ -38,13 +39,11 @@ _COMPLETIONS = {answer[:-3] + "Cmp": request for request, answer in _ANSWERS.ite
 
 _packer = msgpack.Packer(use_bin_type=True)
 
-
-
-
 _ul_data_cmp = op_frame_encoder("ulDataCmp")
 _ping = op_frame_encoder("ping")
 _ping_cmp = op_frame_encoder("pingCmp")
 _error_ack = op_frame_encoder("errorAck")
+_dl_data_res_cmp = op_frame_encoder("dlDataResCmp")
 _simple_answers = {command: op_frame_encoder(answer) for command, answer in _ANSWERS.items() if command != "status"}
 
 
@@ -123,11 +122,23 @@ class BaseStation:
         self.att_prp_done_at: float | None = None  # wall clock
         self._write: Callable[[bytes], None] | None = None
         self._close: Callable[[], None] | None = None
+        # Downlinks outlive connections, as in a base station's radio queue:
+        # epEui -> dlDataQue in arrival order; a key exists only while its list is not empty.
+        self._downlinks: dict[int, list[m.DlDataQue]] = {}
+        self._dl_after: dict[int, list[m.DlDataRes]] = {}  # ulData opId -> results due after its Rsp
+        self._dl_results: dict[int, m.DlDataRes] = {}  # dlDataRes opId -> result, until Rsp
+        self._dl_unreported: list[m.DlDataRes] = []  # results a lost connection never got answered
         self._reset()
         # The ulData map, mutated per copy: packing one dict is cheaper than building it.
         self._ul: dict[str, Any] = ul_template()
 
     def _reset(self) -> None:
+        # A downlink that went out is reported on the next connection if this one never answered it.
+        for results in self._dl_after.values():
+            self._dl_unreported.extend(results)
+        self._dl_unreported.extend(self._dl_results.values())
+        self._dl_after = {}
+        self._dl_results = {}
         self._framer = Framer()
         self._out: list[bytes] = []
         self._dirty = False
@@ -146,6 +157,11 @@ class BaseStation:
     @property
     def connected(self) -> bool:
         return self._write is not None
+
+    @property
+    def dl_results_pending(self) -> int:
+        """Downlink results not yet answered by the SC, or waiting for their uplink's ulDataRsp."""
+        return len(self._dl_results) + len(self._dl_after)
 
     @property
     def load(self) -> int:
@@ -217,6 +233,7 @@ class BaseStation:
         pack, send = _packer.pack, self._send
         counters = self._host.counters
         spread = self._host.copy_spread
+        downlinks = self._downlinks
         while room and queue:
             uplink, snr, rssi = queue.popleft()
             first = uplink[_FIRST_SENT]
@@ -234,11 +251,57 @@ class BaseStation:
             ul["rssi"] = rssi
             ul["eqSnr"] = snr + 3.0
             ul["userData"] = uplink[3]
-            payload = pack(ul)
+            # One check per copy while nothing is queued: downlinks are rare.
+            payload = self._pack_with_downlink(op, uplink) if downlinks and uplink[0] in downlinks else pack(ul)
             send(MAGIC + len(payload).to_bytes(4, "little") + payload)
             inflight[op] = (now, uplink)
             counters.ul_sent += 1
             room -= 1
+
+    def _pack_with_downlink(self, op: int, uplink: Uplink) -> bytes:
+        """The ulData of a sensor with downlinks queued here: the first one due goes out in this
+        uplink's downlink window (dlOpen), and its dlDataRes follows the uplink's ulDataRsp."""
+        ep, cnt = uplink[0], uplink[1]
+        queued = self._downlinks[ep]
+        counters = self._host.counters
+        results: list[m.DlDataRes] = []
+        sent = False
+        for dl in list(queued):
+            if dl.cntDepend:
+                counts = dl.packetCnt or ()
+                if cnt not in counts:
+                    if all(c < cnt for c in counts):
+                        # Every counter it was meant for has passed: it can never go out.
+                        queued.remove(dl)
+                        results.append(m.DlDataRes(opId=0, epEui=ep, queId=dl.queId, result="expired"))
+                        counters.dl_expired += 1
+                    continue
+            if sent:
+                continue  # one downlink per uplink's window
+            queued.remove(dl)
+            results.append(
+                m.DlDataRes(opId=0, epEui=ep, queId=dl.queId, result="sent", txTime=time.time_ns(), packetCnt=cnt)
+            )
+            counters.dl_sent += 1
+            sent = True
+        if not queued:
+            del self._downlinks[ep]
+        if results:
+            self._dl_after[op] = results
+        ul = self._ul
+        closed = ul["dlOpen"]
+        ul["dlOpen"] = sent or closed
+        payload: bytes = _packer.pack(ul)
+        ul["dlOpen"] = closed
+        return payload
+
+    def _start_dl_results(self, results: list[m.DlDataRes]) -> None:
+        """Start one dlDataRes operation per result, with our next opIds."""
+        for result in results:
+            op = self._next_op
+            self._next_op = op + 1
+            self._dl_results[op] = result
+            self._send(encode_frame(m.encode(attrs.evolve(result, opId=op))))
 
     def set_ul_template(self, template: dict[str, Any]) -> None:
         """The fixed fields of every ulData (profile, mode, flags, subpackets), in wire order."""
@@ -276,6 +339,7 @@ class BaseStation:
         host = self._host
         counters = host.counters
         inflight = self._inflight
+        dl_after = self._dl_after
         for wire in frames:
             command = wire.get("command")
             if command == "ulDataRsp":
@@ -295,6 +359,8 @@ class BaseStation:
                 if not uplink[_ACKED]:
                     uplink[_ACKED] = True
                     counters.unique_acked += 1
+                if dl_after and op in dl_after:
+                    self._start_dl_results(dl_after.pop(op))
             else:
                 self._other(wire, command, now)
         if self.ready and self.queue and len(inflight) < self.in_flight:
@@ -326,6 +392,12 @@ class BaseStation:
                 self._send(_ping_cmp(op))
             else:
                 self._anomaly("pingRsp for no ping in flight")
+        elif command == "dlDataResRsp":
+            if self._dl_results.pop(op, None) is not None:
+                self._host.counters.dl_reported += 1
+                self._send(_dl_data_res_cmp(op))
+            else:
+                self._anomaly("dlDataResRsp for no dlDataRes in flight")
         else:
             self._anomaly(f"unexpected {command} with opId {op} >= 0")
 
@@ -348,6 +420,9 @@ class BaseStation:
         self.ready = True
         self._host.counters.connects += 1
         self._host.station_ready(self)
+        if self._dl_unreported:
+            results, self._dl_unreported = self._dl_unreported, []
+            self._start_dl_results(results)
         self._pump(self._clock())
 
     def _sc_message(self, wire: dict[str, Any], command: str, op: int) -> None:
@@ -402,18 +477,43 @@ class BaseStation:
             self._answer_error(op, code, f"the simulator does not implement {command!r}")
             return
         try:
-            m.decode(wire)
+            decoded = m.decode(wire)
         except m.MessageError as e:
             self._answer_error(op, e.code, e.message)
             return
         self._sc_pending[op] = command
         counters.sc_ops += 1
+        if isinstance(decoded, m.DlDataQue):
+            self._queue_downlink(decoded)
+        elif isinstance(decoded, m.DlDataRev):
+            self._revoke_downlink(decoded.epEui, decoded.queId)
         if command == "status":
             self._send(encode_frame(m.encode(self._status(op))))
         else:
             if command == "detPrp":
                 counters.det_prp += 1
             self._send(_simple_answers[command](op))
+
+    def _queue_downlink(self, dl: m.DlDataQue) -> None:
+        queued = self._downlinks.setdefault(dl.epEui, [])
+        # A queId queued again replaces the earlier one.
+        queued[:] = [q for q in queued if q.queId != dl.queId]
+        queued.append(dl)
+        self._host.counters.dl_queued += 1
+
+    def _revoke_downlink(self, ep: int, que_id: int) -> None:
+        """Drop a queued downlink; one already sent (or unknown) is answered all the same."""
+        queued = self._downlinks.get(ep)
+        if not queued:
+            return
+        kept = [q for q in queued if q.queId != que_id]
+        if len(kept) == len(queued):
+            return
+        self._host.counters.dl_revoked += 1
+        if kept:
+            self._downlinks[ep] = kept
+        else:
+            del self._downlinks[ep]
 
     def _status(self, op: int) -> m.StatusRsp:
         return m.StatusRsp(
@@ -439,11 +539,18 @@ class BaseStation:
         counters = self._host.counters
         counters.errors_received += 1
         entry = self._inflight.pop(op, None)
+        results = None
         if entry is not None:
             counters.ul_errors += 1
             self._host.outstanding -= 1
+            # A downlink sent with this uplink went out over the air all the same: report it.
+            results = self._dl_after.pop(op, None)
+        elif self._dl_results.pop(op, None) is not None:
+            counters.dl_errors += 1
         elif op == self._ping_op:
             self._ping_op = None
         else:
             self._anomaly("error for no operation of ours in flight")
         self._send(_error_ack(op))
+        if results:
+            self._start_dl_results(results)

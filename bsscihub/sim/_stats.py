@@ -85,6 +85,12 @@ class Counters:
     sc_completed: int = 0  # ... and closed by the SC with Cmp or errorAck
     errors_received: int = 0  # `error` messages from the SC, any operation
     errors_sent: int = 0  # `error` we sent (invalid or unsupported SC messages)
+    dl_queued: int = 0  # dlDataQue kept until an uplink of its sensor
+    dl_revoked: int = 0  # ... removed by dlDataRev before that
+    dl_sent: int = 0  # ... sent with an uplink (dlOpen), to be reported "sent" in dlDataRes
+    dl_expired: int = 0  # ... whose counters (cntDepend) all passed, to be reported "expired"
+    dl_reported: int = 0  # dlDataRes answered with dlDataResRsp and completed
+    dl_errors: int = 0  # `error` received instead of dlDataResRsp
     pings_sent: int = 0
     pings_answered: int = 0
     ping_timeouts: int = 0
