@@ -15,7 +15,10 @@ from bsscihub.protocols.bssci.framing import Framer, FramingError
 from bsscihub.protocols.bssci.session import IServiceCenter, Session, SessionConfig, SessionStats
 from bsscihub.tls import format_peer, peer_certificate
 
-__all__ = ["BSSCIFactory", "BSSCIProtocol"]
+__all__ = ["CLOSE_GRACE", "BSSCIFactory", "BSSCIProtocol"]
+
+# A TLS close waits for the peer's close_notify; one that never sends it is cut off after this.
+CLOSE_GRACE = 5.0
 
 
 @implementer(IHandshakeListener)
@@ -34,6 +37,7 @@ class BSSCIProtocol(Protocol):
         self._clock = clock
         self._stats = stats
         self._framer = Framer(max_frame)
+        self._close_deadline: Any = None
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -70,6 +74,8 @@ class BSSCIProtocol(Protocol):
                 return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._close_deadline is not None and self._close_deadline.active():
+            self._close_deadline.cancel()
         session = getattr(self, "session", None)
         if session is not None:
             session.connection_lost(reason.getErrorMessage())
@@ -82,6 +88,8 @@ class BSSCIProtocol(Protocol):
             transport.abortConnection()
         else:
             transport.loseConnection()
+            if self._close_deadline is None:
+                self._close_deadline = self._clock.callLater(CLOSE_GRACE, transport.abortConnection)
 
 
 class BSSCIFactory(Factory):

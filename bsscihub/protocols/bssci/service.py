@@ -442,14 +442,16 @@ class MiotyService(FamilyService):
             self.counters.refused += 1
             raise Refused(EACCES, f"base station {eui} is revoked: {bs.revoked_reason or 'no reason given'}")
         cert = session.certificate
-        if cert is not None:
-            bound = cert_bs_eui(cert)
-            if bound is not None and bound != eui:
-                self.counters.refused += 1
-                raise Refused(EACCES, f"the client certificate belongs to base station {bound}, not to {eui}")
-            if cert.serial_number in self.registry.revoked_serials:
-                self.counters.refused += 1
-                raise Refused(EACCES, f"certificate serial {cert.serial_number:#x} is revoked")
+        if cert is None:  # the TLS policy demands one; fail closed all the same
+            self.counters.refused += 1
+            raise Refused(EACCES, "no client certificate")
+        bound = cert_bs_eui(cert)
+        if bound is not None and bound != eui:
+            self.counters.refused += 1
+            raise Refused(EACCES, f"the client certificate belongs to base station {bound}, not to {eui}")
+        if cert.serial_number in self.registry.revoked_serials:
+            self.counters.refused += 1
+            raise Refused(EACCES, f"certificate serial {cert.serial_number:#x} is revoked")
         old = self.sessions.get(eui)
         self.sessions[eui] = session
         self.counters.connections += 1
