@@ -117,6 +117,16 @@ class Monitor(threading.Thread):
         values = [s.rss_kb for s in self.between(start, end) if s.rss_kb]
         return round(max(values) / 1024, 1) if values else None
 
+    def rss_every(self, start: float, end: float, step: float = 60.0) -> list[float]:
+        """VmRSS (MB) at the window's start and every `step` seconds after: does memory level off?"""
+        inside = [s for s in self.between(start, end) if s.rss_kb]
+        marks, out = start, []
+        for sample in inside:
+            if sample.t >= marks:
+                out.append(round(sample.rss_kb / 1024, 1))  # type: ignore[operator]
+                marks += step
+        return out
+
     def scrape_near(self, t: float, *, before: bool) -> str | None:
         if not self.scrapes:
             return None
@@ -611,6 +621,7 @@ class Bench:
             "dedup_buckets": histogram_buckets(DEDUP_HISTOGRAM, before, after),
             "hub_cpu_cores": monitor.cpu_cores(window["start"], window["end"]),
             "hub_max_rss_mb": monitor.max_rss_mb(window["start"], window["end"]),
+            "hub_rss_by_minute_mb": monitor.rss_every(window["start"], window["end"]),
             "sim_cpu_s": summary["sim_cpu_s"],
             "sim_loop_lag_max_ms": summary["sim_loop_lag_max_ms"],
             "errors_received": summary["counters"]["errors_received"],
@@ -829,6 +840,8 @@ def table(results: dict[str, Any]) -> str:
             row("  dedup ≤ window + 50 ms", None if w is None else f"{100 * w:.2f} % of events")
             row("  hub CPU (cores)", r["hub_cpu_cores"])
             row("  hub RSS max in window", r["hub_max_rss_mb"], " MB")
+            if len(r.get("hub_rss_by_minute_mb") or ()) > 2:
+                row("  hub RSS each minute", " → ".join(map(str, r["hub_rss_by_minute_mb"])), " MB")
             row("  sim loop lag max", r["sim_loop_lag_max_ms"], " ms")
             u = r["uniqueness"]
             if "mqtt_unique" in u:
