@@ -33,7 +33,7 @@ class URLSigner:
     key: bytes = attrs.field(repr=False)
 
     def signature(self, file_id: str, direction: str, expires: int, max_size: int) -> str:
-        message = f"gate-file\n{file_id}\n{direction}\n{expires}\n{max_size}".encode()
+        message = f"gate-file\n{file_id}\n{direction}\n{expires}\n{max_size}".encode("utf-8", "surrogatepass")
         return _b64(hmac.new(self.key, message, hashlib.sha256).digest())
 
     def query(self, file_id: str, direction: str, expires: int, max_size: int) -> str:
@@ -46,7 +46,9 @@ class URLSigner:
             op, expires, max_size, sig = args["op"], int(args["exp"]), int(args["max"]), args["sig"]
         except (KeyError, ValueError):
             raise BadURL("bad_signature", "the URL is incomplete or malformed") from None
-        if not hmac.compare_digest(self.signature(file_id, op, expires, max_size), sig):
+        # As bytes: compare_digest refuses str with non-ASCII characters, and a query may carry any.
+        expected = self.signature(file_id, op, expires, max_size).encode()
+        if not hmac.compare_digest(expected, sig.encode("utf-8", "surrogatepass")):
             raise BadURL("bad_signature", "the URL's signature does not match")
         if op != direction:
             raise BadURL("wrong_direction", f"this URL is for {'upload' if op == UP else 'download'} only")
