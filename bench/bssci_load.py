@@ -925,7 +925,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bssci-backlog",
         type=int,
-        help="listen backlog of the hub's BSSCI port (appended to bssci.listen; Twisted's default is 50)",
+        default=1024,
+        help="listen backlog of the hub's BSSCI port (appended to bssci.listen), 1024 as in the hub's default; "
+        "0 for Twisted's default of 50",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
     parser.add_argument("--verbose", action="store_true", help="echo every per-second line of the simulator")
