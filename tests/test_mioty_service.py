@@ -123,9 +123,9 @@ class Station(Protocol):
             await deferLater(reactor, 0.005, lambda: None)
 
     def uplink(self, ep: str = EP, cnt: int = 1, snr: float = 5.0, **over: Any) -> int:
+        fields = {"dlOpen": True, "responseExp": False, "dlAck": False, **over}
         return self.send("ulData", epEui=int(ep, 16), rxTime=1_700_000_000_000_000_000 + cnt, packetCnt=cnt,
-                         snr=snr, rssi=-100.0, userData=[1, 2, 3], dlOpen=True, responseExp=False, dlAck=False,
-                         **over)
+                         snr=snr, rssi=-100.0, userData=[1, 2, 3], **fields)
 
 
 @attrs.define
@@ -433,6 +433,35 @@ async def test_queued_downlink_is_revoked_and_reception_status_queried_by_comman
     assert running.of("dl_rx_status")[0].payload["dlRxSnr"] == 4.5
     actions = [r[0] for r in await running.hub.store.fetchall("SELECT action FROM audit_log ORDER BY id")]
     assert "mioty.sensor.downlink_revoke" in actions
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sent_downlink_is_marked_acked_by_the_uplink_after_the_one_it_went_with(running: Running) -> None:
+    service = running.service
+    b = await running.station("bs-b", B)
+    await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+    await b.expect("attPrp")
+    queued = await service.queue_downlink(EP, b"\xca\xfe", actor="test")
+    await b.expect("dlDataQue")
+    op = b.send("dlDataRes", epEui=int(EP, 16), queId=queued["queId"], result="sent", txTime=7, packetCnt=5)
+    await b.expect("dlDataResRsp")
+    b.send("dlDataResCmp", op)
+
+    async def entry_after_uplink(cnt: int, dl_ack: bool) -> dict[str, Any]:
+        uplinks = len(running.of("uplink"))
+        op = b.uplink(cnt=cnt, dlAck=dl_ack)
+        assert (await b.expect("ulDataRsp"))["opId"] == op
+        b.send("ulDataCmp", op)
+        await wait_for(lambda: len(running.of("uplink")) > uplinks)
+        await deferLater(reactor, 0.05, lambda: None)  # the acknowledgement is recorded in the background
+        [entry] = (await service.downlinks(EP))["items"]
+        return entry
+
+    # dlAck acknowledges the downlink of packetCnt - 1: not this one (sent with 5) for counter 7 ...
+    assert not (await entry_after_uplink(7, True))["acked"]
+    # ... but for counter 6.
+    entry = await entry_after_uplink(6, True)
+    assert entry["acked"] and entry["status"] == "sent" and entry["packetCnt"] == 5
 
 
 @pytest_twisted.ensureDeferred

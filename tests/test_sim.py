@@ -63,6 +63,7 @@ class FakeHost:
     latency_second: Histogram = attrs.Factory(Histogram)
     copy_spread: Histogram = attrs.Factory(Histogram)
     outstanding: int = 0
+    dl_ack_due: dict[int, int] = attrs.Factory(dict)
     ready: list[BaseStation] = attrs.Factory(list)
     att_prp_done: list[BaseStation] = attrs.Factory(list)
 
@@ -227,7 +228,7 @@ def test_broken_sc_opid_rules_are_reported() -> None:
 
 def test_uplinks_respect_the_window_and_are_completed() -> None:
     conv = connected(in_flight=2)
-    uplinks = [[sensor_eui(i), 100 + i, 5, [1, 2, 3], False, None] for i in range(3)]
+    uplinks = [[sensor_eui(i), 100 + i, 5, [1, 2, 3], False, None, False] for i in range(3)]
     for uplink in uplinks:
         conv.station.offer(uplink, 10.5, -110.25)
     sent = [m.decode(w) for w in conv.received()]
@@ -267,7 +268,7 @@ def queue(conv: Conversation, *requests: m.Message) -> None:
 
 def uplink_of(conv: Conversation, sensor: int, cnt: int) -> m.UlData:
     """Offer one uplink of `sensor` with counter `cnt`; returns the ulData the station sent."""
-    conv.station.offer([sensor_eui(sensor), cnt, time.time_ns(), [7], False, None], 10.0, -110.0)
+    conv.station.offer([sensor_eui(sensor), cnt, time.time_ns(), [7], False, None, False], 10.0, -110.0)
     [wire] = conv.received()
     ul = m.decode(wire)
     assert isinstance(ul, m.UlData) and (ul.epEui, ul.packetCnt) == (sensor_eui(sensor), cnt)
@@ -291,11 +292,17 @@ def test_a_queued_downlink_goes_out_with_the_next_uplink_of_its_sensor() -> None
     assert res.txTime is not None and abs(res.txTime - time.time_ns()) < 60 * 10**9
     assert conv.send({"command": "dlDataResRsp", "opId": res.opId}) == [{"command": "dlDataResCmp", "opId": res.opId}]
     # Sent once: the next uplink closes its window again, and the opIds go on increasing.
+    # The sensor got it, so that uplink acknowledges it (dlAck), and only that one.
+    assert conv.host.dl_ack_due == {sensor_eui(0): 100}
     after = uplink_of(conv, 0, 101)
-    assert not after.dlOpen and after.opId == res.opId + 1
+    assert not after.dlOpen and after.dlAck and after.opId == res.opId + 1
     assert conv.send({"command": "ulDataRsp", "opId": after.opId}) == [{"command": "ulDataCmp", "opId": after.opId}]
+    assert conv.host.dl_ack_due == {}
+    later = uplink_of(conv, 0, 102)
+    assert not later.dlAck
+    conv.send({"command": "ulDataRsp", "opId": later.opId})
     c = conv.host.counters
-    assert (c.dl_queued, c.dl_sent, c.dl_reported, c.dl_revoked, c.dl_errors) == (1, 1, 1, 0, 0)
+    assert (c.dl_queued, c.dl_sent, c.dl_reported, c.dl_revoked, c.dl_errors, c.dl_acked) == (1, 1, 1, 0, 0, 1)
     assert not c.anomalies
     # The SC answering a result twice breaks the rules.
     assert conv.send({"command": "dlDataResRsp", "opId": res.opId}) == []
@@ -382,7 +389,7 @@ def test_downlinks_and_unanswered_results_survive_a_reconnect() -> None:
 
 
 def test_the_summary_shows_the_downlinks() -> None:
-    counters = Counters(connects=1, dl_queued=3, dl_sent=2, dl_expired=1, dl_reported=3)
+    counters = Counters(connects=1, dl_queued=3, dl_sent=2, dl_expired=1, dl_reported=3, dl_acked=2)
     summary = Aggregator(_options(port=1), None).summary(
         [
             {
@@ -398,7 +405,10 @@ def test_the_summary_shows_the_downlinks() -> None:
         ]
     )
     assert summary["counters"]["dl_sent"] == 2
-    assert "downlinks: 3 queued, 2 sent, 1 expired, 0 revoked; 3 results completed" in describe(summary)
+    assert (
+        "downlinks: 3 queued, 2 sent, 1 expired, 0 revoked; 3 results completed, 0 answered with error;"
+        " 2 acknowledged by the sensor's next uplink" in describe(summary)
+    )
 
 
 def test_an_idle_station_pings() -> None:
@@ -598,6 +608,10 @@ async def test_sim_answers_a_service_center_over_tls(pki: PKI) -> None:
     results = [r for r in factory.received if isinstance(r, m.DlDataRes)]
     assert all(r.result == "sent" and r.queId == 77 and r.epEui == sensor_eui(0) for r in results)
     assert {(r.epEui, r.packetCnt) for r in results} <= opened
+    # The sensor acknowledged in its next uplink, through every station hearing it, never elsewhere.
+    acks = [u for u in factory.received if isinstance(u, m.UlData) and u.dlAck]
+    assert acks and c.dl_acked == len({u.packetCnt for u in acks})
+    assert {(u.epEui, u.packetCnt - 1) for u in acks} <= {(r.epEui, r.packetCnt) for r in results}
     assert by_command["ulDataCmp"] == by_command["ulData"] == c.ul_completed
     # Every uplink was heard by all three stations: the closed loop makes an
     # uplink only when all of its stations are connected and have room.

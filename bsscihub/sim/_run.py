@@ -94,6 +94,7 @@ class Run:
         self._closed_loop = opts.rate <= 0
         self._generated = 0  # unique uplinks due so far in open loop
         self._dirty: list[BaseStation] = []
+        self.dl_ack_due: dict[int, int] = {}
         self._flush_scheduled = False
         self.phase = "connecting"
         self.stopping = False  # drivers: stop reconnecting
@@ -269,7 +270,7 @@ class Run:
         stations, n, counters, rng = self.stations, len(self.stations), self.counters, self._rng
         cnt = self._packet_cnt[sensor]
         self._packet_cnt[sensor] = cnt + 1
-        uplink: Uplink = [self._sensor_euis[sensor], cnt, time.time_ns(), self._payloads[sensor], False, None]
+        uplink: Uplink = [self._sensor_euis[sensor], cnt, time.time_ns(), self._payloads[sensor], False, None, False]
         # The sensor's home station and its neighbours hear it: the same k
         # stations every time, like sensors that do not move.
         home = sensor % n

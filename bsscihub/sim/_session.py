@@ -20,10 +20,11 @@ from bsscihub.sim._stats import Counters, Histogram
 __all__ = ["BaseStation", "Host", "Uplink", "ul_template"]
 
 # An uplink shared by its copies: [epEui, packetCnt, rxTime, userData, acked,
-# when its first copy was sent (None until then)].
+# when its first copy was sent (None until then), dlAck (decided then)].
 Uplink = list[Any]
 _ACKED = 4
 _FIRST_SENT = 5
+_DL_ACK = 6
 
 # SC-initiated operations a base station answers, and the answer's command.
 _ANSWERS = {
@@ -79,6 +80,9 @@ class Host(Protocol):
     latency_second: Histogram  # this second's, for the per-second line
     copy_spread: Histogram  # how long after an uplink's first copy its others went out
     outstanding: int  # uplink copies queued or in flight, all base stations
+    # Sensors whose uplink carried a downlink -> that uplink's packetCnt: the sensor's next
+    # uplink acknowledges it (dlAck), through whichever stations hear it.
+    dl_ack_due: dict[int, int]
 
     def request_flush(self, station: BaseStation) -> None: ...
     def station_ready(self, station: BaseStation) -> None: ...
@@ -239,6 +243,8 @@ class BaseStation:
             first = uplink[_FIRST_SENT]
             if first is None:
                 uplink[_FIRST_SENT] = now
+                if self._host.dl_ack_due:
+                    self._decide_dl_ack(uplink)
             else:
                 spread.record(now - first)
             op = self._next_op
@@ -251,18 +257,33 @@ class BaseStation:
             ul["rssi"] = rssi
             ul["eqSnr"] = snr + 3.0
             ul["userData"] = uplink[3]
-            # One check per copy while nothing is queued: downlinks are rare.
-            payload = self._pack_with_downlink(op, uplink) if downlinks and uplink[0] in downlinks else pack(ul)
+            # Two cheap checks per copy: downlinks and their acknowledgements are rare.
+            if uplink[_DL_ACK] or (downlinks and uplink[0] in downlinks):
+                payload = self._pack_with_downlink(op, uplink)
+            else:
+                payload = pack(ul)
             send(MAGIC + len(payload).to_bytes(4, "little") + payload)
             inflight[op] = (now, uplink)
             counters.ul_sent += 1
             room -= 1
 
-    def _pack_with_downlink(self, op: int, uplink: Uplink) -> bytes:
-        """The ulData of a sensor with downlinks queued here: the first one due goes out in this
-        uplink's downlink window (dlOpen), and its dlDataRes follows the uplink's ulDataRsp."""
+    def _decide_dl_ack(self, uplink: Uplink) -> None:
+        """At an uplink's first copy: does it acknowledge the downlink its sensor received with
+        the uplink before (dlAck: "acks the downlink of packetCnt-1")?"""
         ep, cnt = uplink[0], uplink[1]
-        queued = self._downlinks[ep]
+        carried = self._host.dl_ack_due.get(ep)
+        if carried is not None and cnt > carried:
+            del self._host.dl_ack_due[ep]
+            if cnt == carried + 1:
+                uplink[_DL_ACK] = True
+                self._host.counters.dl_acked += 1
+
+    def _pack_with_downlink(self, op: int, uplink: Uplink) -> bytes:
+        """The ulData of a sensor with downlinks queued here, or acknowledging one (dlAck): the
+        first one due goes out in this uplink's downlink window (dlOpen), and its dlDataRes
+        follows the uplink's ulDataRsp."""
+        ep, cnt = uplink[0], uplink[1]
+        queued = self._downlinks.get(ep, [])
         counters = self._host.counters
         results: list[m.DlDataRes] = []
         sent = False
@@ -284,15 +305,17 @@ class BaseStation:
             )
             counters.dl_sent += 1
             sent = True
+            self._host.dl_ack_due[ep] = cnt
         if not queued:
-            del self._downlinks[ep]
+            self._downlinks.pop(ep, None)
         if results:
             self._dl_after[op] = results
         ul = self._ul
-        closed = ul["dlOpen"]
+        closed, no_ack = ul["dlOpen"], ul["dlAck"]
         ul["dlOpen"] = sent or closed
+        ul["dlAck"] = uplink[_DL_ACK] or no_ack
         payload: bytes = _packer.pack(ul)
-        ul["dlOpen"] = closed
+        ul["dlOpen"], ul["dlAck"] = closed, no_ack
         return payload
 
     def _start_dl_results(self, results: list[m.DlDataRes]) -> None:

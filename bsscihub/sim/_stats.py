@@ -91,6 +91,7 @@ class Counters:
     dl_expired: int = 0  # ... whose counters (cntDepend) all passed, to be reported "expired"
     dl_reported: int = 0  # dlDataRes answered with dlDataResRsp and completed
     dl_errors: int = 0  # `error` received instead of dlDataResRsp
+    dl_acked: int = 0  # uplinks acknowledging the downlink their sensor got with the one before (dlAck)
     pings_sent: int = 0
     pings_answered: int = 0
     ping_timeouts: int = 0
