@@ -188,7 +188,7 @@ async def test_api_keys_shown_once_revocable_and_expiring(harness: Harness) -> N
     listed = (await h.request("GET", "/api/v1/api-keys", role="operator")).json()["items"]
     assert secret not in str(listed) and [k["name"] for k in listed] == ["grafana", "test"]
     stored = await h.hub.store.fetchone("SELECT secret_hash FROM api_keys WHERE id = ?", (key["id"],))
-    assert stored is not None and stored[0].startswith("sha256:") and secret.split("_")[2] not in stored[0]
+    assert stored is not None and stored[0].startswith("sha256:") and secret.split("_", 2)[2] not in stored[0]
 
     assert (await h.request("GET", "/api/v1/mioty/sensors", token=secret)).code == 200
     assert (await h.request("POST", "/api/v1/mioty/base-stations/70b3d59cd0000001/status", token=secret)).code == 403
