@@ -447,9 +447,9 @@ async def test_a_sent_downlink_is_marked_acked_by_the_uplink_after_the_one_it_we
     await b.expect("dlDataResRsp")
     b.send("dlDataResCmp", op)
 
-    async def entry_after_uplink(cnt: int, dl_ack: bool) -> dict[str, Any]:
+    async def entry_after_acking_uplink(cnt: int) -> dict[str, Any]:
         uplinks = len(running.of("uplink"))
-        op = b.uplink(cnt=cnt, dlAck=dl_ack)
+        op = b.uplink(cnt=cnt, dlAck=True)
         assert (await b.expect("ulDataRsp"))["opId"] == op
         b.send("ulDataCmp", op)
         await wait_for(lambda: len(running.of("uplink")) > uplinks)
@@ -458,9 +458,9 @@ async def test_a_sent_downlink_is_marked_acked_by_the_uplink_after_the_one_it_we
         return entry
 
     # dlAck acknowledges the downlink of packetCnt - 1: not this one (sent with 5) for counter 7 ...
-    assert not (await entry_after_uplink(7, True))["acked"]
+    assert not (await entry_after_acking_uplink(7))["acked"]
     # ... but for counter 6.
-    entry = await entry_after_uplink(6, True)
+    entry = await entry_after_acking_uplink(6)
     assert entry["acked"] and entry["status"] == "sent" and entry["packetCnt"] == 5
 
 
