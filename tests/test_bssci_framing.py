@@ -7,7 +7,6 @@ import itertools
 import json
 import struct
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -23,9 +22,7 @@ from bsscihub.protocols.bssci.framing import (
     FramingError,
     encode_frame,
 )
-
-# The shared folder sits beside the checkout.
-CAPTURES = Path(__file__).parents[1].parent / "shared" / "protocol" / "captures"
+from tests.captures import load_capture
 
 # As the captures' README states it.
 CAPTURED_UUID = [-61, 114, -59, 33, -89, 120, 73, -101, -117, 78, 41, -57, -125, -73, 53, -35]  # fmt: skip
@@ -43,13 +40,6 @@ CAPTURED_CON = {
 
 # The example in BSSCI.md, spaces as printed there.
 PING_FRAME_HEX = "4d494f5459423031 14000000 82a7636f6d6d616e64a470696e67a46f704964 00"
-
-
-def load_capture(name: str) -> bytes:
-    path = CAPTURES / name
-    if not path.exists():
-        pytest.skip(f"capture {path} not available")
-    return bytes.fromhex("".join(path.read_text().split()))
 
 
 def header(size: int, magic: bytes = MAGIC) -> bytes:

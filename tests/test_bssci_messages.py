@@ -3,7 +3,6 @@ Required fields below are copied from BSSCI.md, not from the code, so the two ar
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -34,8 +33,8 @@ from bsscihub.protocols.bssci.messages import (
     hex_to_eui,
     parse_version,
 )
+from tests.captures import load_capture
 
-CAPTURES = Path(__file__).parents[1].parent / "shared" / "protocol" / "captures"
 SIGNED_UUID = [-61, 114, -59, 33, -89, 120, 73, -101, -117, 78, 41, -57, -125, -73, 53, -35]  # fmt: skip
 
 # Every message of every operation in BSSCI.md, both directions.
@@ -241,10 +240,7 @@ def wire_of(command: str) -> dict[str, Any]:
 
 
 def test_captured_con_decodes_as_documented() -> None:
-    path = CAPTURES / "diehl-premium-gateway-con.hex"
-    if not path.exists():
-        pytest.skip(f"capture {path} not available")
-    [wire] = Framer().feed(bytes.fromhex("".join(path.read_text().split())))
+    [wire] = Framer().feed(load_capture("diehl-premium-gateway-con.hex"))
     con = decode(wire)
     assert con == Con(
         opId=0,

@@ -4,7 +4,6 @@ service center. Every operation, both directions, and every error path of the se
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,8 +38,8 @@ from bsscihub.protocols.bssci.session import (
     attach_signature,
     verify_attach_signature,
 )
+from tests.captures import load_capture
 
-CAPTURES = Path(__file__).parents[1].parent / "shared" / "protocol" / "captures"
 PEER = IPv4Address("TCP", "10.0.0.5", 43122)
 BS_EUI = 0x00073200007767F3
 EP1, EP2, EP3 = 0x0011223344556677, 0x0011223344556678, 0x0011223344556679
@@ -211,9 +210,7 @@ def errors(out: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
 
 
 def test_captured_diehl_con_gets_a_fresh_session(center: Center, clock: Clock) -> None:
-    frame = bytes.fromhex("".join(
-        line for line in (CAPTURES / "diehl-premium-gateway-con.hex").read_text().split() if not line.startswith("#")
-    ))  # fmt: skip
+    frame = load_capture("diehl-premium-gateway-con.hex")
     uuids = []
     for _ in range(2):
         bs = BS(center, clock)
