@@ -1,126 +1,50 @@
-"""The mioty service center: the mutual-TLS BSSCI listener, base-station sessions, sensors, uplinks, downlinks.
-It is the sessions' IServiceCenter, publishes the family's events, and serves the REST and MQTT commands."""
+"""The mioty service center: the mutual-TLS BSSCI listener and the base-station sessions' side of the family.
+It is the sessions' IServiceCenter; uplinks go through uplinks.UplinkPipeline, REST/MQTT actions live in actions.py."""
 
 from __future__ import annotations
 
-import json
 import math
-from bisect import bisect_left
-from collections.abc import Iterable, Mapping
-from itertools import chain
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bsscihub import audit
 from bsscihub.bus import Event
-from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
 from bsscihub.pki import cert_bs_eui
 from bsscihub.protocols.bssci import messages as m
-from bsscihub.protocols.bssci.dedup import (
-    LATE,
-    MERGED,
-    SAME_UPLINK_SPREAD_NS,
-    Copy,
-    Deduplicator,
-    subpackets_json,
-    uplink_payload,
-)
+from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
+from bsscihub.protocols.bssci.dedup import Deduplicator
+from bsscihub.protocols.bssci.downlinks import Downlink
+from bsscihub.protocols.bssci.metrics import Counters, Histogram, MiotyMetrics
 from bsscihub.protocols.bssci.protocol import BSSCIFactory
-from bsscihub.protocols.bssci.registry import BaseStation, ImportCounts, Registry, Sensor, attach_change, rfc3339
+from bsscihub.protocols.bssci.registry import BaseStation, Registry, Sensor, rfc3339
 from bsscihub.protocols.bssci.session import (
     EACCES,
-    EINVAL,
     ENOENT,
     EOPNOTSUPP,
     IServiceCenter,
-    OperationFailed,
-    OperationTimedOut,
     Refused,
     Session,
-    SessionClosed,
     SessionConfig,
     SessionStats,
     State,
     verify_attach_signature,
 )
+from bsscihub.protocols.bssci.uplinks import UplinkPipeline, untrack
 
 __all__ = ["MiotyService", "UnknownDevice"]
 
-_I64_MAX = (1 << 63) - 1
 # Copies of one over-the-air attach, heard by several base stations, each get the attRsp.
 OTA_COPY_WINDOW = 60.0
-_MAX_TEXT = 64  # profile, mode: short radio identifiers
-_MAX_DOWNLINK = 1024
 _LATENCY_STEPS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-class UnknownDevice(CommandError):
-    """No such end point or base station (the REST layer answers 404)."""
-
-
-def _eui(value: Any, what: str = "EUI") -> str:
-    """16 lower-case hex digits from a hex string (any case) or an integer."""
-    if type(value) is int and 0 <= value < 1 << 64:
-        return f"{value:016x}"
-    if isinstance(value, str) and len(value) == 16:
-        try:
-            int(value, 16)
-        except ValueError:
-            pass
-        else:
-            if value.isascii() and value.isalnum():
-                return value.lower()
-    raise CommandError(f"bad {what} {value!r}: expected 16 hexadecimal digits")
-
-
-def _nw_key(value: Any) -> bytes:
-    # The key itself never goes into an error message.
-    if isinstance(value, bytes) and len(value) == 16:
-        return value
-    if isinstance(value, str) and len(value) == 32 and value.isascii():
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            pass
-    raise CommandError("nwKey must be 32 hexadecimal digits (the AES-128 network key)")
-
-
-def _short_addr(value: Any) -> int:
-    if type(value) is int and 0 <= value <= 0xFFFF:
-        return value
-    if isinstance(value, str) and len(value) == 4 and value.isascii():
-        try:
-            return int(value, 16)
-        except ValueError:
-            pass
-    raise CommandError(f"shortAddr must be 4 hexadecimal digits, got {value!r}")
-
-
-def _bool(value: Any, name: str) -> bool:
-    if type(value) is not bool:
-        raise CommandError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _fields(payload: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()) -> None:
-    required, optional = tuple(required), tuple(optional)
-    missing = [k for k in required if k not in payload]
-    if missing:
-        raise CommandError(f"missing field {missing[0]!r}")
-    unknown = sorted(set(payload) - set(required) - set(optional))
-    if unknown:
-        known = ", ".join(chain(required, optional)) or "none"
-        raise CommandError(f"unknown field {unknown[0]!r} (known: {known})")
 
 
 def _jsonable(value: Any) -> Any:
@@ -136,170 +60,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _check_text(name: str, value: str | None) -> None:
-    if value is not None and (len(value) > _MAX_TEXT or "\x00" in value):
-        raise Refused(EINVAL, f"ulData: field {name!r} must be a short text without NUL characters")
-
-
-def _copy_from_row(row: tuple[Any, ...]) -> tuple[str, Copy]:
-    """A stored copy (id + UPLINK_COLUMNS) back as the Copy it was."""
-    (_, ep, pc, bs, received, rx_time, rx_duration, snr, rssi, eq_snr, profile, mode, sub, data, fmt, dl_open,
-     response_exp, dl_ack) = row  # fmt: skip
-    subpackets = None
-    if sub:
-        value = json.loads(sub)
-        subpackets = m.Subpackets(
-            snr=tuple(value["snr"]),
-            rssi=tuple(value["rssi"]),
-            frequency=tuple(value["frequency"]),
-            phase=tuple(value["phase"]) if "phase" in value else None,
-        )
-    msg = m.UlData(
-        opId=0,
-        epEui=int(ep, 16),
-        rxTime=int(rx_time),
-        rxDuration=None if rx_duration is None else int(rx_duration),
-        packetCnt=int(pc),
-        snr=float(snr),
-        rssi=float(rssi),
-        eqSnr=None if eq_snr is None else float(eq_snr),
-        profile=profile,
-        mode=mode,
-        subpackets=subpackets,
-        userData=bytes(data),
-        format=int(fmt),
-        dlOpen=bool(dl_open),
-        responseExp=bool(response_exp),
-        dlAck=bool(dl_ack),
-    )
-    return ep, Copy(bs, float(received), msg)
-
-
-def _group_copies(rows: Iterable[tuple[Any, ...]]) -> list[tuple[str, list[Copy]]]:
-    """Stored copies grouped into uplinks: same sensor and counter, rxTimes close together."""
-    groups: list[tuple[str, list[Copy]]] = []
-    index: dict[tuple[str, int], list[list[Copy]]] = {}
-    for row in rows:
-        ep, copy = _copy_from_row(row)
-        candidates = index.setdefault((ep, copy.msg.packetCnt), [])
-        for copies in candidates:
-            if abs(copies[0].msg.rxTime - copy.msg.rxTime) <= SAME_UPLINK_SPREAD_NS:
-                copies.append(copy)
-                break
-        else:
-            copies = [copy]
-            candidates.append(copies)
-            groups.append((ep, copies))
-    return groups
-
-
-def _untrack(result: Any, d: defer.Deferred[Any], tracked: set[defer.Deferred[Any]]) -> Any:
-    """A callback that forgets a Deferred the stop waits for, passing its result on."""
-    tracked.discard(d)
-    return result
-
-
-class _Histogram:
-    """A Prometheus histogram without locks (observed on the reactor thread only)."""
-
-    def __init__(self, bounds: Iterable[float]) -> None:
-        self.bounds = sorted(set(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        total = 0
-        for bound, count in zip([*self.bounds, math.inf], self.counts, strict=True):
-            total += count
-            out.append(("+Inf" if bound == math.inf else repr(bound), total))
-        return out
-
-
-@attrs.define
-class _Counters:
-    copies: int = 0
-    uplinks: int = 0
-    merged: int = 0
-    late: int = 0
-    replayed: int = 0
-    store_failures: int = 0
-    publish_failures: int = 0
-    connections: int = 0
-    refused: int = 0
-    latency: _Histogram = attrs.field(factory=lambda: _Histogram(()))
-
-
-@attrs.define
-class _Downlink:
-    """A queued downlink until a base station reports it sent (or every target reported)."""
-
-    que_id: int
-    ep_eui: str
-    targets: list[str]
-    results: dict[str, str] = attrs.field(factory=dict)
-
-
-class _Metrics:
-    """Exposes the service's plain counters to Prometheus at scrape time."""
-
-    def __init__(self, service: MiotyService) -> None:
-        self._service = service
-
-    def collect(self) -> Iterable[Any]:
-        service = self._service
-        c, stats = service.counters, service.stats
-        p = "bsscihub_mioty_"
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(p + name, doc, value=value)
-
-        yield counter("uplink_copies", "ulData copies received and stored (each acknowledged after commit)", c.copies)
-        yield counter("uplinks", "unique uplinks published (copies merged)", c.uplinks)
-        yield counter("duplicate_copies", "copies merged into an uplink inside its dedup window", c.merged)
-        yield counter("late_copies", "copies arriving after their uplink was published: dropped", c.late)
-        yield counter("uplinks_replayed", "uplinks stored but unpublished at the last stop, published at start",
-                      c.replayed)
-        yield counter("uplink_store_failures", "copies that could not be stored (answered with error)",
-                      c.store_failures)
-        yield counter("publish_failures", "uplink events the bus did not take durably", c.publish_failures)
-        yield counter("connections", "base-station sessions accepted (con)", c.connections)
-        yield counter("connections_refused", "con refused (revoked, certificate of another bsEui)", c.refused)
-        yield counter("framing_errors", "connections closed for a framing error", stats.framing_errors)
-        yield counter("invalid_messages", "messages that failed validation (answered with error)", stats.invalid)
-        yield counter("operation_timeouts", "hub-initiated operations not answered in time", stats.op_timeouts)
-        yield counter("ping_timeouts", "base stations dropped for not answering a ping", stats.ping_timeouts)
-        ops = CounterMetricFamily(p + "operations", "BSSCI operations started, by command and initiator",
-                                  labels=["command", "initiator"])
-        for command, count in sorted(stats.received.items()):
-            ops.add_metric([command, "bs"], count)
-        for command, count in sorted(stats.sent.items()):
-            ops.add_metric([command, "sc"], count)
-        yield ops
-        errors = CounterMetricFamily(p + "protocol_errors", "BSSCI error messages, by direction",
-                                     labels=["direction"])
-        errors.add_metric(["sent"], stats.errors_sent)
-        errors.add_metric(["received"], stats.errors_received)
-        yield errors
-        yield GaugeMetricFamily(p + "connected_base_stations", "base stations with an established session",
-                                value=sum(1 for s in service.sessions.values() if s.state is State.ESTABLISHED))
-        yield GaugeMetricFamily(p + "propagations_pending", "attPrp/detPrp queued or in flight",
-                                value=sum(s.propagation_pending for s in service.sessions.values()))
-        yield GaugeMetricFamily(p + "uplinks_pending", "uplinks inside their dedup window", value=service.dedup.pending)
-        yield GaugeMetricFamily(p + "sensors_attached", "attached end points",
-                                value=sum(1 for s in service.registry.sensors.values() if s.attached))
-        latency = c.latency
-        yield HistogramMetricFamily(p + "dedup_latency_seconds", "first copy received to uplink event published",
-                                    buckets=latency.buckets(), sum_value=latency.sum)
-
-
 @implementer(IServiceCenter)
-class MiotyService(FamilyService):
+class MiotyService(MiotyActions, FamilyService):
     """The mioty family at run time (`hub.services["mioty"]`).
+
+    The sessions' side is here; uplinks run through `self.uplinks` (uplinks.UplinkPipeline);
+    the public actions and queries below come from actions.MiotyActions, the metrics from
+    metrics.MiotyMetrics.
 
     Public, for the REST and MQTT layers (every EUI is 16 hex digits, any case):
     actions `attach`, `detach`, `remove_sensor`, `import_sensors`, `queue_downlink`,
@@ -322,24 +89,22 @@ class MiotyService(FamilyService):
         self.bssci = hub.config.section("bssci")
         self.settings = hub.config.section("mioty")
         self.registry = Registry(hub.store, self.clock)
-        self.dedup = Deduplicator(self.clock, self.settings.dedup_window, self.settings.dedup_memory,
-                                  self._publish_uplink)
         self.sessions: dict[str, Session] = {}
         """The current session of each base station, by bsEui (from con until it ends)."""
         self.stats = SessionStats()
         window = self.settings.dedup_window
-        self.counters = _Counters(latency=_Histogram([window / 2, window, *(window + s for s in _LATENCY_STEPS)]))
+        self.counters = Counters(latency=Histogram([window / 2, window, *(window + s for s in _LATENCY_STEPS)]))
+        self.uplinks = UplinkPipeline(self.clock, self.registry, hub.bus, self.counters, window,
+                                      self.settings.dedup_memory, self._uplink_acks)
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
         self.listener: StreamServerEndpointService | None = None
         self.port: Any = None
         """The listening port once started (`port.getHost().port` is the bound port number)."""
-        self._downlinks: dict[int, _Downlink] = {}
+        self._downlinks: dict[int, Downlink] = {}
         self._last_sent: dict[str, tuple[int, int]] = {}  # epEui -> (queId, packetCnt) of the last sent downlink
         self._ota: dict[str, tuple[int, bytes, float]] = {}  # epEui -> last accepted (attachCnt, sign, when)
         self._det_reported: dict[tuple[str, int], float] = {}
-        self._unconfirmed: set[defer.Deferred[Any]] = set()
         self._writes: set[defer.Deferred[Any]] = set()
-        self._publish_notes = 0
         self.started_at = self.clock.seconds()
         """A sensor is not silent while the hub was down: silence counts from here at the earliest."""
         lifecycle = max(0.05, min(60.0, self.settings.inactivity_warning / 4, self.settings.auto_detach / 4))
@@ -349,7 +114,11 @@ class MiotyService(FamilyService):
             (self.looping(self.prune, "pruning uplink history"), min(3600.0, self.settings.uplink_retention / 4)),
         ]
         hub.health.register("bssci", self._health)
-        hub.metrics.register(_Metrics(self))
+        hub.metrics.register(MiotyMetrics(self))
+
+    @property
+    def dedup(self) -> Deduplicator:
+        return self.uplinks.dedup
 
     # -- start and stop
 
@@ -360,12 +129,9 @@ class MiotyService(FamilyService):
         await registry.load()
         for bs in await registry.mark_all_offline(self.clock.seconds()):
             self._publish_state(bs)
-        # Late copies of uplinks published before the restart must still be dropped.
-        for ep, pc, rx_time in reversed(await registry.recent_keys(self.settings.dedup_memory)):
-            self.dedup.remember((ep, pc), rx_time)
-        await self._replay()
+        await self.uplinks.load()
         for entry in await registry.downlinks(pending_only=True):
-            self._downlinks[entry["queId"]] = _Downlink(entry["queId"], entry["epEui"], list(entry["bsEuis"]))
+            self._downlinks[entry["queId"]] = Downlink(entry["queId"], entry["epEui"], list(entry["bsEuis"]))
         for loop, interval in self._loops:
             loop.start(interval, now=False)
         tls = self.hub.config.tls
@@ -393,14 +159,7 @@ class MiotyService(FamilyService):
                 loop.stop()
         for session in list(self.sessions.values()):
             session.close("the hub is stopping")
-        self.dedup.flush()
-        # Confirmed now means not published twice after the restart.
-        deadline = self.clock.seconds() + self.drain_wait
-        while self._unconfirmed and self.clock.seconds() < deadline:
-            await task.deferLater(self.clock, 0.01, lambda: None)
-        if self._unconfirmed:
-            self.log.warn("{count} uplinks not confirmed by the bus; they are published again at the next start",
-                          count=len(self._unconfirmed))
+        await self.uplinks.drain(self.drain_wait)
         await defer.DeferredList(list(self._writes), consumeErrors=True)
         await self.registry.flush()
 
@@ -410,17 +169,6 @@ class MiotyService(FamilyService):
             bool(self.running) and self.port is not None,
             {"listen": self.bssci.listen, "connected": len(established), "baseStations": established},
         )
-
-    async def _replay(self) -> None:
-        """Publish what was stored (and acknowledged) but not published before the last stop."""
-        rows = await self.registry.unpublished()
-        groups = _group_copies(rows)
-        for ep, copies in groups:
-            self._publish_uplink((ep, copies[0].msg.packetCnt), copies, min(c.received for c in copies), replay=True)
-        if groups:
-            self.counters.replayed += len(groups)
-            self.log.info("published {count} uplinks ({copies} copies) stored before the last stop",
-                          count=len(groups), copies=len(rows))
 
     # -- IServiceCenter: the sessions' side
 
@@ -509,80 +257,7 @@ class MiotyService(FamilyService):
             self._publish_state(bs)
 
     def uplink(self, session: Session, msg: m.UlData) -> defer.Deferred[None]:
-        # Checked before the batch: one row the database refuses would fail all the others.
-        if msg.packetCnt > _I64_MAX or msg.rxTime > _I64_MAX or (msg.rxDuration or 0) > _I64_MAX:
-            raise Refused(EINVAL, "ulData: packetCnt, rxTime and rxDuration must be below 2**63")
-        if (msg.format or 0) > _I64_MAX:
-            raise Refused(EINVAL, "ulData: field 'format' must be below 2**63")
-        snr, rssi, eq_snr = msg.snr, msg.rssi, msg.eqSnr
-        if not (math.isfinite(snr) and math.isfinite(rssi) and (eq_snr is None or math.isfinite(eq_snr))):
-            raise Refused(EINVAL, "ulData: snr, rssi and eqSnr must be finite numbers")
-        _check_text("profile", msg.profile)
-        _check_text("mode", msg.mode)
-        sub = msg.subpackets
-        sub_json = None
-        if sub is not None:
-            if not all(map(math.isfinite, chain(sub.snr, sub.rssi, sub.frequency, sub.phase or ()))):
-                raise Refused(EINVAL, "ulData: subpackets must hold finite numbers")
-            sub_json = json.dumps(subpackets_json(sub))
-        ep = f"{msg.epEui:016x}"
-        now = self.clock.seconds()
-        self.dedup.sweep_due(now)
-        bs = session.bs_hex
-        self.counters.copies += 1
-        stored = self.registry.add_uplink(
-            (ep, msg.packetCnt, bs, now, msg.rxTime, msg.rxDuration, snr, rssi, eq_snr, msg.profile, msg.mode,
-             sub_json, msg.userData, msg.format or 0, int(msg.dlOpen), int(msg.responseExp), int(msg.dlAck))
-        )  # fmt: skip
-        stored.addCallbacks(self._copy_stored, self._copy_failed, (ep, Copy(bs, now, msg)))
-        return stored
-
-    def _copy_stored(self, _: object, ep: str, copy: Copy) -> None:
-        # Deduplicated only once stored: an event never mentions an uncommitted copy.
-        outcome = self.dedup.add((ep, copy.msg.packetCnt), copy)
-        if outcome == MERGED:
-            self.counters.merged += 1
-        elif outcome == LATE:
-            self.counters.late += 1
-            self.registry.mark_published(ep, copy.msg.packetCnt)
-
-    def _copy_failed(self, failure: Failure) -> Failure:
-        self.counters.store_failures += 1
-        return failure
-
-    def _publish_uplink(self, key: tuple[str, int], copies: list[Copy], first: float, replay: bool = False) -> None:
-        ep, packet_cnt = key
-        payload = uplink_payload(ep, copies, first)
-        if not replay:
-            self.counters.latency.observe(self.clock.seconds() - first)
-        self.counters.uplinks += 1
-        sensor = self.registry.sensors.get(ep)
-        if sensor is not None and (sensor.last_seen is None or first >= sensor.last_seen):
-            receivers = payload["receivers"]
-            sensor.last_seen, sensor.last_packet_cnt = first, packet_cnt
-            sensor.best_bs, sensor.best_snr = receivers[0]["bsEui"], receivers[0]["snr"]
-            sensor.paths = tuple(r["bsEui"] for r in receivers)
-            sensor.warned = False
-            self.registry.dirty(ep)
-        if payload["dlAck"]:
-            self._downlink_acked(ep, packet_cnt)
-        d = self.hub.bus.publish(Event("mioty", "uplink", f"mioty/ep/{ep}/up", payload))
-        if not d.called:
-            self._unconfirmed.add(d)
-            d.addBoth(_untrack, d, self._unconfirmed)
-        d.addCallbacks(self._published, self._publish_failed, callbackArgs=(ep, packet_cnt),
-                       errbackArgs=(ep, packet_cnt))
-
-    def _published(self, _: object, ep: str, packet_cnt: int) -> None:
-        self.registry.mark_published(ep, packet_cnt)
-
-    def _publish_failed(self, failure: Failure, ep: str, packet_cnt: int) -> None:
-        # Not marked: the uplink is stored and published again at the next start.
-        self.counters.publish_failures += 1
-        self._publish_notes += 1
-        if self._publish_notes <= 10 or self._publish_notes & (self._publish_notes - 1) == 0:
-            self.log.warn("the bus did not take uplink {epEui}/{packetCnt} ({count} so far): {problem}", epEui=ep,
-                          packetCnt=packet_cnt, count=self._publish_notes, problem=failure.getErrorMessage())
+        return self.uplinks.store(session.bs_hex, msg)
 
     def attach_request(self, session: Session, msg: m.Att) -> defer.Deferred[m.AttRsp]:
         return defer.Deferred.fromCoroutine(self._ota_attach(session, msg))
@@ -676,7 +351,8 @@ class MiotyService(FamilyService):
             packet_cnt=msg.packetCnt,
         ), "recording a downlink result")  # fmt: skip
 
-    def _downlink_acked(self, ep: str, packet_cnt: int) -> None:
+    def _uplink_acks(self, ep: str, packet_cnt: int, payload: Mapping[str, Any]) -> None:
+        """An uplink with dlAck: it acknowledges the downlink sent with the counter before it."""
         last = self._last_sent.get(ep)
         if last is not None and last[1] == packet_cnt - 1:
             del self._last_sent[ep]
@@ -748,7 +424,7 @@ class MiotyService(FamilyService):
         d.addErrback(lambda f: self.log.failure("mioty: {what} failed", f, what=what))
         if not d.called:
             self._writes.add(d)
-            d.addBoth(_untrack, d, self._writes)
+            d.addBoth(untrack, d, self._writes)
 
     def _save_base_station(self, bs: BaseStation) -> None:
         self._background(self.registry.save_base_station(bs), f"saving base station {bs.eui}")
@@ -848,322 +524,3 @@ class MiotyService(FamilyService):
 
         await self.registry.save_sensors({eui: make})
         return self.registry.sensors[eui]
-
-    # -- actions (REST and MQTT)
-
-    async def attach(
-        self,
-        ep_eui: str,
-        nw_key: str | bytes,
-        short_addr: str | int,
-        bidi: bool,
-        *,
-        actor: str = "system",
-        source: str = "api",
-    ) -> dict[str, Any]:
-        """Register the end point (or change it) and attach it: attPrp to every connected base
-        station. `nw_key`: 32 hex digits or 16 bytes; `short_addr`: 4 hex digits or an int.
-        Returns {"epEui", "attached": true, "baseStations": [bsEui the attPrp was queued on]}."""
-        eui, key, addr = _eui(ep_eui, "end point EUI"), _nw_key(nw_key), _short_addr(short_addr)
-        bidi = _bool(bidi, "bidi")
-        _, changed = await self.registry.save_sensors(
-            {eui: attach_change(eui, key, addr, bidi, self.clock.seconds())}
-        )
-        sensor = self.registry.sensors[eui]
-        # Attaching again re-propagates even if nothing changed: the operator asked for it.
-        targets = self._propagate(True, eui)
-        self._ep_event(eui, "attach", {"source": source, "shortAddr": f"{sensor.short_addr:04x}", "bidi": bidi})
-        self.log.info("end point {epEui} attached by {actor}; attPrp to {count} base stations", epEui=eui,
-                      actor=actor, count=len(targets))
-        return {"epEui": eui, "attached": True, "changed": bool(changed), "baseStations": targets}
-
-    async def detach(self, ep_eui: str, *, actor: str = "system", source: str = "api") -> dict[str, Any]:
-        """Detach the end point: detPrp to every connected base station (it stays registered).
-        Returns {"epEui", "attached": false, "baseStations": [...]}."""
-        eui = self._known_sensor(ep_eui).eui
-        await self._save_attached(eui, False)
-        targets = self._propagate(False, eui)
-        self._ep_event(eui, "detach", {"source": source})
-        self.log.info("end point {epEui} detached by {actor}", epEui=eui, actor=actor)
-        return {"epEui": eui, "attached": False, "baseStations": targets}
-
-    async def remove_sensor(self, ep_eui: str, *, actor: str = "system", source: str = "api") -> dict[str, Any]:
-        """Detach the end point and delete it from the registry (its uplink history stays)."""
-        sensor = self._known_sensor(ep_eui)
-        await self.registry.delete_sensor(sensor.eui)
-        targets = self._propagate(False, sensor.eui)
-        self._ep_event(sensor.eui, "detach", {"source": source, "removed": True})
-        self.log.info("end point {epEui} removed by {actor}", epEui=sensor.eui, actor=actor)
-        return {"epEui": sensor.eui, "removed": True, "baseStations": targets}
-
-    async def import_sensors(self, entries: Iterable[tuple[str, bytes, int, bool]], *,
-                             source: str = "import") -> ImportCounts:
-        """Register and attach (eui, nwKey, shortAddr, bidi) entries, validated beforehand;
-        changed ones are propagated at once. Used by endpoints.import_endpoints."""
-        now = self.clock.seconds()
-        changes = {eui: attach_change(eui, key, addr, bidi, now) for eui, key, addr, bidi in entries}
-        counts, changed = await self.registry.save_sensors(changes)
-        for new, stored in changed:
-            self._announce_change(new, stored, source)
-        return counts
-
-    async def queue_downlink(
-        self,
-        ep_eui: str,
-        data: bytes | str,
-        *,
-        format: int | None = None,
-        prio: float | None = None,
-        response_exp: bool | None = None,
-        actor: str = "system",
-    ) -> dict[str, Any]:
-        """Queue a downlink (dlDataQue) on the end point's best bidirectional base station (by the
-        SNR of its last uplink), or on every connected bidirectional one if none heard it yet.
-        Waits for the base stations' dlDataQueRsp; the outcome comes later as a dl_result event.
-        Returns {"epEui", "queId", "status": "accepted", "baseStations"}."""
-        sensor = self._known_sensor(ep_eui)
-        if isinstance(data, str):
-            try:
-                data = bytes.fromhex(data)
-            except ValueError:
-                raise CommandError("data must be hexadecimal digits, two per byte") from None
-        if not isinstance(data, bytes) or len(data) > _MAX_DOWNLINK:
-            raise CommandError(f"data must be at most {_MAX_DOWNLINK} bytes")
-        if format is not None and (type(format) is not int or not 0 <= format <= 255):
-            raise CommandError(f"format must be an integer 0..255, got {format!r}")
-        if prio is not None and (type(prio) not in (int, float) or not math.isfinite(prio) or prio < 0):
-            raise CommandError(f"prio must be a non-negative number, got {prio!r}")
-        if response_exp is not None:
-            _bool(response_exp, "responseExp")
-        if not sensor.attached:
-            raise CommandError(f"end point {sensor.eui} is detached")
-        if not sensor.bidi:
-            raise CommandError(f"end point {sensor.eui} is not bidirectional (bidi is false)")
-        targets = self._downlink_targets(sensor)
-        if not targets:
-            raise CommandError(f"no connected bidirectional base station can reach end point {sensor.eui}")
-        now = self.clock.seconds()
-        bs_euis = [s.bs_hex for s in targets]
-        que_id = await self.registry.add_downlink(sensor.eui, data, format, prio, response_exp, actor, bs_euis, now)
-        entry = self._downlinks[que_id] = _Downlink(que_id, sensor.eui, bs_euis)
-        ep_int = int(sensor.eui, 16)
-
-        def make(op: int) -> m.Message:
-            return m.DlDataQue(opId=op, epEui=ep_int, queId=que_id, cntDepend=False, userData=(data,),
-                               format=format, prio=None if prio is None else float(prio), responseExp=response_exp)
-
-        results = await defer.DeferredList([s.request(make) for s in targets], consumeErrors=True)
-        accepted = [bs for bs, (ok, _) in zip(bs_euis, results, strict=True) if ok]
-        problems = [f"{bs}: {value.getErrorMessage()}" for bs, (ok, value) in zip(bs_euis, results, strict=True)
-                    if not ok]
-        now = self.clock.seconds()
-        if not accepted:
-            self._downlinks.pop(que_id, None)
-            await self.registry.update_downlink(que_id, now, status="rejected", error="; ".join(problems))
-            raise CommandError(f"downlink {que_id} not queued: {'; '.join(problems)}")
-        entry.targets = accepted
-        if que_id in self._downlinks:
-            await self.registry.update_downlink(que_id, now, status="accepted", targets=accepted)
-        self.log.info("downlink {queId} for {epEui} ({size} bytes) queued on {bsEuis} by {actor}", queId=que_id,
-                      epEui=sensor.eui, size=len(data), bsEuis=",".join(accepted), actor=actor)
-        return {"epEui": sensor.eui, "queId": que_id, "status": "accepted", "baseStations": accepted}
-
-    def _downlink_targets(self, sensor: Sensor) -> list[Session]:
-        for bs in sensor.paths or ((sensor.best_bs,) if sensor.best_bs else ()):
-            session = self.sessions.get(bs)
-            if session is not None and session.state is State.ESTABLISHED and session.bidi:
-                return [session]
-        return [s for s in self._established() if s.bidi]
-
-    async def revoke_downlink(self, ep_eui: str, que_id: int, *, actor: str = "system") -> dict[str, Any]:
-        """Withdraw a queued downlink (dlDataRev to the base stations holding it)."""
-        sensor = self._known_sensor(ep_eui)
-        entry = self._downlinks.get(que_id) if type(que_id) is int else None
-        if entry is None or entry.ep_eui != sensor.eui:
-            raise CommandError(f"no pending downlink {que_id!r} for end point {sensor.eui}")
-        sessions = [self.sessions[bs] for bs in entry.targets if bs in self.sessions]
-        results = await defer.DeferredList(
-            [s.request(lambda op: m.DlDataRev(opId=op, epEui=int(sensor.eui, 16), queId=que_id)) for s in sessions],
-            consumeErrors=True,
-        )
-        problems = [f"{s.bs_hex}: {v.getErrorMessage()}" for s, (ok, v) in zip(sessions, results, strict=True)
-                    if not ok]
-        self._downlinks.pop(que_id, None)
-        await self.registry.update_downlink(que_id, self.clock.seconds(), status="revoked",
-                                            error="; ".join(problems) or None)
-        self.log.info("downlink {queId} for {epEui} revoked by {actor}", queId=que_id, epEui=sensor.eui, actor=actor)
-        return {"epEui": sensor.eui, "queId": que_id, "status": "revoked", "problems": problems}
-
-    async def query_dl_rx_status(self, ep_eui: str) -> dict[str, Any]:
-        """Ask the base stations on the end point's path for its downlink reception status
-        (dlRxStatQry); the answers arrive as dl_rx_status events."""
-        sensor = self._known_sensor(ep_eui)
-        targets = self._downlink_targets(sensor)
-        results = await defer.DeferredList(
-            [s.request(lambda op: m.DlRxStatQry(opId=op, epEui=int(sensor.eui, 16))) for s in targets],
-            consumeErrors=True,
-        )
-        asked = [s.bs_hex for s, (ok, _) in zip(targets, results, strict=True) if ok]
-        return {"epEui": sensor.eui, "baseStations": asked}
-
-    async def poll_status(self, bs_eui: str) -> dict[str, Any]:
-        """Poll a connected base station's status now; returns the `mioty/bs/{bsEui}/status` payload."""
-        eui = _eui(bs_eui, "base-station EUI")
-        session = self.sessions.get(eui)
-        if session is None or session.state is not State.ESTABLISHED:
-            if eui not in self.registry.base_stations:
-                raise UnknownDevice(f"unknown base station {eui}")
-            raise CommandError(f"base station {eui} is not connected")
-        try:
-            await session.poll_status()
-        except (OperationFailed, OperationTimedOut, SessionClosed) as e:
-            raise CommandError(str(e)) from None
-        bs = self.registry.base_stations[eui]
-        return {"bsEui": eui, **(bs.last_status or {})}
-
-    async def revoke_base_station(self, bs_eui: str, reason: str = "", *, actor: str = "system") -> dict[str, Any]:
-        """Revoke a base station: close its connection, refuse its bsEui at `con` and the serial of
-        the certificate it last used in the TLS handshake, from now on."""
-        eui = _eui(bs_eui, "base-station EUI")
-        bs = self.registry.base_stations.get(eui)
-        if bs is None:
-            raise UnknownDevice(f"unknown base station {eui}")
-        if not isinstance(reason, str):
-            raise CommandError("reason must be a string")
-        now = self.clock.seconds()
-        bs.revoked, bs.revoked_reason, bs.revoked_at = True, reason or None, now
-        await self.registry.save_base_station(bs)
-        session = self.sessions.get(eui)
-        serials = {int(bs.cert_serial, 16)} if bs.cert_serial else set()
-        if session is not None and session.certificate is not None:
-            serials.add(session.certificate.serial_number)
-        for serial in serials:
-            await self.registry.revoke_certificate(serial, reason or f"base station {eui} revoked", actor, now)
-        self.log.warn("base station {bsEui} revoked by {actor}: {reason}", bsEui=eui, actor=actor,
-                      reason=reason or "no reason given")
-        if session is not None:
-            session.close(f"revoked by {actor}")
-        return {**bs.to_json(), "revokedSerials": [f"{s:#x}" for s in sorted(serials)]}
-
-    async def revoke_certificate(self, serial: int, reason: str = "", *, actor: str = "system") -> dict[str, Any]:
-        """Refuse a client certificate by serial number (in every future TLS handshake)."""
-        if type(serial) is not int or serial <= 0:
-            raise CommandError(f"bad certificate serial {serial!r}")
-        await self.registry.revoke_certificate(serial, reason or "revoked", actor, self.clock.seconds())
-        for session in list(self.sessions.values()):
-            if session.certificate is not None and session.certificate.serial_number == serial:
-                session.close(f"certificate revoked by {actor}")
-        self.log.warn("certificate serial {serial} revoked by {actor}", serial=f"{serial:#x}", actor=actor)
-        return {"serial": f"{serial:#x}", "revoked": True}
-
-    def _known_sensor(self, ep_eui: str) -> Sensor:
-        eui = _eui(ep_eui, "end point EUI")
-        sensor = self.registry.sensors.get(eui)
-        if sensor is None:
-            raise UnknownDevice(f"unknown end point {eui}")
-        return sensor
-
-    # -- queries (REST)
-
-    async def list_base_stations(self) -> list[dict[str, Any]]:
-        """Every base station that ever connected, by EUI (see get_base_station for the fields)."""
-        return [self._bs_json(bs) for _, bs in sorted(self.registry.base_stations.items())]
-
-    async def get_base_station(self, bs_eui: str) -> dict[str, Any] | None:
-        """One base station, or None: bsEui, state ("online"/"offline"), vendor, model, name,
-        swVersion, version, since, bidi, geoLocation, peer, certSerial, certSubject, firstSeen,
-        lastSeen, status (the last status payload), revoked, revokedReason, revokedAt, and while
-        connected: connectedSince, propagationPending."""
-        bs = self.registry.base_stations.get(_eui(bs_eui, "base-station EUI"))
-        return None if bs is None else self._bs_json(bs)
-
-    def _bs_json(self, bs: BaseStation) -> dict[str, Any]:
-        out = bs.to_json()
-        session = self.sessions.get(bs.eui)
-        if session is not None and session.established_at is not None:
-            out["connectedSince"] = rfc3339(session.established_at)
-            out["propagationPending"] = session.propagation_pending
-        return out
-
-    async def list_sensors(self, filter: str | None = None, limit: int = 100, offset: int = 0) -> dict[str, Any]:
-        """Sensors by EUI, those whose EUI contains `filter` (hex, any case):
-        {"items": [sensor as in get_sensor], "total", "limit", "offset"}."""
-        needle = (filter or "").lower()
-        found = sorted(eui for eui in self.registry.sensors if needle in eui)
-        page = found[offset : offset + limit] if limit > 0 else []
-        return {"items": [self.registry.sensors[eui].to_json() for eui in page], "total": len(found),
-                "limit": limit, "offset": offset}
-
-    async def get_sensor(self, ep_eui: str) -> dict[str, Any] | None:
-        """One sensor, or None: epEui, shortAddr (4 hex), bidi, dualChan, repetition,
-        wideCarrOff, longBlkDist, epClass, syncBurst, attached, attachedAt, attachCnt,
-        lastPacketCnt, lastSeen, bestBs, bestSnr, createdAt. Never the network key."""
-        sensor = self.registry.sensors.get(_eui(ep_eui, "end point EUI"))
-        return None if sensor is None else sensor.to_json()
-
-    async def uplink_history(self, ep_eui: str, limit: int = 100, before: float | None = None) -> dict[str, Any]:
-        """The sensor's stored uplinks, newest first, received before `before` (Unix seconds):
-        {"items": [uplink event payload + "received" (Unix s of the first copy)]}."""
-        eui = _eui(ep_eui, "end point EUI")
-        limit = max(1, min(int(limit), 1000))
-        row_limit = limit * 8 + 8
-        rows = await self.registry.uplink_rows(eui, row_limit, before)
-        groups = _group_copies(rows)
-        if len(rows) == row_limit and len(groups) > 1:
-            groups.pop()  # its other copies may lie beyond the rows read
-        items = []
-        for ep, copies in groups[:limit]:
-            first = min(c.received for c in copies)
-            items.append({**uplink_payload(ep, copies, first), "received": first})
-        return {"items": items}
-
-    async def downlinks(self, ep_eui: str) -> dict[str, Any]:
-        """The end point's downlinks, newest first: {"items": [{queId, epEui, data, format, prio,
-        responseExp, created, actor, bsEuis, status (queued, accepted, rejected, revoked, sent,
-        expired, invalid), resultBs, txTime, packetCnt, error, acked, updated}]}."""
-        return {"items": await self.registry.downlinks(_eui(ep_eui, "end point EUI"))}
-
-    # -- MQTT commands
-
-    async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
-        """`{p}/mioty/{kind}/{id}/cmd/{name}`: ep attach/detach/down/revoke_down/dl_rx_status, bs status."""
-        names = {"ep": ("attach", "detach", "down", "revoke_down", "dl_rx_status"), "bs": ("status",)}.get(kind)
-        if names is None:
-            raise CommandError(f"unknown target {kind!r}: use ep (end point) or bs (base station)")
-        if name not in names:
-            raise CommandError(f"unknown {kind} command {name!r} (known: {', '.join(names)})")
-        eui = _eui(id, "end point EUI" if kind == "ep" else "base-station EUI")
-        if not isinstance(payload, Mapping):
-            raise CommandError("the payload must be a JSON object")
-        if kind == "bs":
-            _fields(payload, ())
-            return await self.poll_status(eui)
-        if name == "attach":
-            _fields(payload, ("nwKey", "shortAddr", "bidi"))
-            result = await self.attach(eui, payload["nwKey"], payload["shortAddr"], payload["bidi"], actor="mqtt",
-                                       source="mqtt")
-            detail = {"shortAddr": f"{_short_addr(payload['shortAddr']):04x}", "bidi": payload["bidi"]}
-            await self._audit("mqtt", "mioty.sensor.attach", eui, detail, "mqtt")
-            return result
-        if name == "detach":
-            _fields(payload, ())
-            result = await self.detach(eui, actor="mqtt", source="mqtt")
-            await self._audit("mqtt", "mioty.sensor.detach", eui, {}, "mqtt")
-            return result
-        if name == "revoke_down":
-            _fields(payload, ("queId",))
-            result = await self.revoke_downlink(eui, payload["queId"], actor="mqtt")
-            await self._audit("mqtt", "mioty.sensor.downlink_revoke", eui, {"queId": payload["queId"]}, "mqtt")
-            return result
-        if name == "dl_rx_status":
-            _fields(payload, ())
-            return await self.query_dl_rx_status(eui)
-        _fields(payload, ("data",), ("format", "prio", "responseExp"))
-        data = payload["data"]
-        if not isinstance(data, str):
-            raise CommandError("data must be a string of hexadecimal digits")
-        result = await self.queue_downlink(eui, data, format=payload.get("format"), prio=payload.get("prio"),
-                                           response_exp=payload.get("responseExp"), actor="mqtt")
-        await self._audit("mqtt", "mioty.sensor.downlink", eui, {"queId": result["queId"], "bytes": len(data) // 2},
-                          "mqtt")
-        return result

@@ -1,0 +1,420 @@
+"""The mioty family's actions and queries for the REST and MQTT layers (attach, downlinks, revocation ...).
+Mixed into MiotyService; each validates its input at the edge and raises CommandError with a one-line reason."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from bsscihub.errors import CommandError
+from bsscihub.protocols.bssci import messages as m
+from bsscihub.protocols.bssci.dedup import uplink_payload
+from bsscihub.protocols.bssci.downlinks import Downlink
+from bsscihub.protocols.bssci.registry import BaseStation, ImportCounts, Registry, Sensor, attach_change, rfc3339
+from bsscihub.protocols.bssci.session import OperationFailed, OperationTimedOut, Session, SessionClosed, State
+from bsscihub.protocols.bssci.uplinks import group_copies
+
+__all__ = ["MiotyActions", "UnknownDevice"]
+
+_MAX_DOWNLINK = 1024
+
+class UnknownDevice(CommandError):
+    """No such end point or base station (the REST layer answers 404)."""
+
+
+def _eui(value: Any, what: str = "EUI") -> str:
+    """16 lower-case hex digits from a hex string (any case) or an integer."""
+    if type(value) is int and 0 <= value < 1 << 64:
+        return f"{value:016x}"
+    if isinstance(value, str) and len(value) == 16:
+        try:
+            int(value, 16)
+        except ValueError:
+            pass
+        else:
+            if value.isascii() and value.isalnum():
+                return value.lower()
+    raise CommandError(f"bad {what} {value!r}: expected 16 hexadecimal digits")
+
+
+def _nw_key(value: Any) -> bytes:
+    # The key itself never goes into an error message.
+    if isinstance(value, bytes) and len(value) == 16:
+        return value
+    if isinstance(value, str) and len(value) == 32 and value.isascii():
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    raise CommandError("nwKey must be 32 hexadecimal digits (the AES-128 network key)")
+
+
+def _short_addr(value: Any) -> int:
+    if type(value) is int and 0 <= value <= 0xFFFF:
+        return value
+    if isinstance(value, str) and len(value) == 4 and value.isascii():
+        try:
+            return int(value, 16)
+        except ValueError:
+            pass
+    raise CommandError(f"shortAddr must be 4 hexadecimal digits, got {value!r}")
+
+
+def _bool(value: Any, name: str) -> bool:
+    if type(value) is not bool:
+        raise CommandError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _fields(payload: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    required, optional = tuple(required), tuple(optional)
+    missing = [k for k in required if k not in payload]
+    if missing:
+        raise CommandError(f"missing field {missing[0]!r}")
+    unknown = sorted(set(payload) - set(required) - set(optional))
+    if unknown:
+        known = ", ".join(chain(required, optional)) or "none"
+        raise CommandError(f"unknown field {unknown[0]!r} (known: {known})")
+
+
+
+class MiotyActions:
+    """What the REST and MQTT layers call on `hub.services["mioty"]` (see MiotyService)."""
+
+    if TYPE_CHECKING:  # provided by MiotyService, the class this is mixed into
+        log: Logger
+        clock: IReactorTime
+        registry: Registry
+        sessions: dict[str, Session]
+        _downlinks: dict[int, Downlink]
+
+        def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]: ...
+        def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> None: ...
+        def _established(self) -> list[Session]: ...
+        def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str) -> list[str]: ...
+        async def _save_attached(self, eui: str, attached: bool) -> Sensor: ...
+        async def _audit(self, actor: str, action: str, target: str, detail: Mapping[str, Any],
+                         source: str) -> None: ...
+
+    async def attach(
+        self,
+        ep_eui: str,
+        nw_key: str | bytes,
+        short_addr: str | int,
+        bidi: bool,
+        *,
+        actor: str = "system",
+        source: str = "api",
+    ) -> dict[str, Any]:
+        """Register the end point (or change it) and attach it: attPrp to every connected base
+        station. `nw_key`: 32 hex digits or 16 bytes; `short_addr`: 4 hex digits or an int.
+        Returns {"epEui", "attached": true, "baseStations": [bsEui the attPrp was queued on]}."""
+        eui, key, addr = _eui(ep_eui, "end point EUI"), _nw_key(nw_key), _short_addr(short_addr)
+        bidi = _bool(bidi, "bidi")
+        _, changed = await self.registry.save_sensors(
+            {eui: attach_change(eui, key, addr, bidi, self.clock.seconds())}
+        )
+        sensor = self.registry.sensors[eui]
+        # Attaching again re-propagates even if nothing changed: the operator asked for it.
+        targets = self._propagate(True, eui)
+        self._ep_event(eui, "attach", {"source": source, "shortAddr": f"{sensor.short_addr:04x}", "bidi": bidi})
+        self.log.info("end point {epEui} attached by {actor}; attPrp to {count} base stations", epEui=eui,
+                      actor=actor, count=len(targets))
+        return {"epEui": eui, "attached": True, "changed": bool(changed), "baseStations": targets}
+
+    async def detach(self, ep_eui: str, *, actor: str = "system", source: str = "api") -> dict[str, Any]:
+        """Detach the end point: detPrp to every connected base station (it stays registered).
+        Returns {"epEui", "attached": false, "baseStations": [...]}."""
+        eui = self._known_sensor(ep_eui).eui
+        await self._save_attached(eui, False)
+        targets = self._propagate(False, eui)
+        self._ep_event(eui, "detach", {"source": source})
+        self.log.info("end point {epEui} detached by {actor}", epEui=eui, actor=actor)
+        return {"epEui": eui, "attached": False, "baseStations": targets}
+
+    async def remove_sensor(self, ep_eui: str, *, actor: str = "system", source: str = "api") -> dict[str, Any]:
+        """Detach the end point and delete it from the registry (its uplink history stays)."""
+        sensor = self._known_sensor(ep_eui)
+        await self.registry.delete_sensor(sensor.eui)
+        targets = self._propagate(False, sensor.eui)
+        self._ep_event(sensor.eui, "detach", {"source": source, "removed": True})
+        self.log.info("end point {epEui} removed by {actor}", epEui=sensor.eui, actor=actor)
+        return {"epEui": sensor.eui, "removed": True, "baseStations": targets}
+
+    async def import_sensors(self, entries: Iterable[tuple[str, bytes, int, bool]], *,
+                             source: str = "import") -> ImportCounts:
+        """Register and attach (eui, nwKey, shortAddr, bidi) entries, validated beforehand;
+        changed ones are propagated at once. Used by endpoints.import_endpoints."""
+        now = self.clock.seconds()
+        changes = {eui: attach_change(eui, key, addr, bidi, now) for eui, key, addr, bidi in entries}
+        counts, changed = await self.registry.save_sensors(changes)
+        for new, stored in changed:
+            self._announce_change(new, stored, source)
+        return counts
+
+    async def queue_downlink(
+        self,
+        ep_eui: str,
+        data: bytes | str,
+        *,
+        format: int | None = None,
+        prio: float | None = None,
+        response_exp: bool | None = None,
+        actor: str = "system",
+    ) -> dict[str, Any]:
+        """Queue a downlink (dlDataQue) on the end point's best bidirectional base station (by the
+        SNR of its last uplink), or on every connected bidirectional one if none heard it yet.
+        Waits for the base stations' dlDataQueRsp; the outcome comes later as a dl_result event.
+        Returns {"epEui", "queId", "status": "accepted", "baseStations"}."""
+        sensor = self._known_sensor(ep_eui)
+        if isinstance(data, str):
+            try:
+                data = bytes.fromhex(data)
+            except ValueError:
+                raise CommandError("data must be hexadecimal digits, two per byte") from None
+        if not isinstance(data, bytes) or len(data) > _MAX_DOWNLINK:
+            raise CommandError(f"data must be at most {_MAX_DOWNLINK} bytes")
+        if format is not None and (type(format) is not int or not 0 <= format <= 255):
+            raise CommandError(f"format must be an integer 0..255, got {format!r}")
+        if prio is not None and (type(prio) not in (int, float) or not math.isfinite(prio) or prio < 0):
+            raise CommandError(f"prio must be a non-negative number, got {prio!r}")
+        if response_exp is not None:
+            _bool(response_exp, "responseExp")
+        if not sensor.attached:
+            raise CommandError(f"end point {sensor.eui} is detached")
+        if not sensor.bidi:
+            raise CommandError(f"end point {sensor.eui} is not bidirectional (bidi is false)")
+        targets = self._downlink_targets(sensor)
+        if not targets:
+            raise CommandError(f"no connected bidirectional base station can reach end point {sensor.eui}")
+        now = self.clock.seconds()
+        bs_euis = [s.bs_hex for s in targets]
+        que_id = await self.registry.add_downlink(sensor.eui, data, format, prio, response_exp, actor, bs_euis, now)
+        entry = self._downlinks[que_id] = Downlink(que_id, sensor.eui, bs_euis)
+        ep_int = int(sensor.eui, 16)
+
+        def make(op: int) -> m.Message:
+            return m.DlDataQue(opId=op, epEui=ep_int, queId=que_id, cntDepend=False, userData=(data,),
+                               format=format, prio=None if prio is None else float(prio), responseExp=response_exp)
+
+        results = await defer.DeferredList([s.request(make) for s in targets], consumeErrors=True)
+        accepted = [bs for bs, (ok, _) in zip(bs_euis, results, strict=True) if ok]
+        problems = [f"{bs}: {value.getErrorMessage()}" for bs, (ok, value) in zip(bs_euis, results, strict=True)
+                    if not ok]
+        now = self.clock.seconds()
+        if not accepted:
+            self._downlinks.pop(que_id, None)
+            await self.registry.update_downlink(que_id, now, status="rejected", error="; ".join(problems))
+            raise CommandError(f"downlink {que_id} not queued: {'; '.join(problems)}")
+        entry.targets = accepted
+        if que_id in self._downlinks:
+            await self.registry.update_downlink(que_id, now, status="accepted", targets=accepted)
+        self.log.info("downlink {queId} for {epEui} ({size} bytes) queued on {bsEuis} by {actor}", queId=que_id,
+                      epEui=sensor.eui, size=len(data), bsEuis=",".join(accepted), actor=actor)
+        return {"epEui": sensor.eui, "queId": que_id, "status": "accepted", "baseStations": accepted}
+
+    def _downlink_targets(self, sensor: Sensor) -> list[Session]:
+        for bs in sensor.paths or ((sensor.best_bs,) if sensor.best_bs else ()):
+            session = self.sessions.get(bs)
+            if session is not None and session.state is State.ESTABLISHED and session.bidi:
+                return [session]
+        return [s for s in self._established() if s.bidi]
+
+    async def revoke_downlink(self, ep_eui: str, que_id: int, *, actor: str = "system") -> dict[str, Any]:
+        """Withdraw a queued downlink (dlDataRev to the base stations holding it)."""
+        sensor = self._known_sensor(ep_eui)
+        entry = self._downlinks.get(que_id) if type(que_id) is int else None
+        if entry is None or entry.ep_eui != sensor.eui:
+            raise CommandError(f"no pending downlink {que_id!r} for end point {sensor.eui}")
+        sessions = [self.sessions[bs] for bs in entry.targets if bs in self.sessions]
+        results = await defer.DeferredList(
+            [s.request(lambda op: m.DlDataRev(opId=op, epEui=int(sensor.eui, 16), queId=que_id)) for s in sessions],
+            consumeErrors=True,
+        )
+        problems = [f"{s.bs_hex}: {v.getErrorMessage()}" for s, (ok, v) in zip(sessions, results, strict=True)
+                    if not ok]
+        self._downlinks.pop(que_id, None)
+        await self.registry.update_downlink(que_id, self.clock.seconds(), status="revoked",
+                                            error="; ".join(problems) or None)
+        self.log.info("downlink {queId} for {epEui} revoked by {actor}", queId=que_id, epEui=sensor.eui, actor=actor)
+        return {"epEui": sensor.eui, "queId": que_id, "status": "revoked", "problems": problems}
+
+    async def query_dl_rx_status(self, ep_eui: str) -> dict[str, Any]:
+        """Ask the base stations on the end point's path for its downlink reception status
+        (dlRxStatQry); the answers arrive as dl_rx_status events."""
+        sensor = self._known_sensor(ep_eui)
+        targets = self._downlink_targets(sensor)
+        results = await defer.DeferredList(
+            [s.request(lambda op: m.DlRxStatQry(opId=op, epEui=int(sensor.eui, 16))) for s in targets],
+            consumeErrors=True,
+        )
+        asked = [s.bs_hex for s, (ok, _) in zip(targets, results, strict=True) if ok]
+        return {"epEui": sensor.eui, "baseStations": asked}
+
+    async def poll_status(self, bs_eui: str) -> dict[str, Any]:
+        """Poll a connected base station's status now; returns the `mioty/bs/{bsEui}/status` payload."""
+        eui = _eui(bs_eui, "base-station EUI")
+        session = self.sessions.get(eui)
+        if session is None or session.state is not State.ESTABLISHED:
+            if eui not in self.registry.base_stations:
+                raise UnknownDevice(f"unknown base station {eui}")
+            raise CommandError(f"base station {eui} is not connected")
+        try:
+            await session.poll_status()
+        except (OperationFailed, OperationTimedOut, SessionClosed) as e:
+            raise CommandError(str(e)) from None
+        bs = self.registry.base_stations[eui]
+        return {"bsEui": eui, **(bs.last_status or {})}
+
+    async def revoke_base_station(self, bs_eui: str, reason: str = "", *, actor: str = "system") -> dict[str, Any]:
+        """Revoke a base station: close its connection, refuse its bsEui at `con` and the serial of
+        the certificate it last used in the TLS handshake, from now on."""
+        eui = _eui(bs_eui, "base-station EUI")
+        bs = self.registry.base_stations.get(eui)
+        if bs is None:
+            raise UnknownDevice(f"unknown base station {eui}")
+        if not isinstance(reason, str):
+            raise CommandError("reason must be a string")
+        now = self.clock.seconds()
+        bs.revoked, bs.revoked_reason, bs.revoked_at = True, reason or None, now
+        await self.registry.save_base_station(bs)
+        session = self.sessions.get(eui)
+        serials = {int(bs.cert_serial, 16)} if bs.cert_serial else set()
+        if session is not None and session.certificate is not None:
+            serials.add(session.certificate.serial_number)
+        for serial in serials:
+            await self.registry.revoke_certificate(serial, reason or f"base station {eui} revoked", actor, now)
+        self.log.warn("base station {bsEui} revoked by {actor}: {reason}", bsEui=eui, actor=actor,
+                      reason=reason or "no reason given")
+        if session is not None:
+            session.close(f"revoked by {actor}")
+        return {**bs.to_json(), "revokedSerials": [f"{s:#x}" for s in sorted(serials)]}
+
+    async def revoke_certificate(self, serial: int, reason: str = "", *, actor: str = "system") -> dict[str, Any]:
+        """Refuse a client certificate by serial number (in every future TLS handshake)."""
+        if type(serial) is not int or serial <= 0:
+            raise CommandError(f"bad certificate serial {serial!r}")
+        await self.registry.revoke_certificate(serial, reason or "revoked", actor, self.clock.seconds())
+        for session in list(self.sessions.values()):
+            if session.certificate is not None and session.certificate.serial_number == serial:
+                session.close(f"certificate revoked by {actor}")
+        self.log.warn("certificate serial {serial} revoked by {actor}", serial=f"{serial:#x}", actor=actor)
+        return {"serial": f"{serial:#x}", "revoked": True}
+
+    def _known_sensor(self, ep_eui: str) -> Sensor:
+        eui = _eui(ep_eui, "end point EUI")
+        sensor = self.registry.sensors.get(eui)
+        if sensor is None:
+            raise UnknownDevice(f"unknown end point {eui}")
+        return sensor
+
+    # -- queries (REST)
+
+    async def list_base_stations(self) -> list[dict[str, Any]]:
+        """Every base station that ever connected, by EUI (see get_base_station for the fields)."""
+        return [self._bs_json(bs) for _, bs in sorted(self.registry.base_stations.items())]
+
+    async def get_base_station(self, bs_eui: str) -> dict[str, Any] | None:
+        """One base station, or None: bsEui, state ("online"/"offline"), vendor, model, name,
+        swVersion, version, since, bidi, geoLocation, peer, certSerial, certSubject, firstSeen,
+        lastSeen, status (the last status payload), revoked, revokedReason, revokedAt, and while
+        connected: connectedSince, propagationPending."""
+        bs = self.registry.base_stations.get(_eui(bs_eui, "base-station EUI"))
+        return None if bs is None else self._bs_json(bs)
+
+    def _bs_json(self, bs: BaseStation) -> dict[str, Any]:
+        out = bs.to_json()
+        session = self.sessions.get(bs.eui)
+        if session is not None and session.established_at is not None:
+            out["connectedSince"] = rfc3339(session.established_at)
+            out["propagationPending"] = session.propagation_pending
+        return out
+
+    async def list_sensors(self, filter: str | None = None, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        """Sensors by EUI, those whose EUI contains `filter` (hex, any case):
+        {"items": [sensor as in get_sensor], "total", "limit", "offset"}."""
+        needle = (filter or "").lower()
+        found = sorted(eui for eui in self.registry.sensors if needle in eui)
+        page = found[offset : offset + limit] if limit > 0 else []
+        return {"items": [self.registry.sensors[eui].to_json() for eui in page], "total": len(found),
+                "limit": limit, "offset": offset}
+
+    async def get_sensor(self, ep_eui: str) -> dict[str, Any] | None:
+        """One sensor, or None: epEui, shortAddr (4 hex), bidi, dualChan, repetition,
+        wideCarrOff, longBlkDist, epClass, syncBurst, attached, attachedAt, attachCnt,
+        lastPacketCnt, lastSeen, bestBs, bestSnr, createdAt. Never the network key."""
+        sensor = self.registry.sensors.get(_eui(ep_eui, "end point EUI"))
+        return None if sensor is None else sensor.to_json()
+
+    async def uplink_history(self, ep_eui: str, limit: int = 100, before: float | None = None) -> dict[str, Any]:
+        """The sensor's stored uplinks, newest first, received before `before` (Unix seconds):
+        {"items": [uplink event payload + "received" (Unix s of the first copy)]}."""
+        eui = _eui(ep_eui, "end point EUI")
+        limit = max(1, min(int(limit), 1000))
+        row_limit = limit * 8 + 8
+        rows = await self.registry.uplink_rows(eui, row_limit, before)
+        groups = group_copies(rows)
+        if len(rows) == row_limit and len(groups) > 1:
+            groups.pop()  # its other copies may lie beyond the rows read
+        items = []
+        for ep, copies in groups[:limit]:
+            first = min(c.received for c in copies)
+            items.append({**uplink_payload(ep, copies, first), "received": first})
+        return {"items": items}
+
+    async def downlinks(self, ep_eui: str) -> dict[str, Any]:
+        """The end point's downlinks, newest first: {"items": [{queId, epEui, data, format, prio,
+        responseExp, created, actor, bsEuis, status (queued, accepted, rejected, revoked, sent,
+        expired, invalid), resultBs, txTime, packetCnt, error, acked, updated}]}."""
+        return {"items": await self.registry.downlinks(_eui(ep_eui, "end point EUI"))}
+
+    # -- MQTT commands
+
+    async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
+        """`{p}/mioty/{kind}/{id}/cmd/{name}`: ep attach/detach/down/revoke_down/dl_rx_status, bs status."""
+        names = {"ep": ("attach", "detach", "down", "revoke_down", "dl_rx_status"), "bs": ("status",)}.get(kind)
+        if names is None:
+            raise CommandError(f"unknown target {kind!r}: use ep (end point) or bs (base station)")
+        if name not in names:
+            raise CommandError(f"unknown {kind} command {name!r} (known: {', '.join(names)})")
+        eui = _eui(id, "end point EUI" if kind == "ep" else "base-station EUI")
+        if not isinstance(payload, Mapping):
+            raise CommandError("the payload must be a JSON object")
+        if kind == "bs":
+            _fields(payload, ())
+            return await self.poll_status(eui)
+        if name == "attach":
+            _fields(payload, ("nwKey", "shortAddr", "bidi"))
+            result = await self.attach(eui, payload["nwKey"], payload["shortAddr"], payload["bidi"], actor="mqtt",
+                                       source="mqtt")
+            detail = {"shortAddr": f"{_short_addr(payload['shortAddr']):04x}", "bidi": payload["bidi"]}
+            await self._audit("mqtt", "mioty.sensor.attach", eui, detail, "mqtt")
+            return result
+        if name == "detach":
+            _fields(payload, ())
+            result = await self.detach(eui, actor="mqtt", source="mqtt")
+            await self._audit("mqtt", "mioty.sensor.detach", eui, {}, "mqtt")
+            return result
+        if name == "revoke_down":
+            _fields(payload, ("queId",))
+            result = await self.revoke_downlink(eui, payload["queId"], actor="mqtt")
+            await self._audit("mqtt", "mioty.sensor.downlink_revoke", eui, {"queId": payload["queId"]}, "mqtt")
+            return result
+        if name == "dl_rx_status":
+            _fields(payload, ())
+            return await self.query_dl_rx_status(eui)
+        _fields(payload, ("data",), ("format", "prio", "responseExp"))
+        data = payload["data"]
+        if not isinstance(data, str):
+            raise CommandError("data must be a string of hexadecimal digits")
+        result = await self.queue_downlink(eui, data, format=payload.get("format"), prio=payload.get("prio"),
+                                           response_exp=payload.get("responseExp"), actor="mqtt")
+        await self._audit("mqtt", "mioty.sensor.downlink", eui, {"queId": result["queId"], "bytes": len(data) // 2},
+                          "mqtt")
+        return result
