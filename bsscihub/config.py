@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,6 +85,8 @@ def _endpoint(value: Any) -> str:
 
 
 def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = _flow_list(value)
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -218,16 +221,23 @@ class HubConfig:
         }
         named = {name: getattr(self, name) for name in CORE_SECTIONS} | dict(self.sections)
         for name, value in named.items():
-            out[name] = {
-                f.name: ("***" if f.metadata.get("secret") and getattr(value, f.name) else getattr(value, f.name))
-                for f in attrs.fields(type(value))
-            }
-        out["mqtt"]["url"] = _mask_url(out["mqtt"]["url"])
+            out[name] = {f.name: _masked_value(f, getattr(value, f.name)) for f in attrs.fields(type(value))}
         return out
 
 
+def _masked_value(field: Any, value: Any) -> Any:
+    if field.metadata.get("secret") and value:
+        return "***"
+    if isinstance(value, str) and "://" in value:
+        return _mask_url(value)  # any URL may carry user:password@
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
     if parts.password:
         return url.replace(f":{parts.password}@", ":***@", 1)
     return url
@@ -252,18 +262,59 @@ def build_section(cls: type[T], name: str, raw: Any) -> T:
     return cls(**values)
 
 
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+def _flow_list(text: str) -> Any:
+    """A YAML flow sequence ("[a, b]") from the environment; anything else stays text."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, list) else text
+
+
+def from_env(kind: Any, text: str) -> Any:
+    """The environment's text read by the key's declared type, before its parser validates it.
+
+    Strings stay strings ("0123" is a password, not 83); integers are decimal; booleans take
+    true/false, yes/no, on/off, 1/0; lists take "a, b" or "[a, b]". What does not read as the
+    type is passed on as text, so that the key's parser names the value in its error.
+    """
+    if kind is bool:
+        word = text.strip().lower()
+        return True if word in _TRUE else False if word in _FALSE else text
+    if kind is int:
+        return int(text, 10) if _INTEGER.match(text) else text
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            return text  # a duration with a unit ("5m"): its parser reads it
+    if typing.get_origin(kind) in (tuple, list):
+        if text.strip().startswith("["):
+            return _flow_list(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation we cannot resolve: the key then gets text
+        return {}
+
+
 def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], sections: Mapping[str, type]) -> None:
-    """Apply BSSCIHUB_<SECTION>_<KEY> and BSSCIHUB_<KEY> (values parsed as YAML scalars)."""
-    for var, text in environ.items():
+    """Apply BSSCIHUB_<SECTION>_<KEY> and BSSCIHUB_<KEY>, each read by the key's own type."""
+    for var, text in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX):
             continue
         rest = var[len(ENV_PREFIX) :].lower()
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
         if rest in TOP_LEVEL:
-            raw[rest] = value
+            raw[rest] = text  # top-level parsers all take text
             continue
         section, _, key = rest.partition("_")
         if section not in sections or not key:
@@ -271,7 +322,8 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], sections: Ma
         current = raw.get(section)
         if not isinstance(current, dict):
             current = raw[section] = {}
-        current[key] = value
+        # An unknown key keeps its text; build_section then names it.
+        current[key] = from_env(_field_types(sections[section]).get(key, str), text)
 
 
 def load_config(

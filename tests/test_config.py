@@ -63,10 +63,10 @@ def test_environment_overrides_section_and_top_level_keys(tmp_path: Path) -> Non
         ({"BSSCIHUB_MIOTY_DEDUP_WINDOW": "banana"}, "mioty.dedup_window = 'banana': expected a duration"),
         ({"BSSCIHUB_MQTT_KEEPALIVE": "-3"}, "mqtt.keepalive = -3: expected a positive whole number"),
         ({"BSSCIHUB_LOG_FORMAT": "xml"}, "log.format = 'xml': expected one of text, json"),
-        ({"BSSCIHUB_WEB_LISTEN": "8080"}, "web.listen = 8080: expected a Twisted endpoint string"),
+        ({"BSSCIHUB_WEB_LISTEN": "8080"}, "web.listen = '8080': expected a Twisted endpoint string"),
         ({"BSSCIHUB_MQTT_URL": "http://x"}, "mqtt.url = 'http://x': expected mqtt://host:port"),
         ({"BSSCIHUB_DATABASE": "mysql://x"}, "database = 'mysql://x': expected sqlite:///FILE"),
-        ({"BSSCIHUB_WEB_NOPE": "1"}, "web.nope = 1: unknown key"),
+        ({"BSSCIHUB_WEB_NOPE": "1"}, "web.nope = '1': unknown key"),
         ({"BSSCIHUB_NOSECTION_KEY": "1"}, "BSSCIHUB_NOSECTION_KEY = '1': unknown environment override"),
         ({"BSSCIHUB_FAMILIES": "[mioty, zigbee]"}, None),
     ],
@@ -135,3 +135,84 @@ def test_sqlite_paths(tmp_path: Path) -> None:
     absolute = load(None, {"BSSCIHUB_DATABASE": "sqlite:////srv/hub.db"})
     assert absolute.sqlite_path == Path("/srv/hub.db")
     assert load(None, {"BSSCIHUB_DATABASE": "postgresql://u@h/db"}).sqlite_path is None
+
+
+# --- environment overrides are read by the key's own type
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "path", "expected"),
+    [
+        # strings stay strings: a password or an EUI with leading zeros is not a number
+        ("BSSCIHUB_MQTT_PASSWORD", "0123", ("mqtt", "password"), "0123"),
+        ("BSSCIHUB_MQTT_PASSWORD", "true", ("mqtt", "password"), "true"),
+        ("BSSCIHUB_MQTT_PASSWORD", "1e3", ("mqtt", "password"), "1e3"),
+        ("BSSCIHUB_MQTT_PASSWORD", "null", ("mqtt", "password"), "null"),
+        ("BSSCIHUB_MQTT_PASSWORD", "[a]", ("mqtt", "password"), "[a]"),
+        ("BSSCIHUB_MQTT_USERNAME", "~", ("mqtt", "username"), "~"),
+        ("BSSCIHUB_BSSCI_SC_EUI", "0000000000000123", ("bssci", "sc_eui"), "0000000000000123"),
+        ("BSSCIHUB_MQTT_PROTOCOL", "5", ("mqtt", "protocol"), "5"),
+        ("BSSCIHUB_MQTT_PROTOCOL", "3.1.1", ("mqtt", "protocol"), "3.1.1"),
+        ("BSSCIHUB_GATE_SECRET", "0x1F", ("gate", "secret"), "0x1F"),
+        # integers are decimal, whatever YAML 1.1 would make of a leading zero
+        ("BSSCIHUB_MQTT_KEEPALIVE", "045", ("mqtt", "keepalive"), 45),
+        ("BSSCIHUB_MQTT_KEEPALIVE", " 60 ", ("mqtt", "keepalive"), 60),
+        # booleans in the usual spellings
+        ("BSSCIHUB_TLS_LENIENT", "yes", ("tls", "lenient"), True),
+        ("BSSCIHUB_TLS_LENIENT", "On", ("tls", "lenient"), True),
+        ("BSSCIHUB_TLS_LENIENT", "1", ("tls", "lenient"), True),
+        ("BSSCIHUB_WEB_HTTPS", "false", ("web", "https"), False),
+        ("BSSCIHUB_DEVICES_AUTO_REGISTER", "0", ("devices", "auto_register"), False),
+        # durations as numbers or with a unit
+        ("BSSCIHUB_MIOTY_DEDUP_WINDOW", "0.25", ("mioty", "dedup_window"), 0.25),
+        ("BSSCIHUB_MIOTY_DEDUP_WINDOW", "250ms", ("mioty", "dedup_window"), 0.25),
+        ("BSSCIHUB_WEB_SESSION_IDLE", "2h", ("web", "session_idle"), 7200.0),
+        ("BSSCIHUB_WEB_SESSION_IDLE", "90", ("web", "session_idle"), 90.0),
+        # lists as "a, b" or as a YAML flow sequence
+        ("BSSCIHUB_BLE_TOPICS", "gw/+/data, BLEGatewayData/#", ("ble", "topics"), ("gw/+/data", "BLEGatewayData/#")),
+        ("BSSCIHUB_BLE_TOPICS", '["a/#", "b/+"]', ("ble", "topics"), ("a/#", "b/+")),
+        ("BSSCIHUB_FAMILIES", "mioty, ble", ("families",), ("mioty", "ble")),
+        ("BSSCIHUB_FAMILIES", "[mioty]", ("families",), ("mioty",)),
+        ("BSSCIHUB_DATA_DIR", "0123", ("data_dir",), Path("0123")),
+    ],
+)
+def test_environment_overrides_are_read_by_the_keys_type(
+    var: str, text: str, path: tuple[str, ...], expected: object
+) -> None:
+    config = load(HUB_YAML, {var: text})
+    value = getattr(config, path[0]) if len(path) == 1 else getattr(config.section(path[0]), path[1])
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "fragment"),
+    [
+        ("BSSCIHUB_TLS_LENIENT", "maybe", "tls.lenient = 'maybe': expected true or false"),
+        ("BSSCIHUB_MQTT_KEEPALIVE", "1.5", "mqtt.keepalive = '1.5': expected a positive whole number"),
+        ("BSSCIHUB_MQTT_KEEPALIVE", "0x10", "mqtt.keepalive = '0x10': expected a positive whole number"),
+        ("BSSCIHUB_MQTT_KEEPALIVE", "", "mqtt.keepalive = '': expected a positive whole number"),
+        ("BSSCIHUB_MQTT_PROTOCOL", "5.0", "mqtt.protocol = '5.0': expected one of 5, 3.1.1"),
+        ("BSSCIHUB_WEB_SESSION_IDLE", "soon", "web.session_idle = 'soon': expected a duration"),
+        ("BSSCIHUB_BLE_TOPICS", "[a/#, 7]", "ble.topics = ['a/#', 7]: expected a list of names"),
+    ],
+)
+def test_environment_values_that_do_not_fit_the_type_name_the_key(var: str, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(HUB_YAML, {var: text})
+    assert fragment in str(info.value)
+
+
+def test_masked_config_hides_passwords_in_every_url() -> None:
+    masked = load(
+        None,
+        {
+            "BSSCIHUB_DATABASE": "postgresql://hub:dbsecret@db/hub",
+            "BSSCIHUB_GATE_DYNSEC_URL": "mqtt://admin:dynsecret@broker:1883",
+            "BSSCIHUB_GATE_SECRET": "gatesecret",
+        },
+    ).masked()
+    assert masked["database"] == "postgresql://hub:***@db/hub"
+    assert masked["gate"]["dynsec_url"] == "mqtt://admin:***@broker:1883"
+    assert masked["gate"]["secret"] == "***"
+    assert not any(s in repr(masked) for s in ("dbsecret", "dynsecret", "gatesecret"))
