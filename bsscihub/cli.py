@@ -1,4 +1,4 @@
-"""The `bsscihub` command: init, certificates, users, sensors and the base-station simulator.
+"""The `bsscihub` command: init, config check, certificates, users, sensors and the base-station simulator.
 
 Every subcommand takes --config and honours the BSSCIHUB_* environment overrides.
 """
@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from bsscihub import __version__
 from bsscihub.config import ConfigError, HubConfig
 from bsscihub.errors import UserFacingError
 
@@ -30,12 +32,14 @@ def _common() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="bsscihub", description="bsscihub IoT hub administration", parents=[common])
+    parser.add_argument("--version", action="version", version=f"bsscihub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser(
         "init",
         parents=[common],
-        help="create data_dir, the development CA and hub certificate, the schema and an admin user",
+        help="create the configuration file (from the sample, if missing), data_dir, the development CA"
+        " and hub certificate, the schema and an admin user",
     )
 
     certs = sub.add_parser("certs", parents=[common], help="certificates").add_subparsers(
@@ -52,6 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
     add = users.add_parser("add", parents=[common], help="add a user; prints a generated password once")
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=["admin", "operator", "viewer"])
+    users.add_parser("list", parents=[common], help="list users with their role and state")
+    passwd = users.add_parser(
+        "passwd",
+        parents=[common],
+        help="set a user's password (asked twice on a terminal, else the first line of standard input)",
+        description="Set a user's password; the user's bearer tokens are revoked and open sessions end.",
+    )
+    passwd.add_argument("name")
+    passwd.add_argument("--generate", action="store_true", help="generate one and print it once")
+    for verb, text in (("disable", "refuse every log-in, session, token and API key of a user"),
+                       ("enable", "let a disabled user log in again")):
+        users.add_parser(verb, parents=[common], help=text, description=text).add_argument("name")
+    role = users.add_parser("role", parents=[common], help="change a user's role")
+    role.add_argument("name")
+    role.add_argument("role", choices=["admin", "operator", "viewer"])
+
+    config = sub.add_parser("config", parents=[common], help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="COMMAND"
+    )
+    check = config.add_parser(
+        "check",
+        parents=[common],
+        help="validate a configuration file and print the effective configuration, secrets masked",
+        description="Validate FILE (or --config) with the BSSCIHUB_* overrides applied; exit status 2 if it is bad.",
+    )
+    check.add_argument("config_file", nargs="?", metavar="FILE", help="the file to check (default: --config)")
+    config.add_parser("sample", parents=[common], help="print the documented sample configuration")
 
     sensors = sub.add_parser("sensors", parents=[common], help="mioty end points").add_subparsers(
         dest="sensors_command", required=True, metavar="COMMAND"
@@ -74,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> tuple[HubConfig, dict[str, Any]]:
     from bsscihub.tap import load_hub_config
 
-    path = getattr(args, "config", None)
+    path = getattr(args, "config_file", None) or getattr(args, "config", None)
     if path is None and Path("etc/hub.yaml").exists():
         path = "etc/hub.yaml"
     return load_hub_config(path)
@@ -147,20 +178,106 @@ def cmd_certs(config: HubConfig, families: dict[str, Any], args: argparse.Namesp
     return 0
 
 
+def _new_password(args: argparse.Namespace) -> tuple[str, bool]:
+    """(password, generated) for `user passwd`."""
+    from bsscihub import users
+
+    if args.generate:
+        return users.generate_password(), True
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass(f"new password for {args.name}: ")
+        if getpass.getpass("again: ") != first:
+            raise CLIError("the two passwords differ; nothing changed")
+        return first, False
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise CLIError("no password on standard input (or use --generate); nothing changed")
+    return line, False
+
+
 def cmd_user(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
+    command = args.user_command
+    password, generated = _new_password(args) if command == "passwd" else ("", False)
+
     async def work(hub: Any) -> int:
         from bsscihub import audit, users
 
-        password = users.generate_password()
+        if command == "list":
+            return await _list_users(hub)
+        if command == "add":
+            initial = users.generate_password()
+            try:
+                await users.add_user(hub.store, args.name, args.role, initial)
+            except users.UserError as e:
+                raise CLIError(str(e)) from None
+            await audit.record(hub.store, "cli", "user.add", args.name, {"role": args.role}, "bsscihub user add")
+            print(f"user {args.name} ({args.role}) created; its password (shown only now): {initial}")
+            return 0
+        changes: dict[str, dict[str, Any]] = {
+            "passwd": {"password": password},
+            "disable": {"disabled": True},
+            "enable": {"disabled": False},
+            "role": {"role": getattr(args, "role", None)},
+        }
+        change = changes[command]
         try:
-            await users.add_user(hub.store, args.name, args.role, password)
+            user = await users.update_user(hub.store, args.name, **change)
         except users.UserError as e:
             raise CLIError(str(e)) from None
-        await audit.record(hub.store, "cli", "user.add", args.name, {"role": args.role}, "bsscihub user add")
-        print(f"user {args.name} ({args.role}) created; its password (shown only now): {password}")
+        if user is None:
+            raise CLIError(f"no user {args.name!r}")
+        revoked = 0
+        if command in ("passwd", "disable"):
+            from bsscihub.web.auth import revoke_user_tokens
+
+            # As the REST API does: a new password or a disabled account ends what was issued before.
+            revoked = await revoke_user_tokens(hub.store, user.id, time.time())
+        detail = {k: (v if k != "password" else "changed") for k, v in change.items()}
+        await audit.record(hub.store, "cli", "user.update", user.name, detail, f"bsscihub user {command}")
+        if command == "passwd":
+            shown = f"; its password (shown only now): {password}" if generated else ""
+            print(f"password of {user.name} changed, {revoked} bearer token(s) revoked{shown}")
+        elif command == "role":
+            print(f"user {user.name} is now {user.role}")
+        else:
+            state = "disabled" if user.disabled else "enabled"
+            print(f"user {user.name} {state}" + (f", {revoked} bearer token(s) revoked" if revoked else ""))
         return 0
 
     return run_with_store(config, families, work)
+
+
+async def _list_users(hub: Any) -> int:
+    from bsscihub import users
+    from bsscihub.mqtt.bridge import rfc3339
+
+    rows: list[users.User] = []
+    while True:
+        page, total = await users.list_users(hub.store, limit=500, offset=len(rows))
+        rows.extend(page)
+        if not page or len(rows) >= total:
+            break
+    table = [("NAME", "ROLE", "STATE", "CREATED")] + [
+        (u.name, u.role, "disabled" if u.disabled else "enabled", rfc3339(u.created_at)) for u in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+    return 0
+
+
+def cmd_config(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
+    import yaml
+
+    source = getattr(args, "config_file", None) or getattr(args, "config", None)
+    if source is None:
+        source = "etc/hub.yaml" if Path("etc/hub.yaml").exists() else "(defaults)"
+    print(f"# {source}: valid. The effective configuration, BSSCIHUB_* overrides applied, secrets masked:")
+    effective = config.masked() | {"families": list(families)}  # the enabled ones, also when unset
+    print(yaml.safe_dump(effective, sort_keys=False, default_flow_style=False, allow_unicode=True), end="")
+    return 0
 
 
 def cmd_sensors(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
@@ -184,13 +301,41 @@ COMMANDS: dict[str, Callable[[HubConfig, dict[str, Any], argparse.Namespace], in
     "certs": cmd_certs,
     "user": cmd_user,
     "sensors": cmd_sensors,
+    "config": cmd_config,
     "sim": cmd_sim,
 }
 
 
+def sample_config() -> str:
+    """The documented sample configuration shipped in the package (the repository's etc/hub.yaml)."""
+    from importlib.resources import files
+
+    return files("bsscihub").joinpath("hub.yaml").read_text(encoding="utf-8")
+
+
+def write_sample_config(args: argparse.Namespace) -> None:
+    """`init`: write the sample configuration where --config points (default etc/hub.yaml) if nothing is there."""
+    path = Path(getattr(args, "config", None) or "etc/hub.yaml")
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as f:  # "x": never overwrite one made meanwhile
+            f.write(sample_config())
+    except OSError as e:
+        raise CLIError(f"cannot write the configuration {path}: {e.strerror}") from None
+    args.config = str(path)
+    print(f"configuration {path}: created from the documented sample")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config" and args.config_command == "sample":
+        print(sample_config(), end="")
+        return 0
     try:
+        if args.command == "init":
+            write_sample_config(args)
         config, families = load(args)
         return COMMANDS[args.command](config, families, args)
     except ConfigError as e:

@@ -9,18 +9,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from cryptography import x509
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "etc" / "hub.yaml")
 
 
-def bsscihub(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def bsscihub(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BSSCIHUB_")}
     return subprocess.run(
         [sys.executable, "-m", "bsscihub.cli", *args],
         cwd=cwd,
         env={**clean, **(env or {})},
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=120,
@@ -99,7 +103,9 @@ def test_environment_overrides_apply_to_subcommands(tmp_path: Path) -> None:
 
 
 SUBCOMMANDS = [
-    [], ["init"], ["certs", "issue-bs"], ["user", "add"], ["sensors", "import"], ["sensors", "export"], ["sim"]
+    [], ["init"], ["certs", "issue-bs"], ["user", "add"], ["user", "list"], ["user", "passwd"], ["user", "disable"],
+    ["user", "enable"], ["user", "role"], ["config", "check"], ["config", "sample"],
+    ["sensors", "import"], ["sensors", "export"], ["sim"],
 ]
 
 
@@ -108,3 +114,175 @@ def test_help_everywhere(tmp_path: Path, args: list[str]) -> None:
     result = bsscihub(tmp_path, *args, "--help")
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout
+
+
+def test_version(tmp_path: Path) -> None:
+    from bsscihub import __version__
+
+    result = bsscihub(tmp_path, "--version")
+    assert result.returncode == 0
+    assert result.stdout == f"bsscihub {__version__}\n"
+
+
+def test_init_writes_the_sample_configuration_when_there_is_none(tmp_path: Path) -> None:
+    sample = (REPO / "etc" / "hub.yaml").read_text()
+    result = bsscihub(tmp_path, "init")
+    assert result.returncode == 0, result.stderr
+    assert "configuration etc/hub.yaml: created from the documented sample" in result.stdout
+    assert (tmp_path / "etc" / "hub.yaml").read_text() == sample
+    assert (tmp_path / "var" / "hub.sqlite").exists()  # and init went on with it
+
+    # One the operator edited is never replaced.
+    edited = sample.replace("level: info", "level: debug")
+    (tmp_path / "etc" / "hub.yaml").write_text(edited)
+    again = bsscihub(tmp_path, "init")
+    assert again.returncode == 0, again.stderr
+    assert "created from the documented sample" not in again.stdout
+    assert (tmp_path / "etc" / "hub.yaml").read_text() == edited
+
+    elsewhere = bsscihub(tmp_path, "init", "--config", "conf/site.yaml")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert (tmp_path / "conf" / "site.yaml").read_text() == sample
+    assert bsscihub(tmp_path, "config", "sample").stdout == sample
+
+
+def test_config_check_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
+    import yaml
+
+    env = {
+        "BSSCIHUB_MQTT_PASSWORD": "0123",
+        "BSSCIHUB_MQTT_URL": "mqtt://hub:urlsecret@broker:1883",
+        "BSSCIHUB_GATE_SECRET": "gatesecret",
+        "BSSCIHUB_MQTT_KEEPALIVE": "045",
+        "BSSCIHUB_WEB_LISTEN": "tcp:18080",
+    }
+    result = bsscihub(tmp_path, "config", "check", CONFIG, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"# {CONFIG}: valid.")
+    effective = yaml.safe_load(result.stdout)
+    assert effective["mqtt"]["password"] == "***"
+    assert effective["mqtt"]["url"] == "mqtt://hub:***@broker:1883"
+    assert effective["gate"]["secret"] == "***"
+    assert effective["mqtt"]["keepalive"] == 45
+    assert effective["web"]["listen"] == "tcp:18080"
+    assert effective["mioty"]["dedup_window"] == 0.5
+    assert set(effective["families"]) >= {"mioty", "ble", "gate", "devices"}  # the enabled ones, not "unset"
+    for secret in ("0123", "urlsecret", "gatesecret"):
+        assert secret not in result.stdout
+
+
+def test_config_check_of_a_bad_file_names_the_key_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mqtt:\n  keepalive: often\n")
+    result = bsscihub(tmp_path, "config", "check", str(bad))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "config error: mqtt.keepalive = 'often': expected a positive whole number\n"
+    missing = bsscihub(tmp_path, "config", "check", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "cannot read the file" in missing.stderr
+    env_bad = bsscihub(tmp_path, "config", "check", CONFIG, env={"BSSCIHUB_TLS_LENIENT": "perhaps"})
+    assert env_bad.returncode == 2
+    assert env_bad.stderr == "config error: tls.lenient = 'perhaps': expected true or false\n"
+
+
+def _users(home: Path) -> dict[str, tuple[str, str]]:
+    listed = bsscihub(home, "user", "list", "--config", CONFIG)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "ROLE", "STATE", "CREATED"]
+    return {r.split()[0]: (r.split()[1], r.split()[2]) for r in rows}
+
+
+def test_user_list_role_disable_enable_and_passwd(tmp_path: Path) -> None:
+    assert bsscihub(tmp_path, "init", "--config", CONFIG).returncode == 0
+    assert bsscihub(tmp_path, "user", "add", "vera", "--role", "viewer", "--config", CONFIG).returncode == 0
+    assert _users(tmp_path) == {"admin": ("admin", "enabled"), "vera": ("viewer", "enabled")}
+
+    promoted = bsscihub(tmp_path, "user", "role", "vera", "admin", "--config", CONFIG)
+    assert (promoted.returncode, promoted.stdout) == (0, "user vera is now admin\n")
+    disabled = bsscihub(tmp_path, "user", "disable", "admin", "--config", CONFIG)
+    assert disabled.returncode == 0, disabled.stderr
+    assert disabled.stdout.startswith("user admin disabled")
+    assert _users(tmp_path) == {"admin": ("admin", "disabled"), "vera": ("admin", "enabled")}
+
+    # vera is now the last enabled admin: neither demoting nor disabling her is allowed.
+    for args in (["role", "vera", "operator"], ["disable", "vera"]):
+        refused = bsscihub(tmp_path, "user", *args, "--config", CONFIG)
+        assert refused.returncode == 1
+        assert refused.stderr == "bsscihub: 'vera' is the last enabled admin\n"
+    assert _users(tmp_path)["vera"] == ("admin", "enabled")
+
+    assert bsscihub(tmp_path, "user", "enable", "admin", "--config", CONFIG).stdout == "user admin enabled\n"
+    missing = bsscihub(tmp_path, "user", "disable", "nobody", "--config", CONFIG)
+    assert (missing.returncode, missing.stderr) == (1, "bsscihub: no user 'nobody'\n")
+    bad_role = bsscihub(tmp_path, "user", "role", "vera", "root", "--config", CONFIG)
+    assert bad_role.returncode == 2 and "invalid choice" in bad_role.stderr
+
+    # passwd: from standard input (scripts), or generated and shown once.
+    changed = bsscihub(tmp_path, "user", "passwd", "vera", "--config", CONFIG, stdin="correct horse 0123\n")
+    assert changed.returncode == 0, changed.stderr
+    assert "correct horse" not in changed.stdout + changed.stderr
+    short = bsscihub(tmp_path, "user", "passwd", "vera", "--config", CONFIG, stdin="short\n")
+    assert (short.returncode, short.stderr) == (1, "bsscihub: password too short: at least 8 characters\n")
+    empty = bsscihub(tmp_path, "user", "passwd", "vera", "--config", CONFIG, stdin="")
+    assert empty.returncode == 1 and "no password on standard input" in empty.stderr
+    generated = bsscihub(tmp_path, "user", "passwd", "vera", "--generate", "--config", CONFIG)
+    assert generated.returncode == 0, generated.stderr
+    assert "its password (shown only now): " in generated.stdout
+    assert _check_password(tmp_path, "vera", generated.stdout.rsplit(": ", 1)[1].strip())
+    assert not _check_password(tmp_path, "vera", "correct horse 0123")
+
+
+def _check_password(home: Path, name: str, password: str) -> bool:
+    import sqlite3
+
+    from bsscihub.users import verify_password
+
+    with sqlite3.connect(home / "var" / "hub.sqlite") as db:
+        (stored,) = db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()
+    return verify_password(stored, password)
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI works on the database the hub uses: a log-in, a bearer token and an API key all stop working."""
+    from twisted.internet import threads
+
+    from bsscihub.web.auth import KEY_CACHE_TTL
+    from tests.test_web_support import PASSWORD, build_harness, fast_hashing
+
+    fast_hashing(monkeypatch)
+    h = await build_harness(tmp_path)
+    try:
+        issued = await h.request("POST", "/api/v1/auth/token", json_body={"username": "operator", "password": PASSWORD})
+        assert issued.code == 201, issued.body
+        token = issued.json()["token"]
+        assert (await h.request("GET", "/api/v1/dashboard", token=token)).code == 200
+        assert (await h.request("GET", "/api/v1/dashboard", role="operator")).code == 200
+
+        run = await threads.deferToThread(
+            bsscihub, tmp_path, "user", "disable", "operator", "--config", str(tmp_path / "hub.yaml")
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == "user operator disabled, 1 bearer token(s) revoked\n"
+        h.clock.advance(KEY_CACHE_TTL)  # what the hub remembered about keys is stale now
+
+        assert (await h.request("GET", "/api/v1/dashboard", token=token)).code == 401
+        assert (await h.request("GET", "/api/v1/dashboard", role="operator")).code == 401  # its API key
+        login = await h.request("POST", "/api/v1/auth/login", json_body={"username": "operator", "password": PASSWORD})
+        assert login.code == 401
+        assert (await h.request("GET", "/api/v1/dashboard", role="viewer")).code == 200  # others unaffected
+
+        run = await threads.deferToThread(
+            bsscihub, tmp_path, "user", "enable", "operator", "--config", str(tmp_path / "hub.yaml")
+        )
+        assert run.returncode == 0, run.stderr
+        h.clock.advance(KEY_CACHE_TTL)
+        login = await h.request("POST", "/api/v1/auth/login", json_body={"username": "operator", "password": PASSWORD})
+        assert login.code == 200
+        assert (await h.request("GET", "/api/v1/dashboard", token=token)).code == 401  # revoked stays revoked
+    finally:
+        h.web.stop()
+        await h.hub.store.stop()
