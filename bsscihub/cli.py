@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("name", help="base-station name (certificate CN and SAN)")
     issue.add_argument("--out", required=True, help="directory for NAME.pem, NAME.key and ca.pem")
     issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    issue.add_argument(
+        "--eui", help="the station's bsEui (16 hex digits), bound into the certificate: it may be that station only"
+    )
 
     users = sub.add_parser("user", parents=[common], help="hub users").add_subparsers(
         dest="user_command", required=True, metavar="COMMAND"
@@ -173,8 +176,30 @@ def cmd_certs(config: HubConfig, families: dict[str, Any], args: argparse.Namesp
 
     if not Path(config.tls.ca).exists() or not Path(config.tls.ca_key).exists():
         raise CLIError(f"no CA at {config.tls.ca} / {config.tls.ca_key}: run `bsscihub init` first")
-    issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days)
-    print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x}")
+    issued = pki.issue_client_cert(
+        config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days, bs_eui=args.eui
+    )
+
+    async def work(hub: Any) -> int:
+        import time
+
+        from bsscihub import audit
+        from bsscihub.web.certs import record_issued
+
+        # like a certificate issued from the web: listed there, revocable by serial, audited
+        serial = format(issued.serial, "x")
+        await record_issued(hub.store, serial, args.name, issued.bs_eui, issued.not_after.timestamp(), time.time(),
+                            "cli")
+        await audit.record(hub.store, "cli", "cert.issue", serial, {"name": args.name, "bsEui": issued.bs_eui},
+                           "bsscihub certs issue-bs")
+        return 0
+
+    run_with_store(config, families, work)
+    bound = f"bound to base station {issued.bs_eui}" if issued.bs_eui else "bound to no EUI"
+    print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x}, {bound}")
+    if issued.bs_eui is None:
+        print("note: a certificate bound to no EUI connects only as a station already registered with it,"
+              " or with bssci.self_register: true; pass --eui to bind it", file=sys.stderr)
     return 0
 
 

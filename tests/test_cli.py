@@ -74,6 +74,32 @@ def test_issue_base_station_certificate(initialised: tuple[Path, subprocess.Comp
     assert again.stderr.count("\n") == 1 and again.stderr.startswith("bsscihub: ")
 
 
+def test_issued_certificate_is_bound_to_its_eui_listed_and_audited(
+    initialised: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    import sqlite3
+
+    from bsscihub.pki import cert_bs_eui
+
+    home, _ = initialised
+    result = bsscihub(home, "certs", "issue-bs", "bs-roof", "--eui", "70B3-D59C-D000-0001", "--out", "bound",
+                      "--config", CONFIG)
+    assert result.returncode == 0, result.stderr
+    assert "bound to base station 70b3d59cd0000001" in result.stdout and result.stderr == ""
+    cert = x509.load_pem_x509_certificate((home / "bound" / "bs-roof.pem").read_bytes())
+    assert cert_bs_eui(cert) == "70b3d59cd0000001"
+    with sqlite3.connect(home / "var" / "hub.sqlite") as db:
+        issued = db.execute("SELECT name, bs_eui, actor FROM issued_certs WHERE serial = ?",
+                            (format(cert.serial_number, "x"),)).fetchall()
+        audited = db.execute("SELECT actor, target FROM audit_log WHERE action = 'cert.issue'").fetchall()
+    assert issued == [("bs-roof", "70b3d59cd0000001", "cli")]
+    assert ("cli", format(cert.serial_number, "x")) in audited
+    unbound = bsscihub(home, "certs", "issue-bs", "bs-loose", "--out", "bound", "--config", CONFIG)
+    assert unbound.returncode == 0 and "bound to no EUI" in unbound.stdout and "--eui" in unbound.stderr
+    bad = bsscihub(home, "certs", "issue-bs", "bs-bad", "--eui", "12345", "--out", "bound", "--config", CONFIG)
+    assert bad.returncode == 1 and bad.stderr == "bsscihub: bad base-station EUI '12345': expected 16 hex digits\n"
+
+
 def test_issue_without_a_ca_says_to_run_init(tmp_path: Path) -> None:
     result = bsscihub(tmp_path, "certs", "issue-bs", "bs-1", "--out", "o", "--config", CONFIG)
     assert result.returncode == 1

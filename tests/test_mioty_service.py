@@ -58,7 +58,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     create_ca(d / "ca.pem", d / "ca.key")
     issue_server_cert(d / "ca.pem", d / "ca.key", d / "hub.pem", d / "hub.key")
     bs = {}
-    for name, eui in (("bs-a", A), ("bs-b", B), ("bs-any", None)):
+    for name, eui in (("bs-a", A), ("bs-b", B), ("bs-c", C), ("bs-any", None), ("bs-other", None)):
         issued = issue_client_cert(d / "ca.pem", d / "ca.key", name, d / "bs", bs_eui=eui)
         bs[name] = (issued.cert_path, issued.key_path)
     create_ca(d / "other.pem", d / "other.key", common_name="other CA")
@@ -175,12 +175,14 @@ async def wait_for(condition: Any, timeout: float = 5.0) -> None:
         await deferLater(reactor, 0.005, lambda: None)
 
 
-async def start(tmp_path: Path, pki: PKI, sink: Any = None, **mioty: Any) -> Running:
+async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any] | None = None,
+                **mioty: Any) -> Running:
     config = make_config(
         tmp_path,
         families=["mioty"],
         tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
         mioty={"dedup_window": 0.2, **mioty},
+        **({"bssci": bssci} if bssci else {}),
     )
     hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
     hub.store.start()
@@ -239,7 +241,7 @@ async def test_one_uplink_heard_by_two_base_stations_is_one_event(running: Runni
     assert [[r["bsEui"] for r in up["receivers"]] for up in history] == [[B, A]]
     assert (service.counters.copies, service.counters.uplinks, service.counters.merged) == (2, 1, 1)
     # A late copy is acknowledged, counted and dropped.
-    c = await running.station("bs-any", C)
+    c = await running.station("bs-c", C)
     op_c = c.uplink(snr=1.0)
     assert (await c.expect("ulDataRsp"))["opId"] == op_c
     await wait_for(lambda: service.counters.late == 1)
@@ -336,11 +338,77 @@ async def test_certificate_bound_to_another_bs_eui_is_refused(running: Running) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_second_certificate_cannot_push_a_registered_station_offline(running: Running,
+                                                                           logged: list[str]) -> None:
+    await running.service.attach(EP, KEY, 0x1A2B, False)
+    station = await running.station("bs-c", C)
+    await station.expect("attPrp")
+    # Whoever holds another station certificate of the same CA tries, again and again, to be C.
+    for pair in ("bs-any", "bs-a", "bs-any"):
+        intruder = await running.tls(running.pki.bs[pair])
+        port = intruder.transport.getHost().port  # type: ignore[union-attr]
+        intruder.send("con", 0, version="1.0.0", bsEui=int(C, 16), bidi=True, snBsUuid=[0] * 16)
+        error = await intruder.expect("error")
+        assert error["code"] == 13
+        await intruder.lost
+        assert any(line.startswith(f"refused base station {C} at 127.0.0.1:{port}: ") for line in logged)
+    assert "bound to no EUI and cannot take it over" in error["message"]
+    # C never noticed: same session, still online, its uplinks still answered.
+    assert not station.lost.called and running.service.sessions[C].peer is not None
+    assert [e.payload["state"] for e in running.of("state")] == ["online"]
+    op = station.uplink()
+    assert (await station.expect("ulDataRsp"))["opId"] == op
+    assert running.service.counters.refused == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_unbound_certificate_of_an_unknown_station_is_refused_by_default(running: Running,
+                                                                             logged: list[str]) -> None:
+    station = await running.tls(running.pki.bs["bs-any"])
+    station.send("con", 0, version="1.0.0", bsEui=int(C, 16), bidi=True, snBsUuid=[0] * 16)
+    error = await station.expect("error")
+    assert error["code"] == 13 and f"base station {C} is not registered" in error["message"]
+    assert f"bsscihub certs issue-bs NAME --eui {C}" in error["message"]
+    await station.lost
+    assert C not in running.service.registry.base_stations and running.service.sessions == {}
+    # The same station with a certificate bound to its EUI is admitted, registered and pinned to it.
+    admitted = await running.station("bs-c", C)
+    assert running.service.registry.base_stations[C].cert_serial is not None
+    assert not admitted.lost.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_self_registered_station_is_pinned_to_its_certificate(tmp_path: Path, pki: PKI) -> None:
+    running = await start(tmp_path, pki, bssci={"self_register": True})
+    try:
+        first = await running.station("bs-any", C)
+        pinned = running.service.registry.base_stations[C].cert_serial
+        assert pinned is not None
+        # Another unbound certificate cannot take C over, not even with self-registration on ...
+        intruder = await running.tls(pki.bs["bs-other"])
+        intruder.send("con", 0, version="1.0.0", bsEui=int(C, 16), bidi=True, snBsUuid=[0] * 16)
+        assert "registered with another certificate" in (await intruder.expect("error"))["message"]
+        await intruder.lost
+        assert not first.lost.called
+        # ... while the station itself reconnecting with its own certificate replaces its old connection.
+        again = await running.station("bs-any", C)
+        await first.lost
+        assert not again.lost.called and running.service.registry.base_stations[C].cert_serial == pinned
+        # A certificate bound to C is C's identity: it is admitted and becomes the pin.
+        bound = await running.station("bs-c", C)
+        await again.lost
+        assert running.service.registry.base_stations[C].cert_serial != pinned
+        assert not bound.lost.called
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_second_connection_of_a_bs_eui_replaces_the_first(running: Running, logged: list[str]) -> None:
     await running.service.attach(EP, KEY, 0x1A2B, False)
-    first = await running.station("bs-any", C)
+    first = await running.station("bs-c", C)
     assert (await first.expect("attPrp"))["opId"] == -1
-    second = await running.station("bs-any", C)
+    second = await running.station("bs-c", C)
     await first.lost
     # Re-propagated on the new connection, SC opIds from -1 again.
     prp = await second.expect("attPrp")

@@ -92,11 +92,18 @@ async def issue(
         bundle = await threads.deferToThread(_issue_files, config, name, bs_eui, days, fmt)
     except pki.PKIError as e:
         raise ApiError(400, "invalid", str(e)) from None
+    await record_issued(store, bundle.serial, name, bundle.bs_eui, bundle.not_after, now, actor)
+    return bundle
+
+
+async def record_issued(
+    store: Store, serial: str, name: str, bs_eui: str | None, not_after: float, now: float, actor: str
+) -> None:
+    """Note an issued certificate (serial in lower-case hex), so that it is listed and can be revoked."""
     await store.execute(
         "INSERT INTO issued_certs (serial, name, bs_eui, not_after, issued_at, actor) VALUES (?, ?, ?, ?, ?, ?)",
-        (bundle.serial, name, bundle.bs_eui, bundle.not_after, now, actor),
+        (serial, name, bs_eui, not_after, now, actor),
     )
-    return bundle
 
 
 async def revoke(store: Store, serial: str, reason: str, actor: str, now: float) -> dict[str, Any]:

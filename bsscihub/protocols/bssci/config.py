@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from bsscihub.config import _endpoint, _positive_int, _str, duration, setting
+from bsscihub.config import _bool, _endpoint, _positive_int, _str, duration, setting
 
 
 def _eui(value: Any) -> str:
@@ -40,6 +40,9 @@ class BSSCIConfig:
     op_timeout: float = setting(60.0, duration, "an SC-initiated operation not answered in time is abandoned")
     max_frame: int = setting(1 << 20, _positive_int, "largest accepted frame payload in bytes")
     propagate_window: int = setting(64, _positive_int, "attPrp/detPrp operations in flight per base station")
+    self_register: bool = setting(
+        False, _bool, "an unknown base station with a certificate bound to no EUI may register itself (pinned to it)"
+    )
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
 from bsscihub.protocols.bssci.dedup import Deduplicator
 from bsscihub.protocols.bssci.downlinks import Downlink
+from bsscihub.protocols.bssci.identity import station_identity_problem
 from bsscihub.protocols.bssci.metrics import Counters, Histogram, MiotyMetrics
 from bsscihub.protocols.bssci.protocol import BSSCIFactory
 from bsscihub.protocols.bssci.registry import BaseStation, Registry, Sensor, rfc3339
@@ -193,14 +194,18 @@ class MiotyService(MiotyActions, FamilyService):
         if cert is None:  # the TLS policy demands one; fail closed all the same
             self.counters.refused += 1
             raise Refused(EACCES, "no client certificate")
-        bound = cert_bs_eui(cert)
-        if bound is not None and bound != eui:
-            self.counters.refused += 1
-            raise Refused(EACCES, f"the client certificate belongs to base station {bound}, not to {eui}")
         if cert.serial_number in self.registry.revoked_serials:
             self.counters.refused += 1
             raise Refused(EACCES, f"certificate serial {cert.serial_number:#x} is revoked")
         old = self.sessions.get(eui)
+        problem = station_identity_problem(
+            cert, eui, pinned_serial=bs.cert_serial if bs is not None else None, registered=bs is not None,
+            connected_serial=old.certificate.serial_number if old is not None and old.certificate else None,
+            self_register=self.bssci.self_register,
+        )  # fmt: skip
+        if problem is not None:
+            self.counters.refused += 1
+            raise Refused(EACCES, problem)
         self.sessions[eui] = session
         self.counters.connections += 1
         if old is not None and not old.closed:
