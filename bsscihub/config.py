@@ -50,6 +50,13 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _limit(value: Any) -> int:
+    """A bound where 0 means none."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number, 0 for no limit")
+    return value
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 

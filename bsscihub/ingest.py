@@ -27,8 +27,9 @@ BAD_TOPIC = "bad_topic"
 UNKNOWN_DEVICE = "unknown_device"
 UNKNOWN_COMMAND = "unknown_command"
 INTERNAL = "internal"
+REGISTRATION_LIMIT = "registration_limit"
 REASONS = (NOT_JSON, OVERSIZED, MISSING_FIELD, WRONG_TYPE, IMPLAUSIBLE, BAD_TOPIC, UNKNOWN_DEVICE,
-           UNKNOWN_COMMAND, INTERNAL)
+           UNKNOWN_COMMAND, REGISTRATION_LIMIT, INTERNAL)
 
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 """Ids that are safe as one MQTT topic level and one URL path segment (no '/', '+', '#', spaces)."""
@@ -272,3 +273,39 @@ class Ingest:
 
         guarded.__name__ = getattr(handler, "__name__", "handler")
         return guarded
+
+
+class RegistrationLimit:
+    """Bounds what devices can make the hub create on their own: at most `cap` entries in all, and at most
+    `per_minute` new ones per source (a gateway, an ingress topic), refilled continuously.
+
+    A broker client that invents ids must not grow the registry (memory, storage, pages) without end;
+    a refusal is an ordinary rejection (`registration_limit`), counted and logged once per source.
+    """
+
+    def __init__(self, clock: IReactorTime, cap: int, per_minute: int, *, max_sources: int = 10_000) -> None:
+        self.clock, self.cap, self.per_minute, self.max_sources = clock, cap, per_minute, max_sources
+        # source -> [tokens, time of the last refill]; oldest first, bounded like RateLimitedLog
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+
+    def check(self, source: str, count: int, what: str) -> None:
+        """Raise Rejected unless one more entry may be created now (`count`: how many exist)."""
+        if self.cap and count >= self.cap:
+            raise Rejected(REGISTRATION_LIMIT, f"{what}: the registry is full ({self.cap}); raise the cap or"
+                           " register by hand", source=source)
+        if not self.per_minute:
+            return
+        now = self.clock.seconds()
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            bucket = self._buckets[source] = [float(self.per_minute), now]
+            while len(self._buckets) > self.max_sources:
+                self._buckets.popitem(last=False)
+        tokens = min(float(self.per_minute), bucket[0] + (now - bucket[1]) * self.per_minute / 60.0)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            raise Rejected(REGISTRATION_LIMIT, f"{what}: more than {self.per_minute} new a minute from this source",
+                           source=source)
+        bucket[0] = tokens - 1.0
+        self._buckets.move_to_end(source)

@@ -3,6 +3,7 @@ reading (nearest gateway first), silent gateways go offline, REST and pages show
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from twisted.internet import reactor, task
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import normalize_mac, parse_sighting
 from tests.broker import Mosquitto
-from tests.test_families import PREFIX, DeviceClient, eventually, payloads, start_hub
+from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 
 MAC = "112233445566"
 UP = f"{PREFIX}/ble/node/{MAC}/up"
@@ -32,7 +33,6 @@ def test_macs_are_normalized(text: str) -> None:
 @pytest.mark.parametrize(("doc", "reason"), [
     ({"gateway_id": "GW1", "rssi": -70}, "missing_field"),
     ({"mac": MAC, "rssi": -70}, "missing_field"),
-    ({"gateway_id": "GW1", "mac": MAC}, "missing_field"),
     ({"gateway_id": "GW1", "mac": MAC, "rssi": "strong"}, "wrong_type"),
     ({"gateway_id": "GW1", "mac": MAC, "rssi": True}, "wrong_type"),
     ({"gateway_id": ["GW1"], "mac": MAC, "rssi": -70}, "wrong_type"),
@@ -42,7 +42,6 @@ def test_macs_are_normalized(text: str) -> None:
     ({"gateway_id": "GW/1", "mac": MAC, "rssi": -70}, "implausible"),
     ({"gateway_id": "GW1", "mac": MAC, "rssi": 20}, "implausible"),
     ({"gateway_id": "GW1", "mac": MAC, "rssi": -70, "humidity": 150}, "implausible"),
-    ({"gateway_id": "GW1", "mac": MAC, "rssi": -70, "temperature": float("nan")}, "implausible"),
     ({"gateway_id": "GW1", "mac": MAC, "rssi": -70, "Bad Name": 1}, "implausible"),
     ("GW1", "wrong_type"),
 ])
@@ -53,6 +52,65 @@ def test_sightings_are_validated(doc: Any, reason: str | None) -> None:
     with pytest.raises(Rejected) as caught:
         parse_sighting(doc, None)
     assert caught.value.reason == reason
+
+
+def test_earlier_platforms_readings_without_rssi() -> None:
+    """What the platforms the hub replaces send: no rssi; temperature and humidity as quantities."""
+    sighting = parse_sighting({"gateway_id": "GW001", "mac": "11:22:33:44:55:66", "temperature": 22,
+                               "humidity": 65}, None)
+    assert (sighting.gateway, sighting.mac, sighting.rssi) == ("GW001", MAC, None)
+    assert sighting.values == {"temperature": 22.0, "humidity": 65.0}
+
+
+@pytest.mark.parametrize(("value", "why"), [(float("nan"), "NaN"), (float("inf"), "Infinity"),
+                                            (float("-inf"), "-Infinity")])
+def test_non_finite_quantities_become_null_with_the_reason(value: float, why: str) -> None:
+    sighting = parse_sighting({"gateway_id": "GW1", "mac": MAC, "rssi": -70, "temperature": value,
+                               "humidity": 40}, None)
+    assert sighting.values == {"humidity": 40.0}
+    assert sighting.invalid == {"temperature": why}
+
+
+@pytest_twisted.ensureDeferred
+async def test_earlier_platforms_gateways_end_to_end(tmp_path: Path, mosquitto: Mosquitto,
+                                                     subscriber_factory: Any) -> None:
+    """A gateway of the platforms the hub replaces, unchanged: no rssi; NaN (which such firmware writes
+    for a failed sensor) is published as null with the reason; every time is RFC 3339."""
+    witness = subscriber_factory(mosquitto, f"{PREFIX}/ble/#")
+    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={"dedup_window": "50ms"})
+    gateway = DeviceClient(mosquitto)
+    try:
+        await gateway.publish("BLEGatewayData/GW001", {"gateway_id": "GW001", "mac": "11:22:33:44:55:66",
+                                                       "temperature": 22, "humidity": 65})
+        [first] = [m.payload for m in await witness.when(lambda m: m.topic == UP)]
+        up = json.loads(first)
+        assert (up["values"], up["rssi"], up["receivers"]) == (
+            {"temperature": 22.0, "humidity": 65.0}, None, [{"gatewayId": "GW001", "rssi": None}])
+        assert RFC3339.match(up["time"]) and "invalid" not in up
+        await gateway.publish("BLEGatewayData/GW001", b'{"gateway_id": "GW001", "mac": "112233445566",'
+                                                      b' "temperature": NaN, "humidity": 64, "rssi": -61}')
+        await witness.when(lambda m: m.topic == UP, count=2)
+        second = payloads(witness, UP)[1]
+        assert (second["values"], second["rssi"], second["invalid"]) == ({"humidity": 64.0}, -61,
+                                                                         {"temperature": "NaN"})
+        await eventually(lambda: running.hub.services["ble"].readings_stored >= 2, what="readings stored")
+        rows = await running.hub.store.fetchall(
+            "SELECT quantity, value FROM ble_samples WHERE mac = ? ORDER BY time, quantity", (MAC,))
+        assert rows == [("humidity", 65.0), ("temperature", 22.0), ("humidity", 64.0)]
+        state = payloads(witness, f"{PREFIX}/ble/gw/GW001/state")[0]
+        assert RFC3339.match(state["since"]) and RFC3339.match(state["lastSeen"])
+        code, node = await running.api("GET", f"/api/v1/ble/nodes/{MAC}")
+        assert code == 200 and node["rssi"] == -61
+        assert RFC3339.match(node["firstSeen"]) and RFC3339.match(node["lastSeen"])
+        code, readings = await running.api("GET", f"/api/v1/ble/nodes/{MAC}/readings")
+        assert code == 200 and set(readings) == {"items", "total", "limit", "offset"}
+        assert all(RFC3339.match(r["time"]) for r in readings["items"])
+        code, series = await running.api("GET", f"/api/v1/ble/nodes/{MAC}/series?quantity=humidity")
+        assert RFC3339.match(series["since"]) and all(RFC3339.match(p["time"]) for p in series["points"])
+        assert running.rejected("ble", "not_json") == 0
+    finally:
+        gateway.stop()
+        await running.stop()
 
 
 @pytest_twisted.ensureDeferred

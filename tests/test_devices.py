@@ -9,18 +9,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from bsscihub.ingest import Ingest, RateLimitedLog, Rejected
+from bsscihub.contract import rfc3339
+from bsscihub.ingest import Ingest, RateLimitedLog, RegistrationLimit, Rejected
 from bsscihub.protocols.devices.schema import MIGRATIONS
 from bsscihub.protocols.devices.series import bucketed
 from bsscihub.store import Store
 from tests.broker import Mosquitto
-from tests.test_families import PREFIX, DeviceClient, eventually, payloads, start_hub
+from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 
 DEV = f"{PREFIX}/dev/device"
 T0 = 1_700_000_000.0
@@ -46,7 +48,7 @@ async def test_telemetry_status_registry_series_rest_and_pages(
         await device.publish("device/esp32-02/telemetry/humidity", {"value": 56.5})
         await device.publish("device/esp32-02/status", b"online")
         await device.publish("device/esp32-02/status", {"state": "online", "firmware": "1.0.0", "rssi": -60})
-        await witness.when(lambda m: m.topic == f"{DEV}/esp32-02/status", count=2)
+        await witness.when(lambda m: m.topic == f"{DEV}/esp32-02/status", count=3)
         await witness.when(lambda m: m.topic == f"{DEV}/esp32-02/up", count=2)
 
         # Events: registered once per device, one `up` per value, the status retained.
@@ -54,11 +56,15 @@ async def test_telemetry_status_registry_series_rest_and_pages(
         assert len(events(witness, "7", "event/registered")) == 1
         ups = events(witness, "esp32-01", "up")
         assert [u["value"] for u in ups] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-        assert ups[0] == {"deviceId": "esp32-01", "type": "temperature", "value": 1.0, "time": T0, "via": "mqtt",
+        assert ups[0] == {"deviceId": "esp32-01", "type": "temperature", "value": 1.0, "time": rfc3339(T0),
+                          "via": "mqtt",
                           "values": {"temperature": 1.0}}
         assert [u["value"] for u in events(witness, "esp32-02", "up")] == [55.0, 56.5]
         status = events(witness, "esp32-02", "status")
-        assert [s["state"] for s in status] == ["online", "online"] and status[1]["detail"]["firmware"] == "1.0.0"
+        # Online as soon as it speaks (telemetry first here), then its own status messages.
+        assert [s["state"] for s in status] == ["online"] * 3 and status[2]["detail"]["firmware"] == "1.0.0"
+        assert status[0]["detail"] == {} and RFC3339.match(status[0]["time"])
+        assert [s["state"] for s in events(witness, "esp32-01", "status")] == ["online"]
         assert all(m.retain for m in witness.messages if m.topic.endswith("/status"))
 
         # Stored and queryable by device, type and time range; downsampled by the database.
@@ -71,7 +77,8 @@ async def test_telemetry_status_registry_series_rest_and_pages(
                                                 f"&until={T0 + 60}&points=3")
         assert code == 200 and series["bucket"] == 20
         assert [(p["time"], p["avg"], p["count"]) for p in series["points"]] == [
-            (T0, 1.5, 2), (T0 + 20, 3.5, 2), (T0 + 40, 5.5, 2)]
+            (rfc3339(T0), 1.5, 2), (rfc3339(T0 + 20), 3.5, 2), (rfc3339(T0 + 40), 5.5, 2)]
+        assert (series["since"], series["until"]) == (rfc3339(T0), rfc3339(T0 + 60))
 
         # The registry over REST.
         code, listed = await running.api("GET", "/api/v1/devices")
@@ -96,6 +103,81 @@ async def test_telemetry_status_registry_series_rest_and_pages(
     finally:
         device.stop()
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_earlier_platforms_sensor_data_goes_online_then_offline_and_registration_is_bounded(
+    tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any
+) -> None:
+    """`SensorData` as the platforms the hub replaces send it: registered, online at once, offline after
+    `devices.offline_after` of silence, online again when heard; new devices a minute per source bounded."""
+    witness = subscriber_factory(mosquitto, f"{PREFIX}/dev/#")
+    running = await start_hub(tmp_path, mosquitto, ["devices"], devices={
+        "offline_after": "1s", "registrations_per_minute": 2})
+    device = DeviceClient(mosquitto)
+    try:
+        await device.publish("SensorData", {"device_id": "Device001", "type": "Temperature", "value": 25.5})
+        [online] = [json.loads(m.payload) for m in await witness.when(
+            lambda m: m.topic == f"{DEV}/Device001/status")]
+        assert (online["state"], online["deviceId"]) == ("online", "Device001") and RFC3339.match(online["time"])
+        [up] = [json.loads(m.payload) for m in await witness.when(lambda m: m.topic == f"{DEV}/Device001/up")]
+        assert (up["type"], up["value"]) == ("Temperature", 25.5) and RFC3339.match(up["time"])
+        code, found = await running.api("GET", "/api/v1/devices/Device001")
+        assert code == 200 and found["status"] == "online" and RFC3339.match(found["lastSeen"])
+
+        # Silent for offline_after: offline, retained; heard again: online.
+        await witness.when(lambda m: m.topic == f"{DEV}/Device001/status" and b'"offline"' in m.payload,
+                           timeout=5)
+        offline = events(witness, "Device001", "status")[-1]
+        assert offline["detail"] == {"reason": "silent"}
+        assert (await running.api("GET", "/api/v1/devices/Device001"))[1]["status"] == "offline"
+        await device.publish("SensorData", {"device_id": "Device001", "type": "Temperature", "value": 25.0})
+        await witness.when(lambda m: m.topic == f"{DEV}/Device001/status", count=3)
+        assert events(witness, "Device001", "status")[-1]["state"] == "online"
+
+        # A status with NaN (a failed sensor on such firmware): null with the reason, published all the same.
+        await device.publish("device/Device001/status", b'{"state": "online", "battery": NaN, "fw": "1.0"}')
+        await witness.when(lambda m: m.topic == f"{DEV}/Device001/status", count=4)
+        status = events(witness, "Device001", "status")[-1]
+        assert status["detail"] == {"state": "online", "battery": None, "fw": "1.0", "invalid": {"battery": "NaN"}}
+        # Over REST, a body carrying them is refused (400), before anything is stored.
+        code, key = await running.api("POST", "/api/v1/devices/Device001/key")
+        code, refused = await running.api("POST", "/api/v1/devices/Device001/telemetry",
+                                          raw=b'{"type": "t", "value": Infinity}',
+                                          headers={"X-Device-Key": key["key"], "Content-Type": "application/json"},
+                                          token=None)
+        assert code == 400 and refused["error"]["code"] == "bad_json" and "Infinity" in refused["error"]["message"]
+
+        # Two new devices a minute from SensorData: the third is refused, and nothing of it is kept.
+        await device.publish("SensorData", {"device_id": "Device002", "type": "t", "value": 1})
+        await device.publish("SensorData", {"device_id": "Device003", "type": "t", "value": 1})
+        await device.publish("SensorData", {"device_id": "Device001", "type": "t", "value": 2})
+        await witness.when(lambda m: m.topic == f"{DEV}/Device001/up", count=3)
+        assert set(running.hub.services["devices"].devices) == {"Device001", "Device002"}
+        assert running.rejected("devices", "registration_limit") == 1
+        assert not events(witness, "Device003", "up")
+    finally:
+        device.stop()
+        await running.stop()
+
+
+def test_registration_limit_caps_and_refills_per_source() -> None:
+    clock = Clock()
+    limit = RegistrationLimit(clock, cap=5, per_minute=2)
+    limit.check("gw1", 0, "new")
+    limit.check("gw1", 1, "new")
+    with pytest.raises(Rejected, match="more than 2 new a minute") as caught:
+        limit.check("gw1", 2, "new")
+    assert caught.value.reason == "registration_limit" and caught.value.source == "gw1"
+    limit.check("gw2", 2, "new")  # another source has its own budget
+    clock.advance(30)  # one more from gw1 after half a minute
+    limit.check("gw1", 3, "new")
+    with pytest.raises(Rejected):
+        limit.check("gw1", 4, "new")
+    clock.advance(600)
+    with pytest.raises(Rejected, match="registry is full"):
+        limit.check("gw1", 5, "new")
+    RegistrationLimit(clock, cap=0, per_minute=0).check("any", 10**6, "new")  # 0: no limit
 
 
 @pytest_twisted.ensureDeferred

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,8 @@ from tests.conftest import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "hubtest"
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+"""A time as the contract writes it in every MQTT payload and REST body."""
 
 # -- shared by the family tests (test_ble, test_devices): a whole hub on a real broker
 

@@ -3,6 +3,7 @@ stations connect with mutual TLS, uplinks are deduplicated into events, commands
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from bsscihub.bus import Event
 from bsscihub.errors import CommandError
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
+from bsscihub.mqtt.bridge import to_json
 from bsscihub.pki import create_ca, issue_client_cert, issue_server_cert
 from bsscihub.protocols.bssci.framing import Framer, encode_frame
 from bsscihub.protocols.bssci.service import MiotyService, UnknownDevice
@@ -90,6 +92,7 @@ class Station(Protocol):
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.reason: Failure | None = None
         self.next_op = 1
+        self.status: dict[str, Any] = {"code": 0, "message": "fine", "time": 5, "dutyCycle": 0.02, "temp": 40.5}
 
     def dataReceived(self, data: bytes) -> None:
         for msg in self.framer.feed(data):
@@ -98,7 +101,7 @@ class Station(Protocol):
             if answer is not None:
                 self.send(answer, msg["opId"])
             elif msg["command"] == "status":
-                self.send("statusRsp", msg["opId"], code=0, message="fine", time=5, dutyCycle=0.02, temp=40.5)
+                self.send("statusRsp", msg["opId"], **self.status)
             self.inbox.append(msg)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -501,6 +504,31 @@ async def test_queued_downlink_is_revoked_and_reception_status_queried_by_comman
     assert running.of("dl_rx_status")[0].payload["dlRxSnr"] == 4.5
     actions = [r[0] for r in await running.hub.store.fetchall("SELECT action FROM audit_log ORDER BY id")]
     assert "mioty.sensor.downlink_revoke" in actions
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_finite_numbers_in_reports_are_null_with_the_reason(running: Running) -> None:
+    """MessagePack carries NaN and ±Infinity, JSON does not: a status or downlink-reception report keeps its
+    other fields, the number is null and `invalid` says why, and the event is one the bridge can publish."""
+    b = await running.station("bs-b", B)
+    await wait_for(lambda: running.of("status"))
+    b.status = {"code": 0, "message": "fine", "time": 5, "dutyCycle": float("inf"), "temp": float("nan"),
+                "cpuLoad": 0.5}
+    polled = await running.service.command("bs", B, "status", {})
+    assert (polled["temp"], polled["dutyCycle"], polled["cpuLoad"]) == (None, None, 0.5)
+    assert polled["invalid"] == {"temp": "NaN", "dutyCycle": "Infinity"}
+    status = running.of("status")[-1].payload
+    assert status["invalid"] == {"temp": "NaN", "dutyCycle": "Infinity"} and status["time"].endswith("Z")
+    assert json.loads(to_json(status))["temp"] is None
+    listed = await running.service.list_base_stations()
+    assert json.loads(json.dumps(listed, allow_nan=False))
+
+    op = b.send("dlRxStat", epEui=int(EP, 16), rxTime=9, packetCnt=3, dlRxSnr=float("-inf"), dlRxRssi=-99.0)
+    assert (await b.expect("dlRxStatRsp"))["opId"] == op
+    await wait_for(lambda: running.of("dl_rx_status"))
+    report = running.of("dl_rx_status")[0].payload
+    assert (report["dlRxSnr"], report["dlRxRssi"], report["invalid"]) == (None, -99.0, {"dlRxSnr": "-Infinity"})
+    assert json.loads(to_json(report))["dlRxRssi"] == -99.0
 
 
 @pytest_twisted.ensureDeferred

@@ -87,6 +87,11 @@ def safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "download"
 
 
+
+def _not_json(name: str) -> Any:
+    """Python's parser takes NaN and ±Infinity; RFC 8259 does not, and nothing may store them: 400."""
+    raise ValueError(f"{name} is not a JSON number")
+
 class Dispatcher:
     """Registers the route table on a Klein router and runs every call through the same checks."""
 
@@ -205,7 +210,7 @@ class Dispatcher:
             raise ApiError(415, "unsupported_media_type", f"expected Content-Type {JSON_TYPE}, got {ctype or 'none'}")
         raw = content.read()
         try:
-            return json.loads(raw)
+            return json.loads(raw, parse_constant=_not_json)
         except UnicodeDecodeError:
             raise ApiError(400, "bad_json", "request body is not UTF-8") from None
         except ValueError as e:

@@ -86,6 +86,8 @@ def fmt_value(value: Any) -> str:
 def fmt_ago(value: Any, now: float) -> str:
     if value in (None, ""):
         return "never"
+    if isinstance(value, str) and _ISO_TIME.match(value):  # the API's RFC 3339 times
+        value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     seconds = now - float(value)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if abs(seconds) >= size:

@@ -168,3 +168,7 @@ def page_of(item: Schema) -> dict[str, Any]:
 
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+TIME: dict[str, Any] = {"type": "string", "format": "date-time", "description": "RFC 3339 UTC"}
+"""A time in a response body, as the contract writes every time (bsscihub.contract.rfc3339)."""
+OPT_TIME: dict[str, Any] = {**TIME, "nullable": True}

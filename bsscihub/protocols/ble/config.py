@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from bsscihub.config import _names, _positive_int, duration, setting
+from bsscihub.config import _limit, _names, _positive_int, duration, setting
 
 
 def topic_filters(value: Any) -> tuple[str, ...]:
@@ -37,3 +37,7 @@ class BLEConfig:
     gateway_timeout: float = setting(300.0, duration, "silence after which a gateway is marked offline")
     max_payload: int = setting(65536, _positive_int, "largest gateway message accepted, in bytes")
     retention: float = setting(30 * 86400.0, duration, "how long readings are kept")
+    max_gateways: int = setting(1000, _limit, "most gateways registered on first sight (0: no limit)")
+    max_nodes: int = setting(100_000, _limit, "most beacons registered on first sight (0: no limit)")
+    registrations_per_minute: int = setting(
+        600, _limit, "new gateways or beacons a minute per source (0: no limit)")

@@ -6,6 +6,7 @@ The registry lives in memory (loaded at start, written back every few seconds); 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from twisted.logger import Logger
 
 from bsscihub import ingest
 from bsscihub.bus import Event
+from bsscihub.contract import non_finite_name, opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
 from bsscihub.hub import Hub
@@ -61,8 +63,9 @@ class Sighting:
 
     gateway: str
     mac: str
-    rssi: int
+    rssi: int | None  # earlier platforms' gateways send none
     values: Mapping[str, float]
+    invalid: Mapping[str, str] = attrs.field(factory=dict)  # quantities dropped as NaN/±Infinity
 
 
 def parse_sighting(doc: Any, topic_gateway: str | None) -> Sighting:
@@ -73,10 +76,15 @@ def parse_sighting(doc: Any, topic_gateway: str | None) -> Sighting:
     else:
         gateway = ingest.identifier(doc, "gatewayId" if "gatewayId" in doc else "gateway_id")
     mac = normalize_mac(ingest.require(doc, "mac"))
-    rssi = int(ingest.check_number(ingest.require(doc, "rssi"), "rssi", -127, 0, integer=True))
+    rssi_value = ingest.number(doc, "rssi", -127, 0, required=False, integer=True)
+    rssi = None if rssi_value is None else int(rssi_value)
     values: dict[str, float] = {}
+    invalid: dict[str, str] = {}
     for key, value in doc.items():
         if key in RESERVED or isinstance(value, (str, bool, list, dict)) or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value) and QUANTITY_NAME.match(key):
+            invalid[key] = non_finite_name(value)  # JSON cannot carry it on: null with the reason
             continue
         if key in QUANTITIES:
             low, high = QUANTITIES[key]
@@ -87,7 +95,7 @@ def parse_sighting(doc: Any, topic_gateway: str | None) -> Sighting:
         values[key] = ingest.check_number(value, key, low, high)
     if len(values) > MAX_QUANTITIES:
         raise Rejected(ingest.IMPLAUSIBLE, f"{len(values)} quantities, more than {MAX_QUANTITIES}")
-    return Sighting(gateway, mac, rssi, values)
+    return Sighting(gateway, mac, rssi, values, invalid)
 
 
 @attrs.define
@@ -101,8 +109,8 @@ class Gateway:
     unsaved: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"gatewayId": self.id, "state": self.state, "since": self.since, "firstSeen": self.first_seen,
-                "lastSeen": self.last_seen, "messages": self.messages}
+        return {"gatewayId": self.id, "state": self.state, "since": rfc3339(self.since),
+                "firstSeen": rfc3339(self.first_seen), "lastSeen": rfc3339(self.last_seen), "messages": self.messages}
 
 
 @attrs.define
@@ -117,8 +125,9 @@ class Node:
     unsaved: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"mac": mac_text(self.mac), "id": self.mac, "firstSeen": self.first_seen, "lastSeen": self.last_seen,
-                "gatewayId": self.gateway, "rssi": self.rssi, "readings": self.readings, "values": dict(self.values)}
+        return {"mac": mac_text(self.mac), "id": self.mac, "firstSeen": rfc3339(self.first_seen),
+                "lastSeen": opt_time(self.last_seen), "gatewayId": self.gateway, "rssi": self.rssi,
+                "readings": self.readings, "values": dict(self.values)}
 
 
 @attrs.define
@@ -128,7 +137,8 @@ class Window:
     mac: str
     time: float
     values: dict[str, float]
-    rssi: dict[str, int]
+    rssi: dict[str, int | None]
+    invalid: dict[str, str] = attrs.field(factory=dict)
     timer: Any = None
 
 
@@ -162,6 +172,10 @@ class BLEService(FamilyService):
         self._samples = hub.store.batch_writer(
             "INSERT INTO ble_samples (mac, quantity, time, value) VALUES {rows}"
         )
+        self._gateway_limit = ingest.RegistrationLimit(
+            self.clock, self.config.max_gateways, self.config.registrations_per_minute)
+        self._node_limit = ingest.RegistrationLimit(
+            self.clock, self.config.max_nodes, self.config.registrations_per_minute)
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._checker = self.looping(self.check_gateways, "checking gateways")
         self._pruner = self.looping(self.prune, "pruning old readings")
@@ -209,6 +223,7 @@ class BLEService(FamilyService):
             # One bad entry of a gateway's batch drops that entry, not its neighbours.
             try:
                 sighting = parse_sighting(item, topic_gateway)
+                self._check_registration(sighting, levels[0])
             except Rejected as e:
                 if e.source is None and isinstance(item, dict) and isinstance(item.get("gateway_id"), str):
                     e.source = item["gateway_id"][:64]
@@ -217,6 +232,13 @@ class BLEService(FamilyService):
             self.sighted(sighting)
             self.ingest.accepted()
 
+    def _check_registration(self, s: Sighting, topic_root: str) -> None:
+        """Before anything changes: may this sighting register a gateway or a beacon?"""
+        if s.gateway not in self.gateways:
+            self._gateway_limit.check(f"topic:{topic_root}", len(self.gateways), f"new gateway {s.gateway}")
+        if s.mac not in self.nodes:
+            self._node_limit.check(s.gateway, len(self.nodes), f"new beacon {mac_text(s.mac)}")
+
     def sighted(self, s: Sighting) -> None:
         now = self.clock.seconds()
         self._gateway_heard(s.gateway, now)
@@ -224,27 +246,30 @@ class BLEService(FamilyService):
             self.nodes[s.mac] = Node(s.mac, now, now, s.gateway, s.rssi)
             self._write(self._new_nodes, (s.mac, now, now, s.gateway, s.rssi))
             self.emit("node_registered", f"ble/node/{s.mac}/event/registered",
-                      {"mac": mac_text(s.mac), "gatewayId": s.gateway, "time": now})
+                      {"mac": mac_text(s.mac), "gatewayId": s.gateway, "time": rfc3339(now)})
         window = self.windows.get(s.mac)
         if window is not None and s.gateway in window.rssi:
             # The same gateway again: a new broadcast, so the one being collected is complete.
             self._close_window(s.mac)
             window = None
         if window is None:
-            window = Window(s.mac, now, dict(s.values), {s.gateway: s.rssi})
+            window = Window(s.mac, now, dict(s.values), {s.gateway: s.rssi}, dict(s.invalid))
             window.timer = self.clock.callLater(self.config.dedup_window, self._close_window, s.mac)
             self.windows[s.mac] = window
         else:
             window.rssi[s.gateway] = s.rssi
             for key, value in s.values.items():
                 window.values.setdefault(key, value)
+            for key, why in s.invalid.items():
+                window.invalid.setdefault(key, why)
 
     def _gateway_heard(self, gid: str, now: float) -> None:
         gateway = self.gateways.get(gid)
         if gateway is None:
             gateway = self.gateways[gid] = Gateway(gid, now, now, "online", now)
             self._write(self._new_gateways, (gid, now, now, "online", now))
-            self.emit("gateway_registered", f"ble/gw/{gid}/event/registered", {"gatewayId": gid, "time": now})
+            self.emit("gateway_registered", f"ble/gw/{gid}/event/registered",
+                      {"gatewayId": gid, "time": rfc3339(now)})
             self._gateway_state(gateway)
         elif gateway.state != "online":
             gateway.state, gateway.since = "online", now
@@ -260,8 +285,10 @@ class BLEService(FamilyService):
             return
         if window.timer is not None and window.timer.active():
             window.timer.cancel()
-        # Nearest first: the strongest signal; ties broken by gateway id so the order is stable.
-        receivers = sorted(window.rssi.items(), key=lambda item: (-item[1], item[0]))
+        # Nearest first: the strongest signal (gateways that give none last); ties by gateway id, so the
+        # order is stable.
+        receivers = sorted(window.rssi.items(),
+                           key=lambda item: (item[1] is None, -(item[1] or 0), item[0]))
         nearest, rssi = receivers[0]
         node = self.nodes[mac]
         node.last_seen, node.gateway, node.rssi = window.time, nearest, rssi
@@ -273,10 +300,13 @@ class BLEService(FamilyService):
         self._store(self._readings.add((mac, window.time, json.dumps(receivers_json), json.dumps(window.values))))
         for quantity, value in window.values.items():
             self._store(self._samples.add((mac, quantity, window.time, value)))
-        self.emit("up", f"ble/node/{mac}/up", {
-            "mac": mac_text(mac), "time": window.time, "values": dict(window.values),
+        up: dict[str, Any] = {
+            "mac": mac_text(mac), "time": rfc3339(window.time), "values": dict(window.values),
             "gatewayId": nearest, "rssi": rssi, "receivers": receivers_json,
-        })
+        }
+        if window.invalid:
+            up["invalid"] = dict(window.invalid)
+        self.emit("up", f"ble/node/{mac}/up", up)
 
     def _store(self, d: defer.Deferred[None]) -> None:
         def stored(_: Any) -> None:
@@ -298,7 +328,8 @@ class BLEService(FamilyService):
 
     def _gateway_state(self, gateway: Gateway) -> None:
         self.emit("gateway_state", f"ble/gw/{gateway.id}/state", {
-            "gatewayId": gateway.id, "state": gateway.state, "since": gateway.since, "lastSeen": gateway.last_seen,
+            "gatewayId": gateway.id, "state": gateway.state, "since": rfc3339(gateway.since),
+            "lastSeen": rfc3339(gateway.last_seen),
         }, retain=True)
 
     # -- events and writes

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bsscihub.contract import rfc3339
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import BLEService, normalize_mac
-from bsscihub.protocols.devices.series import bucketed, chart_points
+from bsscihub.protocols.devices.series import bucketed, chart_points, series_json
 from bsscihub.web.errors import bad_field, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, PAGING, Call, NavItem, Page, Param, Redirect, api_route, page, page_route
-from bsscihub.web.schema import ANY_OBJECT, obj, page_of, string
+from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
 
 DAY = 86400.0
 
@@ -33,17 +34,18 @@ LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "defau
               example=10)
 
 GATEWAY = obj({"gatewayId": {"type": "string"}, "state": {"type": "string", "enum": ["online", "offline"]},
-               "since": {"type": "number"}, "firstSeen": {"type": "number"}, "lastSeen": {"type": "number"},
+               "since": TIME, "firstSeen": TIME, "lastSeen": TIME,
                "messages": {"type": "integer"}}, ("gatewayId", "state", "lastSeen"), closed=False)
 NODE = obj({"mac": {"type": "string"}, "id": {"type": "string"}, "gatewayId": {"type": "string"},
-            "rssi": {"type": "integer", "nullable": True}, "firstSeen": {"type": "number"},
-            "lastSeen": {"type": "number"}, "readings": {"type": "integer"}, "values": ANY_OBJECT},
+            "rssi": {"type": "integer", "nullable": True}, "firstSeen": TIME,
+            "lastSeen": OPT_TIME, "readings": {"type": "integer"}, "values": ANY_OBJECT},
            ("mac", "id", "gatewayId", "lastSeen", "values"), closed=False)
-READING = obj({"time": {"type": "number"}, "values": ANY_OBJECT,
+READING = obj({"time": TIME, "values": ANY_OBJECT,
                "receivers": {"type": "array", "items": obj({"gatewayId": {"type": "string"},
-                                                            "rssi": {"type": "integer"}}, closed=False)}},
+                                                            "rssi": {"type": "integer", "nullable": True}},
+                                                           closed=False)}},
               ("time", "values", "receivers"), closed=False)
-SERIES = obj({"since": {"type": "number"}, "until": {"type": "number"}, "bucket": {"type": "number"},
+SERIES = obj({"since": TIME, "until": TIME, "bucket": {"type": "number"},
               "points": {"type": "array", "items": ANY_OBJECT}}, ("since", "until", "bucket", "points"),
              closed=False)
 
@@ -143,8 +145,7 @@ class BLEWeb:
 
     @api_route("GET", "/nodes/{mac}/readings", role="viewer", summary="A node's readings in a time range, newest"
                " first, each with every gateway that heard it (nearest first)", tag="ble", params=(MAC,),
-               query=(SINCE, UNTIL, LIMIT), response=obj({"items": {"type": "array", "items": READING}},
-                                                         ("items",), closed=False), errors=(404,))
+               query=(SINCE, UNTIL, LIMIT), response=page_of(READING), errors=(404,))
     async def readings(self, call: Call) -> Any:
         mac = _mac(call.params["mac"])
         if mac not in self.service.nodes:
@@ -153,8 +154,9 @@ class BLEWeb:
         rows = await self.hub.store.fetchall(
             "SELECT time, data, receivers FROM ble_readings WHERE mac = ? AND time >= ? AND time < ?"
             " ORDER BY time DESC LIMIT ?", (mac, since, until, call.query["limit"]))
-        return {"items": [{"time": float(t), "values": json.loads(d), "receivers": json.loads(r)}
-                          for t, d, r in rows]}
+        items = [{"time": rfc3339(float(t)), "values": json.loads(d), "receivers": json.loads(r)}
+                 for t, d, r in rows]
+        return page(items, len(items), call.query["limit"], 0)
 
     @api_route("GET", "/nodes/{mac}/series", role="viewer", summary="One quantity of a node over a time range,"
                " averaged into at most `points` buckets (for charts)", tag="ble", params=(MAC,),
@@ -166,7 +168,8 @@ class BLEWeb:
         since, until = self._range(call.query)
         result = await bucketed(self.hub.store, "ble_samples", "mac = ? AND quantity = ?",
                                 (mac, call.query["quantity"]), since, until, call.query["points"])
-        return {"mac": self.service.nodes[mac].to_json()["mac"], "quantity": call.query["quantity"], **result}
+        return {"mac": self.service.nodes[mac].to_json()["mac"], "quantity": call.query["quantity"],
+                **series_json(result)}
 
     # -- pages
 
@@ -189,8 +192,8 @@ class BLEWeb:
         gateway = service.gateways.get(call.params["id"])
         if gateway is None:
             raise not_found(f"gateway {call.params['id']}")
-        nodes = sorted((n.to_json() for n in service.nodes.values() if n.gateway == gateway.id),
-                       key=lambda n: -n["lastSeen"])
+        nodes = [n.to_json() for n in sorted((n for n in service.nodes.values() if n.gateway == gateway.id),
+                                             key=lambda n: -n.last_seen)]
         return Page("families/ble/gateway.html", {"title": f"Gateway {gateway.id}", "gateway": gateway.to_json(),
                                                   "nodes": nodes})
 
@@ -215,7 +218,8 @@ class BLEWeb:
                            "series": [{"path": f"values.{quantity}", "label": quantity}]})
         rows = await self.hub.store.fetchall(
             "SELECT time, data, receivers FROM ble_readings WHERE mac = ? ORDER BY time DESC LIMIT 20", (mac,))
-        readings = [{"time": float(t), "values": json.loads(d), "receivers": json.loads(r)} for t, d, r in rows]
+        readings = [{"time": rfc3339(float(t)), "values": json.loads(d), "receivers": json.loads(r)}
+                    for t, d, r in rows]
         view = node.to_json()
         return Page("families/ble/node.html", {"title": f"Beacon {view['mac']}", "node": view, "charts": charts,
                                                "readings": readings})

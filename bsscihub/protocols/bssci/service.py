@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from bsscihub import audit
 from bsscihub.bus import Event
+from bsscihub.contract import finite_doc
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
 from bsscihub.pki import cert_bs_eui
@@ -48,17 +49,10 @@ OTA_COPY_WINDOW = 60.0
 _LATENCY_STEPS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-def _jsonable(value: Any) -> Any:
-    """A decoded MessagePack value as JSON can hold it (byte strings as hex)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).hex()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _jsonable(value: Any) -> dict[str, Any]:
+    """A report's decoded MessagePack values as JSON can hold them: byte strings as hex, NaN/±Infinity
+    as null named under "invalid" (the hub's one rule for them, bsscihub.contract.finite_doc)."""
+    return finite_doc(value)
 
 
 @implementer(IServiceCenter)
@@ -365,10 +359,10 @@ class MiotyService(MiotyActions, FamilyService):
                              "recording a downlink acknowledgement")
 
     def downlink_rx_status(self, session: Session, msg: m.DlRxStat) -> None:
-        self._ep_event(f"{msg.epEui:016x}", "dl_rx_status", {
+        self._ep_event(f"{msg.epEui:016x}", "dl_rx_status", _jsonable({
             "bsEui": session.bs_hex, "rxTime": msg.rxTime, "packetCnt": msg.packetCnt, "dlRxSnr": msg.dlRxSnr,
             "dlRxRssi": msg.dlRxRssi,
-        })  # fmt: skip
+        }))  # fmt: skip
 
     def status_report(self, session: Session, msg: m.StatusRsp) -> None:
         now = self.clock.seconds()
@@ -377,7 +371,8 @@ class MiotyService(MiotyActions, FamilyService):
         for name in ("geoLocation", "uptime", "temp", "cpuLoad", "memLoad", "config"):
             value = getattr(msg, name)
             if value is not None:
-                payload[name] = list(value) if name == "geoLocation" else _jsonable(value)
+                payload[name] = list(value) if name == "geoLocation" else value
+        payload = _jsonable(payload)
         payload["time"] = rfc3339(now)
         bs = self.registry.base_stations.get(session.bs_hex)
         if bs is not None:

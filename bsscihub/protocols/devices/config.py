@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from bsscihub.config import _bool, _positive_int, _str, _topic_root, duration, setting
+from bsscihub.config import _bool, _limit, _positive_int, _str, _topic_root, duration, setting
 from bsscihub.protocols.ble.config import topic_filters
 
 
@@ -35,3 +35,7 @@ class DevicesConfig:
     max_payload: int = setting(16384, _positive_int, "largest device message accepted, in bytes")
     max_firmware: int = setting(8 << 20, _positive_int, "largest firmware image accepted, in bytes")
     retention: float = setting(30 * 86400.0, duration, "how long telemetry is kept")
+    offline_after: float = setting(600.0, duration, "a device silent this long is marked offline")
+    max_devices: int = setting(10_000, _limit, "most devices registered on first sight (0: no limit)")
+    registrations_per_minute: int = setting(
+        60, _limit, "devices registered on first sight a minute per source (0: no limit)")

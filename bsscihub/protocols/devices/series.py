@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bsscihub.contract import rfc3339
 from bsscihub.store import Store
 
 MAX_POINTS = 2000
@@ -54,3 +55,9 @@ async def bucketed(
 def chart_points(series: dict[str, Any]) -> list[dict[str, Any]]:
     """The shape the admin UI's line charts take: [{"t": seconds, "v": [value]}]."""
     return [{"t": p["time"] + series["bucket"] / 2, "v": [round(p["avg"], 4)]} for p in series["points"]]
+
+
+def series_json(series: dict[str, Any]) -> dict[str, Any]:
+    """`bucketed` as a REST body: times as RFC 3339, the bucket width in seconds."""
+    return {**series, "since": rfc3339(series["since"]), "until": rfc3339(series["until"]),
+            "points": [{**p, "time": rfc3339(p["time"])} for p in series["points"]]}

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from bsscihub import ingest
 from bsscihub.bus import Event
+from bsscihub.contract import finite_doc, opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
 from bsscihub.hub import Hub
@@ -78,9 +79,10 @@ class Device:
     unsaved: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"deviceId": self.id, "name": self.name, "firstSeen": self.first_seen, "lastSeen": self.last_seen,
-                "registeredVia": self.registered_via, "status": self.status, "statusDetail": self.status_detail,
-                "statusTime": self.status_time, "firmware": self.firmware, "messages": self.messages}
+        return {"deviceId": self.id, "name": self.name, "firstSeen": rfc3339(self.first_seen),
+                "lastSeen": opt_time(self.last_seen), "registeredVia": self.registered_via, "status": self.status,
+                "statusDetail": self.status_detail, "statusTime": opt_time(self.status_time),
+                "firmware": self.firmware, "messages": self.messages}
 
 
 @attrs.define
@@ -122,8 +124,11 @@ class DevicesService(FamilyService):
         self._telemetry = hub.store.batch_writer(
             "INSERT INTO dev_telemetry (device, type, time, value) VALUES {rows}"
         )
+        self._limit = ingest.RegistrationLimit(self.clock, self.config.max_devices,
+                                               self.config.registrations_per_minute)
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._pruner = self.looping(self.prune, "pruning old telemetry")
+        self._silence = self.looping(self.check_silence, "marking silent devices offline")
 
     # -- lifecycle
 
@@ -150,9 +155,11 @@ class DevicesService(FamilyService):
             offer.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._offer_timed_out, oid)
         self._flusher.start(FLUSH_EVERY, now=False)
         self._pruner.start(3600.0, now=True)
+        check = max(0.05, min(self.config.offline_after / 4, 15.0))
+        self._silence.start(check, now=False).addErrback(errback(self.log, "devices: silence checker stopped"))
 
     async def drain(self) -> None:
-        for loop in (self._flusher, self._pruner):
+        for loop in (self._flusher, self._pruner, self._silence):
             if loop.running:
                 loop.stop()
         for pending in (*self.commands.values(), *self.offers.values()):
@@ -206,7 +213,7 @@ class DevicesService(FamilyService):
         device_id = self._topic_device(topic.split("/")[1], topic)
         try:
             state, detail = self._parse_status(payload)
-            device = self._seen(device_id, "mqtt", topic)
+            device = self._seen(device_id, "mqtt", topic, status=False)
         except Rejected as e:
             e.source = device_id
             raise
@@ -218,8 +225,7 @@ class DevicesService(FamilyService):
         device.last_seen = now
         self._dirty.add(device_id)
         self.ingest.accepted()
-        self.emit("status", f"dev/device/{device_id}/status",
-                  {"deviceId": device_id, "state": state, "detail": detail, "time": now}, retain=True)
+        self._status_event(device)
 
     def _parse_status(self, payload: bytes) -> tuple[str, dict[str, Any]]:
         try:
@@ -231,6 +237,8 @@ class DevicesService(FamilyService):
             raise
         if isinstance(doc, str):
             doc = {"state": doc}
+        if isinstance(doc, dict):
+            doc = finite_doc(doc)  # NaN/±Infinity: null, named under "invalid"
         if not isinstance(doc, dict):
             raise Rejected(ingest.WRONG_TYPE, f"status: expected an object or a word, got {ingest.type_name(doc)}")
         state = doc.get("state", doc.get("status", ""))
@@ -258,24 +266,55 @@ class DevicesService(FamilyService):
             self._stored, errback(self.log, "devices: storing telemetry failed"))
         self.ingest.accepted()
         self.emit("up", f"dev/device/{device_id}/up", {
-            "deviceId": device_id, "type": kind, "value": value, "time": when, "via": via, "values": {kind: value},
+            "deviceId": device_id, "type": kind, "value": value, "time": rfc3339(when), "via": via,
+            "values": {kind: value},
         })
 
     def _stored(self, _: Any) -> None:
         self.stored += 1
 
-    def _seen(self, device_id: str, via: str, topic: str) -> Device:
+    def _seen(self, device_id: str, via: str, topic: str, *, status: bool = True) -> Device:
+        """The device a message comes from, registered if new (and allowed); a device that speaks is online,
+        unless the message is its own status (which says so itself)."""
         device = self.devices.get(device_id)
-        if device is not None:
-            return device
+        if device is None:
+            device = self._auto_register(device_id, via, topic)
+        if status and device.status != "online":
+            device.status, device.status_detail = "online", {}
+            device.status_time = self.clock.seconds()
+            self._dirty.add(device_id)
+            self._status_event(device)
+        return device
+
+    def _status_event(self, device: Device) -> None:
+        self.emit("status", f"dev/device/{device.id}/status",
+                  {"deviceId": device.id, "state": device.status, "detail": device.status_detail,
+                   "time": opt_time(device.status_time)}, retain=True)
+
+    def check_silence(self) -> None:
+        """Online devices silent for `devices.offline_after` go offline (one status event each)."""
+        cutoff = self.clock.seconds() - self.config.offline_after
+        for device in self.devices.values():
+            if device.status == "online" and (device.last_seen or device.first_seen) < cutoff:
+                device.status, device.status_detail = "offline", {"reason": "silent"}
+                device.status_time = self.clock.seconds()
+                self._dirty.add(device.id)
+                self.log.info("device {device} offline: silent for {seconds:g} s", device=device.id,
+                              seconds=self.config.offline_after)
+                self._status_event(device)
+
+    def _auto_register(self, device_id: str, via: str, topic: str) -> Device:
         if not self.config.auto_register:
             # One event per device per minute: a flood from an unknown device must not flood subscribers.
             if self.ingest.reject_log.allow("event:" + device_id)[0]:
                 self.emit("rejected", f"dev/device/{device_id}/event/rejected", {
                     "deviceId": device_id, "reason": "unknown device (auto_register is off)", "topic": topic,
-                    "time": self.clock.seconds()})
+                    "time": rfc3339(self.clock.seconds())})
             raise Rejected(ingest.UNKNOWN_DEVICE, "unknown device and devices.auto_register is off",
                            source=device_id)
+        # Per ingress path: which broker client sent a message is not known to a subscriber.
+        source = via if via != "mqtt" else "mqtt:" + topic.split("/")[0]
+        self._limit.check(source, len(self.devices), f"new device {device_id}")
         return self._register(device_id, via)
 
     def _register(self, device_id: str, via: str, name: str = "") -> Device:
@@ -284,7 +323,7 @@ class DevicesService(FamilyService):
         self._insert((device_id, name, now, via))
         self.log.info("device {device} registered via {via}", device=device_id, via=via)
         self.emit("registered", f"dev/device/{device_id}/event/registered",
-                  {"deviceId": device_id, "via": via, "time": now})
+                  {"deviceId": device_id, "via": via, "time": rfc3339(now)})
         return device
 
     # -- registry (REST)
@@ -368,14 +407,15 @@ class DevicesService(FamilyService):
         except Exception as e:
             await self._finish_command(cid, "failed", None, f"not published: {e}")
             raise DeviceError(f"command not sent: {e}", 503) from None
-        return {"commandId": cid, "deviceId": device_id, "command": name, "state": "sent", "deadline": deadline}
+        return {"commandId": cid, "deviceId": device_id, "command": name, "state": "sent",
+                "deadline": rfc3339(deadline)}
 
     def on_command_result(self, topic: str, payload: bytes, properties: Any = None) -> Any:
         """`device/{id}/commands/{name}/result`: {"id", "ok"?, "result"?, "error"?}."""
         levels = topic.split("/")
         device_id = self._topic_device(levels[1], topic)
         try:
-            doc = ingest.json_object(payload, self.config.max_payload)
+            doc = finite_doc(ingest.json_object(payload, self.config.max_payload))
             cid = ingest.text(doc, "id")
             ok = doc.get("ok", "error" not in doc)
             if not isinstance(ok, bool):
@@ -408,7 +448,7 @@ class DevicesService(FamilyService):
             (state, json.dumps(result) if result is not None else None, error, now, cid))
         self.emit("command_result", f"dev/device/{pending.device}/event/command_result", {
             "commandId": cid, "deviceId": pending.device, "command": pending.name, "state": state,
-            "ok": state == "ok", "result": result, "error": error, "time": now})
+            "ok": state == "ok", "result": result, "error": error, "time": rfc3339(now)})
 
     async def get_command(self, device_id: str, cid: str) -> dict[str, Any] | None:
         row = await self.hub.store.fetchone(
@@ -440,12 +480,12 @@ class DevicesService(FamilyService):
             " ON CONFLICT (device) DO UPDATE SET prefix = excluded.prefix, secret_hash = excluded.secret_hash,"
             " created_at = excluded.created_at, last_used_at = NULL",
             (device_id, prefix, hash_device_key(device_id, secret), now))
-        return {"deviceId": device_id, "key": f"{KEY_SCHEME}_{secret}", "prefix": prefix, "createdAt": now}
+        return {"deviceId": device_id, "key": f"{KEY_SCHEME}_{secret}", "prefix": prefix, "createdAt": rfc3339(now)}
 
     async def key_info(self, device_id: str) -> dict[str, Any] | None:
         row = await self.hub.store.fetchone(
             "SELECT prefix, created_at, last_used_at FROM dev_keys WHERE device = ?", (device_id,))
-        return {"prefix": row[0], "createdAt": row[1], "lastUsedAt": row[2]} if row else None
+        return {"prefix": row[0], "createdAt": opt_time(row[1]), "lastUsedAt": opt_time(row[2])} if row else None
 
     async def revoke_key(self, device_id: str) -> bool:
         return bool(await self.hub.store.execute("DELETE FROM dev_keys WHERE device = ?", (device_id,)))
@@ -502,7 +542,7 @@ class DevicesService(FamilyService):
         rows = await self.hub.store.fetchall(
             f"SELECT type, time, value FROM dev_telemetry WHERE {where} ORDER BY time DESC LIMIT ?",
             (*params, limit))
-        return [{"type": t, "time": float(tm), "value": float(v)} for t, tm, v in rows]
+        return [{"type": t, "time": rfc3339(float(tm)), "value": float(v)} for t, tm, v in rows]
 
     async def types(self, device_id: str) -> list[dict[str, Any]]:
         """Each telemetry type of a device with its latest value (index-only lookups, one per type)."""
@@ -514,7 +554,8 @@ class DevicesService(FamilyService):
                 "SELECT time, value FROM dev_telemetry WHERE device = ? AND type = ? ORDER BY time DESC LIMIT 1",
                 (device_id, kind))
             if row is not None:
-                found.append({"type": kind, "count": int(count), "time": float(row[0]), "value": float(row[1])})
+                found.append({"type": kind, "count": int(count), "time": rfc3339(float(row[0])),
+                              "value": float(row[1])})
         return found
 
     # -- firmware and OTA
@@ -597,7 +638,7 @@ class DevicesService(FamilyService):
             raise DeviceError(f"update not offered: {e}", 503) from None
         self._ota_event(offer, "offered", 0, "")
         return {"offerId": oid, "deviceId": device_id, "firmware": firmware_id, "version": firmware["version"],
-                "state": "offered", "deadline": deadline}
+                "state": "offered", "deadline": rfc3339(deadline)}
 
     async def firmware_for_offer(self, device_id: str, oid: str, token: str) -> tuple[bytes, str] | None:
         """The image for an open offer whose token matches (None otherwise: the same answer for every failure)."""
@@ -663,7 +704,7 @@ class DevicesService(FamilyService):
     def _ota_event(self, offer: Pending, state: str, progress: int | None, error: str) -> None:
         self.emit("ota", f"dev/device/{offer.device}/event/ota", {
             "deviceId": offer.device, "offerId": offer.id, "firmware": offer.firmware, "version": offer.version,
-            "state": state, "progress": progress, "error": error, "time": self.clock.seconds()})
+            "state": state, "progress": progress, "error": error, "time": rfc3339(self.clock.seconds())})
 
     async def list_offers(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
         rows = await self.hub.store.fetchall(
@@ -671,7 +712,7 @@ class DevicesService(FamilyService):
             " FROM dev_ota o LEFT JOIN dev_firmware f ON f.id = o.firmware WHERE o.device = ?"
             " ORDER BY o.created_at DESC LIMIT ?", (device_id, limit))
         return [{"offerId": r[0], "firmware": r[1], "version": r[2], "state": r[3], "progress": r[4], "error": r[5],
-                 "createdAt": r[6], "updatedAt": r[7], "actor": r[8]} for r in rows]
+                 "createdAt": opt_time(r[6]), "updatedAt": opt_time(r[7]), "actor": r[8]} for r in rows]
 
     # -- events and writes
 
@@ -712,11 +753,12 @@ class DevicesService(FamilyService):
 def _command_json(device_id: str, row: tuple[Any, ...]) -> dict[str, Any]:
     cid, name, args, state, result, error, created, deadline, answered, actor = row
     return {"commandId": cid, "deviceId": device_id, "command": name, "args": json.loads(args), "state": state,
-            "result": json.loads(result) if result is not None else None, "error": error, "createdAt": created,
-            "deadline": deadline, "answeredAt": answered, "actor": actor}
+            "result": json.loads(result) if result is not None else None, "error": error,
+            "createdAt": opt_time(created), "deadline": opt_time(deadline), "answeredAt": opt_time(answered),
+            "actor": actor}
 
 
 def _firmware_json(row: tuple[Any, ...]) -> dict[str, Any]:
     fid, name, version, digest, size, created, actor = row
     return {"id": int(fid), "name": name, "version": version, "sha256": digest, "size": int(size),
-            "createdAt": created, "actor": actor}
+            "createdAt": opt_time(created), "actor": actor}

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bsscihub.contract import rfc3339
 from bsscihub.ingest import IDENTIFIER, OVERSIZED, Rejected
-from bsscihub.protocols.devices.series import bucketed, chart_points
+from bsscihub.protocols.devices.series import bucketed, chart_points, series_json
 from bsscihub.protocols.devices.service import DeviceError, DevicesService
 from bsscihub.web.errors import ApiError, bad_field, not_found, running_service, unauthorized
 from bsscihub.web.routing import (
@@ -28,7 +29,7 @@ from bsscihub.web.routing import (
     page,
     page_route,
 )
-from bsscihub.web.schema import ANY_OBJECT, obj, page_of, string
+from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
 
 DAY = 86400.0
 KEY_HEADER = b"x-device-key"
@@ -57,7 +58,7 @@ VERSION_Q = Param("version", string("version", minLength=1, maxLength=32), "firm
                   example="1.2.0")
 
 DEVICE = obj({"deviceId": {"type": "string"}, "name": {"type": "string"}, "status": {"type": "string"},
-              "lastSeen": {"type": "number", "nullable": True}, "firmware": {"type": "string"}},
+              "lastSeen": OPT_TIME, "firstSeen": TIME, "statusTime": OPT_TIME, "firmware": {"type": "string"}},
              ("deviceId", "name", "status", "lastSeen"), closed=False)
 REGISTER = obj({"id": ID_SCHEMA, "name": string("display name", maxLength=100)}, ("id",))
 RENAME = obj({"name": string("display name", maxLength=100)}, ("name",))
@@ -78,7 +79,7 @@ OTA_IN = obj({"firmware": {"type": "integer", "minimum": 1}}, ("firmware",))
 FIRMWARE = obj({"id": {"type": "integer"}, "name": {"type": "string"}, "version": {"type": "string"},
                 "sha256": {"type": "string"}, "size": {"type": "integer"}}, ("id", "name", "version", "sha256", "size"),
                closed=False)
-SERIES = obj({"since": {"type": "number"}, "until": {"type": "number"}, "bucket": {"type": "number"},
+SERIES = obj({"since": TIME, "until": TIME, "bucket": {"type": "number"},
               "points": {"type": "array", "items": ANY_OBJECT}}, ("since", "until", "bucket", "points"), closed=False)
 
 
@@ -169,13 +170,13 @@ class DevicesWeb:
 
     @api_route("GET", "/{id}/telemetry", role="viewer", summary="A device's telemetry values in a time range,"
                " newest first", tag="devices", params=(DEVICE_ID,), query=(TYPE_FILTER, SINCE, UNTIL, LIMIT),
-               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False),
-               errors=(404,))
+               response=page_of(ANY_OBJECT), errors=(404,))
     async def telemetry(self, call: Call) -> Any:
         device = self._device(call.params["id"])
         since, until = self._range(call.query)
         items = await self.service.telemetry(device.id, call.query.get("type"), since, until, call.query["limit"])
-        return {"deviceId": device.id, "since": since, "until": until, "items": items}
+        return {"deviceId": device.id, "since": rfc3339(since), "until": rfc3339(until),
+                **page(items, len(items), call.query["limit"], 0)}
 
     @api_route("GET", "/{id}/series", role="viewer", summary="One telemetry type over a time range, averaged into"
                " at most `points` buckets in SQL (for charts)", tag="devices", params=(DEVICE_ID,),
@@ -185,7 +186,7 @@ class DevicesWeb:
         since, until = self._range(call.query)
         result = await bucketed(self.hub.store, "dev_telemetry", "device = ? AND type = ?",
                                 (device.id, call.query["type"]), since, until, call.query["points"])
-        return {"deviceId": device.id, "type": call.query["type"], **result}
+        return {"deviceId": device.id, "type": call.query["type"], **series_json(result)}
 
     @api_route("POST", "/{id}/telemetry", role=ANONYMOUS, summary="Telemetry over HTTPS, authenticated with the"
                " device's key in the X-Device-Key header: {type, value, time?} or {values: {type: value}, time?}",
@@ -250,10 +251,11 @@ class DevicesWeb:
                tag="devices", params=(DEVICE_ID,), query=(Param("limit", {"type": "integer", "minimum": 1,
                                                                           "maximum": 500, "default": 50},
                                                                  example=10),),
-               response=obj({"items": {"type": "array", "items": COMMAND}}, ("items",), closed=False), errors=(404,))
+               response=page_of(COMMAND), errors=(404,))
     async def list_commands(self, call: Call) -> Any:
         self._device(call.params["id"])
-        return {"items": await self.service.list_commands(call.params["id"], call.query["limit"])}
+        items = await self.service.list_commands(call.params["id"], call.query["limit"])
+        return page(items, len(items), call.query["limit"], 0)
 
     @api_route("GET", "/{id}/commands/{cid}", role="viewer", summary="One command and its result", tag="devices",
                params=(DEVICE_ID, COMMAND_ID), response=COMMAND, errors=(404,))
@@ -266,9 +268,10 @@ class DevicesWeb:
     # -- API: firmware and OTA
 
     @api_route("GET", "/firmware", role="viewer", summary="Firmware images uploaded for OTA", tag="devices",
-               response=obj({"items": {"type": "array", "items": FIRMWARE}}, ("items",), closed=False))
+               response=page_of(FIRMWARE))
     async def list_firmware(self, call: Call) -> Any:
-        return {"items": await self.service.list_firmware()}
+        items = await self.service.list_firmware()
+        return page(items, len(items), len(items), 0)
 
     @api_route("POST", "/firmware", role="operator", summary="Upload a firmware image: the raw bytes as the body"
                " (application/octet-stream)", tag="devices", query=(NAME_Q, VERSION_Q), status=201,
@@ -311,10 +314,11 @@ class DevicesWeb:
 
     @api_route("GET", "/{id}/ota", role="viewer", summary="A device's firmware updates, newest first",
                tag="devices", params=(DEVICE_ID,), errors=(404,),
-               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+               response=page_of(ANY_OBJECT))
     async def list_ota(self, call: Call) -> Any:
         self._device(call.params["id"])
-        return {"items": await self.service.list_offers(call.params["id"])}
+        items = await self.service.list_offers(call.params["id"])
+        return page(items, len(items), 20, 0)
 
     @api_route("GET", "/{id}/ota/{offer}/firmware", role=ANONYMOUS, summary="The offered image, for the device"
                " (the URL sent in the offer carries its token)", tag="devices", params=(DEVICE_ID, OFFER_ID),

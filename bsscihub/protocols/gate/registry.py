@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.store import Cursor, Store
 
@@ -59,11 +60,11 @@ class Unit:
             "hardware_id": self.hardware_id,
             "controller_id": self.controller_id,
             "firmware_version": self.firmware_version,
-            "registered_at": self.registered_at,
-            "credentials_rotated_at": self.rotated_at,
-            "last_seen": self.last_seen,
+            "registered_at": opt_time(self.registered_at),
+            "credentials_rotated_at": opt_time(self.rotated_at),
+            "last_seen": opt_time(self.last_seen),
             "online": self.online,
-            "online_since": self.online_since,
+            "online_since": opt_time(self.online_since),
             "last_status": self.last_status,
         }
 
@@ -218,7 +219,8 @@ class Name:
     actor: str
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        return {"controller_id": self.controller_id, "started_at": opt_time(self.started_at),
+                "ended_at": opt_time(self.ended_at), "actor": self.actor}
 
 
 async def names(store: Store, unit_id: int) -> list[Name]:
@@ -271,7 +273,7 @@ async def status_history(store: Store, unit_id: int, limit: int, offset: int) ->
             "SELECT time, payload FROM gate_status WHERE unit_id = ? ORDER BY id DESC LIMIT ? OFFSET ?",
             (unit_id, limit, offset),
         ).fetchall()
-        return [{"time": float(r[0]), "status": json.loads(r[1])} for r in rows], int(total[0]) if total else 0
+        return [{"time": rfc3339(float(r[0])), "status": json.loads(r[1])} for r in rows], int(total[0]) if total else 0
 
     return await store.interaction(run)
 
@@ -304,8 +306,9 @@ class ProvisioningKey:
     def to_json(self, now: float) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "prefix": self.prefix, "single_use": self.single_use,
-            "created_at": self.created_at, "created_by": self.created_by, "expires_at": self.expires_at,
-            "revoked_at": self.revoked_at, "uses": self.uses, "last_used_at": self.last_used_at,
+            "created_at": opt_time(self.created_at), "created_by": self.created_by,
+            "expires_at": opt_time(self.expires_at),
+            "revoked_at": opt_time(self.revoked_at), "uses": self.uses, "last_used_at": opt_time(self.last_used_at),
             "state": self.state(now),
         }
 
@@ -369,8 +372,9 @@ class Access:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "controller_id": self.controller_id, "fingerprint": self.fingerprint,
-            "access_level": self.level, "via": self.via, "share_id": self.share_id, "created_at": self.created_at,
-            "revoked_at": self.revoked_at, "last_used_at": self.last_used_at,
+            "access_level": self.level, "via": self.via, "share_id": self.share_id,
+            "created_at": opt_time(self.created_at),
+            "revoked_at": opt_time(self.revoked_at), "last_used_at": opt_time(self.last_used_at),
             "state": "revoked" if self.revoked_at is not None else "active",
         }
 
@@ -485,8 +489,9 @@ class Share:
     def to_json(self, now: float) -> dict[str, Any]:
         return {
             "id": self.id, "prefix": self.prefix, "access_level": self.level, "created_by": self.created_by,
-            "created_at": self.created_at, "expires_at": self.expires_at, "revoked_at": self.revoked_at,
-            "used_by": self.used_by, "used_at": self.used_at, "state": self.state(now),
+            "created_at": opt_time(self.created_at), "expires_at": opt_time(self.expires_at),
+            "revoked_at": opt_time(self.revoked_at), "used_by": self.used_by, "used_at": opt_time(self.used_at),
+            "state": self.state(now),
         }
 
 
@@ -589,8 +594,9 @@ class Command:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "command": self.command, "args": self.args, "actor": self.actor, "via": self.via,
-            "created_at": self.created_at, "deadline": self.deadline, "state": self.state, "result": self.result,
-            "error": self.error, "completed_at": self.completed_at,
+            "created_at": opt_time(self.created_at), "deadline": opt_time(self.deadline), "state": self.state,
+            "result": self.result,
+            "error": self.error, "completed_at": opt_time(self.completed_at),
         }
 
 
@@ -670,8 +676,9 @@ class FileRecord:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "direction": self.direction, "kind": self.kind, "name": self.name,
-            "max_size": self.max_size, "size": self.size, "sha256": self.sha256, "created_at": self.created_at,
-            "created_by": self.created_by, "stored_at": self.stored_at,
+            "max_size": self.max_size, "size": self.size, "sha256": self.sha256,
+            "created_at": opt_time(self.created_at), "created_by": self.created_by,
+            "stored_at": opt_time(self.stored_at),
             "state": "stored" if self.stored_at is not None else "awaiting upload",
         }
 

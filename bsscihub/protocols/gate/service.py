@@ -5,7 +5,6 @@ Everything the REST routes and MQTT commands do goes through `GateService`; the 
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from twisted.logger import Logger
 
 from bsscihub import ingest
 from bsscihub.bus import Event
+from bsscihub.contract import finite_doc, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
@@ -55,11 +55,6 @@ RESERVED_IDS = frozenset({"register", "mine", "shares", "files", "provisioning-k
 """Path segments of the REST API next to /gates/{controller_id}: no unit may be called so."""
 
 RENAME_NOTICE_WAIT = 5.0
-
-
-def rfc3339(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def check_controller_id(value: str) -> str:
@@ -408,7 +403,9 @@ class GateService(FamilyService):
         unit_id = self._by_controller.get(controller_id)
         if unit_id is None:
             raise Rejected(ingest.UNKNOWN_DEVICE, f"no gate unit is called {controller_id}", source=controller_id)
-        doc = ingest.json_object(payload, self.config.max_status_bytes)
+        # NaN/±Infinity (or a number beyond a double) become null, named under "invalid": stored and
+        # published alike, never accepted and then unpublishable.
+        doc = finite_doc(ingest.json_object(payload, self.config.max_status_bytes))
         now = self.now()
         came_online = await registry.record_status(self.hub.store, unit_id, now, doc, self.config.status_history)
         self.ingest.accepted()

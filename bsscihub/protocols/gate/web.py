@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from bsscihub import audit
+from bsscihub.contract import rfc3339
 from bsscihub.protocols.gate.config import MAX_FILE_BYTES
 from bsscihub.protocols.gate.registry import LEVELS, Refused, Unit, level_at_least
 from bsscihub.protocols.gate.service import Caller, GateService
@@ -311,7 +312,7 @@ class GateWeb:
             unit, name=body["name"], size=body["size"], kind=body.get("kind", "log"), base_url=base_url(call.request),
             actor=ctx.actor)
         ctx.detail = {"file_id": record.id, "name": record.name, "size": record.max_size}
-        return Created({"file": record.to_json(), "url": url, "method": "PUT", "expires_at": expires,
+        return Created({"file": record.to_json(), "url": url, "method": "PUT", "expires_at": rfc3339(expires),
                         "max_size": record.max_size})
 
     # == REST: apps ==========================================================================================
@@ -405,7 +406,7 @@ class GateWeb:
         ctx.detail = {"file_id": call.params["file_id"]}
         record, url, expires = await self.service.download_url(unit, call.params["file_id"],
                                                                base_url(call.request))
-        return {"file": record.to_json(), "url": url, "method": "GET", "expires_at": expires}
+        return {"file": record.to_json(), "url": url, "method": "GET", "expires_at": rfc3339(expires)}
 
     # == REST: signed file URLs ==============================================================================
 
