@@ -175,8 +175,10 @@ class MQTTConfig:
     outbox_overflow: str = setting(
         "drop_oldest", one_of("drop_oldest", "drop_new"), "what to drop when the outbox is full"
     )
-    layout: str = setting("standard", one_of("standard", "seed"), "seed also publishes the legacy layout")
-    seed_base: str = setting("mioty", _topic_root, "topic root of the legacy (seed) layout")
+    layout: str = setting(
+        "standard", one_of("standard", "seed"), "seed: also speak the replaced service center's layout, both ways"
+    )
+    seed_base: str = setting("bssci", _topic_root, "topic root of the seed layout (bssci, as that service center)")
 
 
 CORE_SECTIONS: dict[str, type] = {

@@ -6,7 +6,7 @@ Families are IFamily providers found with twisted.plugin.getPlugins in bsscihub.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -16,7 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python.failure import Failure
-from zope.interface import Attribute, implementer
+from zope.interface import Attribute, Interface, implementer
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -46,6 +46,40 @@ class IFamily(IPlugin):
     #     differs from `name` (the `devices` family publishes under {p}/dev/...).
     # events: Sequence[EventSpec]
     #     Every topic the family publishes under {p}/, for the docs, the tests and the admin UI.
+    #
+    # Optional interfaces an IFamily may provide as well: IMQTTLayouts (below).
+
+
+class IMQTTLayout(Interface):
+    """One MQTT layout spoken next to the hub's own contract (e.g. that of the system the hub replaces)."""
+
+    def outbound(event: Any) -> Iterable[tuple[str, Any, bool]]:  # type: ignore[misc]
+        """(absolute topic, JSON-serialisable payload, retain) of each message mirroring one of the
+        family's bus events in this layout; usually none. Runs on the reactor thread for every event
+        of the family, before it is acknowledged: keep it cheap."""
+
+    def inbound() -> Mapping[str, Any]:  # type: ignore[misc]
+        """Absolute topic filters this layout takes requests on, each with its `handler(topic,
+        payload, properties)` (it may return a coroutine); the bridge subscribes them at start.
+        A handler answers in its own layout (through `hub.mqtt.publish`) and never raises for bad input."""
+
+
+class IMQTTLayouts(Interface):
+    """Optionally provided by an IFamily: extra MQTT layouts it speaks, one chosen with `mqtt.layout`."""
+
+    mqtt_layouts = Attribute("Names of the layouts the family speaks (values of mqtt.layout).")
+
+    def mqtt_layout(name: str, hub: Hub) -> IMQTTLayout | None:  # type: ignore[misc]
+        """The family's layout `name` for this hub, or None. Called once, when the MQTT bridge is built
+        (before the family's service exists: reach it through `hub.services` when a request comes)."""
+
+
+def layout_speakers(families: Mapping[str, IFamily], layout: str) -> list[str]:
+    """The families (by name) that speak MQTT layout `layout`."""
+    return [
+        name for name, family in families.items()
+        if IMQTTLayouts.providedBy(family) and layout in family.mqtt_layouts
+    ]  # fmt: skip
 
 
 class UnknownFamily(Exception):

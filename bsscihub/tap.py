@@ -16,7 +16,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from bsscihub.config import ConfigError, HubConfig, load_config
-from bsscihub.family import UnknownFamily, all_config_sections, enabled_families, installed_families
+from bsscihub.family import (
+    UnknownFamily,
+    all_config_sections,
+    enabled_families,
+    installed_families,
+    layout_speakers,
+)
 from bsscihub.hub import HubService, make_hub
 from bsscihub.logs import use_for_twistd
 
@@ -32,6 +38,8 @@ def load_hub_config(path: str | None, environ: Any = None) -> tuple[HubConfig, d
         raise ConfigError(
             "families", list(config.families or ()), f"unknown family {e.args[0]!r}; installed: {known}"
         ) from None
+    if config.mqtt.layout != "standard" and not layout_speakers(families, config.mqtt.layout):
+        raise ConfigError("mqtt.layout", config.mqtt.layout, "no enabled family speaks this layout")
     return config, families
 
 

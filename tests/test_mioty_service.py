@@ -179,13 +179,14 @@ async def wait_for(condition: Any, timeout: float = 5.0) -> None:
 
 
 async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any] | None = None,
-                **mioty: Any) -> Running:
+                mqtt: dict[str, Any] | None = None, **mioty: Any) -> Running:
     config = make_config(
         tmp_path,
         families=["mioty"],
         tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
         mioty={"dedup_window": 0.2, **mioty},
         **({"bssci": bssci} if bssci else {}),
+        **({"mqtt": mqtt} if mqtt else {}),
     )
     hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
     hub.store.start()

@@ -26,12 +26,14 @@ from prometheus_client import generate_latest
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, formatEvent
+from zope.interface import implementer
 
 from bsscihub import pki
 from bsscihub.bus import Event
 from bsscihub.errors import CommandError
+from bsscihub.family import IMQTTLayout, IMQTTLayouts
 from bsscihub.hub import make_hub
-from bsscihub.mqtt.bridge import MQTTBridge, decode_command, install, seed_messages
+from bsscihub.mqtt.bridge import MQTTBridge, decode_command, install
 from tests.broker import BrokerTLS, Mosquitto, Received, Subscriber
 from tests.conftest import make_config
 
@@ -285,81 +287,80 @@ async def test_every_published_topic_and_payload_of_the_contract(
     assert doc(offline)["state"] == "offline" and is_rfc3339(doc(offline)["since"])
 
 
-def test_seed_mapping() -> None:
-    up = Event("mioty", "uplink", f"mioty/ep/{EP}/up", uplink_payload(4830))
-    # receivers are sorted best first by contract; the mapping does not rely on it
-    reversed_receivers = dict(uplink_payload(4830), receivers=uplink_payload()["receivers"][::-1])
-    for event in (up, attrs.evolve(up, payload=reversed_receivers)):
-        assert seed_messages(event, "bssci") == [
-            (
-                f"bssci/ep/{EP}/ul",
-                {
-                    "bs_eui": BS,
-                    "rxTime": 1_755_708_639_613_188_798,
-                    "snr": 22.88,
-                    "rssi": -71.39,
-                    "cnt": 4830,
-                    "data": [2, 83, 1, 97, 6],
-                },
-                False,
-            )
-        ]
-    status = Event("mioty", "status", f"mioty/bs/{BS}/status", {**BS_STATUS, "time": "1970-01-01T00:00:01.5Z"})
-    assert seed_messages(status, "bssci") == [
-        (
-            f"bssci/bs/{BS}",
-            {"code": 0, "memLoad": 0.33, "cpuLoad": 0.23, "dutyCycle": 0.0, "time": 1_500_000_000, "uptime": 1566},
-            False,
-        )
-    ]
-    assert seed_messages(attrs.evolve(status, payload=BS_STATUS), "bssci")[0][1]["time"] == BS_STATUS["time"]
-    for other in CONTRACT_EVENTS[1:4] + [
-        Event("ble", "uplink", f"mioty/ep/{EP}/up", uplink_payload()),
-        attrs.evolve(up, payload={**uplink_payload(), "data": "not hex"}),
-        attrs.evolve(up, payload={**uplink_payload(), "receivers": []}),
-    ]:
-        result = seed_messages(other, "bssci")
-        if other.payload.get("receivers") == []:
-            assert result[0][1]["bs_eui"] is None  # still published, without a receiver
-        else:
-            assert result == []
+@implementer(IMQTTLayout)
+class EchoLayout:
+    """A family's extra layout as the bridge sees it: mirrors uplinks and answers requests, under `legacy/`."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+
+    def outbound(self, event: Event) -> list[tuple[str, Any, bool]]:
+        if event.kind != "uplink":
+            return []
+        if event.payload.get("data") == "broken":
+            raise RuntimeError("a bug in the layout")
+        return [(f"legacy/{event.payload['epEui']}/ul", {"cnt": event.payload["packetCnt"]}, False)]
+
+    def inbound(self) -> dict[str, Any]:
+        return {"legacy/+/ping": self.ping}
+
+    async def ping(self, topic: str, payload: bytes, properties: Any) -> None:
+        await self.hub.mqtt.publish(topic.replace("/ping", "/pong"), {"got": payload.decode()})
+
+
+@implementer(IMQTTLayouts)
+@attrs.frozen
+class EchoFamily:
+    name: str = "echo"
+    mqtt_layouts: tuple[str, ...] = ("seed",)
+
+    def mqtt_layout(self, name: str, hub: Any) -> EchoLayout:
+        return EchoLayout(hub)
 
 
 @pytest_twisted.ensureDeferred
-async def test_seed_layout_is_published_next_to_the_standard_one(
-    mosquitto: Mosquitto, subscriber_factory: Callable[..., Subscriber], bridges: Callable[..., MQTTBridge]
+async def test_a_family_layout_is_spoken_both_ways_next_to_the_standard_one(
+    mosquitto: Mosquitto, subscriber_factory: Callable[..., Subscriber], commander: Callable[..., Commander],
+    tmp_path: Path,
 ) -> None:
-    legacy = subscriber_factory(mosquitto, "bssci/#")
-    standard = subscriber_factory(mosquitto, "bsscihub/mioty/#")
-    bridge = bridges(mosquitto, layout="seed", seed_base="bssci")
-    for event in CONTRACT_EVENTS:
-        await bridge.hub.bus.publish(event)
-    await standard.when(lambda m: True, count=len(CONTRACT_EVENTS))
-    seen = await legacy.when(lambda m: True, count=2)
-    assert [(m.topic, doc(m)) for m in seen] == [
-        (
-            f"bssci/ep/{EP}/ul",
-            {
-                "bs_eui": BS,
-                "rxTime": 1_755_708_639_613_188_798,
-                "snr": 22.88,
-                "rssi": -71.39,
-                "cnt": 7,
-                "data": [2, 83, 1, 97, 6],
-            },
-        ),
-        (
-            f"bssci/bs/{BS}",
-            {
-                "code": 0,
-                "memLoad": 0.33,
-                "cpuLoad": 0.23,
-                "dutyCycle": 0.0,
-                "time": 1_755_708_640_000_000_000,
-                "uptime": 1566,
-            },
-        ),
-    ]
+    legacy = subscriber_factory(mosquitto, "legacy/#")
+    standard = subscriber_factory(mosquitto, "bsscihub/echo/#")
+    config = make_config(tmp_path, families=[], mqtt={"url": f"mqtt://127.0.0.1:{mosquitto.port}", "layout": "seed"})
+    hub = make_hub(config, reactor, {"echo": EchoFamily()})  # type: ignore[dict-item]
+    bridge = hub.mqtt = MQTTBridge(hub, settings_overrides=FAST)
+    bridge.startService()
+    try:
+        await until(lambda: bridge.connected)
+        up = {**uplink_payload(), "epEui": EP}
+        await hub.bus.publish(Event("echo", "uplink", f"echo/ep/{EP}/up", up))
+        # a layout that fails on one event costs that event's mirror, not the event
+        await hub.bus.publish(Event("echo", "uplink", f"echo/ep/{EP}/up", {**up, "data": "broken"}))
+        await hub.bus.publish(Event("echo", "attach", f"echo/ep/{EP}/event/attach", ATTACH))
+        seen = await standard.when(lambda m: True, count=3)
+        assert [m.topic for m in seen] == [f"bsscihub/echo/ep/{EP}/up"] * 2 + [f"bsscihub/echo/ep/{EP}/event/attach"]
+        [mirrored] = await legacy.when(lambda m: m.topic.endswith("/ul"))
+        assert (mirrored.topic, doc(mirrored)) == (f"legacy/{EP}/ul", {"cnt": 7})
+        commander(mosquitto).send(f"legacy/{EP}/ping", b"hello")
+        [pong] = await legacy.when(lambda m: m.topic.endswith("/pong"))
+        assert doc(pong) == {"got": "hello"}
+        assert [m.topic for m in legacy.messages if m.topic.endswith("/ul")] == [f"legacy/{EP}/ul"]
+    finally:
+        await bridge.stopService()
+
+
+def test_a_layout_no_family_speaks_is_a_config_error(tmp_path: Path) -> None:
+    from bsscihub.config import ConfigError
+    from bsscihub.tap import load_hub_config
+
+    config = make_config(tmp_path, families=[], mqtt={"layout": "seed"})
+    with pytest.raises(ConfigError, match="no enabled family speaks this layout"):
+        MQTTBridge(make_hub(config, reactor, {}))
+    (tmp_path / "bad.yaml").write_text("families: [ble]\nmqtt:\n  layout: seed\n")
+    with pytest.raises(ConfigError) as raised:
+        load_hub_config(str(tmp_path / "bad.yaml"), environ={})
+    assert str(raised.value) == (
+        "config error: mqtt.layout = 'seed': no enabled family speaks this layout"
+    )
 
 
 # -- commands ------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The MQTT bridge: every bus event goes to the broker through the durable outbox, commands come back to the families.
 
-Also the hub's presence topic, the legacy (seed) layout and the MQTT figures in /health and /metrics.
+Also the hub's presence topic, the families' extra layouts (mqtt.layout) and the MQTT figures in /health and /metrics.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
 from bsscihub.bus import Event, PlainJSON
 from bsscihub.config import ConfigError, MQTTConfig
 from bsscihub.errors import CommandError
+from bsscihub.family import IMQTTLayout, IMQTTLayouts
 from bsscihub.health import ComponentHealth
 from bsscihub.mqtt.client import MQTTSettings, ReactorMQTTClient, Will
 from bsscihub.mqtt.outbox import Outbox, check_topic
@@ -39,7 +41,6 @@ __all__ = [
     "MessageHandler",
     "decode_command",
     "install",
-    "seed_messages",
     "settings_from_config",
 ]
 
@@ -126,66 +127,6 @@ def settings_from_config(config: MQTTConfig, will: Will | None = None, **overrid
 def hub_status(state: str, version: str, since: float | None) -> bytes:
     """The payload of ``{prefix}/hub/status``."""
     return to_json({"state": state, "version": version, "since": None if since is None else rfc3339(since)})
-
-
-# -- the seed (legacy) layout -------------------------------------------------------
-
-_SEED_STATUS_FIELDS = ("code", "memLoad", "cpuLoad", "dutyCycle", "time", "uptime")
-
-
-def _nanoseconds(value: Any) -> Any:
-    """An RFC 3339 time as integer nanoseconds, as the seed layout has it; integers pass unchanged."""
-    if isinstance(value, str):
-        try:
-            stamp = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return value
-        delta = stamp - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-        return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-    return value
-
-
-def seed_messages(event: Event, base: str) -> list[tuple[str, dict[str, Any], bool]]:
-    """The legacy-layout messages (topic, payload, retain) that mirror one event; usually none.
-
-    - ``mioty/ep/{EUI}/up`` -> ``{base}/ep/{EUI}/ul`` with ``bs_eui``, ``rxTime``, ``snr``, ``rssi``
-      of the best receiver (highest SNR), ``cnt`` (packetCnt) and ``data`` as a list of byte values.
-    - ``mioty/bs/{EUI}/status`` -> ``{base}/bs/{EUI}`` with the statusRsp fields ``code``,
-      ``memLoad``, ``cpuLoad``, ``dutyCycle``, ``time`` (ns) and ``uptime``.
-    """
-    if event.family != "mioty":
-        return []
-    parts = event.topic.split("/")
-    if len(parts) != 4 or parts[0] != "mioty":
-        return []
-    _, what, eui, leaf = parts
-    payload = event.payload
-    if what == "ep" and leaf == "up":
-        receivers = [r for r in payload.get("receivers") or () if isinstance(r, Mapping)]
-        best: Mapping[str, Any] = max(receivers, key=_snr) if receivers else {}
-        try:
-            data = list(bytes.fromhex(payload.get("data") or ""))
-        except (TypeError, ValueError):
-            return []
-        doc = {
-            "bs_eui": best.get("bsEui"),
-            "rxTime": best.get("rxTime", payload.get("rxTime")),
-            "snr": best.get("snr"),
-            "rssi": best.get("rssi"),
-            "cnt": payload.get("packetCnt"),
-            "data": data,
-        }
-        return [(f"{base}/ep/{eui}/ul", doc, False)]
-    if what == "bs" and leaf == "status":
-        doc = {key: payload.get(key) for key in _SEED_STATUS_FIELDS}
-        doc["time"] = _nanoseconds(doc["time"])
-        return [(f"{base}/bs/{eui}", doc, False)]
-    return []
-
-
-def _snr(receiver: Mapping[str, Any]) -> float:
-    snr = receiver.get("snr")
-    return float(snr) if isinstance(snr, int | float) else float("-inf")
 
 
 # -- commands -----------------------------------------------------------------------
@@ -277,7 +218,8 @@ class MQTTBridge(Service):
             on_disconnect=self._disconnected,
             on_message=self._received,
         )
-        self._seed_base = config.seed_base if config.layout == "seed" else None
+        self.layouts: dict[str, IMQTTLayout] = self._find_layouts(config.layout)
+        """The layout named by mqtt.layout, by the family speaking it (none for "standard")."""
         self._command_filter = f"{self.prefix}/+/+/+/cmd/+"
         self._handlers: dict[str, list[MessageHandler]] = {}
         self._command_locks: dict[str, defer.DeferredLock] = {}
@@ -298,6 +240,20 @@ class MQTTBridge(Service):
 
         hub.health.register("mqtt", self.health)
         hub.metrics.register(_Collector(self))
+
+    def _find_layouts(self, name: str) -> dict[str, IMQTTLayout]:
+        if name == "standard":
+            return {}
+        found: dict[str, IMQTTLayout] = {}
+        for family_name, family in self.hub.families.items():
+            if IMQTTLayouts.providedBy(family) and name in family.mqtt_layouts:
+                layout = family.mqtt_layout(name, self.hub)
+                if layout is not None:
+                    verifyObject(IMQTTLayout, layout)
+                    found[family_name] = layout
+        if not found:
+            raise ConfigError("mqtt.layout", name, "no enabled family speaks this layout")
+        return found
 
     # -- the families' API --------------------------------------------------------
 
@@ -355,9 +311,16 @@ class MQTTBridge(Service):
         super().startService()
         self._unsubscribe_bus = self.hub.bus.subscribe(self._onEvent)
         self.client.subscribe(self._command_filter, 1)
+        for family, layout in self.layouts.items():
+            for topic_filter, handler in layout.inbound().items():
+                self.subscribe(topic_filter, handler).addErrback(self._layoutSubscribeFailed, topic_filter, family)
         self._sampler.start(5.0, now=True)
         self._opening = self.outbox.open()
         self._opening.addCallbacks(self._outboxOpened, self._outboxFailed)
+
+    def _layoutSubscribeFailed(self, failure: Failure, topic_filter: str, family: str) -> None:
+        self.log.failure("MQTT: subscribing to {filter} for the {family} layout failed", failure,
+                         filter=topic_filter, family=family)
 
     def _outboxOpened(self, _: None) -> None:
         self._opening = None
@@ -453,10 +416,18 @@ class MQTTBridge(Service):
             )
             return defer.fail(e)
         d = self.outbox.append(f"{self.prefix}/{event.topic}", payload, event.retain)
-        if self._seed_base is not None:
-            for topic, doc, retain in seed_messages(event, self._seed_base):
+        layout = self.layouts.get(event.family) if self.layouts else None
+        if layout is not None:
+            try:
+                mirrored = [(topic, to_json(doc), retain) for topic, doc, retain in layout.outbound(event)]
+            except Exception:
+                # the contract's message is on its way; a layout's bug must not cost it
+                self.log.failure("the {family} layout {layout} failed on {topic}", family=event.family,
+                                 layout=self.hub.config.mqtt.layout, topic=event.topic)
+                return d
+            for topic, data, retain in mirrored:
                 # the overflow policy already counted and logged a drop; nothing more to say
-                self.outbox.append(topic, to_json(doc), retain).addErrback(lambda _: None)
+                self.outbox.append(topic, data, retain).addErrback(lambda _: None)
         return d
 
     # -- broker -> hub ------------------------------------------------------------------

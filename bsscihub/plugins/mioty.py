@@ -10,13 +10,15 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import IFamily
+from bsscihub.family import IFamily, IMQTTLayouts
 from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig
 
 
-@implementer(IPlugin, IFamily)
+@implementer(IPlugin, IFamily, IMQTTLayouts)
 class MiotyFamily:
     name = "mioty"
+    mqtt_layouts = ("seed",)
+    """`seed`: the layout of the open service center the hub replaces (protocols/bssci/seed.py)."""
     config_sections = {"bssci": BSSCIConfig, "mioty": MiotyConfig}
 
     @property
@@ -29,6 +31,13 @@ class MiotyFamily:
         from bsscihub.protocols.bssci.service import MiotyService
 
         return MiotyService(hub)
+
+    def mqtt_layout(self, name: str, hub: Any) -> Any:
+        if name != "seed":
+            return None
+        from bsscihub.protocols.bssci.seed import SeedLayout
+
+        return SeedLayout(hub, hub.config.mqtt.seed_base)
 
     def web_routes(self, hub: Any) -> Any:
         from bsscihub.protocols.bssci.api import MiotyWeb
