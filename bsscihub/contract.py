@@ -5,6 +5,7 @@ One copy for every family, so a drifting family cannot publish epoch floats or N
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from collections.abc import Mapping
@@ -25,6 +26,24 @@ def rfc3339(seconds: float) -> str:
 def opt_time(seconds: float | None) -> str | None:
     """rfc3339, with None (never happened) kept as None."""
     return None if seconds is None else rfc3339(float(seconds))
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def nanoseconds_of(text: Any) -> int | None:
+    """An RFC 3339 time (as rfc3339 writes it, or with an offset) as integer Unix nanoseconds,
+    exactly; None when `text` is not one. A time without an offset is taken as UTC."""
+    if not isinstance(text, str):
+        return None
+    try:
+        stamp = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=datetime.UTC)
+    delta = stamp - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
 
 
 def non_finite_name(value: float) -> str:

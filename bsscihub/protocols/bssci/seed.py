@@ -6,7 +6,6 @@ upper-case EUIs, and its requests (register, config, cmd, dl) answered on `{base
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from bsscihub.bus import Event
+from bsscihub.contract import nanoseconds_of
 from bsscihub.errors import CommandError
 from bsscihub.family import IMQTTLayout
 
@@ -29,34 +29,20 @@ _STATUS_FIELDS = ("code", "memLoad", "cpuLoad", "dutyCycle", "time", "uptime", "
 _REQUESTS = ("register", "config", "cmd", "dl")
 _COMMANDS = ("attach", "detach", "status")
 _MAX_REQUEST = 64 * 1024
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 Message = tuple[str, dict[str, Any], bool]
 
 
-def _parse_time(value: Any) -> datetime.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        stamp = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=datetime.UTC)
-
-
 def _seconds(value: Any) -> float | None:
     """An RFC 3339 time as Unix seconds (the seed layout's `timestamp`)."""
-    stamp = _parse_time(value)
-    return None if stamp is None else stamp.timestamp()
+    ns = nanoseconds_of(value)
+    return None if ns is None else ns / 1e9
 
 
 def _nanoseconds(value: Any) -> Any:
     """An RFC 3339 time as integer nanoseconds, as the seed layout has station times; integers pass."""
-    stamp = _parse_time(value)
-    if stamp is None:
-        return value
-    delta = stamp - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+    ns = nanoseconds_of(value)
+    return value if ns is None else ns
 
 
 def _upper(eui: Any) -> Any:
