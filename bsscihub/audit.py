@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
+from bsscihub.ratelimit import RateLimiter
 from bsscihub.store import Cursor, Store
 
 
@@ -106,3 +110,69 @@ async def query(
         return entries, int(total[0]) if total else 0
 
     return await store.interaction(run)
+
+
+async def purge(store: Store, older_than: float) -> int:
+    """Delete entries older than `older_than` (seconds since 1970); returns how many."""
+    return await store.execute("DELETE FROM audit_log WHERE time < ?", (older_than,))
+
+
+@attrs.define
+class _Repeats:
+    first: float
+    count: int = 0
+    targets: list[str] = attrs.field(factory=list)
+    last: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+class RefusalLog:
+    """Refused requests in the audit log, aggregated so that a flood of them cannot fill it.
+
+    Per (actor, action, source, error code), `burst` refusals per `interval` are written as they come
+    (the hub's one rate limiter decides); the rest are counted, and `flush` (every interval) writes
+    one entry per such group with `repeated` (how many), a few of their targets and the last detail.
+    """
+
+    log = Logger()
+    SAMPLE = 10
+
+    def __init__(self, store: Store, clock: IReactorTime, *, interval: float = 60.0, burst: int = 5,
+                 max_keys: int = 10_000) -> None:
+        self.store, self.clock, self.interval, self.max_keys = store, clock, interval, max_keys
+        self._limiter = RateLimiter(clock, rate=burst / interval, burst=burst, max_keys=max_keys)
+        self._held: OrderedDict[tuple[str, str, str, str], _Repeats] = OrderedDict()
+        self.written = 0
+        self.suppressed = 0
+
+    async def record(self, actor: str, action: str, target: str = "", detail: Mapping[str, Any] | None = None,
+                     source: str = "") -> None:
+        code = str((detail or {}).get("code", ""))
+        key = (actor, action, source, code)
+        if self._limiter.take(key) is None:
+            self.written += 1
+            await record(self.store, actor, action, target, detail, source)
+            return
+        self.suppressed += 1
+        group = self._held.get(key)
+        if group is None:
+            if len(self._held) >= self.max_keys:
+                # Too many distinct callers to follow one by one: the rest are counted together.
+                key = ("*", action, "*", code)
+                group = self._held.get(key)
+            if group is None:
+                group = self._held[key] = _Repeats(self.clock.seconds())
+        group.count += 1
+        if target and target not in group.targets and len(group.targets) < self.SAMPLE:
+            group.targets.append(target)
+        group.last = dict(detail or {})
+
+    async def flush(self) -> None:
+        """Write one entry per group of refusals held back since the last flush."""
+        held, self._held = self._held, OrderedDict()
+        for (actor, action, source, _), group in held.items():
+            detail = {**group.last, "repeated": group.count, "targets": group.targets, "since": group.first}
+            try:
+                self.written += 1
+                await record(self.store, actor, action, group.targets[-1] if group.targets else "", detail, source)
+            except Exception:
+                self.log.failure("could not write aggregated refusals of {action}", action=action)

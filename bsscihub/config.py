@@ -101,6 +101,35 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _networks(value: Any) -> tuple[str, ...]:
+    from bsscihub.web.proxy import parse_networks
+
+    names = () if value in (None, "", []) else _names(value)
+    return tuple(str(n) for n in parse_networks(names))
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise ValueError("expected a number of requests per second (0 turns the limit off)")
+    return float(value)
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    names = () if value in (None, "", []) else _names(value)
+    for name in names:
+        parts = urlsplit(name)
+        if name != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query):
+            raise ValueError(f"expected origins such as https://app.example.com (or *); {name!r} is not one")
+    return tuple(n.rstrip("/") for n in names)
+
+
+def _token_hash(value: Any) -> str:
+    text = _str(value).strip()
+    if text and not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
+        raise ValueError("expected sha256:<64 hex digits> (the token's SHA-256), never the token itself")
+    return text
+
+
 def _database(value: Any) -> str:
     text = _str(value)
     scheme = urlsplit(text).scheme
@@ -157,6 +186,16 @@ class WebConfig:
     https: bool = setting(False, _bool, "serve HTTPS with tls.cert/tls.key")
     session_idle: float = setting(1800.0, duration, "admin session idle expiry")
     session_max: float = setting(43200.0, duration, "admin session absolute expiry")
+    trusted_proxies: tuple[str, ...] = setting((), _networks, "reverse proxies whose X-Forwarded-*/Forwarded count")
+    rate_limit: float = setting(20.0, _rate, "API requests per second per client (0: no limit)")
+    rate_burst: int = setting(100, _positive_int, "API requests a client may make at once")
+    anonymous_rate_limit: float = setting(2.0, _rate, "requests per second per address to routes without login")
+    anonymous_rate_burst: int = setting(30, _positive_int, "such requests an address may make at once")
+    cors_origins: tuple[str, ...] = setting((), _origins, "other origins whose browser apps may call the API")
+    public_health: bool = setting(False, _bool, "/health details and /metrics without a login")
+    metrics_token: str = setting("", _token_hash, "sha256: hash of a token that may read /metrics and /health",
+                                 secret=True)
+    audit_retention: float = setting(365 * 86400.0, duration, "how long audit entries are kept")
 
 
 @attrs.frozen

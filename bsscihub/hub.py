@@ -18,6 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from bsscihub import __version__
+from bsscihub.audit import RefusalLog
 from bsscihub.bus import EventBus
 from bsscihub.config import HubConfig
 from bsscihub.errors import UserFacingError
@@ -49,6 +50,8 @@ class Hub:
     """Each enabled family's service, by family name (REST routes and commands reach it here)."""
     commands: dict[str, CommandHandler] = attrs.field(factory=dict)
     """Command handlers by family name, for `{prefix}/{family}/{kind}/{id}/cmd/{name}`."""
+    refusals: Any = None
+    """The audit log's aggregated refusals (audit.RefusalLog): every refused request is recorded through it."""
 
     def migrations(self) -> list[Migration]:
         found = list(CORE_MIGRATIONS)
@@ -68,6 +71,7 @@ def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> H
         metrics=CollectorRegistry(),
         families=families,
     )
+    hub.refusals = RefusalLog(store, reactor)
     hub.health.register("storage", lambda: ComponentHealth(store.running, {"backend": store.dialect}))
     return hub
 
@@ -126,6 +130,7 @@ class HubService(MultiService):
             data_dir=str(hub.config.data_dir),
             backend=hub.store.dialect,
         )
+        hub.health.started = True
         self._settle(True)
 
     def _failed(self, failure: Any) -> None:
@@ -143,6 +148,7 @@ class HubService(MultiService):
         self.hub.reactor.callWhenRunning(self.hub.reactor.stop)
 
     async def _stop(self) -> None:
+        self.hub.health.started = False  # not ready while draining: load balancers stop sending
         if self._starting is not None and not self._starting.called:
             await self._starting
         for child in reversed(list(self)):

@@ -28,7 +28,8 @@ def store_threads() -> list[threading.Thread]:
 
 @pytest_twisted.ensureDeferred
 async def test_start_serves_health_then_stop_releases_port_and_threads(tmp_path: Path, mosquitto: Any) -> None:
-    config = make_config(tmp_path, families=[], mqtt={"url": f"mqtt://{mosquitto.host}:{mosquitto.port}"})
+    config = make_config(tmp_path, families=[], mqtt={"url": f"mqtt://{mosquitto.host}:{mosquitto.port}"},
+                         web={"public_health": True})
     before = {t.ident for t in threading.enumerate()}
     service = build_service(config, {}, reactor)
     service.startService()
@@ -40,11 +41,11 @@ async def test_start_serves_health_then_stop_releases_port_and_threads(tmp_path:
 
         for _ in range(100):  # the bridge connects right after start
             response = await treq.get(f"http://127.0.0.1:{number}/health")
-            if response.code == 200:
+            doc = json.loads(await response.content())
+            if doc["status"] == "ok":
                 break
             await deferLater(reactor, 0.05, lambda: None)
         assert response.code == 200
-        doc = json.loads(await response.content())
         assert doc["status"] == "ok"
         assert doc["components"]["storage"] == {"up": True, "backend": "sqlite"}
         assert doc["components"]["mqtt"]["up"] is True
@@ -59,18 +60,28 @@ async def test_start_serves_health_then_stop_releases_port_and_threads(tmp_path:
 
 
 @pytest_twisted.ensureDeferred
-async def test_health_is_503_when_a_component_is_down(tmp_path: Path) -> None:
-    hub = make_hub(make_config(tmp_path, families=[]), reactor, {})
+async def test_health_is_503_only_when_a_needed_component_is_down(tmp_path: Path) -> None:
+    hub = make_hub(make_config(tmp_path, families=[], web={"public_health": True}), reactor, {})
     hub.store.start()
     try:
-        hub.health.register("mqtt", lambda: ComponentHealth(False, {"state": "waiting"}))
         client = StubTreq(WebApp(hub).resource())
-        response = await client.get("http://hub/health")
-        assert response.code == 503
-        doc = json.loads(await response.content())
-        assert doc["status"] == "degraded"
-        assert doc["components"]["mqtt"] == {"up": False, "state": "waiting"}
+
+        async def health() -> tuple[int, dict[str, Any]]:
+            response = await client.get("http://hub/health")
+            return response.code, json.loads(await response.content())
+
+        code, doc = await health()
+        assert (code, doc["status"], doc["notReady"]) == (503, "unavailable", ["starting"])
+        hub.health.started = True
+        # The broker away: reported, but the hub stays ready (the outbox keeps every message).
+        hub.health.register("mqtt", lambda: ComponentHealth(False, {"state": "waiting"}), needed=False)
+        code, doc = await health()
+        assert (code, doc["status"]) == (200, "degraded")
+        assert doc["components"]["mqtt"] == {"up": False, "needed": False, "state": "waiting"}
         assert doc["components"]["storage"]["up"] is True
+        hub.health.register("bssci", lambda: ComponentHealth(False, {"listen": "tcp:16017"}))
+        code, doc = await health()
+        assert (code, doc["status"], doc["notReady"]) == (503, "unavailable", ["bssci"])
     finally:
         await hub.store.stop()
 

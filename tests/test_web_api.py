@@ -390,8 +390,10 @@ async def test_hub_resources(harness: Harness) -> None:
     Logger(namespace="test").info("login with password={pw} token {t}", pw="hunter22", t="bsh_0123456789ab_SECRET")
     lines = (await h.request("GET", "/api/v1/logs", role="admin")).json()["items"]
     assert "password=***" in lines[0]["text"] and "hunter22" not in str(lines) and "SECRET" not in str(lines)
-    assert (await h.request("GET", "/health")).code == 200
-    assert (await h.request("GET", "/metrics")).code == 200
+    assert (await h.request("GET", "/health")).json() == {"status": "ok", "version": h.hub.version}
+    assert (await h.request("GET", "/health", role="viewer")).json()["components"]["storage"]["up"] is True
+    assert (await h.request("GET", "/metrics")).code == 401
+    assert (await h.request("GET", "/metrics", role="viewer")).code == 200
 
 
 @pytest_twisted.ensureDeferred

@@ -146,35 +146,45 @@ async def test_page_login_and_logout(harness: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_login_rate_limited_per_account(harness: Harness) -> None:
+async def test_login_rate_limited_per_account_and_address(harness: Harness) -> None:
     h = harness
     for _ in range(5):
         reply = await h.request("POST", "/api/v1/auth/token",
                                 json_body={"username": "operator", "password": "nope-nope"})
         assert reply.code == 401
     reply = await h.request("POST", "/api/v1/auth/token", json_body={"username": "operator", "password": PASSWORD})
-    assert (reply.code, reply.error["code"]) == (429, "rate_limited")  # even the right password, for now
-    assert int(reply.header("Retry-After") or 0) == 900
-    h.clock.advance(901)
+    assert (reply.code, reply.error["code"]) == (429, "rate_limited")  # from this address, even the right one
+    assert int(reply.header("Retry-After") or 0) == 180  # one attempt back every 15 min / 5
+    h.clock.advance(180)
     reply = await h.request("POST", "/api/v1/auth/token", json_body={"username": "operator", "password": PASSWORD})
     assert reply.code == 201
     failed, _ = await audit.query(h.hub.store, action="auth.login_failed")
     assert len(failed) == 5 and {e.target for e in failed} == {"operator"} and failed[0].source == "127.0.0.1"
 
 
-def test_login_rate_limited_per_address() -> None:
+def test_login_limiter_counts_per_account_and_address_never_per_account_alone() -> None:
     clock = Clock()
-    limiter = LoginLimiter(clock, per_ip=(3, 60), per_account=(100, 60))
-    for name in ("a", "b", "c"):
-        assert limiter.retry_after("10.0.0.1", name) is None
-        limiter.failed("10.0.0.1", name)
-    assert limiter.retry_after("10.0.0.1", "d") == 60  # a new name from the same address
-    assert limiter.retry_after("10.0.0.2", "d") is None  # another address
-    clock.advance(30)
-    limiter.succeeded("a")
-    assert limiter.retry_after("10.0.0.1", "a") == 30  # success clears the account, not the address
-    clock.advance(30)
-    assert limiter.retry_after("10.0.0.1", "d") is None
+    limiter = LoginLimiter(clock, per_account_source=(3, 60), per_source=(5, 60), slow_after=(10, 60))
+    for _ in range(3):
+        assert limiter.retry_after("10.0.0.1", "admin") is None
+        limiter.failed("10.0.0.1", "admin")
+    assert limiter.retry_after("10.0.0.1", "admin") == pytest.approx(20)
+    assert limiter.retry_after("10.0.0.2", "admin") is None  # the account is not locked for others
+    assert limiter.retry_after("10.0.0.1", "bob") is None
+    limiter.failed("10.0.0.1", "bob")
+    limiter.failed("10.0.0.1", "carol")
+    assert limiter.retry_after("10.0.0.1", "dave") is not None  # too many names from one address
+    assert limiter.retry_after("10.0.0.3", "dave") is None
+    limiter.succeeded("10.0.0.1", "admin")
+    assert limiter.retry_after("10.0.0.9", "admin") is None
+    # Many addresses guessing one account: it is slowed down, never refused.
+    assert limiter.delay("admin") == 0
+    for n in range(10):
+        limiter.failed(f"10.1.0.{n}", "admin")
+    assert limiter.delay("admin") == limiter.slow_down > 0
+    assert limiter.retry_after("10.2.0.1", "admin") is None
+    clock.advance(60)
+    assert limiter.delay("admin") == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -194,6 +194,7 @@ async def test_https_listener(tmp_path: Path) -> None:
     config.data_dir.mkdir(parents=True)
     hub.store.start()
     await hub.store.migrate(hub.migrations())
+    hub.health.started = True
     service = make_web_service(hub)
     service.startService()
 

@@ -238,7 +238,7 @@ class MQTTBridge(Service):
         """The commands answered with an error."""
         self.handler_errors = 0
 
-        hub.health.register("mqtt", self.health)
+        hub.health.register("mqtt", self.health, needed=False)  # the outbox covers outages
         hub.metrics.register(_Collector(self))
 
     def _find_layouts(self, name: str) -> dict[str, IMQTTLayout]:

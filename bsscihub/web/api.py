@@ -10,6 +10,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet import task
 
 from bsscihub import audit, users
 from bsscihub.web import auth, certs
@@ -132,17 +133,23 @@ class AuthApi:
 
     async def check_login(self, username: str, password: str, source: str) -> users.User:
         """Rate-limited password check shared by the API and the login page (401 or 429 on refusal)."""
-        wait = self.web.limiter.retry_after(source, username)
+        limiter = self.web.limiter
+        wait = limiter.retry_after(source, username)
         if wait is not None:
             self.web.login_failures.labels("rate_limited").inc()
             raise rate_limited(wait)
+        delay = limiter.delay(username)
+        if delay:
+            # Many addresses guessing at this account: every attempt waits, nobody is locked out.
+            self.web.login_failures.labels("slowed_down").inc()
+            await task.deferLater(self.web.clock, delay, lambda: None)
         user = await users.authenticate(self.web.hub.store, username, password)
         if user is None:
-            self.web.limiter.failed(source, username)
+            limiter.failed(source, username)
             self.web.login_failures.labels("bad_credentials").inc()
-            await audit.record(self.web.hub.store, "anonymous", "auth.login_failed", username[:64], {}, source)
+            await self.web.refusals.record("anonymous", "auth.login_failed", username[:64], {}, source)
             raise ApiError(401, "bad_credentials", "wrong user name or password")
-        self.web.limiter.succeeded(username)
+        limiter.succeeded(source, username)
         return user
 
     def start_session(self, request: Any, user: users.User, source: str) -> Any:

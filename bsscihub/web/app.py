@@ -5,27 +5,37 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.static import File
 
+from bsscihub import audit
+from bsscihub.audit import RefusalLog
 from bsscihub.hub import Hub
+from bsscihub.ratelimit import RateLimiter
 from bsscihub.web import openapi
 from bsscihub.web.api import CORE_GROUPS, AuthApi
 from bsscihub.web.auth import Authenticator, LoginLimiter
 from bsscihub.web.dispatch import Dispatcher
+from bsscihub.web.errors import ApiError, rate_limited
 from bsscihub.web.events import EventStats
 from bsscihub.web.logring import LogRing
 from bsscihub.web.pages import CORE_NAV, CorePages, Pages
+from bsscihub.web.proxy import ProxyPolicy, client_of, parse_networks
 from bsscihub.web.routing import BoundRoute, collect
 from bsscihub.web.sessions import SessionStore
 from bsscihub.web.stream import StreamHub
@@ -39,14 +49,25 @@ CSP = (
 )
 
 
+CORS_HEADERS = b"Authorization, Content-Type, X-CSRF-Token"
+CORS_EXPOSED = b"Location, Retry-After, WWW-Authenticate, Content-Disposition"
+
+
 class SecurityHeaders(Resource):
-    """Wraps the whole site: every response, errors and static files included, gets the same headers."""
+    """Wraps the whole site: every response, errors and static files included, gets the same headers.
+
+    It also resolves the real client once (behind trusted proxies) and answers CORS preflights.
+    """
 
     isLeaf = True
 
-    def __init__(self, wrapped: IResource, *, https: bool) -> None:
+    def __init__(self, wrapped: IResource, *, https: bool, proxies: ProxyPolicy | None = None,
+                 cors_origins: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.wrapped = wrapped
+        self.https = https
+        self.proxies = proxies or ProxyPolicy()
+        self.cors_origins = frozenset(cors_origins)
         self.headers = [
             (b"content-security-policy", CSP.encode()),
             (b"x-frame-options", b"DENY"),
@@ -55,13 +76,36 @@ class SecurityHeaders(Resource):
             (b"cross-origin-opener-policy", b"same-origin"),
             (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
         ]
-        if https:
-            self.headers.append((b"strict-transport-security", b"max-age=31536000"))
+
+    def _cors(self, request: Any) -> bool:
+        """Sets the CORS headers for an allowed origin on /api/; True if this is a preflight (answered)."""
+        origin = request.getHeader(b"origin")
+        if not origin or not self.cors_origins or not request.path.startswith(b"/api/"):
+            return False
+        text = origin.decode("latin-1")
+        if text not in self.cors_origins and "*" not in self.cors_origins:
+            return False
+        # Bearer tokens only: the session cookie is SameSite=Strict and no credentials are allowed here.
+        request.setHeader(b"access-control-allow-origin", b"*" if "*" in self.cors_origins else origin)
+        request.setHeader(b"vary", b"Origin")
+        if request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method"):
+            request.setResponseCode(204)
+            request.setHeader(b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE")
+            request.setHeader(b"access-control-allow-headers", CORS_HEADERS)
+            request.setHeader(b"access-control-max-age", b"600")
+            return True
+        request.setHeader(b"access-control-expose-headers", CORS_EXPOSED)
+        return False
 
     def render(self, request: Any) -> Any:
+        client = client_of(request, self.proxies)
         for name, value in self.headers:
             request.setHeader(name, value)
+        if self.https or client.https:
+            request.setHeader(b"strict-transport-security", b"max-age=31536000")
         request.setHeader(b"server", b"bsscihub")
+        if self._cors(request):
+            return b""
         return self.wrapped.render(request)
 
 
@@ -90,12 +134,22 @@ class WebApp:
         web = hub.config.web
         self.sessions = SessionStore(self.clock, web.session_idle, web.session_max)
         self.limiter = LoginLimiter(self.clock)
+        self.proxies = ProxyPolicy(parse_networks(web.trusted_proxies))
+        self.api_limiter = (RateLimiter(self.clock, rate=web.rate_limit, burst=web.rate_burst)
+                            if web.rate_limit > 0 else None)
+        self.anonymous_limiter = (
+            RateLimiter(self.clock, rate=web.anonymous_rate_limit, burst=web.anonymous_rate_burst)
+            if web.anonymous_rate_limit > 0 else None)
+        self.refusals = hub.refusals if hub.refusals is not None else RefusalLog(hub.store, self.clock)
         self.auth = Authenticator(hub.store, self.sessions, self.clock, secure=self.secure)
         self.stats = EventStats(self.clock)
         self.logs = LogRing()
         self.stream = StreamHub(self.clock, hub.metrics)
         self.login_failures = Counter(
             "bsscihub_web_login_failures", "Refused log-ins by reason", ["reason"], registry=hub.metrics
+        )
+        self.throttled = Counter(
+            "bsscihub_web_rate_limited", "Requests refused with 429, by limit", ["limit"], registry=hub.metrics
         )
         self.auth_api = AuthApi(self)
         self.extensions: list[Any] = []
@@ -122,13 +176,19 @@ class WebApp:
         self._routed = self.api.resource()
         self._static = StaticFiles(str(STATIC))
         self._unsubscribe: list[Any] = []
+        self._last_purge = float("-inf")
 
     # -- lifecycle (the web service calls these)
 
     def start(self) -> None:
-        """Feed the dashboard and the stream from the bus; keep recent log lines."""
+        """Feed the dashboard and the stream from the bus; keep recent log lines; housekeeping."""
         if self._unsubscribe:
             return
+        self._housekeeping = LoopingCall(lambda: defer.ensureDeferred(self._housekeep()))
+        self._housekeeping.clock = self.clock
+        self._housekeeping.start(self.refusals.interval, now=False).addErrback(
+            lambda f: self.log.failure("web housekeeping stopped", f))
+        self._unsubscribe.append(self._housekeeping.stop)
         self._unsubscribe.append(self.hub.bus.subscribe(self.stats))
         self.stream.start(self.hub.bus)
         self._unsubscribe.append(self.stream.stop)
@@ -140,8 +200,48 @@ class WebApp:
             undo()
         self._unsubscribe.clear()
 
+    async def drain(self) -> None:
+        """On stop: the refusals counted but not yet written go to the audit log."""
+        await self.refusals.flush()
+
+    async def _housekeep(self) -> None:
+        """Every minute: aggregated refusals to the audit log; hourly, entries past web.audit_retention."""
+        await self.refusals.flush()
+        now = self.clock.seconds()
+        if now - self._last_purge >= 3600:
+            self._last_purge = now
+            try:
+                removed = await audit.purge(self.hub.store, time.time() - self.hub.config.web.audit_retention)
+            except Exception:
+                self.log.failure("could not purge old audit entries")
+            else:
+                if removed:
+                    self.log.info("removed {count} audit entries older than the retention", count=removed)
+
     def resource(self) -> IResource:
-        return SecurityHeaders(self.app.resource(), https=self.secure)
+        return SecurityHeaders(self.app.resource(), https=self.secure, proxies=self.proxies,
+                               cors_origins=self.hub.config.web.cors_origins)
+
+    # -- rate limits
+
+    def throttle(self, route: Any, principal: Any, source: str) -> None:
+        """429 when the caller is over its limit: per address on routes without login, per client on the API."""
+        if route.role is None and principal is None and self.anonymous_limiter is not None:
+            wait = self.anonymous_limiter.take(source)
+            if wait is not None:
+                self.throttled.labels("anonymous").inc()
+                raise rate_limited(wait, "too many requests from this address")
+        if self.api_limiter is not None and route.kind == "api":
+            if principal is None:
+                key: tuple[str, Any] = ("address", source)
+            elif principal.key_id is not None:
+                key = ("key", principal.key_id)
+            else:
+                key = ("user", principal.user_id)
+            wait = self.api_limiter.take(key)
+            if wait is not None:
+                self.throttled.labels("api").inc()
+                raise rate_limited(wait, "too many requests")
 
     # -- shared helpers
 
@@ -183,18 +283,67 @@ class WebApp:
 
     # -- the fixed routes
 
-    @app.route("/health", methods=["GET"])
-    def health(self, request: IRequest) -> bytes:
-        all_up, doc = self.hub.health.report()
-        doc["version"] = self.hub.version
-        request.setResponseCode(200 if all_up else 503)
+    async def may_see_details(self, request: Any) -> bool:
+        """/health details and /metrics: open if web.public_health, else a login, API key or the metrics token."""
+        web = self.hub.config.web
+        if web.public_health:
+            return True
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if web.metrics_token and scheme.lower() == "bearer" and token.strip():
+            digest = "sha256:" + hashlib.sha256(token.strip().encode()).hexdigest()
+            if hmac.compare_digest(digest, web.metrics_token):
+                return True
+        try:
+            principal = await self.auth.authenticate(request)
+        except ApiError:
+            return False
+        return principal is not None
+
+    @staticmethod
+    def _json(request: IRequest, status: int, doc: Any) -> bytes:
+        request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(doc).encode()
 
+    @app.route("/health/live", methods=["GET"])
+    def health_live(self, request: IRequest) -> bytes:
+        # The process serves: nothing else is checked, so a broker or database outage never restarts it.
+        return self._json(request, 200, {"status": "live"})
+
+    @app.route("/health/ready", methods=["GET"])
+    def health_ready(self, request: IRequest) -> bytes:
+        ready, doc = self.hub.health.report()
+        out: dict[str, Any] = {"status": "ready" if ready else "not_ready"}
+        if not ready:
+            out["notReady"] = doc["notReady"]
+        return self._json(request, 200 if ready else 503, out)
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: IRequest) -> Any:
+        return defer.Deferred.fromCoroutine(self._health(request))
+
+    async def _health(self, request: IRequest) -> bytes:
+        ready, doc = self.hub.health.report()
+        if not await self.may_see_details(request):
+            doc = {"status": doc["status"]}
+        doc["version"] = self.hub.version
+        # 503 only when not ready: a broker outage is "degraded", and the outbox covers it.
+        return self._json(request, 200 if ready else 503, doc)
+
     @app.route("/metrics", methods=["GET"])
-    def metrics(self, request: IRequest) -> bytes:
+    def metrics(self, request: IRequest) -> Any:
+        return defer.Deferred.fromCoroutine(self._metrics(request))
+
+    async def _metrics(self, request: IRequest) -> bytes:
+        if not await self.may_see_details(request):
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Bearer realm="bsscihub"')
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"metrics need a login, an API key or the metrics token (web.metrics_token)\n"
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        request.setHeader(b"cache-control", b"no-store")
         return generate_latest(self.hub.metrics)
 
     @app.route("/static/", branch=True)

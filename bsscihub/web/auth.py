@@ -8,15 +8,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections import OrderedDict, deque
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from bsscihub.ratelimit import RateLimiter
 from bsscihub.store import Cursor, Store
 from bsscihub.users import RANK, User
 from bsscihub.web.errors import unauthorized
+from bsscihub.web.proxy import client_of
 from bsscihub.web.sessions import COOKIE, SECURE_COOKIE, Session, SessionStore
 
 # A fast hash is right here, unlike for passwords: a secret of 256 random bits cannot be
@@ -169,61 +170,49 @@ async def revoke_user_tokens(store: Store, user_id: int, now: float, *, keys_too
 
 
 class LoginLimiter:
-    """Failed log-ins counted in sliding windows per client address and per account name.
+    """Wrong passwords counted per account *and* client address, and per address; never per account alone.
 
-    Per account stops slow guessing from many addresses; per address stops one client trying
-    many names. Success clears the account's count. Memory is bounded by `max_keys`.
+    So nobody can lock an account out for others: five wrong passwords from one address make that
+    address wait, while the right password from anywhere else still gets in. Guessing one account
+    from many addresses is slowed down instead (each attempt answered after a delay), not locked.
     """
 
     def __init__(
         self,
         clock: IReactorTime,
         *,
-        per_ip: tuple[int, float] = (20, 300.0),
-        per_account: tuple[int, float] = (5, 900.0),
-        max_keys: int = 10_000,
+        per_account_source: tuple[int, float] = (5, 900.0),
+        per_source: tuple[int, float] = (20, 300.0),
+        slow_after: tuple[int, float] = (20, 900.0),
+        slow_down: float = 2.0,
+        max_keys: int = 100_000,
     ) -> None:
-        self.clock = clock
-        self.per_ip, self.per_account, self.max_keys = per_ip, per_account, max_keys
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        def limiter(limit: tuple[int, float]) -> RateLimiter:
+            count, window = limit
+            return RateLimiter(clock, rate=count / window, burst=count, max_keys=max_keys)
 
-    def _window(self, key: tuple[str, str], limit: tuple[int, float], now: float) -> float | None:
-        """Seconds until the key may try again, or None if it may now."""
-        times = self._failures.get(key)
-        if not times:
-            return None
-        count, window = limit
-        while times and now - times[0] >= window:
-            times.popleft()
-        if len(times) < count:
-            return None
-        return times[0] + window - now
+        self.per_account_source = limiter(per_account_source)
+        self.per_source = limiter(per_source)
+        self.per_account = limiter(slow_after)
+        self.slow_down = slow_down
 
-    def retry_after(self, ip: str, account: str) -> float | None:
-        now = self.clock.seconds()
-        waits = [
-            w
-            for w in (
-                self._window(("ip", ip), self.per_ip, now),
-                self._window(("account", account.lower()), self.per_account, now),
-            )
-            if w is not None
-        ]
+    def retry_after(self, source: str, account: str) -> float | None:
+        """Seconds until this address may try this account again, or None if it may now."""
+        waits = [w for w in (self.per_account_source.wait((account.lower(), source)),
+                             self.per_source.wait(source)) if w is not None]
         return max(waits) if waits else None
 
-    def failed(self, ip: str, account: str) -> None:
-        now = self.clock.seconds()
-        for key in (("ip", ip), ("account", account.lower())):
-            times = self._failures.get(key)
-            if times is None:
-                times = self._failures[key] = deque(maxlen=64)
-            times.append(now)
-            self._failures.move_to_end(key)
-        while len(self._failures) > self.max_keys:
-            self._failures.popitem(last=False)
+    def delay(self, account: str) -> float:
+        """How long to hold an attempt on an account many addresses are guessing at (0: none)."""
+        return self.slow_down if self.per_account.wait(account.lower()) is not None else 0.0
 
-    def succeeded(self, account: str) -> None:
-        self._failures.pop(("account", account.lower()), None)
+    def failed(self, source: str, account: str) -> None:
+        self.per_account_source.spend((account.lower(), source))
+        self.per_source.spend(source)
+        self.per_account.spend(account.lower())
+
+    def succeeded(self, source: str, account: str) -> None:
+        self.per_account_source.forget((account.lower(), source))
 
 
 @attrs.frozen
@@ -237,15 +226,21 @@ class Authenticator:
 
     def __init__(self, store: Store, sessions: SessionStore, clock: IReactorTime, *, secure: bool) -> None:
         self.store, self.sessions, self.clock, self.secure = store, sessions, clock, secure
-        self.cookie_name = SECURE_COOKIE if secure else COOKIE
         self._tickets: dict[str, _Ticket] = {}
         self._last_used: dict[int, float] = {}
         self._keys: dict[str, tuple[float, tuple[Any, ...]]] = {}
 
     # -- sessions
 
+    def is_secure(self, request: Any) -> bool:
+        """HTTPS here, or at a trusted reverse proxy in front (X-Forwarded-Proto / Forwarded proto)."""
+        return self.secure or client_of(request).https
+
+    def cookie_name(self, request: Any) -> str:
+        return SECURE_COOKIE if self.is_secure(request) else COOKIE
+
     def session_cookie(self, request: Any) -> str | None:
-        value = request.getCookie(self.cookie_name.encode())
+        value = request.getCookie(self.cookie_name(request).encode())
         return value.decode("ascii", "replace") if value else None
 
     def session_principal(self, request: Any) -> Principal | None:
@@ -256,17 +251,18 @@ class Authenticator:
 
     def set_session_cookie(self, request: Any, session_id: str) -> None:
         request.addCookie(
-            self.cookie_name,
+            self.cookie_name(request),
             session_id,
             path="/",
             httpOnly=True,
-            secure=self.secure,
+            secure=self.is_secure(request),
             sameSite="strict",
         )
 
     def clear_session_cookie(self, request: Any) -> None:
+        secure = self.is_secure(request)
         request.addCookie(
-            self.cookie_name, "", path="/", httpOnly=True, secure=self.secure, sameSite="strict", max_age="0"
+            self.cookie_name(request), "", path="/", httpOnly=True, secure=secure, sameSite="strict", max_age="0"
         )
 
     # -- bearer tokens and API keys

@@ -25,6 +25,7 @@ from bsscihub.users import role_at_least
 from bsscihub.web import csrf
 from bsscihub.web.auth import Principal
 from bsscihub.web.errors import ApiError, ErrorResponse, bad_field, forbidden, map_exception, unauthorized
+from bsscihub.web.proxy import client_of
 from bsscihub.web.routing import (
     Accepted,
     BoundRoute,
@@ -46,10 +47,8 @@ JSON_TYPE = "application/json"
 
 
 def client_address(request: Any) -> str:
-    try:
-        return str(request.getClientAddress().host)
-    except AttributeError:
-        return "unknown"
+    """The real client's address: the peer, or what a trusted reverse proxy says it forwarded for."""
+    return client_of(request).address
 
 
 def dumps(value: Any) -> bytes:
@@ -255,8 +254,14 @@ class Dispatcher:
         started = time.perf_counter()
         principal: Principal | None = None
         handler_ran = False
+        source = client_address(request)
         try:
-            principal = await self.web.auth.authenticate(request, allow_ticket=route.ticket_auth)
+            try:
+                principal = await self.web.auth.authenticate(request, allow_ticket=route.ticket_auth)
+            except ApiError:
+                self.web.throttle(route, None, source)  # bad credentials count against the address
+                raise
+            self.web.throttle(route, principal, source)
             self.authorize(route, principal)
             # CSRF guards what is done with the session's authority; anonymous routes use none.
             if route.changes_state and route.role is not None and principal is not None and principal.via == "session":
@@ -267,7 +272,7 @@ class Dispatcher:
                 params=self.parse_params(route, kwargs),
                 query=self.parse_query(route, _first_args(request)),
                 body=self.check_body(route, self.read_body(route, request)),
-                source=client_address(request),
+                source=source,
                 request=request,
             )
             handler_ran = True
@@ -287,7 +292,8 @@ class Dispatcher:
         try:
             action = f"{route.audit or route.name}.refused"
             target = request.path.decode(errors="replace")
-            await audit.record(self.web.hub.store, actor, action, target, detail, client_address(request))
+            # Aggregated: a client hammering a route cannot fill the audit log.
+            await self.web.refusals.record(actor, action, target, detail, client_address(request))
         except Exception:
             self.log.failure("could not audit a refused request to {route}", route=route.name)
 
@@ -301,12 +307,15 @@ class Dispatcher:
         for name, value in error.headers.items():
             request.setHeader(name.encode(), value.encode())
         request.setHeader(b"content-type", JSON_TYPE.encode())
+        request.setHeader(b"cache-control", b"no-store")
         return dumps(error.body())
 
     @staticmethod
     def render_api(request: Any, route: Route, result: Any) -> Any:
         if IResource.providedBy(result):
             return result
+        # API answers are per caller and may carry secrets (tokens, keys shown once): never cached.
+        request.setHeader(b"cache-control", b"no-store")
         status = route.status
         if isinstance(result, NoContent):
             request.setResponseCode(204)
@@ -341,6 +350,7 @@ class Dispatcher:
         started = time.perf_counter()
         principal = self.web.auth.session_principal(request)
         try:
+            self.web.throttle(route, principal, client_address(request))
             if route.role is not None and principal is None:
                 target = request.uri.decode("utf-8", "replace") if route.method == "GET" else "/"
                 result: Any = Redirect("/login?next=" + quote(target, safe="/?=&"))
@@ -363,6 +373,8 @@ class Dispatcher:
                 result = await self._run(bound, call)
         except Exception as e:
             error = map_exception(e)
+            for name, value in error.headers.items():
+                request.setHeader(name.encode(), value.encode())
             result = Page("error.html", {"status": error.status, "message": error.message}, status=error.status)
         rendered = pages.render(request, principal, result)
         self._observe(route, request, started)

@@ -57,11 +57,9 @@ def forbidden(message: str) -> ApiError:
     return ApiError(403, "forbidden", message)
 
 
-def rate_limited(retry_after: float) -> ApiError:
+def rate_limited(retry_after: float, what: str = "too many attempts") -> ApiError:
     seconds = max(1, int(retry_after + 0.999))
-    return ApiError(
-        429, "rate_limited", f"too many attempts; retry in {seconds} s", headers={"Retry-After": str(seconds)}
-    )
+    return ApiError(429, "rate_limited", f"{what}; retry in {seconds} s", headers={"Retry-After": str(seconds)})
 
 
 def unavailable(message: str) -> ApiError:

@@ -20,7 +20,7 @@ _ERROR_TEXT = {
     413: "Request body too large",
     415: "Content-Type is not application/json",
     426: "Not a WebSocket upgrade request",
-    429: "Too many attempts; see Retry-After",
+    429: "Too many requests (web.rate_limit) or log-in attempts; see Retry-After",
     503: "A component this needs is not running",
 }
 
@@ -51,7 +51,7 @@ def _clean(schema: Any) -> Any:
 
 
 def _error_statuses(route: Route) -> list[int]:
-    statuses = set(route.errors)
+    statuses = set(route.errors) | {429}  # web.rate_limit (and web.anonymous_rate_limit) apply everywhere
     if route.role is not None:
         statuses |= {401, 403}
     else:

@@ -203,7 +203,7 @@ class CorePages:
 
     @page_route("GET", "/login", role=ANONYMOUS, summary="Log-in form")
     def login_form(self, call: Call) -> Any:
-        token = csrf.issue_login_token(call.request, self.web.secure)
+        token = csrf.issue_login_token(call.request, self.web.auth.is_secure(call.request))
         return Page("login.html", {"login_token": token, "next": safe_next(call.query.get("next")), "error": None,
                                    "username": ""})
 
@@ -215,7 +215,7 @@ class CorePages:
             csrf.check_login_token(call.request)
             user = await self.web.auth_api.check_login(username, password, call.source)
         except ApiError as e:
-            token = csrf.issue_login_token(call.request, self.web.secure)
+            token = csrf.issue_login_token(call.request, self.web.auth.is_secure(call.request))
             return Page("login.html", {"login_token": token, "next": safe_next(form.get("next")),
                                        "error": e.message, "username": username}, status=e.status)
         self.web.auth_api.start_session(call.request, user, call.source)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import http
@@ -17,6 +18,7 @@ from bsscihub.health import ComponentHealth
 from bsscihub.hub import Hub
 from bsscihub.web.app import WebApp
 from bsscihub.web.logring import ACCESS
+from bsscihub.web.proxy import client_of
 
 MAX_BODY = 8 << 20
 """No request body is read beyond this; routes set their own, lower limits (the API answers 413)."""
@@ -66,10 +68,24 @@ class BoundedRequest(Request):
 
 
 def access_log_line(timestamp: str, request: Any) -> str:
-    """The combined log format without the query string: tickets and search terms stay out of logs."""
+    """The combined log format without the query string: tickets and search terms stay out of logs.
+
+    The address is the real client's (behind trusted proxies), as rate limits and the audit log see it."""
     path = request.uri.split(b"?", 1)[0]
     line = http.combinedLogFormatter(timestamp, request)
-    return line.replace(http._escape(request.uri), http._escape(path), 1)
+    line = line.replace(http._escape(request.uri), http._escape(path), 1)
+    peer = _peer(request)
+    client = client_of(request).address
+    if client != peer and line.startswith(f'"{peer}"'):
+        line = f'"{client}"' + line[len(peer) + 2:]
+    return line
+
+
+def _peer(request: Any) -> str:
+    try:
+        return str(request.getClientAddress().host)
+    except AttributeError:
+        return "-"
 
 
 class WebService(StreamServerEndpointService):
@@ -85,7 +101,11 @@ class WebService(StreamServerEndpointService):
 
     def stopService(self) -> Any:
         self.web.stop()
-        return super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.web.drain()
 
 
 # Module level: a Logger class attribute would take the class's name as its namespace.

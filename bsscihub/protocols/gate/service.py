@@ -133,7 +133,7 @@ class GateService(FamilyService):
             self._arm_timeout(command.id, command.unit_id, max(0.0, command.deadline - now))
         if self.broker.enabled:
             self.hub.health.register(
-                "gate_broker", lambda: ComponentHealth(self.broker.connected, {"provisioning": "dynsec"})
+                "gate_broker", lambda: ComponentHealth(self.broker.connected, {"provisioning": "dynsec"}), needed=False
             )
         self.broker.start()
 

@@ -123,9 +123,10 @@ def audited(action: str, *, change: bool = True) -> Callable[[Handler], Callable
                 result = await fn(self, call, ctx)
             except (Refused, ApiError) as e:
                 error = e if isinstance(e, ApiError) else ApiError(e.http_status, e.code, str(e))
-                await audit.record(self.hub.store, ctx.actor, f"{action}.refused", ctx.target,
-                                   {**ctx.detail, "status": error.status, "code": error.code,
-                                    "message": error.message}, call.source)
+                # Through the aggregated refusal log: a flood of refusals cannot fill the audit log.
+                await self.hub.refusals.record(ctx.actor, f"{action}.refused", ctx.target,
+                                               {**ctx.detail, "status": error.status, "code": error.code,
+                                                "message": error.message}, call.source)
                 raise error from None
             if change:
                 await audit.record(self.hub.store, ctx.actor, action, ctx.target, ctx.detail, call.source)
