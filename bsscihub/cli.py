@@ -1,4 +1,4 @@
-"""The `bsscihub` command: init, config check, certificates, users, sensors and the base-station simulator.
+"""The `bsscihub` command: init, config check, certificates, users, sensors, meters and the base-station simulator.
 
 Every subcommand takes --config and honours the BSSCIHUB_* environment overrides.
 """
@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file")
     exp = sensors.add_parser("export", parents=[common], help="print every end point as endpoints.json")
     exp.add_argument("--out", default="-", help="file to write (default: standard output)")
+
+    meters = sub.add_parser("meters", parents=[common], help="wireless M-Bus meters (mioty Variable MAC)")
+    meters_sub = meters.add_subparsers(dest="meters_command", required=True, metavar="COMMAND")
+    key = meters_sub.add_parser("key", parents=[common],
+                                help="set a meter's AES key, read from standard input (32 hex digits)")
+    key.add_argument("meter", help="the meter: manufacturer code, dash, 8-digit ID, e.g. dme-81795246")
+    key.add_argument("--clear", action="store_true", help="remove the key instead")
+    key.add_argument("--name", help="also give the meter a name")
+    meters_sub.add_parser("list", parents=[common], help="list the meters the hub knows")
 
     sim = sub.add_parser("sim", parents=[common], help="simulate mioty base stations against a hub")
     try:
@@ -315,6 +324,46 @@ def cmd_sensors(config: HubConfig, families: dict[str, Any], args: argparse.Name
     return run_with_store(config, families, lambda hub: endpoints.export_file(hub, args.out))
 
 
+def cmd_meters(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
+    if "mioty" not in families:
+        raise CLIError("the mioty family is not enabled in `families`")
+    import time
+
+    from bsscihub import audit
+    from bsscihub.errors import CommandError
+    from bsscihub.protocols.bssci.meters import meter_key, parse_aes_key, registry_for
+
+    async def work(hub: Any) -> int:
+        registry = registry_for(hub)
+        if args.meters_command == "list":
+            found, _ = await registry.find("", 100_000, 0)
+            for meter in found:
+                info = meter.to_json()
+                print(f"{info['meter']}\t{info['medium'] or '?'}\tkey: {'set' if info['hasKey'] else 'none'}"
+                      f"\tlast seen: {info['lastSeen'] or 'never'}\t{info['name'] or ''}")
+            return 0
+        text = ""
+        if not args.clear:
+            if sys.stdin.isatty():
+                import getpass
+
+                text = getpass.getpass("AES key of the meter (32 hex digits): ")
+            else:
+                text = sys.stdin.readline()
+        try:
+            ident = meter_key(args.meter)
+            raw = None if args.clear else parse_aes_key(text.strip())
+        except CommandError as e:
+            raise CLIError(str(e)) from None
+        await registry.set_key(ident, raw, time.time(), args.name)
+        await audit.record(hub.store, "cli", "mioty.meter.key_clear" if args.clear else "mioty.meter.key_set", ident,
+                           {}, "bsscihub meters key")
+        print(f"meter {ident}: key {'removed' if args.clear else 'set'}")
+        return 0
+
+    return run_with_store(config, families, work)
+
+
 def cmd_sim(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
     from bsscihub.sim import run
 
@@ -328,6 +377,7 @@ COMMANDS: dict[str, Callable[[HubConfig, dict[str, Any], argparse.Namespace], in
     "sensors": cmd_sensors,
     "config": cmd_config,
     "sim": cmd_sim,
+    "meters": cmd_meters,
 }
 
 

@@ -41,6 +41,8 @@ SIGNED_UUID = [-61, 114, -59, 33, -89, 120, 73, -101, -117, 78, 41, -57, -125, -
 OPERATIONS = [
     "con", "ping", "status", "att", "det", "attPrp", "detPrp", "ulData", "ulDataTx",
     "dlDataQue", "dlDataRev", "dlDataRes", "dlRxStat", "dlRxStatQry",
+    # Variable MAC (the vm. sub-channel)
+    "vm.activate", "vm.deactivate", "vm.status", "vm.ulData", "vm.dlData",
 ]  # fmt: skip
 ALL_COMMANDS = {f"{op}{suffix}" for op in OPERATIONS for suffix in ("", "Rsp", "Cmp")}
 ALL_COMMANDS |= {"error", "errorAck"}
@@ -143,6 +145,10 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "subpackets": SUBPACKETS,
     "result": st.sampled_from(["sent", "expired", "invalid"]),
     "epClass": st.sampled_from(["z", "a", "b", "c"]),
+    **dict.fromkeys(["macType", "trxTime", "sysTime", "carrSpace", "pattGrp", "pattNum", "carrOffRange", "tsi"], U64),
+    **dict.fromkeys(["freqOff", "ulSnr", "ulRssi"], FLOAT),
+    "macTypes": st.lists(U64, max_size=4).map(tuple),
+    **dict.fromkeys(["crc", "ulCrc"], nbytes(2)),
 }
 
 
@@ -270,7 +276,10 @@ def test_every_message_of_every_operation_has_a_class() -> None:
         assert cls.command == command
         assert attrs.has(cls) and issubclass(cls, Message)
         assert attrs.fields(cls)[0].name == "opId"
-        assert cls.__name__ == command[0].upper() + command[1:]
+        # vm.ulData -> VmUlData: the sub-channel prefix becomes part of the name
+        bare = command.removeprefix("vm.")
+        prefix = "Vm" if bare != command else ""
+        assert cls.__name__ == prefix + bare[0].upper() + bare[1:]
         assert cls is getattr(messages, cls.__name__)
 
 

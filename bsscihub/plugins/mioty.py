@@ -23,9 +23,10 @@ class MiotyFamily:
 
     @property
     def migrations(self) -> list[Any]:
+        from bsscihub.protocols.bssci.meters import MIGRATIONS as METERS
         from bsscihub.protocols.bssci.schema import MIGRATIONS
 
-        return MIGRATIONS
+        return [*MIGRATIONS, *METERS]
 
     def make_service(self, hub: Any) -> Any:
         from bsscihub.protocols.bssci.service import MiotyService

@@ -377,10 +377,13 @@ class MiotyActions:
     # -- MQTT commands
 
     async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
-        """`{p}/mioty/{kind}/{id}/cmd/{name}`: ep attach/detach/down/revoke_down/dl_rx_status, bs status."""
+        """`{p}/mioty/{kind}/{id}/cmd/{name}`: ep attach/detach/down/revoke_down/dl_rx_status, bs status,
+        meter down."""
+        if kind == "meter":
+            return await self.vm.command(id, name, payload)  # type: ignore[attr-defined]
         names = {"ep": ("attach", "detach", "down", "revoke_down", "dl_rx_status"), "bs": ("status",)}.get(kind)
         if names is None:
-            raise CommandError(f"unknown target {kind!r}: use ep (end point) or bs (base station)")
+            raise CommandError(f"unknown target {kind!r}: use ep (end point), bs (base station) or meter")
         if name not in names:
             raise CommandError(f"unknown {kind} command {name!r} (known: {', '.join(names)})")
         eui = _eui(id, "end point EUI" if kind == "ep" else "base-station EUI")

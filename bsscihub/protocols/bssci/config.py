@@ -45,6 +45,19 @@ class BSSCIConfig:
     )
 
 
+_VM_DECODERS = ("wmbus", "raw")
+
+
+def _vm_mac_types(value: Any) -> dict[int, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        type(k) is int and 0 <= k < 1 << 32 and v in _VM_DECODERS for k, v in value.items()
+    ):
+        raise ValueError("expected a mapping of Variable-MAC type (an integer) to wmbus or raw, e.g. {1: wmbus}")
+    return dict(value)
+
+
 @attrs.frozen
 class MiotyConfig:
     dedup_window: float = setting(0.5, duration, "seconds to collect copies of one uplink from several base stations")
@@ -54,4 +67,8 @@ class MiotyConfig:
     dedup_memory: int = setting(200_000, _positive_int, "most recent uplink keys remembered to drop late copies")
     flush_interval: float = setting(
         5.0, duration, "how often sensor state is written back and sensor changes by other processes are taken in"
+    )
+    vm_mac_types: dict[int, str] = setting(
+        {1: "wmbus"}, _vm_mac_types,
+        "Variable-MAC types activated at base stations that offer them, and how their frames are decoded",
     )

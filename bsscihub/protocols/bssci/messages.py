@@ -61,6 +61,21 @@ __all__ = [
     "UlDataTx",
     "UlDataTxCmp",
     "UlDataTxRsp",
+    "VmActivate",
+    "VmActivateCmp",
+    "VmActivateRsp",
+    "VmDeactivate",
+    "VmDeactivateCmp",
+    "VmDeactivateRsp",
+    "VmDlData",
+    "VmDlDataCmp",
+    "VmDlDataRsp",
+    "VmStatus",
+    "VmStatusCmp",
+    "VmStatusRsp",
+    "VmUlData",
+    "VmUlDataCmp",
+    "VmUlDataRsp",
     "decode",
     "decode_bytes",
     "encode",
@@ -565,6 +580,133 @@ class ErrorAck(Message):
     command: ClassVar[str] = "errorAck"
 
 
+# --- Variable MAC (the `vm.` sub-channel, BSSCI section 2.2) ------------------------
+# Field names and types follow the public open implementations (the specification text is not
+# public); which fields are required is the hub's choice: only what it cannot do without.
+
+
+@attrs.frozen(kw_only=True)
+class VmActivate(Message):
+    """SC → BS: activate a Variable-MAC type (e.g. 1, wireless M-Bus) at the base station."""
+
+    command: ClassVar[str] = "vm.activate"
+    macType: int
+
+
+@attrs.frozen(kw_only=True)
+class VmActivateRsp(Message):
+    command: ClassVar[str] = "vm.activateRsp"
+
+
+@attrs.frozen(kw_only=True)
+class VmActivateCmp(Message):
+    command: ClassVar[str] = "vm.activateCmp"
+
+
+@attrs.frozen(kw_only=True)
+class VmDeactivate(Message):
+    command: ClassVar[str] = "vm.deactivate"
+    macType: int
+
+
+@attrs.frozen(kw_only=True)
+class VmDeactivateRsp(Message):
+    command: ClassVar[str] = "vm.deactivateRsp"
+
+
+@attrs.frozen(kw_only=True)
+class VmDeactivateCmp(Message):
+    command: ClassVar[str] = "vm.deactivateCmp"
+
+
+@attrs.frozen(kw_only=True)
+class VmStatus(Message):
+    """SC → BS: which Variable-MAC types are active."""
+
+    command: ClassVar[str] = "vm.status"
+
+
+@attrs.frozen(kw_only=True)
+class VmStatusRsp(Message):
+    command: ClassVar[str] = "vm.statusRsp"
+    macTypes: tuple[int, ...]
+
+
+@attrs.frozen(kw_only=True)
+class VmStatusCmp(Message):
+    command: ClassVar[str] = "vm.statusCmp"
+
+
+@attrs.frozen(kw_only=True)
+class VmUlData(Message):
+    """BS → SC: one radio frame of a Variable-MAC end point as one base station received it.
+
+    `userData` is the frame after the MAC-type byte (for wireless M-Bus: from its L-field on).
+    """
+
+    command: ClassVar[str] = "vm.ulData"
+    macType: int
+    userData: bytes
+    trxTime: int | None = None  # transceiver time, ns
+    sysTime: int  # Unix UTC time of reception (centre of the last subpacket), ns
+    freqOff: float | None = None  # Hz
+    snr: float
+    rssi: float
+    eqSnr: float | None = None
+    subpackets: Subpackets | None = None
+    carrSpace: int | None = None  # 0 narrow, 1 standard, 2 wide
+    pattGrp: int | None = None  # 0 normal, 1 repetition, 2 low delay
+    pattNum: int | None = None
+    crc: bytes | None = None  # header CRC, payload CRC
+
+    @property
+    def rxTime(self) -> int:
+        """The reception time under the name the deduplicator reads."""
+        return self.sysTime
+
+
+@attrs.frozen(kw_only=True)
+class VmUlDataRsp(Message):
+    command: ClassVar[str] = "vm.ulDataRsp"
+
+
+@attrs.frozen(kw_only=True)
+class VmUlDataCmp(Message):
+    command: ClassVar[str] = "vm.ulDataCmp"
+
+
+@attrs.frozen(kw_only=True)
+class VmDlData(Message):
+    """SC → BS: a Variable-MAC downlink, timed against the uplink it answers (its trxTime, CRC)."""
+
+    command: ClassVar[str] = "vm.dlData"
+    macType: int
+    userData: bytes
+    trxTime: int | None = None
+    sysTime: int | None = None
+    freqOff: float | None = None
+    ulSnr: float | None = None
+    ulRssi: float | None = None
+    carrOffRange: int | None = None
+    carrSpace: int | None = None
+    ulCrc: bytes | None = None
+    tsi: int | None = None
+    syncBurst: bool | None = None
+    dualChan: bool | None = None
+    repetition: bool | None = None
+    longBlkDist: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class VmDlDataRsp(Message):
+    command: ClassVar[str] = "vm.dlDataRsp"
+
+
+@attrs.frozen(kw_only=True)
+class VmDlDataCmp(Message):
+    command: ClassVar[str] = "vm.dlDataCmp"
+
+
 MESSAGE_CLASSES: Mapping[str, type[Message]] = {
     cls.command: cls
     for cls in (
@@ -575,6 +717,8 @@ MESSAGE_CLASSES: Mapping[str, type[Message]] = {
         DlDataRev, DlDataRevRsp, DlDataRevCmp, DlDataRes, DlDataResRsp, DlDataResCmp,
         DlRxStat, DlRxStatRsp, DlRxStatCmp, DlRxStatQry, DlRxStatQryRsp, DlRxStatQryCmp,
         Error, ErrorAck,
+        VmActivate, VmActivateRsp, VmActivateCmp, VmDeactivate, VmDeactivateRsp, VmDeactivateCmp,
+        VmStatus, VmStatusRsp, VmStatusCmp, VmUlData, VmUlDataRsp, VmUlDataCmp, VmDlData, VmDlDataRsp, VmDlDataCmp,
     )
 }  # fmt: skip
 
@@ -840,6 +984,15 @@ _KINDS: dict[str, _Kind] = {
         "one of 'sent', 'expired', 'invalid'", _one_of("sent", "expired", "invalid")
     ),
     "epClass": _Kind("one of 'z', 'a', 'b', 'c'", _one_of("z", "a", "b", "c")),
+    # Variable MAC
+    **dict.fromkeys(["macType", "trxTime", "sysTime", "carrSpace", "pattGrp", "pattNum", "carrOffRange", "tsi"],
+                    _UINT),
+    **dict.fromkeys(["freqOff", "ulSnr", "ulRssi"], _FLOAT),
+    "macTypes": _Kind("a list of unsigned 64-bit integers", _uint_list, list),
+    **dict.fromkeys(
+        ["crc", "ulCrc"],
+        _Kind(f"a byte string of 2 bytes {_BYTES_TEXT}", _fixed_bytes(2), encode_bytes),
+    ),
 }
 _KIND_OVERRIDES: dict[tuple[type[Message], str], _Kind] = {
     (DlDataQue, "userData"): _Kind(

@@ -41,6 +41,7 @@ from bsscihub.protocols.bssci.session import (
     verify_attach_signature,
 )
 from bsscihub.protocols.bssci.uplinks import UplinkPipeline, untrack
+from bsscihub.protocols.bssci.vm import VariableMac
 
 __all__ = ["MiotyService", "UnknownDevice"]
 
@@ -92,6 +93,7 @@ class MiotyService(MiotyActions, FamilyService):
         self.uplinks = UplinkPipeline(self.clock, self.registry, hub.bus, self.counters, window,
                                       self.settings.dedup_memory, self._uplink_acks)
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
+        self.vm = VariableMac(self)
         self.listener: StreamServerEndpointService | None = None
         self.port: Any = None
         """The listening port once started (`port.getHost().port` is the bound port number)."""
@@ -125,6 +127,7 @@ class MiotyService(MiotyActions, FamilyService):
         for bs in await registry.mark_all_offline(self.clock.seconds()):
             self._publish_state(bs)
         await self.uplinks.load()
+        await self.vm.prepare()
         for entry in await registry.downlinks(pending_only=True):
             self._downlinks[entry["queId"]] = Downlink(entry["queId"], entry["epEui"], list(entry["bsEuis"]))
         for loop, interval in self._loops:
@@ -155,6 +158,7 @@ class MiotyService(MiotyActions, FamilyService):
         for session in list(self.sessions.values()):
             session.close("the hub is stopping")
         await self.uplinks.drain(self.drain_wait)
+        await self.vm.drain()
         await defer.DeferredList(list(self._writes), consumeErrors=True)
         await self.registry.flush()
 
@@ -240,12 +244,14 @@ class MiotyService(MiotyActions, FamilyService):
         )
         # Always all of them: a base station forgets its attachments when it reconnects.
         session.propagate((True, ep) for ep in attached)
+        self.vm.session_ready(session)
 
     def session_closed(self, session: Session, reason: str) -> None:
         eui = session.bs_hex
         if self.sessions.get(eui) is not session:
             return  # replaced by a newer connection: still online
         del self.sessions[eui]
+        self.vm.session_closed(session)
         bs = self.registry.base_stations.get(eui)
         self.log.info("base station {bsEui} at {peer} disconnected: {reason}", bsEui=eui, peer=session.peer,
                       reason=reason)
@@ -257,6 +263,9 @@ class MiotyService(MiotyActions, FamilyService):
 
     def uplink(self, session: Session, msg: m.UlData) -> defer.Deferred[None]:
         return self.uplinks.store(session.bs_hex, msg)
+
+    def vm_uplink(self, session: Session, msg: m.VmUlData) -> defer.Deferred[None]:
+        return self.vm.store(session, msg)
 
     def attach_request(self, session: Session, msg: m.Att) -> defer.Deferred[m.AttRsp]:
         return defer.Deferred.fromCoroutine(self._ota_attach(session, msg))

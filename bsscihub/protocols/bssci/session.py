@@ -69,14 +69,19 @@ _RESPONSES: dict[str, type[m.Message]] = {
     "dlDataRev": m.DlDataRevRsp,
     "dlRxStatQry": m.DlRxStatQryRsp,
     "ulDataTx": m.UlDataTxRsp,
+    "vm.status": m.VmStatusRsp,
+    "vm.activate": m.VmActivateRsp,
+    "vm.deactivate": m.VmDeactivateRsp,
+    "vm.dlData": m.VmDlDataRsp,
 }
-_INITIATED_BY_BS = frozenset({"con", "ping", "att", "det", "ulData", "dlDataRes", "dlRxStat"})
+_INITIATED_BY_BS = frozenset({"con", "ping", "att", "det", "ulData", "dlDataRes", "dlRxStat", "vm.ulData"})
 
 _FRAMES = {
     name: op_frame_encoder(name)
     for name in (
         "ping", "pingRsp", "pingCmp", "statusCmp", "attPrpCmp", "detPrpCmp", "ulDataRsp", "dlDataQueCmp",
         "dlDataRevCmp", "dlDataResRsp", "dlRxStatRsp", "dlRxStatQryCmp", "ulDataTxCmp", "errorAck",
+        "vm.statusCmp", "vm.activateCmp", "vm.deactivateCmp", "vm.dlDataCmp", "vm.ulDataRsp",
     )
 }  # fmt: skip
 _UL_DATA_RSP = _FRAMES["ulDataRsp"]
@@ -201,6 +206,9 @@ class IServiceCenter(Interface):
     def downlink_result(session: Session, msg: m.DlDataRes) -> None:
         """A `dlDataRes`; raise Refused to answer error instead of dlDataResRsp."""
 
+    def vm_uplink(session: Session, msg: m.VmUlData) -> defer.Deferred[None]:
+        """Store one Variable-MAC frame copy (`vm.ulData`); fires once durable. Raise Refused to answer error."""
+
     def downlink_rx_status(session: Session, msg: m.DlRxStat) -> None:
         """A `dlRxStat`; raise Refused to answer error instead of dlRxStatRsp."""
 
@@ -298,6 +306,7 @@ class Session:
             m.ConCmp: self._on_con_cmp,
             m.Ping: self._on_ping,
             m.UlData: self._on_ul_data,
+            m.VmUlData: self._on_vm_ul_data,
             m.Att: self._on_att,
             m.Det: self._on_det,
             m.DlDataRes: self._on_dl_data_res,
@@ -306,7 +315,8 @@ class Session:
             m.ErrorAck: self._on_error_ack,
             **dict.fromkeys(_RESPONSES.values(), self._on_response),
             **dict.fromkeys(
-                (m.UlDataCmp, m.PingCmp, m.AttCmp, m.DetCmp, m.DlDataResCmp, m.DlRxStatCmp), self._on_completion
+                (m.UlDataCmp, m.PingCmp, m.AttCmp, m.DetCmp, m.DlDataResCmp, m.DlRxStatCmp, m.VmUlDataCmp),
+                self._on_completion,
             ),
         }
         self._arm(self.connected_at + config.op_timeout)
@@ -544,6 +554,21 @@ class Session:
         self._note("could not store an uplink from {bs}: {problem}", problem=failure.getErrorMessage())
         if self.state is not State.CLOSED:
             self._send_error(op_id, EIO, "ulData: the service center could not store the uplink; send it again")
+
+    def _on_vm_ul_data(self, msg: m.VmUlData) -> None:
+        # As ulData: vm.ulDataRsp only once the copy is committed.
+        if not self._begin(msg):
+            return
+        try:
+            stored = self._center.vm_uplink(self, msg)
+        except Refused as e:
+            self._send_error(msg.opId, e.code, e.message)
+            return
+        stored.addCallbacks(self._vm_stored, self._ul_failed, callbackArgs=(msg.opId,), errbackArgs=(msg.opId,))
+
+    def _vm_stored(self, _: object, op_id: int) -> None:
+        if self.state is not State.CLOSED:
+            self._answer(op_id, _FRAMES["vm.ulDataRsp"], "vm.ulDataCmp")
 
     def _on_ping(self, msg: m.Ping) -> None:
         if self._begin(msg):
