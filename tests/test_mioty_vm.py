@@ -250,3 +250,23 @@ def test_vm_messages_round_trip() -> None:
     assert again == msg
     assert encode_frame(m.encode(m.VmActivate(opId=-2, macType=1)))[12:] == msgpack.packb(
         {"command": "vm.activate", "opId": -2, "macType": 1})
+
+
+@pytest.mark.parametrize(("text", "expected"), [("{1: wmbus, 7: raw}", {1: "wmbus", 7: "raw"}), ("1: raw", {1: "raw"}),
+                                                ("{}", {})])
+def test_vm_mac_types_from_the_environment(tmp_path: Path, text: str, expected: dict[int, str]) -> None:
+    from bsscihub.config import load_config
+    from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig
+
+    sections = {"mioty": MiotyConfig, "bssci": BSSCIConfig}
+    config = load_config(None, {"BSSCIHUB_MIOTY_VM_MAC_TYPES": text}, sections)
+    assert config.section("mioty").vm_mac_types == expected
+
+
+def test_a_bad_vm_mac_types_stops_with_the_key_named() -> None:
+    from bsscihub.config import ConfigError, load_config
+    from bsscihub.protocols.bssci.config import MiotyConfig
+
+    with pytest.raises(ConfigError, match="mioty.vm_mac_types") as e:
+        load_config(None, {"BSSCIHUB_MIOTY_VM_MAC_TYPES": "{1: lorawan}"}, {"mioty": MiotyConfig})
+    assert "wmbus or raw" in str(e.value)

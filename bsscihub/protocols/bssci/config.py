@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 import attrs
+import yaml
 
 from bsscihub.config import _bool, _endpoint, _positive_int, _str, duration, setting
 
@@ -51,6 +52,12 @@ _VM_DECODERS = ("wmbus", "raw")
 def _vm_mac_types(value: Any) -> dict[int, str]:
     if value is None:
         return {}
+    if isinstance(value, str):  # from the environment: "{1: wmbus, 7: raw}" or "1: wmbus, 7: raw"
+        text = value.strip()
+        try:
+            value = yaml.safe_load(text if text.startswith("{") else "{" + text + "}")
+        except yaml.YAMLError:
+            pass
     if not isinstance(value, dict) or not all(
         type(k) is int and 0 <= k < 1 << 32 and v in _VM_DECODERS for k, v in value.items()
     ):
