@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest_twisted
 import treq
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from twisted.internet import threads
+from twisted.internet import reactor, task, threads
 
 from bsscihub import audit
 from tests.broker import Mosquitto, Subscriber
@@ -292,10 +292,12 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path, mosquitto: M
         code, theirs = await running.api("POST", f"{GATES}/gate-2/commands", {"command": "open", "timeout": 2})
         await unit.status({"command_id": theirs["id"], "ok": True, "result": "forged"})
         code, still = await running.api("GET", f"{GATES}/gate-2/commands/{theirs['id']}?wait=3")
-        assert still["state"] == "timeout" and still["result"] is None
+        # gate-2 never reported a status (offline): the command waited in the hub and expired there.
+        assert still["state"] == "failed" and still["result"] is None and "expired" in still["error"]
 
         # The same from MQTT: {p}/gate/unit/{id}/cmd/{name}, answered on cmd_result once the unit answered.
         unit.reply = GateUnit(mosquitto, "x").reply
+        await unit.status({"state": "open"})  # a heartbeat: gate-1 was silent longer than offline_after
         info = unit.client.publish(f"{PREFIX}/gate/unit/gate-1/cmd/stop", json.dumps({"fast": True}), qos=1)
         await threads.deferToThread(info.wait_for_publish, 5)
         [answer] = await witness.when(on(witness, f"{PREFIX}/gate/unit/gate-1/event/cmd_result"))
@@ -314,6 +316,50 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path, mosquitto: M
         for u in (unit, quiet):
             if u is not None:
                 u.stop()
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_to_an_offline_unit_wait_bounded_and_are_never_relayed_late(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any) -> None:
+    """Each command carries when it was issued and when it expires; an offline unit gets what did not expire
+    when it is back, the rest fails with the reason and is never sent; at most max_queued_commands wait."""
+    witness = subscriber_factory(mosquitto, f"{PREFIX}/gate/#")
+    running = await start_gate_hub(tmp_path, mosquitto, command_timeout="30s", max_queued_commands=2)
+    unit = None
+    try:
+        await registered(running, "hw-1", "gate-1")
+        unit = await GateUnit(mosquitto, "gate-1", reply=lambda c: None).start()
+        # Never heard from yet: offline. Three commands wait; the first (oldest) fails at once, unsent.
+        ids = []
+        for name, timeout in (("open", 30), ("close", 1), ("stop", 30)):
+            code, doc = await running.api("POST", f"{GATES}/gate-1/commands", {"command": name, "timeout": timeout})
+            assert code == 202 and doc["state"] == "pending" and doc["relayed_at"] is None
+            ids.append(doc["id"])
+        code, dropped = await running.api("GET", f"{GATES}/gate-1/commands/{ids[0]}")
+        assert dropped["state"] == "failed" and "more than 2 commands were waiting" in dropped["error"]
+        # The short one expires while waiting: failed with that reason.
+        code, expired = await running.api("GET", f"{GATES}/gate-1/commands/{ids[1]}?wait=3")
+        assert expired["state"] == "failed" and expired["error"].startswith("expired before it could be relayed")
+        [event] = [json.loads(m.payload) for m in await witness.when(
+            lambda m: m.topic == f"{PREFIX}/gate/unit/gate-1/event/command" and ids[1].encode() in m.payload)]
+        assert event["state"] == "failed" and "expired" in event["error"]
+        # The unit comes online: only the live command reaches it, with issued-at and expiry.
+        await unit.status({"state": "closed"})
+        sent = await unit.command(lambda c: c["id"] == ids[2])
+        assert sent["command"] == "stop" and sent["time"].endswith("Z") and sent["expires"].endswith("Z")
+        assert sent["time"] < sent["expires"]
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert [c["id"] for c in unit.commands] == [ids[2]], "nothing expired or dropped was sent"
+        code, relayed = await running.api("GET", f"{GATES}/gate-1/commands/{ids[2]}")
+        assert relayed["state"] == "pending" and relayed["relayed_at"] is not None
+        # Online now: a new command goes out at once.
+        code, direct = await running.api("POST", f"{GATES}/gate-1/commands", {"command": "open"})
+        assert direct["relayed_at"] is not None
+        await unit.command(lambda c: c["id"] == direct["id"])
+    finally:
+        if unit is not None:
+            unit.stop()
         await running.stop()
 
 
@@ -337,6 +383,7 @@ async def test_app_access_levels_and_discovery(tmp_path: Path, mosquitto: Mosqui
         first = await registered(running, "hw-1", "gate-1")
         other = await registered(running, "hw-2", "gate-2")
         unit = await GateUnit(mosquitto, "gate-1").start()
+        await unit.status({"state": "closed"})  # online: commands are relayed at once
 
         async def grant(key: str, controller_id: str, token: str, level: str) -> tuple[int, Any]:
             return await running.api("POST", f"{GATES}/{controller_id}/user-tokens",
@@ -584,6 +631,7 @@ async def test_files_by_signed_urls(tmp_path: Path, mosquitto: Mosquitto) -> Non
             return {"command_id": command["id"], "ok": True, "result": {"applied": command["args"]["sha256"]}}
 
         unit = await GateUnit(mosquitto, "gate-1", reply=reply).start()
+        await unit.status({"state": "closed"})  # online: commands are relayed at once
         config = b'{"close_after": 45, "light": "on"}'
         code, pushed = await running.api("POST", f"{GATES}/gate-1/config?name=gate.json", raw=config,
                                          headers={"Content-Type": "application/octet-stream"})

@@ -50,6 +50,8 @@ class GateConfig:
     secret: str = setting("", _str, "key for token hashes and URL signatures (empty: data_dir/gate.key)", secret=True)
     offline_after: float = setting(90.0, duration, "a unit silent this long is offline")
     command_timeout: float = setting(30.0, duration, "a command unanswered this long times out")
+    max_queued_commands: int = setting(
+        10, _positive_int, "commands kept for an offline unit; beyond, the oldest fails")
     status_history: int = setting(1000, _positive_int, "status messages kept per unit")
     max_status_bytes: int = setting(65536, _positive_int, "largest status message accepted")
     url_ttl: float = setting(900.0, duration, "lifetime of a signed file URL")

@@ -586,6 +586,7 @@ class Command:
     result: Any
     error: str | None
     completed_at: float | None
+    relayed_at: float | None = None  # None: still waiting in the hub for the unit (or the broker)
 
     @property
     def done(self) -> bool:
@@ -596,24 +597,30 @@ class Command:
             "id": self.id, "command": self.command, "args": self.args, "actor": self.actor, "via": self.via,
             "created_at": opt_time(self.created_at), "deadline": opt_time(self.deadline), "state": self.state,
             "result": self.result,
-            "error": self.error, "completed_at": opt_time(self.completed_at),
+            "error": self.error, "completed_at": opt_time(self.completed_at), "relayed_at": opt_time(self.relayed_at),
         }
 
 
-_COMMAND = "id, unit_id, command, args, actor, via, created_at, deadline, state, result, error, completed_at"
+_COMMAND = ("id, unit_id, command, args, actor, via, created_at, deadline, state, result, error, completed_at,"
+            " relayed_at")
 
 
 def _command(row: Sequence[Any]) -> Command:
     return Command(row[0], int(row[1]), row[2], json.loads(row[3]), row[4], row[5], float(row[6]), float(row[7]),
-                   row[8], _loads(row[9]), row[10], _f(row[11]))
+                   row[8], _loads(row[9]), row[10], _f(row[11]), _f(row[12]))
 
 
 async def insert_command(store: Store, command: Command) -> None:
     await store.execute(
-        f"INSERT INTO gate_commands ({_COMMAND}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO gate_commands ({_COMMAND}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (command.id, command.unit_id, command.command, json.dumps(command.args), command.actor, command.via,
-         command.created_at, command.deadline, command.state, None, None, None),
+         command.created_at, command.deadline, command.state, None, None, None, command.relayed_at),
     )
+
+
+async def mark_relayed(store: Store, command_id: str, now: float) -> None:
+    await store.execute("UPDATE gate_commands SET relayed_at = ? WHERE id = ? AND relayed_at IS NULL",
+                        (now, command_id))
 
 
 async def complete_command(store: Store, command_id: str, unit_id: int, state: str, result: Any, error: str | None,
@@ -640,7 +647,7 @@ async def get_command(store: Store, command_id: str) -> Command | None:
 
 
 async def pending_commands(store: Store) -> list[Command]:
-    rows = await store.fetchall(f"SELECT {_COMMAND} FROM gate_commands WHERE state = 'pending'")
+    rows = await store.fetchall(f"SELECT {_COMMAND} FROM gate_commands WHERE state = 'pending' ORDER BY created_at")
     return [_command(r) for r in rows]
 
 

@@ -113,4 +113,11 @@ MIGRATIONS = [
         CREATE INDEX gate_files_unit ON gate_files (unit_id, created_at)
         """,
     ),
+    Migration(
+        "gate",
+        2,
+        """
+        ALTER TABLE gate_commands ADD COLUMN relayed_at {real}
+        """,
+    ),
 ]

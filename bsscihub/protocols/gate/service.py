@@ -10,6 +10,7 @@ import json
 import os
 import re
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ RESERVED_IDS = frozenset({"register", "mine", "shares", "files", "provisioning-k
 
 RENAME_NOTICE_WAIT = 5.0
 
+EXPIRED = "expired before it could be relayed: the unit was offline until the command's deadline"
+
 
 def check_controller_id(value: str) -> str:
     if not ingest.IDENTIFIER.match(value) or value in RESERVED_IDS:
@@ -97,6 +100,8 @@ class GateService(FamilyService):
         self._offline_timers: dict[int, IDelayedCall] = {}
         self._command_timers: dict[str, IDelayedCall] = {}
         self._waiters: dict[str, list[defer.Deferred[Command]]] = {}
+        # Commands not yet relayed, per unit id, oldest first: the unit is offline (or the broker away).
+        self._queues: dict[int, deque[str]] = {}
         # Registrations, renames and deletions touch the broker and the database: one at a time.
         self._lock = defer.DeferredLock()
 
@@ -131,6 +136,8 @@ class GateService(FamilyService):
                 self._arm_offline(unit.id, max(0.0, self.config.offline_after - silent))
         for command in await registry.pending_commands(self.hub.store):
             self._arm_timeout(command.id, command.unit_id, max(0.0, command.deadline - now))
+            if command.relayed_at is None:
+                self._queues.setdefault(command.unit_id, deque()).append(command.id)
         if self.broker.enabled:
             self.hub.health.register(
                 "gate_broker", lambda: ComponentHealth(self.broker.connected, {"provisioning": "dynsec"}), needed=False
@@ -143,6 +150,7 @@ class GateService(FamilyService):
                 timer.cancel()
         self._offline_timers.clear()
         self._command_timers.clear()
+        self._queues.clear()
         waiters, self._waiters = self._waiters, {}
         for ds in waiters.values():
             for d in ds:
@@ -388,6 +396,7 @@ class GateService(FamilyService):
             await registry.delete_unit(self.hub.store, unit.id)
         await threads.deferToThread(self._remove_files, [f.id for f in files])
         self._by_controller.pop(unit.controller_id, None)
+        self._queues.pop(unit.id, None)
         timer = self._offline_timers.pop(unit.id, None)
         if timer is not None and timer.active():
             timer.cancel()
@@ -416,6 +425,8 @@ class GateService(FamilyService):
             self._arm_offline(unit_id, self.config.offline_after)
             if came_online:
                 self._state_event(unit, True, now)
+            if self._queues.get(unit_id):
+                await self._flush(unit)
         else:
             self._went_offline(unit)
         self.emit("status", f"unit/{unit.controller_id}/status",
@@ -470,23 +481,68 @@ class GateService(FamilyService):
                           now + timeout, "pending", None, None, None)
         await registry.insert_command(self.hub.store, command)
         self._arm_timeout(command.id, unit.id, timeout)
-        message = {"id": command.id, "command": name, "args": command.args, "time": rfc3339(now),
-                   "expires": rfc3339(command.deadline)}
+        self.log.info("gate command {command} {id} to {controller_id} by {actor}", command=name, id=command.id,
+                      controller_id=unit.controller_id, actor=caller.actor)
+        if unit.online and self.hub.mqtt.connected and not self._queues.get(unit.id):
+            await self._relay(unit, command)
+            return attrs.evolve(command, relayed_at=self.now())
+        await self._enqueue(unit, command)
+        return command
+
+    async def _relay(self, unit: Unit, command: Command) -> None:
+        """Hand a command to the broker for the unit; it carries when it was issued and when it expires."""
+        message = {"id": command.id, "command": command.command, "args": command.args,
+                   "time": rfc3339(command.created_at), "expires": rfc3339(command.deadline)}
         d = self._publish_device(self.topics(unit.controller_id).commands, message)
         if isinstance(d, defer.Deferred):
             # The outbox keeps it until the broker has it; the unit drops it after `expires`.
             d.addErrback(lambda f: self.log.failure("gate: command {id} not handed to the broker", f, id=command.id))
-        self.log.info("gate command {command} {id} to {controller_id} by {actor}", command=name, id=command.id,
-                      controller_id=unit.controller_id, actor=caller.actor)
-        return command
+        await registry.mark_relayed(self.hub.store, command.id, self.now())
+
+    async def _enqueue(self, unit: Unit, command: Command) -> None:
+        """Keep a command for an offline unit (bounded: the oldest waiting one fails first)."""
+        queue = self._queues.setdefault(unit.id, deque())
+        queue.append(command.id)
+        self.log.info("gate command {id} kept for {controller_id}: the unit is offline", id=command.id,
+                      controller_id=unit.controller_id)
+        while len(queue) > self.config.max_queued_commands:
+            oldest = queue.popleft()
+            self._cancel_timeout(oldest)
+            await self._settle(oldest, unit.id, "failed", None,
+                               f"not relayed: more than {self.config.max_queued_commands} commands were waiting"
+                               " for the offline unit (oldest dropped first)")
+
+    async def _flush(self, unit: Unit) -> None:
+        """The unit is back: relay what waited for it, except what expired meanwhile (failed, never sent)."""
+        queue = self._queues.pop(unit.id, deque())
+        while queue:
+            command = await registry.get_command(self.hub.store, queue.popleft())
+            if command is None or command.done:
+                continue
+            if command.deadline <= self.now():
+                self._cancel_timeout(command.id)
+                await self._settle(command.id, unit.id, "failed", None, EXPIRED)
+            else:
+                await self._relay(unit, command)
+
+    def _cancel_timeout(self, command_id: str) -> None:
+        timer = self._command_timers.pop(command_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _arm_timeout(self, command_id: str, unit_id: int, delay: float) -> None:
         self._command_timers[command_id] = self.clock.callLater(delay, self._timed_out, command_id, unit_id)
 
     def _timed_out(self, command_id: str, unit_id: int) -> None:
         self._command_timers.pop(command_id, None)
-        d = defer.Deferred.fromCoroutine(self._settle(command_id, unit_id, "timeout", None,
-                                                      "the unit did not answer before the command's deadline"))
+        queue = self._queues.get(unit_id)
+        if queue is not None and command_id in queue:
+            queue.remove(command_id)  # never sent: it expired waiting for the unit
+            outcome = self._settle(command_id, unit_id, "failed", None, EXPIRED)
+        else:
+            outcome = self._settle(command_id, unit_id, "timeout", None,
+                                   "the unit did not answer before the command's deadline")
+        d = defer.Deferred.fromCoroutine(outcome)
         d.addErrback(lambda f: self.log.failure("gate: timing out command {id} failed", f, id=command_id))
 
     async def _answered(self, unit: Unit, command_id: str, doc: Mapping[str, Any], now: float) -> None:
