@@ -44,9 +44,10 @@ async def test_every_page_renders_for_its_role(harness: Harness) -> None:
     await h.mioty.attach(EUI, KEY, "1a2b", True, actor="t")
     h.mioty.uplinks[EUI] = [{"epEui": EUI, "packetCnt": 7, "time": "2025-01-01T00:00:00Z", "rxTime": 1735689600 * 10**9,
                              "data": "00ff", "receivers": [{"bsEui": "70b3d59cd0000001", "rssi": -97.5, "snr": 4.25}]}]
+    await h.mioty.vm.set_meter_key("dme-81795246", "00" * 16)  # the meter page's example renders
     sessions = {role: await h.login(role) for role in ("viewer", "operator", "admin")}
     pages = [b.route for b in h.web.routes if b.route.kind == "page" and b.route.method == "GET" and b.route.role]
-    assert len(pages) == 11
+    assert len(pages) == 13
     for route in pages:
         path = route.example_path().replace("0011223344556677", EUI)
         cookies, _ = sessions[route.role or "viewer"]

@@ -237,7 +237,13 @@ async def build_harness(tmp_path: Path, *, families: tuple[str, ...] = ("mioty",
     installed = installed_families()
     hub = make_hub(config, reactor, {name: installed[name] for name in families})
     if "mioty" in families:
-        hub.services["mioty"] = FakeMioty()
+        fake = hub.services["mioty"] = FakeMioty()
+        # The meter routes run on the real Variable-MAC component, over the real database.
+        from bsscihub.protocols.bssci.vm import VariableMac
+
+        events: list[tuple[Any, ...]] = []
+        fake.vm = VariableMac(SimpleNamespace(  # type: ignore[attr-defined, arg-type]
+            hub=hub, clock=reactor, settings=config.section("mioty"), _event=lambda *a: events.append(a)))
     config.data_dir.mkdir(parents=True, exist_ok=True)
     hub.store.start()
     await hub.store.migrate(hub.migrations())

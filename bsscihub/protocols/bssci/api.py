@@ -9,6 +9,7 @@ import datetime
 import json
 from typing import Any
 
+from bsscihub.protocols.bssci.meters_web import METER_TEMPLATES, MeterRoutes
 from bsscihub.web.errors import ApiError, not_found, running_service
 from bsscihub.web.routing import (
     NO_CONTENT,
@@ -121,17 +122,19 @@ class _NotFoundMapping:
         return call
 
 
-class MiotyWeb:
-    """REST routes and pages of the mioty family; every call goes to `hub.services["mioty"]`."""
+class MiotyWeb(MeterRoutes):
+    """REST routes and pages of the mioty family; every call goes to `hub.services["mioty"]`
+    (the meter routes come from meters_web.MeterRoutes)."""
 
     nav = [
         NavItem("Base stations", "/mioty/base-stations", "viewer", "bs"),
         NavItem("Sensors", "/mioty/sensors", "viewer", "sensor"),
+        NavItem("Meters", "/mioty/meters", "viewer", "sensor"),
     ]
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
-        self.templates = TEMPLATES
+        self.templates = {**TEMPLATES, **METER_TEMPLATES}
 
     @property
     def service(self) -> Any:
