@@ -1,10 +1,10 @@
 """The mutual-TLS policy of the BSSCI listener (and of HTTPS when enabled): one
-OpenSSL context, an endpoint wrapper, and a log line for every failed handshake."""
+OpenSSL context, an endpoint wrapper with connection caps, and a (rate-limited) log line for every failed handshake."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import cast
 from weakref import WeakKeyDictionary
@@ -13,26 +13,37 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
+    IHandshakeListener,
     IListeningPort,
+    ILoggingContext,
     IOpenSSLServerConnectionCreator,
+    IProtocol,
     IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
+    ITCPTransport,
+    ITransport,
 )
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bsscihub.errors import UserFacingError
+from bsscihub.logs import NoiseLimiter
 
 __all__ = [
+    "ConnectionLimits",
+    "ConnectionStats",
     "MutualTLSEndpoint",
+    "application_protocol",
     "RevocationCheck",
     "ServerTLSPolicy",
     "TLSConfigError",
@@ -205,73 +216,127 @@ def server_context_factory(
     return policy
 
 
-class _HandshakeReportingTLS(BufferingTLSTransport):
-    """TLS over one connection, logging once how its handshake ended: Twisted
-    alone hands a failure to the application and logs nothing."""
+@attrs.define
+class ConnectionStats:
+    """What one TLS listener's connections are doing, for its metrics and tests."""
+
+    open: int = 0
+    handshaking: int = 0
+    handshake_failures: int = 0
+    handshake_timeouts: int = 0
+    refused: dict[str, int] = attrs.Factory(lambda: {"max_connections": 0, "max_handshakes": 0})
+
+    def collector(self, prefix: str) -> _StatsCollector:
+        """A Prometheus collector exposing these figures as `{prefix}tls_...`."""
+        return _StatsCollector(prefix, self)
+
+
+class _StatsCollector:
+    def __init__(self, prefix: str, stats: ConnectionStats) -> None:
+        self._prefix, self._stats = prefix, stats
+
+    def collect(self) -> Iterable[Metric]:
+        p, stats = self._prefix + "tls_", self._stats
+        yield GaugeMetricFamily(p + "connections", "open TCP connections, handshaking or not", value=stats.open)
+        yield GaugeMetricFamily(p + "handshakes_pending", "connections whose TLS handshake is not done yet",
+                                value=stats.handshaking)
+        yield CounterMetricFamily(p + "handshake_failures", "TLS handshakes that failed or were refused",
+                                  value=stats.handshake_failures)
+        yield CounterMetricFamily(p + "handshake_timeouts", "connections cut for not finishing the handshake in time",
+                                  value=stats.handshake_timeouts)
+        refused = CounterMetricFamily(p + "refused", "connections closed at accept because a cap was reached",
+                                      labels=["cap"])
+        for cap, count in sorted(stats.refused.items()):
+            refused.add_metric([cap], count)
+        yield refused
+
+
+@implementer(IHandshakeListener)
+class _HandshakeWatch(Protocol):
+    """Sits between the TLS layer and the application protocol: counts the connection against the
+    listener's caps, cuts a handshake that takes too long, and logs once how the handshake ended
+    (Twisted alone hands a failure to the application and logs nothing). The application gets the
+    TLS transport itself, so only received data passes through here."""
 
     log = Logger()
-    factory: _MutualTLSFactory
-    _peer = "unknown peer"
-    _reported = False
-    _received = False
-    _timed_out = False
-    _timeout_call: IDelayedCall | None = None
 
-    def makeConnection(self, transport: object) -> None:
-        self._peer = format_peer(getattr(transport, "getPeer", lambda: None)())
-        super().makeConnection(transport)
-        timeout = self.factory.handshake_timeout
-        if timeout is not None and not self._reported and self.connected:
-            self._timeout_call = self.factory.clock.callLater(
-                timeout, self._handshakeTimedOut
-            )
+    def __init__(self, factory: _MutualTLSFactory, app: IProtocol) -> None:
+        self._factory = factory
+        self._app = app
+        self._peer = "unknown peer"
+        self._done = False
+        self._timed_out = False
+        self._timeout_call: IDelayedCall | None = None
+
+    @property
+    def application(self) -> IProtocol:
+        return self._app
+
+    def logPrefix(self) -> str:
+        app = self._app
+        return app.logPrefix() if ILoggingContext.providedBy(app) else type(app).__name__  # type: ignore[attr-defined]
+
+    def makeConnection(self, transport: ITransport) -> None:
+        factory = self._factory
+        self.transport = transport
+        self.connected = True
+        self._peer = format_peer(transport.getPeer())
+        factory.stats.open += 1
+        factory.stats.handshaking += 1
+        if factory.handshake_timeout is not None:
+            self._timeout_call = factory.clock.callLater(factory.handshake_timeout, self._handshakeTimedOut)
+        self._app.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self._received = True
-        super().dataReceived(data)
-        if (
-            not self._reported
-            and self._handshakeDone
-            and self._tlsConnection is not None
-        ):
-            self._reportSuccess()
+        self._app.dataReceived(data)
+
+    def handshakeCompleted(self) -> None:
+        self._done = True
+        self._factory.stats.handshaking -= 1
+        self._cancelTimeout()
+        transport = cast(TLSMemoryBIOProtocol, self.transport)
+        cert = peer_certificate(transport)
+        self.log.info(
+            "TLS handshake with {peer} completed: {subject}, {version}",
+            peer=self._peer,
+            subject=_subject(cert) if cert is not None else "no client certificate",
+            version=transport.getHandle().get_protocol_version_name(),
+        )
+        if IHandshakeListener.providedBy(self._app):
+            self._app.handshakeCompleted()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self._reported and not self._handshakeDone:
-            state = None
-            policy = self.factory.policy
-            if self._tlsConnection is not None and isinstance(policy, ServerTLSPolicy):
-                state = policy.verification(self._tlsConnection)
-            self._reportFailure(self._reason or reason, state)
+        stats = self._factory.stats
+        stats.open -= 1
+        if not self._done:
+            self._done = True
+            stats.handshaking -= 1
+            stats.handshake_failures += 1
+            self._reportFailure(reason)
         self._cancelTimeout()
-        super().connectionLost(reason)
+        self.connected = False
+        self._app.connectionLost(reason)
 
     def _handshakeTimedOut(self) -> None:
         self._timeout_call = None
         self._timed_out = True
-        self.abortConnection()
+        self._factory.stats.handshake_timeouts += 1
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def _cancelTimeout(self) -> None:
         if self._timeout_call is not None and self._timeout_call.active():
             self._timeout_call.cancel()
         self._timeout_call = None
 
-    def _reportSuccess(self) -> None:
-        self._reported = True
-        self._cancelTimeout()
-        cert = peer_certificate(self)
-        self.log.info(
-            "TLS handshake with {peer} completed: {subject}, {version}",
-            peer=self._peer,
-            subject=_subject(cert) if cert is not None else "no client certificate",
-            version=self._tlsConnection.get_protocol_version_name(),
-        )
-
-    def _reportFailure(self, failure: Failure, state: _Verification | None) -> None:
-        self._reported = True
+    def _reportFailure(self, failure: Failure) -> None:
+        factory = self._factory
+        connection = cast(TLSMemoryBIOProtocol, self.transport).getHandle()
+        state = None
+        if connection is not None and isinstance(factory.policy, ServerTLSPolicy):
+            state = factory.policy.verification(connection)
         outcome, level = "failed", LogLevel.warn
         if self._timed_out:
-            why = f"no handshake within {self.factory.handshake_timeout:g} s"
+            why = f"no handshake within {factory.handshake_timeout:g} s"
         elif state is not None and state.reason is not None:
             why = state.reason
             if state.refused:
@@ -285,11 +350,14 @@ class _HandshakeReportingTLS(BufferingTLSTransport):
                 why = reasons + (f" ({'; '.join(hints)})" if hints else "")
         else:
             why = "connection closed before the handshake completed"
-            if not self._received:
-                # Port probes and load-balancer health checks: not an incident.
+            if connection is None or connection.client_random() is None:
+                # No ClientHello: port probes and load-balancer health checks, not an incident.
                 level = LogLevel.info
-        self.log.emit(
+        factory.noise.emit(
+            self.log,
             level,
+            "TLS handshakes " + outcome,
+            _host(self._peer),
             "TLS handshake with {peer} {outcome}: {reason}",
             peer=self._peer,
             outcome=outcome,
@@ -298,7 +366,10 @@ class _HandshakeReportingTLS(BufferingTLSTransport):
 
 
 class _MutualTLSFactory(TLSMemoryBIOFactory):
-    protocol = _HandshakeReportingTLS
+    """TLS for every accepted connection, refused at accept (before any TLS state exists) when
+    the listener is at one of its caps."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -306,11 +377,61 @@ class _MutualTLSFactory(TLSMemoryBIOFactory):
         wrappedFactory: IProtocolFactory,
         clock: IReactorTime,
         handshake_timeout: float | None,
+        limits: ConnectionLimits,
+        stats: ConnectionStats,
     ) -> None:
         super().__init__(policy, False, wrappedFactory, clock=clock)
         self.policy = policy
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        self.limits = limits
+        self.stats = stats
+        self.noise = NoiseLimiter(clock, burst=limits.log_burst, interval=limits.log_interval)
+
+    def buildProtocol(self, addr: IAddress) -> TLSMemoryBIOProtocol | None:  # type: ignore[override]
+        limits, stats = self.limits, self.stats
+        cap = None
+        if limits.max_connections is not None and stats.open >= limits.max_connections:
+            cap, limit = "max_connections", limits.max_connections
+        elif limits.max_handshakes is not None and stats.handshaking >= limits.max_handshakes:
+            cap, limit = "max_handshakes", limits.max_handshakes
+        if cap is not None:
+            stats.refused[cap] += 1
+            peer = format_peer(addr)
+            self.noise.emit(
+                self.log,
+                LogLevel.warn,
+                f"connections refused at {cap}",
+                _host(peer),
+                "refused a connection from {peer}: {count} {what} already ({cap} = {limit})",
+                peer=peer,
+                count=stats.open if cap == "max_connections" else stats.handshaking,
+                what="connections open" if cap == "max_connections" else "TLS handshakes in progress",
+                cap=cap,
+                limit=limit,
+            )
+            # None: the port closes the socket at once.
+            return None
+        app = self.wrappedFactory.buildProtocol(addr)
+        if app is None:
+            return None
+        return self.protocol(self, _HandshakeWatch(self, app))
+
+    def doStop(self) -> None:
+        self.noise.flush()
+        super().doStop()
+
+
+@attrs.frozen
+class ConnectionLimits:
+    """Caps of one TLS listener: open connections, and handshakes not finished yet (the cheap
+    way to tie up a server's memory); None is no cap. Log lines about anonymous peers are
+    limited to `log_burst` per kind per `log_interval` seconds, then summarized."""
+
+    max_connections: int | None = None
+    max_handshakes: int | None = None
+    log_burst: int = 10
+    log_interval: float = 60.0
 
 
 @implementer(IStreamServerEndpoint)
@@ -323,6 +444,8 @@ class MutualTLSEndpoint:
     policy: IOpenSSLServerConnectionCreator
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
     clock: IReactorTime | None = None
+    limits: ConnectionLimits = ConnectionLimits()
+    stats: ConnectionStats = attrs.Factory(ConnectionStats)
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         clock = self.clock
@@ -332,9 +455,21 @@ class MutualTLSEndpoint:
             clock = cast(IReactorTime, reactor)
         return self.endpoint.listen(
             _MutualTLSFactory(
-                self.policy, protocolFactory, clock, self.handshake_timeout
+                self.policy, protocolFactory, clock, self.handshake_timeout, self.limits, self.stats
             )
         )
+
+
+def application_protocol(protocol: object) -> object:
+    """The application protocol under one of MutualTLSEndpoint's TLS connections (for tests and
+    tools; the application itself gets the TLS transport as its transport)."""
+    wrapped = getattr(protocol, "wrappedProtocol", protocol)
+    return wrapped.application if isinstance(wrapped, _HandshakeWatch) else wrapped
+
+
+def _host(peer: str) -> str:
+    """The address part of host:port ([v6]:port keeps its brackets)."""
+    return peer.rsplit(":", 1)[0] if ":" in peer else peer
 
 
 def peer_certificate(transport: object) -> x509.Certificate | None:

@@ -27,7 +27,7 @@ from bsscihub.protocols.bssci.framing import Framer, encode_frame
 from bsscihub.protocols.bssci.protocol import CLOSE_GRACE, BSSCIFactory, BSSCIProtocol
 from bsscihub.protocols.bssci.service import MiotyService
 from bsscihub.protocols.bssci.session import EACCES, IServiceCenter, SessionConfig, SessionStats
-from bsscihub.tls import MutualTLSEndpoint, peer_common_name
+from bsscihub.tls import MutualTLSEndpoint, application_protocol, peer_common_name
 from tests import test_mioty_service, test_tls
 from tests.conftest import make_config
 from tests.test_bssci_session import BS_EUI, CONFIG, EP1, EP2, EP3, Center, status_rsp, ul_data
@@ -139,7 +139,7 @@ class Listener:
         client = TLSMemoryBIOFactory(options, True, Factory.forProtocol(Station), clock=self.clock)
         client_tls = client.buildProtocol(HUB_ADDRESS)
         # Taken now: the TLS wrappers drop their application once the connection is lost.
-        station, protocol = client_tls.wrappedProtocol, server.wrappedProtocol
+        station, protocol = client_tls.wrappedProtocol, application_protocol(server)
         assert isinstance(station, Station) and isinstance(protocol, BSSCIProtocol)
         pump = connect(
             server,

@@ -142,7 +142,7 @@ async def start_hub(tmp_path: Path, broker: Mosquitto, names: list[str], **overr
         for family_service in hub.services.values():
             await defer.Deferred.fromCoroutine(family_service.when_subscribed()).addTimeout(10, reactor)
         await eventually(lambda: hub.mqtt.connected, what="the bridge to connect")
-        port = await service.getServiceNamed("web")._waitingForPort
+        port = await service.getServiceNamed("web").when_listening()
         if await users.get_user(hub.store, "admin") is None:
             await users.add_user(hub.store, "admin", "admin", "correct horse battery")
         user = await users.get_user(hub.store, "admin")

@@ -35,7 +35,7 @@ async def test_start_serves_health_then_stop_releases_port_and_threads(tmp_path:
     service.startService()
     try:
         await service.when_ready()
-        port = await service.getServiceNamed("web")._waitingForPort
+        port = await service.getServiceNamed("web").when_listening()
         number = port.getHost().port
         assert store_threads(), "the store runs on its own threads while the hub runs"
 

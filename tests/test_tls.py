@@ -42,6 +42,7 @@ from bsscihub.tls import (
     MutualTLSEndpoint,
     ServerTLSPolicy,
     TLSConfigError,
+    application_protocol,
     format_peer,
     peer_certificate,
     peer_common_name,
@@ -231,7 +232,7 @@ def connect_to_hub(
         ).buildProtocol(HUB_ADDRESS)
     else:
         client_protocol = client()
-    server_app = server.wrappedProtocol
+    server_app = application_protocol(server)
     assert isinstance(server_app, App)
     client_app = getattr(client_protocol, "wrappedProtocol", None)
     pump = connect(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -16,6 +15,7 @@ from twisted.web.server import Request, Site
 
 from bsscihub.health import ComponentHealth
 from bsscihub.hub import Hub
+from bsscihub.listening import ListenerService
 from bsscihub.web.app import WebApp
 from bsscihub.web.logring import ACCESS
 from bsscihub.web.proxy import client_of
@@ -88,7 +88,7 @@ def _peer(request: Any) -> str:
         return "-"
 
 
-class WebService(StreamServerEndpointService):
+class WebService(ListenerService):
     """Starts the app's bus subscriptions and log ring with the listener, and stops them with it."""
 
     def __init__(self, endpoint: Any, site: Site, web: WebApp) -> None:
@@ -126,7 +126,7 @@ def make_site(web: WebApp) -> Site:
     return site
 
 
-def make_web_service(hub: Hub) -> StreamServerEndpointService:
+def make_web_service(hub: Hub) -> WebService:
     config = hub.config
     endpoint = serverFromString(hub.reactor, config.web.listen)
     if config.web.https:
@@ -138,8 +138,7 @@ def make_web_service(hub: Hub) -> StreamServerEndpointService:
         endpoint = MutualTLSEndpoint(endpoint, context)
     web = WebApp(hub)
     service = WebService(endpoint, make_site(web), web)
+    # A port that cannot be bound fails the hub's start (HubService waits for when_ready).
     service.setName("web")
-    # A port that cannot be bound fails the hub's start instead of only logging.
-    service._raiseSynchronously = True
     hub.health.register("web", lambda: ComponentHealth(bool(service.running), {"listen": config.web.listen}))
     return service

@@ -44,6 +44,11 @@ class BSSCIConfig:
     self_register: bool = setting(
         False, _bool, "an unknown base station with a certificate bound to no EUI may register itself (pinned to it)"
     )
+    max_connections: int = setting(4096, _positive_int, "open BSSCI connections at most; more are closed at accept")
+    max_handshakes: int = setting(
+        1024, _positive_int, "TLS handshakes in progress at most; connections beyond are closed at accept"
+    )
+    handshake_timeout: float = setting(30.0, duration, "a connection without a finished TLS handshake by then is cut")
 
 
 _VM_DECODERS = ("wmbus", "raw")

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -19,6 +18,7 @@ from bsscihub.bus import Event
 from bsscihub.contract import finite_doc
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
+from bsscihub.listening import ListenerService
 from bsscihub.pki import cert_bs_eui
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
@@ -42,6 +42,7 @@ from bsscihub.protocols.bssci.session import (
 )
 from bsscihub.protocols.bssci.uplinks import UplinkPipeline, untrack
 from bsscihub.protocols.bssci.vm import VariableMac
+from bsscihub.tls import ConnectionStats
 
 __all__ = ["MiotyService", "UnknownDevice"]
 
@@ -94,7 +95,7 @@ class MiotyService(MiotyActions, FamilyService):
                                       self.settings.dedup_memory, self._uplink_acks)
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
         self.vm = VariableMac(self)
-        self.listener: StreamServerEndpointService | None = None
+        self.listener: ListenerService | None = None
         self.port: Any = None
         """The listening port once started (`port.getHost().port` is the bound port number)."""
         self._downlinks: dict[int, Downlink] = {}
@@ -112,6 +113,8 @@ class MiotyService(MiotyActions, FamilyService):
         ]
         hub.health.register("bssci", self._health)
         hub.metrics.register(MiotyMetrics(self))
+        self.tls_stats = ConnectionStats()
+        hub.metrics.register(self.tls_stats.collector("bsscihub_bssci_"))
 
     @property
     def dedup(self) -> Deduplicator:
@@ -120,7 +123,7 @@ class MiotyService(MiotyActions, FamilyService):
     # -- start and stop
 
     async def prepare(self) -> None:
-        from bsscihub.tls import MutualTLSEndpoint, server_context_factory
+        from bsscihub.tls import ConnectionLimits, MutualTLSEndpoint, server_context_factory
 
         registry = self.registry
         await registry.load()
@@ -134,14 +137,17 @@ class MiotyService(MiotyActions, FamilyService):
             loop.start(interval, now=False)
         tls = self.hub.config.tls
         policy = server_context_factory(tls.ca, tls.cert, tls.key, lenient=tls.lenient, is_revoked=self._is_revoked)
-        endpoint = MutualTLSEndpoint(serverFromString(self.hub.reactor, self.bssci.listen), policy, clock=self.clock)
-        factory = BSSCIFactory(self, self.session_config, self.clock, self.stats, self.bssci.max_frame)
-        self.listener = StreamServerEndpointService(endpoint, factory)
+        bssci = self.bssci
+        endpoint = MutualTLSEndpoint(
+            serverFromString(self.hub.reactor, bssci.listen), policy, handshake_timeout=bssci.handshake_timeout,
+            clock=self.clock, limits=ConnectionLimits(bssci.max_connections, bssci.max_handshakes),
+            stats=self.tls_stats,
+        )
+        factory = BSSCIFactory(self, self.session_config, self.clock, self.stats, bssci.max_frame)
+        self.listener = ListenerService(endpoint, factory)
         self.listener.setName("bssci")
-        self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
-        waiting: defer.Deferred[Any] = self.listener._waitingForPort  # type: ignore[assignment]
-        self.port = await waiting
+        self.port = await self.listener.when_listening()
         host = self.port.getHost()
         self.log.info(
             "BSSCI listening on {host}:{port} (mutual TLS); {sensors} sensors, {stations} known base stations",
