@@ -104,9 +104,23 @@ class SecurityHeaders(Resource):
         if self.https or client.https:
             request.setHeader(b"strict-transport-security", b"max-age=31536000")
         request.setHeader(b"server", b"bsscihub")
+        if not _decodable_target(request):
+            # Klein and static files would log a traceback for these; no route can match them.
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"bad request: the path or host is not UTF-8 text\n"
         if self._cors(request):
             return b""
         return self.wrapped.render(request)
+
+
+def _decodable_target(request: Any) -> bool:
+    """Whether the (percent-decoded) path and the host are UTF-8 without NUL or other control bytes."""
+    try:
+        text = b"/".join(request.postpath).decode() + request.getRequestHostname().decode()
+    except UnicodeDecodeError:
+        return False
+    return not any(ch < " " or ch == "\x7f" for ch in text)
 
 
 class StaticFiles(File):

@@ -126,7 +126,11 @@ class Dispatcher:
         run = self._api if route.kind == "api" else self._page
 
         def endpoint(request: IRequest, **kwargs: Any) -> Any:
-            return defer.Deferred.fromCoroutine(run(bound, request, kwargs))
+            # Klein cancels a route whose client hung up; a change half made and not audited is
+            # worse than an answer nobody reads, so the route runs to its end either way.
+            shielded: defer.Deferred[Any] = defer.Deferred()  # no canceller: a cancel only detaches
+            defer.Deferred.fromCoroutine(run(bound, request, kwargs)).chainDeferred(shielded)
+            return shielded
 
         endpoint.__name__ = f"{route.kind}_{route.name}_{route.method}"
         self.router.route(route.werkzeug_path(), methods=[route.method], endpoint=endpoint.__name__)(endpoint)
