@@ -158,7 +158,7 @@ async def test_downlinks(store: Store) -> None:
         "queId": que, "epEui": EP1, "data": "0102", "format": 3, "prio": 0.5, "responseExp": True,
         "created": "1970-01-01T00:00:10.000Z", "actor": "alice", "bsEuis": ["00000000000000aa"], "status": "sent",
         "resultBs": "00000000000000aa", "txTime": 5, "packetCnt": 9, "error": None, "acked": True,
-        "updated": "1970-01-01T00:00:13.000Z",
+        "updated": "1970-01-01T00:00:13.000Z", "attempts": 0,
     }  # fmt: skip
     assert [d["queId"] for d in await r.downlinks(pending_only=True)] == [other]
 

@@ -93,11 +93,12 @@ class Station(Protocol):
         self.reason: Failure | None = None
         self.next_op = 1
         self.status: dict[str, Any] = {"code": 0, "message": "fine", "time": 5, "dutyCycle": 0.02, "temp": 40.5}
+        self.auto = dict(AUTO)  # a test removes what it answers by hand
 
     def dataReceived(self, data: bytes) -> None:
         for msg in self.framer.feed(data):
             self.seen.append(msg)
-            answer = AUTO.get(msg["command"])
+            answer = self.auto.get(msg["command"])
             if answer is not None:
                 self.send(answer, msg["opId"])
             elif msg["command"] == "status":
@@ -204,6 +205,15 @@ async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any
     service.startService()
     await service.when_ready()
     return Running(hub, service, events, pki)
+
+
+async def heard(running: Running, station: Station, cnt: int = 1, **fields: Any) -> None:
+    """The end point's uplink through `station`, published: that station now serves its downlinks."""
+    uplinks = len(running.of("uplink"))
+    op = station.uplink(cnt=cnt, **fields)
+    assert (await station.expect("ulDataRsp"))["opId"] == op
+    station.send("ulDataCmp", op)
+    await wait_for(lambda: len(running.of("uplink")) > uplinks)
 
 
 @pytest.fixture
@@ -474,8 +484,9 @@ async def test_commands_are_validated(running: Running) -> None:
             await command("ep", EP, "down", payload)
         assert expected in str(caught.value)
     await command("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b", "bidi": True})
-    with pytest.raises(CommandError, match="no connected bidirectional base station"):
-        await command("ep", EP, "down", {"data": "01"})
+    # No station to take it: it waits, queued, instead of failing.
+    waiting = await command("ep", EP, "down", {"data": "01"})
+    assert (waiting["status"], waiting["baseStations"]) == ("queued", [])
 
 
 @pytest_twisted.ensureDeferred
@@ -484,6 +495,7 @@ async def test_queued_downlink_is_revoked_and_reception_status_queried_by_comman
     b = await running.station("bs-b", B)
     await command("ep", EP, "attach", {"nwKey": KEY.hex(), "shortAddr": "1a2b", "bidi": True})
     await b.expect("attPrp")
+    await heard(running, b)
     queued = await command("ep", EP, "down", {"data": "cafe"})
     await b.expect("dlDataQue")
     result = await command("ep", EP, "revoke_down", {"queId": queued["queId"]})
@@ -538,6 +550,7 @@ async def test_a_sent_downlink_is_marked_acked_by_the_uplink_after_the_one_it_we
     b = await running.station("bs-b", B)
     await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
     await b.expect("attPrp")
+    await heard(running, b, cnt=3)
     queued = await service.queue_downlink(EP, b"\xca\xfe", actor="test")
     await b.expect("dlDataQue")
     op = b.send("dlDataRes", epEui=int(EP, 16), queId=queued["queId"], result="sent", txTime=7, packetCnt=5)

@@ -369,7 +369,7 @@ def test_an_error_for_a_downlink_result_is_acknowledged() -> None:
     assert not c.anomalies
 
 
-def test_downlinks_and_unanswered_results_survive_a_reconnect() -> None:
+def test_unanswered_results_survive_a_reconnect_and_queued_downlinks_do_not() -> None:
     conv = connected()
     queue(conv, dl_data_que(-1, 9), dl_data_que(-2, 10, sensor=1))
     ul = uplink_of(conv, 0, 100)
@@ -381,11 +381,21 @@ def test_downlinks_and_unanswered_results_survive_a_reconnect() -> None:
     # The new session reports it again, with its own opIds from 1.
     assert answers == [{"command": "conCmp", "opId": 0}, {**res, "opId": 1}]
     assert conv.send({"command": "dlDataResRsp", "opId": 1}) == [{"command": "dlDataResCmp", "opId": 1}]
-    # ... and the downlink still queued goes out with its sensor's next uplink.
-    assert uplink_of(conv, 1, 200).dlOpen
+    # ... but the downlink still queued is forgotten with the old session, as base stations do.
+    assert not uplink_of(conv, 1, 200).dlOpen
     c = conv.host.counters
-    assert (c.dl_queued, c.dl_sent, c.dl_reported) == (2, 2, 1)
+    assert (c.dl_queued, c.dl_sent, c.dl_reported, c.dl_forgotten) == (2, 1, 1, 1)
     assert not c.anomalies
+
+
+def test_an_att_prp_forgets_the_downlinks_of_its_sensor_only() -> None:
+    conv = connected()
+    queue(conv, dl_data_que(-1, 9), dl_data_que(-2, 10, sensor=1))
+    queue(conv, att_prp(-3, 0))
+    assert not uplink_of(conv, 0, 100).dlOpen
+    assert uplink_of(conv, 1, 100).dlOpen
+    c = conv.host.counters
+    assert (c.dl_queued, c.dl_forgotten, c.dl_sent) == (2, 1, 1)
 
 
 def test_the_summary_shows_the_downlinks() -> None:
@@ -406,7 +416,7 @@ def test_the_summary_shows_the_downlinks() -> None:
     )
     assert summary["counters"]["dl_sent"] == 2
     assert (
-        "downlinks: 3 queued, 2 sent, 1 expired, 0 revoked; 3 results completed, 0 answered with error;"
+        "downlinks: 3 queued, 2 sent, 1 expired, 0 revoked, 0 forgotten; 3 results completed, 0 answered with error;"
         " 2 acknowledged by the sensor's next uplink" in describe(summary)
     )
 

@@ -252,6 +252,9 @@ async def test_sensor_routes(harness: Harness) -> None:
     assert reply.error["field"] == "data"
     downs = (await h.request("GET", f"/api/v1/mioty/sensors/{EUI}/downlinks", role="viewer")).json()
     assert downs["items"] == [{"queId": 1, "data": "01a2ff", "format": 3, "status": "accepted"}]
+    one = await h.request("GET", f"/api/v1/mioty/sensors/{EUI}/downlinks/1", role="viewer")
+    assert (one.code, one.json()) == (200, downs["items"][0])
+    assert (await h.request("GET", f"/api/v1/mioty/sensors/{EUI}/downlinks/9", role="viewer")).code == 404
     reply = await h.request("POST", "/api/v1/mioty/sensors/0000000000000001/downlinks", role="operator",
                             json_body={"data": "00"})
     assert (reply.code, reply.error["code"]) == (409, "rejected")  # CommandError from the service

@@ -138,6 +138,9 @@ class FakeMioty:
         return {"items": [{"queId": i, "data": d.hex(), "format": o["format"], "status": "accepted"}
                           for i, (e, d, o) in enumerate(self.queued, 1) if e == ep_eui]}
 
+    async def downlink(self, ep_eui: str, que_id: int) -> dict[str, Any] | None:
+        return next((d for d in (await self.downlinks(ep_eui))["items"] if d["queId"] == que_id), None)
+
 
 @attrs.define
 class Reply:

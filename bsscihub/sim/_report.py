@@ -237,7 +237,8 @@ def describe(summary: dict[str, Any]) -> str:
     if c["dl_queued"] or c["dl_reported"]:
         lines.append(
             f"downlinks: {c['dl_queued']} queued, {c['dl_sent']} sent, {c['dl_expired']} expired,"
-            f" {c['dl_revoked']} revoked; {c['dl_reported']} results completed, {c['dl_errors']} answered with error;"
+            f" {c['dl_revoked']} revoked, {c['dl_forgotten']} forgotten; {c['dl_reported']} results completed,"
+            f" {c['dl_errors']} answered with error;"
             f" {c['dl_acked']} acknowledged by the sensor's next uplink"
         )
     if summary["sim_loop_lag_max_ms"] >= 100:

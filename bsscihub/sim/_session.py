@@ -126,8 +126,8 @@ class BaseStation:
         self.att_prp_done_at: float | None = None  # wall clock
         self._write: Callable[[bytes], None] | None = None
         self._close: Callable[[], None] | None = None
-        # Downlinks outlive connections, as in a base station's radio queue:
-        # epEui -> dlDataQue in arrival order; a key exists only while its list is not empty.
+        # epEui -> dlDataQue in arrival order; a key exists only while its list is not empty. Like a
+        # real base station, it forgets them at a new session and at an attPrp for their sensor.
         self._downlinks: dict[int, list[m.DlDataQue]] = {}
         self._dl_after: dict[int, list[m.DlDataRes]] = {}  # ulData opId -> results due after its Rsp
         self._dl_results: dict[int, m.DlDataRes] = {}  # dlDataRes opId -> result, until Rsp
@@ -440,6 +440,9 @@ class BaseStation:
             # We sent a fresh snBsUuid: there is nothing the SC could resume.
             self._anomaly("conRsp resumes a session that never existed")
         self._send(encode_frame({"command": "conCmp", "opId": 0}))
+        if self._downlinks:
+            self._host.counters.dl_forgotten += sum(map(len, self._downlinks.values()))
+            self._downlinks = {}
         self.ready = True
         self._host.counters.connects += 1
         self._host.station_ready(self)
@@ -486,6 +489,10 @@ class BaseStation:
                 self._answer_error(op, e.code, e.message)
                 return
             self._sc_pending[op] = command
+            if self._downlinks:
+                forgotten = self._downlinks.pop(wire["epEui"], None)
+                if forgotten:
+                    counters.dl_forgotten += len(forgotten)
             self._send(_simple_answers["attPrp"](op))
             counters.sc_ops += 1
             counters.att_prp += 1

@@ -87,6 +87,7 @@ class Counters:
     errors_sent: int = 0  # `error` we sent (invalid or unsupported SC messages)
     dl_queued: int = 0  # dlDataQue kept until an uplink of its sensor
     dl_revoked: int = 0  # ... removed by dlDataRev before that
+    dl_forgotten: int = 0  # ... dropped, as base stations do, by an attPrp for its sensor or a new session
     dl_sent: int = 0  # ... sent with an uplink (dlOpen), to be reported "sent" in dlDataRes
     dl_expired: int = 0  # ... whose counters (cntDepend) all passed, to be reported "expired"
     dl_reported: int = 0  # dlDataRes answered with dlDataResRsp and completed

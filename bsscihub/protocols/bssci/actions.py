@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from bsscihub.errors import CommandError
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.dedup import uplink_payload
-from bsscihub.protocols.bssci.downlinks import Downlink
+from bsscihub.protocols.bssci.downlinks import Downlinks, DownlinkState
 from bsscihub.protocols.bssci.registry import BaseStation, ImportCounts, Registry, Sensor, attach_change, rfc3339
 from bsscihub.protocols.bssci.session import OperationFailed, OperationTimedOut, Session, SessionClosed, State
 from bsscihub.protocols.bssci.uplinks import group_copies
@@ -92,7 +92,7 @@ class MiotyActions:
         clock: IReactorTime
         registry: Registry
         sessions: dict[str, Session]
-        _downlinks: dict[int, Downlink]
+        downlink_queue: Downlinks
 
         def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]: ...
         def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> None: ...
@@ -168,10 +168,12 @@ class MiotyActions:
         response_exp: bool | None = None,
         actor: str = "system",
     ) -> dict[str, Any]:
-        """Queue a downlink (dlDataQue) on the end point's best bidirectional base station (by the
-        SNR of its last uplink), or on every connected bidirectional one if none heard it yet.
-        Waits for the base stations' dlDataQueRsp; the outcome comes later as a dl_result event.
-        Returns {"epEui", "queId", "status": "accepted", "baseStations"}."""
+        """Queue a downlink for the end point. It goes (dlDataQue) to the end point's serving base
+        station, the best bidirectional receiver of its last uplink; if that station is connected
+        this waits for its dlDataQueRsp, otherwise the downlink waits for the station or for the
+        end point's next dlOpen uplink. Every change of its state is a `downlink` event; the
+        station's report comes as a dl_result event. Returns {"epEui", "queId", "status" (queued,
+        dispatched or accepted), "baseStations" (the station holding it, if any)}."""
         sensor = self._known_sensor(ep_eui)
         if isinstance(data, str):
             try:
@@ -190,36 +192,15 @@ class MiotyActions:
             raise CommandError(f"end point {sensor.eui} is detached")
         if not sensor.bidi:
             raise CommandError(f"end point {sensor.eui} is not bidirectional (bidi is false)")
-        targets = self._downlink_targets(sensor)
-        if not targets:
-            raise CommandError(f"no connected bidirectional base station can reach end point {sensor.eui}")
-        now = self.clock.seconds()
-        bs_euis = [s.bs_hex for s in targets]
-        que_id = await self.registry.add_downlink(sensor.eui, data, format, prio, response_exp, actor, bs_euis, now)
-        entry = self._downlinks[que_id] = Downlink(que_id, sensor.eui, bs_euis)
-        ep_int = int(sensor.eui, 16)
+        dl = await self.downlink_queue.add(sensor.eui, data, format, prio, response_exp, actor)
+        if dl.state is DownlinkState.REJECTED:
+            raise CommandError(f"downlink {dl.que_id} not queued: {dl.error}")
+        holder = [dl.holder.bs_hex] if dl.holder is not None else []
+        self.log.info("downlink {queId} for {epEui} ({size} bytes) by {actor}: {state} {bsEuis}", queId=dl.que_id,
+                      epEui=sensor.eui, size=len(data), actor=actor, state=dl.state.value, bsEuis=",".join(holder))
+        return {"epEui": sensor.eui, "queId": dl.que_id, "status": dl.state.value, "baseStations": holder}
 
-        def make(op: int) -> m.Message:
-            return m.DlDataQue(opId=op, epEui=ep_int, queId=que_id, cntDepend=False, userData=(data,),
-                               format=format, prio=None if prio is None else float(prio), responseExp=response_exp)
-
-        results = await defer.DeferredList([s.request(make) for s in targets], consumeErrors=True)
-        accepted = [bs for bs, (ok, _) in zip(bs_euis, results, strict=True) if ok]
-        problems = [f"{bs}: {value.getErrorMessage()}" for bs, (ok, value) in zip(bs_euis, results, strict=True)
-                    if not ok]
-        now = self.clock.seconds()
-        if not accepted:
-            self._downlinks.pop(que_id, None)
-            await self.registry.update_downlink(que_id, now, status="rejected", error="; ".join(problems))
-            raise CommandError(f"downlink {que_id} not queued: {'; '.join(problems)}")
-        entry.targets = accepted
-        if que_id in self._downlinks:
-            await self.registry.update_downlink(que_id, now, status="accepted", targets=accepted)
-        self.log.info("downlink {queId} for {epEui} ({size} bytes) queued on {bsEuis} by {actor}", queId=que_id,
-                      epEui=sensor.eui, size=len(data), bsEuis=",".join(accepted), actor=actor)
-        return {"epEui": sensor.eui, "queId": que_id, "status": "accepted", "baseStations": accepted}
-
-    def _downlink_targets(self, sensor: Sensor) -> list[Session]:
+    def _rx_status_targets(self, sensor: Sensor) -> list[Session]:
         for bs in sensor.paths or ((sensor.best_bs,) if sensor.best_bs else ()):
             session = self.sessions.get(bs)
             if session is not None and session.state is State.ESTABLISHED and session.bidi:
@@ -227,21 +208,12 @@ class MiotyActions:
         return [s for s in self._established() if s.bidi]
 
     async def revoke_downlink(self, ep_eui: str, que_id: int, *, actor: str = "system") -> dict[str, Any]:
-        """Withdraw a queued downlink (dlDataRev to the base stations holding it)."""
+        """Withdraw a pending downlink (dlDataRev to the base station holding it, if any)."""
         sensor = self._known_sensor(ep_eui)
-        entry = self._downlinks.get(que_id) if type(que_id) is int else None
-        if entry is None or entry.ep_eui != sensor.eui:
+        dl = self.downlink_queue.pending.get(que_id) if type(que_id) is int else None
+        if dl is None or dl.ep_eui != sensor.eui:
             raise CommandError(f"no pending downlink {que_id!r} for end point {sensor.eui}")
-        sessions = [self.sessions[bs] for bs in entry.targets if bs in self.sessions]
-        results = await defer.DeferredList(
-            [s.request(lambda op: m.DlDataRev(opId=op, epEui=int(sensor.eui, 16), queId=que_id)) for s in sessions],
-            consumeErrors=True,
-        )
-        problems = [f"{s.bs_hex}: {v.getErrorMessage()}" for s, (ok, v) in zip(sessions, results, strict=True)
-                    if not ok]
-        self._downlinks.pop(que_id, None)
-        await self.registry.update_downlink(que_id, self.clock.seconds(), status="revoked",
-                                            error="; ".join(problems) or None)
+        problems = await self.downlink_queue.revoke(dl, actor)
         self.log.info("downlink {queId} for {epEui} revoked by {actor}", queId=que_id, epEui=sensor.eui, actor=actor)
         return {"epEui": sensor.eui, "queId": que_id, "status": "revoked", "problems": problems}
 
@@ -249,7 +221,7 @@ class MiotyActions:
         """Ask the base stations on the end point's path for its downlink reception status
         (dlRxStatQry); the answers arrive as dl_rx_status events."""
         sensor = self._known_sensor(ep_eui)
-        targets = self._downlink_targets(sensor)
+        targets = self._rx_status_targets(sensor)
         results = await defer.DeferredList(
             [s.request(lambda op: m.DlRxStatQry(opId=op, epEui=int(sensor.eui, 16))) for s in targets],
             consumeErrors=True,
@@ -370,9 +342,15 @@ class MiotyActions:
 
     async def downlinks(self, ep_eui: str) -> dict[str, Any]:
         """The end point's downlinks, newest first: {"items": [{queId, epEui, data, format, prio,
-        responseExp, created, actor, bsEuis, status (queued, accepted, rejected, revoked, sent,
-        expired, invalid), resultBs, txTime, packetCnt, error, acked, updated}]}."""
+        responseExp, created, actor, bsEuis (the station holding it), status (see
+        downlinks.DownlinkState: queued, dispatched, accepted, expiring; sent, expired, invalid,
+        rejected, revoked), resultBs, txTime, packetCnt, error, acked, updated, attempts}]}."""
         return {"items": await self.registry.downlinks(_eui(ep_eui, "end point EUI"))}
+
+    async def downlink(self, ep_eui: str, que_id: int) -> dict[str, Any] | None:
+        """One downlink of the end point (as in `downlinks`), or None."""
+        found = await self.registry.downlinks(_eui(ep_eui, "end point EUI"), que_id=que_id)
+        return found[0] if found else None
 
     # -- MQTT commands
 

@@ -327,6 +327,17 @@ class MiotyWeb(MeterRoutes):
         items, _ = _normalize_page(await self.service.downlinks(eui))
         return {"items": items}
 
+    @api_route("GET", "/sensors/{eui}/downlinks/{queId}", role="viewer",
+               summary="One downlink with its state (queued, dispatched, accepted, expiring, sent, expired, invalid,"
+                       " rejected, revoked)",
+               params=(EP, QUE_ID), response=ANY_OBJECT, errors=(404,))
+    async def downlink(self, call: Call) -> Any:
+        eui, que_id = call.params["eui"].lower(), call.params["queId"]
+        found = await self.service.downlink(eui, que_id)
+        if found is None:
+            raise not_found(f"downlink {que_id} of sensor {eui}")
+        return found
+
     @api_route("POST", "/sensors/{eui}/downlinks", role="operator", summary="Queue a downlink", params=(EP,),
                body=DOWNLINK, status=202, response=ANY_OBJECT, errors=(404, 409), audit="mioty.sensor.downlink",
                audit_target="eui")
@@ -342,7 +353,7 @@ class MiotyWeb(MeterRoutes):
         return Accepted(result if isinstance(result, dict) else {"epEui": eui, "queued": True})
 
     @api_route("DELETE", "/sensors/{eui}/downlinks/{queId}", role="operator",
-               summary="Withdraw a queued downlink (dlDataRev to the base stations holding it)",
+               summary="Withdraw a pending downlink (dlDataRev to the base station holding it)",
                params=(EP, QUE_ID), response=ANY_OBJECT, errors=(404, 409), audit="mioty.sensor.downlink_revoke",
                audit_target="eui")
     async def revoke_downlink(self, call: Call) -> Any:

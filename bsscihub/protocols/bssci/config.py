@@ -84,3 +84,6 @@ class MiotyConfig:
         {1: "wmbus"}, _vm_mac_types,
         "Variable-MAC types activated at base stations that offer them, and how their frames are decoded",
     )
+    downlink_ttl: float = setting(
+        86400.0, duration, "a downlink not reported sent this long after it was queued expires"
+    )

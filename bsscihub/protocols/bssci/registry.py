@@ -50,6 +50,8 @@ _BS_COLUMNS = (
     "eui, vendor, model, name, sw_version, version, bidi, geo, peer, cert_serial, cert_subject,"
     " first_seen, last_seen, online, since, last_status, status_time, revoked, revoked_reason, revoked_at"
 )
+# Downlinks not ended yet (see downlinks.DownlinkState).
+_PENDING_STATES = "('queued', 'dispatched', 'accepted', 'expiring')"
 # How long sensor hot state and published marks wait in memory before one batched write.
 MARK_DELAY = 0.05
 _PRUNE_CHUNK = 5000
@@ -686,8 +688,8 @@ class Registry:
         return int(row[0])
 
     async def update_downlink(self, que_id: int, now: float, **fields: Any) -> None:
-        """Set columns of one downlink (status, result_bs, tx_time, packet_cnt, error, acked, targets)."""
-        allowed = {"status", "result_bs", "tx_time", "packet_cnt", "error", "acked", "targets"}
+        """Set columns of one downlink (status, result_bs, tx_time, packet_cnt, error, acked, targets, attempts)."""
+        allowed = {"status", "result_bs", "tx_time", "packet_cnt", "error", "acked", "targets", "attempts"}
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"unknown downlink columns {sorted(unknown)}")
@@ -697,18 +699,25 @@ class Registry:
             f"UPDATE mioty_downlinks SET {sets}, updated = ? WHERE id = ?", (*values, now, que_id)
         )
 
-    async def downlinks(self, ep_eui: str | None = None, *, pending_only: bool = False) -> list[dict[str, Any]]:
-        """Downlinks newest first, as JSON-ready dicts (one sensor's, or every pending one)."""
-        where, params = [], []
+    async def downlinks(
+        self, ep_eui: str | None = None, *, pending_only: bool = False, que_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Downlinks newest first, as JSON-ready dicts (one sensor's, one by queId, or every pending one)."""
+        where: list[str] = []
+        params: list[Any] = []
         if ep_eui is not None:
             where.append("ep_eui = ?")
             params.append(ep_eui)
+        if que_id is not None:
+            where.append("id = ?")
+            params.append(que_id)
         if pending_only:
-            where.append("status IN ('queued', 'accepted')")
+            where.append(f"status IN {_PENDING_STATES}")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self.store.fetchall(
             "SELECT id, ep_eui, data, format, prio, response_exp, created, actor, targets, status, result_bs,"
-            f" tx_time, packet_cnt, error, acked, updated FROM mioty_downlinks {clause} ORDER BY id DESC LIMIT 1000",
+            f" tx_time, packet_cnt, error, acked, updated, attempts FROM mioty_downlinks {clause}"
+            " ORDER BY id DESC LIMIT 1000",
             params,
         )
         return [
@@ -729,6 +738,15 @@ class Registry:
                 "error": r[13],
                 "acked": bool(r[14]),
                 "updated": rfc3339(float(r[15])),
+                "attempts": int(r[16]),
             }
             for r in rows
         ]
+
+    async def pending_downlinks(self) -> list[tuple[Any, ...]]:
+        """Every downlink not ended yet, oldest first: (id, ep_eui, data, format, prio, response_exp,
+        created, status, attempts)."""
+        return await self.store.fetchall(
+            "SELECT id, ep_eui, data, format, prio, response_exp, created, status, attempts FROM mioty_downlinks"
+            f" WHERE status IN {_PENDING_STATES} ORDER BY id"
+        )

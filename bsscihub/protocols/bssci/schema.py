@@ -123,4 +123,14 @@ MIGRATIONS = [
         DROP TABLE mioty_revoked_certs
         """,
     ),
+    Migration(
+        "mioty",
+        3,
+        # Downlinks: how many times each was handed to a station (it is queued again whenever a
+        # station drops it); the pending ones are read at every start.
+        """
+        ALTER TABLE mioty_downlinks ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX mioty_downlinks_status ON mioty_downlinks (status)
+        """,
+    ),
 ]

@@ -23,7 +23,7 @@ from bsscihub.pki import cert_bs_eui
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
 from bsscihub.protocols.bssci.dedup import Deduplicator
-from bsscihub.protocols.bssci.downlinks import Downlink
+from bsscihub.protocols.bssci.downlinks import Downlinks
 from bsscihub.protocols.bssci.identity import station_identity_problem
 from bsscihub.protocols.bssci.metrics import Counters, Histogram, MiotyMetrics
 from bsscihub.protocols.bssci.protocol import BSSCIFactory
@@ -91,15 +91,16 @@ class MiotyService(MiotyActions, FamilyService):
         self.stats = SessionStats()
         window = self.settings.dedup_window
         self.counters = Counters(latency=Histogram([window / 2, window, *(window + s for s in _LATENCY_STEPS)]))
+        self.downlink_queue = Downlinks(self.clock, self.registry, self.sessions, self.settings.downlink_ttl,
+                                        self._ep_event, self._background)
         self.uplinks = UplinkPipeline(self.clock, self.registry, hub.bus, self.counters, window,
-                                      self.settings.dedup_memory, self._uplink_acks)
+                                      self.settings.dedup_memory, self.downlink_queue.uplink,
+                                      self.downlink_queue.waiting)
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
         self.vm = VariableMac(self)
         self.listener: ListenerService | None = None
         self.port: Any = None
         """The listening port once started (`port.getHost().port` is the bound port number)."""
-        self._downlinks: dict[int, Downlink] = {}
-        self._last_sent: dict[str, tuple[int, int]] = {}  # epEui -> (queId, packetCnt) of the last sent downlink
         self._ota: dict[str, tuple[int, bytes, float]] = {}  # epEui -> last accepted (attachCnt, sign, when)
         self._det_reported: dict[tuple[str, int], float] = {}
         self._writes: set[defer.Deferred[Any]] = set()
@@ -110,6 +111,8 @@ class MiotyService(MiotyActions, FamilyService):
             (self.looping(self.sync, "syncing the sensor registry"), self.settings.flush_interval),
             (self.looping(self.check_lifecycle, "checking sensor activity"), lifecycle),
             (self.looping(self.prune, "pruning uplink history"), min(3600.0, self.settings.uplink_retention / 4)),
+            (self.looping(self.downlink_queue.tick, "expiring downlinks"),
+             max(0.05, min(60.0, self.settings.downlink_ttl / 4))),
         ]
         hub.health.register("bssci", self._health)
         hub.metrics.register(MiotyMetrics(self))
@@ -131,8 +134,7 @@ class MiotyService(MiotyActions, FamilyService):
             self._publish_state(bs)
         await self.uplinks.load()
         await self.vm.prepare()
-        for entry in await registry.downlinks(pending_only=True):
-            self._downlinks[entry["queId"]] = Downlink(entry["queId"], entry["epEui"], list(entry["bsEuis"]))
+        await self.downlink_queue.load()
         for loop, interval in self._loops:
             loop.start(interval, now=False)
         tls = self.hub.config.tls
@@ -166,6 +168,7 @@ class MiotyService(MiotyActions, FamilyService):
         await self.uplinks.drain(self.drain_wait)
         await self.vm.drain()
         await defer.DeferredList(list(self._writes), consumeErrors=True)
+        await self.downlink_queue.flush()
         await self.registry.flush()
 
     def _health(self) -> ComponentHealth:
@@ -254,6 +257,8 @@ class MiotyService(MiotyActions, FamilyService):
 
     def session_closed(self, session: Session, reason: str) -> None:
         eui = session.bs_hex
+        if self.downlink_queue.pending:
+            self.downlink_queue.station_gone(session)
         if self.sessions.get(eui) is not session:
             return  # replaced by a newer connection: still online
         del self.sessions[eui]
@@ -309,6 +314,7 @@ class MiotyService(MiotyActions, FamilyService):
                                     wide_carr_off=msg.wideCarrOff, long_blk_dist=msg.longBlkDist)
 
             await self.registry.save_sensors({ep: make})
+            self.registry.sensors[ep].paths = (session.bs_hex,)  # its serving station for downlinks, until an uplink
             self._propagate(True, ep, exclude=session)
             self._ep_event(ep, "attach", {"source": "ota", "bsEui": session.bs_hex, "attachCnt": msg.attachCnt,
                                           "shortAddr": f"{short_addr:04x}"})
@@ -343,35 +349,7 @@ class MiotyService(MiotyActions, FamilyService):
         ep = f"{msg.epEui:016x}"
         self._ep_event(ep, "dl_result", {"queId": msg.queId, "bsEui": session.bs_hex, "result": msg.result,
                                          "txTime": msg.txTime, "packetCnt": msg.packetCnt})
-        entry = self._downlinks.get(msg.queId)
-        if entry is None:
-            self.log.info("dlDataRes {result} from {bsEui} for queId {queId}, which is not pending",
-                          result=msg.result, bsEui=session.bs_hex, queId=msg.queId)
-            return
-        entry.results[session.bs_hex] = msg.result
-        sent = msg.result == "sent"
-        if not sent and set(entry.results) < set(entry.targets):
-            return  # other base stations may still send it
-        del self._downlinks[msg.queId]
-        if sent:
-            if msg.packetCnt is not None:
-                self._last_sent[entry.ep_eui] = (msg.queId, msg.packetCnt)
-            for other in entry.targets:
-                if other != session.bs_hex and other in self.sessions:
-                    self._request(self.sessions[other], lambda op, e=entry: m.DlDataRev(
-                        opId=op, epEui=int(e.ep_eui, 16), queId=e.que_id))  # fmt: skip
-        self._background(self.registry.update_downlink(
-            msg.queId, self.clock.seconds(), status=msg.result, result_bs=session.bs_hex, tx_time=msg.txTime,
-            packet_cnt=msg.packetCnt,
-        ), "recording a downlink result")  # fmt: skip
-
-    def _uplink_acks(self, ep: str, packet_cnt: int, payload: Mapping[str, Any]) -> None:
-        """An uplink with dlAck: it acknowledges the downlink sent with the counter before it."""
-        last = self._last_sent.get(ep)
-        if last is not None and last[1] == packet_cnt - 1:
-            del self._last_sent[ep]
-            self._background(self.registry.update_downlink(last[0], self.clock.seconds(), acked=True),
-                             "recording a downlink acknowledgement")
+        self.downlink_queue.result(session, msg)
 
     def downlink_rx_status(self, session: Session, msg: m.DlRxStat) -> None:
         self._ep_event(f"{msg.epEui:016x}", "dl_rx_status", _jsonable({
@@ -404,6 +382,9 @@ class MiotyService(MiotyActions, FamilyService):
             return None if sensor is not None and sensor.attached else m.DetPrp(opId=op_id, epEui=ep_eui)
         if sensor is None or not sensor.attached:
             return None
+        if sensor.eui in self.downlink_queue.by_ep:
+            # The station forgets the end point's downlinks with this attPrp: they are queued again.
+            self.downlink_queue.propagating(session, sensor.eui)
         return m.AttPrp(
             opId=op_id,
             epEui=ep_eui,
@@ -462,11 +443,6 @@ class MiotyService(MiotyActions, FamilyService):
                 session.propagate((item,))
                 targets.append(session.bs_hex)
         return sorted(targets)
-
-    def _request(self, session: Session, make: Any) -> defer.Deferred[Any]:
-        d = session.request(make)
-        d.addErrback(lambda f: self.log.info("{bs}: {problem}", bs=session.describe(), problem=f.getErrorMessage()))
-        return d
 
     # -- periodic work
 

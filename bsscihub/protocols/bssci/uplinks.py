@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from itertools import chain
 from typing import Any
 
@@ -110,7 +110,8 @@ class UplinkPipeline:
     4. `_published` marks the copies published once the bus took the event durably; copies left
        unmarked are published again by `replay` at the next start.
 
-    `on_uplink(ep, packetCnt, payload)` sees every uplink that acknowledges a downlink (dlAck).
+    `on_uplink(ep, packetCnt, payload)` sees every uplink that acknowledges a downlink (dlAck)
+    or opens a downlink window (dlOpen) for an end point in `waiting` (with queued downlinks).
     """
 
     log = Logger()
@@ -124,12 +125,14 @@ class UplinkPipeline:
         window: float,
         memory: int,
         on_uplink: Callable[[str, int, dict[str, Any]], None],
+        waiting: Container[str] = frozenset(),
     ) -> None:
         self.clock = clock
         self.registry = registry
         self.bus = bus
         self.counters = counters
         self.on_uplink = on_uplink
+        self.waiting = waiting
         self.memory = memory
         self.dedup = Deduplicator(clock, window, memory, self.publish)
         self._unconfirmed: set[defer.Deferred[Any]] = set()
@@ -197,7 +200,7 @@ class UplinkPipeline:
             sensor.paths = tuple(r["bsEui"] for r in receivers)
             sensor.warned = False
             self.registry.dirty(ep)
-        if payload["dlAck"]:
+        if payload["dlAck"] or (payload["dlOpen"] and ep in self.waiting):
             self.on_uplink(ep, packet_cnt, payload)
         d = self.bus.publish(Event("mioty", "uplink", f"mioty/ep/{ep}/up", payload))
         if not d.called:
