@@ -16,7 +16,7 @@ SAMPLE = [
 
 @pytest_twisted.ensureDeferred
 async def test_migrations_apply_once_in_order(store: Store) -> None:
-    expected = [(m.component, m.version) for m in CORE_MIGRATIONS] + [("sample", 1), ("sample", 2)]
+    expected = sorted([(m.component, m.version) for m in CORE_MIGRATIONS] + [("sample", 1), ("sample", 2)])
     applied = await store.migrate(SAMPLE[::-1] + CORE_MIGRATIONS)
     assert [(m.component, m.version) for m in applied] == expected
     assert await store.migrate(CORE_MIGRATIONS + SAMPLE) == []

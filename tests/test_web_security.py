@@ -77,9 +77,10 @@ async def test_session_idle_and_absolute_expiry(harness: Harness) -> None:
     assert page.code == 303 and page.header("Location") == "/login?next=/audit"
 
 
-def test_session_store_is_bounded() -> None:
+@pytest_twisted.ensureDeferred
+async def test_session_store_is_bounded() -> None:
     store = SessionStore(Clock(), 60, 600, limit=3)
-    ids = [store.create(1, "u", "viewer", "ip")[0] for _ in range(5)]
+    ids = [(await store.create(1, "u", "viewer", "ip"))[0] for _ in range(5)]
     assert len(store) == 3 and store.get(ids[0]) is None and store.get(ids[4]) is not None
 
 

@@ -68,4 +68,21 @@ CORE_MIGRATIONS = [
         )
         """,
     ),
+    # Admin sessions survive a restart: stored by the SHA-256 of the cookie value (bsscihub.web.sessions).
+    # Its own component, so it never competes with a core version number.
+    Migration(
+        "web",
+        1,
+        """
+        CREATE TABLE web_sessions (
+            id_hash TEXT PRIMARY KEY,
+            user_id {bigint} NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            csrf TEXT NOT NULL,
+            created {real} NOT NULL,
+            last_seen {real} NOT NULL,
+            source TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX web_sessions_user ON web_sessions (user_id)
+        """,
+    ),
 ]

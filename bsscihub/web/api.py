@@ -152,8 +152,8 @@ class AuthApi:
         limiter.succeeded(source, username)
         return user
 
-    def start_session(self, request: Any, user: users.User, source: str) -> Any:
-        session_id, session = self.web.sessions.create(user.id, user.name, user.role, source)
+    async def start_session(self, request: Any, user: users.User, source: str) -> Any:
+        session_id, session = await self.web.sessions.create(user.id, user.name, user.role, source)
         self.web.auth.set_session_cookie(request, session_id)
         return session
 
@@ -164,7 +164,7 @@ class AuthApi:
                body_example={"username": "admin", "password": "correct horse"})
     async def login(self, call: Call) -> Any:
         user = await self.check_login(call.body["username"], call.body["password"], call.source)
-        session = self.start_session(call.request, user, call.source)
+        session = await self.start_session(call.request, user, call.source)
         call.audit_action, call.target, call.acting_as = "auth.login", user.name, user.name
         call.detail = {"via": "session"}
         return {"user": user.name, "role": user.role, "via": "session", "csrfToken": session.csrf,
@@ -193,7 +193,7 @@ class AuthApi:
     async def logout(self, call: Call) -> Any:
         principal = call.principal
         if principal.via == "session":
-            self.web.sessions.drop(self.web.auth.session_cookie(call.request))
+            await self.web.sessions.drop(self.web.auth.session_cookie(call.request))
             self.web.auth.clear_session_cookie(call.request)
         elif principal.via == "token":
             await auth.revoke_key(self.web.hub.store, principal.key_id, self.web.clock.seconds())
@@ -230,7 +230,7 @@ class AuthApi:
             raise ApiError(403, "wrong_password", "current: wrong password", field="current")
         await users.update_user(self.web.hub.store, p.name, password=call.body["new"])
         # Everything else logged in as this user ends; this session continues.
-        self.web.sessions.drop_user(p.user_id, keep=p.session)
+        await self.web.sessions.drop_user(p.user_id, keep=p.session)
         await auth.revoke_user_tokens(self.web.hub.store, p.user_id, self.web.clock.seconds())
         self.web.auth.forget()
         call.target = p.name
@@ -290,7 +290,7 @@ class UsersApi:
             raise not_found(f"user {call.params['name']}")
         now = self.web.clock.seconds()
         if body.get("disabled") or "password" in body:
-            self.web.sessions.drop_user(user.id)
+            await self.web.sessions.drop_user(user.id)
             await auth.revoke_user_tokens(self.web.hub.store, user.id, now)
         self.web.sessions.set_role(user.id, user.role)
         self.web.auth.forget()  # keys follow their user's role and state at once
@@ -304,7 +304,7 @@ class UsersApi:
         user = await users.delete_user(self.web.hub.store, call.params["name"])
         if user is None:
             raise not_found(f"user {call.params['name']}")
-        self.web.sessions.drop_user(user.id)
+        await self.web.sessions.drop_user(user.id)
         self.web.auth.forget()
         return NO_CONTENT
 

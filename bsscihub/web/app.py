@@ -146,7 +146,7 @@ class WebApp:
         self.clock: IReactorTime = clock if clock is not None else hub.reactor
         self.secure = hub.config.web.https if https is None else https
         web = hub.config.web
-        self.sessions = SessionStore(self.clock, web.session_idle, web.session_max)
+        self.sessions = SessionStore(self.clock, web.session_idle, web.session_max, store=hub.store)
         self.limiter = LoginLimiter(self.clock)
         self.proxies = ProxyPolicy(parse_networks(web.trusted_proxies))
         self.api_limiter = (RateLimiter(self.clock, rate=web.rate_limit, burst=web.rate_burst)
@@ -221,6 +221,10 @@ class WebApp:
     async def _housekeep(self) -> None:
         """Every minute: aggregated refusals to the audit log; hourly, entries past web.audit_retention."""
         await self.refusals.flush()
+        try:
+            await self.sessions.purge()
+        except Exception:
+            self.log.failure("could not purge expired sessions")
         now = self.clock.seconds()
         if now - self._last_purge >= 3600:
             self._last_purge = now

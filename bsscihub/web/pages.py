@@ -218,14 +218,14 @@ class CorePages:
             token = csrf.issue_login_token(call.request, self.web.auth.is_secure(call.request))
             return Page("login.html", {"login_token": token, "next": safe_next(form.get("next")),
                                        "error": e.message, "username": username}, status=e.status)
-        self.web.auth_api.start_session(call.request, user, call.source)
+        await self.web.auth_api.start_session(call.request, user, call.source)
         call.audit_action, call.target, call.acting_as = "auth.login", user.name, user.name
         call.detail = {"via": "page"}
         return Redirect(safe_next(form.get("next")))
 
     @page_route("POST", "/logout", role="viewer", summary="Log out")
-    def logout(self, call: Call) -> Any:
-        self.web.sessions.drop(self.web.auth.session_cookie(call.request))
+    async def logout(self, call: Call) -> Any:
+        await self.web.sessions.drop(self.web.auth.session_cookie(call.request))
         self.web.auth.clear_session_cookie(call.request)
         call.audit_action, call.target, call.detail = "auth.logout", call.actor, {"via": "page"}
         return Redirect("/login")

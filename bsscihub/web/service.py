@@ -89,21 +89,53 @@ def _peer(request: Any) -> str:
 
 
 class WebService(ListenerService):
-    """Starts the app's bus subscriptions and log ring with the listener, and stops them with it."""
+    """Starts the app's bus subscriptions and log ring with the listener, and stops them with it.
+
+    The stored sessions are loaded before the port is bound: the first request after a restart
+    already finds its log-in."""
+
+    log = Logger()
 
     def __init__(self, endpoint: Any, site: Site, web: WebApp) -> None:
         super().__init__(endpoint, site)
         self.web = web
+        self._loading: defer.Deferred[None] | None = None
 
     def startService(self) -> None:
         self.web.start()
-        super().startService()
+        self._loading = defer.Deferred.fromCoroutine(self._load_then_listen())
+
+    async def _load_then_listen(self) -> None:
+        try:
+            loaded = await self.web.sessions.load()
+        except Exception:
+            self.log.failure("could not restore the stored admin sessions; users log in again")
+        else:
+            if loaded:
+                self.log.info("{count} admin sessions restored", count=loaded)
+        ListenerService.startService(self)
+
+    def when_listening(self) -> defer.Deferred[Any]:
+        loading = self._loading
+        if loading is None or loading.called:
+            return super().when_listening()
+        d: defer.Deferred[Any] = defer.Deferred()
+
+        def listening(_: Any) -> None:
+            ListenerService.when_listening(self).chainDeferred(d)
+
+        loading.addCallback(listening)
+        return d
+
+    when_ready = when_listening
 
     def stopService(self) -> Any:
         self.web.stop()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._loading is not None and not self._loading.called:
+            await self._loading
         await super().stopService()
         await self.web.drain()
 
