@@ -16,6 +16,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.logger import Logger
 
 from bsscihub import pki
 from bsscihub.bus import Event
@@ -62,8 +63,9 @@ class Client(WebSocketClientProtocol):
         self.sendMessage(json.dumps(value).encode())
 
 
-async def connect(port: int, *, query: str = "", headers: dict[str, str] | None = None) -> Client:
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/api/v1/stream{query}", headers=headers or {})
+async def connect(port: int, *, query: str = "", headers: dict[str, str] | None = None,
+                  path: str = "/api/v1/stream") -> Client:
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}{query}", headers=headers or {})
     factory.protocol = Client
     made: defer.Deferred[Client] = defer.Deferred()
     factory.buildProtocol = _capture(factory.buildProtocol, made)  # type: ignore[method-assign]
@@ -113,6 +115,51 @@ async def test_subscribed_channels_only(harness: Harness, port: int) -> None:
     client.sendClose()
     await client.closed
     assert harness.web.stream.clients == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ws_channels_of_earlier_dashboards(harness: Harness, port: int) -> None:
+    """/ws: the channels devices, gateways, sensor_data, ota, logs; {"type": channel, "data"} messages."""
+    with pytest.raises(ConnectionError):
+        await connect(port, path="/ws")  # anonymous: 401 before the upgrade
+    client = await connect(port, path="/ws", headers={"Authorization": f"Bearer {harness.tokens['viewer']}"})
+    hello = await next_message(client)
+    assert hello["type"] == "hello" and hello["data"]["channels"] == ["devices", "gateways", "sensor_data", "ota"]
+    client.send_json({"type": "subscribe", "channel": "sensor_data"})
+    assert await next_message(client) == {"type": "subscribed", "channels": ["sensor_data"]}
+    client.send_json({"action": "subscribe", "channels": ["gateways", "ota"]})
+    assert (await next_message(client))["channels"] == ["gateways", "ota", "sensor_data"]
+    client.send_json({"type": "subscribe", "channel": "logs"})
+    assert (await next_message(client))["error"]["code"] == "forbidden"
+    client.send_json({"type": "subscribe", "channel": "weather"})
+    assert (await next_message(client))["error"]["code"] == "invalid_channel"
+    client.send_json({"type": "ping"})
+    assert await next_message(client) == {"type": "pong"}
+    harness.hub.bus.publish(Event("devices", "registered", "dev/device/d1/event/registered", {"deviceId": "d1"}))
+    harness.hub.bus.publish(Event("devices", "up", "dev/device/d1/up", {"deviceId": "d1", "value": 1.5}))
+    message = await next_message(client)
+    assert message["type"] == "sensor_data" and message["data"] == {"deviceId": "d1", "value": 1.5,
+                                                                   "topic": "dev/device/d1/up"}
+    assert message["time"].endswith("Z")
+    harness.hub.bus.publish(Event("ble", "gateway_state", "ble/gw/G/state", {"gatewayId": "G", "state": "online"}))
+    harness.hub.bus.publish(Event("devices", "ota", "dev/device/d1/event/ota", {"state": "done"}))
+    assert [(await next_message(client))["type"] for _ in range(2)] == ["gateways", "ota"]
+    client.send_json({"unsubscribe": ["sensor_data"]})
+    assert (await next_message(client))["channels"] == ["gateways", "ota"]
+    client.sendClose()
+    await client.closed
+
+    # Admins get the hub's log lines (scrubbed), access lines excepted.
+    admin = await connect(port, path="/ws", headers={"Authorization": f"Bearer {harness.tokens['admin']}"})
+    await next_message(admin)
+    admin.send_json({"type": "subscribe", "channels": ["logs", "devices"]})
+    assert (await next_message(admin))["channels"] == ["devices", "logs"]
+    Logger(namespace="test.fleets").warn("gateway {name} token=abc123 misbehaves", name="GW9")
+    line = await next_message(admin)
+    assert line["type"] == "logs" and line["data"]["level"] == "warn"
+    assert "GW9" in line["data"]["text"] and "abc123" not in line["data"]["text"]
+    admin.sendClose()
+    await admin.closed
 
 
 @pytest_twisted.ensureDeferred

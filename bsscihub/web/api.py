@@ -28,6 +28,7 @@ from bsscihub.web.routing import (
     page,
 )
 from bsscihub.web.schema import ANY_OBJECT, hexstr, obj, page_of, string
+from bsscihub.web.stream import upgrade
 
 if TYPE_CHECKING:
     from bsscihub.web.app import WebApp
@@ -442,15 +443,7 @@ class HubApi:
                            ' "time", "payload"}}. Authenticate with the session cookie, a bearer header or a ticket. '
                            "A client that does not keep up is disconnected.")
     def stream(self, call: Call) -> Any:
-        request = call.request
-        upgrade = (request.getHeader(b"upgrade") or b"").lower()
-        if upgrade != b"websocket":
-            raise ApiError(426, "upgrade_required", "this is a WebSocket endpoint", headers={"Upgrade": "websocket"})
-        if call.principal.via == "session" and not self.web.same_origin(request):
-            raise ApiError(403, "forbidden", "cross-origin WebSocket with a session cookie")
-        if self.web.stream.full():
-            raise ApiError(503, "unavailable", "too many stream clients")
-        return self.web.stream.resource_for(call.principal)
+        return upgrade(self.web, call, "stream")
 
 
 CERT_INFO = obj({"serial": {"type": "string"}, "subject": {"type": "string"}, "notAfter": {"type": "string"}},

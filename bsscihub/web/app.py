@@ -38,7 +38,7 @@ from bsscihub.web.pages import CORE_NAV, CorePages, Pages
 from bsscihub.web.proxy import ProxyPolicy, client_of, parse_networks
 from bsscihub.web.routing import BoundRoute, collect
 from bsscihub.web.sessions import SessionStore
-from bsscihub.web.stream import StreamHub
+from bsscihub.web.stream import StreamHub, WSRoute
 
 API_PREFIX = "/api/v1"
 STATIC = Path(__file__).parent / "static"
@@ -172,6 +172,7 @@ class WebApp:
         routes: list[BoundRoute] = []
         for group in (self.auth_api, *(cls(self) for cls in CORE_GROUPS if cls is not AuthApi), CorePages(self)):
             routes += collect(group, api_prefix=API_PREFIX, page_prefix="", tag="")
+        routes += collect(WSRoute(self), api_prefix="", page_prefix="", tag="")
         for name, family in hub.families.items():
             web_routes = getattr(family, "web_routes", None)
             if web_routes is None:
@@ -208,6 +209,8 @@ class WebApp:
         self._unsubscribe.append(self.stream.stop)
         globalLogPublisher.addObserver(self.logs)
         self._unsubscribe.append(lambda: globalLogPublisher.removeObserver(self.logs))
+        self.logs.listeners.append(self.stream.log_line)
+        self._unsubscribe.append(lambda: self.logs.listeners.remove(self.stream.log_line))
 
     def stop(self) -> None:
         for undo in reversed(self._unsubscribe):

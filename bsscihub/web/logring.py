@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent
@@ -38,6 +39,7 @@ class LogRing:
     def __init__(self, size: int = 1000, max_line: int = 2000) -> None:
         self._lines: deque[dict[str, Any]] = deque(maxlen=size)
         self.max_line = max_line
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # each new line, as kept (the live stream)
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
@@ -49,14 +51,15 @@ class LogRing:
         if failure is not None:
             # One line about the error; tracebacks stay in the real log.
             text = f"{text}: {failure.type.__name__}: {failure.getErrorMessage()}"
-        self._lines.append(
-            {
-                "time": float(event.get("log_time") or 0.0),
-                "level": name,
-                "namespace": str(event.get("log_namespace", "")),
-                "text": scrub(text)[: self.max_line],
-            }
-        )
+        line = {
+            "time": float(event.get("log_time") or 0.0),
+            "level": name,
+            "namespace": str(event.get("log_namespace", "")),
+            "text": scrub(text)[: self.max_line],
+        }
+        self._lines.append(line)
+        for listener in self.listeners:
+            listener(line)
 
     def lines(self, *, level: str = "info", limit: int = 200, access: bool = False) -> list[dict[str, Any]]:
         """Newest first, at or above `level`; HTTP access lines only if asked for."""

@@ -116,9 +116,9 @@ def _operation(route: Route, api_prefix: str) -> dict[str, Any]:
 def build(routes: Sequence[Route], *, version: str, api_prefix: str = "/api/v1") -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        if route.kind != "api":
-            continue
-        relative = route.path[len(api_prefix):] if route.path.startswith(api_prefix) else route.path
+        if route.kind != "api" or not route.path.startswith(api_prefix):
+            continue  # routes kept outside /api/v1 for earlier platforms' clients (/ws) are in the README
+        relative = route.path[len(api_prefix):]
         paths.setdefault(relative or "/", {})[route.method.lower()] = _operation(route, api_prefix)
     used = sorted({status for route in routes if route.kind == "api" for status in _error_statuses(route)})
     return {

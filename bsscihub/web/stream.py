@@ -1,6 +1,8 @@
 """The live event stream: bus events fanned out over WebSocket (autobahn) to subscribed, authenticated clients.
 
 Each event is encoded and framed once for all clients; a client that cannot keep up is disconnected.
+Two flavours: /api/v1/stream (channels `family/kind`) and /ws, the channels of the dashboards of earlier
+platforms (devices, gateways, sensor_data, ota, logs) with their {"type", "data"} messages.
 """
 
 from __future__ import annotations
@@ -18,10 +20,50 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from bsscihub.bus import Event, EventBus
-from bsscihub.web.events import channel_of, event_json
+from bsscihub.contract import rfc3339
+from bsscihub.web.errors import ApiError
+from bsscihub.web.events import channel_of, event_json, redact
+from bsscihub.web.logring import ACCESS
+from bsscihub.web.routing import Call, api_route
 
 _CHANNEL = re.compile(r"^(\*|[a-z0-9_-]{1,32}(/[a-z0-9_*-]{1,32})?)$")
 MAX_SUBSCRIPTIONS = 32
+
+WS_CHANNELS = ("devices", "gateways", "sensor_data", "ota", "logs")
+"""The /ws channels; `logs` (the hub's log lines, scrubbed) is for admins only, like GET /api/v1/logs."""
+_WS_VERBS = ("subscribe", "unsubscribe")
+
+
+def ws_channel(event: Event) -> str:
+    """The /ws channel of a bus event: readings, firmware updates, gateways (BLE gateways and mioty base
+    stations), or else the devices channel (registrations, states, statuses, commands of every family)."""
+    kind = event.kind
+    if kind in ("up", "uplink"):
+        return "sensor_data"
+    if kind == "ota":
+        return "ota"
+    if (event.family == "ble" and kind.startswith("gateway_")) or (event.family == "mioty" and kind in (
+            "state", "status")):
+        return "gateways"
+    return "devices"
+
+
+def _ws_request(message: Any) -> tuple[str, list[Any]] | None:
+    """(verb, channels) of a /ws control message in any of the shapes dashboards send:
+    {"subscribe": [..]}, {"type"|"action": "subscribe", "channel": ".."} or {.., "channels": [..]}."""
+    if not isinstance(message, dict):
+        return None
+    for verb in _WS_VERBS:
+        if verb in message:
+            value = message[verb]
+            return verb, value if isinstance(value, list) else [value]
+    named = message.get("type", message.get("action"))
+    if named not in _WS_VERBS:
+        return None
+    if "channels" in message:
+        value = message["channels"]
+        return named, value if isinstance(value, list) else [value]
+    return named, [message.get("channel")]
 
 
 @implementer(IPushProducer)
@@ -38,6 +80,7 @@ class StreamProtocol(WebSocketServerProtocol):
         self._backlog: deque[Any] = deque()
         self._backlog_bytes = 0
         self._open = False
+        self.flavor = "stream"  # or "ws"
 
     # -- autobahn callbacks
 
@@ -48,7 +91,15 @@ class StreamProtocol(WebSocketServerProtocol):
         transport.registerProducer(self, True)
         self._open = True
         self.factory.hub.add(self)
-        self.send_json({"hello": {"user": self.principal.name, "role": self.principal.role}})
+        hello = {"user": self.principal.name, "role": self.principal.role}
+        if self.flavor == "ws":
+            self.send_json({"type": "hello", "data": {**hello, "channels": list(self.allowed_ws_channels())}})
+        else:
+            self.send_json({"hello": hello})
+
+    def allowed_ws_channels(self) -> tuple[str, ...]:
+        admin = getattr(self.principal, "role", None) == "admin"
+        return tuple(c for c in WS_CHANNELS if c != "logs" or admin)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -58,6 +109,9 @@ class StreamProtocol(WebSocketServerProtocol):
             message = json.loads(payload)
         except ValueError:
             self.send_json({"error": {"code": "bad_json", "message": "messages are JSON objects"}})
+            return
+        if self.flavor == "ws":
+            self._ws_message(message)
             return
         if not isinstance(message, dict) or not ({"subscribe", "unsubscribe"} & set(message)):
             self.send_json({"error": {"code": "invalid", "message": 'expected {"subscribe": [channels]}'}})
@@ -76,6 +130,33 @@ class StreamProtocol(WebSocketServerProtocol):
                 return
             self.factory.hub.resubscribe(self, wanted)
         self.send_json({"subscribed": sorted(self.subscriptions)})
+
+    def _ws_message(self, message: Any) -> None:
+        def error(code: str, text: str) -> None:
+            self.send_json({"type": "error", "error": {"code": code, "message": text}})
+
+        if isinstance(message, dict) and message.get("type", message.get("action")) == "ping":
+            self.send_json({"type": "pong"})
+            return
+        request = _ws_request(message)
+        if request is None:
+            error("invalid", 'expected {"type": "subscribe", "channels": [...]} (or "channel", or "unsubscribe")')
+            return
+        verb, channels = request
+        allowed = self.allowed_ws_channels()
+        if channels == ["*"]:
+            channels = list(allowed)
+        unknown = [c for c in channels if c not in WS_CHANNELS]
+        if unknown:
+            error("invalid_channel", f"unknown channel {str(unknown[0])[:40]!r}; channels: {', '.join(WS_CHANNELS)}")
+            return
+        forbidden = [c for c in channels if c not in allowed]
+        if forbidden and verb == "subscribe":
+            error("forbidden", f"the {forbidden[0]} channel needs the admin role")
+            return
+        wanted = self.subscriptions | set(channels) if verb == "subscribe" else self.subscriptions - set(channels)
+        self.factory.hub.resubscribe(self, wanted)
+        self.send_json({"type": "subscribed", "channels": sorted(self.subscriptions)})
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._open:
@@ -125,6 +206,7 @@ class StreamFactory(WebSocketServerFactory):
         super().__init__(server=None)
         self.hub = hub
         self.next_principal: Any = None
+        self.next_flavor = "stream"
         # No compression: one framed copy of each event then serves every client.
         self.setProtocolOptions(
             autoPingInterval=30,
@@ -139,25 +221,29 @@ class StreamFactory(WebSocketServerFactory):
     def buildProtocol(self, addr: Any) -> StreamProtocol:
         protocol = cast(StreamProtocol, super().buildProtocol(addr))
         protocol.principal, self.next_principal = self.next_principal, None
+        protocol.flavor, self.next_flavor = self.next_flavor, "stream"
         return protocol
 
 
 class _AuthorizedStream(WebSocketResource):
     """Hands one already authorized request over to the WebSocket protocol."""
 
-    def __init__(self, factory: StreamFactory, principal: Any) -> None:
+    def __init__(self, factory: StreamFactory, principal: Any, flavor: str = "stream") -> None:
         super().__init__(factory)
         self._principal = principal
+        self._flavor = flavor
 
     def render(self, request: Any) -> Any:
         channel = getattr(request, "channel", None)
         if channel is not None and hasattr(channel, "setTimeout"):
             channel.setTimeout(None)  # the HTTP idle timer must not outlive the upgrade
         self._factory.next_principal = self._principal  # buildProtocol (inside render) takes it
+        self._factory.next_flavor = self._flavor
         try:
             return super().render(request)
         finally:
             self._factory.next_principal = None
+            self._factory.next_flavor = "stream"
 
 
 class StreamHub:
@@ -179,6 +265,8 @@ class StreamHub:
         self.factory = StreamFactory(self)
         self.clients: set[StreamProtocol] = set()
         self._index: dict[str, set[StreamProtocol]] = {}
+        self._ws_index: dict[str, set[StreamProtocol]] = {}  # /ws clients by /ws channel
+        self._in_log = False
         self._unsubscribe: Any = None
         self.delivered = 0
         self._clients_gauge = Gauge("bsscihub_stream_clients", "Connected live-stream clients", registry=metrics)
@@ -201,8 +289,8 @@ class StreamHub:
     def full(self) -> bool:
         return len(self.clients) >= self.max_clients
 
-    def resource_for(self, principal: Any) -> _AuthorizedStream:
-        return _AuthorizedStream(self.factory, principal)
+    def resource_for(self, principal: Any, flavor: str = "stream") -> _AuthorizedStream:
+        return _AuthorizedStream(self.factory, principal, flavor)
 
     def add(self, client: StreamProtocol) -> None:
         self.clients.add(client)
@@ -212,14 +300,15 @@ class StreamHub:
         self.resubscribe(client, set())
 
     def resubscribe(self, client: StreamProtocol, wanted: set[str]) -> None:
+        index = self._ws_index if client.flavor == "ws" else self._index
         for key in client.subscriptions - wanted:
-            members = self._index.get(key)
+            members = index.get(key)
             if members is not None:
                 members.discard(client)
                 if not members:
-                    del self._index[key]
+                    del index[key]
         for key in wanted - client.subscriptions:
-            self._index.setdefault(key, set()).add(client)
+            index.setdefault(key, set()).add(client)
         client.subscriptions = set(wanted)
 
     def dropped_slow(self, client: StreamProtocol) -> None:
@@ -234,6 +323,10 @@ class StreamHub:
 
     def publish(self, event: Event) -> None:
         """The bus sink: encode and frame once, hand to every client subscribed."""
+        if self._ws_index:
+            members = self._ws_index.get(ws_channel(event))
+            if members:
+                self._deliver_ws(members, ws_channel(event), {**redact(event.payload), "topic": event.topic})
         if not self._index:
             return
         channel = channel_of(event)
@@ -249,3 +342,48 @@ class StreamHub:
         for client in targets:
             client.deliver(prepared)
         self.delivered += len(targets)
+
+    def _deliver_ws(self, members: set[StreamProtocol], channel: str, data: dict[str, Any]) -> None:
+        message = {"type": channel, "data": data, "time": rfc3339(self.clock.seconds())}
+        prepared = self.factory.prepareMessage(json.dumps(message, separators=(",", ":"), default=str).encode())
+        for client in list(members):
+            client.deliver(prepared)
+        self.delivered += len(members)
+
+    def log_line(self, line: dict[str, Any]) -> None:
+        """A LogRing listener: the hub's (scrubbed) log lines to /ws `logs` subscribers (admins)."""
+        members = self._ws_index.get("logs")
+        if not members or self._in_log or line.get("namespace") == ACCESS:
+            return
+        self._in_log = True  # delivering may log (a slow client dropped): that line is not streamed
+        try:
+            self._deliver_ws(members, "logs", {**line, "time": rfc3339(line["time"])})
+        finally:
+            self._in_log = False
+
+
+class WSRoute:
+    """`/ws`: the live stream as the dashboards of earlier platforms open it (mounted outside /api/v1)."""
+
+    def __init__(self, web: Any) -> None:
+        self.web = web
+
+    @api_route("GET", "/ws", role="viewer", summary="Live stream with the channels devices, gateways, sensor_data,"
+               " ota, logs (WebSocket)", tag="stream", ticket_auth=True, errors=(426, 503),
+               description='Send {"type": "subscribe", "channels": ["sensor_data", ...]} (also "channel": "..", '
+                           'or {"subscribe": [...]}); receive {"type": channel, "data": payload with its "topic", '
+                           '"time"}. logs is for admins. Authenticated like /api/v1/stream.')
+    def ws(self, call: Call) -> Any:
+        return upgrade(self.web, call, "ws")
+
+
+def upgrade(web: Any, call: Call, flavor: str) -> Any:
+    """The checks before a stream's WebSocket upgrade; the resource that performs it."""
+    request = call.request
+    if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
+        raise ApiError(426, "upgrade_required", "this is a WebSocket endpoint", headers={"Upgrade": "websocket"})
+    if call.principal.via == "session" and not web.same_origin(request):
+        raise ApiError(403, "forbidden", "cross-origin WebSocket with a session cookie")
+    if web.stream.full():
+        raise ApiError(503, "unavailable", "too many stream clients")
+    return web.stream.resource_for(call.principal, flavor)
