@@ -24,6 +24,7 @@ from bsscihub.config import HubConfig
 from bsscihub.errors import UserFacingError
 from bsscihub.family import IFamily
 from bsscihub.health import ComponentHealth, HealthRegistry
+from bsscihub.metrics import register_standard_collectors
 from bsscihub.store import Migration, Store, open_store
 from bsscihub.store.schema import CORE_MIGRATIONS
 
@@ -73,6 +74,7 @@ def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> H
     )
     hub.refusals = RefusalLog(store, reactor)
     hub.health.register("storage", lambda: ComponentHealth(store.running, {"backend": store.dialect}))
+    register_standard_collectors(hub.metrics, hub.version)
     return hub
 
 

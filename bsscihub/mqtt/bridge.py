@@ -613,9 +613,6 @@ class _Collector:
         yield CounterMetricFamily(
             "bsscihub_mqtt_resent", "Messages sent again after a lost connection", value=outbox.resent
         )
-        yield GaugeMetricFamily(
-            "bsscihub_mqtt_publish_rate", "Acknowledged messages per second, recent", value=bridge.publish_rate()
-        )
         dropped = CounterMetricFamily(
             "bsscihub_mqtt_outbox_dropped", "Messages dropped by the outbox overflow policy", labels=["policy"]
         )
