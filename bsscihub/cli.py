@@ -35,11 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bsscihub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser(
+    init = sub.add_parser(
         "init",
         parents=[common],
         help="create the configuration file (from the sample, if missing), data_dir, the development CA"
         " and hub certificate, the schema and an admin user",
+    )
+    init.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP address base stations reach the hub by, for a new hub certificate"
+        " (repeatable; default: localhost and 127.0.0.1)",
+    )
+    init.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="write the new admin's password to FILE (mode 0600) instead of printing it",
     )
 
     certs = sub.add_parser("certs", parents=[common], help="certificates").add_subparsers(
@@ -161,7 +174,11 @@ def cmd_init(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
     tls = config.tls
     created = pki.create_ca(tls.ca, tls.ca_key)
     print(f"CA certificate {tls.ca}: {'created' if created else 'exists, kept'}")
-    created = pki.issue_server_cert(tls.ca, tls.ca_key, tls.cert, tls.key)
+    if args.hostname:
+        hostnames, ips = _hostnames(args.hostname)
+        created = pki.issue_server_cert(tls.ca, tls.ca_key, tls.cert, tls.key, hostnames=hostnames, ips=ips)
+    else:
+        created = pki.issue_server_cert(tls.ca, tls.ca_key, tls.cert, tls.key)
     print(f"hub certificate {tls.cert}: {'created' if created else 'exists, kept'}")
 
     async def work(hub: Any) -> int:
@@ -172,12 +189,43 @@ def cmd_init(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
             print("user admin: exists, kept")
             return 0
         password = users.generate_password()
+        if args.password_file:
+            _write_secret(Path(args.password_file), password + "\n")
         await users.add_user(hub.store, "admin", "admin", password)
         await audit.record(hub.store, "cli", "user.add", "admin", {"role": "admin"}, "bsscihub init")
-        print(f"user admin created; its password (shown only now): {password}")
+        if args.password_file:
+            print(f"user admin created; its password is in {args.password_file} (readable only by its owner)")
+        else:
+            print(f"user admin created; its password (shown only now): {password}")
         return 0
 
     return run_with_store(config, families, work)
+
+
+def _hostnames(given: Sequence[str]) -> tuple[list[str], list[str]]:
+    """--hostname values split into DNS names and IP addresses for the hub certificate."""
+    import ipaddress
+
+    hostnames, ips = [], []
+    for name in given:
+        try:
+            ips.append(str(ipaddress.ip_address(name)))
+        except ValueError:
+            hostnames.append(name)
+    return hostnames, ips
+
+
+def _write_secret(path: Path, text: str) -> None:
+    import os
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)  # also when the file was there with a wider mode
+            f.write(text)
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror}") from None
 
 
 def cmd_certs(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:

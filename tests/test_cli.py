@@ -312,3 +312,24 @@ async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
     finally:
         h.web.stop()
         await h.hub.store.stop()
+
+
+def test_init_password_file_and_hostnames(tmp_path: Path) -> None:
+    """The container's first start: the admin password goes to a 0600 file, not to standard output."""
+    result = bsscihub(
+        tmp_path, "init", "--config", CONFIG, "--password-file", "secret/admin-password",
+        "--hostname", "hub.example.net", "--hostname", "192.0.2.7",
+    )
+    assert result.returncode == 0, result.stderr
+    password_file = tmp_path / "secret" / "admin-password"
+    password = password_file.read_text().strip()
+    assert len(password) >= 16
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert password not in result.stdout + result.stderr
+    assert "its password is in secret/admin-password" in result.stdout
+    assert _check_password(tmp_path, "admin", password)
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "hub.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["hub.example.net"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["192.0.2.7"]

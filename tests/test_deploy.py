@@ -1,0 +1,181 @@
+"""Deployment files: the container entry point run for real, the image's and compose file's settings, the unit.
+
+What needs a container engine (building and running the image) is not run here; this checks what can be.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bsscihub.tap import load_hub_config
+from tests.broker import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRYPOINT = REPO / "deploy" / "entrypoint.sh"
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The ENV of the Dockerfile's final stage, as the container sees it."""
+    text = (REPO / "Dockerfile").read_text()
+    final = text[text.rindex("\nFROM ") :]
+    env: dict[str, str] = {}
+    for block in re.findall(r"^ENV (.*?)(?<!\\)$", final.replace("\\\n", "\\ "), flags=re.M | re.S):
+        for name, value in re.findall(r"(\w+)=(\S+)", block):
+            env[name] = value
+    return env
+
+
+def test_the_images_overrides_are_valid_configuration() -> None:
+    env = dockerfile_env()
+    assert env["BSSCIHUB_DATA_DIR"] == "/data" and env["HUB_CONFIG"] == "/config/hub.yaml"
+    config, families = load_hub_config(str(REPO / "etc" / "hub.yaml"), env)
+    assert str(config.data_dir) == "/data"
+    assert config.tls.key == "/certs/hub.key" and config.tls.ca_key == "/certs/ca.key"
+    assert config.web.listen == "tcp:8080"  # every interface of the container
+    assert config.log.format == "json"
+    text = (REPO / "Dockerfile").read_text()
+    assert 'VOLUME ["/config", "/data", "/certs"]' in text
+    assert "USER bsscihub:bsscihub" in text
+    assert "/health/live" in text.split("HEALTHCHECK", 1)[1]
+
+
+def test_compose_file_starts_the_hub_with_mosquitto_and_postgresql() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"hub", "postgres", "mosquitto"}
+    hub = services["hub"]
+    assert hub["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert {v.split(":")[1] for v in hub["volumes"]} == {"/config", "/data", "/certs"}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), source
+            else:
+                assert source in compose["volumes"], source
+    # The hub's settings in compose are valid keys with the defaults the file gives them.
+    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in hub["environment"].items()}
+    config, _ = load_hub_config(str(REPO / "etc" / "hub.yaml"), {**dockerfile_env(), **env})
+    assert config.database == "postgresql://bsscihub:bsscihub@postgres:5432/bsscihub"
+    assert config.mqtt.url == "mqtt://mosquitto:1883"
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == "bsscihub"
+    assert (REPO / "deploy" / "mosquitto.conf").read_text().count("listener 1883") == 1
+
+
+def run_entrypoint(home: Path, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["sh", str(ENTRYPOINT), *args], env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def container_env(home: Path, web: int) -> dict[str, str]:
+    """The Dockerfile's environment with the container's paths moved under `home`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BSSCIHUB_", "HUB_"))}
+    for name, value in dockerfile_env().items():
+        if name == "PATH":
+            continue
+        for root in ("/config", "/data", "/certs"):
+            if value.startswith(root):
+                value = str(home) + value
+        env[name] = value
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's bsscihub and twistd
+        BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
+        BSSCIHUB_BSSCI_LISTEN=f"tcp:{free_port()}:interface=127.0.0.1",
+        BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",  # no broker: the hub must start anyway
+        HUB_HOSTNAMES="hub.example.net 192.0.2.7",
+    )
+    return env
+
+
+def wait_serving(process: subprocess.Popen[str], port: int) -> None:
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers: it serves
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the hub did not serve HTTP within 45 s: {process.communicate()[0]}")
+
+
+def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)  # reaches twistd itself: the script exec'd it
+    output, _ = process.communicate(timeout=20)
+    return process.returncode, output
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+def test_entrypoint_initialises_on_first_start_then_runs_the_hub(tmp_path: Path) -> None:
+    for d in ("config", "data", "certs"):
+        (tmp_path / d).mkdir()
+    web = free_port()
+    env = container_env(tmp_path, web)
+
+    first = run_entrypoint(tmp_path, env=env)
+    wait_serving(first, web)
+    status, output = stop(first)
+    assert status == 0, output
+    password_file = tmp_path / "data" / "initial-admin-password"
+    password = password_file.read_text().strip()
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert password not in output  # the log says where it is, never what it is
+    assert f"as \"admin\" with the password in {password_file}" in output
+    assert (tmp_path / "config" / "hub.yaml").read_text() == (REPO / "etc" / "hub.yaml").read_text()
+    for name in ("ca.pem", "ca.key", "hub.pem", "hub.key"):
+        assert (tmp_path / "certs" / name).exists(), name
+    assert (tmp_path / "data" / "hub.sqlite").exists()
+    assert not list(tmp_path.rglob("*.pid")), "no pid file"
+    assert '"log_level"' in output or '"level"' in output  # BSSCIHUB_LOG_FORMAT=json from the image
+
+    second = run_entrypoint(tmp_path, "hub", env=env)
+    wait_serving(second, web)
+    status, output = stop(second)
+    assert status == 0, output
+    assert "first start" not in output and "exists, kept" in output
+    assert password_file.read_text().strip() == password
+
+    other = run_entrypoint(tmp_path, "bsscihub", "--version", env=env)
+    assert other.communicate(timeout=30)[0].startswith("bsscihub ")
+    assert other.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+def test_entrypoint_stops_with_the_config_error(tmp_path: Path) -> None:
+    env = container_env(tmp_path, free_port()) | {"BSSCIHUB_MQTT_KEEPALIVE": "often"}
+    process = run_entrypoint(tmp_path, env=env)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2
+    lines = output.splitlines()
+    assert "config error: mqtt.keepalive = 'often': expected a positive whole number" in lines
+    assert "Traceback" not in output and not any("twistd" in line for line in lines)  # it stopped before the hub
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = tmp_path / "bsscihub.service"
+    text = (REPO / "deploy" / "bsscihub.service").read_text()
+    # Point the unit at this virtualenv, since /opt/bsscihub does not exist here.
+    unit.write_text(text.replace("/opt/bsscihub/bin/", f"{Path(sys.executable).parent}/"))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+    for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=\n", "--pidfile= "):
+        assert option in text, option
