@@ -3,6 +3,7 @@ Required fields below are copied from BSSCI.md, not from the code, so the two ar
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import attrs
@@ -50,15 +51,18 @@ ALL_COMMANDS |= {"error", "errorAck"}
 # Mandatory fields (R) as BSSCI.md lists them.
 REQUIRED = {
     "con": ["version", "bsEui", "bidi", "snBsUuid"],
-    "ulData": [
-        "epEui", "rxTime", "packetCnt", "snr", "rssi", "userData", "dlOpen", "responseExp",
-        "dlAck",
-    ],
-    "att": [
-        "epEui", "rxTime", "attachCnt", "snr", "rssi", "nonce", "sign", "dualChan",
-        "repetition", "wideCarrOff", "longBlkDist",
-    ],
+    # The specification makes dlOpen, responseExp, dlAck (ulData) and dualChan, repetition,
+    # wideCarrOff, longBlkDist (att) mandatory too; stations in the field omit them.
+    "ulData": ["epEui", "rxTime", "packetCnt", "snr", "rssi", "userData"],
+    "att": ["epEui", "rxTime", "attachCnt", "snr", "rssi", "nonce", "sign"],
     "statusRsp": ["code", "message", "time", "dutyCycle"],
+}  # fmt: skip
+
+# What a service center sends (BSSCI.md's operation table, both directions of each operation).
+SC_SENT = {
+    "conRsp", "ping", "pingRsp", "pingCmp", "status", "statusCmp", "attRsp", "detRsp", "attPrp", "attPrpCmp",
+    "detPrp", "detPrpCmp", "ulDataRsp", "ulDataTx", "ulDataTxCmp", "dlDataQue", "dlDataQueCmp", "dlDataRev",
+    "dlDataRevCmp", "dlDataResRsp", "dlRxStatRsp", "dlRxStatQry", "dlRxStatQryCmp", "error", "errorAck",
 }  # fmt: skip
 
 # --- strategies, one per field name (a field's name fixes its meaning) -------------
@@ -110,7 +114,6 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
             "dlOpen",
             "responseExp",
             "dlAck",
-            "responsePrio",
             "dlWindReq",
             "expOnly",
             "syncBurst",
@@ -137,7 +140,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     **dict.fromkeys(["queId", "format"], U64),
     "uptime": NUMBER,
     **dict.fromkeys(
-        ["temp", "cpuLoad", "memLoad", "dutyCycle", "snr", "rssi", "eqSnr", "prio"],
+        ["temp", "cpuLoad", "memLoad", "dutyCycle", "snr", "rssi", "eqSnr", "prio", "responsePrio"],
         FLOAT,
     ),
     **dict.fromkeys(["dlRxSnr", "dlRxRssi"], FLOAT),
@@ -170,7 +173,7 @@ def dl_data_que(
         format=st.none() | U64,
         prio=st.none() | FLOAT,
         responseExp=st.none() | BOOL,
-        responsePrio=st.none() | BOOL,
+        responsePrio=st.none() | FLOAT,
         dlWindReq=st.none() | BOOL,
         expOnly=st.none() | BOOL,
     )
@@ -322,6 +325,50 @@ def test_float_fields_are_sent_as_floats() -> None:
     wire = encode(status)
     assert type(wire["dutyCycle"]) is float
     assert type(wire["uptime"]) is int  # seconds, sent as given
+
+
+@pytest.mark.parametrize(
+    ("command", "fields"),
+    [("ulData", ["dlOpen", "responseExp", "dlAck"]), ("att", ["dualChan", "repetition", "wideCarrOff", "longBlkDist"])],
+)
+def test_flags_stations_omit_default_to_false(command: str, fields: list[str]) -> None:
+    wire = wire_of(command)
+    for name in fields:
+        wire[name] = True
+    assert all(getattr(decode(wire), name) is True for name in fields)
+    for name in fields:
+        del wire[name]
+    message = decode(wire)
+    assert all(getattr(message, name) is False for name in fields)
+
+
+def test_user_data_over_200_bytes_is_invalid() -> None:
+    assert decode(ul_data_wire(userData=[7] * 200)).userData == bytes([7] * 200)  # type: ignore[attr-defined]
+    too_long = ([7] * 201, bytes(201), [-1] * 300)  # the fast path, bin, signed bytes (the generic path)
+    for wire in (ul_data_wire(userData=data) for data in too_long):
+        with pytest.raises(MessageError) as info:
+            decode(wire)
+        assert (info.value.code, info.value.field, info.value.opId) == (EINVAL, "userData", wire["opId"])
+        assert "at most 200 bytes" in info.value.message
+
+
+def test_single_precision_floats_go_out_as_float32() -> None:
+    # Every float the hub sends: prio and responsePrio of dlDataQue (no other SC message has one).
+    que = DlDataQue(opId=-1, epEui=1, queId=2, cntDepend=False, userData=(b"",), prio=0.5, responsePrio=1.25)
+    frame = encode_frame(encode(que), single_float=True)
+    payload = frame[12:]
+    assert payload.count(b"\xca") == 2 and b"\xcb" not in payload  # msgpack float32, never float64
+    assert b"\xca" + struct.pack(">f", 0.5) in payload and b"\xca" + struct.pack(">f", 1.25) in payload
+    [wire] = Framer().feed(frame)
+    assert (wire["prio"], wire["responsePrio"]) == (0.5, 1.25)
+    assert b"\xcb" in encode_frame(encode(que))[12:]  # the default packer writes float64
+    sent_floats = {
+        f.name for cls in MESSAGE_CLASSES.values() if cls.command in SC_SENT for f in attrs.fields(cls)
+        if "float" in str(f.type)
+    }
+    assert sent_floats == {"prio", "responsePrio"}
+    assert {cls.command for cls in MESSAGE_CLASSES.values() if cls.command in SC_SENT and any(
+        "float" in str(f.type) for f in attrs.fields(cls))} == set(messages.SINGLE_FLOAT_COMMANDS)
 
 
 def test_int_snr_decodes_as_float() -> None:

@@ -30,6 +30,7 @@ from bsscihub.protocols.bssci.session import (
     OperationFailed,
     OperationTimedOut,
     Refused,
+    ResumeState,
     Session,
     SessionClosed,
     SessionConfig,
@@ -66,11 +67,15 @@ class Center:
         self.uplinks: list[tuple[m.UlData, defer.Deferred[None]]] = []
         self.refuse_con: Refused | None = None
         self.att_answer: Any = None
+        self.resume: ResumeState | None = None
 
     def session_connecting(self, session: Session, con: m.Con) -> None:
         self.calls.append(("connecting", con))
         if self.refuse_con is not None:
             raise self.refuse_con
+        if self.resume is not None and self.resume.bs_uuid == con.snBsUuid:
+            session.offer_resume(self.resume)
+            self.resume = None  # offered once
 
     def session_ready(self, session: Session) -> None:
         self.calls.append(("ready", session.bs_hex))
@@ -250,26 +255,51 @@ def test_con_must_use_op_id_zero(bs: BS) -> None:
 
 
 @pytest.mark.parametrize("version", ["2.0.0", "0.9.1"])
-def test_major_version_mismatch_closes(bs: BS, center: Center, logged: list[str], version: str) -> None:
+def test_major_version_mismatch_closes_after_error_ack(bs: BS, center: Center, logged: list[str],
+                                                       version: str) -> None:
     bs.send("con", 0, version=version, bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
     [(op, code, message)] = errors(bs.received())
-    assert (op, code) == (0, EPROTONOSUPPORT) and version in message
+    assert (op, code) == (0, EPROTONOSUPPORT) and version in message and "1.0.0, 1.1.0" in message
+    assert not bs.closed  # the station may acknowledge the error first
+    bs.send("ping", 1)
+    bs.send("con", 0, version="1.0.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
+    assert bs.received() == [] and not bs.closed  # nothing else is served any more
+    bs.send("errorAck", 0)
     assert bs.closed and bs.session.closed
     assert any("major versions differ" in line and "10.0.0.5:43122" in line for line in logged)
     assert "connecting" not in center.names()
 
 
-def test_unknown_minor_version_closes_with_a_log_line(bs: BS, logged: list[str]) -> None:
-    bs.send("con", 0, version="1.7.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
+def test_major_version_mismatch_closes_after_a_short_wait_without_error_ack(bs: BS, clock: Clock) -> None:
+    bs.send("con", 0, version="2.1.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
     assert errors(bs.received())[0][1] == EPROTONOSUPPORT
-    assert bs.closed
-    assert any("minor versions differ" in line and "00073200007767f3" in line for line in logged)
+    clock.advance(4.9)
+    assert not bs.closed
+    clock.advance(0.2)
+    assert bs.closed and bs.session.closed
 
 
-def test_patch_version_is_ignored(bs: BS) -> None:
-    bs.send("con", 0, version="1.0.9", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
+@pytest.mark.parametrize(
+    ("version", "answer", "layout"),
+    [("1.0.0", "1.0.0", "bidi"), ("1.0.9", "1.0.0", "bidi"), ("1.1.0", "1.1.0", "epClass"),
+     ("1.1.4", "1.1.0", "epClass"), ("1.7.0", "1.1.0", "epClass")],
+)
+def test_any_1_x_is_served_with_the_highest_version_not_above_the_station_s(bs: BS, version: str, answer: str,
+                                                                             layout: str) -> None:
+    bs.send("con", 0, version=version, bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
     [rsp] = bs.received()
-    assert rsp["command"] == "conRsp" and not bs.closed
+    assert rsp["command"] == "conRsp" and rsp["version"] == answer and not bs.closed
+    bs.send("conCmp", 0)
+    [prp, *_] = [w for w in bs.received() if w["command"] == "attPrp"]
+    assert layout in prp and ({"bidi", "epClass"} - {layout}).isdisjoint(prp)
+
+
+def test_a_station_that_cannot_live_with_the_answered_version_errors_and_is_closed(bs: BS, center: Center) -> None:
+    bs.send("con", 0, version="1.7.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
+    assert bs.received()[0]["version"] == "1.1.0"
+    bs.send("error", 0, code=EPROTONOSUPPORT, message="need 1.7")
+    assert bs.commands() == [("errorAck", 0)]
+    assert bs.closed and center.names()[-1] == "closed"
 
 
 def test_refused_con_is_answered_and_closed(bs: BS, center: Center) -> None:
@@ -423,8 +453,15 @@ def test_commands_of_the_other_direction(bs: BS) -> None:
     bs.send("attPrp", 1, epEui=EP1, bidi=True, nwkSnKey=list(KEY), shAddr=1, lastPacketCnt=0, dualChan=False,
             repetition=False, wideCarrOff=False, longBlkDist=False)
     bs.send("ulDataRsp", 2)
-    bs.send("statusCmp", -9)  # nothing to answer to a completion
-    assert [(op, code) for op, code, _ in errors(bs.received())] == [(1, ENOSYS), (2, EINVAL)]
+    bs.send("statusCmp", -9)
+    bs.send("dlDataQueCmp", -10)
+    bs.send("status", 3)
+    out = errors(bs.received())
+    assert [(op, code) for op, code, _ in out] == [(1, ENOSYS), (2, EINVAL), (-9, EINVAL), (-10, EINVAL),
+                                                   (3, ENOSYS)]
+    assert "wrong direction" in out[2][2] and "wrong direction" in out[3][2]
+    bs.send("errorAck", -9)
+    assert bs.received() == [] and not bs.closed
 
 
 def test_ping_from_the_base_station(bs: BS) -> None:
@@ -576,6 +613,74 @@ def test_base_station_refusing_con_rsp_closes(bs: BS, center: Center) -> None:
     bs.send("error", 0, code=22, message="no")
     assert bs.commands() == [("errorAck", 0)]
     assert bs.closed and center.names()[-1] == "closed"
+
+
+# -- session resume
+
+
+def test_resumed_session_continues_both_op_id_counters_and_reissues_what_was_unfinished(
+    center: Center, clock: Clock
+) -> None:
+    first = BS(center, clock)
+    first.connect()
+    first.received()  # attPrp -1, -2 in flight (window 2), EP3 queued
+    first.send("ulData", 5, **ul_data())
+    state = first.session.resume_state()
+    assert state is not None and state.sc_next == -4 and state.bs_last == 5  # -3 went to the status poll
+    assert state.propagations == ((True, EP1), (True, EP2), (True, EP3))
+    first.protocol.connectionLost(defer.Failure(ConnectionError("gone")))  # type: ignore[attr-defined]
+    assert first.session.resume_state() == state  # kept past the end of the connection
+    center.resume = state
+
+    bs = BS(center, clock)
+    bs.send("con", 0, version="1.0.0", bsEui=BS_EUI, bidi=True, snBsUuid=list(state.bs_uuid), snBsOpId=5,
+            snScOpId=-3)
+    [rsp] = bs.received()
+    assert rsp["snResume"] is True and bytes(rsp["snScUuid"]) == state.sc_uuid
+    bs.send("conCmp", 0)
+    out = bs.received()
+    # The unfinished propagations first, with SC opIds continuing where the last session stopped.
+    assert [(w["command"], w["opId"], w["epEui"]) for w in out if w["command"] == "attPrp"] == [
+        ("attPrp", -4, EP1), ("attPrp", -5, EP2)]
+    assert bs.session.resumed and center.names()[-1] == "ready"
+    bs.send("ulData", 5, **ul_data())
+    assert "does not increase" in errors(bs.received())[0][2]
+    bs.send("ulData", 6, **ul_data())
+    assert center.uplinks[-1][0].opId == 6
+
+
+def test_resume_never_reuses_an_sc_op_id_the_station_reports_seeing(center: Center, clock: Clock) -> None:
+    center.resume = ResumeState(bytes(16), b"u" * 16, -4, 9, (), 0.0)
+    bs = BS(center, clock)
+    bs.send("con", 0, version="1.0.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16, snScOpId=-10)
+    assert bs.received()[0]["snResume"] is True
+    bs.send("conCmp", 0)
+    assert max(w["opId"] for w in bs.received()) == -11  # below what it saw, not from the stored -4
+
+
+def test_a_refused_resume_falls_back_to_a_fresh_session(center: Center, clock: Clock, logged: list[str]) -> None:
+    center.resume = ResumeState(bytes(16), b"u" * 16, -40, 9, ((True, EP1),), 0.0)
+    bs = BS(center, clock)
+    bs.send("con", 0, version="1.0.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
+    assert bs.received()[0]["snResume"] is True
+    bs.send("error", 0, code=EINVAL, message="unknown session")
+    assert bs.commands() == [("errorAck", 0)] and not bs.closed
+    assert any("refused to resume" in line for line in logged)
+    bs.send("con", 0, version="1.0.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
+    [rsp] = bs.received()
+    assert rsp["snResume"] is False and bytes(rsp["snScUuid"]) != b"u" * 16
+    bs.send("conCmp", 0)
+    prps = [w for w in bs.received() if w["command"] == "attPrp"]
+    assert [w["opId"] for w in prps] == [-1, -2] and not bs.session.resumed  # fresh: from -1, everything
+    bs.send("ulData", 1, **ul_data())
+    assert center.uplinks[-1][0].opId == 1
+    # A station that refuses and then goes away is still reported as gone.
+    center.resume = ResumeState(bytes(16), b"u" * 16, -40, 9, (), 0.0)
+    other = BS(center, clock)
+    other.send("con", 0, version="1.0.0", bsEui=BS_EUI, bidi=True, snBsUuid=[0] * 16)
+    other.send("error", 0, code=EINVAL, message="unknown session")
+    other.protocol.connectionLost(defer.Failure(ConnectionError("gone")))  # type: ignore[attr-defined]
+    assert center.names()[-1] == "closed"
 
 
 def test_second_con_on_one_connection_is_refused(bs: BS) -> None:

@@ -29,7 +29,6 @@ from bsscihub.mqtt.bridge import to_json
 from bsscihub.pki import create_ca, issue_client_cert, issue_server_cert
 from bsscihub.protocols.bssci.framing import Framer, encode_frame
 from bsscihub.protocols.bssci.service import MiotyService, UnknownDevice
-from bsscihub.protocols.bssci.session import attach_signature
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
@@ -572,47 +571,6 @@ async def test_a_sent_downlink_is_marked_acked_by_the_uplink_after_the_one_it_we
     # ... but for counter 6.
     entry = await entry_after_acking_uplink(6)
     assert entry["acked"] and entry["status"] == "sent" and entry["packetCnt"] == 5
-
-
-@pytest_twisted.ensureDeferred
-async def test_over_the_air_attach(running: Running) -> None:
-    await running.service.attach(EP, KEY, 0x1A2B, True)
-    a = await running.station("bs-a", A)
-    b = await running.station("bs-b", B)
-    await a.expect("attPrp")
-    await b.expect("attPrp")
-    ep = int(EP, 16)
-
-    def att(station: Station, cnt: int, sign: bytes) -> int:
-        return station.send("att", epEui=ep, rxTime=1, attachCnt=cnt, snr=5.0, rssi=-90.0, nonce=[1, 2, 3, 4],
-                            sign=list(sign), dualChan=True, repetition=False, wideCarrOff=False, longBlkDist=False)
-
-    good = attach_signature(KEY, ep, 7)
-    att(a, 7, good)
-    rsp = await a.expect("attRsp")
-    assert bytes(rsp["nwkSnKey"]) == KEY and rsp["shAddr"] == 0x1A2B
-    att(b, 7, good)  # the same request heard by another base station: answered alike
-    assert bytes((await b.expect("attRsp"))["nwkSnKey"]) == KEY
-    await b.expect("attPrp")  # the other station learns the attachment
-    att(a, 8, b"\x00\x00\x00\x00")
-    error = await a.expect("error")
-    assert error["code"] == 13 and "does not verify" in error["message"]
-    att(a, 6, attach_signature(KEY, ep, 6))
-    assert "replayed attachCnt 6" in (await a.expect("error"))["message"]
-    att(a, 1, attach_signature(KEY, 0x99, 1))
-    assert (await a.expect("error"))["code"] == 13
-    await wait_for(lambda: len(running.of("att_rejected")) == 3)
-    ota = running.of("attach")[-1].payload
-    assert (ota["source"], ota["bsEui"], ota["attachCnt"]) == ("ota", A, 7) and "nwKey" not in ota
-    sensor = await running.service.get_sensor(EP)
-    assert sensor is not None and sensor["attachCnt"] == 7 and sensor["dualChan"] is True
-    # Over-the-air detach: refused with a reason, reported once for the operator.
-    for station in (a, b):
-        station.send("det", epEui=ep, rxTime=1, packetCnt=3, snr=1.0, rssi=-99.0, sign=[1, 2, 3, 4])
-        assert (await station.expect("error"))["code"] == 95
-    await wait_for(lambda: running.of("det_request"))
-    [det] = running.of("det_request")
-    assert det.topic == f"mioty/ep/{EP}/event/det_request" and det.payload["sign"] == "01020304"
 
 
 @pytest_twisted.ensureDeferred

@@ -320,7 +320,8 @@ class MiotyActions:
     async def get_sensor(self, ep_eui: str) -> dict[str, Any] | None:
         """One sensor, or None: epEui, shortAddr (4 hex), bidi, dualChan, repetition,
         wideCarrOff, longBlkDist, epClass, syncBurst, attached, attachedAt, attachCnt,
-        lastPacketCnt, lastSeen, bestBs, bestSnr, createdAt. Never the network key."""
+        otaSession (attached over the air: attPrp carries the derived session key), lastPacketCnt,
+        lastSeen, bestBs, bestSnr, createdAt. Never a key."""
         sensor = self.registry.sensors.get(_eui(ep_eui, "end point EUI"))
         return None if sensor is None else sensor.to_json()
 

@@ -28,13 +28,19 @@ def _version(value: Any) -> str:
     return text
 
 
+def _window_or_off(value: Any) -> float:
+    if value is False or (type(value) in (int, float) and value == 0):
+        return 0.0
+    return duration(value)
+
+
 @attrs.frozen
 class BSSCIConfig:
     listen: str = setting(
         "tcp:16017:backlog=1024", _endpoint, "endpoint of the BSSCI listener; the hub adds mutual TLS"
     )
     sc_eui: str = setting("70b3d59cd0000000", _eui, "the service center's EUI-64 sent in conRsp")
-    version: str = setting("1.0.0", _version, "BSSCI version the hub speaks; base stations on 1.0 or 1.1 are accepted")
+    version: str = setting("1.0.0", _version, "BSSCI version the hub speaks; every 1.x base station is served")
     status_interval: float = setting(300.0, duration, "how often each base station is polled for status")
     ping_idle: float = setting(60.0, duration, "idle time after which the hub pings a base station")
     ping_timeout: float = setting(30.0, duration, "a base station that does not answer a ping in time is dropped")
@@ -49,6 +55,10 @@ class BSSCIConfig:
         1024, _positive_int, "TLS handshakes in progress at most; connections beyond are closed at accept"
     )
     handshake_timeout: float = setting(30.0, duration, "a connection without a finished TLS handshake by then is cut")
+    resume_window: float = setting(
+        0.0, _window_or_off,
+        "a base station reconnecting with the same snBsUuid within this time resumes its session; 0: never",
+    )
 
 
 _VM_DECODERS = ("wmbus", "raw")

@@ -30,6 +30,8 @@ HEADER_SIZE = _HEADER.size  # 12: identifier + uint32 little-endian payload size
 # which builds a new Packer per call. Not thread-safe; frames are encoded on
 # the reactor thread.
 _packer = msgpack.Packer(use_bin_type=True)
+# For messages whose floats the specification makes single precision (float32 on the wire).
+_single_packer = msgpack.Packer(use_bin_type=True, use_single_float=True)
 
 
 class FramingError(Exception):
@@ -133,9 +135,10 @@ def _decode_payload(payload: memoryview) -> dict[str, Any]:
     return message
 
 
-def encode_frame(message: Mapping[str, Any]) -> bytes:
-    """Frame one message map as MessagePack, the encoding every base station reads."""
-    payload: bytes = _packer.pack(message)
+def encode_frame(message: Mapping[str, Any], *, single_float: bool = False) -> bytes:
+    """Frame one message map as MessagePack, the encoding every base station reads; with
+    `single_float` its floats go out as float32 (else float64)."""
+    payload: bytes = (_single_packer if single_float else _packer).pack(message)
     return _HEADER.pack(MAGIC, len(payload)) + payload
 
 

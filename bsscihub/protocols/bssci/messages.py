@@ -13,7 +13,9 @@ import attrs
 __all__ = [
     "EINVAL",
     "ENOSYS",
+    "MAX_USER_DATA",
     "MESSAGE_CLASSES",
+    "SINGLE_FLOAT_COMMANDS",
     "Att",
     "AttCmp",
     "AttPrp",
@@ -94,6 +96,11 @@ _U16 = (1 << 16) - 1
 _U64 = (1 << 64) - 1
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
+MAX_USER_DATA = 200
+"""Most bytes of `userData` in one uplink; a longer one is a protocol error."""
+SINGLE_FLOAT_COMMANDS = frozenset({"dlDataQue"})
+"""Messages whose floats (prio, responsePrio) the specification makes single precision: they go out
+as msgpack float32, which strict firmware readers insist on. No other message the hub sends has a float."""
 _INT_ONLY = frozenset({int})
 _NUMBER_TYPES = frozenset({int, float})
 # Bounded digit runs: int() refuses strings over 4300 digits.
@@ -305,10 +312,11 @@ class Att(Message):
     nonce: bytes
     sign: bytes
     shAddr: int | None = None  # set when the BS assigned it
-    dualChan: bool
-    repetition: bool
-    wideCarrOff: bool
-    longBlkDist: bool
+    # Required by the specification, omitted by base stations in the field: absent means false.
+    dualChan: bool = False
+    repetition: bool = False
+    wideCarrOff: bool = False
+    longBlkDist: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -416,9 +424,10 @@ class UlData(Message):
     subpackets: Subpackets | None = None
     userData: bytes
     format: int | None = None  # absent means 0
-    dlOpen: bool
-    responseExp: bool
-    dlAck: bool  # acknowledges the downlink of packetCnt - 1
+    # Required by the specification, omitted by base stations in the field: absent means false.
+    dlOpen: bool = False
+    responseExp: bool = False
+    dlAck: bool = False  # acknowledges the downlink of packetCnt - 1
 
 
 @attrs.frozen(kw_only=True)
@@ -470,9 +479,9 @@ class DlDataQue(Message):
     packetCnt: tuple[int, ...] | None = None
     userData: tuple[bytes, ...]
     format: int | None = None
-    prio: float | None = None
+    prio: float | None = None  # single precision on the wire, like responsePrio
     responseExp: bool | None = None
-    responsePrio: bool | None = None
+    responsePrio: float | None = None
     dlWindReq: bool | None = None
     expOnly: bool | None = None
 
@@ -924,7 +933,6 @@ _KINDS: dict[str, _Kind] = {
             "responseExp",
             "dlAck",
             "cntDepend",
-            "responsePrio",
             "dlWindReq",
             "expOnly",
             "syncBurst",
@@ -969,6 +977,7 @@ _KINDS: dict[str, _Kind] = {
             "rssi",
             "eqSnr",
             "prio",
+            "responsePrio",
             "dlRxSnr",
             "dlRxRssi",
         ],
@@ -1146,6 +1155,7 @@ def _decode_ul_data(wire: Mapping[str, Any], opId: int) -> Message:
         and type(responseExp) is bool
         and type(dlAck) is bool
         and type(userData) is list
+        and len(userData) <= MAX_USER_DATA
         and _INT_ONLY.issuperset(map(type, userData))
         and (
             rxDuration is None or (type(rxDuration) is int and 0 <= rxDuration <= _U64)
@@ -1182,7 +1192,15 @@ def _decode_ul_data(wire: Mapping[str, Any], opId: int) -> Message:
     )
 
 
-_slow_ul_data = _decoder(UlData)
+_generic_ul_data = _decoder(UlData)
+
+
+def _slow_ul_data(wire: Mapping[str, Any], opId: int) -> Message:
+    msg = _generic_ul_data(wire, opId)
+    assert isinstance(msg, UlData)
+    if len(msg.userData) > MAX_USER_DATA:
+        raise _invalid(UlData.command, "userData", f"at most {MAX_USER_DATA} bytes, got {len(msg.userData)}", opId)
+    return msg
 
 _DECODERS: dict[str, Callable[[Mapping[str, Any], int], Message]] = {
     command: _decoder(cls) for command, cls in MESSAGE_CLASSES.items()

@@ -51,6 +51,7 @@ class Counters:
     publish_failures: int = 0
     connections: int = 0
     refused: int = 0
+    resumed: int = 0
     latency: Histogram = attrs.field(factory=lambda: Histogram(()))
 
 
@@ -79,6 +80,7 @@ class MiotyMetrics:
         yield counter("publish_failures", "uplink events the bus did not take durably", c.publish_failures)
         yield counter("connections", "base-station sessions accepted (con)", c.connections)
         yield counter("connections_refused", "con refused (revoked, certificate of another bsEui)", c.refused)
+        yield counter("sessions_resumed", "sessions resumed (snResume) instead of starting afresh", c.resumed)
         yield counter("framing_errors", "connections closed for a framing error", stats.framing_errors)
         yield counter("invalid_messages", "messages that failed validation (answered with error)", stats.invalid)
         yield counter("operation_timeouts", "hub-initiated operations not answered in time", stats.op_timeouts)

@@ -39,12 +39,12 @@ _MARK_PUBLISHED = (
 _SENSOR_COLUMNS = (
     "eui, nw_key, short_addr, bidi, dual_chan, repetition, wide_carr_off, long_blk_dist, ep_class,"
     " sync_burst, attached, attached_at, attach_cnt, last_packet_cnt, last_seen, best_bs, best_snr,"
-    " created_at, config_rev"
+    " created_at, config_rev, sn_key"
 )
 # What save_sensors writes: the configuration, never the hot state a running hub owns.
 _SENSOR_CONFIG_COLUMNS = (
     "eui, nw_key, short_addr, bidi, dual_chan, repetition, wide_carr_off, long_blk_dist, ep_class,"
-    " sync_burst, attached, attached_at, attach_cnt, created_at, config_rev"
+    " sync_burst, attached, attached_at, attach_cnt, sn_key, created_at, config_rev"
 )
 _BS_COLUMNS = (
     "eui, vendor, model, name, sw_version, version, bidi, geo, peer, cert_serial, cert_subject,"
@@ -91,7 +91,7 @@ def _opt_float(value: Any) -> float | None:
 
 @attrs.define(eq=False)
 class Sensor:
-    """One mioty end point; `nw_key` never appears in a repr, a log line or `to_json`."""
+    """One mioty end point; `nw_key` and `sn_key` never appear in a repr, a log line or `to_json`."""
 
     eui: str
     nw_key: bytes = attrs.field(repr=False)
@@ -112,6 +112,9 @@ class Sensor:
     best_snr: float | None = None
     created_at: float = 0.0
     config_rev: int = 0
+    # The network session key of the current over-the-air attachment (None: provisioned, the
+    # base stations get nw_key); set by an `att`, cleared by a detach or a new nw_key.
+    sn_key: bytes | None = attrs.field(default=None, repr=False)
     # Memory only: the receivers of the last uplink, best SNR first (downlink routing).
     paths: tuple[str, ...] = ()
     warned: bool = False
@@ -129,7 +132,13 @@ class Sensor:
             self.ep_class,
             self.sync_burst,
             self.attached,
+            self.sn_key,
         )
+
+    @property
+    def session_key(self) -> bytes:
+        """The key attPrp propagates: the over-the-air session's, else the provisioned one."""
+        return self.sn_key if self.sn_key is not None else self.nw_key
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -145,6 +154,7 @@ class Sensor:
             "attached": self.attached,
             "attachedAt": _opt_time(self.attached_at),
             "attachCnt": self.attach_cnt,
+            "otaSession": self.sn_key is not None,
             "lastPacketCnt": self.last_packet_cnt,
             "lastSeen": _opt_time(self.last_seen),
             "bestBs": self.best_bs,
@@ -174,6 +184,7 @@ class Sensor:
             best_snr=_opt_float(row[16]),
             created_at=float(row[17]),
             config_rev=int(row[18]),
+            sn_key=None if row[19] is None else bytes(row[19]),
         )
 
     def config_row(self) -> tuple[Any, ...]:
@@ -191,6 +202,7 @@ class Sensor:
             int(self.attached),
             self.attached_at,
             self.attach_cnt,
+            self.sn_key,
             self.created_at,
         )
 
@@ -206,8 +218,10 @@ def attach_change(eui: str, key: bytes, short_addr: int, bidi: bool, now: float)
     def make(old: Sensor | None) -> Sensor:
         if old is None:
             return Sensor(eui, key, short_addr, bidi, attached=True, attached_at=now, created_at=now)
+        # A new pre-shared key ends the over-the-air session derived from the old one.
         return attrs.evolve(old, nw_key=key, short_addr=short_addr, bidi=bidi, attached=True,
-                            attached_at=old.attached_at if old.attached else now)
+                            attached_at=old.attached_at if old.attached else now,
+                            sn_key=old.sn_key if old.nw_key == key else None)
 
     return make
 
@@ -451,13 +465,13 @@ class Registry:
                 "UPDATE mioty_meta SET value = value + 1 WHERE name = 'sensor_rev' RETURNING value"
             ).fetchone() or (0,)
             c.executemany(
-                f"INSERT INTO mioty_sensors ({_SENSOR_CONFIG_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+                f"INSERT INTO mioty_sensors ({_SENSOR_CONFIG_COLUMNS}) VALUES ({', '.join('?' * 16)})"
                 " ON CONFLICT (eui) DO UPDATE SET nw_key = excluded.nw_key, short_addr = excluded.short_addr,"
                 " bidi = excluded.bidi, dual_chan = excluded.dual_chan, repetition = excluded.repetition,"
                 " wide_carr_off = excluded.wide_carr_off, long_blk_dist = excluded.long_blk_dist,"
                 " ep_class = excluded.ep_class, sync_burst = excluded.sync_burst, attached = excluded.attached,"
                 " attached_at = excluded.attached_at, attach_cnt = excluded.attach_cnt,"
-                " config_rev = excluded.config_rev",
+                " sn_key = excluded.sn_key, config_rev = excluded.config_rev",
                 [(*new.config_row(), rev) for new, _ in changed],
             )
             return changed, int(rev)

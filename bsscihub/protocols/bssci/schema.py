@@ -133,4 +133,11 @@ MIGRATIONS = [
         CREATE INDEX mioty_downlinks_status ON mioty_downlinks (status)
         """,
     ),
+    Migration(
+        "mioty",
+        4,
+        # The network session key an over-the-air attach derives: what attPrp propagates for the end
+        # point from then on, so it must outlive a restart. NULL: provisioned, propagate nw_key.
+        "ALTER TABLE mioty_sensors ADD COLUMN sn_key {blob}",
+    ),
 ]

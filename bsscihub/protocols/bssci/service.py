@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 from twisted.internet import defer
@@ -22,6 +22,7 @@ from bsscihub.listening import ListenerService
 from bsscihub.pki import cert_bs_eui
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
+from bsscihub.protocols.bssci.crypto import session_key, verify_attach_signature
 from bsscihub.protocols.bssci.dedup import Deduplicator
 from bsscihub.protocols.bssci.downlinks import Downlinks
 from bsscihub.protocols.bssci.identity import station_identity_problem
@@ -31,14 +32,13 @@ from bsscihub.protocols.bssci.registry import BaseStation, Registry, Sensor, rfc
 from bsscihub.protocols.bssci.session import (
     EACCES,
     ENOENT,
-    EOPNOTSUPP,
     IServiceCenter,
     Refused,
+    ResumeState,
     Session,
     SessionConfig,
     SessionStats,
     State,
-    verify_attach_signature,
 )
 from bsscihub.protocols.bssci.uplinks import UplinkPipeline, untrack
 from bsscihub.protocols.bssci.vm import VariableMac
@@ -46,7 +46,8 @@ from bsscihub.tls import ConnectionStats
 
 __all__ = ["MiotyService", "UnknownDevice"]
 
-# Copies of one over-the-air attach, heard by several base stations, each get the attRsp.
+# Copies of one over-the-air attach or detach, heard by several base stations, each get the same
+# answer within this many seconds; the attachment or detachment itself happens once.
 OTA_COPY_WINDOW = 60.0
 _LATENCY_STEPS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -55,6 +56,28 @@ def _jsonable(value: Any) -> dict[str, Any]:
     """A report's decoded MessagePack values as JSON can hold them: byte strings as hex, NaN/±Infinity
     as null named under "invalid" (the hub's one rule for them, bsscihub.contract.finite_doc)."""
     return finite_doc(value)
+
+
+def _has_fix(geo: tuple[float, float, float] | None) -> TypeGuard[tuple[float, float, float]]:
+    """Whether a geoLocation is a position: latitude and longitude 0 is how stations say "no fix"."""
+    return geo is not None and (geo[0] != 0 or geo[1] != 0)
+
+
+@attrs.define
+class _Resumable:
+    """A station's ended session, kept for bssci.resume_window, and the propagations it missed."""
+
+    state: ResumeState
+    missed: list[tuple[bool, int]] = attrs.Factory(list)
+
+
+@attrs.frozen
+class _OtaAttach:
+    """The last accepted over-the-air attach of an end point, to answer its copies alike."""
+
+    request: tuple[int, bytes, bytes]  # attachCnt, nonce, sign
+    at: float
+    short_addr: int
 
 
 @implementer(IServiceCenter)
@@ -101,8 +124,9 @@ class MiotyService(MiotyActions, FamilyService):
         self.listener: ListenerService | None = None
         self.port: Any = None
         """The listening port once started (`port.getHost().port` is the bound port number)."""
-        self._ota: dict[str, tuple[int, bytes, float]] = {}  # epEui -> last accepted (attachCnt, sign, when)
-        self._det_reported: dict[tuple[str, int], float] = {}
+        self._ota: dict[str, _OtaAttach] = {}  # epEui -> its last accepted over-the-air attach
+        self._det_seen: dict[tuple[str, int, bytes], float] = {}  # (epEui, packetCnt, sign) -> when detached
+        self._resumable: dict[str, _Resumable] = {}  # bsEui -> its ended session, while resumable
         self._writes: set[defer.Deferred[Any]] = set()
         self.started_at = self.clock.seconds()
         """A sensor is not silent while the hub was down: silence counts from here at the earliest."""
@@ -213,9 +237,10 @@ class MiotyService(MiotyActions, FamilyService):
         if problem is not None:
             self.counters.refused += 1
             raise Refused(EACCES, problem)
+        self._offer_resume(session, con, old)
         self.sessions[eui] = session
         self.counters.connections += 1
-        if old is not None and not old.closed:
+        if old is not None and old is not session and not old.closed:
             self.log.warn(
                 "base station {bsEui} connected again from {peer}; closing its older connection from {old}",
                 bsEui=eui,
@@ -224,6 +249,28 @@ class MiotyService(MiotyActions, FamilyService):
             )
             # Aborted: a station that reconnected has usually lost the old connection silently.
             old.close("replaced by a newer connection of the same bsEui", abort=True)
+
+    def _offer_resume(self, session: Session, con: m.Con, old: Session | None) -> None:
+        """Resume the station's previous session if it asks (same snBsUuid) within bssci.resume_window.
+
+        The previous session is the one still open (the station noticed the break first) or the
+        one that ended last; either way it is offered once: a station that refuses gets a fresh one.
+        """
+        kept = self._resumable.pop(session.bs_hex, None)
+        window = self.bssci.resume_window
+        if not window or old is session:
+            return
+        missed: tuple[tuple[bool, int], ...] = ()
+        if old is not None and not old.closed:
+            state = old.resume_state()
+        elif kept is not None:
+            state, missed = kept.state, tuple(kept.missed)
+        else:
+            return
+        if state is None or state.bs_uuid != con.snBsUuid or self.clock.seconds() - state.ended > window:
+            return
+        # What changed while it was away goes after what it had not finished.
+        session.offer_resume(attrs.evolve(state, propagations=(*state.propagations, *missed)))
 
     def session_ready(self, session: Session) -> None:
         con = session.con
@@ -234,12 +281,22 @@ class MiotyService(MiotyActions, FamilyService):
         cert = session.certificate
         bs.vendor, bs.model, bs.name, bs.sw_version = con.vendor, con.model, con.name, con.swVersion
         bs.version, bs.bidi, bs.peer = con.version, con.bidi, session.peer
-        bs.geo = list(con.geoLocation) if con.geoLocation is not None else bs.geo
+        if _has_fix(con.geoLocation):
+            bs.geo = list(con.geoLocation)
         if cert is not None:
             bs.cert_serial, bs.cert_subject = f"{cert.serial_number:#x}", cert.subject.rfc4514_string()
         bs.online, bs.since, bs.last_seen = True, now, now
         self._save_base_station(bs)
         self._publish_state(bs)
+        if session.resumed:
+            self.counters.resumed += 1
+            self.log.info("base station {bsEui} ({vendor} {model}, BSSCI {version}) resumed its session from {peer};"
+                          " {count} propagations reissued", bsEui=eui, vendor=con.vendor or "unknown vendor",
+                          model=con.model or "", version=con.version, peer=session.peer,
+                          count=session.propagation_pending)
+            # It kept its attachments: the session reissued only what was unfinished or missed.
+            self.vm.session_ready(session)
+            return
         attached = [int(s.eui, 16) for s in self.registry.sensors.values() if s.attached]
         self.log.info(
             "base station {bsEui} ({vendor} {model}, BSSCI {version}) connected from {peer};"
@@ -263,6 +320,12 @@ class MiotyService(MiotyActions, FamilyService):
             return  # replaced by a newer connection: still online
         del self.sessions[eui]
         self.vm.session_closed(session)
+        state = session.resume_state()
+        if state is not None and self.bssci.resume_window:
+            now = self.clock.seconds()
+            window = self.bssci.resume_window
+            self._resumable = {k: v for k, v in self._resumable.items() if now - v.state.ended <= window}
+            self._resumable[eui] = _Resumable(state)
         bs = self.registry.base_stations.get(eui)
         self.log.info("base station {bsEui} at {peer} disconnected: {reason}", bsEui=eui, peer=session.peer,
                       reason=reason)
@@ -285,65 +348,74 @@ class MiotyService(MiotyActions, FamilyService):
         ep = f"{msg.epEui:016x}"
         now = self.clock.seconds()
         sensor = self.registry.sensors.get(ep)
-        reason, code = None, EACCES
+        reason, code, copy = None, EACCES, None
         if sensor is None:
             reason, code = f"end point {ep} is not registered at this service center", ENOENT
         elif not verify_attach_signature(sensor.nw_key, msg.epEui, msg.attachCnt, msg.sign):
             reason = f"the signature of end point {ep} does not verify with its key"
         elif sensor.attach_cnt is not None and msg.attachCnt <= sensor.attach_cnt:
-            last = self._ota.get(ep)
-            if last is None or last[:2] != (msg.attachCnt, msg.sign) or now - last[2] > OTA_COPY_WINDOW:
+            copy = self._ota.get(ep)
+            if copy is None or copy.request != (msg.attachCnt, msg.nonce, msg.sign) or now - copy.at > OTA_COPY_WINDOW:
+                copy = None
                 reason = f"replayed attachCnt {msg.attachCnt} of end point {ep} (the last one was {sensor.attach_cnt})"
         if reason is not None:
             self._ep_event(ep, "att_rejected", {"bsEui": session.bs_hex, "attachCnt": msg.attachCnt,
                                                 "reason": reason})
             raise Refused(code, f"att: {reason}")
         assert sensor is not None
-        key, short_addr = sensor.nw_key, sensor.short_addr
-        if sensor.attach_cnt is None or msg.attachCnt > sensor.attach_cnt:
-            # Claimed at once, before the write: another copy arriving meanwhile is a copy.
-            sensor.attach_cnt = msg.attachCnt
-            self._ota[ep] = (msg.attachCnt, msg.sign, now)
-            if msg.shAddr is not None:
-                short_addr = msg.shAddr
+        # Every copy derives the same key from the same request: each station answers alike.
+        sn_key = session_key(sensor.nw_key, msg.epEui, msg.nonce, msg.sign)
+        if copy is not None:
+            return m.AttRsp(opId=msg.opId, nwkSnKey=sn_key, shAddr=None if msg.shAddr is not None else copy.short_addr)
+        short_addr = msg.shAddr if msg.shAddr is not None else sensor.short_addr
+        # Claimed at once, before the write: another copy arriving meanwhile is a copy.
+        sensor.attach_cnt = msg.attachCnt
+        self._ota[ep] = _OtaAttach((msg.attachCnt, msg.nonce, msg.sign), now, short_addr)
 
-            def make(old: Sensor | None) -> Sensor:
-                base = old or sensor
-                return attrs.evolve(base, attach_cnt=msg.attachCnt, attached=True, short_addr=short_addr,
-                                    attached_at=now, dual_chan=msg.dualChan, repetition=msg.repetition,
-                                    wide_carr_off=msg.wideCarrOff, long_blk_dist=msg.longBlkDist)
+        def make(old: Sensor | None) -> Sensor:
+            base = old or sensor
+            return attrs.evolve(base, attach_cnt=msg.attachCnt, attached=True, short_addr=short_addr,
+                                attached_at=now, dual_chan=msg.dualChan, repetition=msg.repetition,
+                                wide_carr_off=msg.wideCarrOff, long_blk_dist=msg.longBlkDist, sn_key=sn_key)
 
-            await self.registry.save_sensors({ep: make})
-            self.registry.sensors[ep].paths = (session.bs_hex,)  # its serving station for downlinks, until an uplink
-            self._propagate(True, ep, exclude=session)
-            self._ep_event(ep, "attach", {"source": "ota", "bsEui": session.bs_hex, "attachCnt": msg.attachCnt,
-                                          "shortAddr": f"{short_addr:04x}"})
-            await self._audit(f"bs:{session.bs_hex}", "mioty.sensor.ota_attach", ep, {"attachCnt": msg.attachCnt},
-                              "bssci")
-        return m.AttRsp(opId=msg.opId, nwkSnKey=key, shAddr=None if msg.shAddr is not None else short_addr)
+        await self.registry.save_sensors({ep: make})
+        self.registry.sensors[ep].paths = (session.bs_hex,)  # its serving station for downlinks, until an uplink
+        # A new session restarts the end point's packet counter: the next attPrp says so.
+        attached = self.registry.sensors[ep]
+        attached.last_packet_cnt, attached.last_seen, attached.warned = None, now, False
+        self.registry.dirty(ep)
+        self._propagate(True, ep, exclude=session)
+        self._ep_event(ep, "attach", {"source": "ota", "bsEui": session.bs_hex, "attachCnt": msg.attachCnt,
+                                      "shortAddr": f"{short_addr:04x}"})
+        self.log.info("end point {epEui} attached over the air via {bsEui} (attachCnt {attachCnt})", epEui=ep,
+                      bsEui=session.bs_hex, attachCnt=msg.attachCnt)
+        await self._audit(f"bs:{session.bs_hex}", "mioty.sensor.ota_attach", ep, {"attachCnt": msg.attachCnt},
+                          "bssci")
+        return m.AttRsp(opId=msg.opId, nwkSnKey=sn_key, shAddr=None if msg.shAddr is not None else short_addr)
 
     def detach_request(self, session: Session, msg: m.Det) -> defer.Deferred[m.DetRsp]:
+        return defer.Deferred.fromCoroutine(self._ota_detach(session, msg))
+
+    async def _ota_detach(self, session: Session, msg: m.Det) -> m.DetRsp:
         ep = f"{msg.epEui:016x}"
+        sensor = self.registry.sensors.get(ep)
+        if sensor is None:
+            raise Refused(ENOENT, f"det: end point {ep} is not registered at this service center")
         now = self.clock.seconds()
-        key = (ep, msg.packetCnt)
-        # One report per request, not per base station that heard it.
-        if now - self._det_reported.get(key, -math.inf) > OTA_COPY_WINDOW:
-            if len(self._det_reported) > 1000:
-                self._det_reported.clear()
-            self._det_reported[key] = now
-            sensor = self.registry.sensors.get(ep)
-            self._ep_event(ep, "det_request", {
-                "bsEui": session.bs_hex, "packetCnt": msg.packetCnt, "rxTime": msg.rxTime, "snr": msg.snr,
-                "rssi": msg.rssi, "sign": msg.sign.hex(), "registered": sensor is not None,
-                "attached": bool(sensor and sensor.attached),
-            })  # fmt: skip
-            self.log.warn("end point {epEui} asked over the air to detach (via {bsEui}); detach it by hand",
-                          epEui=ep, bsEui=session.bs_hex)
-        return defer.fail(Refused(
-            EOPNOTSUPP,
-            "det: over-the-air detach is not supported (the detRsp signature is not publicly specified);"
-            " the request was reported to the operator, who can detach the end point",
-        ))  # fmt: skip
+        request = (ep, msg.packetCnt, msg.sign)
+        # The copies other stations heard are answered alike, but detach once.
+        if now - self._det_seen.get(request, -math.inf) > OTA_COPY_WINDOW:
+            if len(self._det_seen) > 1000:
+                self._det_seen = {k: t for k, t in self._det_seen.items() if now - t <= OTA_COPY_WINDOW}
+            self._det_seen[request] = now
+            if sensor.attached:
+                await self._save_attached(ep, False)
+                self._propagate(False, ep, exclude=session)
+                self._ep_event(ep, "detach", {"source": "ota", "bsEui": session.bs_hex, "packetCnt": msg.packetCnt})
+                self.log.info("end point {epEui} detached over the air via {bsEui}", epEui=ep, bsEui=session.bs_hex)
+                await self._audit(f"bs:{session.bs_hex}", "mioty.sensor.ota_detach", ep,
+                                  {"packetCnt": msg.packetCnt}, "bssci")
+        return m.DetRsp(opId=msg.opId, sign=msg.sign)
 
     def downlink_result(self, session: Session, msg: m.DlDataRes) -> None:
         ep = f"{msg.epEui:016x}"
@@ -363,14 +435,14 @@ class MiotyService(MiotyActions, FamilyService):
                                    "dutyCycle": msg.dutyCycle}
         for name in ("geoLocation", "uptime", "temp", "cpuLoad", "memLoad", "config"):
             value = getattr(msg, name)
-            if value is not None:
+            if value is not None and (name != "geoLocation" or _has_fix(value)):
                 payload[name] = list(value) if name == "geoLocation" else value
         payload = _jsonable(payload)
         payload["time"] = rfc3339(now)
         bs = self.registry.base_stations.get(session.bs_hex)
         if bs is not None:
             bs.last_status, bs.status_time, bs.last_seen = payload, now, now
-            if msg.geoLocation is not None:
+            if _has_fix(msg.geoLocation):
                 bs.geo = list(msg.geoLocation)
             self._save_base_station(bs)
         self._event("status", f"mioty/bs/{session.bs_hex}/status", payload, retain=True)
@@ -389,7 +461,7 @@ class MiotyService(MiotyActions, FamilyService):
             opId=op_id,
             epEui=ep_eui,
             bidi=sensor.bidi,
-            nwkSnKey=sensor.nw_key,
+            nwkSnKey=sensor.session_key,
             shAddr=sensor.short_addr,
             lastPacketCnt=sensor.last_packet_cnt or 0,
             dualChan=sensor.dual_chan,
@@ -437,6 +509,8 @@ class MiotyService(MiotyActions, FamilyService):
     def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]:
         """Queue attPrp/detPrp of one end point on every connected base station."""
         item = (attach, int(ep, 16))
+        for away in self._resumable.values():
+            away.missed.append(item)  # a station that resumes gets it then
         targets = []
         for session in self._established():
             if session is not exclude:
@@ -510,8 +584,10 @@ class MiotyService(MiotyActions, FamilyService):
 
         def make(old: Sensor | None) -> Sensor:
             base = old or cached
+            # A detach ends an over-the-air session: attaching again propagates the provisioned key.
             return attrs.evolve(base, attached=attached,
-                                attached_at=base.attached_at if base.attached or not attached else now)
+                                attached_at=base.attached_at if base.attached or not attached else now,
+                                sn_key=base.sn_key if attached else None)
 
         await self.registry.save_sensors({eui: make})
         return self.registry.sensors[eui]

@@ -4,7 +4,6 @@ It enforces the operation rules (con first, opIds, error/errorAck, timeouts); th
 from __future__ import annotations
 
 import enum
-import hmac
 import os
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
@@ -12,8 +11,6 @@ from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives.ciphers import algorithms
-from cryptography.hazmat.primitives.cmac import CMAC
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -21,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from bsscihub.protocols.bssci import messages as m
+from bsscihub.protocols.bssci.crypto import attach_signature, verify_attach_signature
 from bsscihub.protocols.bssci.framing import encode_frame, op_frame_encoder
 
 __all__ = [
@@ -35,6 +33,7 @@ __all__ = [
     "OperationFailed",
     "OperationTimedOut",
     "Refused",
+    "ResumeState",
     "Session",
     "SessionClosed",
     "SessionConfig",
@@ -55,6 +54,8 @@ EOPNOTSUPP = 95
 
 # (major, minor) dialects the hub speaks: 1.1 differs from 1.0 only in the attPrp layout.
 KNOWN_VERSIONS = frozenset({(1, 0), (1, 1)})
+# After refusing a base station's version: how long to wait for its errorAck before closing.
+REFUSAL_WAIT = 5.0
 # Problems logged per connection before the rest are only counted (a broken base station
 # must not flood the log); the count is logged when the connection ends.
 NOTE_LIMIT = 20
@@ -88,26 +89,6 @@ _UL_DATA_RSP = _FRAMES["ulDataRsp"]
 _COMPLETION = {rsp: _FRAMES[rsp.command[:-3] + "Cmp"] for rsp in _RESPONSES.values()}
 
 
-def attach_signature(key: bytes, ep_eui: int, attach_cnt: int) -> bytes:
-    """The 4-byte `sign` an end point puts in its over-the-air attach request (`att`).
-
-    The first 4 bytes of AES-CMAC(key, IV), IV = EUI64 (8 bytes, big-endian) | 0xFF | 0x00 |
-    attachCnt (4 bytes, big-endian) | 0xFF | 0xFF: how one open service center reads the mioty
-    radio specification (section 3.7.1.3). Not verified against real hardware here.
-    """
-    iv = ep_eui.to_bytes(8, "big") + b"\xff\x00" + attach_cnt.to_bytes(4, "big") + b"\xff\xff"
-    mac = CMAC(algorithms.AES(key))
-    mac.update(iv)
-    return mac.finalize()[:4]
-
-
-def verify_attach_signature(key: bytes, ep_eui: int, attach_cnt: int, sign: bytes) -> bool:
-    """Whether `sign` is attach_signature(key, ep_eui, attach_cnt), compared in constant time."""
-    if not 0 <= attach_cnt < 1 << 32 or not 0 <= ep_eui < 1 << 64 or len(key) != 16:
-        return False
-    return hmac.compare_digest(attach_signature(key, ep_eui, attach_cnt), sign)
-
-
 class Refused(Exception):
     """The service center refuses a base station's request; answered with `error` (code, message)."""
 
@@ -135,6 +116,7 @@ class SessionClosed(Exception):
 
 class State(enum.Enum):
     AWAIT_CON = "awaiting con"
+    REFUSING = "refused, awaiting errorAck"
     AWAIT_CON_CMP = "awaiting conCmp"
     ESTABLISHED = "established"
     CLOSED = "closed"
@@ -153,6 +135,7 @@ class SessionConfig:
     propagate_window: int = 64
     sw_version: str | None = None
     vendor: str = "bsscihub"
+    resume_window: float = 0.0
 
     @classmethod
     def from_bssci(cls, bssci: Any, sw_version: str) -> SessionConfig:
@@ -165,7 +148,21 @@ class SessionConfig:
             status_interval=bssci.status_interval,
             propagate_window=bssci.propagate_window,
             sw_version=sw_version,
+            resume_window=bssci.resume_window,
         )
+
+
+@attrs.frozen
+class ResumeState:
+    """What a session leaves behind for a resume: its identities, both opId counters, and the
+    propagations it had not finished (in order), as of `ended` (clock time)."""
+
+    bs_uuid: bytes
+    sc_uuid: bytes
+    sc_next: int  # the next SC opId (negative)
+    bs_last: int  # the highest BS opId seen
+    propagations: tuple[tuple[bool, int], ...] = attrs.field(repr=False)
+    ended: float
 
 
 class SessionStats:
@@ -186,7 +183,8 @@ class IServiceCenter(Interface):
     """What a session asks of the service center (the registry, deduplication, events)."""
 
     def session_connecting(session: Session, con: m.Con) -> None:
-        """A valid `con` arrived; raise Refused to refuse it (answered with error, then closed)."""
+        """A valid `con` arrived; raise Refused to refuse it (answered with error, then closed).
+        May call `session.offer_resume(state)` to resume the station's previous session."""
 
     def session_ready(session: Session) -> None:
         """`conCmp` arrived: the session takes SC-initiated operations now (propagate, announce)."""
@@ -282,9 +280,18 @@ class Session:
         self.bs_hex = ""
         self.version = config.version
         self.sc_uuid = b""
-        major, minor, _ = m.parse_version(config.version)
+        self.resumed = False
+        """Whether this session continues the station's previous one (snResume answered true)."""
+        self._offer: ResumeState | None = None
+        self._fell_back = False
+        self._final: ResumeState | None = None
+        self._refuse_deadline = 0.0
+        major, minor, patch = m.parse_version(config.version)
         self._major = major
-        self._dialects = {v for v in KNOWN_VERSIONS if v[0] == major} | {(major, minor)}
+        # Every version the hub speaks: its own, and each known dialect of that major as x.y.0.
+        self._spoken = sorted(
+            {(a, b, 0) for a, b in KNOWN_VERSIONS if a == major if (a, b) != (major, minor)} | {(major, minor, patch)}
+        )
         self._sc_next = -1
         self._sc_pending: dict[int, _ScOp] = {}
         self._bs_last = 0
@@ -366,9 +373,13 @@ class Session:
         deadline = self._clock.seconds() + self._config.op_timeout
         self._sc_pending[op_id] = _ScOp(msg.command, deadline, [d], None)
         self.stats.sent[msg.command] += 1
-        self._send(encode_frame(m.encode(msg, version=self.version)))
+        self._send(self._frame(msg))
         self._arm(deadline)
         return op_id, d
+
+    def _frame(self, msg: m.Message) -> bytes:
+        """An SC-initiated message as a frame, in this station's dialect and float widths."""
+        return encode_frame(m.encode(msg, version=self.version), single_float=msg.command in m.SINGLE_FLOAT_COMMANDS)
 
     def poll_status(self) -> defer.Deferred[m.StatusRsp]:
         """Ask for the base station's status now (joins a poll already under way)."""
@@ -472,28 +483,27 @@ class Session:
             self._send_error(msg.opId, EINVAL, f"con: field 'opId' must be 0, got {msg.opId}")
             return
         self.stats.received["con"] += 1
-        major, minor, _ = m.parse_version(msg.version)
-        if major != self._major or (major, minor) not in self._dialects:
-            which = "major" if major != self._major else "minor"
+        major, minor, patch = m.parse_version(msg.version)
+        if major != self._major:
             self.log.warn(
-                "closing the connection of base station {bsEui} at {peer}: it speaks BSSCI {version},"
-                " the hub {hub} ({which} versions differ)",
+                "refusing base station {bsEui} at {peer}: it speaks BSSCI {version}, the hub {hub}"
+                " (major versions differ); closing after its errorAck",
                 bsEui=f"{msg.bsEui:016x}",
                 peer=self.peer,
                 version=msg.version,
                 hub=self._config.version,
-                which=which,
             )
-            self._refuse(
-                EPROTONOSUPPORT,
-                f"BSSCI version {msg.version} is not supported: the service center speaks"
-                f" {', '.join(f'{a}.{b}' for a, b in sorted(self._dialects))} ({which} versions differ)",
-            )
+            self._refuse_version(msg.version)
             return
+        # The highest version we speak that does not exceed the station's; a station that cannot
+        # live with it answers error and closes.
+        offered = [v for v in self._spoken if v <= (major, minor, patch)] or self._spoken[:1]
+        answer = "{}.{}.{}".format(*offered[-1])
         self.con = msg
         self.bs_eui = msg.bsEui
         self.bs_hex = f"{msg.bsEui:016x}"
-        self.version = msg.version
+        self.version = answer
+        self._offer = None
         try:
             self._center.session_connecting(self, msg)
         except Refused as e:
@@ -501,16 +511,29 @@ class Session:
             self._refuse(e.code, e.message)
             return
         self.state = State.AWAIT_CON_CMP
-        # Fresh every time, never the BS's snBsUuid: a base station that sees its own UUID
-        # assumes a resumed session and rejects SC opIds restarting at -1.
-        self.sc_uuid = os.urandom(16)
+        offer = self._offer
+        if offer is not None:
+            # Both counters continue; never an SC opId the station may have seen already.
+            self.resumed = True
+            self.sc_uuid = offer.sc_uuid
+            self._sc_next = offer.sc_next
+            if msg.snScOpId is not None and msg.snScOpId <= offer.sc_next:
+                self._sc_next = msg.snScOpId - 1
+            self._bs_last = offer.bs_last
+        else:
+            # Fresh every time, never the BS's snBsUuid: a base station that sees its own UUID
+            # assumes a resumed session and rejects SC opIds restarting at -1.
+            self.resumed = False
+            self.sc_uuid = os.urandom(16)
+            self._sc_next = -1
+            self._bs_last = 0
         rsp = m.ConRsp(
             opId=0,
-            version=msg.version,
+            version=answer,
             scEui=self._config.sc_eui,
             vendor=self._config.vendor,
             swVersion=self._config.sw_version,
-            snResume=False,
+            snResume=self.resumed,
             snScUuid=self.sc_uuid,
         )
         self._send(encode_frame(m.encode(rsp)))
@@ -518,6 +541,36 @@ class Session:
     def _refuse(self, code: int, text: str) -> None:
         self._send_error(0, code, text, await_ack=False)
         self.close(text)
+
+    def _refuse_version(self, version: str) -> None:
+        """Answer `error` and close once the station acknowledged it, or after REFUSAL_WAIT."""
+        spoken = ", ".join("{}.{}.{}".format(*v) for v in self._spoken)
+        self._send_error(0, EPROTONOSUPPORT, f"BSSCI version {version} is not supported: the service center"
+                         f" speaks {spoken} (major versions differ)", await_ack=False)
+        self.state = State.REFUSING
+        self._dispatch = dict.fromkeys(m.MESSAGE_CLASSES.values(), self._while_refusing)
+        self._refuse_deadline = self._clock.seconds() + REFUSAL_WAIT
+        self._arm(self._refuse_deadline)
+
+    def _while_refusing(self, msg: m.Message) -> None:
+        if type(msg) is m.ErrorAck and msg.opId == 0:
+            self.close("BSSCI version refused")
+
+    def offer_resume(self, state: ResumeState) -> None:
+        """From session_connecting: answer this `con` with snResume true, continuing `state`'s opId
+        counters, and reissue its unfinished propagations once conCmp arrives."""
+        self._offer = state
+
+    def resume_state(self) -> ResumeState | None:
+        """What a resume of this session would continue (None if it never got past conCmp)."""
+        if self._final is not None or self.closed:
+            return self._final
+        con = self.con
+        if con is None or self.established_at is None:
+            return None
+        unfinished = [op.propagation for op in self._sc_pending.values() if op.propagation is not None]
+        return ResumeState(con.snBsUuid, self.sc_uuid, self._sc_next, self._bs_last,
+                           (*unfinished, *self._prp_queue), self._clock.seconds())
 
     def _on_con_cmp(self, msg: m.ConCmp) -> None:
         if self.state is not State.AWAIT_CON_CMP or msg.opId != 0:
@@ -527,6 +580,10 @@ class Session:
         now = self._clock.seconds()
         self.established_at = now
         self._next_status = now  # the first status poll goes out at once
+        if self._offer is not None:
+            # The station kept what the previous session propagated: only the unfinished ones again.
+            self.propagate(self._offer.propagations)
+            self._offer = None
         self._center.session_ready(self)
         if self.state is State.ESTABLISHED:
             self._pump()
@@ -656,7 +713,7 @@ class Session:
             self._sc_pending[op_id] = _ScOp(msg.command, deadline, None, (attach, ep))
             self._prp_in_flight += 1
             self.stats.sent[msg.command] += 1
-            frames.append(encode_frame(m.encode(msg, version=self.version)))
+            frames.append(self._frame(msg))
         if frames:
             self._send_many(frames)
             self._arm(deadline)
@@ -728,6 +785,13 @@ class Session:
         self.stats.errors_received += 1
         op_id = msg.opId
         self._send(_FRAMES["errorAck"](op_id))
+        if op_id == 0 and self.state is State.AWAIT_CON_CMP and self.resumed:
+            self.log.info(
+                "{bs} refused to resume its session (error {code}: {message}); a new con gets a fresh one",
+                bs=self.describe(), code=msg.code, message=msg.message,
+            )
+            self._fall_back()
+            return
         if op_id == 0 and self.state is State.AWAIT_CON_CMP:
             self.log.warn(
                 "{bs} refused the connection: error {code}: {message}", bs=self.describe(), code=msg.code,
@@ -747,6 +811,18 @@ class Session:
             "{bs} sent error {code} for operation {opId}: {message}", code=msg.code, opId=op_id, message=msg.message
         )
 
+    def _fall_back(self) -> None:
+        """The station refused the resume: wait for its next `con` (here, or on a new connection),
+        which gets a fresh session (fresh snScUuid, SC opIds from -1, everything propagated)."""
+        self.state = State.AWAIT_CON
+        self.resumed = False
+        self._offer = None
+        self._fell_back = True  # the service center counts this connection as the station's
+        self._sc_next, self._bs_last = -1, 0
+        self._awaiting.clear()
+        self.connected_at = self._clock.seconds()
+        self._arm(self.connected_at + self._config.op_timeout)
+
     def _on_error_ack(self, msg: m.ErrorAck) -> None:
         entry = self._awaiting.get(msg.opId)
         if entry is not None and entry[0] == "errorAck":
@@ -756,7 +832,8 @@ class Session:
         """A message only a service center sends."""
         command = msg.command
         if command.endswith("Cmp"):
-            self._note("unexpected {command} (opId {opId}) from {bs}", command=command, opId=msg.opId)
+            # Every completion a station may send has its handler: this one only an SC sends.
+            self._send_error(msg.opId, EINVAL, f"{command}: wrong direction, only a service center sends it")
         elif command.endswith("Rsp"):
             self._send_error(msg.opId, EINVAL, f"{command}: no such operation {msg.opId} in progress")
         else:
@@ -787,6 +864,12 @@ class Session:
             return
         config = self._config
         now = self._clock.seconds()
+        if self.state is State.REFUSING:
+            if now < self._refuse_deadline:
+                self._arm(self._refuse_deadline)
+            else:
+                self.close("BSSCI version refused; no errorAck", abort=True)
+            return
         if self.state is not State.ESTABLISHED:
             deadline = self.connected_at + config.op_timeout
             if now < deadline:
@@ -850,7 +933,8 @@ class Session:
     # -- end
 
     def _teardown(self, reason: str) -> None:
-        accepted = self.state in (State.AWAIT_CON_CMP, State.ESTABLISHED)
+        accepted = self.state in (State.AWAIT_CON_CMP, State.ESTABLISHED) or self._fell_back
+        self._final = self.resume_state()
         self.state = State.CLOSED
         self.closed = True
         if self._timer is not None and self._timer.active():
