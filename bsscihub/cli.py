@@ -103,10 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     sensors = sub.add_parser("sensors", parents=[common], help="mioty end points").add_subparsers(
         dest="sensors_command", required=True, metavar="COMMAND"
     )
-    imp = sensors.add_parser("import", parents=[common], help="import end points from an endpoints.json file")
+    imp = sensors.add_parser("import", parents=[common], help="import end points from endpoints.json or CSV")
     imp.add_argument("file")
-    exp = sensors.add_parser("export", parents=[common], help="print every end point as endpoints.json")
+    exp = sensors.add_parser("export", parents=[common], help="print every end point as endpoints.json or CSV")
     exp.add_argument("--out", default="-", help="file to write (default: standard output)")
+    for sensors_parser in (imp, exp):
+        sensors_parser.add_argument(
+            "--format", choices=["auto", "json", "csv"], default="auto",
+            help="endpoints.json or CSV (eui,nwKey,shortAddr,bidi); auto: csv for a .csv or .txt file, else json",
+        )  # fmt: skip
 
     meters = sub.add_parser("meters", parents=[common], help="wireless M-Bus meters (mioty Variable MAC)")
     meters_sub = meters.add_subparsers(dest="meters_command", required=True, metavar="COMMAND")
@@ -368,8 +373,8 @@ def cmd_sensors(config: HubConfig, families: dict[str, Any], args: argparse.Name
     from bsscihub.protocols.bssci import endpoints
 
     if args.sensors_command == "import":
-        return run_with_store(config, families, lambda hub: endpoints.import_file(hub, args.file))
-    return run_with_store(config, families, lambda hub: endpoints.export_file(hub, args.out))
+        return run_with_store(config, families, lambda hub: endpoints.import_file(hub, args.file, args.format))
+    return run_with_store(config, families, lambda hub: endpoints.export_file(hub, args.out, args.format))
 
 
 def cmd_meters(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:

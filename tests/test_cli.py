@@ -100,6 +100,20 @@ def test_issued_certificate_is_bound_to_its_eui_listed_and_audited(
     assert bad.returncode == 1 and bad.stderr == "bsscihub: bad base-station EUI '12345': expected 16 hex digits\n"
 
 
+def test_sensors_import_and_export_as_csv(initialised: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    home, _ = initialised
+    key = "000102030405060708090A0B0C0D0E0F"
+    (home / "sensors.csv").write_text(f"eui;nwKey;shortAddr;bidi\nFCA84A0300001234;{key};1234;true\n")
+    imported = bsscihub(home, "sensors", "import", "sensors.csv", "--config", CONFIG)
+    assert imported.returncode == 0, imported.stderr
+    assert "imported 1 end points from sensors.csv: 1 new" in imported.stdout
+    exported = bsscihub(home, "sensors", "export", "--format", "csv", "--config", CONFIG)
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.splitlines() == ["eui,nwKey,shortAddr,bidi", f"FCA84A0300001234,{key},1234,true"]
+    as_json = bsscihub(home, "sensors", "export", "--config", CONFIG)
+    assert '"eui": "fca84a0300001234"' in as_json.stdout
+
+
 def test_issue_without_a_ca_says_to_run_init(tmp_path: Path) -> None:
     result = bsscihub(tmp_path, "certs", "issue-bs", "bs-1", "--out", "o", "--config", CONFIG)
     assert result.returncode == 1

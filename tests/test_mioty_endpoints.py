@@ -112,3 +112,74 @@ async def test_export_round_trips_and_is_private(hub: Hub, tmp_path: Path, capsy
     # Exported, imported again: nothing changes.
     again = await endpoints.import_endpoints(hub, exported)
     assert (again["created"], again["updated"], again["unchanged"]) == (0, 0, 2)
+
+
+# -- CSV, as the earlier service center's users keep their sensors -------------------------------
+
+
+def test_csv_as_the_earlier_service_center_wrote_and_read_it() -> None:
+    exported = "eui,nwKey,shortAddr,bidi\r\nFCA84A0300001234,00112233445566778899AABBCCDDEEFF,1234,true\r\n"
+    assert endpoints.parse_csv(exported) == [
+        {"eui": "FCA84A0300001234", "nwKey": "00112233445566778899AABBCCDDEEFF", "shortAddr": "1234", "bidi": True}
+    ]
+    # semicolons (a German spreadsheet) or tabs, other column names in another order, a byte-order mark,
+    # blank lines, bidi left out or spelled 1/yes/no, a shortAddr whose leading zeros a spreadsheet dropped
+    variants = [
+        "\ufeffMAC;Network_Key;Short_Addr;Bidirectional\n0011223344556677;" + KEY + ";1A2B;1\n\n",
+        "bidi\tshort_addr\tkey\teui\nyes\t1a2b\t" + KEY + "\t0011223344556677\n",
+        "0011223344556677," + KEY + ",1a2b,TRUE\n",
+    ]
+    for text in variants:
+        assert endpoints.parse_csv(text) == [entry(shortAddr=entry()["shortAddr"].upper()
+                                                   if "1A2B" in text else "1a2b")], text
+    [short] = endpoints.parse_csv(f"eui,nwKey,shortAddr\n0011223344556677,{KEY},ff\n")
+    assert short == {"eui": "0011223344556677", "nwKey": KEY, "shortAddr": "00ff", "bidi": False}
+    assert endpoints.parse_csv("eui,nwKey,shortAddr,bidi\n") == []
+
+
+def test_bad_csv_names_the_line_and_the_field() -> None:
+    head = "eui,nwKey,shortAddr,bidi\n"
+    cases = [
+        (head + f"0011223344556677,{KEY},1a2b,true\n001122334455667,{KEY},1a2b,true\n",
+         "line 3: eui: expected 16 hexadecimal digits, got '001122334455667'"),
+        (head + f"0011223344556677,{SECRET[:-1]}x,1a2b,false\n", "line 2: nwKey: expected 32 hexadecimal digits"),
+        (head + f"0011223344556677,{KEY},1a2b,maybe\n", "line 2: bidi: expected true or false, got 'maybe'"),
+        (head + f"0011223344556677,{KEY}\n", "line 2: expected the columns eui, nwKey, shortAddr and bidi, got 2"),
+        (head + f"0011223344556677,{KEY},1,1\n\n0011223344556677,{KEY},2,0\n",
+         "line 4: end point 0011223344556677 appears already on line 2"),
+        ("eui;shortAddr\n0011223344556677;1a2b\n", "line 1: the header has no nwKey column"),
+        ('"0011"22,x\n', "not CSV: "),
+    ]
+    for text, expected in cases:
+        with pytest.raises(EndpointsError) as caught:
+            endpoints.parse_csv(text)
+        assert str(caught.value).startswith(expected), (str(caught.value), expected)
+        assert SECRET[:-1] not in str(caught.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_csv_import_and_export_round_trip(hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "sensors.csv"
+    path.write_text(f"eui;nwKey;shortAddr;bidi\n0011223344556677;{KEY.upper()};1A2B;true\n"
+                    f"00112233445566AA;{SECRET};0001;false\n")
+    assert await endpoints.import_file(hub, str(path)) == 0
+    assert capsys.readouterr().out == f"imported 2 end points from {path}: 2 new, 0 updated, 0 unchanged\n"
+    out = tmp_path / "export.csv"
+    assert await endpoints.export_file(hub, str(out)) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_text() == (f"eui,nwKey,shortAddr,bidi\n0011223344556677,{KEY.upper()},1A2B,true\n"
+                               f"00112233445566AA,{SECRET.upper()},0001,false\n")
+    capsys.readouterr()
+    assert await endpoints.export_file(hub, "-", "csv") == 0
+    assert capsys.readouterr().out.splitlines()[0] == "eui,nwKey,shortAddr,bidi"
+    # the CSV export imported again (as a .txt, as that service center also took) changes nothing
+    again = tmp_path / "again.txt"
+    again.write_text(out.read_text())
+    assert await endpoints.import_file(hub, str(again)) == 0
+    assert "0 new, 0 updated, 2 unchanged" in capsys.readouterr().out
+    # a bad line imports nothing, and says where
+    path.write_text(f"eui,nwKey,shortAddr,bidi\n00112233445566bb,{KEY},1a2b,true\n00112233445566cc,{KEY},xyz,true\n")
+    assert await endpoints.import_file(hub, str(path), "csv") == 1
+    err = capsys.readouterr().err
+    assert err == f"bsscihub: {path}: line 3: shortAddr: expected 4 hexadecimal digits, got '0xyz'\n"
+    assert len(await Registry(hub.store, reactor).all_sensors()) == 2

@@ -305,6 +305,36 @@ async def test_sensor_import_and_export(harness: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_sensor_import_and_export_as_csv(harness: Harness) -> None:
+    h = harness  # the mioty service is a stand-in that is not running: endpoints.py uses the database
+    text = f"eui;nwKey;shortAddr;bidi\r\n{EUI.upper()};{KEY.upper()};1A2B;true\r\n00000000000000aa;{KEY};1;false\r\n"
+    cookies, csrf = await h.login("operator")
+
+    async def upload(content: str) -> str:
+        """The sensors page's import form, a file as a browser sends it; the page it leads to."""
+        body = (f'--b0und\r\nContent-Disposition: form-data; name="_csrf"\r\n\r\n{csrf}\r\n'
+                f'--b0und\r\nContent-Disposition: form-data; name="file"; filename="sensors.csv"\r\n'
+                f"Content-Type: text/csv\r\n\r\n{content}\r\n--b0und--\r\n")  # fmt: skip
+        reply = await h.request("POST", "/mioty/sensors/import", cookies=cookies, data=body,
+                                headers={"Content-Type": "multipart/form-data; boundary=b0und"})
+        assert reply.code == 303
+        return (await h.request("GET", reply.header("Location") or "", cookies=cookies)).body.decode()
+
+    shown = await upload(text)
+    assert "imported 2 sensors" in shown
+    assert "the CSV file: line 1: bidi: expected true or false, got &#39;perhaps&#39;" in await upload(
+        f"{EUI},{KEY},1a2b,perhaps\n")
+    assert (await h.request("GET", "/api/v1/mioty/sensors/export.csv", role="operator")).code == 403  # holds keys
+    exported = await h.request("GET", "/api/v1/mioty/sensors/export.csv", role="admin")
+    assert exported.header("Content-Disposition") == 'attachment; filename="sensors.csv"'
+    assert exported.header("Content-Type") == "text/csv; charset=utf-8"
+    assert exported.body.decode() == (f"eui,nwKey,shortAddr,bidi\r\n00000000000000AA,{KEY.upper()},0001,false\r\n"
+                                      f"{EUI.upper()},{KEY.upper()},1A2B,true\r\n")
+    entries, _ = await audit.query(h.hub.store, action="mioty.sensor.import")
+    assert [(e.actor, e.detail["created"]) for e in entries] == [("operator", 2)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_base_station_routes(harness: Harness) -> None:
     h, bs = harness, "70b3d59cd0000001"
     listed = (await h.request("GET", "/api/v1/mioty/base-stations?state=online", role="viewer")).json()

@@ -237,6 +237,15 @@ class MiotyWeb(MeterRoutes):
         data = await endpoints.export_endpoints(self.hub)
         return Download(json.dumps(data, indent=2).encode(), "endpoints.json", "application/json")
 
+    @api_route("GET", "/sensors/export.csv", role="admin", summary="Every sensor as CSV (with keys)",
+               produces="text/csv", description="Columns eui,nwKey,shortAddr,bidi, hex upper-case: the CSV the"
+               " earlier open mioty service center exported; the sensors page imports it back.")
+    async def export_sensors_csv(self, call: Call) -> Any:
+        from bsscihub.protocols.bssci import endpoints
+
+        data = await endpoints.export_endpoints(self.hub)
+        return Download(endpoints.dump_csv(data).encode(), "sensors.csv", "text/csv; charset=utf-8")
+
     @api_route("POST", "/sensors/import", role="operator", summary="Import sensors from endpoints.json",
                body={"type": "array", "items": ENDPOINT, "maxItems": 100_000}, max_body=8 << 20,
                response=obj({"imported": {"type": "integer"}, "errors": {"type": "array", "items": ANY_OBJECT}},
@@ -436,10 +445,21 @@ class MiotyWeb(MeterRoutes):
     @page_route("POST", "/sensors/import", role="operator", summary="Import endpoints.json", max_body=8 << 20)
     async def import_page(self, call: Call) -> Any:
         raw = call.body.get("file", b"")
-        try:
-            data = json.loads(raw)
-        except (ValueError, TypeError):
-            return Redirect("/mioty/sensors", error="the file is not valid JSON (expected endpoints.json)")
+        head = raw[:64].lstrip("\ufeff \t\r\n") if isinstance(raw, str) else raw[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head and head[:1] not in ("[", "{", b"[", b"{"):
+            from bsscihub.protocols.bssci import endpoints
+
+            try:  # CSV, as the earlier service center exported it
+                data = endpoints.parse_csv(raw if isinstance(raw, str) else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                return Redirect("/mioty/sensors", error="the file is neither endpoints.json nor UTF-8 CSV")
+            except endpoints.EndpointsError as e:
+                return Redirect("/mioty/sensors", error=f"the CSV file: {e}")
+        else:
+            try:
+                data = json.loads(raw)
+            except (ValueError, TypeError):
+                return Redirect("/mioty/sensors", error="the file is not valid JSON (expected endpoints.json)")
         try:
             result = await self._invoke(call, "import_sensors", body=data)
         except ApiError as e:
@@ -601,7 +621,8 @@ TEMPLATES: dict[str, str] = {
   <form method="get" class="search"><input name="q" value="{{ q }}" placeholder="Search by EUI"
     aria-label="Search sensors"></form>
   {% if user.role == "admin" %}<a class="btn ghost"
-    href="/api/v1/mioty/sensors/export" download>Export endpoints.json</a>{% endif %}
+    href="/api/v1/mioty/sensors/export" download>Export endpoints.json</a><a class="btn ghost"
+    href="/api/v1/mioty/sensors/export.csv" download>Export CSV</a>{% endif %}
 {% endcall %}
 {% if user.role in ("operator", "admin") %}
 <div class="grid-2">
@@ -624,10 +645,11 @@ TEMPLATES: dict[str, str] = {
   <section class="card">
     <h2>Import</h2>
     <p class="muted small">An <code>endpoints.json</code> file: a list of
-      <code>{"eui", "nwKey", "shortAddr", "bidi"}</code>. Existing sensors are updated.</p>
+      <code>{"eui", "nwKey", "shortAddr", "bidi"}</code>, or a CSV file with the columns
+      <code>eui,nwKey,shortAddr,bidi</code>. Existing sensors are updated.</p>
     <form method="post" action="/mioty/sensors/import" enctype="multipart/form-data" class="stack">
       {{ csrf() }}
-      <label>File<input type="file" name="file" accept=".json,application/json" required></label>
+      <label>File<input type="file" name="file" accept=".json,.csv,.txt,application/json,text/csv" required></label>
       <button class="btn" type="submit">Import</button>
     </form>
   </section>

@@ -1,8 +1,10 @@
-"""endpoints.json, the end-point list other mioty service centers use: strict import, export.
+"""endpoints.json, the end-point list other mioty service centers use, and its CSV form: strict import, export.
 A list of {"eui": 16 hex, "nwKey": 32 hex, "shortAddr": 4 hex, "bidi": bool}; import updates existing sensors."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -20,11 +22,13 @@ from bsscihub.protocols.bssci.registry import Registry, Sensor, attach_change
 __all__ = [
     "Endpoint",
     "EndpointsError",
+    "dump_csv",
     "dump_endpoints",
     "export_endpoints",
     "export_file",
     "import_endpoints",
     "import_file",
+    "parse_csv",
     "parse_endpoints",
 ]
 
@@ -90,6 +94,93 @@ def dump_endpoints(sensors: list[Sensor]) -> list[dict[str, Any]]:
     ]
 
 
+# Column names the earlier service center's CSV import took (case-insensitive), by field.
+_CSV_NAMES = {
+    "eui": ("eui", "mac", "address", "epeui", "ep_eui"),
+    "nwKey": ("nwkey", "network_key", "key", "networkkey"),
+    "shortAddr": ("shortaddr", "short_addr", "shortaddress", "addr"),
+    "bidi": ("bidi", "bidirectional", "bidir"),
+}
+_TRUE, _FALSE = ("true", "1", "yes", "on", "y"), ("false", "0", "no", "off", "n", "")
+
+
+def parse_csv(text: str) -> list[dict[str, Any]]:
+    """End points from CSV as that service center's users keep them, as an endpoints.json document.
+
+    Columns eui, nwKey, shortAddr, bidi (bidi may be left out: false), separated by commas,
+    semicolons or tabs; the header row is optional (without it the columns are in that order)
+    and may use that service center's other names (mac, network_key, short_addr, ...). Hex in any
+    case; a shortAddr a spreadsheet cut to fewer than 4 digits gets its leading zeros back.
+    EndpointsError names the line and the field of the first problem; nothing is half imported.
+    """
+    text = text.lstrip("\ufeff")  # a spreadsheet's byte-order mark
+    first = text.split("\n", 1)[0]
+    delimiter = ";" if ";" in first else "\t" if "\t" in first else ","
+    try:
+        rows = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter, strict=True), 1)
+                if any(cell.strip() for cell in row)]  # fmt: skip
+    except csv.Error as e:
+        raise EndpointsError(f"not CSV: {e}") from None
+    columns = {"eui": 0, "nwKey": 1, "shortAddr": 2, "bidi": 3}
+    if rows and any(cell.strip().lower() in names for cell in rows[0][1] for names in _CSV_NAMES.values()):
+        header = [cell.strip().lower() for cell in rows[0][1]]
+        columns = {field: next((i for i, name in enumerate(header) if name in names), -1)
+                   for field, names in _CSV_NAMES.items()}  # fmt: skip
+        missing = [field for field, i in columns.items() if i < 0 and field != "bidi"]
+        if missing:
+            raise EndpointsError(f"line {rows[0][0]}: the header has no {missing[0]} column")
+        rows = rows[1:]
+    doc: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        cells = [cell.strip() for cell in row]
+
+        def cell(field: str, cells: list[str] = cells) -> str:
+            i = columns[field]
+            return cells[i] if 0 <= i < len(cells) else ""
+
+        if len(cells) <= max(columns["eui"], columns["nwKey"], columns["shortAddr"]):
+            raise EndpointsError(f"line {line}: expected the columns eui, nwKey, shortAddr and bidi,"
+                                 f" got {len(cells)} column{'s' if len(cells) != 1 else ''}")
+        short_addr = cell("shortAddr")
+        if 0 < len(short_addr) < 4:
+            short_addr = short_addr.rjust(4, "0")
+        bidi = cell("bidi").lower()
+        if bidi not in _TRUE + _FALSE:
+            raise EndpointsError(f"line {line}: bidi: expected true or false, got {cell('bidi')!r}")
+        entry: dict[str, Any] = {"eui": cell("eui"), "nwKey": cell("nwKey"), "shortAddr": short_addr,
+                                 "bidi": bidi in _TRUE}
+        try:
+            parse_endpoints([entry])
+        except EndpointsError as e:
+            raise EndpointsError(f"line {line}: {str(e).removeprefix('endpoints[0].')}") from None
+        eui = cell("eui").lower()
+        if eui in seen:
+            raise EndpointsError(f"line {line}: end point {eui} appears already on line {seen[eui]}")
+        seen[eui] = line
+        doc.append(entry)
+    return doc
+
+
+def dump_csv(doc: list[dict[str, Any]]) -> str:
+    """An endpoints.json document as CSV, header eui,nwKey,shortAddr,bidi, hex upper-case as that
+    service center wrote it (with the network keys: handle with care)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(FIELDS)
+    for entry in doc:
+        writer.writerow([entry["eui"].upper(), entry["nwKey"].upper(), entry["shortAddr"].upper(),
+                         "true" if entry["bidi"] else "false"])  # fmt: skip
+    return out.getvalue()
+
+
+def file_format(path: str, fmt: str = "auto") -> str:
+    """json or csv: as asked, else by the file name (.csv, .txt), else json."""
+    if fmt != "auto":
+        return fmt
+    return "csv" if Path(path).suffix.lower() in (".csv", ".txt") else "json"
+
+
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
@@ -139,11 +230,13 @@ async def export_endpoints(hub: Any) -> list[dict[str, Any]]:
     return dump_endpoints(sensors)
 
 
-async def import_file(hub: Any, path: str) -> int:
-    """`bsscihub sensors import FILE`: prints one line; exit status 0, or 1 for a bad file."""
+async def import_file(hub: Any, path: str, fmt: str = "auto") -> int:
+    """`bsscihub sensors import FILE`: endpoints.json, or CSV (`fmt` csv, or a .csv/.txt file name);
+    prints one line; exit status 0, or 1 for a bad file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-        result = await import_endpoints(hub, json.loads(text), actor="cli")
+        doc = parse_csv(text) if file_format(path, fmt) == "csv" else json.loads(text)
+        result = await import_endpoints(hub, doc, actor="cli")
     except OSError as e:
         return _fail(f"cannot read {path}: {e.strerror}")
     except UnicodeDecodeError:
@@ -166,11 +259,11 @@ def _fail(message: str) -> int:
     return 1
 
 
-async def export_file(hub: Any, out: str) -> int:
-    """`bsscihub sensors export [--out FILE]`: endpoints.json to stdout ("-") or to a file
-    readable by its owner only (it holds the network keys)."""
+async def export_file(hub: Any, out: str, fmt: str = "auto") -> int:
+    """`bsscihub sensors export [--out FILE]`: endpoints.json (or CSV: `fmt` csv, or a .csv file
+    name) to stdout ("-") or to a file readable by its owner only (it holds the network keys)."""
     data = await export_endpoints(hub)
-    text = json.dumps(data, indent=2) + "\n"
+    text = dump_csv(data) if file_format(out, fmt) == "csv" else json.dumps(data, indent=2) + "\n"
     if out == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
