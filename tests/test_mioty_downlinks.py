@@ -98,6 +98,11 @@ async def test_an_accepted_downlink_is_queued_again_when_its_station_reconnects(
         ("queue", "queued"), ("dispatch", "dispatched"), ("accept", "accepted"), ("drop", "queued"),
         ("dispatch", "dispatched"), ("accept", "accepted"), ("sent", "sent"),
     ]  # fmt: skip
+    from prometheus_client import generate_latest
+
+    text = generate_latest(running.hub.metrics).decode()
+    assert 'bsscihub_mioty_downlinks_ended_total{state="sent"} 1.0' in text
+    assert 'bsscihub_mioty_downlinks_pending{state="accepted"} 0.0' in text
     event = [e for e in running.of("downlink") if e.payload["queId"] == que_id][-1]
     assert event.topic == f"mioty/ep/{EP}/event/downlink" and event.payload["epEui"] == EP
     assert event.payload["bsEui"] == B and event.payload["time"].endswith("Z")

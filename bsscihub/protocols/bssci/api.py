@@ -776,7 +776,8 @@ TEMPLATES: dict[str, str] = {
     <thead><tr>{% for key in downlinks[0].keys() %}<th>{{ key }}</th>{% endfor %}{% if operator %}<th></th>{% endif %}
       </tr></thead>
     <tbody>{% for d in downlinks %}<tr>{% for value in d.values() %}<td
-      class="mono">{{ value|show }}</td>{% endfor %}{% if operator %}<td>{% if d.get("status") in ("queued", "accepted")
+      class="mono">{{ value|show }}</td>{% endfor %}{% if operator %}<td>{% if d.get("status")
+      in ("queued", "dispatched", "accepted", "expiring")
       %}<form method="post" action="/mioty/sensors/{{ eui }}/downlinks/{{ d.get('queId') }}/revoke" class="inline"
       data-confirm="Withdraw downlink {{ d.get('queId') }}?">{{ csrf() }}<button class="btn small"
       type="submit">Withdraw</button></form>{% endif %}</td>{% endif %}</tr>{% endfor %}</tbody>

@@ -4,6 +4,7 @@ expired, invalid, rejected or revoked, and back to queued whenever a station dro
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -149,6 +150,8 @@ class Downlinks:
         """Pending downlinks per end point; the propagation hook checks it for every attPrp."""
         self.waiting: set[str] = set()
         """End points with a queued downlink; the uplink pipeline checks dlOpen uplinks against it."""
+        self.ended: Counter[str] = Counter()
+        """Downlinks that reached an end state since the start, by state (for /metrics)."""
         self._last_sent: dict[str, tuple[int, int]] = {}  # epEui -> (queId, packetCnt) of its last sent downlink
         self._writes: set[defer.Deferred[Any]] = set()
 
@@ -162,6 +165,7 @@ class Downlinks:
             return False
         dl.state = new
         if new not in PENDING:
+            self.ended[new.value] += 1
             self.pending.pop(dl.que_id, None)
             of_ep = self.by_ep.get(dl.ep_eui)
             if of_ep is not None:

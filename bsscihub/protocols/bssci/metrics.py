@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +105,17 @@ class MiotyMetrics:
         yield GaugeMetricFamily(p + "uplinks_pending", "uplinks inside their dedup window", value=service.dedup.pending)
         yield GaugeMetricFamily(p + "sensors_attached", "attached end points",
                                 value=sum(1 for s in service.registry.sensors.values() if s.attached))
+        downlinks = service.downlink_queue
+        pending = GaugeMetricFamily(p + "downlinks_pending", "downlinks not ended yet, by state", labels=["state"])
+        held = Counter(d.state.value for d in downlinks.pending.values())
+        for state in ("queued", "dispatched", "accepted", "expiring"):
+            pending.add_metric([state], held[state])
+        yield pending
+        ended = CounterMetricFamily(p + "downlinks_ended", "downlinks that reached an end state, by state",
+                                    labels=["state"])
+        for state in ("sent", "expired", "invalid", "rejected", "revoked"):
+            ended.add_metric([state], downlinks.ended[state])
+        yield ended
         latency = c.latency
         yield HistogramMetricFamily(p + "dedup_latency_seconds", "first copy received to uplink event published",
                                     buckets=latency.buckets(), sum_value=latency.sum)
