@@ -4,6 +4,7 @@ service; what stations do (reconnect, attPrp, go away, never report) and what th
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from tests.test_mioty_field import connect
 from tests.test_mioty_service import (
     EP,
     KEY,
@@ -250,3 +252,31 @@ async def test_a_pending_downlink_survives_a_restart_and_goes_out_when_its_stati
         assert (await stored(second, que_id))["attempts"] == 2
     finally:
         await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_station_that_resumes_its_session_gets_its_queued_downlink_without_an_att_prp(
+    tmp_path: Path, pki: PKI
+) -> None:
+    running = await start(tmp_path, pki, bssci={"resume_window": 60})
+    try:
+        service = running.service
+        await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        uuid = os.urandom(16)
+        a = await connect(running, "bs-a", A, uuid)
+        await a.expect("attPrp")
+        await heard(running, a)
+        que_id = (await service.queue_downlink(EP, b"\x07", actor="test"))["queId"]
+        await a.expect("dlDataQue")
+        a.transport.abortConnection()
+        await a.lost
+        await state_becomes(running, que_id, "queued")
+        # Back within the window with the same snBsUuid: the session resumes, no attPrp follows,
+        # and the downlink goes out again with its queId (which replaces one the station kept).
+        a = await connect(running, "bs-a", A, uuid, resume_ops=(a.next_op - 1, -1), expect_resume=True)
+        que = await a.expect("dlDataQue")
+        assert que["queId"] == que_id
+        assert "attPrp" not in [m["command"] for m in a.seen]
+        await state_becomes(running, que_id, "accepted")
+    finally:
+        await running.stop()

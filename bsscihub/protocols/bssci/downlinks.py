@@ -311,6 +311,13 @@ class Downlinks:
                 self.move(dl, "drop", bs=session.bs_hex, reason=f"{session.bs_hex} took an attPrp for the end point")
         self.clock.callLater(0, self.offer, ep)
 
+    def resumed(self, session: Session) -> None:
+        """A station resumed its session (it kept its attachments, no attPrp follows): offer it the
+        queued downlinks it serves now. The same queId again replaces one it may still hold."""
+        for ep in list(self.waiting):
+            if self.station_for(ep) is session:
+                self.offer(ep)
+
     def station_gone(self, session: Session) -> None:
         """A station's session ended: what it held is queued again (its next session starts empty)."""
         for dl in [d for d in self.pending.values() if d.holder is session]:

@@ -296,6 +296,8 @@ class MiotyService(MiotyActions, FamilyService):
                           count=session.propagation_pending)
             # It kept its attachments: the session reissued only what was unfinished or missed.
             self.vm.session_ready(session)
+            # No attPrp will precede the downlinks queued for it: hand them over now.
+            self.downlink_queue.resumed(session)
             return
         attached = [int(s.eui, 16) for s in self.registry.sensors.values() if s.attached]
         self.log.info(
