@@ -320,7 +320,9 @@ def cmd_user(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
             from bsscihub.web.auth import revoke_user_tokens
 
             # As the REST API does: a new password or a disabled account ends what was issued before.
+            # A running hub drops the sessions whose rows are gone at its next housekeeping round.
             revoked = await revoke_user_tokens(hub.store, user.id, time.time())
+            await hub.store.execute("DELETE FROM web_sessions WHERE user_id = ?", (user.id,))
         detail = {k: (v if k != "password" else "changed") for k, v in change.items()}
         await audit.record(hub.store, "cli", "user.update", user.name, detail, f"bsscihub user {command}")
         if command == "passwd":

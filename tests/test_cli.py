@@ -287,8 +287,9 @@ def _check_password(home: Path, name: str, password: str) -> bool:
 async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The CLI works on the database the hub uses: a log-in, a bearer token and an API key all stop working."""
-    from twisted.internet import threads
+    """The CLI works on the database the hub uses: a log-in, a bearer token, an API key and an open session
+    all stop working (the session at the hub's next housekeeping round), and a role change reaches sessions."""
+    from twisted.internet import reactor, task, threads
 
     from bsscihub.web.auth import KEY_CACHE_TTL
     from tests.test_web_support import PASSWORD, build_harness, fast_hashing
@@ -301,6 +302,9 @@ async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
         token = issued.json()["token"]
         assert (await h.request("GET", "/api/v1/dashboard", token=token)).code == 200
         assert (await h.request("GET", "/api/v1/dashboard", role="operator")).code == 200
+        cookies, _ = await h.login("operator")
+        admin_cookies, _ = await h.login("admin")
+        assert (await h.request("GET", "/api/v1/dashboard", cookies=cookies)).code == 200
 
         run = await threads.deferToThread(
             bsscihub, tmp_path, "user", "disable", "operator", "--config", str(tmp_path / "hub.yaml")
@@ -314,6 +318,37 @@ async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
         login = await h.request("POST", "/api/v1/auth/login", json_body={"username": "operator", "password": PASSWORD})
         assert login.code == 401
         assert (await h.request("GET", "/api/v1/dashboard", role="viewer")).code == 200  # others unaffected
+
+        # The open session ends at the hub's next housekeeping round; another user's stays.
+        h.web.start()
+        h.clock.advance(h.web.refusals.interval)
+        for _ in range(500):
+            if (await h.request("GET", "/api/v1/dashboard", cookies=cookies)).code == 401:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert (await h.request("GET", "/api/v1/dashboard", cookies=cookies)).code == 401
+        assert (await h.request("GET", "/api/v1/dashboard", cookies=admin_cookies)).code == 200
+
+        # A role changed from the CLI reaches the open sessions of that user the same way.
+        run = await threads.deferToThread(
+            bsscihub, tmp_path, "user", "role", "admin", "viewer", "--config", str(tmp_path / "hub.yaml")
+        )
+        assert run.returncode == 1 and "last enabled admin" in run.stderr  # the harness has one admin only
+        run = await threads.deferToThread(
+            bsscihub, tmp_path, "user", "add", "ada", "--role", "admin", "--config", str(tmp_path / "hub.yaml")
+        )
+        assert run.returncode == 0, run.stderr
+        run = await threads.deferToThread(
+            bsscihub, tmp_path, "user", "role", "admin", "viewer", "--config", str(tmp_path / "hub.yaml")
+        )
+        assert run.returncode == 0, run.stderr
+        h.clock.advance(h.web.refusals.interval)
+        for _ in range(500):
+            if (await h.request("GET", "/api/v1/users", cookies=admin_cookies)).code == 403:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert (await h.request("GET", "/api/v1/users", cookies=admin_cookies)).code == 403
+        assert (await h.request("GET", "/api/v1/dashboard", cookies=admin_cookies)).code == 200
 
         run = await threads.deferToThread(
             bsscihub, tmp_path, "user", "enable", "operator", "--config", str(tmp_path / "hub.yaml")
