@@ -141,6 +141,11 @@ async def test_the_diehl_capture_heard_twice_is_one_reading_of_a_registered_mete
     assert meter is not None and meter["medium"] == "water" and meter["bestBs"] == B and not meter["hasKey"]
     assert (await running.service.vm.readings(DIEHL))["items"][0]["error"] == p["error"]
     assert running.service.vm.counters["merged"] == 1
+    from prometheus_client import generate_latest
+
+    text = generate_latest(running.hub.metrics).decode()
+    assert "bsscihub_mioty_vm_frames_total 2.0" in text and "bsscihub_mioty_vm_duplicate_frames_total 1.0" in text
+    assert "bsscihub_mioty_vm_base_stations 2.0" in text
 
 
 @pytest_twisted.ensureDeferred
@@ -270,3 +275,42 @@ def test_a_bad_vm_mac_types_stops_with_the_key_named() -> None:
     with pytest.raises(ConfigError, match="mioty.vm_mac_types") as e:
         load_config(None, {"BSSCIHUB_MIOTY_VM_MAC_TYPES": "{1: lorawan}"}, {"mioty": MiotyConfig})
     assert "wmbus or raw" in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_meter_registry_on_both_backends(tmp_path: Path, database_url: str) -> None:
+    from bsscihub.family import installed_families
+    from bsscihub.hub import make_hub
+    from bsscihub.protocols.bssci.meters import registry_for
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, families=["mioty"], database=database_url)
+    hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
+    hub.store.start()
+    try:
+        await hub.store.migrate(hub.migrations())
+        registry = registry_for(hub)
+        row = ("00000000000000aa", 100.0, 1, b"\x01\x02", 1 << 62, 5, 1.5, 2.0, -90.0, None, None, 1, 0, 3, b"\x57\x8e")
+        first, second = await registry.add_frame(row), await registry.add_frame(row)
+        assert second == first + 1
+        await registry.mark_published([first])
+        [(frame_id, *rest)] = await registry.unpublished()
+        assert frame_id == second and bytes(rest[3]) == b"\x01\x02" and rest[4] == 1 << 62
+        meter = await registry.set_key(METER, KEY, 50.0, name="hall")
+        assert registry.key_of(meter) == KEY
+        meter.last_seen, meter.last_reading = 120.0, {"values": {"volume": 1.5}}
+        await registry.save(meter)
+        again = await registry.get(METER)
+        assert again is not None and again.last_reading == {"values": {"volume": 1.5}} and again.name == "hall"
+        assert registry.key_of(again) == KEY
+        found, total = await registry.find("HALL")
+        assert [m.id for m in found] == [METER] and total == 1
+        await registry.add_reading(METER, 120.0, {"values": {"volume": 1.5}})
+        await registry.add_reading(METER, 180.0, {"values": {"volume": 1.6}})
+        assert [r["values"]["volume"] for r in await registry.readings(METER, 10)] == [1.6, 1.5]
+        await registry.prune(150.0)
+        assert [r["values"]["volume"] for r in await registry.readings(METER, 10)] == [1.6]
+        assert len(await registry.unpublished()) == 1  # unpublished frames are never pruned
+        assert await registry.delete(METER) and await registry.get(METER) is None
+    finally:
+        await hub.store.stop()

@@ -207,14 +207,10 @@ class MeterRegistry:
     def unpublished(self) -> Any:
         return self.store.fetchall(f"SELECT id, {FRAME_COLUMNS} FROM mioty_vm_frames WHERE published = 0 ORDER BY id")
 
-    def prune(self, before: float) -> Any:
-        async def run() -> None:
-            await self.store.execute("DELETE FROM mioty_vm_frames WHERE received < ? AND published = 1", (before,))
-            await self.store.execute("DELETE FROM mioty_meter_readings WHERE received < ?", (before,))
-
-        from twisted.internet.defer import Deferred
-
-        return Deferred.fromCoroutine(run())
+    async def prune(self, before: float) -> None:
+        """Forget published frames and readings received before `before` (never an unpublished frame)."""
+        await self.store.execute("DELETE FROM mioty_vm_frames WHERE received < ? AND published = 1", (before,))
+        await self.store.execute("DELETE FROM mioty_meter_readings WHERE received < ?", (before,))
 
     # -- meters
 

@@ -107,6 +107,10 @@ class VariableMac:
         self._downlinks: dict[str, list[_Downlink]] = {}
         self._next_dl = 1
         self._work: set[defer.Deferred[Any]] = set()
+        retention = service.settings.uplink_retention
+        self._pruning = service.looping(self.prune, "pruning meter history") if hasattr(service, "looping") else None
+        self._prune_every = min(3600.0, retention / 4)
+        self.hub.metrics.register(_Metrics(self))
 
     # -- start and stop
 
@@ -130,8 +134,16 @@ class VariableMac:
             await self._emit(key, copies, min(c.received for c in copies), ids)
         if groups:
             self.log.info("published {count} Variable-MAC frames stored before the last stop", count=len(groups))
+        if self._pruning is not None:
+            self._pruning.start(self._prune_every, now=False)
+
+    async def prune(self) -> None:
+        """Forget published frames and readings older than mioty.uplink_retention."""
+        await self.meters.prune(self.clock.seconds() - self.service.settings.uplink_retention)
 
     async def drain(self) -> None:
+        if self._pruning is not None and self._pruning.running:
+            self._pruning.stop()
         self.dedup.flush()
         while self._work:
             await defer.DeferredList(list(self._work), consumeErrors=True)
@@ -390,6 +402,31 @@ class VariableMac:
         if not d.called:
             self._work.add(d)
             d.addBoth(_forget, d, self._work)
+
+
+class _Metrics:
+    """The Variable-MAC counters for Prometheus, read at scrape time."""
+
+    def __init__(self, vm: VariableMac) -> None:
+        self._vm = vm
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self._vm.counters
+        p = "bsscihub_mioty_vm_"
+        yield CounterMetricFamily(p + "frames", "vm.ulData copies stored (each acknowledged after commit)",
+                                  value=c["frames"])
+        yield CounterMetricFamily(p + "duplicate_frames", "copies merged into a frame inside its dedup window",
+                                  value=c["merged"])
+        yield CounterMetricFamily(p + "late_frames", "copies arriving after their frame was published: dropped",
+                                  value=c["late"])
+        yield CounterMetricFamily(p + "published", "frames published (meter readings and raw frames)",
+                                  value=c["published"])
+        yield CounterMetricFamily(p + "undecoded", "frames published raw: not wireless M-Bus or a raw MAC type",
+                                  value=c["undecoded"])
+        yield GaugeMetricFamily(p + "base_stations", "connected base stations with Variable MAC active",
+                                value=len(self._vm.active))
 
 
 def _maker(cls: type[m.VmActivate] | type[m.VmDeactivate], mac_type: int) -> Callable[[int], m.Message]:
