@@ -181,6 +181,9 @@ class WebApp:
             self.extensions.append(extension)
             routes += collect(extension, api_prefix=f"{API_PREFIX}/{name}", page_prefix=f"/{name}", tag=name,
                               name_prefix=f"{name}_")
+            root = getattr(extension, "root_routes", None)  # paths kept as earlier platforms had them
+            if root is not None:
+                routes += collect(root, api_prefix="", page_prefix="", tag=name, name_prefix=f"{name}_root_")
             # Family pages go right after the dashboard, in the order the family lists them.
             nav[1:1] = list(getattr(extension, "nav", ()))
             templates.update(getattr(extension, "templates", {}))

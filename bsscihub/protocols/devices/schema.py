@@ -77,4 +77,13 @@ MIGRATIONS = [
         CREATE INDEX dev_ota_device ON dev_ota (device, created_at)
         """,
     ),
+    Migration(
+        "devices",
+        2,
+        """
+        ALTER TABLE dev_ota ADD COLUMN url TEXT;
+        ALTER TABLE dev_ota ADD COLUMN version TEXT;
+        ALTER TABLE dev_ota ADD COLUMN checksum TEXT
+        """,
+    ),
 ]

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer, threads
@@ -34,6 +35,10 @@ FLUSH_EVERY = 2.0
 KEY_SCHEME = "bdk"
 OTA_STATES = ("offered", "downloading", "installing", "done", "failed", "rejected", "timeout")
 OTA_REPORTS = ("downloading", "installing", "done", "failed", "rejected")
+# What devices of earlier platforms answer on OTA/{id}/response, as the states above.
+OTA_ALIASES = {"success": "done", "succeeded": "done", "ok": "done", "completed": "done", "failure": "failed",
+               "fail": "failed", "error": "failed"}
+CHECKSUM = re.compile(r"^[A-Za-z0-9:+/=_-]{8,160}$")
 OTA_FINAL = ("done", "failed", "rejected", "timeout")
 
 
@@ -148,8 +153,8 @@ class DevicesService(FamilyService):
             pending = self.commands[cid] = Pending(cid, device, name)
             pending.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._command_timed_out, cid)
         for oid, device, firmware, deadline, version in await self.hub.store.fetchall(
-            "SELECT o.id, o.device, o.firmware, o.deadline, f.version FROM dev_ota o"
-            " JOIN dev_firmware f ON f.id = o.firmware WHERE o.state IN ('offered', 'downloading', 'installing')"
+            "SELECT o.id, o.device, o.firmware, o.deadline, COALESCE(o.version, f.version) FROM dev_ota o"
+            " LEFT JOIN dev_firmware f ON f.id = o.firmware WHERE o.state IN ('offered', 'downloading', 'installing')"
         ):
             offer = self.offers[oid] = Pending(oid, device, "ota", firmware=int(firmware), version=version)
             offer.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._offer_timed_out, oid)
@@ -376,6 +381,9 @@ class DevicesService(FamilyService):
         if kind == "device":
             return await self.send_command(id, name, payload, "mqtt")
         if kind == "ota" and name == "start":
+            if isinstance(payload, dict) and "firmware_url" in payload:
+                return await self.offer_hosted(id, payload.get("firmware_version"), payload.get("firmware_url"),
+                                               payload.get("checksum"), "mqtt")
             firmware = payload.get("firmware") if isinstance(payload, dict) else None
             if isinstance(firmware, bool) or not isinstance(firmware, int):
                 raise DeviceError('expected {"firmware": id}', 400)
@@ -640,6 +648,43 @@ class DevicesService(FamilyService):
         return {"offerId": oid, "deviceId": device_id, "firmware": firmware_id, "version": firmware["version"],
                 "state": "offered", "deadline": rfc3339(deadline)}
 
+    async def offer_hosted(self, device_id: str, version: Any, url: Any, checksum: Any, actor: str
+                           ) -> dict[str, Any]:
+        """An update whose image is hosted elsewhere, as earlier platforms do it: `OTA/{id}/update` carries
+        {"device_id", "firmware_version", "firmware_url", "checksum"?} (plus this hub's offerId, version, url)."""
+        self.get(device_id)
+        if not isinstance(version, str) or not 1 <= len(version) <= 32 or not STATE.match(version.replace("+", "")):
+            raise DeviceError("firmware_version: expected 1-32 letters, digits, '.', '_', '-'", 400)
+        if not isinstance(url, str) or len(url) > 2048 or urlsplit(url).scheme not in ("http", "https") \
+                or not urlsplit(url).netloc:
+            raise DeviceError("firmware_url: expected an http:// or https:// URL of at most 2048 characters", 400)
+        if checksum is not None and (not isinstance(checksum, str) or not CHECKSUM.match(checksum)):
+            raise DeviceError("checksum: expected a digest such as 64 hex digits (sha256)", 400)
+        if any(o.device == device_id for o in self.offers.values()):
+            raise DeviceError(f"an update of {device_id} is already in progress", 409)
+        mqtt = self._mqtt()
+        oid = secrets.token_hex(8)
+        now = self.clock.seconds()
+        deadline = now + self.config.ota_timeout
+        await self.hub.store.execute(
+            "INSERT INTO dev_ota (id, device, firmware, token_hash, state, created_at, updated_at, deadline, actor,"
+            " url, version, checksum) VALUES (?, ?, 0, '', 'offered', ?, ?, ?, ?, ?, ?, ?)",
+            (oid, device_id, now, now, deadline, actor, url, version, checksum))
+        offer = self.offers[oid] = Pending(oid, device_id, "ota", firmware=0, version=version)
+        offer.timer = self.clock.callLater(self.config.ota_timeout, self._offer_timed_out, oid)
+        message: dict[str, Any] = {"device_id": device_id, "firmware_version": version, "firmware_url": url,
+                                   "offerId": oid, "version": version, "url": url}
+        if checksum is not None:
+            message["checksum"] = checksum
+        try:
+            await mqtt.publish(f"{self.config.ota_root}/{device_id}/update", json.dumps(message).encode())
+        except Exception as e:
+            await self._ota_state(oid, "failed", error=f"not published: {e}")
+            raise DeviceError(f"update not offered: {e}", 503) from None
+        self._ota_event(offer, "offered", 0, "")
+        return {"offerId": oid, "deviceId": device_id, "firmware": None, "version": version, "url": url,
+                "checksum": checksum, "state": "offered", "deadline": rfc3339(deadline)}
+
     async def firmware_for_offer(self, device_id: str, oid: str, token: str) -> tuple[bytes, str] | None:
         """The image for an open offer whose token matches (None otherwise: the same answer for every failure)."""
         offer = self.offers.get(oid)
@@ -657,15 +702,20 @@ class DevicesService(FamilyService):
 
     def on_ota_response(self, topic: str, payload: bytes, properties: Any = None) -> Any:
         """`OTA/{id}/response`: {"offerId"?, "status": downloading|installing|done|failed|rejected,
-        "progress"?: 0-100, "error"?, "version"?}."""
+        "progress"?: 0-100, "error"?, "version"?}; earlier platforms' {"status": "success"|"failure",
+        "firmware_version"?, "message"?} too."""
         device_id = self._topic_device(topic.split("/")[1], topic)
         try:
-            doc = ingest.json_object(payload, self.config.max_payload)
+            doc = finite_doc(ingest.json_object(payload, self.config.max_payload))
             status = ingest.text(doc, "status", max_length=32)
+            status = OTA_ALIASES.get(str(status).lower(), status)
             if status not in OTA_REPORTS:
                 raise Rejected(ingest.IMPLAUSIBLE, f"status: {status!r} is not one of {', '.join(OTA_REPORTS)}")
             progress = ingest.number(doc, "progress", 0, 100, required=False)
-            error = ingest.text(doc, "error", max_length=500, required=False) or ""
+            error = (ingest.text(doc, "error", max_length=500, required=False)
+                     or ingest.text(doc, "message", max_length=500, required=False) or "")
+            reported = ingest.text(doc, "firmware_version", max_length=32, required=False) \
+                or ingest.text(doc, "version", max_length=32, required=False)
             oid = ingest.text(doc, "offerId", required=False)
             if oid is None:  # devices that do not echo the offer id answer about their open offer
                 oid = next((o.id for o in self.offers.values() if o.device == device_id), None)
@@ -678,7 +728,8 @@ class DevicesService(FamilyService):
         self.ingest.accepted()
         if status == "done":
             progress = 100
-            self.devices[device_id].firmware = offer.version
+            # What the device says it runs now, else what it was offered.
+            self.devices[device_id].firmware = reported or offer.version
             self._dirty.add(device_id)
         return defer.Deferred.fromCoroutine(self._ota_state(offer.id, status, progress, error))  # type: ignore[arg-type]
 
@@ -703,16 +754,18 @@ class DevicesService(FamilyService):
 
     def _ota_event(self, offer: Pending, state: str, progress: int | None, error: str) -> None:
         self.emit("ota", f"dev/device/{offer.device}/event/ota", {
-            "deviceId": offer.device, "offerId": offer.id, "firmware": offer.firmware, "version": offer.version,
+            "deviceId": offer.device, "offerId": offer.id, "firmware": offer.firmware or None, "version": offer.version,
             "state": state, "progress": progress, "error": error, "time": rfc3339(self.clock.seconds())})
 
     async def list_offers(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
         rows = await self.hub.store.fetchall(
-            "SELECT o.id, o.firmware, f.version, o.state, o.progress, o.error, o.created_at, o.updated_at, o.actor"
+            "SELECT o.id, o.firmware, COALESCE(o.version, f.version), o.state, o.progress, o.error, o.created_at,"
+            " o.updated_at, o.actor, o.url, o.checksum"
             " FROM dev_ota o LEFT JOIN dev_firmware f ON f.id = o.firmware WHERE o.device = ?"
             " ORDER BY o.created_at DESC LIMIT ?", (device_id, limit))
-        return [{"offerId": r[0], "firmware": r[1], "version": r[2], "state": r[3], "progress": r[4], "error": r[5],
-                 "createdAt": opt_time(r[6]), "updatedAt": opt_time(r[7]), "actor": r[8]} for r in rows]
+        return [{"offerId": r[0], "firmware": r[1] or None, "version": r[2], "state": r[3], "progress": r[4],
+                 "error": r[5], "createdAt": opt_time(r[6]), "updatedAt": opt_time(r[7]), "actor": r[8],
+                 "url": r[9], "checksum": r[10]} for r in rows]
 
     # -- events and writes
 

@@ -87,6 +87,41 @@ def _api_error(e: DeviceError) -> ApiError:
     return ApiError(e.http_status, e.code, str(e))
 
 
+LEGACY_OTA = obj({
+    "device_id": ID_SCHEMA,
+    "firmware_version": string("version the device runs after the update", minLength=1, maxLength=32),
+    "firmware_url": string("where the device downloads the image (http or https; hosted elsewhere)", minLength=1,
+                           maxLength=2048),
+    "checksum": string("digest of the image, passed on to the device (e.g. 64 hex digits of sha256)",
+                       maxLength=160),
+}, ("device_id", "firmware_version", "firmware_url"))
+
+
+class LegacyRoutes:
+    """Paths of the platforms the hub replaces, kept as they were (outside /api/v1), with the API's auth."""
+
+    def __init__(self, devices: DevicesWeb) -> None:
+        self.devices = devices
+
+    @api_route("POST", "/api/ota/update", role="operator", summary="Start a firmware update hosted elsewhere:"
+               " published to OTA/{device_id}/update; the device answers on OTA/{device_id}/response",
+               tag="devices", body=LEGACY_OTA, status=202, errors=(404, 409, 503), audit="devices.ota",
+               body_example={"device_id": "Device001", "firmware_version": "2.0.0",
+                             "firmware_url": "https://files.example.net/fw/2.0.0.bin"})
+    async def ota_update(self, call: Call) -> Any:
+        body = call.body
+        call.target, call.detail = body["device_id"], {"version": body["firmware_version"]}
+        self.devices._device(body["device_id"])
+        try:
+            offer = await self.devices.service.offer_hosted(body["device_id"], body["firmware_version"],
+                                                            body["firmware_url"], body.get("checksum"), call.actor)
+        except DeviceError as e:
+            raise _api_error(e) from None
+        return Accepted({**offer, "status": "sent",
+                         "message": f"update published to {self.devices.service.config.ota_root}/"
+                                    f"{body['device_id']}/update"})
+
+
 class DevicesWeb:
     """Routes over the running DevicesService; the registry comes from its memory, telemetry from storage."""
 
@@ -95,6 +130,7 @@ class DevicesWeb:
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
+        self.root_routes = LegacyRoutes(self)
 
     @property
     def service(self) -> DevicesService:
