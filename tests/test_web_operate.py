@@ -304,3 +304,24 @@ async def test_cors_for_configured_origins(tmp_path: Path, fast: None) -> None:
         assert other.code == 200 and other.header("Access-Control-Allow-Origin") is None
         page = await web.call("GET", "/login", headers=origin)
         assert page.header("Access-Control-Allow-Origin") is None  # the API only, not the admin pages
+
+
+# -- Swagger UI
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_docs_are_served_by_the_hub(tmp_path: Path, fast: None) -> None:
+    async with live(tmp_path) as web:
+        page = await web.call("GET", "/api/docs")
+        assert page.code == 200 and (page.header("Content-Type") or "").startswith("text/html")
+        assert b'src="/api/docs/swagger-ui-bundle.js"' in page.body and b"<script>" not in page.body
+        assert "script-src 'self'" in (page.header("Content-Security-Policy") or "")
+        bundle = await web.call("GET", "/api/docs/swagger-ui-bundle.js")
+        assert bundle.code == 200 and bundle.header("Content-Type") == "text/javascript"
+        assert b"SwaggerUIBundle" in bundle.body
+        assert (await web.call("GET", "/api/docs/swagger-ui.css")).code == 200
+        assert (await web.call("GET", "/static/api-docs.js")).code == 200
+        # Only what the page needs: not the package's editor, source maps or anything beside them.
+        for path in ("/api/docs/swagger-editor-bundle.js", "/api/docs/index.css", "/api/docs/../__init__.py",
+                     "/api/docs/%2e%2e/core.py"):
+            assert (await web.call("GET", path)).code == 404, path

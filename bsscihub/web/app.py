@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web.iweb import IRequest
+from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.static import File
 
@@ -137,6 +139,33 @@ class StaticFiles(File):
         return super().render_GET(request)
 
 
+SWAGGER_FILES = frozenset({b"swagger-ui.css", b"swagger-ui-bundle.js", b"favicon-32x32.png"})
+
+
+class _Only(Resource):
+    """A few named files of a directory and nothing else (the package ships editors and source maps too)."""
+
+    def __init__(self, directory: Path, names: frozenset[bytes]) -> None:
+        super().__init__()
+        self.directory, self.names = directory, names
+
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        if path not in self.names:
+            return notFound()
+        return StaticFiles(str(self.directory / path.decode()))
+
+
+def swagger_assets() -> IResource | None:
+    """Swagger UI's files from the swagger-ui-py package (found without importing it), or None."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    if not (static / "swagger-ui-bundle.js").is_file():
+        return None
+    return _Only(static, SWAGGER_FILES)
+
+
 class WebApp:
     app = Klein()
     log = Logger()
@@ -193,6 +222,7 @@ class WebApp:
         self._openapi: dict[str, Any] | None = None
         self._routed = self.api.resource()
         self._static = StaticFiles(str(STATIC))
+        self._swagger = swagger_assets()
         self._unsubscribe: list[Any] = []
         self._last_purge = float("-inf")
 
@@ -374,6 +404,19 @@ class WebApp:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         request.setHeader(b"cache-control", b"no-store")
         return generate_latest(self.hub.metrics)
+
+    @app.route("/api/docs", methods=["GET"])
+    def api_docs(self, request: IRequest) -> Any:
+        """Swagger UI over /api/v1/openapi.json, served by the hub itself (no CDN, under the CSP)."""
+        if self._swagger is None:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Swagger UI is not installed (swagger-ui-py); the API document is /api/v1/openapi.json\n"
+        return self._static.getChild(b"api-docs.html", request)
+
+    @app.route("/api/docs/", branch=True)
+    def api_docs_assets(self, request: IRequest) -> IResource:
+        return self._swagger if self._swagger is not None else notFound()
 
     @app.route("/static/", branch=True)
     def static(self, request: IRequest) -> IResource:
