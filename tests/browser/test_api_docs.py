@@ -27,7 +27,8 @@ def hub(tmp_path: Path) -> Iterator[dict[str, Any]]:
     service = build_service(config, {}, reactor, lambda: None)
     service.startService()
     pytest_twisted.blockon(service.when_ready())
-    operations = sum(1 for b in service.getServiceNamed("web").web.routes if b.route.kind == "api")
+    document = service.getServiceNamed("web").web.openapi()
+    operations = sum(len(item) for item in document["paths"].values())
     yield {"url": f"http://127.0.0.1:{port}", "operations": operations}
     pytest_twisted.blockon(service.stopService())
 
