@@ -314,3 +314,22 @@ async def test_the_meter_registry_on_both_backends(tmp_path: Path, database_url:
         assert await registry.delete(METER) and await registry.get(METER) is None
     finally:
         await hub.store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_late_copy_after_a_restart_is_not_published_again(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    first = await start(tmp_path, pki)
+    a = await connect(first, "bs-a", A, VmStation(active=[1]))
+    a.vm_uplink(capture_frame())
+    await wait_for(lambda: [e for e in first.events if e.kind == "meter_reading"])
+    await first.stop()
+    second = await start(tmp_path, pki)
+    try:
+        b = await connect(second, "bs-b", B, VmStation(active=[1]))
+        op = b.vm_uplink(capture_frame(), snr=1.0)
+        assert (await b.expect("vm.ulDataRsp"))["opId"] == op  # acknowledged, counted, dropped
+        await wait_for(lambda: second.service.vm.counters["late"] == 1)
+        await deferLater(reactor, 0.3, lambda: None)
+        assert not [e for e in second.events if e.kind == "meter_reading"]
+    finally:
+        await second.stop()

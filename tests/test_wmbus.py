@@ -52,7 +52,21 @@ def test_without_the_right_key_the_reason_is_given_and_nothing_is_made_up(build,
     assert parse_telegram(build()).error == f"encrypted (security mode {mode}) and no key is set for this meter"
     wrong = parse_telegram(build(), bytes(range(16)))
     assert wrong.records == () and not wrong.decrypted
-    assert "did not give the 2F2F check bytes: wrong key?" in (wrong.error or "")
+    if mode == 5:
+        assert wrong.error == "decryption (security mode 5) did not give the 2F2F check bytes: wrong key?"
+    else:  # the authentication layer's MAC is checked first
+        assert wrong.error == "the authentication layer's MAC does not verify: wrong key, or the frame was altered"
+
+
+def test_mode_7_frames_are_authenticated_by_the_afl_mac() -> None:
+    good = parse_telegram(mode7_frame(), KEY)
+    assert good.afl is not None and good.afl["macVerified"] is True
+    # One byte changed in the last encrypted block: CBC would still give 2F2F in the first block.
+    altered = bytearray(mode7_frame())
+    altered[-3] ^= 0x40
+    t = parse_telegram(bytes(altered), KEY)
+    assert t.records == () and "MAC does not verify" in (t.error or "")
+    assert t.afl is not None and t.afl["macVerified"] is False
 
 
 def test_crc_formats_a_and_b_are_checked_and_removed() -> None:

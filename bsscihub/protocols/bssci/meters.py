@@ -204,6 +204,11 @@ class MeterRegistry:
     def mark_published(self, ids: list[int]) -> Any:
         return self.store.executemany("UPDATE mioty_vm_frames SET published = 1 WHERE id = ?", [(i,) for i in ids])
 
+    def recently_published(self, since: float) -> Any:
+        """(mac_type, data, sys_time) of the frames published and received after `since`."""
+        return self.store.fetchall("SELECT mac_type, data, sys_time FROM mioty_vm_frames WHERE published = 1"
+                                   " AND received > ?", (since,))
+
     def unpublished(self) -> Any:
         return self.store.fetchall(f"SELECT id, {FRAME_COLUMNS} FROM mioty_vm_frames WHERE published = 0 ORDER BY id")
 

@@ -42,6 +42,7 @@ _MAX_DOWNLINK = 255
 _I64_MAX = (1 << 63) - 1
 _DEDUP_MEMORY = 20_000
 _QUEUED_PER_METER = 8
+_LATE_MEMORY = 120.0  # seconds of published frames remembered across a restart, to drop their late copies
 
 
 def frame_meter(data: bytes) -> str | None:
@@ -116,6 +117,9 @@ class VariableMac:
 
     async def prepare(self) -> None:
         """Publish the frames stored (and acknowledged) but not published before the last stop."""
+        # Late copies of frames published just before the restart must still be dropped.
+        for mac_type, data, sys_time in await self.meters.recently_published(self.clock.seconds() - _LATE_MEMORY):
+            self.dedup.remember((_digest(bytes(data)), int(mac_type)), int(sys_time))
         rows = await self.meters.unpublished()
         groups: list[tuple[tuple[str, int], list[Copy], list[int]]] = []
         for row in rows:

@@ -7,6 +7,7 @@ The parser never raises for what a meter sends: a `Telegram` carries what could 
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import attrs
@@ -236,6 +237,8 @@ def _parse_layers(data: bytes, key: bytes | None, out: dict[str, Any]) -> None:
         ci = data[pos]
         out["ci"] = ci
     counter = b""
+    authenticated = b""  # what the AFL's MAC covers before the transport layer: MCL, MCR, ML
+    mac = b""
     if ci == 0x90:
         size = data[pos + 1]
         body = data[pos + 2 : pos + 2 + size]
@@ -247,22 +250,27 @@ def _parse_layers(data: bytes, key: bytes | None, out: dict[str, Any]) -> None:
         i = 2
         if fcl & 0x2000:
             afl["mcl"] = body[i]
+            authenticated += body[i : i + 1]
             i += 1
         if fcl & 0x0200:
             afl["keyInfo"] = int.from_bytes(body[i : i + 2], "little")
             i += 2
         if fcl & 0x0800:
             counter = body[i : i + 4]
+            authenticated += counter
             afl["messageCounter"] = int.from_bytes(counter, "little")
             i += 4
         end = size - 2 if fcl & 0x1000 else size
         if fcl & 0x0400:
-            afl["mac"] = body[i:end].hex()
+            mac = body[i:end]
+            afl["mac"] = mac.hex()
+        authenticated += body[end:size]  # the message length, when present
         if fcl & 0x4000 or afl["fragment"] > 1:
             raise _Stop("a fragmented message (AFL more-fragments), which is not supported")
         pos += 2 + size
         ci = data[pos]
         out["ci"] = ci
+    transport = data[pos:]
     if ci == 0x7A:
         if pos + 5 > len(data):
             raise IndexError
@@ -286,6 +294,13 @@ def _parse_layers(data: bytes, key: bytes | None, out: dict[str, Any]) -> None:
     payload = data[pos:]
     if mode:
         out["encrypted"] = True
+        if mode == 7 and key is not None and mac:
+            # OMS: AFL.MAC = CMAC(Kmac, MCL | MCR | [ML] | the transport layer from its CI to the end)
+            mac_key = kdf_a(key, 0x01, counter, address[2:6])
+            verified = hmac.compare_digest(_cmac(mac_key, authenticated + transport)[: len(mac)], mac)
+            out["afl"]["macVerified"] = verified
+            if not verified:
+                raise _Stop("the authentication layer's MAC does not verify: wrong key, or the frame was altered")
         payload = _decrypt(mode, config, payload, key, address, acc or 0, counter)
         out["decrypted"] = True
     try:
