@@ -249,11 +249,16 @@ async def test_a_station_back_within_the_resume_window_resumes_its_session(tmp_p
         await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
         first = prps(a)
         assert sorted(p["epEui"] for p in first) == sorted(int(ep, 16) for ep in EPS[:3])
-        a.uplink(cnt=1)
+        a.uplink(EPS[1], cnt=1)
         a.uplink(cnt=2)
         await a.expect("ulDataRsp")
         await a.expect("ulDataRsp")
-        # One propagation the station never answers before the network breaks ...
+        await wait_for(lambda: hub.of("uplink"))
+        # A downlink the station accepted and still holds when the network breaks ...
+        queued = await hub.service.queue_downlink(EPS[1], "abcd")
+        assert (await a.expect("dlDataQue"))["queId"] == queued["queId"]
+        await wait_for(lambda: hub.service.downlink_queue.pending[queued["queId"]].state.value == "accepted")
+        # ... one propagation it never answers ...
         a.quiet = True
         await hub.service.attach(EPS[3], KEY, 0x0104, True)
         unanswered = await a.expect("attPrp")
@@ -264,6 +269,7 @@ async def test_a_station_back_within_the_resume_window_resumes_its_session(tmp_p
         await hub.service.detach(EPS[0])
 
         b = await connect(hub, "bs-a", A, uuid, resume_ops=(2, unanswered["opId"]), expect_resume=True)
+        b.next_op = 3
         assert b.con_rsp["snScUuid"] == first_sc_uuid  # type: ignore[attr-defined]
         await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
         again = prps(b)
@@ -271,11 +277,24 @@ async def test_a_station_back_within_the_resume_window_resumes_its_session(tmp_p
         assert [(p["command"], p["epEui"]) for p in again] == [("attPrp", int(EPS[3], 16)),
                                                                ("detPrp", int(EPS[0], 16))]
         assert [p["opId"] for p in again] == [unanswered["opId"] - 1, unanswered["opId"] - 2]
-        # The station's own counter continues too: opId 2 was used, 3 is next.
+        # It still holds the downlink: not sent again, and its report is taken.
+        held = hub.service.downlink_queue.pending[queued["queId"]]
+        assert held.state.value == "accepted" and held.holder is hub.service.sessions[A]
+        b.uplink(EPS[1], cnt=2)  # its downlink window: nothing to hand the station again
+        await b.expect("ulDataRsp")
+        await wait_for(lambda: len(hub.of("uplink")) == 2)
+        assert not [msg for msg in b.inbox if msg["command"] == "dlDataQue"]
+        b.next_op = 4
+        b.send("dlDataRes", epEui=int(EPS[1], 16), queId=queued["queId"], result="sent", txTime=5, packetCnt=2)
+        await b.expect("dlDataResRsp")
+        [entry] = (await hub.service.downlinks(EPS[1]))["items"]
+        assert entry["status"] == "sent" and entry["resultBs"] == A
+        # The station's own counter continued: opId 2 was used before the break.
         b.next_op = 2
         b.uplink(cnt=3)
         assert "does not increase" in (await b.expect("error"))["message"]
         b.send("errorAck", 2)
+        b.next_op = 5
         b.uplink(cnt=4)
         await b.expect("ulDataRsp")
         assert hub.service.counters.resumed == 1
@@ -345,3 +364,26 @@ async def test_resume_is_off_by_default(running: Running) -> None:
     await a.lost
     await wait_for(lambda: A not in running.service.sessions)
     await connect(running, "bs-a", A, uuid, expect_resume=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_downlinks_of_a_station_that_does_not_resume_in_time_are_queued_again(tmp_path: Path,
+                                                                                     pki: PKI) -> None:
+    hub = await start(tmp_path, pki, bssci={"resume_window": "300ms"})
+    try:
+        await hub.service.attach(EPS[1], KEY, 0x0100, True)
+        a = await connect(hub, "bs-a", A, os.urandom(16))
+        a.uplink(EPS[1], cnt=1)
+        await a.expect("ulDataRsp")
+        await wait_for(lambda: hub.of("uplink"))
+        queued = await hub.service.queue_downlink(EPS[1], "abcd")
+        dl = hub.service.downlink_queue.pending[queued["queId"]]
+        await wait_for(lambda: dl.state.value == "accepted")
+        a.transport.loseConnection()  # type: ignore[union-attr]
+        await a.lost
+        await wait_for(lambda: A not in hub.service.sessions)
+        assert dl.state.value == "accepted"  # the station may still resume and send it
+        await wait_for(lambda: dl.state.value == "queued", timeout=2.0)
+        assert A not in hub.service._resumable
+    finally:
+        await hub.stop()

@@ -323,6 +323,12 @@ class Downlinks:
         for dl in [d for d in self.pending.values() if d.holder is session]:
             self.move(dl, "drop", bs=session.bs_hex, reason=f"{session.bs_hex} disconnected")
 
+    def hand_over(self, old: Session, new: Session) -> None:
+        """A station resumed its session (snResume): it still holds what `old` held."""
+        for dl in self.pending.values():
+            if dl.holder is old:
+                dl.holder = new
+
     def uplink(self, ep: str, packet_cnt: int, payload: Mapping[str, Any]) -> None:
         """A published uplink that acknowledges a downlink (dlAck) or opens a downlink window
         for an end point with queued downlinks (dlOpen)."""

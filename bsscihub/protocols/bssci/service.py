@@ -10,6 +10,7 @@ from typing import Any, TypeGuard
 import attrs
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -65,10 +66,17 @@ def _has_fix(geo: tuple[float, float, float] | None) -> TypeGuard[tuple[float, f
 
 @attrs.define
 class _Resumable:
-    """A station's ended session, kept for bssci.resume_window, and the propagations it missed."""
+    """A station's ended session, kept for bssci.resume_window, and the propagations it missed.
+    Its downlinks stay with it meanwhile: a station that resumes still holds them."""
 
+    session: Session
     state: ResumeState
     missed: list[tuple[bool, int]] = attrs.Factory(list)
+    expiry: IDelayedCall | None = None
+
+    def cancel(self) -> None:
+        if self.expiry is not None and self.expiry.active():
+            self.expiry.cancel()
 
 
 @attrs.frozen
@@ -127,6 +135,8 @@ class MiotyService(MiotyActions, FamilyService):
         self._ota: dict[str, _OtaAttach] = {}  # epEui -> its last accepted over-the-air attach
         self._det_seen: dict[tuple[str, int, bytes], float] = {}  # (epEui, packetCnt, sign) -> when detached
         self._resumable: dict[str, _Resumable] = {}  # bsEui -> its ended session, while resumable
+        self._handover: dict[str, Session] = {}  # bsEui -> the session whose resume is offered to its successor
+        self.stopping = False
         self._writes: set[defer.Deferred[Any]] = set()
         self.started_at = self.clock.seconds()
         """A sensor is not silent while the hub was down: silence counts from here at the earliest."""
@@ -187,8 +197,11 @@ class MiotyService(MiotyActions, FamilyService):
         for loop, _ in self._loops:
             if loop.running:
                 loop.stop()
+        self.stopping = True  # nothing to resume after a restart: resume state lives in memory only
         for session in list(self.sessions.values()):
             session.close("the hub is stopping")
+        for record in self._resumable.values():
+            record.cancel()
         await self.uplinks.drain(self.drain_wait)
         await self.vm.drain()
         await defer.DeferredList(list(self._writes), consumeErrors=True)
@@ -256,21 +269,38 @@ class MiotyService(MiotyActions, FamilyService):
         The previous session is the one still open (the station noticed the break first) or the
         one that ended last; either way it is offered once: a station that refuses gets a fresh one.
         """
-        kept = self._resumable.pop(session.bs_hex, None)
+        eui = session.bs_hex
+        kept = self._resumable.pop(eui, None)
+        if kept is not None:
+            kept.cancel()
         window = self.bssci.resume_window
         if not window or old is session:
             return
         missed: tuple[tuple[bool, int], ...] = ()
+        previous: Session | None = None
         if old is not None and not old.closed:
-            state = old.resume_state()
+            previous, state = old, old.resume_state()
         elif kept is not None:
-            state, missed = kept.state, tuple(kept.missed)
+            previous, state, missed = kept.session, kept.state, tuple(kept.missed)
         else:
             return
         if state is None or state.bs_uuid != con.snBsUuid or self.clock.seconds() - state.ended > window:
+            if kept is not None:
+                self._downlinks_gone(kept.session)
             return
         # What changed while it was away goes after what it had not finished.
         session.offer_resume(attrs.evolve(state, propagations=(*state.propagations, *missed)))
+        # Its downlinks wait for the outcome: kept by a resumed session, queued again by a fresh one.
+        self._handover[eui] = previous
+
+    def _downlinks_gone(self, session: Session) -> None:
+        if self.downlink_queue.pending:
+            self.downlink_queue.station_gone(session)
+
+    def _resume_expired(self, eui: str, record: _Resumable) -> None:
+        if self._resumable.get(eui) is record:
+            del self._resumable[eui]
+            self._downlinks_gone(record.session)
 
     def session_ready(self, session: Session) -> None:
         con = session.con
@@ -288,6 +318,12 @@ class MiotyService(MiotyActions, FamilyService):
         bs.online, bs.since, bs.last_seen = True, now, now
         self._save_base_station(bs)
         self._publish_state(bs)
+        previous = self._handover.pop(eui, None)
+        if previous is not None:
+            if session.resumed:
+                self.downlink_queue.hand_over(previous, session)
+            else:
+                self._downlinks_gone(previous)
         if session.resumed:
             self.counters.resumed += 1
             self.log.info("base station {bsEui} ({vendor} {model}, BSSCI {version}) resumed its session from {peer};"
@@ -316,18 +352,20 @@ class MiotyService(MiotyActions, FamilyService):
 
     def session_closed(self, session: Session, reason: str) -> None:
         eui = session.bs_hex
-        if self.downlink_queue.pending:
-            self.downlink_queue.station_gone(session)
-        if self.sessions.get(eui) is not session:
+        current = self.sessions.get(eui) is session
+        state = session.resume_state() if current and self.bssci.resume_window else None
+        if state is not None and not self.stopping:
+            record = _Resumable(session, state)
+            record.expiry = self.clock.callLater(self.bssci.resume_window, self._resume_expired, eui, record)
+            self._resumable[eui] = record
+        elif self._handover.get(eui) is not session:
+            self._downlinks_gone(session)
+        if current and eui in self._handover and self._handover[eui] is not session:
+            self._downlinks_gone(self._handover.pop(eui))  # offered a resume, then gone without a session
+        if not current:
             return  # replaced by a newer connection: still online
         del self.sessions[eui]
         self.vm.session_closed(session)
-        state = session.resume_state()
-        if state is not None and self.bssci.resume_window:
-            now = self.clock.seconds()
-            window = self.bssci.resume_window
-            self._resumable = {k: v for k, v in self._resumable.items() if now - v.state.ended <= window}
-            self._resumable[eui] = _Resumable(state)
         bs = self.registry.base_stations.get(eui)
         self.log.info("base station {bsEui} at {peer} disconnected: {reason}", bsEui=eui, peer=session.peer,
                       reason=reason)
