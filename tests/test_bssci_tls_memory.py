@@ -390,3 +390,22 @@ def test_con_claiming_another_bs_eui_than_its_certificate_is_refused(
     genuine = hub.connect(pair, pki.ca, peer=OTHER_ADDRESS)
     assert genuine.con(BOUND_EUI)["command"] == "conRsp"
     assert list(service.sessions) == [f"{BOUND_EUI:016x}"] and not genuine.closed
+
+
+def test_an_unbound_certificate_cannot_claim_a_station_another_one_is_registering(
+    pki: PKI, clock: Clock, tmp_path: Path, logged: list[str]
+) -> None:
+    # Unknown stations may register themselves; the first certificate to claim the bsEui holds it
+    # from its con on, before anything is stored.
+    config = make_config(tmp_path, bssci={"self_register": True})
+    service = MiotyService(make_hub(config, clock, installed_families()))
+    hub = listen(pki.policy(), service, clock, service.session_config)
+    first = hub.connect(pki.bs, pki.ca)
+    assert first.con(OTHER_EUI)["command"] == "conRsp"
+    second = hub.connect(pki.revoked, pki.ca, peer=OTHER_ADDRESS)  # another certificate bound to no EUI
+    error = second.con(OTHER_EUI)
+    assert (error["command"], error["code"]) == ("error", EACCES)
+    assert error["message"] == f"another certificate is connecting as base station {OTHER_EUI:016x}"
+    assert second.closed and not first.closed
+    assert f"refused base station {OTHER_EUI:016x} at {OTHER_PEER}: {error['message']}" in logged
+    assert list(service.sessions) == [f"{OTHER_EUI:016x}"] and service.counters.refused == 1

@@ -41,7 +41,7 @@ def doc(message: Received) -> Any:
 
 def test_the_mioty_family_speaks_the_seed_layout(tmp_path: Path) -> None:
     family = installed_families()["mioty"]
-    assert IMQTTLayouts.providedBy(family) and "seed" in family.mqtt_layouts
+    assert verifyObject(IMQTTLayouts, family) and "seed" in family.mqtt_layouts
     assert family.mqtt_layout("other", None) is None
     hub = SimpleNamespace(config=SimpleNamespace(mqtt=SimpleNamespace(seed_base="bssci")))
     layout = family.mqtt_layout("seed", hub)

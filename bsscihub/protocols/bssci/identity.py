@@ -1,7 +1,5 @@
 """Which base station a TLS client may be: its certificate is its identity, checked once per `con`.
-
-A certificate bound to an EUI is that station; an unbound one is only the station it is pinned to.
-"""
+A certificate bound to an EUI is that station; an unbound one is only the station it is pinned to."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The MQTT layout of the open mioty service center this hub replaces (`mqtt.layout: seed`), both ways.
-
-Its consumers keep working: uplinks, station status and sensor events under `{base}/...` with
-upper-case EUIs, and its requests (register, config, cmd, dl) answered on `{base}/ep/{EUI}/response`.
-"""
+"""The MQTT layout of the open mioty service center this hub replaces (`mqtt.layout: seed`), spoken both
+ways so its consumers keep working: its topics, upper-case EUIs, payloads, and requests answered on `response`."""
 
 from __future__ import annotations
 
