@@ -387,3 +387,19 @@ async def test_downlinks_of_a_station_that_does_not_resume_in_time_are_queued_ag
         assert A not in hub.service._resumable
     finally:
         await hub.stop()
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("off", 0.0), ("2m", 120.0), ("45", 45.0)])
+def test_resume_window_is_off_or_a_duration(value: str, seconds: float) -> None:
+    from tests.test_config import load
+
+    assert load(None, {"BSSCIHUB_BSSCI_RESUME_WINDOW": value}).section("bssci").resume_window == seconds
+
+
+@pytest.mark.parametrize("value", ["banana", "-1"])
+def test_a_bad_resume_window_stops_the_start_naming_the_key(value: str) -> None:
+    from bsscihub.config import ConfigError
+    from tests.test_config import load
+
+    with pytest.raises(ConfigError, match=r"bssci\.resume_window = .*expected 0 \(off\) or a duration"):
+        load(None, {"BSSCIHUB_BSSCI_RESUME_WINDOW": value})

@@ -29,9 +29,12 @@ def _version(value: Any) -> str:
 
 
 def _window_or_off(value: Any) -> float:
-    if value is False or (type(value) in (int, float) and value == 0):
+    if value is False or value == "off" or (type(value) in (int, float) and value == 0):
         return 0.0
-    return duration(value)
+    try:
+        return duration(value)
+    except ValueError:
+        raise ValueError("expected 0 (off) or a duration, e.g. 30s, 2m") from None
 
 
 @attrs.frozen
