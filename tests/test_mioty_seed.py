@@ -12,16 +12,18 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
 from bsscihub.bus import Event
 from bsscihub.family import IMQTTLayout, IMQTTLayouts, installed_families
-from bsscihub.mqtt.bridge import MQTTBridge
 from bsscihub.protocols.bssci.seed import seed_messages
+from bsscihub.tap import build_service
 from tests import test_mioty_service, test_mqtt_bridge
 from tests.broker import Mosquitto, Received, Subscriber
-from tests.test_mioty_service import PKI, C, start, wait_for
-from tests.test_mqtt_bridge import ATTACH, BS, BS_STATUS, EP, FAST, Commander, until, uplink_payload
+from tests.conftest import make_config
+from tests.test_mioty_service import PKI, C, Running, wait_for
+from tests.test_mqtt_bridge import ATTACH, BS, BS_STATUS, EP, Commander, until, uplink_payload
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
@@ -115,10 +117,18 @@ async def test_a_seed_client_registers_a_sensor_sends_a_downlink_and_commands(
     commander: Callable[..., Commander],
 ) -> None:
     seen = subscriber_factory(mosquitto, "bssci/#")
-    running = await start(tmp_path, pki, mqtt={"url": f"mqtt://127.0.0.1:{mosquitto.port}", "layout": "seed"})
-    hub = running.hub
-    bridge = hub.mqtt = MQTTBridge(hub, settings_overrides=FAST)
-    bridge.startService()
+    # the whole hub as twistd builds it: storage, the MQTT bridge, the mioty family, the web app
+    config = make_config(
+        tmp_path, families=["mioty"], mioty={"dedup_window": 0.2},
+        tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
+        mqtt={"url": f"mqtt://127.0.0.1:{mosquitto.port}", "layout": "seed", "client_id": "seed-hub"},
+    )  # fmt: skip
+    whole = build_service(config, {"mioty": installed_families()["mioty"]}, reactor, on_start_failure=lambda: None)
+    whole.startService()
+    await whole.when_ready()
+    hub = whole.hub
+    bridge = hub.mqtt
+    running = Running(hub, hub.services["mioty"], [], pki)
     client = commander(mosquitto)
     CU = C.upper()
 
@@ -185,5 +195,4 @@ async def test_a_seed_client_registers_a_sensor_sends_a_downlink_and_commands(
         # the standard contract is published all the same
         await wait_for(lambda: bridge.outbox.acked >= 10)
     finally:
-        await bridge.stopService()
-        await running.stop()
+        await whole.stopService()
