@@ -235,11 +235,11 @@ METER_TEMPLATES = {
   <h2>Add a meter with its key</h2>
   <form method="post" action="/mioty/meters" class="row">
     {{ csrf() }}
-    <label>Meter<input name="meter" required pattern="[A-Za-z]{3}-[0-9A-Fa-f]{8}" placeholder="dme-81795246"
-      class="mono"></label>
-    <label>AES key<input name="key" required maxlength="32" pattern="[0-9a-fA-F]{32}" class="mono"
+    <label>Meter<input name="meter" id="meter-id" required pattern="[A-Za-z]{3}-[0-9A-Fa-f]{8}"
+      placeholder="dme-81795246" class="mono"></label>
+    <label>AES key<input name="key" id="meter-key" required maxlength="32" pattern="[0-9a-fA-F]{32}" class="mono"
       autocomplete="off"></label>
-    <button class="btn primary" type="submit">Add</button>
+    <button class="btn primary" type="submit" id="add-meter-submit">Add</button>
   </form>
 </section>
 {% endif %}
@@ -274,9 +274,10 @@ METER_TEMPLATES = {
     {% if last.get("error") %}<p class="flash error">{{ last.error }}</p>{% endif %}
     {% if last.get("records") %}
     <div class="table-wrap"><table>
-      <thead><tr><th>Field</th><th>Value</th><th>Unit</th><th>Storage</th><th>Tariff</th><th>Function</th></tr></thead>
-      <tbody>{% for r in last.records %}<tr><td class="mono">{{ r.field }}</td><td class="mono">{{ r.value|show }}</td>
-        <td>{{ r.unit or "" }}</td><td>{{ r.storage }}</td><td>{{ r.tariff }}</td><td>{{ r.function }}</td></tr>
+      <thead><tr><th>Field</th><th>Value</th><th>Unit</th><th>Storage</th></tr></thead>
+      <tbody>{% for r in last.records %}<tr title="{{ r.quantity }}, {{ r.function }}, tariff {{ r.tariff }}"><td
+        class="mono">{{ r.field }}</td><td class="mono">{{ r.value|show }}</td><td>{{ r.unit or "" }}</td><td>{{
+        r.storage }}</td></tr>
       {% endfor %}</tbody>
     </table></div>
     {% endif %}
