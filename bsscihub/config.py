@@ -50,6 +50,14 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def mqtt_url_or_empty(value: Any) -> str:
+    """A broker URL for a family's own connection or for its devices; empty means mqtt.url."""
+    text = _str(value)
+    if text and not text.startswith(("mqtt://", "mqtts://")):
+        raise ValueError("expected empty (use mqtt.url) or mqtt://host:port / mqtts://host:port")
+    return text
+
+
 def _limit(value: Any) -> int:
     """A bound where 0 means none."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

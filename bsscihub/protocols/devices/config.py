@@ -10,7 +10,18 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from bsscihub.config import _bool, _limit, _positive_int, _str, _topic_root, duration, setting
+from bsscihub.config import (
+    ConfigError,
+    _bool,
+    _limit,
+    _positive_int,
+    _str,
+    _topic_root,
+    duration,
+    mqtt_url_or_empty,
+    one_of,
+    setting,
+)
 from bsscihub.protocols.ble.config import topic_filters
 
 
@@ -39,3 +50,14 @@ class DevicesConfig:
     max_devices: int = setting(10_000, _limit, "most devices registered on first sight (0: no limit)")
     registrations_per_minute: int = setting(
         60, _limit, "devices registered on first sight a minute per source (0: no limit)")
+    broker_provisioning: str = setting(
+        "none", one_of("none", "dynsec"), "dynsec: a broker account per device key (dynamic-security plugin)")
+    dynsec_url: str = setting("", mqtt_url_or_empty, "broker for dynsec control (empty: mqtt.url)")
+    dynsec_username: str = setting("", _str, "dynamic-security admin user")
+    dynsec_password: str = setting("", _str, "dynamic-security admin password", secret=True)
+    device_mqtt_url: str = setting("", mqtt_url_or_empty, "broker URL told to devices (empty: mqtt.url)")
+
+    def __attrs_post_init__(self) -> None:
+        if self.broker_provisioning == "dynsec" and not self.dynsec_username:
+            raise ConfigError("devices.dynsec_username", self.dynsec_username,
+                              "the dynamic-security admin user, since devices.broker_provisioning is dynsec")

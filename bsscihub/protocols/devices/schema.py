@@ -86,4 +86,21 @@ MIGRATIONS = [
         ALTER TABLE dev_ota ADD COLUMN checksum TEXT
         """,
     ),
+    Migration(
+        "devices",
+        3,
+        """
+        CREATE TABLE dev_org_keys (
+            id {pk},
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            secret_hash TEXT NOT NULL UNIQUE,
+            created_at {real} NOT NULL,
+            created_by TEXT NOT NULL,
+            revoked_at {real},
+            last_used_at {real},
+            registrations {bigint} NOT NULL DEFAULT 0
+        )
+        """,
+    ),
 ]

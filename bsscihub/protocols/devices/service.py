@@ -5,6 +5,7 @@ The registry lives in memory (loaded at start, written back every few seconds); 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -24,8 +25,10 @@ from bsscihub.bus import Event
 from bsscihub.contract import finite_doc, opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
+from bsscihub.health import ComponentHealth
 from bsscihub.hub import Hub
 from bsscihub.ingest import Rejected, errback
+from bsscihub.mqtt.dynsec import DynsecError, NoProvisioning, make_client
 
 TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -33,6 +36,9 @@ VALUE_RANGE = (-1e12, 1e12)
 STATE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 FLUSH_EVERY = 2.0
 KEY_SCHEME = "bdk"
+ORG_KEY_SCHEME = "bok"
+RESERVED_IDS = frozenset({"firmware", "register", "org-keys"})
+"""Path segments of the REST API next to /devices/{id}: no device may be called so."""
 OTA_STATES = ("offered", "downloading", "installing", "done", "failed", "rejected", "timeout")
 OTA_REPORTS = ("downloading", "installing", "done", "failed", "rejected")
 # What devices of earlier platforms answer on OTA/{id}/response, as the states above.
@@ -131,9 +137,16 @@ class DevicesService(FamilyService):
         )
         self._limit = ingest.RegistrationLimit(self.clock, self.config.max_devices,
                                                self.config.registrations_per_minute)
+        self.broker: Any = self._make_broker()
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._pruner = self.looping(self.prune, "pruning old telemetry")
         self._silence = self.looping(self.check_silence, "marking silent devices offline")
+
+    def _make_broker(self) -> Any:
+        if self.config.broker_provisioning != "dynsec":
+            return NoProvisioning()
+        return make_client(self.hub.config.mqtt, self.config.dynsec_url, self.config.dynsec_username,
+                           self.config.dynsec_password, "devices", self.hub.reactor)
 
     # -- lifecycle
 
@@ -162,6 +175,11 @@ class DevicesService(FamilyService):
         self._pruner.start(3600.0, now=True)
         check = max(0.05, min(self.config.offline_after / 4, 15.0))
         self._silence.start(check, now=False).addErrback(errback(self.log, "devices: silence checker stopped"))
+        if self.broker.enabled:
+            self.hub.health.register(
+                "devices_broker", lambda: ComponentHealth(self.broker.connected, {"provisioning": "dynsec"}),
+                needed=False)
+        self.broker.start()
 
     async def drain(self) -> None:
         for loop in (self._flusher, self._pruner, self._silence):
@@ -171,6 +189,7 @@ class DevicesService(FamilyService):
             if pending.timer is not None and pending.timer.active():
                 pending.timer.cancel()
         await self._flush_registry()
+        await self.broker.stop()
 
     def subscriptions(self) -> Mapping[str, Any]:
         root, ota = self.config.device_root, self.config.ota_root
@@ -187,6 +206,10 @@ class DevicesService(FamilyService):
         """`SensorData/...`: {"device_id", "type", "value", "time"?}."""
         doc = ingest.json_object(payload, self.config.max_payload)
         device_id = ingest.identifier(doc, "device_id")
+        levels = topic.split("/")
+        if self.broker.enabled and len(levels) == 2 and levels[1] != device_id:
+            # The broker lets each device publish only SensorData/{its id}: the payload may not claim another.
+            raise Rejected(ingest.BAD_TOPIC, f"device_id {device_id!r} on another device's topic", source=levels[1])
         try:
             kind = check_type(ingest.require(doc, "type"))
             value = ingest.number(doc, "value", *VALUE_RANGE)
@@ -334,8 +357,7 @@ class DevicesService(FamilyService):
     # -- registry (REST)
 
     def register(self, device_id: str, name: str = "") -> Device:
-        if device_id in self.devices:
-            raise DeviceError(f"device {device_id} is already registered", 409)
+        self.check_new_id(device_id)
         return self._register(device_id, "api", name)
 
     def get(self, device_id: str) -> Device:
@@ -352,6 +374,7 @@ class DevicesService(FamilyService):
 
     async def forget(self, device_id: str) -> None:
         self.get(device_id)
+        await self._remove_account(device_id)
         del self.devices[device_id]
         self._dirty.discard(device_id)
         for table in (self.commands, self.offers):
@@ -478,17 +501,127 @@ class DevicesService(FamilyService):
     # -- device keys (HTTPS ingestion)
 
     async def create_key(self, device_id: str) -> dict[str, Any]:
-        """A new key for the device (replacing any old one); the key itself is returned only here."""
+        """A new key for the device (replacing any old one); the key itself is returned only here.
+
+        With devices.broker_provisioning: dynsec it is also the device's broker password (username: the
+        device id), limited to the device's own topics.
+        """
         self.get(device_id)
         secret = secrets.token_urlsafe(32)
         prefix = secret[:8]
+        key = f"{KEY_SCHEME}_{secret}"
+        try:
+            await self.broker.set_account(device_id, key, self.device_acls(device_id), "device")
+        except DynsecError as e:
+            raise DeviceError(f"the broker account could not be provisioned: {e}", 503, "broker_unavailable") \
+                from None
         now = self.clock.seconds()
         await self.hub.store.execute(
             "INSERT INTO dev_keys (device, prefix, secret_hash, created_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (device) DO UPDATE SET prefix = excluded.prefix, secret_hash = excluded.secret_hash,"
             " created_at = excluded.created_at, last_used_at = NULL",
             (device_id, prefix, hash_device_key(device_id, secret), now))
-        return {"deviceId": device_id, "key": f"{KEY_SCHEME}_{secret}", "prefix": prefix, "createdAt": rfc3339(now)}
+        return {"deviceId": device_id, "key": key, "prefix": prefix, "createdAt": rfc3339(now),
+                "mqtt": self.mqtt_credentials(device_id, key)}
+
+    def device_acls(self, device_id: str) -> list[dict[str, Any]]:
+        """Exactly the device's own topics: device/{id}/#, its OTA topics and SensorData/{id}; receiving
+        anything else is denied explicitly (a subscription kept in a session must not leak)."""
+        own, ota = f"{self.config.device_root}/{device_id}/#", f"{self.config.ota_root}/{device_id}"
+
+        def rule(acltype: str, topic: str, allow: bool = True, priority: int = 10) -> dict[str, Any]:
+            return {"acltype": acltype, "topic": topic, "priority": priority, "allow": allow}
+
+        sensor = [rule("publishClientSend", f"{f[:-2]}/{device_id}") for f in self.config.sensor_topics
+                  if f.endswith("/#")]
+        return [rule("publishClientSend", own), rule("publishClientSend", f"{ota}/response"), *sensor,
+                rule("subscribePattern", own), rule("subscribeLiteral", f"{ota}/update"),
+                rule("publishClientReceive", own), rule("publishClientReceive", f"{ota}/update"),
+                rule("publishClientReceive", "#", False, 0)]
+
+    def mqtt_credentials(self, device_id: str, key: str) -> dict[str, Any]:
+        """What a device needs to connect (shown once, with its key)."""
+        from bsscihub.mqtt.client import MQTTSettings
+
+        broker = MQTTSettings.from_url(self.config.device_mqtt_url or self.hub.config.mqtt.url)
+        provisioned = bool(self.broker.enabled)
+        root, ota = self.config.device_root, self.config.ota_root
+        return {
+            "url": f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}", "host": broker.host,
+            "port": broker.port, "tls": broker.tls, "provisioned": provisioned,
+            "username": device_id if provisioned else None, "password": key if provisioned else None,
+            "client_id": device_id,
+            "topics": {"publish": [f"{root}/{device_id}/telemetry/{{type}}", f"{root}/{device_id}/status",
+                                   f"{ota}/{device_id}/response"],
+                       "subscribe": [f"{root}/{device_id}/commands/+", f"{ota}/{device_id}/update"]},
+        }
+
+    # -- organisation keys: devices that register themselves
+
+    async def create_org_key(self, name: str, actor: str) -> tuple[dict[str, Any], str]:
+        secret = secrets.token_urlsafe(32)
+        prefix = secret[:8]
+        now = self.clock.seconds()
+        await self.hub.store.execute(
+            "INSERT INTO dev_org_keys (name, prefix, secret_hash, created_at, created_by) VALUES (?, ?, ?, ?, ?)",
+            (name, prefix, hash_device_key(ORG_KEY_SCHEME, secret), now, actor))
+        found = [k for k in await self.list_org_keys() if k["prefix"] == prefix]
+        return found[0], f"{ORG_KEY_SCHEME}_{secret}"
+
+    async def list_org_keys(self) -> list[dict[str, Any]]:
+        rows = await self.hub.store.fetchall(
+            "SELECT id, name, prefix, created_at, created_by, revoked_at, last_used_at, registrations"
+            " FROM dev_org_keys ORDER BY id DESC")
+        return [{"id": int(r[0]), "name": r[1], "prefix": r[2], "createdAt": opt_time(r[3]), "createdBy": r[4],
+                 "revokedAt": opt_time(r[5]), "lastUsedAt": opt_time(r[6]), "registrations": int(r[7]),
+                 "state": "revoked" if r[5] is not None else "active"} for r in rows]
+
+    async def revoke_org_key(self, key_id: int) -> dict[str, Any]:
+        done = await self.hub.store.execute(
+            "UPDATE dev_org_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (self.clock.seconds(), key_id))
+        found = [k for k in await self.list_org_keys() if k["id"] == key_id]
+        if not found:
+            raise DeviceError(f"organisation key {key_id} not found", 404)
+        if not done:
+            raise DeviceError(f"organisation key {key_id} is revoked already", 409)
+        return found[0]
+
+    async def self_register(self, org_key: str, device_id: str, name: str) -> dict[str, Any]:
+        """A device registers itself with an organisation key: its own key and broker account come back."""
+        scheme, _, secret = org_key.partition("_")
+        row = None
+        if scheme == ORG_KEY_SCHEME and secret and len(secret) <= 100:
+            row = await self.hub.store.fetchone(
+                "SELECT id, prefix FROM dev_org_keys WHERE secret_hash = ? AND revoked_at IS NULL",
+                (hash_device_key(ORG_KEY_SCHEME, secret),))
+        if row is None:
+            raise DeviceError("missing, unknown or revoked organisation key", 401, "invalid_org_key")
+        key_id, prefix = int(row[0]), row[1]
+        self.check_new_id(device_id)
+        try:
+            self._limit.check(f"org-key:{prefix}", len(self.devices), f"new device {device_id}")
+        except Rejected as e:
+            raise DeviceError(e.detail, 429, "registration_limit") from None
+        self._register(device_id, "org-key", name)
+        try:
+            created = await self.create_key(device_id)
+        except DeviceError:
+            with contextlib.suppress(DeviceError):
+                await self.forget(device_id)  # no device without the account it was promised
+            raise
+        await self.hub.store.execute(
+            "UPDATE dev_org_keys SET registrations = registrations + 1, last_used_at = ? WHERE id = ?",
+            (self.clock.seconds(), key_id))
+        return {**created, "name": name, "orgKey": prefix}
+
+    def check_new_id(self, device_id: str) -> None:
+        if device_id in RESERVED_IDS:
+            raise DeviceError(f"device id {device_id!r} is reserved (a path of the API)", 400)
+        if not ingest.IDENTIFIER.match(device_id):
+            raise DeviceError("device id: expected 1-64 letters, digits, '_', '.', ':', '-'", 400)
+        if device_id in self.devices:
+            raise DeviceError(f"device {device_id} is already registered", 409)
 
     async def key_info(self, device_id: str) -> dict[str, Any] | None:
         row = await self.hub.store.fetchone(
@@ -496,7 +629,16 @@ class DevicesService(FamilyService):
         return {"prefix": row[0], "createdAt": opt_time(row[1]), "lastUsedAt": opt_time(row[2])} if row else None
 
     async def revoke_key(self, device_id: str) -> bool:
+        await self._remove_account(device_id)
         return bool(await self.hub.store.execute("DELETE FROM dev_keys WHERE device = ?", (device_id,)))
+
+    async def _remove_account(self, device_id: str) -> None:
+        # First, so that a key the hub no longer knows never keeps working at the broker.
+        try:
+            await self.broker.remove(device_id)
+        except DynsecError as e:
+            raise DeviceError(f"the broker account could not be removed: {e}", 503, "broker_unavailable") \
+                from None
 
     async def check_key(self, device_id: str, key: str) -> bool:
         scheme, _, secret = key.partition("_")

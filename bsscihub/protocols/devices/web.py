@@ -33,6 +33,7 @@ from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
 
 DAY = 86400.0
 KEY_HEADER = b"x-device-key"
+ORG_KEY_HEADER = b"x-org-key"
 
 ID_SCHEMA = string("device id", minLength=1, maxLength=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
                    **{"x-expected": "1-64 letters, digits, '_', '.', ':', '-'"})
@@ -249,6 +250,47 @@ class DevicesWeb:
         except Rejected as e:
             raise ApiError(400, e.reason, e.detail) from None
         return {"accepted": accepted}
+
+    # -- API: organisation keys and self-registration
+
+    @api_route("GET", "/org-keys", role="admin", summary="Organisation keys (devices register themselves with one)",
+               tag="devices", response=page_of(ANY_OBJECT))
+    async def list_org_keys(self, call: Call) -> Any:
+        items = await self.service.list_org_keys()
+        return page(items, len(items), len(items), 0)
+
+    @api_route("POST", "/org-keys", role="admin", summary="Create an organisation key; shown only in this answer",
+               tag="devices", body=obj({"name": string("what it is for", minLength=1, maxLength=100)}, ("name",)),
+               body_example={"name": "field installers"}, status=201, response=ANY_OBJECT,
+               audit="devices.org_key.create")
+    async def create_org_key(self, call: Call) -> Any:
+        key, token = await self.service.create_org_key(call.body["name"], call.actor)
+        call.target = key["prefix"]
+        return Created({**key, "key": token})
+
+    @api_route("DELETE", "/org-keys/{key_id}", role="admin", summary="Revoke an organisation key", tag="devices",
+               params=(Param("key_id", {"type": "integer", "minimum": 1}, "key id", example=1),),
+               response=ANY_OBJECT, errors=(404, 409), audit="devices.org_key.revoke", audit_target="key_id")
+    async def revoke_org_key(self, call: Call) -> Any:
+        try:
+            return await self.service.revoke_org_key(call.params["key_id"])
+        except DeviceError as e:
+            raise _api_error(e) from None
+
+    @api_route("POST", "/register", role=ANONYMOUS, summary="A device registers itself with an organisation key"
+               " (X-Org-Key header); answers its own key and broker account, shown once", tag="devices",
+               body=obj({"device_id": ID_SCHEMA, "name": string("display name", maxLength=100)}, ("device_id",)),
+               body_example={"device_id": "pi-kitchen"}, status=201, response=ANY_OBJECT,
+               errors=(401, 409, 429, 503), audit="devices.self_register")
+    async def self_register(self, call: Call) -> Any:
+        org_key = (call.request.getHeader(ORG_KEY_HEADER) or b"").decode("latin-1").strip()
+        call.target = call.body["device_id"]
+        call.acting_as = f"org-key:{org_key.partition('_')[2][:8]}" if org_key else "anonymous"
+        try:
+            created = await self.service.self_register(org_key, call.body["device_id"], call.body.get("name", ""))
+        except DeviceError as e:
+            raise _api_error(e) from None
+        return Created(created, f"/api/v1/devices/{created['deviceId']}")
 
     # -- API: device keys
 

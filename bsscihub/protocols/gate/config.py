@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from bsscihub.config import ConfigError, _positive_int, _str, _topic_root, duration, one_of, setting
+from bsscihub.config import ConfigError, _positive_int, _str, _topic_root, duration, mqtt_url_or_empty, one_of, setting
 
 MAX_FILE_BYTES = 8 << 20
 """The web layer reads no request body beyond 8 MiB (bsscihub.web.service.MAX_BODY)."""
@@ -20,13 +20,6 @@ def _file_size(value: Any) -> int:
     if size > MAX_FILE_BYTES:
         raise ValueError(f"expected at most {MAX_FILE_BYTES} bytes (the web layer's request limit)")
     return size
-
-
-def _mqtt_url_or_empty(value: Any) -> str:
-    text = _str(value)
-    if text and not text.startswith(("mqtt://", "mqtts://")):
-        raise ValueError("expected empty (use mqtt.url) or mqtt://host:port / mqtts://host:port")
-    return text
 
 
 def _base_url_or_empty(value: Any) -> str:
@@ -42,10 +35,10 @@ class GateConfig:
     broker_provisioning: str = setting(
         "none", one_of("none", "dynsec"), "dynsec: one broker client per unit via the dynamic-security plugin"
     )
-    dynsec_url: str = setting("", _mqtt_url_or_empty, "broker for dynsec control (empty: mqtt.url)")
+    dynsec_url: str = setting("", mqtt_url_or_empty, "broker for dynsec control (empty: mqtt.url)")
     dynsec_username: str = setting("", _str, "dynamic-security admin user")
     dynsec_password: str = setting("", _str, "dynamic-security admin password", secret=True)
-    unit_mqtt_url: str = setting("", _mqtt_url_or_empty, "broker URL told to units (empty: mqtt.url, no credentials)")
+    unit_mqtt_url: str = setting("", mqtt_url_or_empty, "broker URL told to units (empty: mqtt.url, no credentials)")
     public_url: str = setting("", _base_url_or_empty, "base URL of the hub in signed file URLs (empty: request Host)")
     secret: str = setting("", _str, "key for token hashes and URL signatures (empty: data_dir/gate.key)", secret=True)
     offline_after: float = setting(90.0, duration, "a unit silent this long is offline")
