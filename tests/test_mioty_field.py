@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.task import deferLater
 
 from bsscihub.protocols.bssci.crypto import attach_signature, session_key
 from tests.test_mioty_service import EP, KEY, PKI, A, B, Running, Station, pki, running, start, wait_for
@@ -403,3 +404,52 @@ def test_a_bad_resume_window_stops_the_start_naming_the_key(value: str) -> None:
 
     with pytest.raises(ConfigError, match=r"bssci\.resume_window = .*expected 0 \(off\) or a duration"):
         load(None, {"BSSCIHUB_BSSCI_RESUME_WINDOW": value})
+
+
+# -- lenient where stations are, strict where it matters
+
+
+@pytest_twisted.ensureDeferred
+async def test_lenient_and_strict_over_mutual_tls(running: Running) -> None:
+    await running.service.attach(EP, KEY, 0x0042, True)
+    early = await open_tls(running, "bs-a")
+    early.send("ulData", epEui=EP_INT, rxTime=1, packetCnt=1, snr=1.0, rssi=-90.0, userData=[1])
+    assert "con, conRsp, conCmp come first" in (await early.expect("error"))["message"]
+    early.send("con", 0, version="1.7.2", bsEui=int(A, 16), bidi=True, snBsUuid=list(os.urandom(16)))
+    assert (await early.expect("conRsp"))["version"] == "1.1.0"  # the highest the hub speaks below 1.7.2
+    early.send("conCmp", 0)
+    prp = await early.expect("attPrp")
+    assert "epClass" in prp and "bidi" not in prp  # the 1.1 layout
+    a = early
+    # A real station's uplink without dlOpen, responseExp, dlAck: taken, published with false.
+    a.send("ulData", epEui=EP_INT, rxTime=1_700_000_000_000_000_000, packetCnt=7, snr=3.0, rssi=-99.0,
+           userData=[9, 9])
+    await a.expect("ulDataRsp")
+    await wait_for(lambda: running.of("uplink"))
+    up = running.of("uplink")[0].payload
+    assert (up["packetCnt"], up["dlOpen"], up["responseExp"], up["dlAck"]) == (7, False, False, False)
+    # Strict: too much userData, commands of the wrong direction, a second con.
+    op = a.send("ulData", epEui=EP_INT, rxTime=1, packetCnt=8, snr=3.0, rssi=-99.0, userData=[0] * 201)
+    error = await a.expect("error")
+    assert (error["opId"], error["code"]) == (op, 22) and "at most 200 bytes" in error["message"]
+    a.send("statusCmp", -77)
+    assert "wrong direction" in (await a.expect("error"))["message"]
+    a.send("dlDataQueCmp", -78)
+    assert "wrong direction" in (await a.expect("error"))["message"]
+    a.send("status")
+    assert (await a.expect("error"))["code"] == 38
+    a.send("con", 0, version="1.0.0", bsEui=int(A, 16), bidi=True, snBsUuid=list(os.urandom(16)))
+    assert "has a session already" in (await a.expect("error"))["message"]
+    assert not a.lost.called and running.service.sessions[A].established_at is not None
+    assert len(running.of("uplink")) == 1  # nothing refused was taken
+
+    # Another major version: error, then closed once the station acknowledged it.
+    other = await open_tls(running, "bs-b")
+    other.send("con", 0, version="2.0.0", bsEui=int(B, 16), bidi=True, snBsUuid=list(os.urandom(16)))
+    error = await other.expect("error")
+    assert error["code"] == 93 and "major versions differ" in error["message"]
+    await deferLater(reactor, 0.3, lambda: None)
+    assert not other.lost.called  # waiting for the station's errorAck
+    other.send("errorAck", 0)
+    await other.lost
+    assert B not in running.service.sessions

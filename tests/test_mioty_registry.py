@@ -162,3 +162,24 @@ async def test_downlinks(store: Store) -> None:
     }  # fmt: skip
     assert [d["queId"] for d in await r.downlinks(pending_only=True)] == [other]
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_over_the_air_session_key_is_stored_and_ends_with_a_new_key(store: Store) -> None:
+    import attrs
+
+    r = await registry(store)
+    await r.save_sensors({EP1: attach_change(EP1, KEY, 1, True, 10.0)})
+    sn_key = bytes(range(100, 116))
+    counts, _ = await r.save_sensors({EP1: lambda old: attrs.evolve(old, sn_key=sn_key, attach_cnt=3)})
+    assert counts.updated == 1
+    fresh = await registry(store)
+    s = fresh.sensors[EP1]
+    assert (s.sn_key, s.session_key, s.nw_key, s.attach_cnt) == (sn_key, sn_key, KEY, 3)
+    assert sn_key.hex() not in repr(s) and s.to_json()["otaSession"] is True
+    # The same key again keeps the session; a new pre-shared key ends it.
+    await fresh.save_sensors({EP1: attach_change(EP1, KEY, 1, True, 20.0)})
+    assert fresh.sensors[EP1].sn_key == sn_key
+    await fresh.save_sensors({EP1: attach_change(EP1, KEY[::-1], 1, True, 30.0)})
+    again = (await registry(store)).sensors[EP1]
+    assert again.sn_key is None and again.session_key == KEY[::-1] and again.to_json()["otaSession"] is False
