@@ -453,3 +453,25 @@ async def test_lenient_and_strict_over_mutual_tls(running: Running) -> None:
     other.send("errorAck", 0)
     await other.lost
     assert B not in running.service.sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_station_reconnecting_before_the_hub_saw_the_break_resumes_too(tmp_path: Path, pki: PKI) -> None:
+    hub = await start(tmp_path, pki, bssci={"resume_window": 60})
+    try:
+        for ep in EPS[:2]:
+            await hub.service.attach(ep, KEY, 0x0100, True)
+        uuid = os.urandom(16)
+        a = await connect(hub, "bs-a", A, uuid)
+        await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
+        lowest = min(msg["opId"] for msg in a.seen if msg["opId"] < 0)
+        first_uuid = a.con_rsp["snScUuid"]  # type: ignore[attr-defined]
+        # The old connection is still open at the hub (a silent break): the new one takes over and resumes.
+        b = await connect(hub, "bs-a", A, uuid, expect_resume=True)
+        await a.lost
+        assert b.con_rsp["snScUuid"] == first_uuid  # type: ignore[attr-defined]
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not prps(b)  # nothing was unfinished: no attPrp again
+        assert all(msg["opId"] < lowest for msg in b.seen if msg["opId"] < 0)  # SC opIds continue
+    finally:
+        await hub.stop()
