@@ -185,10 +185,14 @@ async def test_it_waits_for_the_serving_station_and_a_timeout_queues_it_again(st
     _, answer = b.take()
     answer.callback(None)
     assert (dl.state, dl.holder, dl.attempts) == (S.ACCEPTED, b, 2)
-    # B reports it sent; its dlAck in the end point's next uplink marks it acknowledged.
-    r.downlinks.result(b, m.DlDataRes(opId=1, epEui=int(EP, 16), queId=dl.que_id, result="sent", txTime=5,
-                                      packetCnt=9))  # type: ignore[arg-type]
-    assert dl.state is S.SENT
+    # B reports it sent: the station is answered once that is in the database (the Deferred) ...
+    recorded = r.downlinks.result(b, m.DlDataRes(opId=1, epEui=int(EP, 16), queId=dl.que_id, result="sent",
+                                                 txTime=5, packetCnt=9))  # type: ignore[arg-type]
+    assert dl.state is S.SENT and recorded is not None and not recorded.called
+    await recorded
+    [row] = await r.registry.downlinks(EP, que_id=dl.que_id)
+    assert row["status"] == "sent"
+    # ... and its dlAck in the end point's next uplink marks it acknowledged.
     r.downlinks.uplink(EP, 10, {"dlAck": True, "dlOpen": False})
     assert r.events[-1]["event"] == "ack"
     row = await r.stored(dl)

@@ -755,3 +755,14 @@ def test_sim_cli_runs_against_the_ceiling_in_another_process(pki: PKI, tmp_path:
     assert c["connects"] == 2 and c["ul_completed"] == c["ul_sent"] > 20
     assert summary["phases"]["window"]["ul_ops_per_s"] == pytest.approx(50, rel=0.3)
     assert "window" in done.stderr  # the per-second lines
+
+
+def test_a_station_without_variable_mac_answers_vm_status_with_error_38_as_spec_says() -> None:
+    conv = connected()
+    [answer] = conv.send({"command": "vm.status", "opId": -1})
+    assert (answer["command"], answer["opId"], answer["code"]) == ("error", -1, 38)
+    assert conv.send({"command": "errorAck", "opId": -1}) == []
+    # A command it should know is still an anomaly when it cannot answer it.
+    [answer] = conv.send({"command": "ulDataTx", "opId": -2})
+    assert answer["command"] == "error"
+    assert list(conv.host.counters.anomalies) == ["answered error 38: the simulator does not implement 'ulDataTx'"]

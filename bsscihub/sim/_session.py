@@ -503,8 +503,9 @@ class BaseStation:
             return
         answer = _ANSWERS.get(command)
         if answer is None:
-            code = m.ENOSYS
-            self._answer_error(op, code, f"the simulator does not implement {command!r}")
+            # A station without Variable MAC answers vm.* so, as the spec says: not an anomaly.
+            self._answer_error(op, m.ENOSYS, f"the simulator does not implement {command!r}",
+                               anomaly=not command.startswith("vm."))
             return
         try:
             decoded = m.decode(wire)
@@ -558,10 +559,11 @@ class BaseStation:
             memLoad=0.2,
         )
 
-    def _answer_error(self, op: int, code: int, message: str) -> None:
+    def _answer_error(self, op: int, code: int, message: str, *, anomaly: bool = True) -> None:
         self._host.counters.errors_sent += 1
         self._sc_errors.add(op)
-        self._anomaly(f"answered error {code}: {message[:80]}")
+        if anomaly:
+            self._anomaly(f"answered error {code}: {message[:80]}")
         self._send(encode_frame({"command": "error", "opId": op, "code": code, "message": message}))
 
     def _error_for_ours(self, wire: dict[str, Any], op: int) -> None:

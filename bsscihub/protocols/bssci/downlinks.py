@@ -96,6 +96,7 @@ class Downlink:
     packet_cnt: int | None = None
     _saving: defer.Deferred[None] | None = attrs.field(default=None, init=False)
     _dirty: bool = attrs.field(default=False, init=False)
+    _waiters: list[defer.Deferred[None]] = attrs.field(factory=list, init=False)
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -215,12 +216,28 @@ class Downlinks:
             dl._saving = None
             if dl._dirty:
                 self._write(dl)
+            else:
+                waiters, dl._waiters = dl._waiters, []
+                for d in waiters:
+                    if isinstance(result, Failure):
+                        d.errback(result)
+                    else:
+                        d.callback(None)
             return result
 
         saving.addBoth(done)
         self._writes.add(saving)
         saving.addBoth(untrack, saving, self._writes)
         self._background(saving, f"recording the state of downlink {dl.que_id}")
+
+    def durable(self, dl: Downlink) -> defer.Deferred[None]:
+        """Fires once the downlink's current state is in the database."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if dl._saving is None and not dl._dirty:
+            d.callback(None)
+        else:
+            dl._waiters.append(d)
+        return d
 
     async def flush(self) -> None:
         """Wait for the state writes under way (the stop)."""
@@ -343,26 +360,27 @@ class Downlinks:
         if payload["dlOpen"] and ep in self.waiting:
             self.offer(ep)
 
-    def result(self, session: Session, msg: m.DlDataRes) -> None:
-        """A station's dlDataRes (sent, expired, invalid)."""
+    def result(self, session: Session, msg: m.DlDataRes) -> defer.Deferred[None] | None:
+        """A station's dlDataRes (sent, expired, invalid); the Deferred fires once it is recorded."""
         ep = f"{msg.epEui:016x}"
         dl = self.pending.get(msg.queId)
         if dl is None or dl.ep_eui != ep:
             self.log.info("dlDataRes {result} from {bsEui} for queId {queId}, which is not pending",
                           result=msg.result, bsEui=session.bs_hex, queId=msg.queId)
-            return
+            return None
         holder = dl.holder
         if msg.result == "sent":
             dl.result_bs, dl.tx_time, dl.packet_cnt = session.bs_hex, msg.txTime, msg.packetCnt
         else:
             dl.result_bs = session.bs_hex
         if not self.move(dl, msg.result, bs=session.bs_hex):
-            return
+            return None
         if msg.result == "sent" and msg.packetCnt is not None:
             self._last_sent[ep] = (dl.que_id, msg.packetCnt)
         if holder is not None and holder is not session and holder.state is State.ESTABLISHED:
             # Reported by a station that held an earlier attempt: the current holder must not send it again.
             _quiet(holder.request(dl.rev))
+        return self.durable(dl)
 
     # -- the clock and operators
 

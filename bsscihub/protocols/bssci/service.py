@@ -457,11 +457,11 @@ class MiotyService(MiotyActions, FamilyService):
                                   {"packetCnt": msg.packetCnt}, "bssci")
         return m.DetRsp(opId=msg.opId, sign=msg.sign)
 
-    def downlink_result(self, session: Session, msg: m.DlDataRes) -> None:
+    def downlink_result(self, session: Session, msg: m.DlDataRes) -> defer.Deferred[None] | None:
         ep = f"{msg.epEui:016x}"
         self._ep_event(ep, "dl_result", {"queId": msg.queId, "bsEui": session.bs_hex, "result": msg.result,
                                          "txTime": msg.txTime, "packetCnt": msg.packetCnt})
-        self.downlink_queue.result(session, msg)
+        return self.downlink_queue.result(session, msg)
 
     def downlink_rx_status(self, session: Session, msg: m.DlRxStat) -> None:
         self._ep_event(f"{msg.epEui:016x}", "dl_rx_status", _jsonable({

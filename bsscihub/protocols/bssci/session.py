@@ -201,8 +201,10 @@ class IServiceCenter(Interface):
     def detach_request(session: Session, msg: m.Det) -> defer.Deferred[m.DetRsp]:
         """Over-the-air detach; fails with Refused to answer error."""
 
-    def downlink_result(session: Session, msg: m.DlDataRes) -> None:
-        """A `dlDataRes`; raise Refused to answer error instead of dlDataResRsp."""
+    def downlink_result(session: Session, msg: m.DlDataRes) -> defer.Deferred[None] | None:
+        """A `dlDataRes`; raise Refused to answer error instead of dlDataResRsp. A Deferred
+        returned delays dlDataResRsp until it fires (the result is recorded); failing, it is
+        answered with error, so that the station reports it again."""
 
     def vm_uplink(session: Session, msg: m.VmUlData) -> defer.Deferred[None]:
         """Store one Variable-MAC frame copy (`vm.ulData`); fires once durable. Raise Refused to answer error."""
@@ -668,16 +670,32 @@ class Session:
         if self._begin(msg):
             self._report(self._center.downlink_rx_status, msg, _FRAMES["dlRxStatRsp"], "dlRxStatCmp")
 
-    def _report(self, handler: Callable[[Session, Any], None], msg: m.Message, frame: Any, completion: str) -> None:
+    def _report(self, handler: Callable[[Session, Any], Any], msg: m.Message, frame: Any, completion: str) -> None:
         try:
-            handler(self, msg)
+            recorded = handler(self, msg)
         except Refused as e:
             self._send_error(msg.opId, e.code, e.message)
             return
         except Exception:
             # Answered all the same: the base station must not resend a report we mishandled.
             self.log.failure("handling {command} of {bs} failed", command=msg.command, bs=self.describe())
+        else:
+            if isinstance(recorded, defer.Deferred):
+                recorded.addCallbacks(self._reported, self._report_failed, callbackArgs=(msg.opId, frame, completion),
+                                      errbackArgs=(msg.opId, msg.command))
+                return
         self._answer(msg.opId, frame, completion)
+
+    def _reported(self, _: object, op_id: int, frame: Any, completion: str) -> None:
+        # Answered only now that the report is recorded: a crash before makes the station report it again.
+        if self.state is not State.CLOSED:
+            self._answer(op_id, frame, completion)
+
+    def _report_failed(self, failure: Failure, op_id: int, command: str) -> None:
+        self._note("could not record {command} from {bs}: {problem}", command=command,
+                   problem=failure.getErrorMessage())
+        if self.state is not State.CLOSED:
+            self._send_error(op_id, EIO, f"{command}: the service center could not record it; send it again")
 
     def _on_completion(self, msg: m.Message) -> None:
         entry = self._awaiting.pop(msg.opId, None)
