@@ -255,7 +255,7 @@ async def test_a_pending_downlink_survives_a_restart_and_goes_out_when_its_stati
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_station_that_resumes_its_session_gets_its_queued_downlink_without_an_att_prp(
+async def test_a_station_that_resumes_its_session_gets_what_was_queued_meanwhile_without_an_att_prp(
     tmp_path: Path, pki: PKI
 ) -> None:
     running = await start(tmp_path, pki, bssci={"resume_window": 60})
@@ -266,17 +266,17 @@ async def test_a_station_that_resumes_its_session_gets_its_queued_downlink_witho
         a = await connect(running, "bs-a", A, uuid)
         await a.expect("attPrp")
         await heard(running, a)
-        que_id = (await service.queue_downlink(EP, b"\x07", actor="test"))["queId"]
-        await a.expect("dlDataQue")
         a.transport.abortConnection()
         await a.lost
-        await state_becomes(running, que_id, "queued")
-        # Back within the window with the same snBsUuid: the session resumes, no attPrp follows,
-        # and the downlink goes out again with its queId (which replaces one the station kept).
+        await wait_for(lambda: A not in service.sessions)
+        # Queued while its serving station is away ...
+        queued = await service.queue_downlink(EP, b"\x07", actor="test")
+        assert queued["status"] == "queued"
+        # ... handed over as soon as the station resumes its session: no attPrp comes first to wait for.
         a = await connect(running, "bs-a", A, uuid, resume_ops=(a.next_op - 1, -1), expect_resume=True)
         que = await a.expect("dlDataQue")
-        assert que["queId"] == que_id
+        assert que["queId"] == queued["queId"]
         assert "attPrp" not in [m["command"] for m in a.seen]
-        await state_becomes(running, que_id, "accepted")
+        await state_becomes(running, queued["queId"], "accepted")
     finally:
         await running.stop()

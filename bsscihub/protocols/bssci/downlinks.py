@@ -330,7 +330,7 @@ class Downlinks:
 
     def resumed(self, session: Session) -> None:
         """A station resumed its session (it kept its attachments, no attPrp follows): offer it the
-        queued downlinks it serves now. The same queId again replaces one it may still hold."""
+        queued downlinks it serves now (those it held were handed over to the new session)."""
         for ep in list(self.waiting):
             if self.station_for(ep) is session:
                 self.offer(ep)
