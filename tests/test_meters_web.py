@@ -51,6 +51,8 @@ async def test_keys_go_in_and_never_come_out(harness: Harness) -> None:
     assert "key" not in got and KEY.hex() not in str(got)
     readings = (await h.request("GET", f"/api/v1/mioty/meters/{METER}/readings?limit=1", role="viewer")).json()
     assert [r["values"]["volume"] for r in readings["items"]] == [99999.999]
+    dashboard = (await h.request("GET", "/api/v1/dashboard", role="viewer")).json()
+    assert dashboard["counts"]["mioty.meters"] == {"label": "Meters", "value": 1, "href": "/mioty/meters"}
     listed = (await h.request("GET", "/api/v1/mioty/meters?q=cell", role="viewer")).json()
     assert [x["meter"] for x in listed["items"]] == [METER] and listed["total"] == 1
     audit = (await h.request("GET", "/api/v1/audit?action=mioty.meter.key_set", role="admin")).json()

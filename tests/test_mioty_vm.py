@@ -222,6 +222,32 @@ async def test_a_queued_downlink_goes_out_with_the_meters_next_uplink(running: R
     assert done.payload["bsEui"] == A
     with pytest.raises(CommandError, match="exactly one field"):
         await running.service.command("meter", METER, "down", {"data": "00", "x": 1})
+    for _ in range(100):  # the final state is written after the event
+        [entry] = (await vm.downlinks(METER))["items"]
+        if entry["status"] == "sent":
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert (entry["status"], entry["bsEui"], entry["data"], entry["actor"]) == ("sent", A, "cafe", "mqtt")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queued_meter_downlink_survives_a_restart(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    first = await start(tmp_path, pki)
+    a = await connect(first, "bs-a", A, VmStation(active=[1]))
+    a.vm_uplink(mode5_frame(), sys_time=1)
+    await wait_for(lambda: [e for e in first.events if e.kind == "meter_reading"])
+    queued = await first.service.vm.queue_downlink(METER, "beef", actor="test")
+    await first.stop()
+    second = await start(tmp_path, pki)
+    try:
+        meter = await second.service.vm.get_meter(METER)
+        assert meter is not None and [d["dlId"] for d in meter["pendingDownlinks"]] == [queued["dlId"]]
+        b = await connect(second, "bs-b", B, VmStation(active=[1]))
+        b.vm_uplink(mode5_frame(acc=0x31), sys_time=2)
+        assert (await b.expect("vm.dlData"))["userData"] == [0xBE, 0xEF]
+        await wait_for(lambda: [e for e in second.events if e.kind == "dl_result"])
+    finally:
+        await second.stop()
 
 
 @pytest_twisted.ensureDeferred

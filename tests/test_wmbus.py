@@ -8,6 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bsscihub.protocols.wmbus import WMBusError, manufacturer_code, manufacturer_id, parse_records, parse_telegram
+from bsscihub.protocols.wmbus.records import RecordsError
 from tests.captures import load_capture
 from tests.wmbus_frames import (
     KEY,
@@ -146,3 +147,16 @@ def test_a_cut_or_damaged_frame_is_reported_not_raised(cut: int, noise: bytes) -
     assert t.error is not None or t.values() == WATER_VALUES
     damaged = frame[:-len(noise)] + noise
     parse_telegram(damaged, KEY)
+
+
+@given(st.binary(max_size=200))
+@example(bytes.fromhex("0d7c03414243"))  # a text VIF without its data
+@example(bytes.fromhex("0f"))
+@example(bytes.fromhex("8484848484848484848484"))  # a DIFE chain longer than the standard allows
+def test_arbitrary_application_data_gives_records_or_a_reason(data: bytes) -> None:
+    try:
+        records, _ = parse_records(data)
+    except RecordsError as e:
+        assert str(e).startswith("the data records do not parse: ")
+        return
+    assert all(r.field for r in records)

@@ -155,6 +155,8 @@ class MiotyWeb(MeterRoutes):
                                    "href": "/mioty/base-stations"},
             "mioty.sensors": {"label": "Sensors", "value": total if total is not None else len(items),
                               "href": "/mioty/sensors"},
+            "mioty.meters": {"label": "Meters", "value": (await self.vm.list_meters(None, 0, 0))["total"],
+                             "href": "/mioty/meters"},
         }
 
     # -- base stations

@@ -72,6 +72,25 @@ MIGRATIONS = [
         CREATE INDEX mioty_meter_readings_meter ON mioty_meter_readings (meter, received)
         """,
     ),
+    Migration(
+        "mioty_meters",
+        2,
+        # Frames queued for meters (vm.dlData), kept across a restart.
+        """
+        CREATE TABLE mioty_meter_downlinks (
+            id {pk},
+            meter TEXT NOT NULL,
+            data {blob} NOT NULL,
+            queued {real} NOT NULL,
+            actor TEXT NOT NULL,
+            status TEXT NOT NULL,
+            bs_eui TEXT,
+            error TEXT,
+            updated {real} NOT NULL
+        );
+        CREATE INDEX mioty_meter_downlinks_meter ON mioty_meter_downlinks (meter, id)
+        """,
+    ),
 ]
 
 FRAME_COLUMNS = (
@@ -256,6 +275,38 @@ class MeterRegistry:
             meter.name = name or None
         await self.save(meter)
         return meter
+
+    # -- downlinks: queued -> sending -> sent | refused; "sending" at a start becomes "unconfirmed"
+
+    def add_downlink(self, meter: str, data: bytes, queued: float, actor: str) -> Any:
+        """Fires with the new downlink's id once committed."""
+        sql = ("INSERT INTO mioty_meter_downlinks (meter, data, queued, actor, status, updated)"
+               " VALUES (?, ?, ?, ?, 'queued', ?) RETURNING id")
+        return self.store.interaction(lambda c: int(c.execute(sql, (meter, data, queued, actor, queued)).fetchone()[0]))
+
+    def update_downlink(self, dl_id: int, status: str, now: float, bs_eui: str | None = None,
+                        error: str | None = None) -> Any:
+        return self.store.execute(
+            "UPDATE mioty_meter_downlinks SET status = ?, bs_eui = coalesce(?, bs_eui), error = ?, updated = ?"
+            " WHERE id = ?", (status, bs_eui, error, now, dl_id))
+
+    async def queued_downlinks(self, now: float) -> list[tuple[int, str, bytes, float, str]]:
+        """(id, meter, data, queued, actor) of the downlinks still queued, oldest first; those that were being
+        sent when the hub stopped are marked unconfirmed (never sent twice)."""
+        await self.store.execute("UPDATE mioty_meter_downlinks SET status = 'unconfirmed', updated = ?"
+                                 " WHERE status = 'sending'", (now,))
+        rows = await self.store.fetchall("SELECT id, meter, data, queued, actor FROM mioty_meter_downlinks"
+                                         " WHERE status = 'queued' ORDER BY id")
+        return [(int(i), meter, bytes(data), float(queued), actor) for i, meter, data, queued, actor in rows]
+
+    async def downlinks(self, meter: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The meter's downlinks, newest first."""
+        rows = await self.store.fetchall(
+            "SELECT id, data, queued, actor, status, bs_eui, error, updated FROM mioty_meter_downlinks"
+            " WHERE meter = ? ORDER BY id DESC LIMIT ?", (meter, limit))
+        return [{"dlId": int(i), "data": bytes(data).hex(), "queued": rfc3339(queued), "actor": actor,
+                 "status": status, "bsEui": bs, "error": error, "updated": rfc3339(updated)}
+                for i, data, queued, actor, status, bs, error, updated in rows]
 
     # -- readings
 

@@ -113,6 +113,12 @@ class MeterRoutes:
     async def meter_readings(self, call: Call) -> Any:
         return await self.vm.readings(call.params["meter"], call.query["limit"], call.query.get("before"))
 
+    @api_route("GET", "/meters/{meter}/downlinks", role="viewer", summary="Frames queued for the meter and sent",
+               params=(METER,), errors=(404,),
+               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+    async def meter_downlinks(self, call: Call) -> Any:
+        return await self.vm.downlinks(call.params["meter"])
+
     @api_route("POST", "/meters/{meter}/downlinks", role="operator",
                summary="Queue a frame for the meter (vm.dlData with its next uplink)", params=(METER,),
                body=METER_DOWNLINK, status=202, response=ANY_OBJECT, errors=(404, 409),

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from bsscihub.bus import Event
 from bsscihub.errors import CommandError
@@ -106,7 +105,6 @@ class VariableMac:
         self.counters = {"frames": 0, "merged": 0, "late": 0, "published": 0, "undecoded": 0}
         self._ids: dict[tuple[str, int], list[int]] = {}
         self._downlinks: dict[str, list[_Downlink]] = {}
-        self._next_dl = 1
         self._work: set[defer.Deferred[Any]] = set()
         retention = service.settings.uplink_retention
         self._pruning = service.looping(self.prune, "pruning meter history") if hasattr(service, "looping") else None
@@ -120,6 +118,8 @@ class VariableMac:
         # Late copies of frames published just before the restart must still be dropped.
         for mac_type, data, sys_time in await self.meters.recently_published(self.clock.seconds() - _LATE_MEMORY):
             self.dedup.remember((_digest(bytes(data)), int(mac_type)), int(sys_time))
+        for dl_id, meter, data, queued, actor in await self.meters.queued_downlinks(self.clock.seconds()):
+            self._downlinks.setdefault(meter, []).append(_Downlink(dl_id, data, queued, actor))
         rows = await self.meters.unpublished()
         groups: list[tuple[tuple[str, int], list[Copy], list[int]]] = []
         for row in rows:
@@ -314,10 +314,16 @@ class VariableMac:
         queue = self._downlinks.setdefault(found.id, [])
         if len(queue) >= _QUEUED_PER_METER:
             raise CommandError(f"meter {found.id} has {len(queue)} downlinks waiting already")
-        entry = _Downlink(self._next_dl, data, self.clock.seconds(), actor)
-        self._next_dl += 1
+        now = self.clock.seconds()
+        entry = _Downlink(await self.meters.add_downlink(found.id, data, now, actor), data, now, actor)
         queue.append(entry)
         return {"meter": found.id, "dlId": entry.id, "status": "queued", "waiting": len(queue)}
+
+    async def downlinks(self, meter: str) -> dict[str, Any]:
+        """The meter's downlinks, newest first: {"items": [{dlId, data, queued, actor, status (queued, sending,
+        sent, refused, unconfirmed), bsEui, error, updated}]}."""
+        found = await self._known(meter)
+        return {"items": await self.meters.downlinks(found.id)}
 
     def pending_downlinks(self, meter: str) -> list[dict[str, Any]]:
         return [{"dlId": d.id, "data": d.data.hex(), "queued": rfc3339(d.queued), "actor": d.actor}
@@ -333,18 +339,19 @@ class VariableMac:
             del self._downlinks[meter]
         dl = m.VmDlData(opId=0, macType=msg.macType, userData=entry.data, trxTime=msg.trxTime, sysTime=msg.sysTime,
                         freqOff=msg.freqOff, ulSnr=msg.snr, ulRssi=msg.rssi, carrSpace=msg.carrSpace, ulCrc=msg.crc)
-        d = session.request(lambda op: attrs.evolve(dl, opId=op))
-        d.addCallbacks(self._dl_done, self._dl_failed, callbackArgs=(meter, entry, session.bs_hex),
-                       errbackArgs=(meter, entry, session.bs_hex))
-        self._track(d)
+        self._track(defer.Deferred.fromCoroutine(self._deliver(session, meter, entry, dl)))
 
-    def _dl_done(self, _: object, meter: str, entry: _Downlink, bs: str) -> None:
-        self._dl_event(meter, entry, bs, "sent", None)
-
-    def _dl_failed(self, failure: Failure, meter: str, entry: _Downlink, bs: str) -> None:
-        self._dl_event(meter, entry, bs, "refused", failure.getErrorMessage())
-
-    def _dl_event(self, meter: str, entry: _Downlink, bs: str, result: str, error: str | None) -> None:
+    async def _deliver(self, session: Session, meter: str, entry: _Downlink, dl: m.VmDlData) -> None:
+        bs = session.bs_hex
+        # Sent at once (the station times it against the uplink); the state is written alongside, in order.
+        sending = self.meters.update_downlink(entry.id, "sending", self.clock.seconds(), bs)
+        result, error = "sent", None
+        try:
+            await session.request(lambda op: attrs.evolve(dl, opId=op))
+        except (OperationFailed, OperationTimedOut, SessionClosed) as e:
+            result, error = "refused", str(e)
+        await sending
+        await self.meters.update_downlink(entry.id, result, self.clock.seconds(), bs, error)
         self.service._event("dl_result", f"mioty/meter/{meter}/event/dl_result", {
             "meter": meter, "dlId": entry.id, "bsEui": bs, "result": result, "error": error,
             "time": rfc3339(self.clock.seconds())})  # fmt: skip
