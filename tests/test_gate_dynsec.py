@@ -18,7 +18,7 @@ from twisted.internet import threads
 
 from tests.broker import DYNSEC_PLUGIN, MOSQUITTO_CTRL, Mosquitto
 from tests.test_families import eventually
-from tests.test_gate import GATES, error, new_key, register, start_gate_hub
+from tests.test_gate import APP_A, APP_B, GATES, error, new_key, register, start_gate_hub
 
 pytestmark = pytest.mark.skipif(DYNSEC_PLUGIN is None or MOSQUITTO_CTRL is None,
                                 reason="needs mosquitto's dynamic-security plugin and mosquitto_ctrl")
@@ -204,3 +204,80 @@ async def test_registration_fails_cleanly_without_the_dynsec_plugin(tmp_path: Pa
 async def _unit(running: Any, controller_id: str, check: Any) -> bool:
     code, doc = await running.api("GET", f"{GATES}/{controller_id}")
     return code == 200 and bool(check(doc))
+
+
+@pytest_twisted.ensureDeferred
+async def test_apps_publish_commands_directly_to_the_units_they_may_reach(tmp_path: Path,
+                                                                         mosquitto_factory: Any) -> None:
+    """As in the original design, an app publishes to gatetorio/{controller_id}/commands itself; its broker
+    account (password: its token) reaches exactly the units it has access to, and follows grants, revocations
+    and renames."""
+    broker: Mosquitto = mosquitto_factory(dynsec=ADMIN)
+    await threads.deferToThread(_hub_account, broker)
+    running = await start_gate_hub(tmp_path, broker, mqtt={"username": HUB[0], "password": HUB[1]},
+                                   broker_provisioning="dynsec", dynsec_username=ADMIN[0], dynsec_password=ADMIN[1])
+    probes: list[Probe] = []
+
+    def probe(username: str, password: str, client_id: str) -> Probe:
+        p = Probe(broker, username, password, client_id)
+        probes.append(p)
+        return p
+
+    try:
+        key = await new_key(running)
+        code, one = await register(running, key, "hw-1", "gate-1")
+        code, two = await register(running, key, "hw-2", "gate-2")
+        unit = probe(one["mqtt"]["username"], one["mqtt"]["password"], one["mqtt"]["client_id"])
+        assert await unit.connect() and await unit.subscribe("gatetorio/gate-1/commands")
+
+        # The unit pairs the app (user level) on gate-1 only.
+        code, _ = await running.api("POST", f"{GATES}/gate-1/user-tokens", {"user_token": APP_A,
+                                                                            "access_level": "user"},
+                                    headers={"X-Unit-Key": one["unit_key"]}, token=None)
+        assert code == 201
+        code, mine = await running.api("GET", f"{GATES}/mine", headers={"X-App-Token": APP_A}, token=None)
+        account = mine["mqtt"]
+        assert account["topics"] == {"publish": ["gatetorio/gate-1/commands"],
+                                     "subscribe": ["gatetorio/gate-1/status"]}
+        app = probe(account["username"], APP_A, "phone-1")
+        assert await app.connect()
+        assert not await probe(account["username"], APP_B, "phone-x").connect(), "its own token only"
+        assert await app.publish("gatetorio/gate-1/commands", {"id": "c1", "command": "open", "user_token": APP_A})
+        await eventually(lambda: any(d.get("id") == "c1" for _, d in unit.messages), what="the app's command")
+        assert not await app.publish("gatetorio/gate-2/commands", {"id": "c2", "command": "open"})
+        assert not await app.publish("gatetorio/gate-1/status", {"state": "forged"})
+        assert await app.subscribe("gatetorio/gate-1/status") and not await app.subscribe("gatetorio/#")
+
+        # Access to gate-2 as well (the other unit pairs it): both, after a reconnect.
+        code, _ = await running.api("POST", f"{GATES}/gate-2/user-tokens", {"user_token": APP_A,
+                                                                            "access_level": "user"},
+                                    headers={"X-Unit-Key": two["unit_key"]}, token=None)
+        assert code == 201
+        app.stop()
+        app = probe(account["username"], APP_A, "phone-1")
+        assert await app.connect()
+        assert await app.publish("gatetorio/gate-2/commands", {"id": "c3", "command": "open"})
+
+        # A rename moves it along; a revocation takes gate-1 away; the last one, the account.
+        code, _ = await running.api("PATCH", f"{GATES}/gate-2", {"controller_id": "gate-south"})
+        assert code == 200
+        app.stop()
+        app = probe(account["username"], APP_A, "phone-1")
+        assert await app.connect()
+        assert await app.publish("gatetorio/gate-south/commands", {"id": "c4", "command": "open"})
+        assert not await app.publish("gatetorio/gate-2/commands", {"id": "c5", "command": "open"})
+        code, _ = await running.api("POST", f"{GATES}/gate-1/user-tokens/revoke", {"user_token": APP_A},
+                                    headers={"X-Unit-Key": one["unit_key"]}, token=None)
+        assert code in (200, 204)
+        app.stop()
+        app = probe(account["username"], APP_A, "phone-1")
+        assert await app.connect()
+        assert not await app.publish("gatetorio/gate-1/commands", {"id": "c6", "command": "open"})
+        code, listed = await running.api("GET", f"{GATES}/gate-south/user-tokens")
+        [access] = [a for a in listed["items"] if a["state"] == "active"]
+        assert (await running.api("DELETE", f"{GATES}/gate-south/user-tokens/{access['id']}"))[0] in (200, 204)
+        assert not await probe(account["username"], APP_A, "phone-2").connect(), "no access left: no account"
+    finally:
+        for p in probes:
+            p.stop()
+        await running.stop()

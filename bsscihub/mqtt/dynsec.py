@@ -37,7 +37,8 @@ class NoProvisioning:
     def connected(self) -> bool:
         return True
 
-    async def set_account(self, username: str, password: str, acls: list[dict[str, Any]], textname: str) -> None:
+    async def set_account(self, username: str, password: str, acls: list[dict[str, Any]], textname: str, *,
+                          bind_client_id: bool = True) -> None:
         pass
 
     async def set_role(self, username: str, acls: list[dict[str, Any]], textname: str) -> None:
@@ -171,8 +172,10 @@ class DynsecClient:
 
     # -- accounts: one client and one role of the same name
 
-    async def set_account(self, username: str, password: str, acls: list[dict[str, Any]], textname: str) -> None:
-        """Create the account, replacing any earlier one of the same kind (a new password ends the old session).
+    async def set_account(self, username: str, password: str, acls: list[dict[str, Any]], textname: str, *,
+                          bind_client_id: bool = True) -> None:
+        """Create the account, replacing any earlier one of the same kind (a new password ends the old session);
+        `bind_client_id`: it may connect only with client id = username.
 
         An existing account of another kind (its textname does not start with `textname`: the hub's own,
         the dynsec admin, another family's) is never replaced: DynsecError.
@@ -185,7 +188,8 @@ class DynsecClient:
             {"command": "deleteClient", "username": username},
             {"command": "deleteRole", "rolename": username},
             {"command": "createRole", "rolename": username, "textname": textname, "acls": acls},
-            {"command": "createClient", "username": username, "password": password, "clientid": username,
+            {"command": "createClient", "username": username, "password": password,
+             **({"clientid": username} if bind_client_id else {}),
              "textname": textname, "roles": [{"rolename": username, "priority": 0}]},
         ])
         self._check(responses[:2], tolerated=("not found",))

@@ -439,6 +439,20 @@ async def accesses_of_token(store: Store, token_hash: str) -> list[tuple[Access,
     return [(_access(r[:10]), _unit(r[10:])) for r in rows]
 
 
+async def controllers_of_fingerprint(store: Store, fingerprint: str) -> list[str]:
+    """The units an app (by its token's fingerprint) may reach now: its broker account's topics."""
+    rows = await store.fetchall(
+        "SELECT u.controller_id FROM gate_app_access a JOIN gate_units u ON u.id = a.unit_id"
+        " WHERE a.fingerprint = ? AND a.revoked_at IS NULL ORDER BY u.controller_id", (fingerprint,))
+    return [r[0] for r in rows]
+
+
+async def fingerprints_of_unit(store: Store, unit_id: int) -> list[str]:
+    rows = await store.fetchall(
+        "SELECT DISTINCT fingerprint FROM gate_app_access WHERE unit_id = ? AND revoked_at IS NULL", (unit_id,))
+    return [r[0] for r in rows]
+
+
 async def touch_access(store: Store, access_id: int, now: float) -> None:
     await store.execute("UPDATE gate_app_access SET last_used_at = ? WHERE id = ?", (now, access_id))
 

@@ -361,6 +361,8 @@ class GateService(FamilyService):
             except DynsecError as e:
                 raise Refused(503, "broker_unavailable", f"the broker permissions could not be moved: {e}") from None
             renamed = await registry.rename(self.hub.store, unit, new_id, self.now(), actor)
+            for fingerprint in await registry.fingerprints_of_unit(self.hub.store, unit.id):
+                await self._app_account(fingerprint, None, strict=False)  # the apps follow the new name
         self._by_controller.pop(controller_id, None)
         self._by_controller[new_id] = unit.id
         self._clear_retained(controller_id)
@@ -393,7 +395,10 @@ class GateService(FamilyService):
             except DynsecError as e:
                 raise Refused(503, "broker_unavailable", f"the broker account could not be removed: {e}") from None
             files = await registry.list_files(self.hub.store, unit.id)
+            apps = await registry.fingerprints_of_unit(self.hub.store, unit.id)
             await registry.delete_unit(self.hub.store, unit.id)
+            for fingerprint in apps:
+                await self._app_account(fingerprint, None, strict=False)
         await threads.deferToThread(self._remove_files, [f.id for f in files])
         self._by_controller.pop(unit.controller_id, None)
         self._queues.pop(unit.id, None)
@@ -612,16 +617,70 @@ class GateService(FamilyService):
 
     async def grant_app(self, unit: Unit, user_token: str, level: str) -> Access:
         keys = self._keys()
-        return await registry.grant_access(self.hub.store, unit.id, keys.hash(APP, user_token),
-                                           keys.fingerprint(APP, user_token), level, "ble", self.now())
+        access = await registry.grant_access(self.hub.store, unit.id, keys.hash(APP, user_token),
+                                             keys.fingerprint(APP, user_token), level, "ble", self.now())
+        await self._app_account(access.fingerprint, user_token, strict=False)
+        return access
 
     async def revoke_app_token(self, unit: Unit, user_token: str) -> bool:
+        fingerprint = self._keys().fingerprint(APP, user_token)
+        # The broker first: an app the hub no longer admits must not keep reaching the unit there.
+        await self._app_account(fingerprint, None, without=unit.controller_id)
         return await registry.revoke_access(self.hub.store, unit.id, now=self.now(),
                                             token_hash=self._keys().hash(APP, user_token))
 
     async def revoke_access(self, unit: Unit, access_id: int) -> None:
+        found = [a for a in await registry.list_access(self.hub.store, unit.id)
+                 if a.id == access_id and a.revoked_at is None]
+        if not found:
+            raise Refused(404, "not_found", f"no active app access {access_id} on {unit.controller_id}")
+        await self._app_account(found[0].fingerprint, None, without=unit.controller_id)
         if not await registry.revoke_access(self.hub.store, unit.id, now=self.now(), access_id=access_id):
             raise Refused(404, "not_found", f"no active app access {access_id} on {unit.controller_id}")
+
+    # -- apps' own broker accounts (dynsec): publish commands to the units they may reach, directly
+
+    @staticmethod
+    def app_username(fingerprint: str) -> str:
+        return f"gate-app-{fingerprint}"
+
+    def app_acls(self, controllers: list[str]) -> list[dict[str, Any]]:
+        """Per unit the app may reach: publish its commands, read its status; receiving anything else is denied."""
+        acls: list[dict[str, Any]] = []
+        for controller_id in controllers:
+            topics = self.topics(controller_id)
+            acls += [
+                {"acltype": "publishClientSend", "topic": topics.commands, "priority": 10, "allow": True},
+                {"acltype": "subscribeLiteral", "topic": topics.status, "priority": 10, "allow": True},
+                {"acltype": "publishClientReceive", "topic": topics.status, "priority": 10, "allow": True},
+            ]
+        return [*acls, {"acltype": "publishClientReceive", "topic": "#", "priority": 0, "allow": False}]
+
+    async def _app_account(self, fingerprint: str, token: str | None, *, without: str | None = None,
+                           strict: bool = True) -> None:
+        """Bring the app's broker account in line with its access (`token` known: create or re-key it;
+        `without`: as it will be once that unit's access is revoked). No access left: no account."""
+        if not self.broker.enabled:
+            return
+        controllers = [c for c in await registry.controllers_of_fingerprint(self.hub.store, fingerprint)
+                       if c != without]
+        username = self.app_username(fingerprint)
+        try:
+            if not controllers:
+                await self.broker.remove(username)
+            elif token is not None:
+                await self.broker.set_account(username, token, self.app_acls(controllers), "gate app",
+                                              bind_client_id=False)
+            else:
+                await self.broker.set_role(username, self.app_acls(controllers), "gate app")
+        except DynsecError as e:
+            if token is None and "not found" in str(e):
+                return  # an app that never had an account (granted before dynsec): nothing to narrow
+            if strict:
+                raise Refused(503, "broker_unavailable", f"the app's broker account could not be updated: {e}") \
+                    from None
+            self.log.warn("gate: broker account of app {fingerprint} not updated: {error}", fingerprint=fingerprint,
+                          error=str(e))
 
     async def app_access(self, unit: Unit, app_token: str) -> Access | None:
         access = await registry.access_for(self.hub.store, unit.id, self._keys().hash(APP, app_token))
@@ -650,10 +709,12 @@ class GateService(FamilyService):
 
     async def redeem_share(self, share_token: str, app_token: str) -> tuple[Share, Access]:
         keys = self._keys()
-        return await registry.redeem_share(
+        share, access = await registry.redeem_share(
             self.hub.store, secret_hash=keys.hash(SHARE, share_token), token_hash=keys.hash(APP, app_token),
             fingerprint=keys.fingerprint(APP, app_token), used_by=self.app_actor(app_token), now=self.now(),
         )
+        await self._app_account(access.fingerprint, app_token, strict=False)
+        return share, access
 
     async def revoke_share(self, unit: Unit, share_id: int, caller: Caller) -> Share:
         share = await registry.get_share(self.hub.store, share_id)

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from bsscihub import audit
-from bsscihub.contract import rfc3339
+from bsscihub.contract import opt_time, rfc3339
 from bsscihub.protocols.gate.config import MAX_FILE_BYTES
 from bsscihub.protocols.gate.registry import LEVELS, Refused, Unit, level_at_least
 from bsscihub.protocols.gate.service import Caller, GateService
@@ -322,11 +322,18 @@ class GateWeb:
                response=page_of(ANY_OBJECT), errors=(401,), description="Authenticate with X-App-Token.")
     @audited("gate.app.discover", change=False)
     async def my_units(self, call: Call, ctx: Context) -> Any:
-        found = await self.service.app_units(self._app_token(call, ctx))
+        token = self._app_token(call, ctx)
+        found = await self.service.app_units(token)
         items = [{"controller_id": unit.controller_id, "access_level": access.level, "online": unit.online,
-                  "last_seen": unit.last_seen, "firmware_version": unit.firmware_version, "via": access.via}
-                 for access, unit in found]
-        return page(items, len(items), len(items), 0)
+                  "last_seen": opt_time(unit.last_seen), "firmware_version": unit.firmware_version,
+                  "via": access.via} for access, unit in found]
+        mine = page(items, len(items), len(items), 0)
+        if self.service.broker.enabled and found:
+            # Its own broker account (password: its token) for publishing commands to these units directly.
+            mine["mqtt"] = {"username": self.service.app_username(found[0][0].fingerprint),
+                            "topics": {"publish": [self.service.topics(u.controller_id).commands for _, u in found],
+                                       "subscribe": [self.service.topics(u.controller_id).status for _, u in found]}}
+        return mine
 
     @api_route("POST", S + "/{controller_id}/commands", role=None, params=(CID,), query=(WAIT,), body=COMMAND,
                summary="Send a command to the unit", errors=(401, 403, 404, 503),
