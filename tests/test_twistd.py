@@ -75,12 +75,13 @@ def get_health(port: int, path: str = "/health", token: str | None = None) -> tu
         return e.code, json.load(e)
 
 
-def start_hub(home: Path, web: int) -> subprocess.Popen[str]:
+def start_hub(home: Path, web: int, **extra: str) -> subprocess.Popen[str]:
     env = clean_env(
         BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
         BSSCIHUB_BSSCI_LISTEN=f"tcp:{free_port()}:interface=127.0.0.1",
         BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",  # nothing listens there
         BSSCIHUB_DATA_DIR=str(home / "data"),
+        **extra,
     )
     process = subprocess.Popen(
         [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
@@ -173,6 +174,18 @@ def test_sigint_also_stops_cleanly(home: Path) -> None:
     output, _ = hub.communicate(timeout=15)
     assert hub.returncode == 0, output
     assert "bsscihub stopped" in output
+
+
+def test_json_log_format_writes_one_flat_object_per_line(home: Path) -> None:
+    hub = start_hub(home, free_port(), BSSCIHUB_LOG_FORMAT="json")
+    code, output, _ = stop_hub(hub)
+    assert code == 0, output
+    assert "\x1e" not in output
+    records = [json.loads(line) for line in output.splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert all(r["time"].endswith("Z") and not any(k.startswith("log_") for k in r) for r in records)
+    [stopped] = [r for r in records if r["message"] == "bsscihub stopped"]
+    assert stopped["level"] == "info" and stopped["logger"] == "bsscihub.hub.HubService"
 
 
 def test_missing_certificates_fail_the_start_with_one_clear_line(tmp_path: Path) -> None:
