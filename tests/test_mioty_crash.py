@@ -267,3 +267,81 @@ def test_acknowledged_uplinks_survive_kill_9_and_are_published_once_after_the_re
     output = log.read_text()
     assert f"published {COUNT} uplinks ({COUNT + COUNT // 2} copies) stored before the last stop" in output
     assert "Traceback" not in output
+
+
+def test_downlinks_survive_kill_9_what_was_reported_sent_stays_sent_the_rest_goes_out_again(
+    home: Path,
+    log: Path,
+    mosquitto_factory: Callable[..., Mosquitto],
+    subscriber_factory: Callable[..., Subscriber],
+) -> None:
+    from paho.mqtt import publish
+
+    certs = home / "certs"
+    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", bs_eui=A)
+    endpoints = home / "endpoints.json"
+    endpoints.write_text(json.dumps([{"eui": EP, "nwKey": KEY, "shortAddr": "1a2b", "bidi": True}]))
+    imported = subprocess.run(
+        [sys.executable, "-m", "bsscihub.cli", "sensors", "import", str(endpoints), "--config", CONFIG],
+        cwd=home, env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    broker = mosquitto_factory()
+    witness = subscriber_factory(broker, "bsscihub/#")
+    web, bssci = free_port(), free_port()
+
+    def queue(station: Station, data: str) -> int:
+        """A downlink queued through the MQTT command and taken by `station`; its queId."""
+        results = len([m for m in witness.messages if m.topic.endswith("/event/cmd_result")])
+        publish.single(f"bsscihub/mioty/ep/{EP}/cmd/down", json.dumps({"data": data}), qos=1,
+                       hostname="127.0.0.1", port=broker.port)
+        que = station.expect("dlDataQue")  # answered with dlDataQueRsp by the station
+        [*_, result] = witness.wait_for(lambda m: m.topic.endswith("/event/cmd_result"), count=results + 1)
+        assert doc(result)["ok"] and doc(result)["queId"] == que["queId"], doc(result)
+        return int(que["queId"])
+
+    def states(que_id: int) -> list[str]:
+        return [doc(m)["state"] for m in witness.messages
+                if m.topic == f"bsscihub/mioty/ep/{EP}/event/downlink" and doc(m)["queId"] == que_id]
+
+    first = start_hub(home, log, web, bssci, broker)
+    station = Station(bssci, issued.cert_path, issued.key_path, certs / "ca.pem")
+    try:
+        station.connect(A, "bs-a")
+        station.expect("attPrp")
+        station.expect("ulDataRsp", station.uplink(1, snr=5.0))  # A hears it: A serves its downlinks
+        witness.wait_for(is_uplink)
+        sent, held = queue(station, "01"), queue(station, "02")
+        # The first is reported sent and answered (so recorded); the second stays with the station.
+        op = station.send("dlDataRes", epEui=int(EP, 16), queId=sent, result="sent", txTime=time.time_ns(),
+                          packetCnt=1)
+        station.expect("dlDataResRsp", op)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        witness.wait_for(offline)
+    finally:
+        station.close()
+        kill(first)
+
+    second = start_hub(home, log, web, bssci, broker)
+    station = Station(bssci, issued.cert_path, issued.key_path, certs / "ca.pem")
+    try:
+        station.connect(A, "bs-a")
+        station.expect("attPrp")
+        que = station.expect("dlDataQue")
+        assert (que["queId"], que["userData"]) == (held, [[2]])  # the unreported one only
+        op = station.send("dlDataRes", epEui=int(EP, 16), queId=held, result="sent", txTime=time.time_ns(),
+                          packetCnt=2)
+        station.expect("dlDataResRsp", op)
+        witness.wait_for(lambda m: m.topic.endswith("/event/downlink") and doc(m)["queId"] == held
+                         and doc(m)["state"] == "sent")  # fmt: skip
+        assert not [m for m in station.inbox if m["command"] == "dlDataQue"]
+    finally:
+        station.close()
+        kill(second)
+    assert states(sent)[-1] == "sent" and "queued" not in states(sent)[2:]
+    assert states(held)[-3:] == ["dispatched", "accepted", "sent"]
+    restarted = [doc(m) for m in witness.messages if m.topic.endswith("/event/downlink") and doc(m)["queId"] == held
+                 and doc(m)["reason"] == "the hub restarted"]  # fmt: skip
+    assert [(d["previous"], d["state"]) for d in restarted] == [(None, "queued")]

@@ -4,6 +4,7 @@ expired, invalid, rejected or revoked, and back to queued whenever a station dro
 from __future__ import annotations
 
 import enum
+import json
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -137,7 +138,7 @@ class Downlinks:
         registry: Registry,
         sessions: Mapping[str, Session],
         ttl: float,
-        emit: Callable[[str, str, Mapping[str, Any]], None],
+        emit: Callable[[str, str, Mapping[str, Any]], Any],
         background: Callable[[Any, str], None],
     ) -> None:
         self.clock = clock
@@ -155,6 +156,7 @@ class Downlinks:
         """Downlinks that reached an end state since the start, by state (for /metrics)."""
         self._last_sent: dict[str, tuple[int, int]] = {}  # epEui -> (queId, packetCnt) of its last sent downlink
         self._writes: set[defer.Deferred[Any]] = set()
+        self._emitted: Any = None  # what emit returned for the last move (a Deferred from the bus)
 
     # -- the machine
 
@@ -179,7 +181,7 @@ class Downlinks:
             dl.error = reason
         self._track_waiting(dl.ep_eui)
         self._save(dl)
-        self._emit(dl.ep_eui, "downlink", {
+        self._emitted = self._emit(dl.ep_eui, "downlink", {
             "queId": dl.que_id, "state": new.value, "previous": old.value, "event": what,
             "bsEui": bs if bs is not None else dl.holder.bs_hex if dl.holder is not None else None,
             "attempts": dl.attempts, "reason": reason,
@@ -258,6 +260,11 @@ class Downlinks:
             self._adopt(dl)
             if held:
                 self._requeued_at_start(dl)
+                sensor = self.registry.sensors.get(dl.ep_eui)
+                holders = tuple(json.loads(row[-1] or "[]"))
+                if sensor is not None and not sensor.paths and holders:
+                    # The station that held it is a known path, fresher than a best path not yet written back.
+                    sensor.paths = holders
 
     def _requeued_at_start(self, dl: Downlink) -> None:
         self._save(dl)
@@ -380,7 +387,10 @@ class Downlinks:
         if holder is not None and holder is not session and holder.state is State.ESTABLISHED:
             # Reported by a station that held an earlier attempt: the current holder must not send it again.
             _quiet(holder.request(dl.rev))
-        return self.durable(dl)
+        recorded = [self.durable(dl)]
+        if isinstance(self._emitted, defer.Deferred):
+            recorded.append(self._emitted)  # its event in the MQTT outbox too
+        return defer.gatherResults(recorded).addCallback(lambda _: None)
 
     # -- the clock and operators
 
@@ -453,7 +463,7 @@ def _quiet(d: defer.Deferred[Any]) -> None:
 
 def pending_from_row(row: tuple[Any, ...]) -> Downlink:
     """A pending downlink as `Registry.pending_downlinks` reads it."""
-    que_id, ep, data, fmt, prio, response_exp, created, status, attempts = row
+    que_id, ep, data, fmt, prio, response_exp, created, status, attempts, _targets = row
     return Downlink(int(que_id), ep, bytes(data), None if fmt is None else int(fmt),
                     None if prio is None else float(prio), None if response_exp is None else bool(response_exp),
                     float(created), DownlinkState(status) if status in _VALUES else Q, attempts=int(attempts or 0))

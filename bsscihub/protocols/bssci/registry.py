@@ -759,8 +759,8 @@ class Registry:
 
     async def pending_downlinks(self) -> list[tuple[Any, ...]]:
         """Every downlink not ended yet, oldest first: (id, ep_eui, data, format, prio, response_exp,
-        created, status, attempts)."""
+        created, status, attempts, targets)."""
         return await self.store.fetchall(
-            "SELECT id, ep_eui, data, format, prio, response_exp, created, status, attempts FROM mioty_downlinks"
-            f" WHERE status IN {_PENDING_STATES} ORDER BY id"
+            "SELECT id, ep_eui, data, format, prio, response_exp, created, status, attempts, targets"
+            f" FROM mioty_downlinks WHERE status IN {_PENDING_STATES} ORDER BY id"
         )

@@ -514,14 +514,16 @@ class MiotyService(MiotyActions, FamilyService):
 
     # -- events and background writes
 
-    def _event(self, kind: str, topic: str, payload: Mapping[str, Any], retain: bool = False) -> None:
+    def _event(self, kind: str, topic: str, payload: Mapping[str, Any], retain: bool = False) -> defer.Deferred[Any]:
+        """Publish one event; the Deferred fires once the bus took it (never fails: a failure is logged)."""
         d = self.hub.bus.publish(Event("mioty", kind, topic, payload, retain))
         d.addErrback(lambda f: self.log.warn("publishing {topic} failed: {problem}", topic=topic,
                                              problem=f.getErrorMessage()))
+        return d
 
-    def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> None:
+    def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> defer.Deferred[Any]:
         payload = {"epEui": ep, **fields, "time": rfc3339(self.clock.seconds())}
-        self._event(kind, f"mioty/ep/{ep}/event/{kind}", payload)
+        return self._event(kind, f"mioty/ep/{ep}/event/{kind}", payload)
 
     def _publish_state(self, bs: BaseStation) -> None:
         self._event("state", f"mioty/bs/{bs.eui}/state", bs.state_payload(), retain=True)
