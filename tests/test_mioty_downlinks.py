@@ -280,3 +280,22 @@ async def test_a_station_that_resumes_its_session_gets_what_was_queued_meanwhile
         await state_becomes(running, queued["queId"], "accepted")
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_detaching_the_end_point_ends_its_pending_downlinks_as_revoked(running: Running) -> None:
+    service = running.service
+    await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+    b = await running.station("bs-b", B)
+    await b.expect("attPrp")
+    await heard(running, b)
+    held = (await service.queue_downlink(EP, b"\x01", actor="test"))["queId"]
+    await b.expect("dlDataQue")
+    b.transport.loseConnection()
+    await b.lost
+    waiting = (await service.queue_downlink(EP, b"\x02", actor="test"))["queId"]
+    await service.detach(EP, actor="test")
+    for que_id in (held, waiting):
+        entry = await state_becomes(running, que_id, "revoked")
+        assert entry["error"] == "the end point was detached"
+    assert not service.downlink_queue.pending

@@ -353,6 +353,12 @@ class Downlinks:
             if dl.holder is old:
                 dl.holder = new
 
+    def detached(self, ep: str) -> None:
+        """The end point is detached (or removed): its pending downlinks end as revoked; the
+        stations drop them with the detPrp."""
+        for dl in sorted(self.by_ep.get(ep, {}).values(), key=_que_id):
+            self.move(dl, "revoke", reason="the end point was detached")
+
     def uplink(self, ep: str, packet_cnt: int, payload: Mapping[str, Any]) -> None:
         """A published uplink that acknowledges a downlink (dlAck) or opens a downlink window
         for an end point with queued downlinks (dlOpen)."""

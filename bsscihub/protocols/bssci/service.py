@@ -551,6 +551,8 @@ class MiotyService(MiotyActions, FamilyService):
     def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]:
         """Queue attPrp/detPrp of one end point on every connected base station."""
         item = (attach, int(ep, 16))
+        if not attach and ep in self.downlink_queue.by_ep:
+            self.downlink_queue.detached(ep)
         for away in self._resumable.values():
             away.missed.append(item)  # a station that resumes gets it then
         targets = []
