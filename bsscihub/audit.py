@@ -15,6 +15,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from bsscihub.contract import rfc3339
 from bsscihub.ratelimit import RateLimiter
 from bsscihub.store import Cursor, Store
 
@@ -32,7 +33,7 @@ class AuditEntry:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "time": self.time,
+            "time": rfc3339(self.time),
             "actor": self.actor,
             "action": self.action,
             "target": self.target,
@@ -170,7 +171,7 @@ class RefusalLog:
         """Write one entry per group of refusals held back since the last flush."""
         held, self._held = self._held, OrderedDict()
         for (actor, action, source, _), group in held.items():
-            detail = {**group.last, "repeated": group.count, "targets": group.targets, "since": group.first}
+            detail = {**group.last, "repeated": group.count, "targets": group.targets, "since": rfc3339(group.first)}
             try:
                 self.written += 1
                 await record(self.store, actor, action, group.targets[-1] if group.targets else "", detail, source)

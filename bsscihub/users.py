@@ -14,6 +14,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from twisted.internet import threads
 
+from bsscihub.contract import opt_time
 from bsscihub.errors import UserFacingError
 from bsscihub.store import Cursor, Store
 
@@ -50,7 +51,7 @@ class User:
     disabled: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "createdAt": self.created_at, "disabled": self.disabled}
+        return {"name": self.name, "role": self.role, "createdAt": opt_time(self.created_at), "disabled": self.disabled}
 
 
 _COLUMNS = "id, name, role, created_at, disabled"

@@ -14,6 +14,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from bsscihub import audit, users
+from bsscihub.contract import rfc3339
 from bsscihub.web.auth import LoginLimiter
 from bsscihub.web.sessions import SessionStore
 from tests.test_web_support import PASSWORD, Harness, build_harness, fast_hashing, harness_fixture
@@ -247,7 +248,7 @@ async def test_login_tokens_and_logout(harness: Harness) -> None:
     h = harness
     reply = await h.request("POST", "/api/v1/auth/token", json_body={"username": "viewer", "password": PASSWORD})
     token = reply.json()["token"]
-    assert reply.json()["expiresAt"] == h.clock.seconds() + h.hub.config.web.session_max
+    assert reply.json()["expiresAt"] == rfc3339(h.clock.seconds() + h.hub.config.web.session_max)
     me = (await h.request("GET", "/api/v1/auth/me", token=token)).json()
     assert (me["user"], me["via"]) == ("viewer", "token")
     assert (await h.request("POST", "/api/v1/auth/logout", token=token)).code == 204

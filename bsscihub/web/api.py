@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet import task
 
 from bsscihub import audit, users
+from bsscihub.contract import rfc3339
 from bsscihub.web import auth, certs
 from bsscihub.web.errors import ApiError, bad_field, forbidden, not_found, rate_limited
 from bsscihub.web.routing import (
@@ -27,7 +28,7 @@ from bsscihub.web.routing import (
     api_route,
     page,
 )
-from bsscihub.web.schema import ANY_OBJECT, hexstr, obj, page_of, string
+from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, hexstr, obj, page_of, string
 from bsscihub.web.stream import upgrade
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ USER_NAME = string("user name", minLength=1, maxLength=64, pattern=r"^[A-Za-z0-9
 PASSWORD = string("password", minLength=users.MIN_PASSWORD, maxLength=users.MAX_PASSWORD)
 ROLE = string("role", enum=list(users.ROLES))
 USER = obj(
-    {"name": USER_NAME, "role": ROLE, "createdAt": {"type": "number"}, "disabled": {"type": "boolean"}},
+    {"name": USER_NAME, "role": ROLE, "createdAt": TIME, "disabled": {"type": "boolean"}},
     ("name", "role", "createdAt", "disabled"),
     closed=False,
 )
@@ -56,10 +57,10 @@ API_KEY = obj(
         "prefix": {"type": "string", "description": "public part of the key, safe to show"},
         "role": ROLE,
         "kind": {"type": "string", "enum": ["key", "token"]},
-        "createdAt": {"type": "number"},
-        "expiresAt": {"type": "number", "nullable": True},
-        "revokedAt": {"type": "number", "nullable": True},
-        "lastUsedAt": {"type": "number", "nullable": True},
+        "createdAt": TIME,
+        "expiresAt": OPT_TIME,
+        "revokedAt": OPT_TIME,
+        "lastUsedAt": OPT_TIME,
         "state": {"type": "string", "enum": ["active", "expired", "revoked"]},
     },
     ("id", "name", "user", "prefix", "role", "state"),
@@ -68,7 +69,7 @@ API_KEY = obj(
 AUDIT_ENTRY = obj(
     {
         "id": {"type": "integer"},
-        "time": {"type": "number"},
+        "time": TIME,
         "actor": {"type": "string"},
         "action": {"type": "string"},
         "target": {"type": "string"},
@@ -80,7 +81,7 @@ AUDIT_ENTRY = obj(
 )
 SESSION_INFO = obj(
     {"user": {"type": "string"}, "role": ROLE, "via": {"type": "string"},
-     "csrfToken": {"type": "string", "nullable": True}, "expiresAt": {"type": "number", "nullable": True}},
+     "csrfToken": {"type": "string", "nullable": True}, "expiresAt": OPT_TIME},
     ("user", "role", "via"),
     closed=False,
 )
@@ -169,13 +170,13 @@ class AuthApi:
         call.audit_action, call.target, call.acting_as = "auth.login", user.name, user.name
         call.detail = {"via": "session"}
         return {"user": user.name, "role": user.role, "via": "session", "csrfToken": session.csrf,
-                "expiresAt": self.web.sessions.expires_at(session)}
+                "expiresAt": rfc3339(self.web.sessions.expires_at(session))}
 
     @api_route("POST", "/auth/token", role=ANONYMOUS, summary="Log in; returns a bearer token",
                tag="auth", errors=(429,), status=201,
                body=obj({**CREDENTIALS["properties"], "name": string("what the token is for", maxLength=64)},
                         ("username", "password")),
-               response=obj({"token": {"type": "string"}, "expiresAt": {"type": "number"}, "user": {"type": "string"},
+               response=obj({"token": {"type": "string"}, "expiresAt": TIME, "user": {"type": "string"},
                              "role": ROLE}, ("token", "expiresAt", "user", "role"), closed=False),
                description="The token is shown only in this response and expires after web.session_max.")
     async def token(self, call: Call) -> Any:
@@ -187,7 +188,7 @@ class AuthApi:
         )
         call.audit_action, call.target, call.acting_as = "auth.token", user.name, user.name
         call.detail = {"key": key.id}
-        return Created({"token": token, "expiresAt": expires, "user": user.name, "role": user.role})
+        return Created({"token": token, "expiresAt": rfc3339(expires), "user": user.name, "role": user.role})
 
     @api_route("POST", "/auth/logout", role="viewer", summary="Log out: end this session or revoke this token",
                tag="auth", status=204, errors=(400,))
@@ -210,7 +211,7 @@ class AuthApi:
         out: dict[str, Any] = {"user": p.name, "role": p.role, "via": p.via}
         if p.session is not None:
             out["csrfToken"] = p.session.csrf
-            out["expiresAt"] = self.web.sessions.expires_at(p.session)
+            out["expiresAt"] = rfc3339(self.web.sessions.expires_at(p.session))
         return out
 
     @api_route("POST", "/auth/ticket", role="viewer", summary="A single-use ticket for the WebSocket stream",
@@ -415,10 +416,11 @@ class HubApi:
                query=(Param("level", string("lowest level", enum=["info", "warn", "error", "critical"])),
                       Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 200}),
                       Param("access", {"type": "boolean", "default": False}, "include HTTP access lines")),
-               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+               response=page_of(ANY_OBJECT))
     def logs(self, call: Call) -> Any:
         q = call.query
-        return {"items": self.web.logs.lines(level=q.get("level") or "info", limit=q["limit"], access=q["access"])}
+        lines = self.web.logs.lines(level=q.get("level") or "info", limit=q["limit"], access=q["access"])
+        return page(lines, len(lines), q["limit"], 0)
 
     @api_route("GET", "/audit", role="admin", summary="The audit log, newest first", tag="audit",
                query=(Param("actor", string("who", maxLength=64)),
@@ -449,10 +451,10 @@ class HubApi:
 CERT_INFO = obj({"serial": {"type": "string"}, "subject": {"type": "string"}, "notAfter": {"type": "string"}},
                 ("serial",), closed=False)
 ISSUED = obj({"serial": {"type": "string"}, "name": {"type": "string"}, "bsEui": {"type": "string", "nullable": True},
-              "notAfter": {"type": "number"}, "issuedAt": {"type": "number"}, "issuedBy": {"type": "string"},
-              "revokedAt": {"type": "number", "nullable": True},
+              "notAfter": TIME, "issuedAt": TIME, "issuedBy": {"type": "string"},
+              "revokedAt": OPT_TIME,
               "revokeReason": {"type": "string", "nullable": True}}, ("serial", "name"), closed=False)
-REVOKED = obj({"serial": {"type": "string"}, "reason": {"type": "string"}, "revokedAt": {"type": "number"}},
+REVOKED = obj({"serial": {"type": "string"}, "reason": {"type": "string"}, "revokedAt": TIME},
               ("serial", "reason", "revokedAt"), closed=False)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from bsscihub.contract import opt_time
 from bsscihub.ratelimit import RateLimiter
 from bsscihub.store import Cursor, Store
 from bsscihub.users import RANK, User
@@ -67,10 +68,10 @@ class ApiKey:
             "prefix": f"{TOKEN_SCHEME}_{self.prefix}",
             "role": self.role,
             "kind": self.kind,
-            "createdAt": self.created_at,
-            "expiresAt": self.expires_at,
-            "revokedAt": self.revoked_at,
-            "lastUsedAt": self.last_used_at,
+            "createdAt": opt_time(self.created_at),
+            "expiresAt": opt_time(self.expires_at),
+            "revokedAt": opt_time(self.revoked_at),
+            "lastUsedAt": opt_time(self.last_used_at),
             "state": self.state(now),
         }
 

@@ -18,6 +18,7 @@ from twisted.internet import threads
 
 from bsscihub import pki
 from bsscihub.config import HubConfig
+from bsscihub.contract import opt_time, rfc3339
 from bsscihub.store import Cursor, Store
 from bsscihub.web.errors import ApiError, bad_field, conflict
 
@@ -118,7 +119,7 @@ async def revoke(store: Store, serial: str, reason: str, actor: str, now: float)
         return {
             "serial": serial,
             "reason": reason,
-            "revokedAt": now,
+            "revokedAt": rfc3339(now),
             "name": row[0] if row else None,
             "bsEui": row[1] if row else None,
         }
@@ -143,8 +144,9 @@ async def list_issued(store: Store, *, q: str | None, limit: int, offset: int) -
         ).fetchall()
         items = [
             {
-                "serial": r[0], "name": r[1], "bsEui": r[2], "notAfter": float(r[3]), "issuedAt": float(r[4]),
-                "issuedBy": r[5], "revokedAt": None if r[6] is None else float(r[6]), "revokeReason": r[7],
+                "serial": r[0], "name": r[1], "bsEui": r[2],
+                "notAfter": rfc3339(float(r[3])), "issuedAt": rfc3339(float(r[4])),
+                "issuedBy": r[5], "revokedAt": opt_time(r[6]), "revokeReason": r[7],
             }
             for r in rows
         ]
@@ -160,7 +162,7 @@ async def list_revoked(store: Store, *, limit: int, offset: int) -> tuple[list[d
             "SELECT serial, reason, revoked_at, actor FROM revoked_certs ORDER BY revoked_at DESC LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
-        items = [{"serial": r[0], "reason": r[1], "revokedAt": float(r[2]), "revokedBy": r[3]} for r in rows]
+        items = [{"serial": r[0], "reason": r[1], "revokedAt": rfc3339(float(r[2])), "revokedBy": r[3]} for r in rows]
         return items, int(total[0]) if total else 0
 
     return await store.interaction(run)
