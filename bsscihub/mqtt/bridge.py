@@ -5,7 +5,6 @@ Also the hub's presence topic, the families' extra layouts (mqtt.layout) and the
 
 from __future__ import annotations
 
-import datetime
 import inspect
 import json
 from collections import deque
@@ -29,6 +28,7 @@ from zope.interface.verify import verifyObject
 
 from bsscihub.bus import Event, PlainJSON
 from bsscihub.config import ConfigError, MQTTConfig
+from bsscihub.contract import rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import IMQTTLayout, IMQTTLayouts
 from bsscihub.health import ComponentHealth
@@ -52,12 +52,6 @@ MessageHandler = Callable[[str, bytes, "Properties | None"], Any]
 
 MAX_COMMAND_PAYLOAD = 64 * 1024
 """Larger command payloads are answered with an error, not parsed."""
-
-
-def rfc3339(seconds: float) -> str:
-    """UTC, millisecond precision, with a Z: the contract's `time` format."""
-    stamp = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # allow_nan=False: NaN is not JSON, and subscribers' parsers choke on it

@@ -4,7 +4,6 @@ The hot path only touches memory: sensor state is written back in batches, uplin
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bsscihub.contract import opt_time, rfc3339
 from bsscihub.store import Cursor, Store
 
 __all__ = [
@@ -57,20 +57,7 @@ MARK_DELAY = 0.05
 _PRUNE_CHUNK = 5000
 
 
-_last_second: list[Any] = [None, ""]  # every uplink event formats a time: the same second, mostly
-
-
-def rfc3339(seconds: float) -> str:
-    """Unix seconds as RFC 3339 UTC with milliseconds, e.g. 2024-05-01T12:00:00.250Z."""
-    whole = int(seconds)
-    millis = int((seconds - whole) * 1000)
-    if whole != _last_second[0]:
-        _last_second[:] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_last_second[1]}.{millis:03d}Z"
-
-
-def _opt_time(seconds: float | None) -> str | None:
-    return None if seconds is None else rfc3339(seconds)
+_opt_time = opt_time
 
 
 def _flag(value: Any) -> bool:

@@ -1,0 +1,35 @@
+"""The contract helpers every family shares: RFC 3339 times and the rule for numbers JSON cannot carry."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bsscihub.contract import finite_doc, opt_time, rfc3339
+
+
+@given(st.floats(min_value=0, max_value=4102444800, allow_nan=False))
+def test_rfc3339_is_utc_with_milliseconds(seconds: float) -> None:
+    text = rfc3339(seconds)
+    parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert text.endswith("Z") and len(text) == 24
+    assert abs(parsed.timestamp() - seconds) < 0.001 + 1e-6
+    assert parsed.timestamp() <= seconds + 1e-6, "truncated, never rounded up into the next second"
+
+
+def test_opt_time_keeps_never_as_null() -> None:
+    assert opt_time(None) is None and opt_time(0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339(1700000000.25) == "2023-11-14T22:13:20.250Z"
+
+
+def test_non_finite_numbers_become_null_with_the_reason() -> None:
+    doc = {"temp": float("nan"), "load": [0.5, float("inf")], "deep": {"x": float("-inf")}, "raw": b"\x01\xff",
+           "ok": 1.5, "n": None}
+    cleaned = finite_doc(doc)
+    assert cleaned == {"temp": None, "load": [0.5, None], "deep": {"x": None}, "raw": "01ff", "ok": 1.5, "n": None,
+                       "invalid": {"temp": "NaN", "load.1": "Infinity", "deep.x": "-Infinity"}}
+    json.dumps(cleaned, allow_nan=False)
+    assert finite_doc({"a": 1}) == {"a": 1}, "a clean document gets no invalid field"
