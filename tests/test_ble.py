@@ -239,3 +239,26 @@ async def test_bad_gateway_input_is_counted_and_dropped(
     finally:
         gateway.stop()
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_registration_on_first_sight_is_bounded(tmp_path: Path, mosquitto: Mosquitto,
+                                                      subscriber_factory: Any) -> None:
+    """A gateway inventing MACs cannot grow the registry without end: a cap on beacons, a rate per gateway."""
+    witness = subscriber_factory(mosquitto, f"{PREFIX}/ble/#")
+    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={
+        "dedup_window": "50ms", "max_nodes": 3, "registrations_per_minute": 2, "max_gateways": 1})
+    gateway = DeviceClient(mosquitto)
+    try:
+        macs = [f"aa:bb:cc:dd:ee:0{i}" for i in range(4)]
+        for mac in macs[:3]:  # GW1's third new beacon this minute is one too many
+            await gateway.publish("BLEGatewayData", reading("GW1", -70, mac=mac, temperature=20))
+        await gateway.publish("BLEGatewayData", reading("GW2", -70, mac=macs[2], temperature=20))  # one gateway only
+        await gateway.publish("BLEGatewayData", reading("GW1", -60, mac=macs[0], temperature=21))  # known: fine
+        await witness.when(lambda m: m.topic == f"{PREFIX}/ble/node/aabbccddee00/up", count=2)
+        service = running.hub.services["ble"]
+        assert set(service.nodes) == {"aabbccddee00", "aabbccddee01"} and set(service.gateways) == {"GW1"}
+        assert running.rejected("ble", "registration_limit") == 2
+    finally:
+        gateway.stop()
+        await running.stop()
