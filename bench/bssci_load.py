@@ -958,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
         "BSSCIHUB_MQTT_URL": f"mqtt://127.0.0.1:{ports['mqtt']}",
         "BSSCIHUB_MQTT_PREFIX": MQTT_PREFIX,
         "BSSCIHUB_MQTT_CLIENT_ID": "bsscihub-bench",
+        # The monitor reads /metrics without logging in.
+        "BSSCIHUB_WEB_PUBLIC_HEALTH": "true",
     }
     for item in args.hub_env:
         key, _, value = item.partition("=")

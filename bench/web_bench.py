@@ -71,6 +71,9 @@ class Bench:
             "BSSCIHUB_TLS_CA_KEY": str(certs / "ca.key"),
             "BSSCIHUB_TLS_CERT": str(certs / "hub.pem"),
             "BSSCIHUB_TLS_KEY": str(certs / "hub.key"),
+            # One token makes every measured request and ticket: no per-client limit; /metrics without a login.
+            "BSSCIHUB_WEB_RATE_LIMIT": "0",
+            "BSSCIHUB_WEB_PUBLIC_HEALTH": "true",
         }
         self.processes: list[subprocess.Popen[Any]] = []
         self.hub: subprocess.Popen[bytes] | None = None
