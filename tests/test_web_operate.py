@@ -22,6 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from bsscihub import audit
 from bsscihub.health import ComponentHealth
+from bsscihub.web.logring import ACCESS
 from bsscihub.web.service import make_site
 from tests.test_web_support import PASSWORD, Harness, build_harness, fast_hashing
 
@@ -169,7 +170,8 @@ async def test_wrong_passwords_from_one_address_do_not_lock_the_account_out(tmp_
 
 
 @pytest_twisted.ensureDeferred
-async def test_trusted_proxy_gives_the_client_address_and_scheme(tmp_path: Path, fast: None) -> None:
+async def test_trusted_proxy_gives_the_client_address_and_scheme(tmp_path: Path, fast: None,
+                                                                 logged: list[Any]) -> None:
     async with live(tmp_path, web={"trusted_proxies": ["127.0.0.1/32", "10.0.0.0/8"]}) as web:
         store = web.h.hub.store
         # Through the proxy (127.0.0.1, trusted): the client is the rightmost address not trusted.
@@ -189,6 +191,8 @@ async def test_trusted_proxy_gives_the_client_address_and_scheme(tmp_path: Path,
         assert login.header("Strict-Transport-Security")
         entries, _ = await audit.query(store, action="auth.login")
         assert entries[0].source == "203.0.113.8"
+        access = [e["line"] for e in logged if e.get("log_namespace") == ACCESS and "/auth/login" in e["line"]]
+        assert access[-1].startswith('"203.0.113.8" ')  # the access log names the client too
         # RFC 7239 Forwarded works the same way.
         await web.call("POST", "/api/v1/auth/login", json_body=right,
                        headers={"Forwarded": 'for="[2001:db8::7]:4711";proto=http'})

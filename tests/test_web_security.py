@@ -164,6 +164,36 @@ async def test_login_rate_limited_per_account_and_address(harness: Harness) -> N
     assert len(failed) == 5 and {e.target for e in failed} == {"operator"} and failed[0].source == "127.0.0.1"
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_account_guessed_from_many_addresses_is_slowed_down_not_locked(tmp_path: Path,
+                                                                                monkeypatch: Any) -> None:
+    from twisted.internet import defer
+
+    fast_hashing(monkeypatch)
+    h = await build_harness(tmp_path, web={"trusted_proxies": ["127.0.0.1"]})
+    try:
+        for n in range(20):  # a botnet: each address stays under its own limit
+            reply = await h.request("POST", "/api/v1/auth/token", headers={"X-Forwarded-For": f"198.51.100.{n}"},
+                                    json_body={"username": "admin", "password": "guess-guess"})
+            assert reply.code == 401
+        pending = defer.ensureDeferred(h.request(
+            "POST", "/api/v1/auth/token", headers={"X-Forwarded-For": "203.0.113.1"},
+            json_body={"username": "admin", "password": PASSWORD}))
+        from twisted.internet import reactor, task
+
+        for _ in range(20):
+            await task.deferLater(reactor, 0.005, lambda: None)
+        assert not pending.called  # held back by the slow-down ...
+        h.clock.advance(h.web.limiter.slow_down)
+        reply = await pending
+        assert reply.code == 201  # ... and then let in: the right password is never refused
+        metrics = (await h.request("GET", "/metrics", role="admin")).body.decode()
+        assert 'bsscihub_web_login_failures_total{reason="slowed_down"} 1.0' in metrics
+    finally:
+        h.web.stop()
+        await h.hub.store.stop()
+
+
 def test_login_limiter_counts_per_account_and_address_never_per_account_alone() -> None:
     clock = Clock()
     limiter = LoginLimiter(clock, per_account_source=(3, 60), per_source=(5, 60), slow_after=(10, 60))
