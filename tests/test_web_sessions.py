@@ -107,3 +107,29 @@ async def test_expired_sessions_are_not_restored(store: Store) -> None:
     clock.advance(3600)  # past session_max, however busy
     assert await SessionStore(clock, 600, 3600, store=store).load() == 0
     assert await store.fetchall("SELECT id_hash FROM web_sessions") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_made_by_another_process_reach_the_running_hub(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_web_support import build_harness
+
+    fast_hashing(monkeypatch)
+    h = await build_harness(tmp_path)
+    try:
+        operator, _ = await h.login("operator")
+        viewer, _ = await h.login("viewer")
+        assert (await h.request("GET", "/api/v1/config", cookies=operator)).code == 200
+        # What `bsscihub user role|disable|passwd` write while the hub runs:
+        await h.hub.store.execute("UPDATE users SET role = 'viewer' WHERE name = 'operator'")
+        await h.hub.store.execute("DELETE FROM web_sessions WHERE user_id = (SELECT id FROM users WHERE name = ?)",
+                                  ("viewer",))
+        await h.web._housekeep()  # once a minute
+        assert (await h.request("GET", "/api/v1/config", cookies=operator)).code == 403
+        assert (await h.request("GET", "/api/v1/auth/me", cookies=viewer)).code == 401
+        await h.hub.store.execute("UPDATE users SET disabled = 1 WHERE name = 'operator'")
+        await h.web._housekeep()
+        assert (await h.request("GET", "/api/v1/auth/me", cookies=operator)).code == 401
+    finally:
+        h.web.stop()
+        await h.hub.store.stop()

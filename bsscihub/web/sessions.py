@@ -39,6 +39,8 @@ class Session:
     """(kind, text) messages shown once on the next page; kind is "ok", "error" or "secret"."""
     stored_seen: float = 0.0
     """The last_seen the database has."""
+    stored: bool = False
+    """Its row is committed (a session only in memory is not judged by what the database lacks)."""
 
     def flash(self, kind: str, text: str) -> None:
         self.flashes.append((kind, text))
@@ -88,16 +90,35 @@ class SessionStore:
         rows = await self.store.interaction(run)
         for key, user_id, name, role, csrf, created, last_seen, source in rows[-self.limit:]:
             self._sessions[key] = Session(int(user_id), name, role, csrf, float(created), float(last_seen), source,
-                                          stored_seen=float(last_seen))
+                                          stored_seen=float(last_seen), stored=True)
         return len(rows)
 
     async def purge(self) -> None:
-        """Housekeeping: expired sessions leave memory and the database."""
+        """Housekeeping: expired sessions leave memory and the database; changes made by another process
+        (`bsscihub user disable|passwd` deletes a user's rows; `user role`) reach the sessions in memory."""
         self._expire()
-        if self.store is not None:
-            now = self.clock.seconds()
-            await self.store.execute("DELETE FROM web_sessions WHERE last_seen <= ? OR created <= ?",
-                                     (now - self.idle, now - self.max_age))
+        if self.store is None:
+            return
+        now = self.clock.seconds()
+        # Only sessions whose row was committed before the read below can be missing from it.
+        stored = {key for key, session in self._sessions.items() if session.stored}
+
+        def run(c: Cursor) -> list[tuple[Any, ...]]:
+            c.execute("DELETE FROM web_sessions WHERE last_seen <= ? OR created <= ?",
+                      (now - self.idle, now - self.max_age))
+            return c.execute("SELECT s.id_hash, u.role, u.disabled FROM web_sessions s"
+                             " JOIN users u ON u.id = s.user_id").fetchall()
+
+        present = {row[0]: (row[1], bool(row[2])) for row in await self.store.interaction(run)}
+        for key in stored:
+            session = self._sessions.get(key)
+            if session is None:
+                continue
+            found = present.get(key)
+            if found is None or found[1]:
+                del self._sessions[key]
+            else:
+                session.role = found[0]
 
     async def sync(self) -> int:
         """Follow changes made by another process (`bsscihub user disable|passwd|role`): a session
@@ -144,6 +165,7 @@ class SessionStore:
             await self.store.execute(
                 "INSERT INTO web_sessions (id_hash, user_id, csrf, created, last_seen, source)"
                 " VALUES (?, ?, ?, ?, ?, ?)", (key, user_id, session.csrf, now, now, source[:100]))
+            session.stored = True
         return session_id, session
 
     def get(self, session_id: str | None) -> Session | None:
