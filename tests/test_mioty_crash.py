@@ -142,6 +142,7 @@ def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Mosquitto, **
                 BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
                 BSSCIHUB_BSSCI_LISTEN=f"tcp:{bssci}:interface=127.0.0.1",
                 BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
+                BSSCIHUB_WEB_PUBLIC_HEALTH="true",  # /metrics and /health's detail without logging in
                 **env,
             ),
             cwd=home,
@@ -152,7 +153,7 @@ def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Mosquitto, **
     def healthy() -> bool:
         assert process.poll() is None, log.read_text()
         try:
-            return get_health(web)[0] == 200
+            return get_health(web)[1]["status"] == "ok"  # ready, and the broker connected too
         except OSError:
             return False
 

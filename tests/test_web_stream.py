@@ -244,6 +244,7 @@ async def test_https_listener(tmp_path: Path) -> None:
     hub.health.started = True
     service = make_web_service(hub)
     service.startService()
+    await service.when_listening()
 
     def get(path: str) -> tuple[int, dict[str, str]]:
         context = ssl.create_default_context(cafile=config.tls.ca)
