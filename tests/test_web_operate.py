@@ -329,3 +329,23 @@ async def test_api_docs_are_served_by_the_hub(tmp_path: Path, fast: None) -> Non
         for path in ("/api/docs/swagger-editor-bundle.js", "/api/docs/index.css", "/api/docs/../__init__.py",
                      "/api/docs/%2e%2e/core.py"):
             assert (await web.call("GET", path)).code == 404, path
+
+
+def test_urls_handed_out_use_the_scheme_the_client_used() -> None:
+    """Signed file URLs of the gate family say https when TLS ended at a trusted proxy, never otherwise."""
+    from twisted.internet.address import IPv4Address
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from bsscihub.protocols.gate.web import base_url
+    from bsscihub.web.proxy import ProxyPolicy, client_of, parse_networks
+
+    def request(peer: str, trusted: list[str]) -> Any:
+        r = DummyRequest([b""])
+        r.client = IPv4Address("TCP", peer, 40000)
+        r.requestHeaders.setRawHeaders(b"host", [b"hub.example.com"])
+        r.requestHeaders.setRawHeaders(b"x-forwarded-proto", [b"https"])
+        client_of(r, ProxyPolicy(parse_networks(trusted)))
+        return r
+
+    assert base_url(request("127.0.0.1", ["127.0.0.1"])) == "https://hub.example.com"
+    assert base_url(request("192.0.2.9", ["127.0.0.1"])) == "http://hub.example.com"

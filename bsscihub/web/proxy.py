@@ -82,7 +82,8 @@ class ProxyPolicy:
             peer = str(request.getClientAddress().host)
         except AttributeError:
             peer = "unknown"
-        https = bool(request.isSecure())
+        is_secure = getattr(request, "isSecure", None)
+        https = bool(is_secure()) if is_secure is not None else False
         if not self.trusted or not self.is_trusted(_address(peer)):
             return Client(peer, https)
         nodes, protos = self._hops(request)

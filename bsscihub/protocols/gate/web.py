@@ -24,6 +24,7 @@ from bsscihub.users import role_at_least
 from bsscihub.web.dispatch import Dispatcher
 from bsscihub.web.errors import ApiError
 from bsscihub.web.pages import form_int
+from bsscihub.web.proxy import client_of
 from bsscihub.web.routing import (
     NO_CONTENT,
     PAGING,
@@ -155,7 +156,8 @@ def base_url(request: Any) -> str:
     if not host:
         address = request.getHost()
         host = f"{address.host}:{address.port}".encode()
-    scheme = "https" if request.isSecure() else "http"
+    # HTTPS here or at a trusted reverse proxy in front (web.trusted_proxies, X-Forwarded-Proto).
+    scheme = "https" if client_of(request).https else "http"
     return f"{scheme}://{host.decode('latin-1')}"
 
 
