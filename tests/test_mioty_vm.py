@@ -359,3 +359,28 @@ async def test_a_late_copy_after_a_restart_is_not_published_again(tmp_path: Path
         assert not [e for e in second.events if e.kind == "meter_reading"]
     finally:
         await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frame_that_trips_a_decoding_bug_is_published_raw(running: Running,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsscihub.protocols.bssci import vm
+
+    def broken(frame: bytes, key: bytes | None = None) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(vm, "parse_telegram", broken)
+    a = await connect(running, "bs-a", A, VmStation(active=[1]))
+    op = a.vm_uplink(mode5_frame())
+    assert (await a.expect("vm.ulDataRsp"))["opId"] == op
+    await wait_for(lambda: [e for e in running.events if e.kind == "vm_uplink"])
+    [event] = [e for e in running.events if e.kind == "vm_uplink"]
+    assert event.topic == "mioty/vm/1/up" and event.payload["data"] == mode5_frame().hex()
+    assert event.payload["error"] == "the hub could not decode this frame (an internal error, logged)"
+    for _ in range(100):  # marked published right after the bus took it
+        [[unpublished]] = await running.hub.store.fetchall(
+            "SELECT count(*) FROM mioty_vm_frames WHERE published = 0")
+        if unpublished == 0:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert unpublished == 0  # not retried at every start

@@ -242,11 +242,14 @@ async def build_harness(tmp_path: Path, *, families: tuple[str, ...] = ("mioty",
     if "mioty" in families:
         fake = hub.services["mioty"] = FakeMioty()
         # The meter routes run on the real Variable-MAC component, over the real database.
+        from twisted.internet.task import LoopingCall
+
         from bsscihub.protocols.bssci.vm import VariableMac
 
         events: list[tuple[Any, ...]] = []
         fake.vm = VariableMac(SimpleNamespace(  # type: ignore[attr-defined, arg-type]
-            hub=hub, clock=reactor, settings=config.section("mioty"), _event=lambda *a: events.append(a)))
+            hub=hub, clock=reactor, settings=config.section("mioty"), _event=lambda *a: events.append(a),
+            looping=lambda fn, what: LoopingCall(fn)))
     config.data_dir.mkdir(parents=True, exist_ok=True)
     hub.store.start()
     await hub.store.migrate(hub.migrations())

@@ -107,7 +107,7 @@ class VariableMac:
         self._downlinks: dict[str, list[_Downlink]] = {}
         self._work: set[defer.Deferred[Any]] = set()
         retention = service.settings.uplink_retention
-        self._pruning = service.looping(self.prune, "pruning meter history") if hasattr(service, "looping") else None
+        self._pruning = service.looping(self.prune, "pruning meter history")
         self._prune_every = min(3600.0, retention / 4)
         self.hub.metrics.register(_Metrics(self))
 
@@ -122,31 +122,33 @@ class VariableMac:
             self._downlinks.setdefault(meter, []).append(_Downlink(dl_id, data, queued, actor))
         rows = await self.meters.unpublished()
         groups: list[tuple[tuple[str, int], list[Copy], list[int]]] = []
+        by_key: dict[tuple[str, int], list[tuple[list[Copy], list[int]]]] = {}
         for row in rows:
             frame_id, copy = _copy_from_row(row)
             msg: m.VmUlData = copy.msg  # type: ignore[assignment]
             key = (_digest(msg.userData), msg.macType)
-            for k, copies, ids in groups:
-                if k == key and abs(copies[0].msg.rxTime - msg.rxTime) <= SAME_UPLINK_SPREAD_NS:
+            for copies, ids in by_key.setdefault(key, []):
+                if abs(copies[0].msg.rxTime - msg.rxTime) <= SAME_UPLINK_SPREAD_NS:
                     copies.append(copy)
                     ids.append(frame_id)
                     break
             else:
-                groups.append((key, [copy], [frame_id]))
+                group: tuple[list[Copy], list[int]] = ([copy], [frame_id])
+                by_key[key].append(group)
+                groups.append((key, *group))
         for key, copies, ids in groups:
             self.dedup.remember(key, copies[0].msg.rxTime)
             await self._emit(key, copies, min(c.received for c in copies), ids)
         if groups:
             self.log.info("published {count} Variable-MAC frames stored before the last stop", count=len(groups))
-        if self._pruning is not None:
-            self._pruning.start(self._prune_every, now=False)
+        self._pruning.start(self._prune_every, now=False)
 
     async def prune(self) -> None:
         """Forget published frames and readings older than mioty.uplink_retention."""
         await self.meters.prune(self.clock.seconds() - self.service.settings.uplink_retention)
 
     async def drain(self) -> None:
-        if self._pruning is not None and self._pruning.running:
+        if self._pruning.running:
             self._pruning.stop()
         self.dedup.flush()
         while self._work:
@@ -254,6 +256,10 @@ class VariableMac:
                 payload = await self._reading(best, receivers, first)
             except WMBusError as e:
                 error = f"not a wireless M-Bus frame: {e}"
+            except Exception:
+                # Published raw all the same: a frame that trips a bug must not be lost or retried forever.
+                self.log.failure("decoding a Variable-MAC frame from {bsEui} failed", bsEui=receivers[0]["bsEui"])
+                error = "the hub could not decode this frame (an internal error, logged)"
         if payload is None:
             self.counters["undecoded"] += 1
             topic, event = f"mioty/vm/{best.macType}/up", "vm_uplink"
