@@ -96,6 +96,8 @@ async def test_an_accepted_downlink_is_queued_again_when_its_station_reconnects(
     b.send("dlDataResCmp", op)
     entry = await state_becomes(running, que_id, "sent")
     assert (entry["resultBs"], entry["attempts"], entry["packetCnt"]) == (B, 2, 2)
+    # That report may be the first attempt's: the copy of the second must not go out as well.
+    assert (await b.expect("dlDataRev"))["queId"] == que_id
     assert states(running, que_id) == [
         ("queue", "queued"), ("dispatch", "dispatched"), ("accept", "accepted"), ("drop", "queued"),
         ("dispatch", "dispatched"), ("accept", "accepted"), ("sent", "sent"),

@@ -390,8 +390,9 @@ class Downlinks:
             return None
         if msg.result == "sent" and msg.packetCnt is not None:
             self._last_sent[ep] = (dl.que_id, msg.packetCnt)
-        if holder is not None and holder is not session and holder.state is State.ESTABLISHED:
-            # Reported by a station that held an earlier attempt: the current holder must not send it again.
+        if holder is not None and (holder is not session or dl.attempts > 1) and holder.state is State.ESTABLISHED:
+            # Maybe the report of an earlier attempt: the copy of the current one must not go out too
+            # (a station that has none left answers error, which is ignored).
             _quiet(holder.request(dl.rev))
         recorded = [self.durable(dl)]
         if isinstance(self._emitted, defer.Deferred):
