@@ -25,6 +25,7 @@ from tests.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = REPO / "deploy" / "entrypoint.sh"
+HEALTHCHECK = REPO / "deploy" / "healthcheck.py"
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -49,7 +50,8 @@ def test_the_images_overrides_are_valid_configuration() -> None:
     text = (REPO / "Dockerfile").read_text()
     assert 'VOLUME ["/config", "/data", "/certs"]' in text
     assert "USER bsscihub:bsscihub" in text
-    assert "/health/live" in text.split("HEALTHCHECK", 1)[1]
+    assert '"/usr/local/lib/bsscihub-healthcheck.py"' in text.split("HEALTHCHECK", 1)[1]
+    assert "COPY deploy/healthcheck.py /usr/local/lib/bsscihub-healthcheck.py" in text
 
 
 def test_compose_file_starts_the_hub_with_mosquitto_and_postgresql() -> None:
@@ -131,6 +133,9 @@ def test_entrypoint_initialises_on_first_start_then_runs_the_hub(tmp_path: Path)
 
     first = run_entrypoint(tmp_path, env=env)
     wait_serving(first, web)
+    probe = {**env, "HUB_HEALTH_URL": f"http://127.0.0.1:{web}/health/live"}
+    healthy = subprocess.run([sys.executable, str(HEALTHCHECK)], env=probe, capture_output=True, text=True)
+    assert (healthy.returncode, healthy.stderr) == (0, ""), healthy.stderr  # live, though no broker answers
     status, output = stop(first)
     assert status == 0, output
     password_file = tmp_path / "data" / "initial-admin-password"
@@ -144,6 +149,11 @@ def test_entrypoint_initialises_on_first_start_then_runs_the_hub(tmp_path: Path)
     assert (tmp_path / "data" / "hub.sqlite").exists()
     assert not list(tmp_path.rglob("*.pid")), "no pid file"
     assert '"log_level"' in output or '"level"' in output  # BSSCIHUB_LOG_FORMAT=json from the image
+
+    unhealthy = subprocess.run([sys.executable, str(HEALTHCHECK)], env=probe, capture_output=True, text=True)
+    assert unhealthy.returncode == 1
+    assert unhealthy.stderr.startswith(f"unhealthy: http://127.0.0.1:{web}/health/live: ")
+    assert unhealthy.stderr.count("\n") == 1  # one line, no traceback
 
     second = run_entrypoint(tmp_path, "hub", env=env)
     wait_serving(second, web)
