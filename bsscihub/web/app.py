@@ -255,17 +255,12 @@ class WebApp:
         await self.refusals.flush()
 
     async def _housekeep(self) -> None:
-        """Every minute: aggregated refusals to the audit log, sessions purged and synced with the database;
-        hourly, entries past web.audit_retention."""
+        """Every minute: aggregated refusals to the audit log; hourly, entries past web.audit_retention."""
         await self.refusals.flush()
         try:
             await self.sessions.purge()
-            ended = await self.sessions.sync()
         except Exception:
             self.log.failure("could not purge expired sessions")
-        else:
-            if ended:
-                self.log.info("{count} sessions ended by a user change made outside the hub", count=ended)
         now = self.clock.seconds()
         if now - self._last_purge >= 3600:
             self._last_purge = now

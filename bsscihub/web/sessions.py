@@ -120,27 +120,6 @@ class SessionStore:
             else:
                 session.role = found[0]
 
-    async def sync(self) -> int:
-        """Follow changes made by another process (`bsscihub user disable|passwd|role`): a session
-        whose row is gone or whose user is disabled or deleted ends; roles follow the user.
-        Returns how many ended."""
-        if self.store is None or not self._sessions:
-            return 0
-        started = self.clock.seconds()
-        rows = await self.store.fetchall(
-            "SELECT s.id_hash, u.role FROM web_sessions s JOIN users u ON u.id = s.user_id WHERE u.disabled = 0"
-        )
-        roles = {key: role for key, role in rows}
-        ended = 0
-        for key, session in list(self._sessions.items()):
-            role = roles.get(key)
-            if role is not None:
-                session.role = role
-            elif session.created < started:  # a newer one may not be committed yet: next time
-                del self._sessions[key]
-                ended += 1
-        return ended
-
     def _write(self, sql: str, params: tuple[Any, ...]) -> defer.Deferred[Any]:
         if self.store is None or not self.store.running:
             return defer.succeed(None)
