@@ -197,8 +197,8 @@ class WebConfig:
     trusted_proxies: tuple[str, ...] = setting((), _networks, "reverse proxies whose X-Forwarded-*/Forwarded count")
     rate_limit: float = setting(20.0, _rate, "API requests per second per client (0: no limit)")
     rate_burst: int = setting(100, _positive_int, "API requests a client may make at once")
-    anonymous_rate_limit: float = setting(2.0, _rate, "requests per second per address to routes without login")
-    anonymous_rate_burst: int = setting(30, _positive_int, "such requests an address may make at once")
+    anonymous_rate_limit: float = setting(5.0, _rate, "requests per second per address to routes without login")
+    anonymous_rate_burst: int = setting(50, _positive_int, "such requests an address may make at once")
     cors_origins: tuple[str, ...] = setting((), _origins, "other origins whose browser apps may call the API")
     public_health: bool = setting(False, _bool, "/health details and /metrics without a login")
     metrics_token: str = setting("", _token_hash, "sha256: hash of a token that may read /metrics and /health",
