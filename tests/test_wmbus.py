@@ -160,3 +160,12 @@ def test_arbitrary_application_data_gives_records_or_a_reason(data: bytes) -> No
         assert str(e).startswith("the data records do not parse: ")
         return
     assert all(r.field for r in records)
+
+
+@given(st.binary(max_size=300))
+def test_the_crc_is_that_of_en_13757_4(data: bytes) -> None:
+    from bsscihub.protocols.wmbus import crc16
+    from tests.wmbus_frames import crc16 as bitwise
+
+    assert crc16(data) == bitwise(data)
+    assert crc16(capture_frame()[:-2]) == 0x8A6C  # the Diehl frame's own CRC (format B)

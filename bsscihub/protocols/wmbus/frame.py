@@ -48,13 +48,25 @@ class WMBusError(ValueError):
     """A frame too broken to name its meter (shorter than the link layer, bad length or CRC)."""
 
 
-def crc16(data: bytes) -> int:
-    """The CRC of EN 13757-4 (polynomial 0x3D65, initial 0, complemented)."""
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
         for _ in range(8):
             crc = ((crc << 1) ^ 0x3D65) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc16(data: bytes) -> int:
+    """The CRC of EN 13757-4 (polynomial 0x3D65, initial 0, complemented), a byte at a time."""
+    crc = 0
+    table = _CRC_TABLE
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
     return crc ^ 0xFFFF
 
 
