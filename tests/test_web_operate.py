@@ -349,3 +349,18 @@ def test_urls_handed_out_use_the_scheme_the_client_used() -> None:
 
     assert base_url(request("127.0.0.1", ["127.0.0.1"])) == "https://hub.example.com"
     assert base_url(request("192.0.2.9", ["127.0.0.1"])) == "http://hub.example.com"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_client_is_limited_by_its_64_not_by_each_address(tmp_path: Path, fast: None) -> None:
+    async with live(tmp_path, web={"trusted_proxies": ["127.0.0.1"]}) as web:
+        for n in range(5):  # a new address of the same /64 for each guess
+            answer = await wrong_password(web, headers={"X-Forwarded-For": f"2001:db8:0:7::{n + 1:x}"})
+            assert answer.code == 401
+        assert (await wrong_password(web, headers={"X-Forwarded-For": "2001:db8:0:7::99"})).code == 429
+        right = {"username": "admin", "password": PASSWORD}
+        other = await web.call("POST", "/api/v1/auth/token", json_body=right,
+                               headers={"X-Forwarded-For": "2001:db8:0:8::1"})
+        assert other.code == 201
+        failed, _ = await audit.query(web.h.hub.store, action="auth.login_failed")
+        assert failed[0].source == "2001:db8:0:7::5"  # the audit log keeps the exact address

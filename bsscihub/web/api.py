@@ -16,6 +16,7 @@ from bsscihub import audit, users
 from bsscihub.contract import rfc3339
 from bsscihub.web import auth, certs
 from bsscihub.web.errors import ApiError, bad_field, forbidden, not_found, rate_limited
+from bsscihub.web.proxy import limit_key
 from bsscihub.web.routing import (
     ANONYMOUS,
     NO_CONTENT,
@@ -136,7 +137,8 @@ class AuthApi:
     async def check_login(self, username: str, password: str, source: str) -> users.User:
         """Rate-limited password check shared by the API and the login page (401 or 429 on refusal)."""
         limiter = self.web.limiter
-        wait = limiter.retry_after(source, username)
+        counted = limit_key(source)  # per address (IPv6: per /64); the audit entry keeps it exact
+        wait = limiter.retry_after(counted, username)
         if wait is not None:
             self.web.login_failures.labels("rate_limited").inc()
             raise rate_limited(wait)
@@ -147,11 +149,11 @@ class AuthApi:
             await task.deferLater(self.web.clock, delay, lambda: None)
         user = await users.authenticate(self.web.hub.store, username, password)
         if user is None:
-            limiter.failed(source, username)
+            limiter.failed(counted, username)
             self.web.login_failures.labels("bad_credentials").inc()
             await self.web.refusals.record("anonymous", "auth.login_failed", username[:64], {}, source)
             raise ApiError(401, "bad_credentials", "wrong user name or password")
-        limiter.succeeded(source, username)
+        limiter.succeeded(counted, username)
         return user
 
     async def start_session(self, request: Any, user: users.User, source: str) -> Any:

@@ -37,7 +37,7 @@ from bsscihub.web.errors import ApiError, rate_limited
 from bsscihub.web.events import EventStats
 from bsscihub.web.logring import LogRing
 from bsscihub.web.pages import CORE_NAV, CorePages, Pages
-from bsscihub.web.proxy import ProxyPolicy, client_of, parse_networks
+from bsscihub.web.proxy import ProxyPolicy, client_of, limit_key, parse_networks
 from bsscihub.web.routing import BoundRoute, collect
 from bsscihub.web.sessions import SessionStore
 from bsscihub.web.stream import StreamHub, WSRoute
@@ -280,6 +280,7 @@ class WebApp:
 
     def throttle(self, route: Any, principal: Any, source: str) -> None:
         """429 when the caller is over its limit: per address on routes without login, per client on the API."""
+        source = limit_key(source)
         if route.role is None and principal is None and self.anonymous_limiter is not None:
             wait = self.anonymous_limiter.take(source)
             if wait is not None:

@@ -102,6 +102,17 @@ class ProxyPolicy:
         return Client(client, https)
 
 
+def limit_key(address: str) -> str:
+    """What rate limits count by: the address, or for IPv6 its /64 (one client gets a whole /64 to pick from)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return address
+
+
 def client_of(request: Any, policy: ProxyPolicy | None = None) -> Client:
     """The request's client, resolved once and kept on the request."""
     found = getattr(request, ATTRIBUTE, None)
