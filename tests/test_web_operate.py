@@ -364,3 +364,30 @@ async def test_an_ipv6_client_is_limited_by_its_64_not_by_each_address(tmp_path:
         assert other.code == 201
         failed, _ = await audit.query(web.h.hub.store, action="auth.login_failed")
         assert failed[0].source == "2001:db8:0:7::5"  # the audit log keeps the exact address
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("trusted_proxies", ["10.0.0.0/8", "proxy.example"], "'proxy.example' is not one"),
+    ("cors_origins", ["https://app.example.com/path"], "expected origins such as https://app.example.com"),
+    ("metrics_token", "my-plain-token", "never the token itself"),
+    ("rate_limit", -1, "0 turns the limit off"),
+    ("audit_retention", "forever", "expected a duration"),
+])
+def test_bad_web_settings_stop_the_start_naming_the_key(tmp_path: Path, key: str, value: Any, expected: str) -> None:
+    from bsscihub.config import ConfigError
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, web={key: value})
+    assert caught.value.key == f"web.{key}" and expected in str(caught.value)
+
+
+def test_web_settings_from_the_environment(tmp_path: Path) -> None:
+    from bsscihub.config import load_config
+
+    config = load_config(None, {"BSSCIHUB_WEB_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8",
+                                "BSSCIHUB_WEB_CORS_ORIGINS": "https://app.example.com",
+                                "BSSCIHUB_WEB_RATE_LIMIT": "0", "BSSCIHUB_WEB_PUBLIC_HEALTH": "true"})
+    web = config.web
+    assert web.trusted_proxies == ("127.0.0.1/32", "10.0.0.0/8") and web.cors_origins == ("https://app.example.com",)
+    assert (web.rate_limit, web.public_health) == (0.0, True)
