@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import http
@@ -71,14 +72,24 @@ def access_log_line(timestamp: str, request: Any) -> str:
     """The combined log format without the query string: tickets and search terms stay out of logs.
 
     The address is the real client's (behind trusted proxies), as rate limits and the audit log see it."""
-    path = request.uri.split(b"?", 1)[0]
-    line = http.combinedLogFormatter(timestamp, request)
-    line = line.replace(http._escape(request.uri), http._escape(path), 1)
-    peer = _peer(request)
-    client = client_of(request).address
-    if client != peer and line.startswith(f'"{peer}"'):
-        line = f'"{client}"' + line[len(peer) + 2:]
-    return line
+    return http.combinedLogFormatter(timestamp, _AsLogged(request))
+
+
+class _AsLogged:
+    """A request as its access line shows it: the path without the query, from the real client."""
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+        self.uri = request.uri.split(b"?", 1)[0]
+
+    def getClientAddress(self) -> Any:
+        client = client_of(self._request).address
+        if client and client != _peer(self._request):
+            return (IPv6Address if ":" in client else IPv4Address)("TCP", client, 0)
+        return self._request.getClientAddress()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
 
 
 def _peer(request: Any) -> str:
