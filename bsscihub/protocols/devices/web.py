@@ -494,7 +494,11 @@ class DevicesWeb:
                 audit="devices.key.create", audit_target="id")
     async def key_page(self, call: Call) -> Any:
         device = self._device(call.params["id"])
-        created = await self.service.create_key(device.id)
+        try:
+            created = await self.service.create_key(device.id)
+        except DeviceError as e:
+            call.audit_action = None
+            return Redirect(f"/devices/{device.id}", error=str(e))
         if call.principal.session is not None:
             call.principal.session.flash("secret", created["key"])
         return Redirect(f"/devices/{device.id}", flash="device key created — copy it now, it is shown once")
@@ -503,7 +507,11 @@ class DevicesWeb:
                 params=(DEVICE_ID,), audit="devices.key.revoke", audit_target="id")
     async def revoke_key_page(self, call: Call) -> Any:
         device = self._device(call.params["id"])
-        await self.service.revoke_key(device.id)
+        try:
+            await self.service.revoke_key(device.id)
+        except DeviceError as e:
+            call.audit_action = None
+            return Redirect(f"/devices/{device.id}", error=str(e))
         return Redirect(f"/devices/{device.id}", flash="device key revoked")
 
     @page_route("POST", "/{id}/ota", role="operator", summary="Offer firmware to the device", params=(DEVICE_ID,),
@@ -526,6 +534,10 @@ class DevicesWeb:
                 audit="devices.forget", audit_target="id")
     async def forget_page(self, call: Call) -> Any:
         device = self._device(call.params["id"])
-        await self.service.forget(device.id)
+        try:
+            await self.service.forget(device.id)
+        except DeviceError as e:
+            call.audit_action = None
+            return Redirect(f"/devices/{device.id}", error=str(e))
         return Redirect("/devices", flash=f"device {device.id} forgotten")
 
