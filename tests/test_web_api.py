@@ -417,6 +417,7 @@ async def test_hub_resources(harness: Harness) -> None:
     dashboard = (await h.request("GET", "/api/v1/dashboard", role="viewer")).json()
     assert dashboard["recent"][0]["payload"] == {"epEui": EUI, "nwKey": "***", "packetCnt": 1}
     assert dashboard["rates"]["series"]["mioty/up"][-1] == 1
+    assert dashboard["recent"][0]["time"].endswith("Z") and dashboard["rates"]["start"].endswith("Z")
     assert dashboard["counts"]["mioty.baseStations"]["value"] == "1 / 1"
     from twisted.logger import Logger
 

@@ -412,7 +412,11 @@ class HubApi:
                                         "recent": {"type": "array", "items": ANY_OBJECT}},
                                        ("health", "counts", "rates", "recent"), closed=False))
     async def dashboard(self, call: Call) -> Any:
-        return await self.web.dashboard()
+        doc = await self.web.dashboard()
+        # The page charts seconds; the API answers times as the contract writes them.
+        doc["recent"] = [{**e, "time": rfc3339(e["time"])} for e in doc["recent"]]
+        doc["rates"] = {**doc["rates"], "start": rfc3339(doc["rates"]["start"])}
+        return doc
 
     @api_route("GET", "/logs", role="admin", summary="Recent log lines, newest first", tag="hub",
                query=(Param("level", string("lowest level", enum=["info", "warn", "error", "critical"])),
