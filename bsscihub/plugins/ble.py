@@ -20,8 +20,8 @@ class BLEFamily:
     config_sections = {"ble": BLEConfig}
     events = (
         EventSpec("up", "ble/node/{mac}/up", False,
-                  '{"mac", "time", "values": {quantity: number}, "gatewayId", "rssi", '
-                  '"receivers": [{"gatewayId", "rssi"}]} (nearest gateway first)'),
+                  '{"mac", "time", "values": {quantity: number}, "gatewayId", "rssi"|null, '
+                  '"receivers": [{"gatewayId", "rssi"}], "invalid"?} (nearest gateway first)'),
         EventSpec("node_registered", "ble/node/{mac}/event/registered", False, '{"mac", "gatewayId", "time"}'),
         EventSpec("gateway_state", "ble/gw/{gatewayId}/state", True,
                   '{"gatewayId", "state": "online"|"offline", "since", "lastSeen"}'),

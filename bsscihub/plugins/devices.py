@@ -22,7 +22,9 @@ class DevicesFamily:
     events = (
         EventSpec("up", "dev/device/{id}/up", False,
                   '{"deviceId", "type", "value", "time", "via": "mqtt"|"http", "values": {type: value}}'),
-        EventSpec("status", "dev/device/{id}/status", True, '{"deviceId", "state", "detail": {...}, "time"}'),
+        EventSpec("status", "dev/device/{id}/status", True,
+                  '{"deviceId", "state": "online" (when heard)|"offline" (silent)|the device\'s own, "detail": {...},'
+                  ' "time"}'),
         EventSpec("registered", "dev/device/{id}/event/registered", False, '{"deviceId", "via", "time"}'),
         EventSpec("rejected", "dev/device/{id}/event/rejected", False,
                   '{"deviceId", "reason", "topic", "time"} (unknown device, auto_register off; once a minute)'),
@@ -30,7 +32,8 @@ class DevicesFamily:
                   '{"commandId", "deviceId", "command", "state": "ok"|"failed"|"timeout", "ok", "result", "error",'
                   ' "time"}'),
         EventSpec("ota", "dev/device/{id}/event/ota", False,
-                  '{"deviceId", "offerId", "firmware", "version", "state", "progress", "error", "time"}'),
+                  '{"deviceId", "offerId", "firmware"|null (hosted elsewhere), "version", "state", "progress", "error",'
+                  ' "time"}'),
         EventSpec("cmd_result", "dev/{kind}/{id}/event/cmd_result", False, "answered by the MQTT bridge"),
     )
 
