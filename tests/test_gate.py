@@ -363,6 +363,26 @@ async def test_commands_to_an_offline_unit_wait_bounded_and_are_never_relayed_la
         await running.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_commands_waiting_for_a_unit_survive_a_hub_restart(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    running = await start_gate_hub(tmp_path, mosquitto)
+    unit = None
+    try:
+        await registered(running, "hw-1", "gate-1")
+        code, waiting = await running.api("POST", f"{GATES}/gate-1/commands", {"command": "open", "timeout": 60})
+        assert code == 202 and waiting["relayed_at"] is None
+        await running.stop()
+        running = await start_gate_hub(tmp_path, mosquitto)
+        unit = await GateUnit(mosquitto, "gate-1", reply=lambda c: None).start()
+        await unit.status({"state": "closed"})
+        sent = await unit.command(lambda c: c["id"] == waiting["id"])
+        assert sent["command"] == "open" and sent["expires"] == waiting["deadline"]
+    finally:
+        if unit is not None:
+            unit.stop()
+        await running.stop()
+
+
 async def _history(running: RunningHub, controller_id: str, count: int) -> list[dict[str, Any]] | None:
     code, doc = await running.api("GET", f"{GATES}/{controller_id}/status")
     return doc["items"] if code == 200 and len(doc["items"]) >= count else None
