@@ -23,6 +23,7 @@ from twisted.logger import (
     formatEvent,
     formatTime,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bsscihub.mqtt.bridge import rfc3339
@@ -113,20 +114,29 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
 def json_record(event: Mapping[str, Any]) -> dict[str, Any]:
     """The flat object written for one event: time, level, logger, message, then the event's fields."""
     when = event.get("log_time")
+    failure = event.get("log_failure")
+    skip: tuple[str, ...] = ()
+    message = None
+    if event.get("log_namespace") == "log_legacy":
+        # twisted.python.log events: their time, message tuple and failure are said once, in our keys.
+        skip = ("time", "message", "isError", "failure", "why")
+        if failure is None and isinstance(event.get("failure"), Failure):
+            failure = event["failure"]
+        if failure is not None:
+            message = _escaped_fields(event).get("why") or "unhandled error"
     record: dict[str, Any] = {
         "time": rfc3339(when) if isinstance(when, int | float) else None,
         "level": _level_name(event),
         "logger": event.get("log_namespace"),
-        "message": render(event),
+        "message": message if message is not None else render(event),
     }
     for key, value in event.items():
-        if key.startswith("log_") or key.startswith("_"):
+        if key.startswith("log_") or key.startswith("_") or key in skip:
             continue
         record[f"{key}_" if key in _RESERVED else key] = _json_safe(value)
-    failure = event.get("log_failure")
     if failure is not None:
         record["error"] = _json_safe(f"{failure.type.__name__}: {failure.getErrorMessage()}")
-        record["traceback"] = _traceback(event)
+        record["traceback"] = _traceback({"log_failure": failure})
     return record
 
 

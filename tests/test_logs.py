@@ -8,7 +8,8 @@ import json
 import re
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.python import log as legacy
 
 from bsscihub.logs import NoiseLimiter, make_observer
 
@@ -107,3 +108,23 @@ def test_noise_limiter_writes_a_burst_then_one_summary_per_interval() -> None:
     # Nothing suppressed of the second kind: no summary for it.
     clock.advance(120)
     assert [e.get("n") for e in events[-2:]] == [None, 99]
+
+
+def test_legacy_twisted_log_events_become_the_same_flat_objects() -> None:
+    out = io.StringIO()
+    observer = make_observer("info", "json", out)
+    globalLogPublisher.addObserver(observer)
+    try:
+        legacy.msg("legacy", "words")
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            legacy.err(None, "while dividing")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    hello, error = (json.loads(line) for line in out.getvalue().splitlines())
+    assert hello == {"time": hello["time"], "level": "info", "logger": "log_legacy", "message": "legacy words",
+                     "system": "-"}
+    assert error["level"] == "critical" and error["message"] == "while dividing"
+    assert error["error"] == "ZeroDivisionError: division by zero"
+    assert error["traceback"].startswith("Traceback") and "message_" not in error and "time_" not in error
