@@ -95,6 +95,11 @@ def test_records_follow_en_13757_3() -> None:
     assert (by_field["flow_temperature"].value, by_field["flow_temperature"].unit) == (27.4, "Cel")
     assert (by_field["return_temperature"].value, by_field["energy"].unit) == (-1, "W.h")
     assert by_field["error_flags"].value == 5
+    # 32-bit real data scaled by the VIF like any other (pymbusparser 0.5.3 leaves it unscaled).
+    real, = parse_records(bytes.fromhex("05130000803f"))[0]
+    assert (real.value, real.unit, real.coding) == (0.001, "m3", "32-bit real")
+    assert parse_records(bytes.fromhex("055b0000c03f"))[0][0].value == 1.5  # 10^0 degC
+    assert parse_records(bytes.fromhex("05060000803f"))[0][0].value == 1000  # 10^3 Wh
     tariff, = parse_records(bytes.fromhex("84101305000000"))[0]
     assert (tariff.field, tariff.tariff, tariff.value) == ("volume_t1", 1, 0.005)
     maximum, = parse_records(bytes.fromhex("125a0100"))[0]
@@ -169,3 +174,20 @@ def test_the_crc_is_that_of_en_13757_4(data: bytes) -> None:
 
     assert crc16(data) == bitwise(data)
     assert crc16(capture_frame()[:-2]) == 0x8A6C  # the Diehl frame's own CRC (format B)
+
+
+def test_a_record_that_does_not_parse_keeps_the_readings_before_it() -> None:
+    # The second record claims 8 BCD digits but holds hex digits a, b: not a value.
+    records = bytes.fromhex("0c1378563412" "0c13ab000000" "025a1201")
+    with pytest.raises(RecordsError) as e:
+        parse_records(records)
+    assert [(r.field, r.value) for r in e.value.records] == [("volume", 12345.678)]
+    t = parse_telegram(mode5_frame(records), KEY)
+    assert t.decrypted and t.values() == {"volume": 12345.678}
+    assert (t.error or "").startswith("the data records do not parse: ") and "byte offset 6" in (t.error or "")
+
+
+def test_error_flags_are_a_bit_field() -> None:
+    assert parse_records(bytes.fromhex("04fd17ffffffff"))[0][0].value == 0xFFFFFFFF
+    assert parse_records(bytes.fromhex("02fd170080"))[0][0].value == 0x8000
+

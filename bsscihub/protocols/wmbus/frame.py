@@ -318,6 +318,7 @@ def _parse_layers(data: bytes, key: bytes | None, out: dict[str, Any]) -> None:
     try:
         records, vendor = parse_records(payload)
     except RecordsError as e:
+        out["records"], out["manufacturer_data"] = tuple(e.records), e.vendor
         raise _Stop(str(e)) from None
     out["records"], out["manufacturer_data"] = tuple(records), vendor
 

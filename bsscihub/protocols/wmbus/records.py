@@ -3,6 +3,7 @@ The record tables come from pymbusparser (the Rust m-bus-parser); dates are deco
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -19,10 +20,17 @@ _FUNCTIONS = {
     "Value during error state": "error",
 }
 _NOT_A_NAME = re.compile(r"[^a-z0-9]+")
+_OFFSET = re.compile(r"at byte offset (\d+)")
 
 
 class RecordsError(ValueError):
-    """The application data holds no valid record list."""
+    """The application data holds no valid record list; `records` and `vendor` are those read before
+    the record that could not be (a meter's other readings are not lost to one record the tables lack)."""
+
+    def __init__(self, message: str, records: list[Record] | None = None, vendor: bytes = b"") -> None:
+        super().__init__(message)
+        self.records = records or []
+        self.vendor = vendor
 
 
 @attrs.frozen
@@ -57,6 +65,19 @@ def _number(text: Any) -> int | float | None:
     if not value.is_finite():
         return None
     return int(value) if value == value.to_integral_value() else float(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _real_scale(header: bytes) -> Decimal | None:
+    """The VIF's power of ten for a record of 32-bit real data, read from the library's own table by
+    parsing the same header as a 32-bit integer of value 1: pymbusparser 0.5.3 scales integer and BCD
+    data but hands real data back unscaled (05 13 0000803f gives 1.0 m3 instead of 0.001 m3)."""
+    probe = bytes([(header[0] & 0xF0) | 0x04]) + header[1:] + b"\x01\x00\x00\x00"
+    try:
+        [entry] = pymbusparser.parse_records(probe.hex())
+        return Decimal(str(entry["value"]["value"]))
+    except (pymbusparser.MbusParserError, KeyError, TypeError, ValueError, InvalidOperation):
+        return None
 
 
 def _date(coding: str, data: bytes) -> str | None:
@@ -96,11 +117,19 @@ def _field_name(quantity: str, storage: int, tariff: int, subunit: int, function
 
 def parse_records(data: bytes) -> tuple[list[Record], bytes]:
     """The records of an application data block (filler 0x2F skipped), and the manufacturer-specific
-    data after a 0x0F/0x1F marker (empty if none). Raises RecordsError naming the problem."""
+    data after a 0x0F/0x1F marker (empty if none). Raises RecordsError naming the problem, with the
+    records before it."""
     try:
         raw = pymbusparser.parse_records(data.hex())
     except pymbusparser.MbusParserError as e:
-        raise RecordsError(f"the data records do not parse: {e}") from None
+        found = _OFFSET.search(str(e))
+        offset = int(found[1]) if found else 0
+        records, vendor = parse_records(data[:offset]) if 0 < offset < len(data) else ([], b"")
+        raise RecordsError(f"the data records do not parse: {e}", records, vendor) from None
+    return _normalize(raw)
+
+
+def _normalize(raw: list[Any]) -> tuple[list[Record], bytes]:
     records: list[Record] = []
     vendor = b""
     seen: dict[str, int] = {}
@@ -117,6 +146,11 @@ def parse_records(data: bytes) -> tuple[list[Record], bytes]:
         result: int | float | str | None
         if kind in ("decimal", "float", "integer"):
             result = _number(value.get("value"))
+            if coding == "32-bit real" and result is not None:
+                scale = _real_scale(bytes.fromhex(str(entry.get("header_hex") or "")))
+                result = None if scale is None else _number(Decimal(str(result)) * scale)
+            elif isinstance(result, int) and result < 0 and "Error flags" in (entry.get("quantities") or ()):
+                result += 1 << (8 * len(payload))  # a bit field (type D), not a signed number
         elif kind in ("date", "datetime"):
             result = _date(coding, payload)
         elif isinstance(value.get("value"), str):
