@@ -5,10 +5,13 @@ from __future__ import annotations
 import datetime
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bsscihub.contract import finite_doc, opt_time, rfc3339
+from bsscihub.errors import CommandError
+from bsscihub.mqtt.bridge import decode_command
 
 
 @given(st.floats(min_value=0, max_value=4102444800, allow_nan=False))
@@ -33,3 +36,10 @@ def test_non_finite_numbers_become_null_with_the_reason() -> None:
                        "invalid": {"temp": "NaN", "load.1": "Infinity", "deep.x": "-Infinity"}}
     json.dumps(cleaned, allow_nan=False)
     assert finite_doc({"a": 1}) == {"a": 1}, "a clean document gets no invalid field"
+
+
+@pytest.mark.parametrize("payload", [b'{"data": NaN}', b'{"args": {"x": -Infinity}}', b'{"v": 1e400}'])
+def test_commands_with_numbers_json_cannot_carry_are_refused_with_the_reason(payload: bytes) -> None:
+    with pytest.raises(CommandError, match="NaN|Infinity|1e400"):
+        decode_command(payload)
+    assert decode_command(b'{"v": 1.5e3}') == {"v": 1500.0}

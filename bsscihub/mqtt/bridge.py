@@ -126,6 +126,18 @@ def hub_status(state: str, version: str, since: float | None) -> bytes:
 # -- commands -----------------------------------------------------------------------
 
 
+def _not_a_json_number(name: str) -> Any:
+    # Python's parser takes NaN and ±Infinity; nothing downstream could publish or store them.
+    raise CommandError(f"payload holds {name}, which is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise CommandError(f"payload holds {text[:40]}, beyond what a number can hold")
+    return value
+
+
 def decode_command(payload: bytes) -> dict[str, Any]:
     """A command's payload as a JSON object; CommandError saying what is wrong otherwise.
 
@@ -140,7 +152,7 @@ def decode_command(payload: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise CommandError("payload is not UTF-8 JSON") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_not_a_json_number, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise CommandError(f"payload is not valid JSON: {e.msg} at position {e.pos}") from None
     except (ValueError, RecursionError):
