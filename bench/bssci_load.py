@@ -990,8 +990,8 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:
             raise RuntimeError(f"bsscihub init failed: {_last_line(done)}")
         log("issuing station certificates (cached in %s)" % (pki / "stations"))
-        from bsscihub.sim._certs import station_certs
-        from bsscihub.sim._plan import bs_eui, endpoints
+        from bsscihub.protocols.bssci.sim._certs import station_certs
+        from bsscihub.protocols.bssci.sim._plan import bs_eui, endpoints
 
         t0 = time.monotonic()
         count = max(args.base_stations, args.idle if "c" in args.scenarios else 0)

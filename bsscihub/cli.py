@@ -1,4 +1,4 @@
-"""The `bsscihub` command: init, config check, certificates, users, sensors, meters and the base-station simulator.
+"""The `bsscihub` command: init, config check, users, and the subcommands the families contribute (ICommandLine).
 
 Every subcommand takes --config and honours the BSSCIHUB_* environment overrides.
 """
@@ -8,13 +8,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from zope.interface.verify import verifyObject
 
 from bsscihub import __version__
 from bsscihub.config import ConfigError, HubConfig
 from bsscihub.errors import UserFacingError
+from bsscihub.family import CLICommand, ICommandLine, IFamily, installed_families
 
 
 class CLIError(UserFacingError):
@@ -29,7 +32,21 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_GROUPS = {"certs": "certificates"}
+"""Command groups families add to (e.g. the mioty family's `certs issue-bs`)."""
+
+
+def family_commands(families: Mapping[str, IFamily]) -> list[tuple[IFamily, CLICommand]]:
+    """The subcommands the families contribute through ICommandLine, in family-name order."""
+    found: list[tuple[IFamily, CLICommand]] = []
+    for _, family in sorted(families.items()):
+        if ICommandLine.providedBy(family):
+            verifyObject(ICommandLine, family)
+            found.extend((family, command) for command in family.cli_commands())
+    return found
+
+
+def build_parser(families: Mapping[str, IFamily] | None = None) -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="bsscihub", description="bsscihub IoT hub administration", parents=[common])
     parser.add_argument("--version", action="version", version=f"bsscihub {__version__}")
@@ -53,17 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--password-file",
         metavar="FILE",
         help="write the new admin's password to FILE (mode 0600) instead of printing it",
-    )
-
-    certs = sub.add_parser("certs", parents=[common], help="certificates").add_subparsers(
-        dest="certs_command", required=True, metavar="COMMAND"
-    )
-    issue = certs.add_parser("issue-bs", parents=[common], help="issue a base-station client certificate")
-    issue.add_argument("name", help="base-station name (certificate CN and SAN)")
-    issue.add_argument("--out", required=True, help="directory for NAME.pem, NAME.key and ca.pem")
-    issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
-    issue.add_argument(
-        "--eui", help="the station's bsEui (16 hex digits), bound into the certificate: it may be that station only"
     )
 
     users = sub.add_parser("user", parents=[common], help="hub users").add_subparsers(
@@ -100,35 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config_file", nargs="?", metavar="FILE", help="the file to check (default: --config)")
     config.add_parser("sample", parents=[common], help="print the documented sample configuration")
 
-    sensors = sub.add_parser("sensors", parents=[common], help="mioty end points").add_subparsers(
-        dest="sensors_command", required=True, metavar="COMMAND"
-    )
-    imp = sensors.add_parser("import", parents=[common], help="import end points from endpoints.json or CSV")
-    imp.add_argument("file")
-    exp = sensors.add_parser("export", parents=[common], help="print every end point as endpoints.json or CSV")
-    exp.add_argument("--out", default="-", help="file to write (default: standard output)")
-    for sensors_parser in (imp, exp):
-        sensors_parser.add_argument(
-            "--format", choices=["auto", "json", "csv"], default="auto",
-            help="endpoints.json or CSV (eui,nwKey,shortAddr,bidi); auto: csv for a .csv or .txt file, else json",
-        )  # fmt: skip
-
-    meters = sub.add_parser("meters", parents=[common], help="wireless M-Bus meters (mioty Variable MAC)")
-    meters_sub = meters.add_subparsers(dest="meters_command", required=True, metavar="COMMAND")
-    key = meters_sub.add_parser("key", parents=[common],
-                                help="set a meter's AES key, read from standard input (32 hex digits)")
-    key.add_argument("meter", help="the meter: manufacturer code, dash, 8-digit ID, e.g. dme-81795246")
-    key.add_argument("--clear", action="store_true", help="remove the key instead")
-    key.add_argument("--name", help="also give the meter a name")
-    meters_sub.add_parser("list", parents=[common], help="list the meters the hub knows")
-
-    sim = sub.add_parser("sim", parents=[common], help="simulate mioty base stations against a hub")
-    try:
-        from bsscihub.sim import add_arguments
-    except ImportError:
-        pass
-    else:
-        add_arguments(sim)
+    groups: dict[str, Any] = {}
+    for family, command in family_commands(installed_families() if families is None else families):
+        *group, name = command.path
+        where = sub
+        if group:
+            if group[0] not in groups:
+                groups[group[0]] = sub.add_parser(
+                    group[0], parents=[common], help=CORE_GROUPS.get(group[0], f"{family.name} commands")
+                ).add_subparsers(dest=f"{group[0]}_command", required=True, metavar="COMMAND")
+            where = groups[group[0]]
+        parser_of = where.add_parser(name, parents=[common], help=command.help)
+        command.add_arguments(parser_of, common)
+        parser_of.set_defaults(family_command=(family.name, command))
     return parser
 
 
@@ -231,38 +221,6 @@ def _write_secret(path: Path, text: str) -> None:
             f.write(text)
     except OSError as e:
         raise CLIError(f"cannot write {path}: {e.strerror}") from None
-
-
-def cmd_certs(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
-    from bsscihub import pki
-
-    if not Path(config.tls.ca).exists() or not Path(config.tls.ca_key).exists():
-        raise CLIError(f"no CA at {config.tls.ca} / {config.tls.ca_key}: run `bsscihub init` first")
-    issued = pki.issue_client_cert(
-        config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days, bs_eui=args.eui
-    )
-
-    async def work(hub: Any) -> int:
-        import time
-
-        from bsscihub import audit
-        from bsscihub.web.certs import record_issued
-
-        # like a certificate issued from the web: listed there, revocable by serial, audited
-        serial = format(issued.serial, "x")
-        await record_issued(hub.store, serial, args.name, issued.bs_eui, issued.not_after.timestamp(), time.time(),
-                            "cli")
-        await audit.record(hub.store, "cli", "cert.issue", serial, {"name": args.name, "bsEui": issued.bs_eui},
-                           "bsscihub certs issue-bs")
-        return 0
-
-    run_with_store(config, families, work)
-    bound = f"bound to base station {issued.bs_eui}" if issued.bs_eui else "bound to no EUI"
-    print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x}, {bound}")
-    if issued.bs_eui is None:
-        print("note: a certificate bound to no EUI connects only as a station already registered with it,"
-              " or with bssci.self_register: true; pass --eui to bind it", file=sys.stderr)
-    return 0
 
 
 def _new_password(args: argparse.Namespace) -> tuple[str, bool]:
@@ -369,70 +327,10 @@ def cmd_config(config: HubConfig, families: dict[str, Any], args: argparse.Names
     return 0
 
 
-def cmd_sensors(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
-    if "mioty" not in families:
-        raise CLIError("the mioty family is not enabled in `families`")
-    from bsscihub.protocols.bssci import endpoints
-
-    if args.sensors_command == "import":
-        return run_with_store(config, families, lambda hub: endpoints.import_file(hub, args.file, args.format))
-    return run_with_store(config, families, lambda hub: endpoints.export_file(hub, args.out, args.format))
-
-
-def cmd_meters(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
-    if "mioty" not in families:
-        raise CLIError("the mioty family is not enabled in `families`")
-    import time
-
-    from bsscihub import audit
-    from bsscihub.errors import CommandError
-    from bsscihub.protocols.bssci.meters import meter_key, parse_aes_key, registry_for
-
-    async def work(hub: Any) -> int:
-        registry = registry_for(hub)
-        if args.meters_command == "list":
-            found, _ = await registry.find("", 100_000, 0)
-            for meter in found:
-                info = meter.to_json()
-                print(f"{info['meter']}\t{info['medium'] or '?'}\tkey: {'set' if info['hasKey'] else 'none'}"
-                      f"\tlast seen: {info['lastSeen'] or 'never'}\t{info['name'] or ''}")
-            return 0
-        text = ""
-        if not args.clear:
-            if sys.stdin.isatty():
-                import getpass
-
-                text = getpass.getpass("AES key of the meter (32 hex digits): ")
-            else:
-                text = sys.stdin.readline()
-        try:
-            ident = meter_key(args.meter)
-            raw = None if args.clear else parse_aes_key(text.strip())
-        except CommandError as e:
-            raise CLIError(str(e)) from None
-        await registry.set_key(ident, raw, time.time(), args.name)
-        await audit.record(hub.store, "cli", "mioty.meter.key_clear" if args.clear else "mioty.meter.key_set", ident,
-                           {}, "bsscihub meters key")
-        print(f"meter {ident}: key {'removed' if args.clear else 'set'}")
-        return 0
-
-    return run_with_store(config, families, work)
-
-
-def cmd_sim(config: HubConfig, families: dict[str, Any], args: argparse.Namespace) -> int:
-    from bsscihub.sim import run
-
-    return run(config, args)
-
-
 COMMANDS: dict[str, Callable[[HubConfig, dict[str, Any], argparse.Namespace], int]] = {
     "init": cmd_init,
-    "certs": cmd_certs,
     "user": cmd_user,
-    "sensors": cmd_sensors,
     "config": cmd_config,
-    "sim": cmd_sim,
-    "meters": cmd_meters,
 }
 
 
@@ -467,6 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "init":
             write_sample_config(args)
         config, families = load(args)
+        if hasattr(args, "family_command"):
+            family, command = args.family_command
+            if command.needs_enabled and family not in families:
+                raise CLIError(f"the {family} family is not enabled in `families`")
+            return int(command.run(config, families, args))
         return COMMANDS[args.command](config, families, args)
     except ConfigError as e:
         print(e, file=sys.stderr)

@@ -5,8 +5,9 @@ Families are IFamily providers found with twisted.plugin.getPlugins in bsscihub.
 
 from __future__ import annotations
 
+import argparse
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -19,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 if TYPE_CHECKING:
+    from bsscihub.config import HubConfig
     from bsscihub.hub import Hub
 
 
@@ -47,7 +49,7 @@ class IFamily(IPlugin):
     # events: Sequence[EventSpec]
     #     Every topic the family publishes under {p}/, for the docs, the tests and the admin UI.
     #
-    # Optional interfaces an IFamily may provide as well: IMQTTLayouts (below).
+    # Optional interfaces an IFamily may provide as well: IMQTTLayouts, ICommandLine (below).
 
 
 class IMQTTLayout(Interface):
@@ -72,6 +74,34 @@ class IMQTTLayouts(Interface):
     def mqtt_layout(name: str, hub: Hub) -> IMQTTLayout | None:  # type: ignore[misc]
         """The family's layout `name` for this hub, or None. Called once, when the MQTT bridge is built
         (before the family's service exists: reach it through `hub.services` when a request comes)."""
+
+
+@attrs.frozen
+class CLICommand:
+    """One subcommand of the `bsscihub` command contributed by a family.
+
+    `path` is ("sensors",) for a top-level command or ("certs", "issue-bs") for one inside a core
+    group; `add_arguments(parser, common)` declares its arguments (`common` carries --config, for
+    nested subparsers); `run(config, families, args)` returns the exit status and raises
+    bsscihub.errors.UserFacingError for a user mistake (printed as one line, status 1).
+    """
+
+    path: tuple[str, ...]
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser, argparse.ArgumentParser], None]
+    run: Callable[[HubConfig, dict[str, IFamily], argparse.Namespace], int]
+    needs_enabled: bool = True
+    """Refused with one line when the family is not enabled in `families` (False: e.g. a simulator)."""
+
+
+class ICommandLine(Interface):
+    """Optionally provided by an IFamily: subcommands of the `bsscihub` command.
+
+    Every installed family's commands are offered (the configuration is read only once a command
+    runs); keep the module that provides them light and import the work inside `run`."""
+
+    def cli_commands() -> Sequence[CLICommand]:  # type: ignore[misc]
+        """The family's subcommands."""
 
 
 def layout_speakers(families: Mapping[str, IFamily], layout: str) -> list[str]:

@@ -24,14 +24,14 @@ from twisted.internet.threads import deferToThread
 from bsscihub.pki import create_ca, issue_server_cert
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.framing import Framer, encode_frame
-from bsscihub.sim import add_arguments
-from bsscihub.sim import run as sim_run
-from bsscihub.sim._certs import station_certs
-from bsscihub.sim._plan import SimOptions, bs_eui, endpoints, sensor_eui, split
-from bsscihub.sim._report import Aggregator, describe
-from bsscihub.sim._session import BaseStation
-from bsscihub.sim._stats import Counters, Histogram
-from bsscihub.sim._worker import run_plan
+from bsscihub.protocols.bssci.sim import add_arguments
+from bsscihub.protocols.bssci.sim import run as sim_run
+from bsscihub.protocols.bssci.sim._certs import station_certs
+from bsscihub.protocols.bssci.sim._plan import SimOptions, bs_eui, endpoints, sensor_eui, split
+from bsscihub.protocols.bssci.sim._report import Aggregator, describe
+from bsscihub.protocols.bssci.sim._session import BaseStation
+from bsscihub.protocols.bssci.sim._stats import Counters, Histogram
+from bsscihub.protocols.bssci.sim._worker import run_plan
 from bsscihub.tls import MutualTLSEndpoint, server_context_factory
 
 reactor: Any = _reactor

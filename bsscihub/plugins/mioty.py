@@ -10,11 +10,11 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import IFamily, IMQTTLayouts
+from bsscihub.family import ICommandLine, IFamily, IMQTTLayouts
 from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig
 
 
-@implementer(IPlugin, IFamily, IMQTTLayouts)
+@implementer(IPlugin, IFamily, IMQTTLayouts, ICommandLine)
 class MiotyFamily:
     name = "mioty"
     mqtt_layouts = ("seed",)
@@ -39,6 +39,11 @@ class MiotyFamily:
         from bsscihub.protocols.bssci.seed import SeedLayout
 
         return SeedLayout(hub, hub.config.mqtt.seed_base)
+
+    def cli_commands(self) -> Any:
+        from bsscihub.protocols.bssci.cli import COMMANDS
+
+        return COMMANDS
 
     def web_routes(self, hub: Any) -> Any:
         from bsscihub.protocols.bssci.api import MiotyWeb

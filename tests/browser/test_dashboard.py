@@ -206,7 +206,7 @@ def browse(url: str, config: Path, bssci_port: int, sensor: dict[str, Any]) -> l
 
 @pytest_twisted.ensureDeferred
 async def test_login_add_sensor_live_uplink_logout(hub: dict[str, Any]) -> None:
-    from bsscihub.sim._plan import endpoints
+    from bsscihub.protocols.bssci.sim._plan import endpoints
 
     sensor = endpoints(1)[0]
     saved = await threads.deferToThread(browse, hub["url"], hub["config"], hub["bssci_port"], sensor)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bsscihub.sim._plan import WorkerPlan
+from bsscihub.protocols.bssci.sim._plan import WorkerPlan
 
 __all__ = ["main", "run_plan"]
 
@@ -18,9 +18,9 @@ def run_plan(
     stop_on_sigint: bool = False,
 ) -> dict[str, Any]:
     if plan.options.stack == "twisted":
-        from bsscihub.sim._tx import run_worker
+        from bsscihub.protocols.bssci.sim._tx import run_worker
     else:
-        from bsscihub.sim._aio import run_worker  # type: ignore[assignment]
+        from bsscihub.protocols.bssci.sim._aio import run_worker  # type: ignore[assignment]
     return run_worker(plan, report, stop_on_sigint=stop_on_sigint)
 
 

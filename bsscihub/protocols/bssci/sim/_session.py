@@ -15,7 +15,7 @@ import msgpack  # type: ignore[import-untyped]
 from bsscihub import __version__
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.framing import MAGIC, Framer, FramingError, encode_frame, op_frame_encoder
-from bsscihub.sim._stats import Counters, Histogram
+from bsscihub.protocols.bssci.sim._stats import Counters, Histogram
 
 __all__ = ["BaseStation", "Host", "Uplink", "ul_template"]
 

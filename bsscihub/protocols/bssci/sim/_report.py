@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, TextIO
 
-from bsscihub.sim._stats import Counters, Histogram
+from bsscihub.protocols.bssci.sim._stats import Counters, Histogram
 
 __all__ = ["Aggregator", "describe"]
 

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bsscihub.sim._plan import WorkerPlan
-from bsscihub.sim._run import TICK, Run
-from bsscihub.sim._session import BaseStation
+from bsscihub.protocols.bssci.sim._plan import WorkerPlan
+from bsscihub.protocols.bssci.sim._run import TICK, Run
+from bsscihub.protocols.bssci.sim._session import BaseStation
 
 __all__ = ["client_context", "run_worker"]
 

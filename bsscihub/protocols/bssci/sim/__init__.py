@@ -144,7 +144,7 @@ def run(config: Any, args: argparse.Namespace) -> int:
 
 
 def _write_endpoints(args: argparse.Namespace) -> int:
-    from bsscihub.sim._plan import endpoints
+    from bsscihub.protocols.bssci.sim._plan import endpoints
 
     text = json.dumps(endpoints(args.sensors, bidi=True), indent=1) + "\n"
     if args.write_endpoints == "-":
@@ -169,7 +169,7 @@ def _listen_port(listen: str) -> int:
 
 
 def _options(config: Any, args: argparse.Namespace, cert_dir: Path) -> Any:
-    from bsscihub.sim._plan import SimOptions, bs_eui
+    from bsscihub.protocols.bssci.sim._plan import SimOptions, bs_eui
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -200,7 +200,7 @@ def _options(config: Any, args: argparse.Namespace, cert_dir: Path) -> Any:
             Path(ca_key).exists(),
             f"no CA key at {ca_key} to issue station certificates: run `bsscihub init` or pass --cert/--key",
         )
-        from bsscihub.sim._certs import station_certs
+        from bsscihub.protocols.bssci.sim._certs import station_certs
 
         began = time.monotonic()
         certs = station_certs(ca, ca_key, euis, cert_dir)
@@ -255,8 +255,8 @@ def _raise_fd_limit() -> None:
 
 
 def _simulate(options: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from bsscihub.sim._plan import split
-    from bsscihub.sim._report import Aggregator
+    from bsscihub.protocols.bssci.sim._plan import split
+    from bsscihub.protocols.bssci.sim._report import Aggregator
 
     _raise_fd_limit()
     stream = sys.stderr if args.json else sys.stdout
@@ -270,7 +270,7 @@ def _simulate(options: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _in_process(plan: Any, aggregator: Any) -> dict[str, Any]:
-    from bsscihub.sim import _worker
+    from bsscihub.protocols.bssci.sim import _worker
 
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -282,8 +282,8 @@ def _in_process(plan: Any, aggregator: Any) -> dict[str, Any]:
 def _in_workers(options: Any, aggregator: Any) -> list[dict[str, Any]]:
     import multiprocessing
 
-    from bsscihub.sim import _worker
-    from bsscihub.sim._plan import split
+    from bsscihub.protocols.bssci.sim import _worker
+    from bsscihub.protocols.bssci.sim._plan import split
 
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -322,6 +322,6 @@ def _in_workers(options: Any, aggregator: Any) -> list[dict[str, Any]]:
 
 
 def _describe(summary: dict[str, Any]) -> str:
-    from bsscihub.sim._report import describe
+    from bsscihub.protocols.bssci.sim._report import describe
 
     return describe(summary)

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bsscihub.sim._plan import WorkerPlan, bs_eui, sensor_eui
-from bsscihub.sim._session import BaseStation, Uplink, ul_template
-from bsscihub.sim._stats import Counters, Histogram
+from bsscihub.protocols.bssci.sim._plan import WorkerPlan, bs_eui, sensor_eui
+from bsscihub.protocols.bssci.sim._session import BaseStation, Uplink, ul_template
+from bsscihub.protocols.bssci.sim._stats import Counters, Histogram
 
 __all__ = ["Run", "TICK"]
 

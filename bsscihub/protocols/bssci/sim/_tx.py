@@ -15,9 +15,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
 
-from bsscihub.sim._plan import WorkerPlan
-from bsscihub.sim._run import TICK, Run
-from bsscihub.sim._session import BaseStation
+from bsscihub.protocols.bssci.sim._plan import WorkerPlan
+from bsscihub.protocols.bssci.sim._run import TICK, Run
+from bsscihub.protocols.bssci.sim._session import BaseStation
 
 __all__ = ["run_worker"]
 

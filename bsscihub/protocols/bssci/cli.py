@@ -1,0 +1,144 @@
+"""The mioty family's `bsscihub` subcommands: end points (sensors), wM-Bus meter keys, the
+base-station simulator and base-station client certificates (`certs issue-bs`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from bsscihub.cli import CLIError, run_with_store
+from bsscihub.config import HubConfig
+from bsscihub.family import CLICommand, IFamily
+
+
+def _sensors_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sensors = parser.add_subparsers(dest="sensors_command", required=True, metavar="COMMAND")
+    imp = sensors.add_parser("import", parents=[common], help="import end points from endpoints.json or CSV")
+    imp.add_argument("file")
+    exp = sensors.add_parser("export", parents=[common], help="print every end point as endpoints.json or CSV")
+    exp.add_argument("--out", default="-", help="file to write (default: standard output)")
+    for sensors_parser in (imp, exp):
+        sensors_parser.add_argument(
+            "--format", choices=["auto", "json", "csv"], default="auto",
+            help="endpoints.json or CSV (eui,nwKey,shortAddr,bidi); auto: csv for a .csv or .txt file, else json",
+        )  # fmt: skip
+
+
+def _sensors(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
+    from bsscihub.protocols.bssci import endpoints
+
+    if args.sensors_command == "import":
+        return run_with_store(config, families, lambda hub: endpoints.import_file(hub, args.file, args.format))
+    return run_with_store(config, families, lambda hub: endpoints.export_file(hub, args.out, args.format))
+
+
+def _meters_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    meters_sub = parser.add_subparsers(dest="meters_command", required=True, metavar="COMMAND")
+    key = meters_sub.add_parser("key", parents=[common],
+                                help="set a meter's AES key, read from standard input (32 hex digits)")
+    key.add_argument("meter", help="the meter: manufacturer code, dash, 8-digit ID, e.g. dme-81795246")
+    key.add_argument("--clear", action="store_true", help="remove the key instead")
+    key.add_argument("--name", help="also give the meter a name")
+    meters_sub.add_parser("list", parents=[common], help="list the meters the hub knows")
+
+
+def _meters(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
+    from bsscihub import audit
+    from bsscihub.errors import CommandError
+    from bsscihub.protocols.bssci.meters import meter_key, parse_aes_key, registry_for
+
+    async def work(hub: Any) -> int:
+        registry = registry_for(hub)
+        if args.meters_command == "list":
+            found, _ = await registry.find("", 100_000, 0)
+            for meter in found:
+                info = meter.to_json()
+                print(f"{info['meter']}\t{info['medium'] or '?'}\tkey: {'set' if info['hasKey'] else 'none'}"
+                      f"\tlast seen: {info['lastSeen'] or 'never'}\t{info['name'] or ''}")
+            return 0
+        text = ""
+        if not args.clear:
+            if sys.stdin.isatty():
+                import getpass
+
+                text = getpass.getpass("AES key of the meter (32 hex digits): ")
+            else:
+                text = sys.stdin.readline()
+        try:
+            ident = meter_key(args.meter)
+            raw = None if args.clear else parse_aes_key(text.strip())
+        except CommandError as e:
+            raise CLIError(str(e)) from None
+        await registry.set_key(ident, raw, time.time(), args.name)
+        await audit.record(hub.store, "cli", "mioty.meter.key_clear" if args.clear else "mioty.meter.key_set", ident,
+                           {}, "bsscihub meters key")
+        print(f"meter {ident}: key {'removed' if args.clear else 'set'}")
+        return 0
+
+    return run_with_store(config, families, work)
+
+
+def _sim_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    try:
+        from bsscihub.protocols.bssci.sim import add_arguments
+    except ImportError:  # as before the move: `sim --help` still answers without the simulator's imports
+        return
+    add_arguments(parser)
+
+
+def _sim(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
+    from bsscihub.protocols.bssci.sim import run
+
+    return run(config, args)
+
+
+def _issue_bs_arguments(issue: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    issue.add_argument("name", help="base-station name (certificate CN and SAN)")
+    issue.add_argument("--out", required=True, help="directory for NAME.pem, NAME.key and ca.pem")
+    issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    issue.add_argument(
+        "--eui", help="the station's bsEui (16 hex digits), bound into the certificate: it may be that station only"
+    )
+
+
+def _issue_bs(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bsscihub import pki
+
+    if not Path(config.tls.ca).exists() or not Path(config.tls.ca_key).exists():
+        raise CLIError(f"no CA at {config.tls.ca} / {config.tls.ca_key}: run `bsscihub init` first")
+    issued = pki.issue_client_cert(
+        config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days, bs_eui=args.eui
+    )
+
+    async def work(hub: Any) -> int:
+        from bsscihub import audit
+        from bsscihub.web.certs import record_issued
+
+        # like a certificate issued from the web: listed there, revocable by serial, audited
+        serial = format(issued.serial, "x")
+        await record_issued(hub.store, serial, args.name, issued.bs_eui, issued.not_after.timestamp(), time.time(),
+                            "cli")
+        await audit.record(hub.store, "cli", "cert.issue", serial, {"name": args.name, "bsEui": issued.bs_eui},
+                           "bsscihub certs issue-bs")
+        return 0
+
+    run_with_store(config, families, work)
+    bound = f"bound to base station {issued.bs_eui}" if issued.bs_eui else "bound to no EUI"
+    print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x}, {bound}")
+    if issued.bs_eui is None:
+        print("note: a certificate bound to no EUI connects only as a station already registered with it,"
+              " or with bssci.self_register: true; pass --eui to bind it", file=sys.stderr)
+    return 0
+
+
+COMMANDS = (
+    CLICommand(("certs", "issue-bs"), "issue a base-station client certificate", _issue_bs_arguments, _issue_bs,
+               needs_enabled=False),
+    CLICommand(("sensors",), "mioty end points", _sensors_arguments, _sensors),
+    CLICommand(("meters",), "wireless M-Bus meters (mioty Variable MAC)", _meters_arguments, _meters),
+    CLICommand(("sim",), "simulate mioty base stations against a hub", _sim_arguments, _sim, needs_enabled=False),
+)

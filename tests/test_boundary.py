@@ -1,0 +1,81 @@
+"""The core/family boundary: the core imports no family module, and the families' optional
+features are declared interfaces, checked with verifyObject."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from bsscihub.cli import build_parser, family_commands
+from bsscihub.family import CLICommand, ICommandLine, installed_families
+
+PACKAGE = Path(__file__).resolve().parents[1] / "bsscihub"
+FAMILY_DIRS = ("protocols", "plugins")
+"""protocols/: the families' code; plugins/: each family's small entry point, found by twisted.plugin."""
+
+
+def core_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in FAMILY_DIRS)
+
+
+def imported_names(path: Path) -> list[tuple[int, str]]:
+    """Every module `path` imports (absolute names; relative imports resolved), with its line."""
+    package = ".".join(("bsscihub", *path.relative_to(PACKAGE).parent.parts))
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_the_walk_sees_the_whole_core() -> None:
+    names = {str(p.relative_to(PACKAGE)) for p in core_modules()}
+    assert {"cli.py", "tap.py", "hub.py", "mqtt/bridge.py", "web/app.py", "store/schema.py"} <= names
+    assert not any(n.startswith(FAMILY_DIRS) for n in names)
+    # and it would see a family import, were there one
+    plugin = imported_names(PACKAGE / "plugins" / "mioty.py")
+    assert any(name.startswith("bsscihub.protocols.bssci") for _, name in plugin)
+
+
+def test_the_core_imports_no_family_module() -> None:
+    offenders = [
+        f"{path.relative_to(PACKAGE)}:{line} imports {name}"
+        for path in core_modules()
+        for line, name in imported_names(path)
+        # the bsscihub.plugins package itself is where discovery looks; its modules are the families'
+        if name.startswith(("bsscihub.protocols", "bsscihub.plugins."))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in installed_families().items() if ICommandLine.providedBy(f)))
+def test_a_family_providing_cli_commands_provides_them_as_declared(name: str) -> None:
+    family = installed_families()[name]
+    assert verifyObject(ICommandLine, family)
+    for command in family.cli_commands():
+        assert isinstance(command, CLICommand)
+        assert command.path and all(command.path)
+
+
+def test_mioty_contributes_its_commands_and_the_core_parser_offers_them() -> None:
+    paths = {c.path for f, c in family_commands(installed_families()) if f.name == "mioty"}
+    assert paths == {("certs", "issue-bs"), ("sensors",), ("meters",), ("sim",)}
+    args = build_parser().parse_args(["sensors", "export", "--format", "csv"])
+    family, command = args.family_command
+    assert (family, command.path, args.format) == ("mioty", ("sensors",), "csv")
+
+
+def test_without_the_family_its_commands_are_gone() -> None:
+    others = {n: f for n, f in installed_families().items() if n != "mioty"}
+    with pytest.raises(SystemExit):
+        build_parser(others).parse_args(["sensors", "export"])
+    assert "sim" not in build_parser(others).format_help()
