@@ -228,12 +228,31 @@ class MQTTConfig:
     seed_base: str = setting("bssci", _topic_root, "topic root of the seed layout (bssci, as that service center)")
 
 
+@attrs.frozen
+class AlertsConfig:
+    check_interval: float = setting(10.0, duration, "how often silences are checked against the alert rules")
+    retention: float = setting(90 * 86400.0, duration, "how long the alert history is kept")
+
+
+@attrs.frozen
+class WebhooksConfig:
+    timeout: float = setting(10.0, duration, "longest wait for a webhook receiver's answer")
+    retry_min: float = setting(1.0, duration, "first pause before a failed delivery is tried again")
+    retry_max: float = setting(300.0, duration, "longest pause between two tries (the pause doubles up to it)")
+
+
 CORE_SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "tls": TLSConfig,
     "web": WebConfig,
     "mqtt": MQTTConfig,
 }
+
+HUB_SECTIONS: dict[str, type] = {
+    "alerts": AlertsConfig,
+    "webhooks": WebhooksConfig,
+}
+"""Sections of the hub's own optional parts; kept in HubConfig.sections like the families' ones."""
 
 TOP_LEVEL: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "data_dir": ("var", _str, "where SQLite, the outbox and uploads live"),
@@ -389,7 +408,7 @@ def load_config(
 ) -> HubConfig:
     """Read the YAML file (if any), apply environment overrides, validate everything."""
     environ = os.environ if environ is None else environ
-    sections = dict(CORE_SECTIONS) | dict(family_sections or {})
+    sections = dict(CORE_SECTIONS) | HUB_SECTIONS | dict(family_sections or {})
     raw: dict[str, Any] = {}
     if path is not None:
         try:

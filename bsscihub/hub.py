@@ -53,12 +53,17 @@ class Hub:
     """Command handlers by family name, for `{prefix}/{family}/{kind}/{id}/cmd/{name}`."""
     refusals: Any = None
     """The audit log's aggregated refusals (audit.RefusalLog): every refused request is recorded through it."""
+    extensions: list[Any] = attrs.field(factory=list)
+    """Core parts with web routes of their own (alerts, webhooks), mounted like a family's under /api/v1 and /."""
 
     def migrations(self) -> list[Migration]:
         found = list(CORE_MIGRATIONS)
         for family in self.families.values():
             found.extend(family.migrations)
-        return found
+        from bsscihub.alerts import MIGRATIONS as ALERTS
+        from bsscihub.webhooks import MIGRATIONS as WEBHOOKS
+
+        return found + ALERTS + WEBHOOKS
 
 
 def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> Hub:

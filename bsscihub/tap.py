@@ -82,8 +82,21 @@ def build_service(
         family_service = family.make_service(hub)
         hub.services[name] = family_service
         family_service.setServiceParent(service)
+    install_integrations(hub, service)
     make_web_service(hub).setServiceParent(service)
     return service
+
+
+def install_integrations(hub: Any, service: HubService) -> None:
+    """Alerts and webhooks: core parts fed by the bus, started after the families, stopped before them."""
+    from bsscihub.alerts import AlertService
+    from bsscihub.web.integrations import AlertsWeb, WebhooksWeb
+    from bsscihub.webhooks import WebhookService
+
+    alerts, webhooks = AlertService(hub), WebhookService(hub)
+    alerts.setServiceParent(service)
+    webhooks.setServiceParent(service)
+    hub.extensions.extend([AlertsWeb(hub, alerts), WebhooksWeb(hub, webhooks)])
 
 
 def makeService(options: Options, reactor: Any = None) -> HubService:

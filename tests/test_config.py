@@ -8,7 +8,7 @@ import attrs
 import pytest
 import yaml
 
-from bsscihub.config import CORE_SECTIONS, TOP_LEVEL, ConfigError, duration, load_config
+from bsscihub.config import CORE_SECTIONS, HUB_SECTIONS, TOP_LEVEL, ConfigError, duration, load_config
 from bsscihub.family import all_config_sections, installed_families
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_every_key_is_in_the_documented_file() -> None:
     text = HUB_YAML.read_text()
     for key in TOP_LEVEL:
         assert f"{key}:" in text, key
-    for name, cls in {**CORE_SECTIONS, **SECTIONS}.items():
+    for name, cls in {**CORE_SECTIONS, **HUB_SECTIONS, **SECTIONS}.items():
         assert name in raw, f"section {name} missing from etc/hub.yaml"
         for field in attrs.fields(cls):
             assert field.name in raw[name], f"{name}.{field.name} missing from etc/hub.yaml"

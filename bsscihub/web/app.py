@@ -216,6 +216,11 @@ class WebApp:
             # Family pages go right after the dashboard, in the order the family lists them.
             nav[1:1] = list(getattr(extension, "nav", ()))
             templates.update(getattr(extension, "templates", {}))
+        for extension in hub.extensions:  # core parts with routes of their own (alerts, webhooks)
+            self.extensions.append(extension)
+            routes += collect(extension, api_prefix=API_PREFIX, page_prefix="", tag=extension.tag,
+                              name_prefix=f"{extension.tag}_")
+            nav[len(nav) - len(CORE_NAV) + 1 : len(nav) - len(CORE_NAV) + 1] = list(extension.nav)
         self.routes = routes
         self.pages = Pages(self, templates, nav)
         self.api = Dispatcher(self, routes)

@@ -4,16 +4,14 @@ Meter keys are stored encrypted (AES-256-GCM) under a hub secret kept in a file 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import attrs
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bsscihub.errors import CommandError
+from bsscihub.keybox import KeyBox
 from bsscihub.protocols.bssci.registry import rfc3339
 from bsscihub.store import Migration, Store
 
@@ -119,41 +117,6 @@ def parse_aes_key(value: Any) -> bytes:
         except ValueError:
             pass
     raise CommandError("key must be 32 hexadecimal digits (the meter's AES-128 key)")
-
-
-class KeyBox:
-    """Seals meter keys with AES-256-GCM under a 32-byte secret in `path` (created mode 0600 on first
-    use), the meter id as associated data: a copy of the database alone does not reveal them."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._aead: AESGCM | None = None
-
-    def _cipher(self) -> AESGCM:
-        if self._aead is None:
-            try:
-                secret = self.path.read_bytes()
-            except FileNotFoundError:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                secret = os.urandom(32)
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secret)
-            if len(secret) != 32:
-                raise CommandError(f"{self.path} must hold a 32-byte secret")
-            self._aead = AESGCM(secret)
-        return self._aead
-
-    def seal(self, meter: str, key: bytes) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._cipher().encrypt(nonce, key, meter.encode())
-
-    def open(self, meter: str, sealed: bytes) -> bytes | None:
-        """The key, or None when it does not open (another hub's secret, a damaged row)."""
-        try:
-            return self._cipher().decrypt(sealed[:12], sealed[12:], meter.encode())
-        except (InvalidTag, ValueError):
-            return None
 
 
 @attrs.define

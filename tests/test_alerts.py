@@ -1,0 +1,245 @@
+"""Alerts and webhooks against the running hub, a real mosquitto and a real HTTP receiver: rules from REST,
+one message per transition on {p}/alerts/..., state kept over a restart, signed webhook deliveries in order."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web import resource, server
+
+from bsscihub import audit
+from tests.broker import Mosquitto, free_port
+from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
+from tests.test_fleets import _token
+
+ALERTS = {"alerts": {"check_interval": "100ms"}}
+
+
+def _alerts(subscriber: Any, topic: str) -> list[dict[str, Any]]:
+    return [p for p in payloads(subscriber, topic) if p is not None]
+
+
+@pytest_twisted.ensureDeferred
+async def test_offline_and_battery_alerts_fire_once_per_transition_and_survive_a_restart(
+        tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any) -> None:
+    witness = subscriber_factory(mosquitto, f"{PREFIX}/alerts/#")
+    running = await start_hub(tmp_path, mosquitto, ["devices", "ble"], **ALERTS)
+    device = DeviceClient(mosquitto)
+    offline_topic = f"{PREFIX}/alerts/devices/device/Device001/offline"
+    battery_topic = f"{PREFIX}/alerts/devices/device/Device001/battery_low"
+    try:
+        viewer = await _token(running, "viewer")
+        rule = {"name": "device silent", "family": "devices", "kind": "device", "condition": "offline", "after": 1}
+        code, refused = await running.api("POST", "/api/v1/alert-rules", rule,
+                                          headers={"Authorization": f"Bearer {viewer}"}, token=None)
+        assert code == 403
+        code, bad = await running.api("POST", "/api/v1/alert-rules", {**rule, "family": "zigbee"})
+        assert code == 400 and "zigbee" in bad["error"]["message"]
+        code, bad = await running.api("POST", "/api/v1/alert-rules", {**rule, "condition": "battery_below"})
+        assert code == 400 and "threshold" in bad["error"]["message"]
+        code, offline_rule = await running.api("POST", "/api/v1/alert-rules", rule)
+        assert code == 201 and offline_rule["after"] == 1
+        code, battery_rule = await running.api("POST", "/api/v1/alert-rules", {
+            "name": "battery low", "family": "devices", "target": "Device001", "condition": "battery_below",
+            "threshold": 20, "hysteresis": 5})
+        assert code == 201
+        code, listed = await running.api("GET", "/api/v1/alert-rules", headers={"Authorization": f"Bearer {viewer}"},
+                                         token=None)
+        assert code == 200 and [r["id"] for r in listed["items"]] == [offline_rule["id"], battery_rule["id"]]
+
+        # Heard, then silent for longer than a second: offline fires once.
+        await device.publish("SensorData", {"device_id": "Device001", "type": "Temperature", "value": 25.5})
+        await witness.when(lambda m: m.topic == offline_topic, timeout=10)
+        await task.deferLater(reactor, 0.8, lambda: None)  # several more checks: no second message
+        [fired] = _alerts(witness, offline_topic)
+        assert (fired["state"], fired["condition"], fired["ruleId"], fired["threshold"]) == (
+            "firing", "offline", offline_rule["id"], 1)
+        assert fired["value"] > 1 and RFC3339.match(fired["since"]) and RFC3339.match(fired["lastSeen"])
+        code, active = await running.api("GET", "/api/v1/alerts", headers={"Authorization": f"Bearer {viewer}"},
+                                         token=None)
+        assert [(a["id"], a["condition"]) for a in active["items"]] == [("Device001", "offline")]
+
+        # Back online: resolved, once.
+        await device.publish("SensorData", {"device_id": "Device001", "type": "battery", "value": 15})
+        await witness.when(lambda m: m.topic == offline_topic and b'"resolved"' in m.payload, timeout=10)
+        [low] = [json.loads(m.payload) for m in await witness.when(lambda m: m.topic == battery_topic)]
+        assert (low["state"], low["value"], low["threshold"]) == ("firing", 15.0, 20)
+        await device.publish("SensorData", {"device_id": "Device001", "type": "battery", "value": 22})  # < 20 + 5
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert len(_alerts(witness, battery_topic)) == 1
+        await running.stop()
+
+        # A restart neither re-fires the battery alert nor forgets it.
+        running = await start_hub(tmp_path, mosquitto, ["devices", "ble"], **ALERTS)
+        code, active = await running.api("GET", "/api/v1/alerts")
+        assert ("Device001", "battery_low") in [(a["id"], a["condition"]) for a in active["items"]]
+        await device.publish("SensorData", {"device_id": "Device001", "type": "battery", "value": 12})
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert len(_alerts(witness, battery_topic)) == 1
+        await device.publish("SensorData", {"device_id": "Device001", "type": "battery", "value": 80})
+        await witness.when(lambda m: m.topic == battery_topic and b'"resolved"' in m.payload, timeout=10)
+        assert [a["state"] for a in _alerts(witness, battery_topic)] == ["firing", "resolved"]
+
+        code, history = await running.api("GET", "/api/v1/alerts/history")
+        assert [(h["condition"], h["state"]) for h in reversed(history["items"])][:4] == [
+            ("offline", "firing"), ("offline", "resolved"), ("battery_below", "firing"),
+            ("battery_below", "resolved")]
+        entries, _ = await audit.query(running.hub.store, action="alert.rule.add")
+        assert len(entries) == 2
+
+        code, _ = await running.api("DELETE", f"/api/v1/alert-rules/{battery_rule['id']}")
+        assert code == 204
+        assert (await running.api("GET", f"/api/v1/alert-rules/{battery_rule['id']}"))[0] == 404
+    finally:
+        device.stop()
+        await running.stop()
+
+
+# -- webhooks
+
+
+class Receiver(resource.Resource):
+    """A webhook receiver: records every POST (headers and body) and answers 204."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[dict[str, str], bytes]] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        self.received.append((headers, request.content.read()))
+        request.setResponseCode(204)
+        return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_webhook_gets_every_event_signed_and_in_order_after_being_away_across_a_restart(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    port = free_port()
+    overrides = {"webhooks": {"retry_min": "100ms", "retry_max": "300ms", "timeout": "2s"}}
+    running = await start_hub(tmp_path, mosquitto, ["devices"], **overrides)
+    device = DeviceClient(mosquitto)
+    receiver = Receiver()
+    listening: Any = None
+    try:
+        code, created = await running.api("POST", "/api/v1/webhooks", {
+            "name": "crm", "url": f"http://127.0.0.1:{port}/hook", "families": ["devices"], "events": ["up"]})
+        assert code == 201
+        secret = created["secret"].encode()
+        hook_id = created["webhook"]["id"]
+        code, bad = await running.api("POST", "/api/v1/webhooks", {"name": "x", "url": "ftp://example.net/"})
+        assert code == 400 and "url" in bad["error"]["message"]
+
+        # The receiver is down: the events wait, the webhook says why.
+        for value in range(3):
+            await device.publish("SensorData", {"device_id": "Device001", "type": "Temperature", "value": value})
+        hook = await eventually(lambda: _hook(running, hook_id, lambda h: h["lastError"] and h["queued"] == 3),
+                                timeout=10, what="delivery failures")
+        assert hook["delivered"] == 0 and "refused" in hook["lastError"].lower()
+        code, shown = await running.api("GET", f"/api/v1/webhooks/{hook_id}")
+        assert "secret" not in json.dumps(shown)
+        entries, _ = await audit.query(running.hub.store, action="webhook.add")
+        assert created["secret"] not in json.dumps([e.to_json() if hasattr(e, "to_json") else str(e)
+                                                    for e in entries])
+
+        # A restart keeps the queue; more events join it behind the first ones.
+        await running.stop()
+        running = await start_hub(tmp_path, mosquitto, ["devices"], **overrides)
+        for value in range(3, 6):
+            await device.publish("SensorData", {"device_id": "Device001", "type": "Temperature", "value": value})
+        await eventually(lambda: _hook(running, hook_id, lambda h: h["queued"] == 6), timeout=10,
+                         what="six queued")
+
+        # The receiver comes up: every event arrives once, in order, with a signature that verifies.
+        listening = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(server.Site(receiver))
+        await eventually(lambda: len(receiver.received) >= 6, timeout=15, what="six deliveries")
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert len(receiver.received) == 6
+        values = []
+        for headers, body in receiver.received:
+            expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["x-bsscihub-signature-256"], expected)
+            assert headers["x-bsscihub-event"] == "devices.up" and headers["content-type"] == "application/json"
+            doc = json.loads(body)
+            assert (doc["family"], doc["event"], doc["topic"]) == ("devices", "up", "dev/device/Device001/up")
+            assert doc["id"] == headers["x-bsscihub-delivery"] and RFC3339.match(doc["time"])
+            values.append(doc["payload"]["value"])
+        assert values == [0, 1, 2, 3, 4, 5]
+        hook = await _hook(running, hook_id, lambda h: h["queued"] == 0)
+        assert hook and hook["delivered"] == 6 and hook["lastStatus"] == "204"
+    finally:
+        device.stop()
+        await running.stop()
+        if listening is not None:
+            await listening.stopListening()
+
+
+async def _hook(running: Any, hook_id: int, test: Any) -> Any:
+    code, hook = await running.api("GET", f"/api/v1/webhooks/{hook_id}")
+    assert code == 200
+    return hook if test(hook) else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_alerts_reach_webhooks(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    receiver = Receiver()
+    listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(receiver))
+    running = await start_hub(tmp_path, mosquitto, ["devices"], **ALERTS)
+    device = DeviceClient(mosquitto)
+    try:
+        code, _ = await running.api("POST", "/api/v1/webhooks", {
+            "name": "pager", "url": f"http://127.0.0.1:{listening.getHost().port}/", "families": ["alerts"]})
+        assert code == 201
+        await running.api("POST", "/api/v1/alert-rules", {"name": "flat", "family": "devices",
+                                                          "condition": "battery_below", "threshold": 10})
+        await device.publish("SensorData", {"device_id": "D2", "type": "battery", "value": 3})
+        await eventually(lambda: receiver.received, timeout=10, what="the alert delivered")
+        doc = json.loads(receiver.received[0][1])
+        assert (doc["family"], doc["event"], doc["payload"]["condition"], doc["payload"]["id"]) == (
+            "alerts", "alert", "battery_low", "D2")
+    finally:
+        device.stop()
+        await running.stop()
+        await defer.maybeDeferred(listening.stopListening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_pages_manage_rules_and_webhooks(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    running = await start_hub(tmp_path, mosquitto, ["devices", "gate"], **ALERTS)
+    try:
+        code, where = await running.form("/alerts/rules", {"name": "gate silent", "family": "gate", "kind": "unit",
+                                                           "condition": "offline", "after": "15m"})
+        assert code in (302, 303) and where == "/alerts"
+        [rule] = running.hub.extensions[0]._service.rules.values()
+        assert (rule.family, rule.kind, rule.after) == ("gate", "unit", 900.0)
+        code, html = await running.page("/alerts")
+        assert code == 200 and "gate silent" in html and "No alert is firing." in html
+        code, where = await running.form("/alerts/rules", {"name": "x", "family": "gate",
+                                                           "condition": "battery_below"})
+        code, html = await running.page(where)
+        assert "needs a threshold" in html
+
+        cookies, csrf = await running._login()
+        response = await treq.post(running.base + "/webhooks", data={
+            "name": "crm", "url": "https://example.net/hook", "families": "gate, alerts", "_csrf": csrf},
+            cookies=cookies, allow_redirects=False)
+        html = await response.text()
+        assert response.code == 200 and "Shown this once" in html
+        [hook] = running.hub.extensions[1]._service.hooks.values()
+        assert hook.families == ("gate", "alerts")
+        code, html = await running.page("/webhooks")
+        assert code == 200 and "example.net/hook" in html and "Shown this once" not in html
+        code, html = await running.page("/")
+        assert "Active alerts" in html
+    finally:
+        await running.stop()
