@@ -211,6 +211,8 @@ async def test_a_queued_downlink_goes_out_with_the_meters_next_uplink(running: R
     await wait_for(lambda: [e for e in running.events if e.kind == "meter_reading"])
     result = await running.service.command("meter", METER, "down", {"data": "cafe"})
     assert result is not None and result["status"] == "queued"
+    audited = await running.hub.store.fetchall("SELECT actor, action, target FROM audit_log")
+    assert ("mqtt", "mioty.meter.downlink", METER) in audited
     assert (await vm.get_meter(METER) or {})["pendingDownlinks"][0]["data"] == "cafe"
     a.vm_uplink(mode5_frame(acc=0x2C), sys_time=5, snr=4.0)
     dl = await a.expect("vm.dlData")

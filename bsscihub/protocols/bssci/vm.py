@@ -412,7 +412,10 @@ class VariableMac:
             raise CommandError("a meter downlink takes exactly one field, data (hex)")
         if not isinstance(payload["data"], str):
             raise CommandError("data must be a string of hexadecimal digits")
-        return await self.queue_downlink(meter, payload["data"], actor="mqtt")
+        result = await self.queue_downlink(meter, payload["data"], actor="mqtt")
+        await self.service._audit("mqtt", "mioty.meter.downlink", result["meter"],
+                                  {"dlId": result["dlId"], "bytes": len(payload["data"]) // 2}, "mqtt")
+        return result
 
     def _track(self, d: defer.Deferred[Any]) -> None:
         d.addErrback(lambda f: self.log.failure("Variable MAC: {problem}", f, problem=f.getErrorMessage()))
