@@ -105,3 +105,47 @@ async def test_a_start_failure_is_reported_not_swallowed(tmp_path: Path) -> None
         finally:
             await service.stopService()
         assert failures == [True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_lets_running_web_calls_finish_before_storage_closes(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    from bsscihub import audit
+
+    config = make_config(tmp_path, families=[])
+    service = build_service(config, {}, reactor, on_start_failure=lambda: None)
+    service.startService()
+    errors: list[Any] = []
+
+    def observe(event: Any) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        await service.when_ready()
+        web = service.getServiceNamed("web")
+        port = (await web.when_listening()).getHost().port
+        body = json.dumps({"username": "admin", "password": "a-wrong-one"}).encode()
+        request = (b"POST /api/v1/auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(request)  # and hang up: the call runs on (a password check takes a while)
+        for _ in range(200):
+            if web.web.api.in_flight:
+                break
+            await deferLater(reactor, 0.005, lambda: None)
+        assert web.web.api.in_flight
+        await service.stopService()  # while the call still runs
+        assert not web.web.api.in_flight
+        store = service.hub.store
+        store.start()
+        entries, _ = await audit.query(store, action="auth.login_failed")
+        await store.stop()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        if service.running:
+            await service.stopService()
+    assert [e.target for e in entries] == ["admin"]  # written before storage closed
+    assert errors == []

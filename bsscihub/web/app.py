@@ -256,7 +256,8 @@ class WebApp:
         self._unsubscribe.clear()
 
     async def drain(self) -> None:
-        """On stop: the refusals counted but not yet written go to the audit log."""
+        """On stop, the listener closed: let running calls finish, then write the refusals still held."""
+        await self.api.settle()
         await self.refusals.flush()
 
     async def _housekeep(self) -> None:

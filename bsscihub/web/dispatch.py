@@ -82,6 +82,19 @@ def _first_args(request: Any) -> dict[str, Any]:
     return out
 
 
+def _watch(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """Fires when `d` does, without touching its result (others still read it)."""
+    seen: defer.Deferred[None] = defer.Deferred()
+
+    def done(result: Any) -> Any:
+        if not seen.called:
+            seen.callback(None)
+        return result
+
+    d.addBoth(done)
+    return seen
+
+
 def safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "download"
 
@@ -101,6 +114,8 @@ class Dispatcher:
         self.routes = routes
         self.by_name = {b.route.name: b for b in routes if b.route.kind == "api"}
         self.router = Klein()
+        self.in_flight: set[defer.Deferred[Any]] = set()
+        """Calls still running (a client that hung up does not stop its call)."""
         seen: set[tuple[str, str]] = set()
         for bound in routes:
             key = (bound.route.method, bound.route.path)
@@ -129,7 +144,15 @@ class Dispatcher:
             # Klein cancels a route whose client hung up; a change half made and not audited is
             # worse than an answer nobody reads, so the route runs to its end either way.
             shielded: defer.Deferred[Any] = defer.Deferred()  # no canceller: a cancel only detaches
-            defer.Deferred.fromCoroutine(run(bound, request, kwargs)).chainDeferred(shielded)
+            running = defer.Deferred.fromCoroutine(run(bound, request, kwargs))
+            # Remembered until done: on stop the hub waits for them before storage closes.
+            self.in_flight.add(running)
+            def finished(result: Any) -> Any:
+                self.in_flight.discard(running)
+                return result
+
+            running.addBoth(finished)
+            running.chainDeferred(shielded)
             return shielded
 
         endpoint.__name__ = f"{route.kind}_{route.name}_{route.method}"
@@ -137,6 +160,21 @@ class Dispatcher:
 
     def resource(self) -> IResource:
         return self.router.resource()
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait (at most `timeout` seconds) for the calls still running: they may still write to storage."""
+        if not self.in_flight:
+            return
+        done: defer.Deferred[Any] = defer.DeferredList([_watch(d) for d in self.in_flight], consumeErrors=True)
+        reactor: Any = self.web.hub.reactor
+        timer = reactor.callLater(timeout, done.cancel)
+        try:
+            await done
+        except defer.CancelledError:
+            self.log.warn("stopping with {count} web calls still running", count=len(self.in_flight))
+        finally:
+            if timer.active():
+                timer.cancel()
 
     # -- parsing, shared by HTTP calls and by pages invoking API handlers
 
