@@ -12,6 +12,8 @@ import msgpack
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 
 from bsscihub.errors import CommandError
@@ -30,7 +32,7 @@ METER = "dme-12345678"  # the frames built by tests.wmbus_frames
 class VmStation(Station):
     """A base station with Variable MAC: answers vm.status with `active`, takes (de)activations."""
 
-    def __init__(self, active: list[int] | None = None, refuse: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, active: list[int] | None = None, refuse: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.active = active
         self.refuse = refuse
@@ -65,15 +67,18 @@ class VmStation(Station):
 
 
 async def connect(running: Running, name: str, eui: str, station: VmStation) -> VmStation:
-    client = await running.tls(running.pki.bs[name])
-    client.__class__ = VmStation  # the connected protocol, given the station's Variable-MAC behaviour
-    client.active, client.refuse = station.active, station.refuse  # type: ignore[attr-defined]
+    """`station` connected over mutual TLS with base-station certificate `name`, its session set up."""
+    cert, key = running.pki.bs[name]
+    options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(running.pki.ca.read_bytes()),
+                                  clientCertificate=PrivateCertificate.loadPEM(cert.read_bytes() + key.read_bytes()))
+    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", running.port))
+    client = await connectProtocol(endpoint, station)
     client.send("con", 0, version="1.0.0", bsEui=int(eui, 16), vendor="Diehl Metering", model="T", name=name,
                 bidi=True, snBsUuid=list(os.urandom(16)))
     await client.expect("conRsp")
     client.send("conCmp", 0)
     await wait_for(lambda: running.service.sessions.get(eui) is not None)
-    return client  # type: ignore[return-value]
+    return client
 
 
 def capture_frame() -> bytes:
@@ -108,7 +113,7 @@ async def test_activation_follows_the_configuration_and_what_the_station_offers(
 
 @pytest_twisted.ensureDeferred
 async def test_a_type_the_station_refuses_is_left_out(running: Running) -> None:
-    await connect(running, "bs-a", A, VmStation(active=[], refuse={7}))
+    await connect(running, "bs-a", A, VmStation(active=[], refuse=frozenset({7})))
     await wait_for(lambda: A in running.service.vm.active)
     assert running.service.vm.active[A] == (1,)
 
