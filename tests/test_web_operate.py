@@ -325,6 +325,11 @@ async def test_api_docs_are_served_by_the_hub(tmp_path: Path, fast: None) -> Non
         assert b"SwaggerUIBundle" in bundle.body
         assert (await web.call("GET", "/api/docs/swagger-ui.css")).code == 200
         assert (await web.call("GET", "/static/api-docs.js")).code == 200
+        # The admin pages link to it.
+        login = await web.call("POST", "/api/v1/auth/login", json_body={"username": "viewer", "password": PASSWORD})
+        cookie = (login.header("Set-Cookie") or "").split(";")[0]
+        dashboard = await web.call("GET", "/", headers={"Cookie": cookie})
+        assert dashboard.code == 200 and b'href="/api/docs"' in dashboard.body
         # Only what the page needs: not the package's editor, source maps or anything beside them.
         for path in ("/api/docs/swagger-editor-bundle.js", "/api/docs/index.css", "/api/docs/../__init__.py",
                      "/api/docs/%2e%2e/core.py"):
