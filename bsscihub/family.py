@@ -34,14 +34,6 @@ class IFamily(IPlugin):
     def make_service(hub: Hub) -> IService:  # type: ignore[misc]
         """The family's ingress, timers and command handlers, started after storage is ready."""
 
-    # Optional (the web layer uses it when present, so keep the import inside it lazy):
-    # def web_routes(hub: Hub) -> object:
-    #     An object whose methods are declared with bsscihub.web.routing.api_route / page_route;
-    #     its API routes are mounted under /api/v1/{name}/ and its pages under /{name}/. It may
-    #     also have `nav` (NavItems), `templates` ({name: jinja source}), an async `summary()`
-    #     giving the dashboard's counts ({key: {"label", "value", "href"}}) and an async
-    #     `certificate_revoked(serial, reason, actor)` called when the web revokes a certificate.
-    #
     # Optional, for the MQTT side (see FamilyService, which wires both at start):
     # topic_root: str
     #     The first topic level under mqtt.prefix for the family's events and commands when it
@@ -49,7 +41,49 @@ class IFamily(IPlugin):
     # events: Sequence[EventSpec]
     #     Every topic the family publishes under {p}/, for the docs, the tests and the admin UI.
     #
-    # Optional interfaces an IFamily may provide as well: IMQTTLayouts, ICommandLine (below).
+    # Optional interfaces an IFamily may provide as well: IWebRoutes, IMQTTLayouts, ICommandLine (below).
+
+
+class IWebRoutes(Interface):
+    """Optionally provided by an IFamily: its REST routes and admin pages."""
+
+    def web_routes(hub: Hub) -> IWebExtension:  # type: ignore[misc]
+        """The family's web extension for this hub (called once, when the web app is built; keep the
+        import of the web module inside it). Its API routes are mounted under /api/v1/{name}/, its
+        pages under /{name}/."""
+
+
+class IWebExtension(Interface):
+    """What `IWebRoutes.web_routes` returns: an object whose methods are declared with
+    bsscihub.web.routing.api_route / page_route (role, schemas and audit action next to each handler).
+    It may provide IDashboardSummary, ICertificateRevocation and IRootRoutes as well."""
+
+    nav = Attribute("Sequence of bsscihub.web.pages.NavItem: the family's pages in the menu, in order.")
+    templates = Attribute(
+        "The directory of the family's page templates (a pathlib.Path or importlib.resources Traversable), by"
+        " convention `templates/` inside the family's package, shipped as package data; None for none."
+        " Name them `{family}/...html` inside it so that families never shadow each other or the core.")
+
+
+class IDashboardSummary(Interface):
+    """Optionally provided by an IWebExtension: counts for the dashboard."""
+
+    async def summary() -> Mapping[str, Mapping[str, Any]]:  # type: ignore[misc]
+        """{key: {"label", "value", "href"}} (href may be None); a failure is logged, not shown."""
+
+
+class ICertificateRevocation(Interface):
+    """Optionally provided by an IWebExtension whose family accepts client certificates."""
+
+    async def certificate_revoked(serial: int, reason: str, actor: str) -> None:  # type: ignore[misc]
+        """The web revoked certificate `serial`: refuse it from now on, drop the connections using it."""
+
+
+class IRootRoutes(Interface):
+    """Optionally provided by an IWebExtension: routes kept at paths outside /api/v1/{name}/ and
+    /{name}/ (as earlier platforms had them)."""
+
+    root_routes = Attribute("An object with route-declared methods, mounted at the root.")
 
 
 class IMQTTLayout(Interface):

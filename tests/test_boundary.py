@@ -4,13 +4,25 @@ features are declared interfaces, checked with verifyObject."""
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from zope.interface.verify import verifyObject
 
 from bsscihub.cli import build_parser, family_commands
-from bsscihub.family import CLICommand, ICommandLine, installed_families
+from bsscihub.family import (
+    CLICommand,
+    ICertificateRevocation,
+    ICommandLine,
+    IDashboardSummary,
+    IRootRoutes,
+    IWebExtension,
+    IWebRoutes,
+    installed_families,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bsscihub"
 FAMILY_DIRS = ("protocols", "plugins")
@@ -79,3 +91,37 @@ def test_without_the_family_its_commands_are_gone() -> None:
     with pytest.raises(SystemExit):
         build_parser(others).parse_args(["sensors", "export"])
     assert "sim" not in build_parser(others).format_help()
+
+
+WEB_FAMILIES = sorted(n for n, f in installed_families().items() if IWebRoutes.providedBy(f))
+
+
+def test_the_web_families_are_found_by_their_interface() -> None:
+    assert {"mioty", "ble", "devices", "gate"} <= set(WEB_FAMILIES)
+
+
+@pytest.mark.parametrize("name", WEB_FAMILIES)
+def test_a_family_web_extension_provides_what_it_declares(name: str) -> None:
+    family = installed_families()[name]
+    assert verifyObject(IWebRoutes, family)
+    extension = family.web_routes(SimpleNamespace(services={}, config=None))
+    assert verifyObject(IWebExtension, extension)
+    for optional in (IDashboardSummary, ICertificateRevocation, IRootRoutes):
+        if optional.providedBy(extension):
+            assert verifyObject(optional, extension)
+    # one template convention: the family package's templates/{name}/*.html
+    directory = Path(str(extension.templates))
+    assert directory == PACKAGE.joinpath(*type(extension).__module__.split(".")[1:-1], "templates")
+    pages = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.html"))
+    assert pages and all(p.startswith(f"{name}/") for p in pages), pages
+
+
+def test_every_page_a_family_renders_is_in_its_templates() -> None:
+    for name in WEB_FAMILIES:
+        extension = installed_families()[name].web_routes(SimpleNamespace(services={}, config=None))
+        directory = Path(str(extension.templates))
+        source = Path(sys.modules[type(extension).__module__].__file__ or "").parent
+        named = {m for p in source.glob("*.py") for m in re.findall(r'Page\(\s*"([^"]+\.html)"', p.read_text())}
+        assert named, name
+        missing = [n for n in named if not (directory / n).is_file()]
+        assert missing == [], name

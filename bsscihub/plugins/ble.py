@@ -10,11 +10,11 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import EventSpec, IFamily
+from bsscihub.family import EventSpec, IFamily, IWebRoutes
 from bsscihub.protocols.ble.config import BLEConfig
 
 
-@implementer(IPlugin, IFamily)
+@implementer(IPlugin, IFamily, IWebRoutes)
 class BLEFamily:
     name = "ble"
     config_sections = {"ble": BLEConfig}

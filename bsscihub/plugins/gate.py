@@ -10,11 +10,11 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import EventSpec, IFamily
+from bsscihub.family import EventSpec, IFamily, IWebRoutes
 from bsscihub.protocols.gate.config import GateConfig
 
 
-@implementer(IPlugin, IFamily)
+@implementer(IPlugin, IFamily, IWebRoutes)
 class GateFamily:
     name = "gate"
     config_sections = {"gate": GateConfig}

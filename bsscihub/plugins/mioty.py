@@ -10,11 +10,11 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import ICommandLine, IFamily, IMQTTLayouts
+from bsscihub.family import ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
 from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig
 
 
-@implementer(IPlugin, IFamily, IMQTTLayouts, ICommandLine)
+@implementer(IPlugin, IFamily, IWebRoutes, IMQTTLayouts, ICommandLine)
 class MiotyFamily:
     name = "mioty"
     mqtt_layouts = ("seed",)

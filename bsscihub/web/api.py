@@ -14,6 +14,7 @@ from twisted.internet import task
 
 from bsscihub import audit, users
 from bsscihub.contract import rfc3339
+from bsscihub.family import ICertificateRevocation
 from bsscihub.web import auth, certs
 from bsscihub.web.errors import ApiError, bad_field, forbidden, not_found, rate_limited
 from bsscihub.web.proxy import limit_key
@@ -512,9 +513,8 @@ class CertsApi:
         call.target, call.detail = serial, {"reason": reason, "name": result["name"]}
         # The families with TLS listeners refuse it from now on (and drop connections using it).
         for extension in self.web.extensions:
-            hook = getattr(extension, "certificate_revoked", None)
-            if hook is not None:
-                await hook(int(serial, 16), reason, call.actor)
+            if ICertificateRevocation.providedBy(extension):
+                await extension.certificate_revoked(int(serial, 16), reason, call.actor)
         return result
 
     @api_route("GET", "/certificates/revoked", role="operator", summary="Revoked serials", tag="certificates",

@@ -24,9 +24,11 @@ from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.static import File
+from zope.interface.verify import verifyObject
 
 from bsscihub import audit
 from bsscihub.audit import RefusalLog
+from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension, IWebRoutes
 from bsscihub.hub import Hub
 from bsscihub.ratelimit import RateLimiter
 from bsscihub.web import openapi
@@ -197,25 +199,28 @@ class WebApp:
         self.auth_api = AuthApi(self)
         self.extensions: list[Any] = []
         nav = list(CORE_NAV)
-        templates: dict[str, str] = {}
+        templates: list[Any] = []
         routes: list[BoundRoute] = []
         for group in (self.auth_api, *(cls(self) for cls in CORE_GROUPS if cls is not AuthApi), CorePages(self)):
             routes += collect(group, api_prefix=API_PREFIX, page_prefix="", tag="")
         routes += collect(WSRoute(self), api_prefix="", page_prefix="", tag="")
         for name, family in hub.families.items():
-            web_routes = getattr(family, "web_routes", None)
-            if web_routes is None:
+            if not IWebRoutes.providedBy(family):
                 continue
-            extension = web_routes(hub)
+            verifyObject(IWebRoutes, family)
+            extension = family.web_routes(hub)
+            verifyObject(IWebExtension, extension)
             self.extensions.append(extension)
             routes += collect(extension, api_prefix=f"{API_PREFIX}/{name}", page_prefix=f"/{name}", tag=name,
                               name_prefix=f"{name}_")
-            root = getattr(extension, "root_routes", None)  # paths kept as earlier platforms had them
-            if root is not None:
-                routes += collect(root, api_prefix="", page_prefix="", tag=name, name_prefix=f"{name}_root_")
+            if IRootRoutes.providedBy(extension):  # paths kept as earlier platforms had them
+                verifyObject(IRootRoutes, extension)
+                routes += collect(extension.root_routes, api_prefix="", page_prefix="", tag=name,
+                                  name_prefix=f"{name}_root_")
             # Family pages go right after the dashboard, in the order the family lists them.
-            nav[1:1] = list(getattr(extension, "nav", ()))
-            templates.update(getattr(extension, "templates", {}))
+            nav[1:1] = list(extension.nav)
+            if extension.templates is not None:
+                templates.append(extension.templates)
         for extension in hub.extensions:  # core parts with routes of their own (alerts, webhooks)
             self.extensions.append(extension)
             routes += collect(extension, api_prefix=API_PREFIX, page_prefix="", tag=extension.tag,
@@ -325,10 +330,9 @@ class WebApp:
         row = await self.hub.store.fetchone("SELECT COUNT(*) FROM users")
         counts: dict[str, Any] = {}
         for extension in self.extensions:
-            summary = getattr(extension, "summary", None)
-            if summary is not None:
+            if IDashboardSummary.providedBy(extension):
                 try:
-                    counts.update(await summary())
+                    counts.update(await extension.summary())
                 except Exception:
                     self.log.failure("dashboard summary of {extension!r} failed", extension=extension)
         counts["users"] = {"label": "Users", "value": int(row[0]) if row else 0, "href": "/users"}

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from zope.interface import implementer
+
 from bsscihub.alerts import CONDITIONS, AlertService
 from bsscihub.config import duration
 from bsscihub.errors import CommandError
+from bsscihub.family import IDashboardSummary
 from bsscihub.web.errors import ApiError, not_found, unavailable
 from bsscihub.web.routing import (
     NO_CONTENT,
@@ -94,6 +97,7 @@ def _user_error(e: CommandError, field: str | None = None) -> ApiError:
     return ApiError(400, "invalid", str(e), field=field)
 
 
+@implementer(IDashboardSummary)
 class AlertsWeb:
     tag = "alerts"
     nav = [NavItem("Alerts", "/alerts", "viewer", "alert")]

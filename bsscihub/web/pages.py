@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -119,12 +119,13 @@ def pager(total: int, limit: int, offset: int, query: Mapping[str, Any]) -> dict
 class Pages:
     """Renders page results: templates with the shared layout, redirects with flash messages, downloads."""
 
-    def __init__(self, web: WebApp, family_templates: Mapping[str, str], nav: list[NavItem]) -> None:
+    def __init__(self, web: WebApp, family_templates: Sequence[Any], nav: list[NavItem]) -> None:
         self.web = web
         self.nav = nav
         self.env = jinja2.Environment(
             loader=jinja2.ChoiceLoader(
-                [jinja2.FileSystemLoader(str(TEMPLATES)), jinja2.DictLoader(dict(family_templates))]
+                # The core's first: a family adds pages under its own name, never replaces the layout.
+                [jinja2.FileSystemLoader(str(TEMPLATES)), *(jinja2.FileSystemLoader(str(d)) for d in family_templates)]
             ),
             autoescape=True,
             undefined=jinja2.StrictUndefined,

@@ -6,9 +6,13 @@ Mounted by the web layer through BLEFamily.web_routes; the registry views come f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from zope.interface import implementer
+
 from bsscihub.contract import rfc3339
+from bsscihub.family import IDashboardSummary, IWebExtension
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import BLEService, normalize_mac
 from bsscihub.protocols.devices.series import bucketed, chart_points, series_json
@@ -57,11 +61,12 @@ def _mac(raw: str) -> str:
         raise bad_field("mac", e.detail) from None
 
 
+@implementer(IWebExtension, IDashboardSummary)
 class BLEWeb:
     """Registry views from the service's memory (always current); readings and series from storage."""
 
     nav = [NavItem("BLE", "/ble", "viewer", "ble")]
-    templates: dict[str, str] = {}
+    templates = Path(__file__).parent / "templates"
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
@@ -180,7 +185,7 @@ class BLEWeb:
         q = str(call.query.get("q", "")).strip().lower().replace(":", "")
         nodes = sorted((n for n in service.nodes.values() if q in n.mac or q in n.gateway.lower()),
                        key=lambda n: -n.last_seen)
-        return Page("families/ble/overview.html", {
+        return Page("ble/overview.html", {
             "title": "BLE", "gateways": [g.to_json() for g in gateways],
             "nodes": [n.to_json() for n in nodes[:500]], "node_total": len(nodes), "q": q,
             "timeout": service.config.gateway_timeout,
@@ -194,7 +199,7 @@ class BLEWeb:
             raise not_found(f"gateway {call.params['id']}")
         nodes = [n.to_json() for n in sorted((n for n in service.nodes.values() if n.gateway == gateway.id),
                                              key=lambda n: -n.last_seen)]
-        return Page("families/ble/gateway.html", {"title": f"Gateway {gateway.id}", "gateway": gateway.to_json(),
+        return Page("ble/gateway.html", {"title": f"Gateway {gateway.id}", "gateway": gateway.to_json(),
                                                   "nodes": nodes})
 
     @page_route("POST", "/gateways/{id}/forget", role="operator", summary="Forget a BLE gateway",
@@ -221,7 +226,7 @@ class BLEWeb:
         readings = [{"time": rfc3339(float(t)), "values": json.loads(d), "receivers": json.loads(r)}
                     for t, d, r in rows]
         view = node.to_json()
-        return Page("families/ble/node.html", {"title": f"Beacon {view['mac']}", "node": view, "charts": charts,
+        return Page("ble/node.html", {"title": f"Beacon {view['mac']}", "node": view, "charts": charts,
                                                "readings": readings})
 
     @page_route("POST", "/nodes/{mac}/forget", role="operator", summary="Forget a BLE node", params=(MAC,),

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 from typing import Any
 
-from bsscihub.protocols.bssci.meters_web import METER_TEMPLATES, MeterRoutes
+from zope.interface import implementer
+
+from bsscihub.family import ICertificateRevocation, IDashboardSummary, IWebExtension
+from bsscihub.protocols.bssci.meters_web import MeterRoutes
 from bsscihub.web.errors import ApiError, not_found, running_service
 from bsscihub.web.routing import (
     NO_CONTENT,
@@ -122,6 +126,7 @@ class _NotFoundMapping:
         return call
 
 
+@implementer(IWebExtension, IDashboardSummary, ICertificateRevocation)
 class MiotyWeb(MeterRoutes):
     """REST routes and pages of the mioty family; every call goes to `hub.services["mioty"]`
     (the meter routes come from meters_web.MeterRoutes)."""
@@ -131,10 +136,10 @@ class MiotyWeb(MeterRoutes):
         NavItem("Sensors", "/mioty/sensors", "viewer", "sensor"),
         NavItem("Meters", "/mioty/meters", "viewer", "sensor"),
     ]
+    templates = Path(__file__).parent / "templates"
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
-        self.templates = {**TEMPLATES, **METER_TEMPLATES}
 
     @property
     def service(self) -> Any:
@@ -532,262 +537,3 @@ class MiotyWeb(MeterRoutes):
         except ApiError as e:
             return Redirect(f"/mioty/sensors/{call.params['eui'].lower()}", error=e.message)
         return Redirect("/mioty/sensors", flash=f"sensor {call.params['eui'].lower()} removed")
-
-
-# The family's page templates; they extend the hub's layout (base.html, _macros.html).
-TEMPLATES: dict[str, str] = {
-    "mioty/base_stations.html": """\
-{% extends "base.html" %}
-{% from "_macros.html" import page_head, state, empty with context %}
-{% block content %}
-{% call page_head("Base stations", stations.total ~ " known") %}
-  <form method="get" class="search"><input name="q" value="{{ q }}" placeholder="EUI, name, vendor"
-    aria-label="Search base stations"></form>
-{% endcall %}
-<section class="card">
-{% if stations["items"] %}
-  <div class="table-wrap"><table>
-    <thead><tr><th>EUI</th><th>Name</th><th>Vendor / model</th><th>Software</th><th>State</th><th>Since</th></tr>
-      </thead>
-    <tbody>
-    {% for bs in stations["items"] %}
-      {% set eui = bs.get("bsEui") or bs.get("eui") or "" %}
-      <tr>
-        <td class="mono"><a href="/mioty/base-stations/{{ eui }}">{{ eui }}</a></td>
-        <td>{{ bs.get("name") or "—" }}</td>
-        <td>{{ bs.get("vendor") or "—" }} {{ bs.get("model") or "" }}</td>
-        <td class="mono">{{ bs.get("swVersion") or "—" }}</td>
-        <td>{{ state(bs.get("state") == "online", "online", bs.get("state") or "unknown") }}</td>
-        <td class="nowrap">{{ bs.get("since")|time }}</td>
-      </tr>
-    {% endfor %}
-    </tbody>
-  </table></div>
-{% else %}
-  {{ empty("No base station has connected yet. Issue a certificate under Certificates "
-           "and point the base station at this hub.") }}
-{% endif %}
-</section>
-{% endblock %}
-""",
-    "mioty/base_station.html": """\
-{% extends "base.html" %}
-{% from "_macros.html" import page_head, state, csrf with context %}
-{% block content %}
-{% call page_head("Base station " ~ eui, bs.get("name") or "") %}
-  {{ state(bs.get("state") == "online", "online", bs.get("state") or "unknown") }}
-  {% if user.role in ("operator", "admin") %}
-  <form method="post" action="/mioty/base-stations/{{ eui }}/status" class="inline">{{ csrf() }}<button class="btn"
-    type="submit">Poll status now</button></form>
-  {% endif %}
-{% endcall %}
-<div class="grid-2">
-  <section class="card">
-    <h2>Identity</h2>
-    <dl class="kv">
-      {% for key, value in bs.items() if value is not mapping and key != "status" %}
-      <dt>{{ key }}</dt><dd class="mono">{{ value|show }}</dd>
-      {% endfor %}
-    </dl>
-  </section>
-  <section class="card">
-    <h2>Last status</h2>
-    {% if bs.get("status") %}
-    <dl class="kv">
-      {% for key, value in bs.get("status").items() %}
-      <dt>{{ key }}</dt><dd class="mono">{{ value|show }}</dd>
-      {% endfor %}
-    </dl>
-    {% else %}<div class="empty">No status report yet.</div>{% endif %}
-  </section>
-</div>
-{% if user.role == "admin" %}
-<section class="card">
-  <h2>Revoke</h2>
-  <p class="muted small">Disconnects the base station and refuses its certificate from now on.</p>
-  <form method="post" action="/mioty/base-stations/{{ eui }}/revoke" class="row"
-    data-confirm="Revoke base station {{ eui }}? It is disconnected and can no longer connect with its certificate.">
-    {{ csrf() }}
-    <label>Reason<input name="reason" maxlength="200" placeholder="e.g. stolen, decommissioned"></label>
-    <div class="filter-actions"><button class="btn danger" type="submit">Revoke base station</button></div>
-  </form>
-</section>
-{% endif %}
-{% endblock %}
-""",
-    "mioty/sensors.html": """\
-{% extends "base.html" %}
-{% from "_macros.html" import page_head, csrf, pagination, empty with context %}
-{% block content %}
-{% call page_head("Sensors", sensors.total ~ " registered") %}
-  <form method="get" class="search"><input name="q" value="{{ q }}" placeholder="Search by EUI"
-    aria-label="Search sensors"></form>
-  {% if user.role == "admin" %}<a class="btn ghost"
-    href="/api/v1/mioty/sensors/export" download>Export endpoints.json</a><a class="btn ghost"
-    href="/api/v1/mioty/sensors/export.csv" download>Export CSV</a>{% endif %}
-{% endcall %}
-{% if user.role in ("operator", "admin") %}
-<div class="grid-2">
-  <section class="card">
-    <h2>Add a sensor</h2>
-    <form method="post" action="/mioty/sensors" class="stack" id="add-sensor">
-      {{ csrf() }}
-      <div class="row">
-        <label>EUI-64<input name="eui" id="sensor-eui" required maxlength="16" pattern="[0-9a-fA-F]{16}"
-          class="mono" placeholder="0011223344556677"></label>
-        <label>Short address<input name="shortAddr" id="sensor-short" required maxlength="4"
-          pattern="[0-9a-fA-F]{4}" class="mono" placeholder="1a2b"></label>
-      </div>
-      <label>Network key<input name="nwKey" id="sensor-key" required maxlength="32" pattern="[0-9a-fA-F]{32}"
-        class="mono" autocomplete="off" placeholder="32 hex digits"></label>
-      <label class="check"><span><input type="checkbox" name="bidi" value="on"> Bidirectional (downlinks)</span></label>
-      <button class="btn primary" type="submit" id="add-sensor-submit">Add and attach</button>
-    </form>
-  </section>
-  <section class="card">
-    <h2>Import</h2>
-    <p class="muted small">An <code>endpoints.json</code> file: a list of
-      <code>{"eui", "nwKey", "shortAddr", "bidi"}</code>, or a CSV file with the columns
-      <code>eui,nwKey,shortAddr,bidi</code>. Existing sensors are updated.</p>
-    <form method="post" action="/mioty/sensors/import" enctype="multipart/form-data" class="stack">
-      {{ csrf() }}
-      <label>File<input type="file" name="file" accept=".json,.csv,.txt,application/json,text/csv" required></label>
-      <button class="btn" type="submit">Import</button>
-    </form>
-  </section>
-</div>
-{% endif %}
-<section class="card">
-{% if sensors["items"] %}
-  <div class="table-wrap"><table id="sensor-table">
-    <thead><tr><th>EUI</th><th>Short address</th><th>Bidi</th><th>State</th><th>Last uplink</th></tr></thead>
-    <tbody>
-    {% for s in sensors["items"] %}
-      {% set eui = s.get("epEui") or s.get("eui") or "" %}
-      <tr>
-        <td class="mono"><a href="/mioty/sensors/{{ eui }}">{{ eui }}</a></td>
-        <td class="mono">{{ s.get("shortAddr") or "—" }}</td>
-        <td>{{ "yes" if s.get("bidi") else "no" }}</td>
-        <td><span
-          class="pill {{ 'ok' if s.get('attached') else 'muted' }}">
-          {{- "attached" if s.get("attached") else "detached" -}}
-        </span></td>
-        <td class="nowrap">{{ s.get("lastSeen")|time }}</td>
-      </tr>
-    {% endfor %}
-    </tbody>
-  </table></div>
-  {{ pagination(pager(sensors.total, sensors.limit, sensors.offset, {"q": q})) }}
-{% else %}{{ empty("No sensors yet." if not q else "No sensor matches.") }}{% endif %}
-</section>
-{% endblock %}
-""",
-    "mioty/sensor.html": """\
-{% extends "base.html" %}
-{% from "_macros.html" import page_head, csrf, empty with context %}
-{% block content %}
-{% set subtitle = ("attached" if sensor.get("attached") else "detached")
-                  ~ " · short address " ~ (sensor.get("shortAddr") or "—") %}
-{% call page_head("Sensor " ~ eui, subtitle) %}
-  <span class="pill live" id="live-state" data-state="connecting">connecting…</span>
-{% endcall %}
-<div class="grid-2">
-  <section class="card">
-    <div class="card-head"><h2>Signal</h2>
-      <div class="legend">{% for s in series %}<span><i class="s{{ loop.index0 }}"></i>{{ s.label }}
-        </span>{% endfor %}</div></div>
-    <canvas id="signal-chart" class="chart tall" data-chart="lines" data-points='{{ points|json_attr }}'
-      data-series='{{ series|json_attr }}'></canvas>
-  </section>
-  <section class="card">
-    <h2>Details</h2>
-    <dl class="kv">
-      {% for key, value in sensor.items() if value is not mapping %}
-      <dt>{{ key }}</dt><dd class="mono">{{ value|show }}</dd>
-      {% endfor %}
-    </dl>
-  </section>
-</div>
-{% if user.role in ("operator", "admin") %}
-<div class="grid-2">
-  <section class="card">
-    <h2>Queue a downlink</h2>
-    <form method="post" action="/mioty/sensors/{{ eui }}/downlink" class="stack" id="downlink-form">
-      {{ csrf() }}
-      <label>Data (hex)<input name="data" required maxlength="2048" pattern="([0-9a-fA-F]{2})+" class="mono"
-        placeholder="01a2ff"></label>
-      <div class="row">
-        <label>Format<input name="format" type="number" min="0" max="255" placeholder="optional"></label>
-        <label class="check"><span><input type="checkbox" name="responseExp" value="on"> Response expected</span>
-          </label>
-      </div>
-      <button class="btn primary"
-        type="submit" {{ "" if sensor.get("bidi", True) else "disabled" }}>Queue downlink</button>
-    </form>
-  </section>
-  <section class="card">
-    <h2>Attach / detach</h2>
-    <form method="post" action="/mioty/sensors/{{ eui }}/attach" class="stack">
-      {{ csrf() }}
-      <div class="row">
-        <label>Network key<input name="nwKey" required maxlength="32" pattern="[0-9a-fA-F]{32}" class="mono"
-          autocomplete="off"></label>
-        <label>Short address<input name="shortAddr" required maxlength="4" pattern="[0-9a-fA-F]{4}" class="mono"
-          value="{{ sensor.get('shortAddr') or '' }}"></label>
-      </div>
-      <label class="check"><span><input type="checkbox" name="bidi"
-        value="on" {{ "checked" if sensor.get("bidi") else "" }}> Bidirectional</span></label>
-      <div class="row">
-        <button class="btn" type="submit">Attach</button>
-      </div>
-    </form>
-    <div class="row">
-      <form method="post" action="/mioty/sensors/{{ eui }}/detach" class="inline"
-        data-confirm="Detach {{ eui }} from every base station?">{{ csrf() }}<button class="btn"
-        type="submit">Detach</button></form>
-      <form method="post" action="/mioty/sensors/{{ eui }}/delete" class="inline"
-        data-confirm="Remove {{ eui }} from the hub?">{{ csrf() }}<button class="btn danger"
-        type="submit">Remove sensor</button></form>
-    </div>
-  </section>
-</div>
-{% endif %}
-<section class="card" data-stream='["mioty/uplink"]' data-filter-key="epEui" data-filter-value="{{ eui }}"
-  data-row-key="packetCnt"
-  data-row-paths='["packetCnt","receivers.0.bsEui","receivers.0.rssi","receivers.0.snr","data"]'>
-  <div class="card-head"><h2>Uplinks</h2><span class="muted small">newest first · live</span></div>
-  <div class="table-wrap"><table>
-    <thead><tr><th>Time</th><th>Count</th><th>Best base station</th><th>RSSI</th><th>SNR</th><th>Data</th></tr></thead>
-    <tbody>
-    {% for up in uplinks %}
-      {% set best = (up.get("receivers") or [{}])[0] %}
-      <tr data-key="{{ up.get('packetCnt') }}">
-        <td class="nowrap">{{ up.get("time")|time }}</td><td class="mono">{{ up.get("packetCnt") }}</td><td
-        class="mono">{{ best.get("bsEui") or "—" }}</td><td class="mono">{{ best.get("rssi")|show }}</td><td
-        class="mono">{{ best.get("snr")|show }}</td><td class="mono">{{ up.get("data") }}</td></tr>
-    {% endfor %}
-    </tbody>
-  </table></div>
-  <p class="empty" {% if uplinks %}hidden{% endif %}>No uplinks stored yet.</p>
-</section>
-<section class="card">
-  <h2>Downlinks</h2>
-  {% if downlinks %}
-  {% set operator = user.role in ("operator", "admin") %}
-  <div class="table-wrap"><table>
-    <thead><tr>{% for key in downlinks[0].keys() %}<th>{{ key }}</th>{% endfor %}{% if operator %}<th></th>{% endif %}
-      </tr></thead>
-    <tbody>{% for d in downlinks %}<tr>{% for value in d.values() %}<td
-      class="mono">{{ value|show }}</td>{% endfor %}{% if operator %}<td>{% if d.get("status")
-      in ("queued", "dispatched", "accepted", "expiring")
-      %}<form method="post" action="/mioty/sensors/{{ eui }}/downlinks/{{ d.get('queId') }}/revoke" class="inline"
-      data-confirm="Withdraw downlink {{ d.get('queId') }}?">{{ csrf() }}<button class="btn small"
-      type="submit">Withdraw</button></form>{% endif %}</td>{% endif %}</tr>{% endfor %}</tbody>
-  </table></div>
-  {% if operator %}<form method="post" action="/mioty/sensors/{{ eui }}/dl-rx-status" class="inline">{{ csrf()
-    }}<button class="btn" type="submit">Ask for downlink reception status</button></form>{% endif %}
-  {% else %}{{ empty("No downlinks.") }}{% endif %}
-</section>
-{% endblock %}
-""",
-}

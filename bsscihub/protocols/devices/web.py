@@ -6,9 +6,13 @@ Devices post telemetry with `X-Device-Key`; operators register devices, send com
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from zope.interface import implementer
+
 from bsscihub.contract import rfc3339
+from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension
 from bsscihub.ingest import IDENTIFIER, OVERSIZED, Rejected
 from bsscihub.protocols.devices.series import bucketed, chart_points, series_json
 from bsscihub.protocols.devices.service import DeviceError, DevicesService
@@ -123,11 +127,12 @@ class LegacyRoutes:
                                     f"{body['device_id']}/update"})
 
 
+@implementer(IWebExtension, IDashboardSummary, IRootRoutes)
 class DevicesWeb:
     """Routes over the running DevicesService; the registry comes from its memory, telemetry from storage."""
 
     nav = [NavItem("Devices", "/devices", "viewer", "devices")]
-    templates: dict[str, str] = {}
+    templates = Path(__file__).parent / "templates"
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
@@ -416,7 +421,7 @@ class DevicesWeb:
         q = str(call.query.get("q", "")).strip().lower()
         found = sorted((d for d in service.devices.values() if q in d.id.lower() or q in d.name.lower()),
                        key=lambda d: -(d.last_seen or 0.0))
-        return Page("families/devices/list.html", {
+        return Page("devices/list.html", {
             "title": "Devices", "devices": [d.to_json() for d in found[:500]], "total": len(found), "q": q,
             "auto_register": service.config.auto_register, "firmware": await service.list_firmware(),
         })
@@ -464,7 +469,7 @@ class DevicesWeb:
                                     until - DAY, until, 200)
             charts.append({"type": t["type"], "points": chart_points(series),
                            "series": [{"path": f"values.{t['type']}", "label": t["type"]}]})
-        return Page("families/devices/device.html", {
+        return Page("devices/device.html", {
             "title": f"Device {device.id}", "device": device.to_json(), "types": types, "charts": charts,
             "commands": await service.list_commands(device.id, 20), "key": await service.key_info(device.id),
             "offers": await service.list_offers(device.id, 10), "firmware": await service.list_firmware(),

@@ -9,16 +9,18 @@ import functools
 import json
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
+from zope.interface import implementer
 
 from bsscihub import audit
 from bsscihub.contract import opt_time, rfc3339
+from bsscihub.family import IDashboardSummary, IWebExtension
 from bsscihub.protocols.gate.config import MAX_FILE_BYTES
 from bsscihub.protocols.gate.registry import LEVELS, Refused, Unit, level_at_least
 from bsscihub.protocols.gate.service import Caller, GateService
-from bsscihub.protocols.gate.templates import TEMPLATES
 from bsscihub.protocols.gate.tokens import public_prefix
 from bsscihub.users import role_at_least
 from bsscihub.web.dispatch import Dispatcher
@@ -165,11 +167,12 @@ def _signed_args(call: Call) -> dict[str, str]:
     return {k: str(v) for k, v in call.query.items() if v is not None}
 
 
+@implementer(IWebExtension, IDashboardSummary)
 class GateWeb:
     """Routes and pages of the gate family; mounted by the web layer via GateFamily.web_routes."""
 
     nav = [NavItem("Gates", "/gates", "viewer", "gate")]
-    templates = TEMPLATES
+    templates = Path(__file__).parent / "templates"
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
@@ -580,7 +583,7 @@ class GateWeb:
         q = str(call.query.get("q") or "")[:64]
         units = await self._invoke("list_units", call, query={"limit": limit, "offset": offset, "q": q})
         keys = await self._invoke("list_keys", call) if role_at_least(call.principal.role, "admin") else None
-        return Page("gate_units.html", {"title": "Gates", "units": units, "keys": keys, "q": q,
+        return Page("gate/units.html", {"title": "Gates", "units": units, "keys": keys, "q": q,
                                         "provisioning": self.service.config.broker_provisioning})
 
     @page_route("POST", f"{S}/keys", role="admin", summary="Create a provisioning key")
@@ -624,7 +627,7 @@ class GateWeb:
         if role_at_least(call.principal.role, "operator"):
             context["access"] = await self._invoke("list_user_tokens", call, params=params)
             context["shares"] = await self._invoke("list_shares", call, params=params)
-        return Page("gate_unit.html", context)
+        return Page("gate/unit.html", context)
 
     def _back(self, cid: str) -> str:
         return f"/gates/{cid}"
