@@ -298,7 +298,7 @@ def cmd_user(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
 
 async def _list_users(hub: Any) -> int:
     from bsscihub import users
-    from bsscihub.mqtt.bridge import rfc3339
+    from bsscihub.contract import rfc3339
 
     rows: list[users.User] = []
     while True:

@@ -295,12 +295,14 @@ class FamilyService(MultiService):
             for key in self._command_keys():
                 self.hub.commands[key] = self.command
         subscriptions = self.subscriptions()
-        if subscriptions and self.hub.mqtt is None:
+        bridge = self.hub.mqtt
+        if subscriptions and bridge is None:
             self.log.warn("{family}: no MQTT bridge, not subscribing to {filters}", family=self.family,
                           filters=", ".join(subscriptions))
             return
         for topic_filter, handler in subscriptions.items():
-            result = self.hub.mqtt.subscribe(topic_filter, self.ingest.guard(handler, lambda: self.running))
+            assert bridge is not None
+            result = bridge.subscribe(topic_filter, self.ingest.guard(handler, lambda: self.running))
             if isinstance(result, Deferred):
                 result.addErrback(self._subscribe_failed, topic_filter)
                 self._subscribed.append(result)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -22,11 +22,14 @@ from bsscihub.audit import RefusalLog
 from bsscihub.bus import EventBus
 from bsscihub.config import HubConfig
 from bsscihub.errors import UserFacingError
-from bsscihub.family import IFamily
+from bsscihub.family import IFamily, IFamilyService
 from bsscihub.health import ComponentHealth, HealthRegistry
 from bsscihub.metrics import register_standard_collectors
 from bsscihub.store import Migration, Store, open_store
 from bsscihub.store.schema import CORE_MIGRATIONS
+
+if TYPE_CHECKING:
+    from bsscihub.mqtt.bridge import MQTTBridge
 
 CommandHandler = Callable[[str, str, str, Any], Awaitable[Mapping[str, Any] | None]]
 """async handler(kind, id, name, payload) -> optional result; raises CommandError with the reason."""
@@ -43,16 +46,18 @@ class Hub:
     health: HealthRegistry
     metrics: CollectorRegistry
     families: dict[str, IFamily]
+    refusals: RefusalLog
+    """The audit log's aggregated refusals: every refused request is recorded through it."""
     version: str = __version__
     started_at: float = attrs.field(factory=time.time)
-    mqtt: Any = None
-    """The MQTT bridge once it exists (families subscribe to device topics through it)."""
-    services: dict[str, Any] = attrs.field(factory=dict)
-    """Each enabled family's service, by family name (REST routes and commands reach it here)."""
+    mqtt: MQTTBridge | None = None
+    """The MQTT bridge (tap.build_service installs it before any family service exists; None in the
+    CLI's short-lived hubs). Families subscribe to device topics through it."""
+    services: dict[str, IFamilyService] = attrs.field(factory=dict)
+    """Each enabled family's service, by family name (REST routes and commands reach it here); filled
+    while the service tree is built, before anything starts."""
     commands: dict[str, CommandHandler] = attrs.field(factory=dict)
     """Command handlers by family name, for `{prefix}/{family}/{kind}/{id}/cmd/{name}`."""
-    refusals: Any = None
-    """The audit log's aggregated refusals (audit.RefusalLog): every refused request is recorded through it."""
     extensions: list[Any] = attrs.field(factory=list)
     """Core parts with web routes of their own (alerts, webhooks), mounted like a family's under /api/v1 and /."""
 
@@ -76,8 +81,8 @@ def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> H
         health=HealthRegistry(),
         metrics=CollectorRegistry(),
         families=families,
+        refusals=RefusalLog(store, reactor),
     )
-    hub.refusals = RefusalLog(store, reactor)
     hub.health.register("storage", lambda: ComponentHealth(store.running, {"backend": store.dialect}))
     register_standard_collectors(hub.metrics, hub.version)
     return hub

@@ -26,7 +26,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from bsscihub.mqtt.bridge import rfc3339
+from bsscihub.contract import rfc3339
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 

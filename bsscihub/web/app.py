@@ -27,7 +27,6 @@ from twisted.web.static import File
 from zope.interface.verify import verifyObject
 
 from bsscihub import audit
-from bsscihub.audit import RefusalLog
 from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension, IWebRoutes
 from bsscihub.hub import Hub
 from bsscihub.ratelimit import RateLimiter
@@ -185,7 +184,7 @@ class WebApp:
         self.anonymous_limiter = (
             RateLimiter(self.clock, rate=web.anonymous_rate_limit, burst=web.anonymous_rate_burst)
             if web.anonymous_rate_limit > 0 else None)
-        self.refusals = hub.refusals if hub.refusals is not None else RefusalLog(hub.store, self.clock)
+        self.refusals = hub.refusals
         self.auth = Authenticator(hub.store, self.sessions, self.clock, secure=self.secure)
         self.stats = EventStats(self.clock)
         self.logs = LogRing()
