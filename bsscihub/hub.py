@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from bsscihub import __version__
 from bsscihub.audit import RefusalLog
 from bsscihub.bus import EventBus
+from bsscihub.cluster import Cluster, local_cluster
 from bsscihub.config import HubConfig
 from bsscihub.errors import UserFacingError
 from bsscihub.family import IFamily, IFamilyService
@@ -60,6 +61,8 @@ class Hub:
     """Command handlers by family name, for `{prefix}/{family}/{kind}/{id}/cmd/{name}`."""
     extensions: list[Any] = attrs.field(factory=list)
     """Core parts with web routes of their own (alerts, webhooks), mounted like a family's under /api/v1 and /."""
+    cluster: Cluster = attrs.field(factory=local_cluster)
+    """Dedup store, station ownership and command routing (local: one hub, the default)."""
 
     def migrations(self) -> list[Migration]:
         found = list(CORE_MIGRATIONS)

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from bsscihub.bus import Event
+from bsscihub.cluster import Cluster
 from bsscihub.errors import CommandError
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
@@ -179,7 +180,7 @@ async def wait_for(condition: Any, timeout: float = 5.0) -> None:
 
 
 async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any] | None = None,
-                mqtt: dict[str, Any] | None = None, **mioty: Any) -> Running:
+                mqtt: dict[str, Any] | None = None, cluster: Cluster | None = None, **mioty: Any) -> Running:
     config = make_config(
         tmp_path,
         families=["mioty"],
@@ -189,6 +190,8 @@ async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any
         **({"mqtt": mqtt} if mqtt else {}),
     )
     hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
+    if cluster is not None:
+        hub.cluster = cluster
     hub.store.start()
     await hub.store.migrate(hub.migrations())
     events: list[Event] = []

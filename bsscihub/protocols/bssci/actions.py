@@ -20,6 +20,9 @@ from bsscihub.protocols.bssci.registry import BaseStation, ImportCounts, Registr
 from bsscihub.protocols.bssci.session import OperationFailed, OperationTimedOut, Session, SessionClosed, State
 from bsscihub.protocols.bssci.uplinks import group_copies
 
+if TYPE_CHECKING:
+    from bsscihub.cluster import Cluster
+
 __all__ = ["MiotyActions", "UnknownDevice"]
 
 _MAX_DOWNLINK = 1024
@@ -93,6 +96,7 @@ class MiotyActions:
         registry: Registry
         sessions: dict[str, Session]
         downlink_queue: Downlinks
+        cluster: Cluster
 
         def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]: ...
         def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> Any: ...
@@ -230,8 +234,13 @@ class MiotyActions:
         return {"epEui": sensor.eui, "baseStations": asked}
 
     async def poll_status(self, bs_eui: str) -> dict[str, Any]:
-        """Poll a connected base station's status now; returns the `mioty/bs/{bsEui}/status` payload."""
+        """Poll a connected base station's status now; returns the `mioty/bs/{bsEui}/status` payload.
+        Runs on the hub that holds the station's connection."""
         eui = _eui(bs_eui, "base-station EUI")
+        result: dict[str, Any] = await self.cluster.router.route("mioty", eui, "poll_status", None)
+        return result
+
+    async def _poll_status_here(self, eui: str) -> dict[str, Any]:
         session = self.sessions.get(eui)
         if session is None or session.state is not State.ESTABLISHED:
             if eui not in self.registry.base_stations:
@@ -243,6 +252,19 @@ class MiotyActions:
             raise CommandError(str(e)) from None
         bs = self.registry.base_stations[eui]
         return {"bsEui": eui, **(bs.last_status or {})}
+
+    async def _close_here(self, eui: str, reason: str) -> None:
+        session = self.sessions.get(eui)
+        if session is not None:
+            session.close(reason)
+
+    async def station_command(self, station: str, name: str, args: Any) -> Any:
+        """A station-bound command routed to this hub (it holds `station`'s connection)."""
+        if name == "poll_status":
+            return await self._poll_status_here(station)
+        if name == "close":
+            return await self._close_here(station, args)
+        raise CommandError(f"unknown station command {name!r}")
 
     async def revoke_base_station(self, bs_eui: str, reason: str = "", *, actor: str = "system") -> dict[str, Any]:
         """Revoke a base station: close its connection, refuse its bsEui at `con` and the serial of
@@ -264,8 +286,7 @@ class MiotyActions:
             await self.registry.revoke_certificate(serial, reason or f"base station {eui} revoked", actor, now)
         self.log.warn("base station {bsEui} revoked by {actor}: {reason}", bsEui=eui, actor=actor,
                       reason=reason or "no reason given")
-        if session is not None:
-            session.close(f"revoked by {actor}")
+        await self.cluster.router.route("mioty", eui, "close", f"revoked by {actor}")
         return {**bs.to_json(), "revokedSerials": [f"{s:#x}" for s in sorted(serials)]}
 
     async def revoke_certificate(self, serial: int, reason: str = "", *, actor: str = "system") -> dict[str, Any]:

@@ -8,16 +8,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
 
 from bsscihub.bus import PlainJSON
+from bsscihub.cluster import FIRST, LATE, MERGED, IDedupStore
 from bsscihub.protocols.bssci.messages import Subpackets, UlData
 from bsscihub.protocols.bssci.registry import rfc3339
 
 __all__ = ["FIRST", "LATE", "MERGED", "Copy", "Deduplicator", "receiver", "subpackets_json", "uplink_payload"]
 
 Key = tuple[str, int]  # (epEui as 16 hex digits, packetCnt)
-
-FIRST, MERGED, LATE = 0, 1, 2
 
 # A copy of a published key whose rxTime lies further away than this is a new uplink whose
 # counter repeats (the sensor restarted), not a late copy; base-station clocks are GPS-synced.
@@ -46,9 +46,10 @@ class _Group:
         self.copies = [copy]
 
 
+@implementer(IDedupStore)
 class Deduplicator:
-    """Collects copies per (epEui, packetCnt) for `window` seconds after the first, then calls
-    `emit(key, copies, first_received)` once.
+    """One hub's dedup store, in memory (the default): collects copies per (epEui, packetCnt) for
+    `window` seconds after the first, then calls `emit(key, copies, first_received)` once.
 
     Published keys are remembered (the newest `memory` of them) so a late copy is dropped
     instead of being published again. One DelayedCall serves all open windows: they close in

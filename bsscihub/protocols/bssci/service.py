@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, TypeGuard
 
 import attrs
@@ -16,6 +17,7 @@ from zope.interface import implementer
 
 from bsscihub import audit
 from bsscihub.bus import Event
+from bsscihub.cluster import IDedupStore
 from bsscihub.contract import finite_doc
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
@@ -24,7 +26,6 @@ from bsscihub.pki import cert_bs_eui
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
 from bsscihub.protocols.bssci.crypto import session_key, verify_attach_signature
-from bsscihub.protocols.bssci.dedup import Deduplicator
 from bsscihub.protocols.bssci.downlinks import Downlinks
 from bsscihub.protocols.bssci.identity import station_identity_problem
 from bsscihub.protocols.bssci.metrics import Counters, Histogram, MiotyMetrics
@@ -119,6 +120,8 @@ class MiotyService(MiotyActions, FamilyService):
         self.registry = Registry(hub.store, self.clock)
         self.sessions: dict[str, Session] = {}
         """The current session of each base station, by bsEui (from con until it ends)."""
+        self.cluster = hub.cluster
+        self.cluster.router.register("mioty", self.station_command)
         self.stats = SessionStats()
         window = self.settings.dedup_window
         self.counters = Counters(latency=Histogram([window / 2, window, *(window + s for s in _LATENCY_STEPS)]))
@@ -126,7 +129,7 @@ class MiotyService(MiotyActions, FamilyService):
                                         self._ep_event, self._background)
         self.uplinks = UplinkPipeline(self.clock, self.registry, hub.bus, self.counters, window,
                                       self.settings.dedup_memory, self.downlink_queue.uplink,
-                                      self.downlink_queue.waiting)
+                                      self.downlink_queue.waiting, hub.cluster.make_dedup)
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
         self.vm = VariableMac(self)
         self.listener: ListenerService | None = None
@@ -154,7 +157,7 @@ class MiotyService(MiotyActions, FamilyService):
         hub.metrics.register(self.tls_stats.collector("bsscihub_bssci_"))
 
     @property
-    def dedup(self) -> Deduplicator:
+    def dedup(self) -> IDedupStore:
         return self.uplinks.dedup
 
     # -- start and stop
@@ -252,6 +255,7 @@ class MiotyService(MiotyActions, FamilyService):
             raise Refused(EACCES, problem)
         self._offer_resume(session, con, old)
         self.sessions[eui] = session
+        self.cluster.ownership.claim("mioty", eui, partial(self._claimed_elsewhere, session))
         self.counters.connections += 1
         if old is not None and old is not session and not old.closed:
             self.log.warn(
@@ -262,6 +266,13 @@ class MiotyService(MiotyActions, FamilyService):
             )
             # Aborted: a station that reconnected has usually lost the old connection silently.
             old.close("replaced by a newer connection of the same bsEui", abort=True)
+
+    def _claimed_elsewhere(self, session: Session, node: str) -> None:
+        """Another hub of the cluster took this station's newer connection: the newest wins."""
+        if self.sessions.get(session.bs_hex) is session and not session.closed:
+            self.log.warn("base station {bsEui} connected again to hub {node}; closing its connection from {peer}",
+                          bsEui=session.bs_hex, node=node, peer=session.peer)
+            session.close(f"replaced by a newer connection of the same bsEui on hub {node}", abort=True)
 
     def _offer_resume(self, session: Session, con: m.Con, old: Session | None) -> None:
         """Resume the station's previous session if it asks (same snBsUuid) within bssci.resume_window.
@@ -365,6 +376,7 @@ class MiotyService(MiotyActions, FamilyService):
         if not current:
             return  # replaced by a newer connection: still online
         del self.sessions[eui]
+        self.cluster.ownership.release("mioty", eui)
         self.vm.session_closed(session)
         bs = self.registry.base_stations.get(eui)
         self.log.info("base station {bsEui} at {peer} disconnected: {reason}", bsEui=eui, peer=session.peer,

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bsscihub.bus import Event, EventBus
+from bsscihub.cluster import IDedupStore
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.dedup import (
     LATE,
@@ -126,6 +127,7 @@ class UplinkPipeline:
         memory: int,
         on_uplink: Callable[[str, int, dict[str, Any]], None],
         waiting: Container[str] = frozenset(),
+        make_dedup: Callable[[IReactorTime, float, int, Callable[..., Any]], IDedupStore] | None = None,
     ) -> None:
         self.clock = clock
         self.registry = registry
@@ -134,7 +136,8 @@ class UplinkPipeline:
         self.on_uplink = on_uplink
         self.waiting = waiting
         self.memory = memory
-        self.dedup = Deduplicator(clock, window, memory, self.publish)
+        # The cluster's shared store if there is one, else this hub's own in memory (no extra work per copy).
+        self.dedup: IDedupStore = (make_dedup or Deduplicator)(clock, window, memory, self.publish)
         self._unconfirmed: set[defer.Deferred[Any]] = set()
         self._publish_notes = 0
 

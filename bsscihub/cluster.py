@@ -1,0 +1,139 @@
+"""The seams a hub cluster replaces: uplink deduplication, station ownership and command routing.
+Each is one small interface; the local implementations here are one hub's behaviour and the default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+__all__ = [
+    "FIRST",
+    "LATE",
+    "MERGED",
+    "Cluster",
+    "ICommandRouter",
+    "IDedupStore",
+    "IStationOwnership",
+    "LocalOwnership",
+    "LocalRouter",
+    "NoRoute",
+    "local_cluster",
+]
+
+# What a dedup store answers for one copy (the values mioty's Deduplicator has always used).
+FIRST, MERGED, LATE = 0, 1, 2
+
+StationHandler = Callable[[str, str, Any], Coroutine[Any, Any, Any]]
+"""async handler(station, name, args) -> result: one family's station-bound command, run where the station is."""
+
+
+class NoRoute(Exception):
+    """A station-bound command found no hub to run it (no handler for the family)."""
+
+
+class IDedupStore(Interface):
+    """Collects the copies of one uplink for a window after the first, then emits them once.
+
+    Built by `Cluster.make_dedup(clock, window, memory, emit)` (else the family's own, in memory);
+    `emit(key, copies, first_received)` is called once per uplink, on the hub that publishes it.
+    """
+
+    pending = Attribute("Uplinks inside their window, not published yet (int).")
+    remembered = Attribute("Published keys remembered to drop late copies (int).")
+
+    def add(key: Any, copy: Any) -> int:
+        """Take one stored copy; FIRST (opens a window), MERGED, or LATE (already published: dropped)."""
+
+    def remember(key: Any, rx_time: int) -> None:
+        """Mark a key as published (at start, from the stored uplink history)."""
+
+    def sweep_due(now: float) -> None:
+        """Emit the windows that have closed by `now` (called on every arriving copy)."""
+
+    def flush() -> None:
+        """Emit every open window now (the hub is stopping)."""
+
+
+class IStationOwnership(Interface):
+    """Which hub holds each station's connection; the newest claim wins across the network."""
+
+    node = Attribute("This hub's node name (str).")
+
+    def claim(family: str, station: str, on_lost: Callable[[str], None]) -> None:
+        """This hub holds `station`'s connection from now on. If another hub claims it later,
+        `on_lost(node)` is called here with the newer hub's name (close the older connection)."""
+
+    def release(family: str, station: str) -> None:
+        """This hub no longer holds `station` (its connection ended); a later claim elsewhere stands."""
+
+    def owner(family: str, station: str) -> str | None:
+        """The node name of the hub that holds `station` now, if any hub does (as last known here)."""
+
+
+class ICommandRouter(Interface):
+    """Runs a station-bound command (poll, downlink, revocation, ...) on the hub holding the station."""
+
+    def register(family: str, handler: StationHandler) -> None:
+        """The family's handler for commands routed to a station it holds on this hub."""
+
+    def route(family: str, station: str, name: str, args: Any) -> defer.Deferred[Any]:
+        """Run command `name` for `station` where the station is connected; fires with the
+        handler's result or fails with its error (NoRoute: no handler for the family)."""
+
+
+@implementer(IStationOwnership)
+class LocalOwnership:
+    """One hub: every station it holds is its own, and nothing claims them from elsewhere."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._held: dict[tuple[str, str], Callable[[str], None]] = {}
+
+    def claim(self, family: str, station: str, on_lost: Callable[[str], None]) -> None:
+        # A second connection to this same hub is the family's own business (it replaces the older one).
+        self._held[(family, station)] = on_lost
+
+    def release(self, family: str, station: str) -> None:
+        self._held.pop((family, station), None)
+
+    def owner(self, family: str, station: str) -> str | None:
+        return self.node if (family, station) in self._held else None
+
+
+@implementer(ICommandRouter)
+class LocalRouter:
+    """One hub: a station-bound command runs here (the family says when the station is not connected)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, StationHandler] = {}
+
+    def register(self, family: str, handler: StationHandler) -> None:
+        self._handlers[family] = handler
+
+    def route(self, family: str, station: str, name: str, args: Any) -> defer.Deferred[Any]:
+        handler = self._handlers.get(family)
+        if handler is None:
+            return defer.fail(NoRoute(f"no {family} handler for station commands on this hub"))
+        return defer.ensureDeferred(handler(station, name, args))
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """The cluster seams one hub uses (`hub.cluster`); families and the web never ask which kind."""
+
+    node: str
+    ownership: IStationOwnership
+    router: ICommandRouter
+    make_dedup: Callable[[Any, float, int, Callable[..., Any]], IDedupStore] | None = None
+    """Builds a shared dedup store; None: each family keeps its own in-memory one (one hub)."""
+    clustered: bool = False
+    """True when shared by several hubs (then storage is PostgreSQL)."""
+
+
+def local_cluster(node: str = "local") -> Cluster:
+    """One hub, nothing shared: in-memory dedup, every station owned here, commands run here."""
+    return Cluster(node=node, ownership=LocalOwnership(node), router=LocalRouter())
