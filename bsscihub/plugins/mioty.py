@@ -10,7 +10,7 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
+from bsscihub.family import EventSpec, ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
 from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig
 
 
@@ -20,6 +20,27 @@ class MiotyFamily:
     mqtt_layouts = ("seed",)
     """`seed`: the layout of the open service center the hub replaces (protocols/bssci/seed.py)."""
     config_sections = {"bssci": BSSCIConfig, "mioty": MiotyConfig}
+    events = (
+        EventSpec("uplink", "mioty/ep/{epEui}/up", False,
+                  '{"epEui", "packetCnt", "rxTime", "time", "data", "format", "dlOpen", "responseExp", "dlAck", '
+                  '"receivers": [{"bsEui", "snr", "rssi", "eqSnr", "rxTime", "profile", "mode", "subpackets"}]}'),
+        *(EventSpec(kind, f"mioty/ep/{{epEui}}/event/{kind}", False, '{"epEui", "time", ...} (the fields of its kind)')
+          for kind in ("attach", "detach", "att_rejected", "downlink", "dl_result", "dl_rx_status",
+                       "inactivity_warning", "auto_detach")),
+        EventSpec("state", "mioty/bs/{bsEui}/state", True,
+                  '{"state": "online"|"offline", "vendor", "model", "name", "swVersion", "version", "since"}'),
+        EventSpec("status", "mioty/bs/{bsEui}/status", True, "the station's last statusRsp fields plus time"),
+        EventSpec("meter_reading", "mioty/meter/{meter}/reading", False,
+                  '{"meter", "manufacturer", "meterId", "version", "deviceType", "medium", "function", "ci", "ell", '
+                  '"afl", "accessNumber", "status", "alarms", "securityMode", "encrypted", "decrypted", "values", '
+                  '"records", "manufacturerData", "data", "error", "time", "macType", "receivers"}'),
+        EventSpec("registered", "mioty/meter/{meter}/event/registered", False,
+                  '{"meter", "manufacturer", "meterId", "medium", "bsEui", "time"}'),
+        EventSpec("dl_result", "mioty/meter/{meter}/event/dl_result", False,
+                  '{"meter", "dlId", "bsEui", "result": "sent"|"refused", "error", "time"}'),
+        EventSpec("vm_uplink", "mioty/vm/{macType}/up", False, '{"macType", "data", "error", "time", "receivers"}'),
+        EventSpec("cmd_result", "mioty/{kind}/{id}/event/cmd_result", False, "answered by the MQTT bridge"),
+    )
 
     @property
     def migrations(self) -> list[Any]:

@@ -1,0 +1,171 @@
+"""Every family against its declared EventSpecs and the docs' payload tables (docs/mqtt.md,
+docs/families.md, docs/gate.md): a field that drifts in the code, the spec or the docs fails here.
+BLE and devices are also run in memory (no broker) and every event they publish is checked."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+
+from bsscihub.bus import Event
+from bsscihub.family import EventSpec, installed_families
+from bsscihub.hub import Hub, make_hub
+from tests.conftest import make_config
+from tests.contract import DOCS, ContractWitness, doc_rows, shape_of, topic_pattern, violations
+from tests.memory_bridge import MemoryBridge
+
+FAMILIES = installed_families()
+SPECS = [(name, spec) for name, family in sorted(FAMILIES.items()) for spec in family.events]
+BRIDGE_ANSWERED = "answered by the MQTT bridge"
+
+
+def test_every_family_declares_its_events() -> None:
+    assert {name for name, _ in SPECS} == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        specs = family.events
+        assert all(isinstance(s, EventSpec) for s in specs)
+        root = getattr(family, "topic_root", None) or name
+        assert all(s.topic.startswith(f"{root}/") for s in specs), name
+
+
+def _doc_rows_for(topic: str) -> list[Any]:
+    return [row for found, rows in doc_rows().items() if topic_pattern(found).match(topic) or found == topic
+            for row in rows]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "spec"), SPECS, ids=[f"{n}:{s.kind}:{s.topic}" for n, s in SPECS])
+def test_the_docs_table_says_what_the_spec_declares(family: str, spec: EventSpec) -> None:
+    rows = _doc_rows_for(spec.topic)
+    assert rows, f"{spec.topic} is in no topic table of {', '.join(d.name for d in DOCS)}"
+    declared = shape_of(spec.payload)
+    for row in rows:
+        assert row.retained == spec.retained, f"{row.file}: {spec.topic} retained {row.retained}"
+        documented = shape_of(row.payload)
+        if declared is None or documented is None:
+            continue
+        if documented.open:
+            assert documented.required <= declared.required | declared.optional, row.file
+        else:
+            assert (documented.required, documented.optional) == (declared.required, declared.optional), row.file
+
+
+def _json_examples(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(topic without {p}/, the first JSON object) of every `### `{p}/...`` section of a doc."""
+    text = path.read_text(encoding="utf-8")
+    for match in re.finditer(r"^### `\{p\}/([^`]+)`.*?\n(.*?)(?=^### |\Z)", text, re.M | re.S):
+        block = re.search(r"```json\n(.*?)```", match.group(2), re.S)
+        if block:
+            yield match.group(1), json.loads(block.group(1).split("\n\n")[0])
+
+
+EXAMPLES = list(_json_examples(DOCS[0]))
+
+
+def test_the_docs_examples_are_found() -> None:
+    assert {"mioty/ep/{epEui}/up", "mioty/bs/{bsEui}/state", "mioty/meter/{meter}/reading"} <= {t for t, _ in EXAMPLES}
+
+
+@pytest.mark.parametrize(("topic", "example"), EXAMPLES, ids=[t for t, _ in EXAMPLES])
+def test_a_docs_example_matches_its_spec(topic: str, example: dict[str, Any]) -> None:
+    specs = [s for _, s in SPECS if topic_pattern(s.topic).match(topic) or s.topic == topic
+             or topic_pattern(topic).match(s.topic)]  # fmt: skip
+    if not specs:
+        pytest.skip(f"{topic} is the core's, not a family's")
+    problems = [violations(Event(s.topic.split("/")[0], s.kind, re.sub(r"\{[^}]+\}", "x", s.topic), example,
+                                 s.retained), [s]) for s in specs]  # fmt: skip
+    assert [] in problems, problems
+
+
+def test_the_checker_catches_a_drifting_field() -> None:
+    spec = EventSpec("up", "dev/device/{id}/up", False, '{"deviceId", "time", "invalid"?}')
+    ok = Event("devices", "up", "dev/device/a/up", {"deviceId": "a", "time": "2026-01-01T00:00:00.000Z"})
+    assert violations(ok, [spec]) == []
+    assert violations(Event("devices", "up", "dev/device/a/up", {"deviceId": "a", "time": 1.5}), [spec]) == [
+        "dev/device/a/up: time = 1.5 is not RFC 3339"]
+    assert violations(Event("devices", "up", "dev/device/a/up", {"deviceId": "a", "time": None, "x": 1}), [spec]) \
+        == ["dev/device/a/up: undeclared ['x']"]
+    assert violations(Event("devices", "up", "dev/device/a/up", {"time": None}, True), [spec]) == [
+        "dev/device/a/up: retain True, declared False", "dev/device/a/up: missing ['deviceId']"]
+    assert violations(Event("devices", "down", "dev/device/a/down", {}), [spec]) != []
+
+
+# -- the families run in memory, their events checked as they are published
+
+
+async def _running(tmp_path: Path, family: str, **sections: Any) -> tuple[Hub, MemoryBridge, ContractWitness]:
+    config = make_config(tmp_path, families=[family], **sections)
+    hub = make_hub(config, reactor, {family: FAMILIES[family]})
+    bridge = MemoryBridge(config.mqtt.prefix)
+    hub.mqtt = bridge  # type: ignore[assignment]
+    witness = ContractWitness(hub.bus, family, FAMILIES[family].events)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    service = FAMILIES[family].make_service(hub)
+    hub.services[family] = service
+    service.startService()
+    await service.when_subscribed()
+    return hub, bridge, witness
+
+
+async def _stop(hub: Hub) -> None:
+    for service in hub.services.values():
+        await service.stopService()
+    await hub.store.stop()
+
+
+async def _until(condition: Any, what: str) -> None:
+    for _ in range(400):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ble_publishes_what_it_declares(tmp_path: Path) -> None:
+    hub, bridge, witness = await _running(tmp_path, "ble", ble={"dedup_window": "50ms"})
+    try:
+        for gateway, rssi in (("GW001", -71), ("GW002", -60)):
+            assert bridge.deliver(f"BLEGatewayData/{gateway}", {"gateway_id": gateway, "mac": "11:22:33:44:55:66",
+                                                                 "rssi": rssi, "temperature": 22, "humidity": 65})
+        assert bridge.deliver("BLEGatewayData/GW001", {"gateway_id": "GW001", "mac": "aa:22:33:44:55:66",
+                                                       "temperature": float("nan")})
+        await _until(lambda: {"up", "node_registered", "gateway_state", "gateway_registered"} <= witness.kinds(),
+                     "every kind of BLE event")
+    finally:
+        await _stop(hub)
+    assert witness.problems == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_publish_what_they_declare(tmp_path: Path) -> None:
+    hub, bridge, witness = await _running(tmp_path, "devices")
+    try:
+        assert bridge.deliver("SensorData/esp32-01", {"device_id": "esp32-01", "type": "temperature", "value": 1})
+        assert bridge.deliver("device/esp32-02/telemetry/humidity", b"55")
+        assert bridge.deliver("device/esp32-02/status", {"state": "online", "firmware": "1.0.0"})
+        await _until(lambda: {"up", "status", "registered"} <= witness.kinds(), "every kind of device event")
+    finally:
+        await _stop(hub)
+    assert witness.problems == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_rejected_event_is_as_declared(tmp_path: Path) -> None:
+    hub, bridge, witness = await _running(tmp_path, "devices", devices={"auto_register": False})
+    try:
+        bridge.deliver("SensorData/stranger", {"device_id": "stranger", "type": "temperature", "value": 1})
+        await _until(lambda: "rejected" in witness.kinds(), "the rejected event")
+    finally:
+        await _stop(hub)
+    assert witness.problems == []
+
+
