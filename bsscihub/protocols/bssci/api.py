@@ -324,24 +324,24 @@ class MiotyWeb(MeterRoutes):
                params=(EP,), errors=(404,),
                query=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
                       Param("before", {"type": "number", "minimum": 0}, "only uplinks before this time (epoch s)")),
-               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+               response=page_of(ANY_OBJECT))
     async def uplinks(self, call: Call) -> Any:
         eui = call.params["eui"].lower()
         if await self.service.get_sensor(eui) is None:
             raise not_found(f"sensor {eui}")
         history = await self.service.uplink_history(eui, call.query["limit"], call.query.get("before"))
         items, _ = _normalize_page(history)
-        return {"items": items}
+        return page(items, len(items), call.query["limit"], 0)
 
     @api_route("GET", "/sensors/{eui}/downlinks", role="viewer", summary="Queued and recent downlinks",
                params=(EP,), errors=(404,),
-               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+               response=page_of(ANY_OBJECT))
     async def downlinks(self, call: Call) -> Any:
         eui = call.params["eui"].lower()
         if await self.service.get_sensor(eui) is None:
             raise not_found(f"sensor {eui}")
         items, _ = _normalize_page(await self.service.downlinks(eui))
-        return {"items": items}
+        return page(items, len(items), len(items), 0)
 
     @api_route("GET", "/sensors/{eui}/downlinks/{queId}", role="viewer",
                summary="One downlink with its state (queued, dispatched, accepted, expiring, sent, expired, invalid,"

@@ -109,15 +109,17 @@ class MeterRoutes:
                errors=(404,),
                query=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
                       Param("before", {"type": "number", "minimum": 0}, "only readings before this time (epoch s)")),
-               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+               response=page_of(ANY_OBJECT))
     async def meter_readings(self, call: Call) -> Any:
-        return await self.vm.readings(call.params["meter"], call.query["limit"], call.query.get("before"))
+        found = await self.vm.readings(call.params["meter"], call.query["limit"], call.query.get("before"))
+        return page(found["items"], len(found["items"]), call.query["limit"], 0)
 
     @api_route("GET", "/meters/{meter}/downlinks", role="viewer", summary="Frames queued for the meter and sent",
                params=(METER,), errors=(404,),
-               response=obj({"items": {"type": "array", "items": ANY_OBJECT}}, ("items",), closed=False))
+               response=page_of(ANY_OBJECT))
     async def meter_downlinks(self, call: Call) -> Any:
-        return await self.vm.downlinks(call.params["meter"])
+        found = await self.vm.downlinks(call.params["meter"])
+        return page(found["items"], len(found["items"]), len(found["items"]), 0)
 
     @api_route("POST", "/meters/{meter}/downlinks", role="operator",
                summary="Queue a frame for the meter (vm.dlData with its next uplink)", params=(METER,),
