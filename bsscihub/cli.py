@@ -107,18 +107,27 @@ def build_parser(families: Mapping[str, IFamily] | None = None) -> argparse.Argu
     config.add_parser("sample", parents=[common], help="print the documented sample configuration")
 
     groups: dict[str, Any] = {}
-    for family, command in family_commands(installed_families() if families is None else families):
+    leaves: dict[str, Any] = {}
+    commands = family_commands(installed_families() if families is None else families)
+    # Top-level commands first: a family may add to another's (`sim devices` next to mioty's `sim`).
+    for family, command in sorted(commands, key=lambda found: len(found[1].path)):
         *group, name = command.path
         where = sub
         if group:
             if group[0] not in groups:
-                groups[group[0]] = sub.add_parser(
-                    group[0], parents=[common], help=CORE_GROUPS.get(group[0], f"{family.name} commands")
-                ).add_subparsers(dest=f"{group[0]}_command", required=True, metavar="COMMAND")
+                if group[0] in leaves:
+                    # Optional there: the command itself still runs without one (`bsscihub sim --sensors 5`).
+                    groups[group[0]] = leaves[group[0]].add_subparsers(dest=f"{group[0]}_command", metavar="FAMILY")
+                else:
+                    groups[group[0]] = sub.add_parser(
+                        group[0], parents=[common], help=CORE_GROUPS.get(group[0], f"{family.name} commands")
+                    ).add_subparsers(dest=f"{group[0]}_command", required=True, metavar="COMMAND")
             where = groups[group[0]]
         parser_of = where.add_parser(name, parents=[common], help=command.help)
         command.add_arguments(parser_of, common)
         parser_of.set_defaults(family_command=(family.name, command))
+        if not group:
+            leaves[name] = parser_of
     return parser
 
 

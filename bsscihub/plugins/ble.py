@@ -10,11 +10,11 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import EventSpec, IFamily, IWebRoutes
+from bsscihub.family import CLICommand, EventSpec, ICommandLine, IFamily, IWebRoutes
 from bsscihub.protocols.ble.config import BLEConfig
 
 
-@implementer(IPlugin, IFamily, IWebRoutes)
+@implementer(IPlugin, IFamily, IWebRoutes, ICommandLine)
 class BLEFamily:
     name = "ble"
     config_sections = {"ble": BLEConfig}
@@ -39,6 +39,14 @@ class BLEFamily:
         from bsscihub.protocols.ble.service import BLEService
 
         return BLEService(hub)
+
+    def cli_commands(self) -> Any:
+        from bsscihub.protocols.ble import sim
+
+        return (CLICommand(
+            ("sim", "ble"),
+            "simulate BLE gateways and beacons against the hub's broker",
+            sim.add_arguments, sim.run, needs_enabled=False),)
 
     def web_routes(self, hub: Any) -> Any:
         from bsscihub.protocols.ble.web import BLEWeb

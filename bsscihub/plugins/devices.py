@@ -10,11 +10,11 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import EventSpec, IFamily, IWebRoutes
+from bsscihub.family import CLICommand, EventSpec, ICommandLine, IFamily, IWebRoutes
 from bsscihub.protocols.devices.config import DevicesConfig
 
 
-@implementer(IPlugin, IFamily, IWebRoutes)
+@implementer(IPlugin, IFamily, IWebRoutes, ICommandLine)
 class DevicesFamily:
     name = "devices"
     topic_root = "dev"
@@ -47,6 +47,14 @@ class DevicesFamily:
         from bsscihub.protocols.devices.service import DevicesService
 
         return DevicesService(hub)
+
+    def cli_commands(self) -> Any:
+        from bsscihub.protocols.devices import sim
+
+        return (CLICommand(
+            ("sim", "devices"),
+            "simulate generic MQTT devices against the hub's broker",
+            sim.add_arguments, sim.run, needs_enabled=False),)
 
     def web_routes(self, hub: Any) -> Any:
         from bsscihub.protocols.devices.web import DevicesWeb
