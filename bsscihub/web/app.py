@@ -221,6 +221,7 @@ class WebApp:
             if extension.templates is not None:
                 templates.append(extension.templates)
         for extension in hub.extensions:  # core parts with routes of their own (alerts, webhooks)
+            verifyObject(IWebExtension, extension)
             self.extensions.append(extension)
             routes += collect(extension, api_prefix=API_PREFIX, page_prefix="", tag=extension.tag,
                               name_prefix=f"{extension.tag}_")

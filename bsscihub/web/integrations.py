@@ -12,7 +12,7 @@ from zope.interface import implementer
 from bsscihub.alerts import CONDITIONS, AlertService
 from bsscihub.config import duration
 from bsscihub.errors import CommandError
-from bsscihub.family import IDashboardSummary
+from bsscihub.family import IDashboardSummary, IWebExtension
 from bsscihub.web.errors import ApiError, not_found, unavailable
 from bsscihub.web.routing import (
     NO_CONTENT,
@@ -98,9 +98,11 @@ def _user_error(e: CommandError, field: str | None = None) -> ApiError:
 
 
 @implementer(IDashboardSummary)
+@implementer(IWebExtension, IDashboardSummary)
 class AlertsWeb:
     tag = "alerts"
     nav = [NavItem("Alerts", "/alerts", "viewer", "alert")]
+    templates = None  # alerts.html is with the core's templates
 
     def __init__(self, hub: Any, service: AlertService) -> None:
         self.hub = hub
@@ -217,9 +219,11 @@ class AlertsWeb:
         return Redirect("/alerts", flash="rule deleted")
 
 
+@implementer(IWebExtension)
 class WebhooksWeb:
     tag = "webhooks"
     nav = [NavItem("Webhooks", "/webhooks", "operator", "link")]
+    templates = None  # webhooks.html is with the core's templates
 
     def __init__(self, hub: Any, service: WebhookService) -> None:
         self.hub = hub
