@@ -205,3 +205,20 @@ def test_arbitrary_payloads_decode_or_give_a_reason(data, fmt, name):
         assert str(e)
     else:
         json.dumps(decoded, allow_nan=False)
+
+
+def test_the_book_says_when_a_sensors_blueprint_is_missing():
+    from bsscihub.protocols.bssci.blueprints import BlueprintBook
+
+    book = BlueprintBook(None, None)
+    book.types = {"0011223344556677": "70b3d5677000a001"}
+    payload = {"data": "0ba528278c", "format": 0}
+    book.annotate("0011223344556677", payload)
+    assert payload["decodeError"] == "no blueprint imported for type 70b3d5677000a001"
+    book.blueprints = {"70b3d5677000a001": load("climate.json")}
+    payload = {"data": "0ba528278c", "format": 0}
+    book.annotate("0011223344556677", payload)
+    assert payload["decoded"]["temperature"] == {"value": 24.95, "unit": "°C"}
+    other = {"data": "00", "format": 0}
+    book.annotate("ffffffffffffffff", other)
+    assert other == {"data": "00", "format": 0}  # a sensor without a type stays as it was

@@ -47,7 +47,7 @@ async def test_every_page_renders_for_its_role(harness: Harness) -> None:
     await h.mioty.vm.set_meter_key("dme-81795246", "00" * 16)  # the meter page's example renders
     sessions = {role: await h.login(role) for role in ("viewer", "operator", "admin")}
     pages = [b.route for b in h.web.routes if b.route.kind == "page" and b.route.method == "GET" and b.route.role]
-    assert len(pages) == 13
+    assert len(pages) == 14
     for route in pages:
         path = route.example_path().replace("0011223344556677", EUI)
         cookies, _ = sessions[route.role or "viewer"]
@@ -62,6 +62,18 @@ async def test_every_page_renders_for_its_role(harness: Harness) -> None:
     operator = await h.request("GET", f"/mioty/sensors/{EUI}", cookies=sessions["operator"][0])
     assert b"Queue a downlink" in operator.body
     assert KEY.encode() not in operator.body
+    # Decoded values: the last ones listed, any numeric one charted when chosen on the page.
+    h.mioty.uplinks[EUI].append({
+        "epEui": EUI, "packetCnt": 8, "time": "2025-01-01T00:10:00Z", "rxTime": 1735690200 * 10**9, "data": "0ba5",
+        "receivers": [{"bsEui": "70b3d59cd0000001", "rssi": -96.0, "snr": 5.0}], "typeEui": "70b3d5677000a001",
+        "decoded": {"temperature": {"value": 24.95, "unit": "°C"}, "door": {"value": True}}})
+    charted = (await h.request("GET", f"/mioty/sensors/{EUI}?field=temperature", cookies=sessions["viewer"][0]))
+    html = charted.body.decode()
+    assert 'value="temperature" selected' in html and "24.95 °C" in html and 'value="door"' not in html
+    assert "decoded.temperature.value" in html  # the chart's series follows the chosen field
+    await h.mioty.blueprints.add((Path(__file__).parent / "data" / "blueprints" / "climate.json").read_text(), "t")
+    listed = (await h.request("GET", "/mioty/blueprints", cookies=sessions["operator"][0])).body.decode()
+    assert "70b3d5677000a001" in listed and "Indoor climate sensor" in listed and 'name="file"' in listed
 
 
 @pytest_twisted.ensureDeferred

@@ -250,6 +250,10 @@ async def build_harness(tmp_path: Path, *, families: tuple[str, ...] = ("mioty",
         fake.vm = VariableMac(SimpleNamespace(  # type: ignore[attr-defined, arg-type]
             hub=hub, clock=reactor, settings=config.section("mioty"), _event=lambda *a: events.append(a),
             looping=lambda fn, what: LoopingCall(fn)))
+        # The blueprint routes run on the real blueprint book, over the real database.
+        from bsscihub.protocols.bssci.blueprints import BlueprintBook
+
+        fake.blueprints = BlueprintBook(hub.store, reactor)  # type: ignore[attr-defined]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     hub.store.start()
     await hub.store.migrate(hub.migrations())

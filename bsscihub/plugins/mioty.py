@@ -44,10 +44,11 @@ class MiotyFamily:
 
     @property
     def migrations(self) -> list[Any]:
+        from bsscihub.protocols.bssci.blueprints import MIGRATIONS as BLUEPRINTS
         from bsscihub.protocols.bssci.meters import MIGRATIONS as METERS
         from bsscihub.protocols.bssci.schema import MIGRATIONS
 
-        return [*MIGRATIONS, *METERS]
+        return [*MIGRATIONS, *METERS, *BLUEPRINTS]
 
     def make_service(self, hub: Any) -> Any:
         from bsscihub.protocols.bssci.service import MiotyService

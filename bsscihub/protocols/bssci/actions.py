@@ -22,6 +22,7 @@ from bsscihub.protocols.bssci.uplinks import group_copies
 
 if TYPE_CHECKING:
     from bsscihub.cluster import Cluster
+    from bsscihub.protocols.bssci.blueprints import BlueprintBook
 
 __all__ = ["MiotyActions", "UnknownDevice"]
 
@@ -97,6 +98,7 @@ class MiotyActions:
         sessions: dict[str, Session]
         downlink_queue: Downlinks
         cluster: Cluster
+        blueprints: BlueprintBook
 
         def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]: ...
         def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> Any: ...
@@ -335,16 +337,19 @@ class MiotyActions:
         needle = (filter or "").lower()
         found = sorted(eui for eui in self.registry.sensors if needle in eui)
         page = found[offset : offset + limit] if limit > 0 else []
-        return {"items": [self.registry.sensors[eui].to_json() for eui in page], "total": len(found),
+        return {"items": [self._sensor_json(self.registry.sensors[eui]) for eui in page], "total": len(found),
                 "limit": limit, "offset": offset}
 
     async def get_sensor(self, ep_eui: str) -> dict[str, Any] | None:
         """One sensor, or None: epEui, shortAddr (4 hex), bidi, dualChan, repetition,
         wideCarrOff, longBlkDist, epClass, syncBurst, attached, attachedAt, attachCnt,
         otaSession (attached over the air: attPrp carries the derived session key), lastPacketCnt,
-        lastSeen, bestBs, bestSnr, createdAt. Never a key."""
+        lastSeen, bestBs, bestSnr, createdAt, typeEui (its blueprint's type, or null). Never a key."""
         sensor = self.registry.sensors.get(_eui(ep_eui, "end point EUI"))
-        return None if sensor is None else sensor.to_json()
+        return None if sensor is None else self._sensor_json(sensor)
+
+    def _sensor_json(self, sensor: Sensor) -> dict[str, Any]:
+        return {**sensor.to_json(), "typeEui": self.blueprints.types.get(sensor.eui)}
 
     async def uplink_history(self, ep_eui: str, limit: int = 100, before: float | None = None) -> dict[str, Any]:
         """The sensor's stored uplinks, newest first, received before `before` (Unix seconds):
@@ -360,6 +365,7 @@ class MiotyActions:
         for ep, copies in groups[:limit]:
             first = min(c.received for c in copies)
             items.append({**uplink_payload(ep, copies, first), "received": first})
+        self.blueprints.annotate_all(items)  # decoded with the blueprint the sensor has now
         return {"items": items}
 
     async def downlinks(self, ep_eui: str) -> dict[str, Any]:

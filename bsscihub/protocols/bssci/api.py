@@ -13,6 +13,7 @@ from typing import Any
 from zope.interface import implementer
 
 from bsscihub.family import ICertificateRevocation, IDashboardSummary, IWebExtension
+from bsscihub.protocols.bssci.blueprints_web import BlueprintRoutes, decoded_fields, decoded_points
 from bsscihub.protocols.bssci.meters_web import MeterRoutes
 from bsscihub.web.errors import ApiError, not_found, running_service
 from bsscihub.web.routing import (
@@ -127,14 +128,15 @@ class _NotFoundMapping:
 
 
 @implementer(IWebExtension, IDashboardSummary, ICertificateRevocation)
-class MiotyWeb(MeterRoutes):
+class MiotyWeb(MeterRoutes, BlueprintRoutes):
     """REST routes and pages of the mioty family; every call goes to `hub.services["mioty"]`
-    (the meter routes come from meters_web.MeterRoutes)."""
+    (the meter routes come from meters_web.MeterRoutes, the blueprint routes from blueprints_web)."""
 
     nav = [
         NavItem("Base stations", "/mioty/base-stations", "viewer", "bs"),
         NavItem("Sensors", "/mioty/sensors", "viewer", "sensor"),
         NavItem("Meters", "/mioty/meters", "viewer", "sensor"),
+        NavItem("Blueprints", "/mioty/blueprints", "viewer", "sensor"),
     ]
     templates = Path(__file__).parent / "templates"
 
@@ -478,13 +480,25 @@ class MiotyWeb(MeterRoutes):
     @page_route("GET", "/sensors/{eui}", role="viewer", summary="Sensor", params=(EP,))
     async def sensor_page(self, call: Call) -> Any:
         sensor = await self._invoke(call, "get_sensor", params=call.params)
-        ups = (await self._invoke(call, "uplinks", params=call.params, query={"limit": "100"}))["items"]
+        ups = (await self._invoke(call, "uplinks", params=call.params, query={"limit": "500"}))["items"]
         downs = (await self._invoke(call, "downlinks", params=call.params))["items"]
+        # The chart shows the signal, or any numeric value the sensor's blueprint decodes (chosen on the page).
+        fields = decoded_fields(ups)
+        units = dict(fields)
+        chosen = call.query.get("field") or ""
+        if chosen in units:
+            label = f"{chosen} ({units[chosen]})" if units[chosen] else chosen
+            points = decoded_points(ups, chosen)
+            series = [{"label": label, "path": f"decoded.{chosen}.value"}]
+        else:
+            chosen, points = "", chart_points(ups)
+            series = [{"label": "RSSI (dBm)", "path": "receivers.0.rssi"},
+                      {"label": "SNR (dB)", "path": "receivers.0.snr"}]
+        last = next((up for up in ups if up.get("decoded") or up.get("decodeError")), None)
         return Page("mioty/sensor.html", {
-            "sensor": sensor, "eui": call.params["eui"].lower(), "uplinks": ups, "downlinks": downs,
-            "points": chart_points(ups), "title": f"Sensor {call.params['eui']}",
-            "series": [{"label": "RSSI (dBm)", "path": "receivers.0.rssi"},
-                       {"label": "SNR (dB)", "path": "receivers.0.snr"}],
+            "sensor": sensor, "eui": call.params["eui"].lower(), "uplinks": ups[:100], "downlinks": downs,
+            "points": points, "title": f"Sensor {call.params['eui']}", "series": series, "fields": fields,
+            "field": chosen, "last": last,
         })
 
     async def _sensor_action(self, call: Call, name: str, done: str, **kwargs: Any) -> Any:

@@ -135,10 +135,66 @@ def _issue_bs(config: HubConfig, families: dict[str, IFamily], args: argparse.Na
     return 0
 
 
+def _blueprints_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="blueprints_command", required=True, metavar="COMMAND")
+    imp = sub.add_parser("import", parents=[common], help="import blueprint JSON files (replacing by type)")
+    imp.add_argument("files", nargs="+", metavar="FILE")
+    sub.add_parser("list", parents=[common], help="list the imported blueprints")
+    assign = sub.add_parser("assign", parents=[common], help="give a sensor a Type EUI (none: take it away)")
+    assign.add_argument("sensor", help="the sensor's EUI-64")
+    assign.add_argument("type_eui", metavar="TYPE", help="16 hex digits, or none")
+
+
+def _blueprints(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bsscihub import audit
+    from bsscihub.protocols.bssci.blueprints import BlueprintBook, BlueprintError
+
+    async def work(hub: Any) -> int:
+        book = BlueprintBook(hub.store, hub.reactor)
+        await book.load()
+        if args.blueprints_command == "list":
+            for b in book.list():
+                print(f"{b['typeEui']}\t{b['name'] or ''}\t{b['vendor'] or ''}\tformats: "
+                      f"{','.join(map(str, b['formats']))}\tsensors: {b['sensors']}")
+            return 0
+        if args.blueprints_command == "assign":
+            eui = args.sensor.lower()
+            if len(eui) != 16 or any(c not in "0123456789abcdef" for c in eui):
+                raise CLIError(f"sensor {args.sensor!r}: an EUI-64 is 16 hex digits")
+            t = None if args.type_eui.lower() == "none" else args.type_eui
+            try:
+                await book.set_type(eui, t)
+            except BlueprintError as e:
+                raise CLIError(f"{args.type_eui!r}: {e}") from None
+            await audit.record(hub.store, "cli", "mioty.sensor.type", eui, {"typeEui": book.types.get(eui)},
+                               "bsscihub blueprints assign")
+            print(f"sensor {eui}: type {book.types.get(eui) or 'none'}")
+            return 0
+        for name in args.files:
+            try:
+                text = Path(name).read_bytes()
+            except OSError as e:
+                raise CLIError(f"{name}: {e.strerror}") from None
+            try:
+                bp = await book.add(text, "cli")
+            except BlueprintError as e:
+                raise CLIError(f"{name}: {e}") from None
+            await audit.record(hub.store, "cli", "mioty.blueprint.import", bp.type_eui, {"name": bp.name},
+                               "bsscihub blueprints import")
+            print(f"{name}: blueprint {bp.type_eui} ({bp.name or 'no name'}), formats "
+                  f"{', '.join(map(str, sorted(bp.formats)))}")
+        return 0
+
+    return run_with_store(config, families, work)
+
+
 COMMANDS = (
     CLICommand(("certs", "issue-bs"), "issue a base-station client certificate", _issue_bs_arguments, _issue_bs,
                needs_enabled=False),
     CLICommand(("sensors",), "mioty end points", _sensors_arguments, _sensors),
     CLICommand(("meters",), "wireless M-Bus meters (mioty Variable MAC)", _meters_arguments, _meters),
+    CLICommand(("blueprints",), "mioty Blueprints (decoding sensor payloads)", _blueprints_arguments, _blueprints),
     CLICommand(("sim",), "simulate mioty base stations against a hub", _sim_arguments, _sim, needs_enabled=False),
 )

@@ -25,6 +25,7 @@ from bsscihub.listening import ListenerService
 from bsscihub.pki import cert_bs_eui
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
+from bsscihub.protocols.bssci.blueprints import BlueprintBook
 from bsscihub.protocols.bssci.crypto import session_key, verify_attach_signature
 from bsscihub.protocols.bssci.downlinks import Downlinks
 from bsscihub.protocols.bssci.identity import station_identity_problem
@@ -127,9 +128,11 @@ class MiotyService(MiotyActions, FamilyService):
         self.counters = Counters(latency=Histogram([window / 2, window, *(window + s for s in _LATENCY_STEPS)]))
         self.downlink_queue = Downlinks(self.clock, self.registry, self.sessions, self.settings.downlink_ttl,
                                         self._ep_event, self._background)
+        self.blueprints = BlueprintBook(hub.store, self.clock)
         self.uplinks = UplinkPipeline(self.clock, self.registry, hub.bus, self.counters, window,
                                       self.settings.dedup_memory, self.downlink_queue.uplink,
-                                      self.downlink_queue.waiting, hub.cluster.make_dedup)
+                                      self.downlink_queue.waiting, hub.cluster.make_dedup,
+                                      annotate=self.blueprints.annotate)
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
         self.vm = VariableMac(self)
         self.listener: ListenerService | None = None
@@ -148,6 +151,8 @@ class MiotyService(MiotyActions, FamilyService):
             (self.looping(self.sync, "syncing the sensor registry"), self.settings.flush_interval),
             (self.looping(self.check_lifecycle, "checking sensor activity"), lifecycle),
             (self.looping(self.prune, "pruning uplink history"), min(3600.0, self.settings.uplink_retention / 4)),
+            # Blueprints and sensor types imported from the command line while the hub runs.
+            (self.looping(self.blueprints.refresh, "reloading blueprints"), 5.0),
             (self.looping(self.downlink_queue.tick, "expiring downlinks"),
              max(0.05, min(60.0, self.settings.downlink_ttl / 4))),
         ]
@@ -169,6 +174,7 @@ class MiotyService(MiotyActions, FamilyService):
         await registry.load()
         for bs in await registry.mark_all_offline(self.clock.seconds()):
             self._publish_state(bs)
+        await self.blueprints.load()
         await self.uplinks.load()
         await self.vm.prepare()
         await self.downlink_queue.load()

@@ -111,6 +111,7 @@ class UplinkPipeline:
     4. `_published` marks the copies published once the bus took the event durably; copies left
        unmarked are published again by `replay` at the next start.
 
+    `annotate(ep, payload)`, if given, adds to the payload before it is published (decoded values).
     `on_uplink(ep, packetCnt, payload)` sees every uplink that acknowledges a downlink (dlAck)
     or opens a downlink window (dlOpen) for an end point in `waiting` (with queued downlinks).
     """
@@ -128,6 +129,7 @@ class UplinkPipeline:
         on_uplink: Callable[[str, int, dict[str, Any]], None],
         waiting: Container[str] = frozenset(),
         make_dedup: Callable[[IReactorTime, float, int, Callable[..., Any]], IDedupStore] | None = None,
+        annotate: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.clock = clock
         self.registry = registry
@@ -135,6 +137,7 @@ class UplinkPipeline:
         self.counters = counters
         self.on_uplink = on_uplink
         self.waiting = waiting
+        self.annotate = annotate
         self.memory = memory
         # The cluster's shared store if there is one, else this hub's own in memory (no extra work per copy).
         self.dedup: IDedupStore = (make_dedup or Deduplicator)(clock, window, memory, self.publish)
@@ -203,6 +206,8 @@ class UplinkPipeline:
             sensor.paths = tuple(r["bsEui"] for r in receivers)
             sensor.warned = False
             self.registry.dirty(ep)
+        if self.annotate is not None:
+            self.annotate(ep, payload)  # blueprint-decoded values next to the raw data
         if payload["dlAck"] or (payload["dlOpen"] and ep in self.waiting):
             self.on_uplink(ep, packet_cnt, payload)
         d = self.bus.publish(Event("mioty", "uplink", f"mioty/ep/{ep}/up", payload))

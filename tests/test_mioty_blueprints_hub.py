@@ -1,0 +1,151 @@
+"""Blueprints end to end against the running hub (twistd): imported from the command line and over REST, a sensor
+given a Type EUI, its uplinks over real mutual TLS published on a real Mosquitto with the decoded values."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bsscihub.pki import issue_client_cert
+from tests import test_twistd
+from tests.broker import Mosquitto, Received, Subscriber, free_port
+from tests.test_mioty_crash import Station, kill, start_hub
+from tests.test_twistd import CONFIG, clean_env, login_token
+
+home = test_twistd.home  # the fixture: a directory after `bsscihub init`
+
+DATA = Path(__file__).parent / "data" / "blueprints"
+EP = "0011223344556677"
+A = "70b3d59cd00000a1"
+CLIMATE, METER = "70b3d5677000a001", "70b3d5677000a003"
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bsscihub.cli", *args, "--config", CONFIG], cwd=home,
+                          env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
+                          capture_output=True, text=True, timeout=60)
+
+
+def api(web: int, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{web}/api/v1{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def up_of(ep: str) -> Callable[[Received], bool]:
+    return lambda m: m.topic == f"bsscihub/mioty/ep/{ep}/up"
+
+
+@pytest.fixture
+def log(home: Path) -> Iterator[Path]:
+    path = home / "hub.log"
+    yield path
+    if path.exists():
+        print(path.read_text())
+
+
+def send_uplink(station: Station, cnt: int, data: bytes, fmt: int) -> None:
+    op = station.send("ulData", epEui=int(EP, 16), rxTime=1_700_000_000_000_000_000 + cnt * 1_000_000,
+                      packetCnt=cnt, snr=7.5, rssi=-101.0, userData=list(data), format=fmt, dlOpen=False,
+                      responseExp=False, dlAck=False)
+    station.expect("ulDataRsp", op)
+    station.send("ulDataCmp", op)
+
+
+def test_blueprint_decoded_values_in_the_uplink_event_and_rest(
+    home: Path,
+    log: Path,
+    mosquitto_factory: Callable[..., Mosquitto],
+    subscriber_factory: Callable[..., Subscriber],
+) -> None:
+    certs = home / "certs"
+    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", bs_eui=A)
+    # The command line imports two blueprints; a broken file is refused with the place of the problem.
+    imported = cli(home, "blueprints", "import", str(DATA / "climate.json"), str(DATA / "door-flags.json"))
+    assert imported.returncode == 0, imported.stderr
+    assert f"blueprint {CLIMATE} (Indoor climate sensor), formats 0, 192" in imported.stdout
+    broken = home / "broken.json"
+    doc = json.loads((DATA / "climate.json").read_text())
+    doc["component"]["pressure"]["func"] = "$ / "
+    broken.write_text(json.dumps(doc))
+    refused = cli(home, "blueprints", "import", str(broken))
+    assert refused.returncode == 1 and "pressure" in refused.stderr and "ends too early" in refused.stderr
+    broker = mosquitto_factory()
+    witness = subscriber_factory(broker, "bsscihub/#")
+    web, bssci = free_port(), free_port()
+    hub = start_hub(home, log, web, bssci, broker)
+    station = None
+    try:
+        token = login_token(web, home)
+        # REST: a third blueprint, a bad one refused with the reason, the list.
+        status, created = api(web, token, "POST", "/mioty/blueprints", json.loads((DATA / "meter-le.json").read_text()))
+        assert status == 201 and created["typeEui"] == METER and created["formats"] == [3]
+        status, error = api(web, token, "POST", "/mioty/blueprints", {"version": "1.0", "typeEui": "xyz"})
+        assert status == 400 and "typeEui must be 16 hex digits" in error["error"]["message"]
+        status, listed = api(web, token, "GET", "/mioty/blueprints")
+        assert [b["typeEui"] for b in listed["items"]] == sorted([CLIMATE, METER, "70b3d5677000a002"])
+        # The sensor, given its Type EUI over REST.
+        status, _ = api(web, token, "POST", "/mioty/sensors",
+                        {"eui": EP, "nwKey": "000102030405060708090a0b0c0d0e0f", "shortAddr": "1a2b", "bidi": False})
+        assert status == 201
+        status, sensor = api(web, token, "PUT", f"/mioty/sensors/{EP}/type", {"typeEui": CLIMATE.upper()})
+        assert status == 200 and sensor["typeEui"] == CLIMATE
+        station = Station(bssci, issued.cert_path, issued.key_path, certs / "ca.pem")
+        station.connect(A, "bs-a")
+        station.expect("attPrp")
+        # Format 192: temperature, humidity, pressure, battery.
+        payload = (2981).to_bytes(2, "big") + bytes([40]) + (10132).to_bytes(2, "big") + bytes([128])
+        send_uplink(station, 1, payload, 192)
+        [message] = witness.wait_for(up_of(EP), timeout=10)
+        event = json.loads(message.payload)
+        assert event["data"] == payload.hex() and event["typeEui"] == CLIMATE
+        assert event["decoded"] == {
+            "temperature": {"value": 24.95, "unit": "°C"}, "humidity": {"value": 40, "unit": "%"},
+            "pressure": {"value": 1013.2, "unit": "hPa"}, "battery": {"value": 3.65, "unit": "V"}}
+        # A payload that does not match: published raw, with the reason.
+        send_uplink(station, 2, payload[:3], 0)
+        until_two = witness.wait_for(lambda m: up_of(EP)(m) and json.loads(m.payload)["packetCnt"] == 2, timeout=10)
+        bad = json.loads(until_two[-1].payload)
+        assert bad["data"] == payload[:3].hex() and "decoded" not in bad
+        assert bad["decodeError"] == "payload ends at bit 24: field 'pressure' needs 16 bits, 0 left"
+        # REST history carries the decoded values too.
+        status, history = api(web, token, "GET", f"/mioty/sensors/{EP}/uplinks")
+        assert status == 200
+        by_cnt = {u["packetCnt"]: u for u in history["items"]}
+        assert by_cnt[1]["decoded"]["pressure"] == {"value": 1013.2, "unit": "hPa"}
+        assert "decodeError" in by_cnt[2]
+        # A type assigned from the command line reaches the running hub; float and signed little-endian fields.
+        assert cli(home, "blueprints", "assign", EP, METER).returncode == 0
+        time.sleep(5.5)  # the hub reloads types changed from the command line within 5 s
+        frame = ((7).to_bytes(4, "little") + (1500).to_bytes(4, "little") + (-20).to_bytes(2, "little", signed=True)
+                 + struct.pack("<f", -3.25) + bytes.fromhex("0a0b0c0d") + bytes([0x02]))
+        send_uplink(station, 3, frame, 3)
+        [third] = [json.loads(m.payload) for m in witness.wait_for(
+            lambda m: up_of(EP)(m) and json.loads(m.payload)["packetCnt"] == 3, timeout=10)][-1:]
+        assert third["typeEui"] == METER and third["decoded"]["temperature"] == {"value": -3.25, "unit": "°C"}
+        assert third["decoded"]["flow"] == {"value": -2, "unit": "l/h"}
+        listed_cli = cli(home, "blueprints", "list")
+        assert re.search(rf"{METER}\t.*sensors: 1", listed_cli.stdout), listed_cli.stdout
+    finally:
+        if station is not None:
+            station.close()
+        kill(hub)
+    assert "Traceback" not in log.read_text()
