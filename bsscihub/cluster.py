@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
@@ -22,6 +23,7 @@ __all__ = [
     "LocalRouter",
     "NoRoute",
     "local_cluster",
+    "parse_redis_url",
 ]
 
 # What a dedup store answers for one copy (the values mioty's Deduplicator has always used).
@@ -132,8 +134,29 @@ class Cluster:
     """Builds a shared dedup store; None: each family keeps its own in-memory one (one hub)."""
     clustered: bool = False
     """True when shared by several hubs (then storage is PostgreSQL)."""
+    link: Any = None
+    """The connection the shared parts run on (with start and stop); None for one hub."""
+
+    async def start(self) -> None:
+        if self.link is not None:
+            await self.link.start()
+
+    async def stop(self) -> None:
+        if self.link is not None:
+            await self.link.stop()
 
 
 def local_cluster(node: str = "local") -> Cluster:
     """One hub, nothing shared: in-memory dedup, every station owned here, commands run here."""
     return Cluster(node=node, ownership=LocalOwnership(node), router=LocalRouter())
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int | None, str | None]:
+    """host, port, database number and password of a redis://[:password@]host[:port][/db] URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError("expected redis://[:password@]host[:port][/db]")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError("the database after the host must be a number, as in redis://host:6379/0")
+    return parts.hostname, parts.port or 6379, int(db) if db else None, parts.password

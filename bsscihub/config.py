@@ -241,6 +241,28 @@ class WebhooksConfig:
     retry_max: float = setting(300.0, duration, "longest pause between two tries (the pause doubles up to it)")
 
 
+def _redis_url(value: Any) -> str:
+    from bsscihub.cluster import parse_redis_url
+
+    text = "" if value is None else _str(value).strip()
+    if text:
+        parse_redis_url(text)
+    return text
+
+
+def _node_name(value: Any) -> str:
+    text = "" if value is None else _str(value).strip()
+    if text and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise ValueError("expected a name of letters, digits, '.', '_' or '-' (at most 64)")
+    return text
+
+
+@attrs.frozen
+class ClusterConfig:
+    redis: str = setting("", _redis_url, "redis://host:port/db shared by the hubs of a cluster (empty: one hub)")
+    node: str = setting("", _node_name, "this hub's name in the cluster, unique (empty: host name and process id)")
+
+
 CORE_SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "tls": TLSConfig,
@@ -251,6 +273,7 @@ CORE_SECTIONS: dict[str, type] = {
 HUB_SECTIONS: dict[str, type] = {
     "alerts": AlertsConfig,
     "webhooks": WebhooksConfig,
+    "cluster": ClusterConfig,
 }
 """Sections of the hub's own optional parts; kept in HubConfig.sections like the families' ones."""
 
@@ -441,6 +464,9 @@ def load_config(
     for name, cls in sections.items():
         built[name] = build_section(cls, name, raw.get(name))
     core = {name: built.pop(name) for name in CORE_SECTIONS}
+    if built["cluster"].redis and urlsplit(top["database"]).scheme == "sqlite":
+        raise ConfigError("cluster.redis", _mask_url(built["cluster"].redis),
+                          "a cluster shares one PostgreSQL database: set database to postgresql://...")
     if top["families"] is not None:
         top["families"] = tuple(top["families"])
     return HubConfig(

@@ -6,6 +6,7 @@ Storage is migrated before any listener binds; on stop, listeners close before p
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -86,9 +87,20 @@ def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> H
         families=families,
         refusals=RefusalLog(store, reactor),
     )
+    cluster = config.sections.get("cluster")
+    if cluster is not None and cluster.redis:
+        hub.cluster = _redis_cluster(cluster.node or f"{socket.gethostname()}-{os.getpid()}", cluster.redis, reactor)
     hub.health.register("storage", lambda: ComponentHealth(store.running, {"backend": store.dialect}))
     register_standard_collectors(hub.metrics, hub.version)
     return hub
+
+
+def _redis_cluster(node: str, url: str, reactor: Any) -> Cluster:
+    try:
+        from bsscihub.cluster_redis import redis_cluster
+    except ImportError as e:
+        raise UserFacingError(f"cluster.redis needs the cluster extra (pip install 'bsscihub[cluster]'): {e}") from None
+    return redis_cluster(node, url, reactor)
 
 
 class HubService(MultiService):
@@ -131,6 +143,7 @@ class HubService(MultiService):
         hub.config.data_dir.mkdir(parents=True, exist_ok=True)
         hub.store.start()
         await hub.store.migrate(hub.migrations())
+        await hub.cluster.start()  # the shared parts answer before any station or client arrives
         for child in self:
             child.startService()
         # A family that cannot start (certificates missing, port taken) fails the hub's start.
@@ -169,6 +182,7 @@ class HubService(MultiService):
         for child in reversed(list(self)):
             if child.running:
                 await defer.maybeDeferred(child.stopService)
+        await self.hub.cluster.stop()
         await self.hub.store.stop()
         self.log.info("bsscihub stopped")
 

@@ -163,3 +163,23 @@ async def test_the_family_uses_the_dedup_store_ownership_and_router_it_is_given(
         assert ("mioty", A, "close") in router.routed
     finally:
         await running.stop()
+
+
+def test_a_cluster_needs_postgresql_and_a_redis_url(tmp_path: Path) -> None:
+    from bsscihub.config import ConfigError, load_config
+
+    path = tmp_path / "hub.yaml"
+    path.write_text("cluster:\n  redis: redis://:secret@127.0.0.1:6379/0\n  node: hub-1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+    assert str(raised.value).startswith("config error: cluster.redis = ") and "PostgreSQL" in str(raised.value)
+    assert "secret" not in str(raised.value)
+    path.write_text("database: postgresql://hub@db/hub\ncluster:\n  redis: redis://127.0.0.1:6379/0\n  node: hub-1\n")
+    config = load_config(path, {})
+    assert config.section("cluster").redis == "redis://127.0.0.1:6379/0" and config.section("cluster").node == "hub-1"
+    for key, value, reason in (("redis", "http://x", "expected redis://"), ("node", "a b", "letters, digits")):
+        path.write_text(f"database: postgresql://hub@db/hub\ncluster:\n  {key}: {value!r}\n")
+        with pytest.raises(ConfigError, match=reason):
+            load_config(path, {})
+    # One hub by default: nothing to connect to.
+    assert load_config(None, {}).section("cluster").redis == ""

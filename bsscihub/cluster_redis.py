@@ -1,0 +1,304 @@
+"""The cluster parts on Redis, for several hubs sharing one PostgreSQL database: station ownership
+(the newest claim wins everywhere) and command routing to the hub that holds a station (pub/sub per node)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from bsscihub.cluster import Cluster, ICommandRouter, IStationOwnership, NoRoute, StationHandler, parse_redis_url
+from bsscihub.errors import CommandError, UserFacingError
+
+__all__ = ["RedisLink", "RedisOwnership", "RedisRouter", "parse_redis_url", "redis_cluster"]
+
+_PREFIX = "bsscihub:"
+OWNERS = _PREFIX + "owners"  # hash: family/station -> {"node", "seq"}
+CLAIMS = _PREFIX + "claims"  # channel: every claim and release, in seq order
+_SEQ = _PREFIX + "claim-seq"
+# One atomic step: a claim's sequence number, the owners entry and the announcement share one order.
+_CLAIM = """
+local seq = redis.call('INCR', KEYS[2])
+local value = cjson.encode({node = ARGV[2], seq = seq})
+redis.call('HSET', KEYS[1], ARGV[1], value)
+redis.call('PUBLISH', KEYS[3], cjson.encode({op = 'claim', station = ARGV[1], node = ARGV[2], seq = seq}))
+return seq
+"""
+# Only the holder's release removes the entry: a newer claim elsewhere stands.
+_RELEASE = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if value and cjson.decode(value).node == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', KEYS[2], cjson.encode({op = 'release', station = ARGV[1], node = ARGV[2]}))
+  return 1
+end
+return 0
+"""
+ROUTE_TIMEOUT = 10.0
+"""Seconds a routed command waits for the owning hub's answer."""
+
+
+def node_channel(node: str) -> str:
+    return f"{_PREFIX}node:{node}"
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """Delivers messages to its link; subscribes again after every reconnection."""
+
+    link: RedisLink
+
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()
+        self.whenConnected().addCallback(lambda _: self.subscribe(sorted(self.factory.link.handlers)))
+        return d
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.link.received(channel, message)
+
+
+class RedisLink:
+    """Two connections to one Redis: commands, and a subscriber that dispatches by channel."""
+
+    log = Logger()
+
+    def __init__(self, url: str, reactor: Any) -> None:
+        self.host, self.port, self.db, self.password = parse_redis_url(url)
+        self.reactor = reactor
+        self.handlers: dict[str, Callable[[str], None]] = {}
+        self.ready: list[Callable[[], Awaitable[None]]] = []
+        """Run once connected, before the families start (what the parts must know first)."""
+        self.redis: Any = None
+        self._sub: Any = None
+
+    def on(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Call `handler(message)` for every message on `channel` (registered before start)."""
+        self.handlers[channel] = handler
+
+    async def start(self, timeout: float = 10.0) -> None:
+        connecting = txredisapi.Connection(self.host, self.port, dbid=self.db, password=self.password,
+                                           reconnect=True, connectTimeout=5, replyTimeout=5)
+        try:
+            self.redis = await connecting.addTimeout(timeout, self.reactor)
+        except (defer.TimeoutError, txredisapi.ConnectionError) as e:
+            raise UserFacingError(f"cluster.redis: Redis at {self.host}:{self.port} did not answer ({e})") from None
+        factory = txredisapi.SubscriberFactory()
+        factory.protocol = _Subscriber
+        factory.password = self.password
+        factory.link = self
+        factory.startConnecting(HostnameEndpoint(self.reactor, self.host, self.port, timeout=5))
+        self._sub = factory
+        await factory.deferred
+        for step in self.ready:
+            await step()
+        self.log.info("cluster: connected to Redis at {host}:{port}", host=self.host, port=self.port)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.disconnect()
+        if self.redis is not None:
+            await self.redis.disconnect()
+
+    def received(self, channel: Any, message: Any) -> None:
+        handler = self.handlers.get(channel.decode() if isinstance(channel, bytes) else channel)
+        if handler is None:
+            return
+        try:
+            handler(message.decode() if isinstance(message, bytes) else message)
+        except Exception:
+            self.log.failure("cluster: a message on {channel} could not be handled", channel=channel)
+
+    def publish(self, channel: str, message: str) -> defer.Deferred[int]:
+        d: defer.Deferred[int] = self.redis.publish(channel, message)
+        return d
+
+    def eval(self, script: str, keys: list[str], args: list[Any]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = self.redis.eval(script, keys, args)
+        return d
+
+
+@attrs.define
+class _Held:
+    on_lost: Callable[[str], None]
+    seq: int | None = None  # None until Redis numbered the claim
+    newer: tuple[int, str] | None = None  # another hub's claim seen meanwhile: (seq, node)
+
+
+@implementer(IStationOwnership)
+class RedisOwnership:
+    """Claims numbered by Redis in one order: a hub that sees a higher-numbered claim of a station it
+    holds gives the station up. Every hub keeps the owners it heard of, to route commands."""
+
+    log = Logger()
+
+    def __init__(self, node: str, link: RedisLink) -> None:
+        self.node = node
+        self.link = link
+        self._held: dict[str, _Held] = {}
+        self._owners: dict[str, tuple[str, int]] = {}  # family/station -> (node, seq)
+        link.on(CLAIMS, self._announced)
+
+    async def load(self) -> None:
+        """The owners known before this hub started."""
+        entries = await self.link.redis.hgetall(OWNERS)
+        for field, value in (entries or {}).items():
+            entry = json.loads(value)
+            self._owners[field.decode() if isinstance(field, bytes) else field] = (entry["node"], int(entry["seq"]))
+
+    def claim(self, family: str, station: str, on_lost: Callable[[str], None]) -> None:
+        field = f"{family}/{station}"
+        held = self._held[field] = _Held(on_lost)
+        d = self.link.eval(_CLAIM, [OWNERS, _SEQ, CLAIMS], [field, self.node])
+        d.addCallbacks(self._numbered, self._failed, (field, held), errbackArgs=(field,))
+
+    def _numbered(self, seq: Any, field: str, held: _Held) -> None:
+        held.seq = int(seq)
+        self._note(field, self.node, held.seq)
+        if held.newer is not None and held.newer[0] > held.seq and self._held.get(field) is held:
+            self._lose(field, held.newer[1])
+
+    def _failed(self, failure: Any, field: str) -> None:
+        # Held here all the same: the station is connected to this hub; others learn it at the next claim.
+        self.log.warn("cluster: the claim of {station} did not reach Redis: {problem}", station=field,
+                      problem=failure.getErrorMessage())
+
+    def release(self, family: str, station: str) -> None:
+        field = f"{family}/{station}"
+        if self._held.pop(field, None) is None:
+            return
+        d = self.link.eval(_RELEASE, [OWNERS, CLAIMS], [field, self.node])
+        d.addErrback(self._failed, field)
+
+    def owner(self, family: str, station: str) -> str | None:
+        field = f"{family}/{station}"
+        if field in self._held:
+            return self.node
+        known = self._owners.get(field)
+        return known[0] if known is not None else None
+
+    def _note(self, field: str, node: str, seq: int) -> None:
+        known = self._owners.get(field)
+        if known is None or known[1] <= seq:
+            self._owners[field] = (node, seq)
+
+    def _announced(self, message: str) -> None:
+        event = json.loads(message)
+        field, node = event["station"], event["node"]
+        if event["op"] == "release":
+            if self._owners.get(field, ("",))[0] == node:
+                del self._owners[field]
+            return
+        seq = int(event["seq"])
+        self._note(field, node, seq)
+        held = self._held.get(field)
+        if held is None or node == self.node:
+            return
+        if held.seq is None:
+            if held.newer is None or held.newer[0] < seq:
+                held.newer = (seq, node)
+        elif seq > held.seq:
+            self._lose(field, node)
+
+    def _lose(self, field: str, node: str) -> None:
+        held = self._held.pop(field)
+        held.on_lost(node)
+
+
+@implementer(ICommandRouter)
+class RedisRouter:
+    """A command for a station held by another hub goes to that hub's channel; its answer comes back
+    on this hub's. A station no hub holds is answered here (the family says it is not connected)."""
+
+    log = Logger()
+
+    def __init__(self, node: str, link: RedisLink, ownership: IStationOwnership, clock: Any,
+                 timeout: float = ROUTE_TIMEOUT) -> None:
+        self.node = node
+        self.link = link
+        self.ownership = ownership
+        self.clock = clock
+        self.timeout = timeout
+        self._handlers: dict[str, StationHandler] = {}
+        self._waiting: dict[str, tuple[defer.Deferred[Any], IDelayedCall]] = {}
+        link.on(node_channel(node), self._message)
+
+    def register(self, family: str, handler: StationHandler) -> None:
+        self._handlers[family] = handler
+
+    def _here(self, family: str, station: str, name: str, args: Any) -> defer.Deferred[Any]:
+        handler = self._handlers.get(family)
+        if handler is None:
+            return defer.fail(NoRoute(f"no {family} handler for station commands on this hub"))
+        return defer.ensureDeferred(handler(station, name, args))
+
+    def route(self, family: str, station: str, name: str, args: Any) -> defer.Deferred[Any]:
+        owner = self.ownership.owner(family, station)
+        if owner is None or owner == self.node:
+            return self._here(family, station, name, args)
+        return defer.ensureDeferred(self._remote(owner, family, station, name, args))
+
+    async def _remote(self, owner: str, family: str, station: str, name: str, args: Any) -> Any:
+        request_id = uuid.uuid4().hex
+        answer: defer.Deferred[Any] = defer.Deferred()
+        timer = self.clock.callLater(self.timeout, self._timed_out, request_id, owner)
+        self._waiting[request_id] = (answer, timer)
+        request = {"op": "request", "id": request_id, "reply": self.node, "family": family, "station": station,
+                   "name": name, "args": args}
+        try:
+            listeners = await self.link.publish(node_channel(owner), json.dumps(request))
+        except Exception:
+            self._forget(request_id)
+            raise
+        if not listeners:
+            # The owning hub is gone (its claim outlived it): the station is not connected anywhere now.
+            self._forget(request_id)
+            return await self._here(family, station, name, args)
+        return await answer
+
+    def _forget(self, request_id: str) -> None:
+        _, timer = self._waiting.pop(request_id)
+        if timer.active():
+            timer.cancel()
+
+    def _timed_out(self, request_id: str, owner: str) -> None:
+        answer, _ = self._waiting.pop(request_id)
+        answer.errback(CommandError(f"hub {owner}, which holds the station, did not answer in {self.timeout:g} s"))
+
+    def _message(self, message: str) -> None:
+        body = json.loads(message)
+        if body["op"] == "request":
+            d = self._here(body["family"], body["station"], body["name"], body["args"])
+            d.addCallbacks(lambda result: {"op": "answer", "id": body["id"], "ok": True, "result": result},
+                           lambda failure: {"op": "answer", "id": body["id"], "ok": False,
+                                            "error": failure.getErrorMessage()})
+            d.addCallback(lambda reply: self.link.publish(node_channel(body["reply"]), json.dumps(reply)))
+            d.addErrback(lambda failure: self.log.warn("cluster: an answer to hub {node} was lost: {problem}",
+                                                       node=body["reply"], problem=failure.getErrorMessage()))
+            return
+        waiting = self._waiting.pop(body["id"], None)
+        if waiting is None:
+            return  # timed out meanwhile
+        answer, timer = waiting
+        if timer.active():
+            timer.cancel()
+        if body["ok"]:
+            answer.callback(body["result"])
+        else:
+            answer.errback(CommandError(body["error"]))
+
+
+def redis_cluster(node: str, url: str, reactor: Any) -> Cluster:
+    """The parts of one hub in a cluster; `await cluster.start()` before the families start."""
+    link = RedisLink(url, reactor)
+    ownership = RedisOwnership(node, link)
+    link.ready.append(ownership.load)
+    router = RedisRouter(node, link, ownership, reactor)
+    return Cluster(node=node, ownership=ownership, router=router, clustered=True, link=link)

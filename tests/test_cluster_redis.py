@@ -1,0 +1,187 @@
+"""The cluster parts on a real Redis (a private redis-server): station ownership across hubs, newest
+claim wins, and station commands routed to the hub that holds the station, with its answer or error."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from bsscihub.bus import Event
+from bsscihub.cluster import Cluster
+from bsscihub.cluster_redis import parse_redis_url, redis_cluster
+from bsscihub.errors import CommandError
+from bsscihub.family import installed_families
+from bsscihub.hub import make_hub
+from bsscihub.protocols.bssci.service import MiotyService
+from tests.conftest import _reset_pg_schema, make_config
+from tests.redis_server import redis_url
+from tests.test_mioty_service import PKI, A, Running, pki
+
+__all__ = ["pki", "redis_url"]  # fixtures
+
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+
+BS = A
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
+        await deferLater(reactor, 0.005, lambda: None)
+
+
+@pytest_twisted.async_yield_fixture
+async def hubs(redis_url: str) -> AsyncIterator[list[Cluster]]:
+    started: list[Cluster] = []
+    for node in ("hub-1", "hub-2"):
+        cluster = redis_cluster(node, redis_url, reactor)
+        await cluster.start()
+        started.append(cluster)
+    await cluster.link.redis.delete(["bsscihub:owners"])  # each test starts with no owners
+    yield started
+    for cluster in started:
+        await cluster.stop()
+
+
+def test_redis_urls_are_checked() -> None:
+    assert parse_redis_url("redis://:secret@redis.example:6380/2") == ("redis.example", 6380, 2, "secret")
+    assert parse_redis_url("redis://127.0.0.1") == ("127.0.0.1", 6379, None, None)
+    for bad in ("http://host", "redis://", "redis://host/x"):
+        with pytest.raises(ValueError):
+            parse_redis_url(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_newest_claim_wins_on_every_hub(hubs: list[Cluster]) -> None:
+    one, two = hubs
+    lost: list[tuple[str, str]] = []
+    one.ownership.claim("mioty", BS, lambda node: lost.append(("hub-1", node)))
+    await wait_for(lambda: two.ownership.owner("mioty", BS) == "hub-1")
+    two.ownership.claim("mioty", BS, lambda node: lost.append(("hub-2", node)))
+    # hub-1 gives the station up to hub-2, and both say hub-2 holds it.
+    await wait_for(lambda: lost == [("hub-1", "hub-2")])
+    assert one.ownership.owner("mioty", BS) == "hub-2" == two.ownership.owner("mioty", BS)
+    # hub-1's late release does not undo hub-2's claim.
+    one.ownership.release("mioty", BS)
+    await deferLater(reactor, 0.1, lambda: None)
+    assert one.ownership.owner("mioty", BS) == "hub-2"
+    two.ownership.release("mioty", BS)
+    await wait_for(lambda: one.ownership.owner("mioty", BS) is None)
+    assert lost == [("hub-1", "hub-2")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hub_started_later_knows_the_owners(hubs: list[Cluster], redis_url: str) -> None:
+    hubs[0].ownership.claim("mioty", BS, lambda node: None)
+    await wait_for(lambda: hubs[1].ownership.owner("mioty", BS) == "hub-1")
+    late = redis_cluster("hub-3", redis_url, reactor)
+    await late.start()
+    try:
+        assert late.ownership.owner("mioty", BS) == "hub-1"
+    finally:
+        await late.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_station_command_runs_on_the_hub_that_holds_the_station(hubs: list[Cluster]) -> None:
+    one, two = hubs
+    ran: list[tuple[str, str, str, Any]] = []
+
+    def handler(node: str) -> Any:
+        async def handle(station: str, name: str, args: Any) -> Any:
+            ran.append((node, station, name, args))
+            if name == "fail":
+                raise CommandError(f"base station {station} is not connected")
+            return {"bsEui": station, "on": node}
+
+        return handle
+
+    one.router.register("mioty", handler("hub-1"))
+    two.router.register("mioty", handler("hub-2"))
+    two.ownership.claim("mioty", BS, lambda node: None)
+    await wait_for(lambda: one.ownership.owner("mioty", BS) == "hub-2")
+    assert await one.router.route("mioty", BS, "poll_status", None) == {"bsEui": BS, "on": "hub-2"}
+    assert ran == [("hub-2", BS, "poll_status", None)]
+    # The owner's error comes back with its reason.
+    with pytest.raises(CommandError, match="is not connected"):
+        await one.router.route("mioty", BS, "fail", "why")
+    # A station nobody holds is answered here.
+    assert await one.router.route("mioty", "00000000000000bb", "poll_status", None) == {
+        "bsEui": "00000000000000bb", "on": "hub-1"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_for_a_hub_that_is_gone_is_answered_here(hubs: list[Cluster], redis_url: str) -> None:
+    one = hubs[0]
+
+    async def here(station: str, name: str, args: Any) -> str:
+        return "answered on hub-1"
+
+    one.router.register("mioty", here)
+    gone = redis_cluster("hub-9", redis_url, reactor)
+    await gone.start()
+    gone.ownership.claim("mioty", BS, lambda node: None)
+    await wait_for(lambda: one.ownership.owner("mioty", BS) == "hub-9")
+    await gone.stop()  # as if killed: its claim stays in Redis, nobody listens on its channel
+    assert await one.router.route("mioty", BS, "poll_status", None) == "answered on hub-1"
+
+
+async def _start_hub(tmp: Path, pki: PKI, database: str, redis: str, node: str) -> Running:
+    tmp.mkdir()
+    config = make_config(
+        tmp, families=["mioty"], database=database, cluster={"redis": redis, "node": node},
+        tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
+        mioty={"dedup_window": 0.2},
+    )  # fmt: skip
+    hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
+    assert hub.cluster.clustered and hub.cluster.node == node
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    await hub.cluster.start()
+    events: list[Event] = []
+    hub.bus.subscribe(events.append)
+    service = MiotyService(hub)
+    service.drain_wait = 0.2
+    hub.services["mioty"] = service
+    service.startService()
+    await service.when_ready()
+    return Running(hub, service, events, pki)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_hubs_share_their_stations_over_redis_and_postgresql(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    try:
+        first = await one.station("bs-a", A)
+        await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) == "hub-1")
+        # Asked on hub-2, answered by the station on hub-1.
+        polls = len([m for m in first.seen if m["command"] == "status"])
+        status = await two.service.poll_status(A)
+        assert status["bsEui"] == A and status["code"] == 0
+        assert len([m for m in first.seen if m["command"] == "status"]) > polls
+        # The station connects to hub-2 now: newest wins, hub-1 closes its older connection.
+        second = await two.station("bs-a", A)
+        await first.lost
+        await wait_for(lambda: A not in one.service.sessions)
+        assert one.hub.cluster.ownership.owner("mioty", A) == "hub-2" == two.hub.cluster.ownership.owner("mioty", A)
+        assert A in two.service.sessions and not second.lost.called
+        # A revocation on hub-1 closes the connection held by hub-2.
+        await one.service.revoke_base_station(A, "stolen", actor="test")
+        await second.lost
+        await wait_for(lambda: A not in two.service.sessions)
+    finally:
+        for running in (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
