@@ -193,6 +193,7 @@ class AlertService(Service):
         self._dirty: set[tuple[str, str, str]] = set()
         self._roots = {getattr(f, "topic_root", None) or n: n for n, f in hub.families.items()}
         self._by_family: dict[str, list[Rule]] = {}
+        self._wants: dict[str, tuple[bool, bool]] = {}
         self._unsubscribe: Any = None
         self._loop: LoopingCall | None = None
         self._ready: defer.Deferred[None] | None = None
@@ -264,61 +265,78 @@ class AlertService(Service):
 
     def _index(self) -> None:
         by_family: dict[str, list[Rule]] = {}
+        wants: dict[str, tuple[bool, bool]] = {}
         for rule in self.rules.values():
             if rule.enabled:
                 by_family.setdefault(rule.family, []).append(rule)
+                battery, signal = wants.get(rule.family, (False, False))
+                wants[rule.family] = (battery or rule.condition == "battery_below",
+                                      signal or rule.condition == "signal_below")
         self._by_family = by_family
+        self._wants = wants
 
     # -- the bus side (runs for every event: keep it cheap)
 
     def on_event(self, event: Event) -> None:
         parts = event.topic.split("/")
-        if len(parts) < 4 or event.family == "alerts":
+        if len(parts) != 4:
+            if len(parts) == 5 and parts[4] == "deleted" and parts[3] == "event" and parts[0] in self._roots:
+                self._forget((self._roots[parts[0]], parts[1], parts[2]))
             return
+        last = parts[3]
         family = self._roots.get(parts[0])
-        if family is None:
+        if family is None or last not in _LIFE_SIGNS or event.family == "alerts":
             return
         key = (family, parts[1], parts[2])
-        if parts[3:] == ["event", "deleted"]:
-            self._forget(key)
-            return
-        if parts[-1] not in _LIFE_SIGNS or len(parts) != 4:
-            return
-        payload = event.payload
-        target = self.targets.get(key)
+        targets = self.targets
+        target = targets.get(key)
         if target is None:
-            target = self.targets[key] = Target(*key)
+            target = targets[key] = Target(*key)
+        payload = event.payload
         state = payload.get("state")
+        dirty = self._dirty
+        dirty.add(key)
         if state == "offline":
             target.reported = "offline"
-        else:
-            target.last_seen = self.clock.seconds()
-            if state == "online" or parts[-1] in ("up", "reading"):
-                target.reported = "online"
-            battery = battery_of(payload)
-            if battery is not None:
-                target.battery = battery
-            signal = signal_of(payload)
-            if signal is not None:
-                target.signal = signal
-        self._dirty.add(key)
-        self._check(family, target)
+            self._check(family, target)
+            return
+        now = self.clock.seconds()
+        target.last_seen = now
+        if state == "online" or last == "up" or last == "reading":
+            target.reported = "online"
+        # Readings are looked for only while a rule asks for them (a busy hub's uplinks pass here).
+        wants = self._wants.get(family)
+        if wants is not None:
+            if wants[0]:
+                battery = battery_of(payload)
+                if battery is not None:
+                    target.battery = battery
+            if wants[1]:
+                signal = signal_of(payload)
+                if signal is not None:
+                    target.signal = signal
+            self._check(family, target)
         receivers = payload.get("receivers")
-        if isinstance(receivers, list) and state != "offline":
+        if receivers.__class__ is list:
             # The gateways and base stations that heard a device were heard too.
             for receiver in receivers:
-                if not isinstance(receiver, Mapping):
+                if receiver.__class__ is not dict and not isinstance(receiver, Mapping):
                     continue
-                for field, kind in (("gatewayId", "gw"), ("bsEui", "bs")):
-                    heard = receiver.get(field)
-                    if isinstance(heard, str) and heard:
-                        by = (family, kind, heard)
-                        station = self.targets.get(by)
-                        if station is None:
-                            station = self.targets[by] = Target(*by)
-                        station.last_seen = self.clock.seconds()
-                        self._dirty.add(by)
-                        self._check(family, station)
+                heard, kind = receiver.get("bsEui"), "bs"
+                if heard is None:
+                    heard, kind = receiver.get("gatewayId"), "gw"
+                if not isinstance(heard, str) or not heard:
+                    continue
+                by = (family, kind, heard)
+                station = targets.get(by)
+                if station is None:
+                    station = targets[by] = Target(*by)
+                elif station.last_seen is not None and now - station.last_seen < 1.0:
+                    continue  # a busy station relays many uplinks a second: once a second is enough
+                station.last_seen = now
+                dirty.add(by)
+                if wants is not None:
+                    self._check(family, station)
 
     def _check(self, family: str, target: Target) -> None:
         rules = self._by_family.get(family)
@@ -415,6 +433,13 @@ class AlertService(Service):
              "firing" if firing else "resolved", value))
 
     async def _tick(self) -> None:
+        try:
+            await self._check_silences()
+        except Exception:
+            # A database hiccup must not end the checks for good: the next round tries again.
+            self.log.failure("alert check round failed")
+
+    async def _check_silences(self) -> None:
         now = self.clock.seconds()
         for rules in self._by_family.values():
             for rule in rules:
@@ -439,10 +464,11 @@ class AlertService(Service):
         self._dirty = set()
 
         def write(cursor: Any) -> None:
-            for row in rows:
-                cursor.execute("DELETE FROM alert_targets WHERE family = ? AND kind = ? AND target = ?", row[:3])
-            cursor.execute_rows("INSERT INTO alert_targets (family, kind, target, last_seen, reported, battery,"
-                                " signal) VALUES {rows}", rows)
+            # One upsert per 128 rows: a hub with many sensors writes them all every round.
+            cursor.execute_rows(
+                "INSERT INTO alert_targets (family, kind, target, last_seen, reported, battery, signal) VALUES {rows}"
+                " ON CONFLICT (family, kind, target) DO UPDATE SET last_seen = excluded.last_seen,"
+                " reported = excluded.reported, battery = excluded.battery, signal = excluded.signal", rows)
 
         await self.hub.store.interaction(write)
 

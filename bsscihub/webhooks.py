@@ -71,8 +71,12 @@ _RETRY_STATUSES = frozenset({408, 425, 429})
 def check_url(url: Any) -> str:
     if not isinstance(url, str) or len(url) > 2048:
         raise CommandError("url must be an http:// or https:// URL of at most 2048 characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise CommandError("url is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise CommandError("url must be an http:// or https:// URL with a host")
     return url
 

@@ -124,9 +124,9 @@ class Receiver(resource.Resource):
 
 @pytest_twisted.ensureDeferred
 async def test_webhook_gets_every_event_signed_and_in_order_after_being_away_across_a_restart(
-        tmp_path: Path, mosquitto: Mosquitto) -> None:
+        tmp_path: Path, mosquitto: Mosquitto, database_url: str) -> None:
     port = free_port()
-    overrides = {"webhooks": {"retry_min": "100ms", "retry_max": "300ms", "timeout": "2s"}}
+    overrides = {"webhooks": {"retry_min": "100ms", "retry_max": "300ms", "timeout": "2s"}, "database": database_url}
     running = await start_hub(tmp_path, mosquitto, ["devices"], **overrides)
     device = DeviceClient(mosquitto)
     receiver = Receiver()
@@ -243,3 +243,125 @@ async def test_admin_pages_manage_rules_and_webhooks(tmp_path: Path, mosquitto: 
         assert "Active alerts" in html
     finally:
         await running.stop()
+
+
+# -- every family's kinds, in memory (a Clock for time, a real SQLite store)
+
+
+async def _alert_service(tmp_path: Path, clock: task.Clock, database_url: str) -> tuple[Any, list[Any]]:
+    from types import SimpleNamespace
+
+    from bsscihub.alerts import MIGRATIONS, AlertService
+    from bsscihub.bus import EventBus
+    from bsscihub.family import installed_families
+    from bsscihub.store import open_store
+    from bsscihub.store.schema import CORE_MIGRATIONS
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, alerts={"check_interval": "5s"})
+    store = open_store(database_url, tmp_path / "a.sqlite", reactor)
+    store.start()
+    await store.migrate([*CORE_MIGRATIONS, *MIGRATIONS])
+    bus = EventBus()
+    published: list[Any] = []
+    bus.subscribe(lambda e: published.append(e) if e.family == "alerts" else None)
+    hub = SimpleNamespace(config=config, reactor=clock, store=store, bus=bus, families=installed_families())
+    service = AlertService(hub)
+    service.startService()
+    await service.when_ready()
+    return service, published
+
+
+async def _settled(service: Any) -> None:
+    while service._pending:
+        await defer.DeferredList(list(service._pending))
+
+
+async def _advance(clock: task.Clock, seconds: float) -> None:
+    """Time passes in the check interval's steps; each round's writes (real threads) finish before the next."""
+    for _ in range(int(seconds // 5)):
+        clock.advance(5)
+        await task.deferLater(reactor, 0.03, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_family_kind_goes_offline_and_comes_back(tmp_path: Path, database_url: str) -> None:
+    from bsscihub.bus import Event
+
+    clock = task.Clock()
+    clock.advance(1000)
+    service, published = await _alert_service(tmp_path, clock, database_url)
+    try:
+        for family in ("mioty", "ble", "devices", "gate"):
+            await service.add_rule({"name": f"{family} silent", "family": family, "condition": "offline",
+                                    "after": 60}, "tests")
+        heard = [
+            Event("mioty", "uplink", "mioty/ep/70b3d59ce0000001/up",
+                  {"receivers": [{"bsEui": "70b3d59cd0000001", "rssi": -90.0}]}),
+            Event("mioty", "meter_reading", "mioty/meter/dme-81795246/reading", {"values": {}}),
+            Event("ble", "up", "ble/node/112233445566/up", {"receivers": [{"gatewayId": "GW001", "rssi": -60}]}),
+            Event("devices", "up", "dev/device/Device001/up", {"deviceId": "Device001", "value": 1}),
+            Event("gate", "state", "gate/unit/gate-1/state", {"state": "online"}),
+            # the hub's own answers are no sign of life
+            Event("gate", "cmd_result", "gate/unit/gate-2/event/cmd_result", {"ok": True}),
+        ]
+        for event in heard:
+            service.on_event(event)
+        await _advance(clock, 55)
+        await _settled(service)
+        assert published == []
+        await _advance(clock, 10)  # 65 s of silence, checked at the next round
+        await _settled(service)
+        fired = sorted(e.topic for e in published)
+        assert fired == sorted([
+            "alerts/mioty/ep/70b3d59ce0000001/offline", "alerts/mioty/bs/70b3d59cd0000001/offline",
+            "alerts/mioty/meter/dme-81795246/offline", "alerts/ble/node/112233445566/offline",
+            "alerts/ble/gw/GW001/offline", "alerts/devices/device/Device001/offline",
+            "alerts/gate/unit/gate-1/offline"])
+        assert all(e.payload["state"] == "firing" for e in published)
+        await _advance(clock, 60)
+        await _settled(service)
+        assert len(published) == 7  # once per transition
+
+        published.clear()
+        for event in heard:
+            service.on_event(event)
+        await _settled(service)
+        assert len(published) == 7 and all(e.payload["state"] == "resolved" for e in published)
+    finally:
+        await service.stopService()
+        await service.hub.store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reported_offline_and_signal_with_hysteresis(tmp_path: Path, database_url: str) -> None:
+    from bsscihub.bus import Event
+
+    clock = task.Clock()
+    service, published = await _alert_service(tmp_path, clock, database_url)
+    try:
+        await service.add_rule({"name": "bs down", "family": "mioty", "kind": "bs", "condition": "offline"}, "t")
+        await service.add_rule({"name": "weak", "family": "mioty", "kind": "ep", "target": "70b3d59ce0000001",
+                                "condition": "signal_below", "threshold": -110, "hysteresis": 3}, "t")
+        service.on_event(Event("mioty", "state", "mioty/bs/70b3d59cd0000001/state", {"state": "offline"}))
+        await _settled(service)
+        assert [(e.topic, e.payload["state"]) for e in published] == [
+            ("alerts/mioty/bs/70b3d59cd0000001/offline", "firing")]
+        service.on_event(Event("mioty", "state", "mioty/bs/70b3d59cd0000001/state", {"state": "online"}))
+        await _settled(service)
+        assert published[-1].payload["state"] == "resolved"
+
+        published.clear()
+        for rssi in (-120, -115, -108, -100, -99):  # fires below -110, resolves only above -107
+            service.on_event(Event("mioty", "uplink", "mioty/ep/70b3d59ce0000001/up",
+                                   {"receivers": [{"bsEui": "70b3d59cd0000001", "rssi": rssi}]}))
+        await _settled(service)
+        assert [(e.payload["state"], e.payload["value"]) for e in published] == [
+            ("firing", -120.0), ("resolved", -100.0)]
+        # another end point is not this rule's
+        service.on_event(Event("mioty", "uplink", "mioty/ep/70b3d59ce0000002/up", {"rssi": -130}))
+        await _settled(service)
+        assert len(published) == 2
+    finally:
+        await service.stopService()
+        await service.hub.store.stop()
