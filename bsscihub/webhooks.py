@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,15 @@ MIGRATIONS = [
             created {real} NOT NULL
         );
         CREATE INDEX webhook_queue_hook ON webhook_queue (webhook_id, id)
+        """,
+    ),
+    # Hubs of a cluster share the database: each delivers the events it queued, in its own order.
+    Migration(
+        "webhooks",
+        2,
+        """
+        ALTER TABLE webhook_queue ADD COLUMN node TEXT NOT NULL DEFAULT '';
+        CREATE INDEX webhook_queue_node ON webhook_queue (webhook_id, node, id)
         """,
     ),
 ]
@@ -141,6 +151,9 @@ class WebhookService(Service):
         self._unsubscribe: Any = None
         self._ready: defer.Deferred[None] | None = None
         self._stopping = False
+        cluster = hub.config.sections.get("cluster")
+        # A name that survives a restart, so that a hub delivers what it queued before it.
+        self.node = (cluster.node or socket.gethostname()) if cluster is not None and cluster.redis else ""
 
     @property
     def http(self) -> Any:
@@ -170,14 +183,15 @@ class WebhookService(Service):
     async def _start(self) -> None:
         store = self.hub.store
         self._writer = store.batch_writer(
-            "INSERT INTO webhook_queue (webhook_id, delivery, event, body, created) VALUES {rows}", delay=0.005)
+            "INSERT INTO webhook_queue (webhook_id, delivery, event, body, created, node) VALUES {rows}",
+            delay=0.005)
         for row in await store.fetchall(
                 "SELECT id, name, url, families, events, enabled, created_at, created_by, delivered, failures,"
                 " last_attempt, last_success, last_status, last_error FROM webhooks"):
             hook = self._hook(row)
             self.hooks[hook.id] = hook
         for hook_id, count in await store.fetchall(
-                "SELECT webhook_id, COUNT(*) FROM webhook_queue GROUP BY webhook_id"):
+                "SELECT webhook_id, COUNT(*) FROM webhook_queue WHERE node = ? GROUP BY webhook_id", (self.node,)):
             if int(hook_id) in self.hooks:
                 self.hooks[int(hook_id)].queued = int(count)
         self._unsubscribe = self.hub.bus.subscribe(self.on_event)
@@ -224,7 +238,7 @@ class WebhookService(Service):
                                "topic": event.topic, "time": rfc3339(now), "payload": event.payload},
                               separators=(",", ":"), allow_nan=False).encode()
             hook.queued += 1
-            d = self._writer.add((hook.id, delivery, f"{event.family}.{event.kind}", body, now))
+            d = self._writer.add((hook.id, delivery, f"{event.family}.{event.kind}", body, now, self.node))
             d.addCallback(lambda _, hook_id=hook.id: self._poke(hook_id))
             pending.append(d)
         if len(pending) == 1:
@@ -261,8 +275,8 @@ class WebhookService(Service):
             if hook is None or not hook.enabled:
                 return
             rows = await store.fetchall(
-                "SELECT id, delivery, event, body FROM webhook_queue WHERE webhook_id = ? ORDER BY id LIMIT 50",
-                (hook_id,))
+                "SELECT id, delivery, event, body FROM webhook_queue WHERE webhook_id = ? AND node = ?"
+                " ORDER BY id LIMIT 50", (hook_id, self.node))
             if not rows:
                 waiter: defer.Deferred[None] = defer.Deferred()
                 self._wake[hook_id] = waiter
