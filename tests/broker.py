@@ -28,6 +28,7 @@ import attrs
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -78,8 +79,10 @@ class Mosquitto:
     """One mosquitto process with its own config in ``directory``.
 
     ``stop()`` and ``start()`` again reuse the same ports, so tests can simulate
-    broker outages. Persistence is off: a restart loses sessions and retained messages
-    (the dynamic-security JSON, a file of its own, survives).
+    broker outages. Persistence is off by default: a restart loses sessions and retained
+    messages (the dynamic-security JSON, a file of its own, survives). With
+    ``persistence=True`` the broker saves them in ``directory`` when stopped and loads them
+    when started, like a production broker.
     """
 
     directory: Path
@@ -92,6 +95,8 @@ class Mosquitto:
     allow_anonymous: bool | None = None
     #: appended verbatim to the generated config
     extra_config: str = ""
+    #: keep sessions, their queued messages and retained messages over stop()/start()
+    persistence: bool = False
     host: str = "127.0.0.1"
     port: int = attrs.field(factory=free_port)
     #: the TLS listener's port, chosen when ``tls`` is given
@@ -203,9 +208,12 @@ class Mosquitto:
         anonymous = self.allow_anonymous
         if anonymous is None:
             anonymous = not self.users and self.dynsec is None
+        persistence = ["persistence false"]
+        if self.persistence:
+            persistence = ["persistence true", f"persistence_location {self.directory}/"]
         lines = [
             "per_listener_settings false",
-            "persistence false",
+            *persistence,
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -338,8 +346,12 @@ class Subscriber:
     """An independent paho client on paho's own network thread (``loop_start``).
 
     It is the tests' witness of what reached the broker, so it deliberately shares
-    nothing with the reactor-driven client under test. With MQTT 5 it subscribes with
-    retain-as-published, so ``retain`` tells whether the publisher set the flag.
+    nothing with the reactor-driven client under test. paho reconnects it after a
+    broker outage. With ``persistent=True`` its session outlives the connection: a
+    broker with persistence then delivers after a restart what it had acknowledged to a
+    publisher but not yet handed over (a broker stopped mid-stream loses those otherwise).
+    With MQTT 5 it subscribes with retain-as-published, so ``retain`` tells whether the
+    publisher set the flag.
 
     `wait_for` blocks on a condition variable (woken by each message, no spinning):
     call it from a thread or once the reactor work is done. In a reactor test use
@@ -359,6 +371,7 @@ class Subscriber:
         password: str | None = None,
         ca_file: str | Path | None = None,
         client_id: str | None = None,
+        persistent: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -374,7 +387,11 @@ class Subscriber:
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"test-subscriber-{os.getpid()}-{id(self):x}",
             protocol=version,
+            clean_session=None if protocol == 5 else not persistent,
         )
+        self._persistent = persistent
+        # back soon after a broker outage: tests wait for what it then receives
+        self._client.reconnect_delay_set(min_delay=1, max_delay=1)
         if username is not None:
             self._client.username_pw_set(username, password)
         if ca_file is not None:
@@ -385,7 +402,12 @@ class Subscriber:
 
     def start(self, timeout: float = 5.0) -> None:
         """Connect and wait for the SUBACK (blocking; loopback makes it quick)."""
-        self._client.connect(self.host, self.port, keepalive=30)
+        if self._protocol == 5 and self._persistent:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 3600
+            self._client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=properties)
+        else:
+            self._client.connect(self.host, self.port, keepalive=30)
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             self.stop()
