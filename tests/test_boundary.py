@@ -80,7 +80,7 @@ def test_a_family_providing_cli_commands_provides_them_as_declared(name: str) ->
 
 def test_mioty_contributes_its_commands_and_the_core_parser_offers_them() -> None:
     paths = {c.path for f, c in family_commands(installed_families()) if f.name == "mioty"}
-    assert paths == {("certs", "issue-bs"), ("sensors",), ("meters",), ("sim",)}
+    assert {("certs", "issue-bs"), ("sensors",), ("meters",), ("sim",)} <= paths
     args = build_parser().parse_args(["sensors", "export", "--format", "csv"])
     family, command = args.family_command
     assert (family, command.path, args.format) == ("mioty", ("sensors",), "csv")
