@@ -5,6 +5,7 @@ Each event is stored before the bus acknowledges it; each webhook delivers its q
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 from twisted.application.service import Service
@@ -91,6 +92,26 @@ def check_url(url: Any) -> str:
     return url
 
 
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without user:password@ and the Basic authorization header for them (receivers such as
+    Node-RED take them in the URL; HTTP clients send them as a header)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
+
+
+def masked_url(url: str) -> str:
+    """The URL as shown in lists: a password in it replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+
+
 def sign(secret: bytes, body: bytes) -> str:
     """The signature header's value: sha256= and the hex HMAC-SHA256 of the body under the webhook's secret."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
@@ -120,7 +141,7 @@ class Webhook:
                 and (not self.events or event.kind in self.events or f"{event.family}.{event.kind}" in self.events))
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "url": self.url, "families": list(self.families),
+        return {"id": self.id, "name": self.name, "url": masked_url(self.url), "families": list(self.families),
                 "events": list(self.events), "enabled": self.enabled, "createdAt": rfc3339(self.created_at),
                 "createdBy": self.created_by, "queued": self.queued, "delivered": self.delivered,
                 "failures": self.failures, "lastAttempt": opt_time(self.last_attempt),
@@ -318,10 +339,13 @@ class WebhookService(Service):
         headers = {"Content-Type": ["application/json"], "User-Agent": [f"bsscihub/{self.hub.version}"],
                    "X-Bsscihub-Event": [kind], "X-Bsscihub-Delivery": [delivery],
                    SIGNATURE_HEADER: [sign(secret, body)]}
+        url, authorization = split_credentials(hook.url)
+        if authorization is not None:
+            headers["Authorization"] = [authorization]
         error = ""
         status = ""
         try:
-            response = await self.http.post(hook.url, data=body, headers=headers, timeout=self.config.timeout,
+            response = await self.http.post(url, data=body, headers=headers, timeout=self.config.timeout,
                                             reactor=self.clock)
             code = response.code
             await response.content()

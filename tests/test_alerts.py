@@ -365,3 +365,48 @@ async def test_reported_offline_and_signal_with_hysteresis(tmp_path: Path, datab
     finally:
         await service.stopService()
         await service.hub.store.stop()
+
+
+class Refusing(Receiver):
+    """Refuses the first delivery for good (410), takes the others."""
+
+    def render_POST(self, request: Any) -> bytes:
+        body = super().render_POST(request)
+        if len(self.received) == 1:
+            request.setResponseCode(410)
+        return body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_refused_for_good_is_dropped_and_the_secret_never_logged(
+        tmp_path: Path, mosquitto: Mosquitto, logged: list[Any]) -> None:
+    from twisted.logger import formatEvent
+
+    receiver = Refusing()
+    listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(receiver))
+    running = await start_hub(tmp_path, mosquitto, ["devices"])
+    device = DeviceClient(mosquitto)
+    try:
+        secret = "s3cret-" + "x" * 20
+        code, created = await running.api("POST", "/api/v1/webhooks", {
+            "name": "crm", "url": f"http://user:pw@127.0.0.1:{listening.getHost().port}/in?token=abc",
+            "events": ["up"], "secret": secret})
+        assert code == 201 and created["secret"] == secret
+        for value in (1, 2):
+            await device.publish("SensorData", {"device_id": "D3", "type": "Temperature", "value": value})
+        hook = await eventually(lambda: _hook(running, created["webhook"]["id"],
+                                              lambda h: h["delivered"] == 1 and h["queued"] == 0),
+                                timeout=10, what="one dropped, one delivered")
+        assert "410" in hook["lastError"] and hook["failures"] == 1
+        assert hook["url"] == f"http://user:***@127.0.0.1:{listening.getHost().port}/in?token=abc"
+        assert receiver.received[0][0]["authorization"] == "Basic dXNlcjpwdw=="  # user:pw
+        assert [json.loads(b)["payload"]["value"] for _, b in receiver.received] == [1, 2]
+        everything = "\n".join(formatEvent(e) or "" for e in logged)
+        hub = "\n".join(formatEvent(e) or "" for e in logged if e.get("log_namespace", "").startswith("bsscihub"))
+        assert secret not in everything
+        # The hub names the receiver without its credentials or query (the test receiver's own access log may)
+        assert "refused delivery" in hub and "410" in hub and "token=abc" not in hub and "pw@" not in hub
+    finally:
+        device.stop()
+        await running.stop()
+        await defer.maybeDeferred(listening.stopListening)
