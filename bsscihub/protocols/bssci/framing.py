@@ -18,12 +18,16 @@ __all__ = [
     "Framer",
     "FramingError",
     "encode_frame",
+    "to_json_frames",
 ]
 
 MAGIC = b"MIOTYB01"
 DEFAULT_MAX_PAYLOAD = 1 << 20
 
 _HEADER = struct.Struct("<8sI")
+# First bytes of a JSON payload: "{" or JSON whitespace before it (RFC 8259). None of them can start
+# a MessagePack map (they are the fixints 9, 10, 13, 32 and 123), so the choice is unambiguous.
+_JSON_FIRST = frozenset(b" \t\r\n{")
 HEADER_SIZE = _HEADER.size  # 12: identifier + uint32 little-endian payload size
 
 # One packer for the module: pack() is several times cheaper than packb(),
@@ -48,6 +52,8 @@ class Framer:
     """
 
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    speaks_json: bool = attrs.field(default=False, init=False)
+    """Whether the peer has sent a JSON payload: it is then answered in JSON (`to_json_frames`)."""
     # Unconsumed bytes; only the tail of a partial frame lives here between
     # calls, so whole reads are parsed straight from the caller's bytes.
     _buffer: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
@@ -101,7 +107,12 @@ class Framer:
                 stop = start + size
                 if stop > end:
                     return messages, offset
-                messages.append(_decode_payload(view[start:stop]))
+                payload = view[start:stop]
+                if size and payload[0] in _JSON_FIRST:
+                    self.speaks_json = True
+                    messages.append(_decode_payload(payload, as_json=True))
+                else:
+                    messages.append(_decode_payload(payload, as_json=False))
                 offset = stop
             # A partial header: reject a wrong identifier now rather than
             # after the peer sent all 12 bytes.
@@ -113,12 +124,11 @@ class Framer:
         return messages, offset
 
 
-def _decode_payload(payload: memoryview) -> dict[str, Any]:
+def _decode_payload(payload: memoryview, *, as_json: bool) -> dict[str, Any]:
     try:
-        if payload and payload[0] == 0x7B:
-            # "{": the specification says "JSON/MessagePack"; no known base
-            # station sends JSON, but accepting it costs one compare (a
-            # MessagePack map never starts with 0x7B, the fixint 123).
+        if as_json:
+            # The specification says "JSON/MessagePack"; no known base
+            # station sends JSON, but accepting it costs one compare.
             message = json.loads(bytes(payload))
         else:
             message = msgpack.unpackb(payload, raw=False)
@@ -140,6 +150,16 @@ def encode_frame(message: Mapping[str, Any], *, single_float: bool = False) -> b
     `single_float` its floats go out as float32 (else float64)."""
     payload: bytes = (_single_packer if single_float else _packer).pack(message)
     return _HEADER.pack(MAGIC, len(payload)) + payload
+
+
+def to_json_frames(data: bytes) -> bytes:
+    """The frames `data` holds (MessagePack, as encoded here), re-encoded as JSON frames: a station
+    that speaks JSON is answered in JSON. Byte strings are already lists of integers on the wire."""
+    out = []
+    for message in Framer(max_payload=1 << 32).feed(data):
+        payload = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+        out.append(_HEADER.pack(MAGIC, len(payload)) + payload)
+    return b"".join(out)
 
 
 def op_frame_encoder(command: str) -> Callable[[int], bytes]:

@@ -38,6 +38,7 @@ class BSSCIProtocol(Protocol):
         self._stats = stats
         self._framer = Framer(max_frame)
         self._close_deadline: Any = None
+        self._json = False
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -67,6 +68,9 @@ class BSSCIProtocol(Protocol):
             self.log.warn("closing the connection of {bs}: {error}", bs=session.describe(), error=str(e))
             session.close(f"framing error: {e}")
             return
+        if self._framer.speaks_json and not self._json:
+            self._json = True
+            session.reply_in_json()
         receive = session.receive
         for wire in messages:
             receive(wire)

@@ -19,7 +19,7 @@ from zope.interface import Interface
 
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.crypto import attach_signature, verify_attach_signature
-from bsscihub.protocols.bssci.framing import encode_frame, op_frame_encoder
+from bsscihub.protocols.bssci.framing import encode_frame, op_frame_encoder, to_json_frames
 
 __all__ = [
     "EACCES",
@@ -348,6 +348,13 @@ class Session:
     def set_certificate(self, cert: x509.Certificate | None) -> None:
         """The client certificate, once the TLS handshake completed."""
         self.certificate = cert
+
+    def reply_in_json(self) -> None:
+        """The station sent JSON (the specification allows "JSON/MessagePack"): everything this
+        session sends from now on goes out as JSON frames too, as such a station expects."""
+        send, send_many = self._send, self._send_many
+        self._send = lambda data: send(to_json_frames(data))
+        self._send_many = lambda frames: send_many([to_json_frames(frame) for frame in frames])
 
     def propagate(self, items: Iterable[tuple[bool, int]]) -> None:
         """Queue (attach?, epEui) propagations: sent `propagate_window` at a time, each response
