@@ -30,6 +30,19 @@ def rfc3339(seconds: float) -> str:
     return f"{_last_second[1]}.{millis:03d}Z"
 
 
+_HEX16 = re.compile(r"[0-9a-fA-F]{16}")
+
+
+def eui64(value: Any) -> str | None:
+    """An EUI-64 as the contract writes it (16 lower-case hex digits) from 16 hex digits in any case or
+    an integer below 2**64; None when `value` is neither (each caller raises its own kind of error)."""
+    if type(value) is int:
+        return f"{value:016x}" if 0 <= value < 1 << 64 else None
+    if isinstance(value, str) and _HEX16.fullmatch(value):
+        return value.lower()
+    return None
+
+
 def opt_time(seconds: float | None) -> str | None:
     """rfc3339, with None (never happened) kept as None."""
     return None if seconds is None else rfc3339(float(seconds))

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
 
+from bsscihub.contract import eui64
 from bsscihub.errors import UserFacingError
 
 __all__ = [
@@ -46,7 +47,6 @@ _BACKDATE = datetime.timedelta(hours=1)
 # CN has an upper bound of 64 characters (RFC 5280, ub-common-name).
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_EUI64 = re.compile(r"[0-9a-f]{16}")
 # RFC 9039 device URNs: "mac" covers EUI-64 identifiers too.
 _EUI_URN_PREFIX = "urn:dev:mac:"
 # A CA made elsewhere (an operator's own) may use any key type that can sign.
@@ -276,8 +276,8 @@ def cert_bs_eui(cert: x509.Certificate) -> str | None:
         return None
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         if uri.lower().startswith(_EUI_URN_PREFIX):
-            candidate = uri[len(_EUI_URN_PREFIX) :].lower()
-            if _EUI64.fullmatch(candidate):
+            candidate = eui64(uri[len(_EUI_URN_PREFIX) :])
+            if candidate is not None:
                 return candidate
     return None
 
@@ -420,8 +420,8 @@ def _check_hostname(hostname: str) -> str:
 
 
 def _normalize_eui(eui: str) -> str:
-    cleaned = eui.replace("-", "").replace(":", "").lower()
-    if not _EUI64.fullmatch(cleaned):
+    cleaned = eui64(eui.replace("-", "").replace(":", ""))
+    if cleaned is None:
         raise PKIError(f"bad base-station EUI {eui!r}: expected 16 hex digits")
     return cleaned
 

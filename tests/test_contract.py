@@ -43,3 +43,14 @@ def test_commands_with_numbers_json_cannot_carry_are_refused_with_the_reason(pay
     with pytest.raises(CommandError, match="NaN|Infinity|1e400"):
         decode_command(payload)
     assert decode_command(b'{"v": 1.5e3}') == {"v": 1500.0}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("70B3D59CD0000001", "70b3d59cd0000001"), (0x70B3D59CD0000001, "70b3d59cd0000001"), (0, "0000000000000000"),
+    ("70b3d59cd000001", None), ("70b3d59cd00000011", None), ("70b3d59cd000000g", None), (" 0b3d59cd0000001", None),
+    ("0_b3d59cd0000001", None), (1 << 64, None), (-1, None), (True, None), (None, None), (1.0, None),
+])  # fmt: skip
+def test_eui64_is_sixteen_lower_case_hex_digits(value: object, expected: str | None) -> None:
+    from bsscihub.contract import eui64
+
+    assert eui64(value) == expected

@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from bsscihub.contract import eui64
 from bsscihub.errors import CommandError
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.dedup import uplink_payload
@@ -34,16 +35,9 @@ class UnknownDevice(CommandError):
 
 def _eui(value: Any, what: str = "EUI") -> str:
     """16 lower-case hex digits from a hex string (any case) or an integer."""
-    if type(value) is int and 0 <= value < 1 << 64:
-        return f"{value:016x}"
-    if isinstance(value, str) and len(value) == 16:
-        try:
-            int(value, 16)
-        except ValueError:
-            pass
-        else:
-            if value.isascii() and value.isalnum():
-                return value.lower()
+    eui = eui64(value)
+    if eui is not None:
+        return eui
     raise CommandError(f"bad {what} {value!r}: expected 16 hexadecimal digits")
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from bsscihub.contract import eui64
 from bsscihub.protocols.bssci.expr import Expr, ExprError, compile_expr
 
 __all__ = ["Blueprint", "BlueprintError", "DecodeError", "Field", "parse_blueprint"]
@@ -284,7 +285,7 @@ def parse_blueprint(source: str | bytes | Mapping[str, Any]) -> Blueprint:
         raise BlueprintError("a blueprint is a JSON object")
     version = _text(doc.get("version"), "version", required=True, limit=16)
     type_eui = doc.get("typeEui")
-    if not isinstance(type_eui, str) or len(type_eui) != 16 or any(c not in "0123456789abcdefABCDEF" for c in type_eui):
+    if not isinstance(type_eui, str) or eui64(type_eui) is None:
         raise BlueprintError("typeEui must be 16 hex digits")
     meta = doc.get("meta") or {}
     if not isinstance(meta, dict):

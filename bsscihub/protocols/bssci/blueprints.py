@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from bsscihub.contract import eui64
 from bsscihub.protocols.bssci.blueprint import Blueprint, BlueprintError, DecodeError, parse_blueprint
 from bsscihub.store import Migration
 
@@ -41,9 +42,10 @@ MIGRATIONS = [
 
 def type_eui(value: Any) -> str:
     """A Type EUI as 16 lower-case hex digits; BlueprintError otherwise."""
-    if not isinstance(value, str) or len(value) != 16 or any(c not in "0123456789abcdefABCDEF" for c in value):
+    eui = eui64(value) if isinstance(value, str) else None
+    if eui is None:
         raise BlueprintError("a Type EUI is 16 hex digits")
-    return value.lower()
+    return eui
 
 
 class BlueprintBook:

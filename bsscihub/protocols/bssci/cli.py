@@ -10,6 +10,7 @@ from typing import Any
 
 from bsscihub.cli import CLIError, run_with_store
 from bsscihub.config import HubConfig
+from bsscihub.contract import eui64
 from bsscihub.family import CLICommand, IFamily
 
 
@@ -160,8 +161,8 @@ def _blueprints(config: HubConfig, families: dict[str, IFamily], args: argparse.
                       f"{','.join(map(str, b['formats']))}\tsensors: {b['sensors']}")
             return 0
         if args.blueprints_command == "assign":
-            eui = args.sensor.lower()
-            if len(eui) != 16 or any(c not in "0123456789abcdef" for c in eui):
+            eui = eui64(args.sensor)
+            if eui is None:
                 raise CLIError(f"sensor {args.sensor!r}: an EUI-64 is 16 hex digits")
             t = None if args.type_eui.lower() == "none" else args.type_eui
             try:

@@ -12,13 +12,14 @@ import attrs
 import yaml
 
 from bsscihub.config import _bool, _endpoint, _positive_int, _str, duration, setting
+from bsscihub.contract import eui64
 
 
 def _eui(value: Any) -> str:
-    text = _str(value).lower()
-    if not re.fullmatch(r"[0-9a-f]{16}", text):
+    eui = eui64(_str(value))
+    if eui is None:
         raise ValueError("expected an EUI-64 as 16 hex digits")
-    return text
+    return eui
 
 
 def _version(value: Any) -> str:
