@@ -12,14 +12,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
 
 from bsscihub.bus import Event
 from bsscihub.family import EventSpec, installed_families
-from bsscihub.hub import Hub, make_hub
-from tests.conftest import make_config
-from tests.contract import DOCS, ContractWitness, doc_rows, shape_of, topic_pattern, violations
-from tests.memory_bridge import MemoryBridge
+from tests.contract import DOCS, doc_rows, shape_of, topic_pattern, violations
+from tests.memory_bridge import running_family, stop_family, until
 
 FAMILIES = installed_families()
 SPECS = [(name, spec) for name, family in sorted(FAMILIES.items()) for spec in family.events]
@@ -99,73 +96,43 @@ def test_the_checker_catches_a_drifting_field() -> None:
 # -- the families run in memory, their events checked as they are published
 
 
-async def _running(tmp_path: Path, family: str, **sections: Any) -> tuple[Hub, MemoryBridge, ContractWitness]:
-    config = make_config(tmp_path, families=[family], **sections)
-    hub = make_hub(config, reactor, {family: FAMILIES[family]})
-    bridge = MemoryBridge(config.mqtt.prefix)
-    hub.mqtt = bridge  # type: ignore[assignment]
-    witness = ContractWitness(hub.bus, family, FAMILIES[family].events)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    hub.store.start()
-    await hub.store.migrate(hub.migrations())
-    service = FAMILIES[family].make_service(hub)
-    hub.services[family] = service
-    service.startService()
-    await service.when_subscribed()
-    return hub, bridge, witness
-
-
-async def _stop(hub: Hub) -> None:
-    for service in hub.services.values():
-        await service.stopService()
-    await hub.store.stop()
-
-
-async def _until(condition: Any, what: str) -> None:
-    for _ in range(400):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest_twisted.ensureDeferred
 async def test_ble_publishes_what_it_declares(tmp_path: Path) -> None:
-    hub, bridge, witness = await _running(tmp_path, "ble", ble={"dedup_window": "50ms"})
+    hub, bridge, witness = await running_family(tmp_path, "ble", ble={"dedup_window": "50ms"})
     try:
         for gateway, rssi in (("GW001", -71), ("GW002", -60)):
             assert bridge.deliver(f"BLEGatewayData/{gateway}", {"gateway_id": gateway, "mac": "11:22:33:44:55:66",
                                                                  "rssi": rssi, "temperature": 22, "humidity": 65})
         assert bridge.deliver("BLEGatewayData/GW001", {"gateway_id": "GW001", "mac": "aa:22:33:44:55:66",
                                                        "temperature": float("nan")})
-        await _until(lambda: {"up", "node_registered", "gateway_state", "gateway_registered"} <= witness.kinds(),
+        await until(lambda: {"up", "node_registered", "gateway_state", "gateway_registered"} <= witness.kinds(),
                      "every kind of BLE event")
     finally:
-        await _stop(hub)
+        await stop_family(hub)
     assert witness.problems == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_devices_publish_what_they_declare(tmp_path: Path) -> None:
-    hub, bridge, witness = await _running(tmp_path, "devices")
+    hub, bridge, witness = await running_family(tmp_path, "devices")
     try:
         assert bridge.deliver("SensorData/esp32-01", {"device_id": "esp32-01", "type": "temperature", "value": 1})
         assert bridge.deliver("device/esp32-02/telemetry/humidity", b"55")
         assert bridge.deliver("device/esp32-02/status", {"state": "online", "firmware": "1.0.0"})
-        await _until(lambda: {"up", "status", "registered"} <= witness.kinds(), "every kind of device event")
+        await until(lambda: {"up", "status", "registered"} <= witness.kinds(), "every kind of device event")
     finally:
-        await _stop(hub)
+        await stop_family(hub)
     assert witness.problems == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_devices_rejected_event_is_as_declared(tmp_path: Path) -> None:
-    hub, bridge, witness = await _running(tmp_path, "devices", devices={"auto_register": False})
+    hub, bridge, witness = await running_family(tmp_path, "devices", devices={"auto_register": False})
     try:
         bridge.deliver("SensorData/stranger", {"device_id": "stranger", "type": "temperature", "value": 1})
-        await _until(lambda: "rejected" in witness.kinds(), "the rejected event")
+        await until(lambda: "rejected" in witness.kinds(), "the rejected event")
     finally:
-        await _stop(hub)
+        await stop_family(hub)
     assert witness.problems == []
 
 
