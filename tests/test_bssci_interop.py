@@ -77,6 +77,10 @@ def test_the_peer_s_field_values_survive_decoding() -> None:
     assert att.shAddr == 0xFFFF and att.subpackets is not None and att.subpackets.phase == (10, 11, 12)
     ul = m.decode(payload("ulData"))
     assert isinstance(ul, m.UlData) and ul.userData == b"thisisalotofdatatosend" and ul.eqSnr == 4.0
+    # Both Go peers keep EUIs in 64-bit integers and the adapter writes them signed (msgpack d3):
+    # an EUI with the top bit set (one of the earlier service center's test sensors) arrives negative.
+    signed = m.decode({**payload("ulData"), "epEui": 0xFCA84A030000130A - (1 << 64)})
+    assert isinstance(signed, m.UlData) and signed.epEui == 0xFCA84A030000130A
     status = m.decode(payload("statusRsp"))
     assert isinstance(status, m.StatusRsp) and status.uptime == 1000 and status.memLoad == 0.6
     field = m.decode(payload("field-vm.ulData"))
