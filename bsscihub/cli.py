@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zope.interface.verify import verifyObject
 
@@ -18,6 +18,9 @@ from bsscihub import __version__
 from bsscihub.config import ConfigError, HubConfig
 from bsscihub.errors import UserFacingError
 from bsscihub.family import CLICommand, ICommandLine, IFamily, installed_families
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 
 class CLIError(UserFacingError):
@@ -185,7 +188,7 @@ def cmd_init(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
         created = pki.issue_server_cert(tls.ca, tls.ca_key, tls.cert, tls.key)
     print(f"hub certificate {tls.cert}: {'created' if created else 'exists, kept'}")
 
-    async def work(hub: Any) -> int:
+    async def work(hub: Hub) -> int:
         from bsscihub import audit, users
 
         print(f"database {config.database} ({hub.store.dialect}): schema up to date")
@@ -255,7 +258,7 @@ def cmd_user(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
     command = args.user_command
     password, generated = _new_password(args) if command == "passwd" else ("", False)
 
-    async def work(hub: Any) -> int:
+    async def work(hub: Hub) -> int:
         from bsscihub import audit, users
 
         if command == "list":
@@ -305,7 +308,7 @@ def cmd_user(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
     return run_with_store(config, families, work)
 
 
-async def _list_users(hub: Any) -> int:
+async def _list_users(hub: Hub) -> int:
     from bsscihub import users
     from bsscihub.contract import rfc3339
 

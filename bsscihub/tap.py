@@ -23,7 +23,7 @@ from bsscihub.family import (
     installed_families,
     layout_speakers,
 )
-from bsscihub.hub import HubService, make_hub
+from bsscihub.hub import Hub, HubService, make_hub
 from bsscihub.logs import use_for_twistd
 
 
@@ -87,7 +87,7 @@ def build_service(
     return service
 
 
-def install_integrations(hub: Any, service: HubService) -> None:
+def install_integrations(hub: Hub, service: HubService) -> None:
     """Alerts and webhooks: core parts fed by the bus, started after the families, stopped before them."""
     from bsscihub.alerts import AlertService
     from bsscihub.web.integrations import AlertsWeb, WebhooksWeb

@@ -10,7 +10,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from paho.mqtt.client import topic_matches_sub
@@ -34,6 +34,9 @@ from bsscihub.family import IMQTTLayout, IMQTTLayouts
 from bsscihub.health import ComponentHealth
 from bsscihub.mqtt.client import MQTTSettings, ReactorMQTTClient, Will
 from bsscihub.mqtt.outbox import Outbox, check_topic
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -186,7 +189,7 @@ class MQTTBridge(Service):
 
     def __init__(
         self,
-        hub: Any,
+        hub: Hub,
         *,
         clock: IReactorTime | None = None,
         client_factory: Callable[..., Any] = ReactorMQTTClient,
@@ -483,9 +486,8 @@ class MQTTBridge(Service):
             if handler is None:
                 known = ", ".join(sorted(self.hub.commands)) or "none"
                 raise CommandError(f"unknown family {family!r} (known: {known})")
-            result = handler(kind, ident, name, body)
-            if inspect.isawaitable(result):
-                result = await result
+            outcome: Any = handler(kind, ident, name, body)
+            result = await outcome if inspect.isawaitable(outcome) else outcome
             if result is not None and not isinstance(result, Mapping):
                 raise TypeError(f"command handler returned {type(result).__name__}, not a mapping")
         except CommandError as e:
@@ -564,7 +566,7 @@ class MQTTBridge(Service):
         return ComponentHealth(bool(client.connected) and self._outbox_error is None, detail)
 
 
-def install(hub: Any, parent: Any) -> MQTTBridge:
+def install(hub: Hub, parent: Any) -> MQTTBridge:
     """Create the bridge as ``parent``'s first child and make it ``hub.mqtt`` (for tap.build_service).
 
     Call it before adding the families: the bridge then exists when they start, takes their

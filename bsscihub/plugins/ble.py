@@ -5,13 +5,16 @@ Kept light: the family's code is imported only when the hub builds its service o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from bsscihub.family import CLICommand, EventSpec, ICommandLine, IFamily, IWebRoutes
 from bsscihub.protocols.ble.config import BLEConfig
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 
 @implementer(IPlugin, IFamily, IWebRoutes, ICommandLine)
@@ -35,7 +38,7 @@ class BLEFamily:
 
         return MIGRATIONS
 
-    def make_service(self, hub: Any) -> Any:
+    def make_service(self, hub: Hub) -> Any:
         from bsscihub.protocols.ble.service import BLEService
 
         return BLEService(hub)
@@ -48,7 +51,7 @@ class BLEFamily:
             "simulate BLE gateways and beacons against the hub's broker",
             sim.add_arguments, sim.run, needs_enabled=False),)
 
-    def web_routes(self, hub: Any) -> Any:
+    def web_routes(self, hub: Hub) -> Any:
         from bsscihub.protocols.ble.web import BLEWeb
 
         return BLEWeb(hub)

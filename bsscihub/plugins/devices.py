@@ -5,13 +5,16 @@ Kept light: the family's code is imported only when the hub builds its service o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from bsscihub.family import CLICommand, EventSpec, ICommandLine, IFamily, IWebRoutes
 from bsscihub.protocols.devices.config import DevicesConfig
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 
 @implementer(IPlugin, IFamily, IWebRoutes, ICommandLine)
@@ -43,7 +46,7 @@ class DevicesFamily:
 
         return MIGRATIONS
 
-    def make_service(self, hub: Any) -> Any:
+    def make_service(self, hub: Hub) -> Any:
         from bsscihub.protocols.devices.service import DevicesService
 
         return DevicesService(hub)
@@ -56,7 +59,7 @@ class DevicesFamily:
             "simulate generic MQTT devices against the hub's broker",
             sim.add_arguments, sim.run, needs_enabled=False),)
 
-    def web_routes(self, hub: Any) -> Any:
+    def web_routes(self, hub: Hub) -> Any:
         from bsscihub.protocols.devices.web import DevicesWeb
 
         return DevicesWeb(hub)

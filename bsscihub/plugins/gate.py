@@ -5,13 +5,16 @@ Kept light: the family's code is imported only when the hub builds its service o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from bsscihub.family import EventSpec, IFamily, IWebRoutes
 from bsscihub.protocols.gate.config import GateConfig
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 
 @implementer(IPlugin, IFamily, IWebRoutes)
@@ -46,12 +49,12 @@ class GateFamily:
 
         return MIGRATIONS
 
-    def make_service(self, hub: Any) -> Any:
+    def make_service(self, hub: Hub) -> Any:
         from bsscihub.protocols.gate.service import GateService
 
         return GateService(hub)
 
-    def web_routes(self, hub: Any) -> Any:
+    def web_routes(self, hub: Hub) -> Any:
         from bsscihub.protocols.gate.web import GateWeb
 
         return GateWeb(hub)

@@ -5,13 +5,16 @@ Kept light: the family's code is imported only when the hub builds its service.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from bsscihub.family import EventSpec, ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
 from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 
 @implementer(IPlugin, IFamily, IWebRoutes, IMQTTLayouts, ICommandLine)
@@ -50,12 +53,12 @@ class MiotyFamily:
 
         return [*MIGRATIONS, *METERS, *BLUEPRINTS]
 
-    def make_service(self, hub: Any) -> Any:
+    def make_service(self, hub: Hub) -> Any:
         from bsscihub.protocols.bssci.service import MiotyService
 
         return MiotyService(hub)
 
-    def mqtt_layout(self, name: str, hub: Any) -> Any:
+    def mqtt_layout(self, name: str, hub: Hub) -> Any:
         if name != "seed":
             return None
         from bsscihub.protocols.bssci.seed import SeedLayout
@@ -67,7 +70,7 @@ class MiotyFamily:
 
         return COMMANDS
 
-    def web_routes(self, hub: Any) -> Any:
+    def web_routes(self, hub: Hub) -> Any:
         from bsscihub.protocols.bssci.api import MiotyWeb
 
         return MiotyWeb(hub)

@@ -6,7 +6,7 @@ API responses carry `{"error": {"code", "message"}}` (plus `field` when one fiel
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.logger import Logger
@@ -14,6 +14,9 @@ from twisted.python.failure import Failure
 
 from bsscihub.errors import CommandError, UserFacingError
 from bsscihub.users import LastAdmin, UserError, UserExists
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 log = Logger()
 
@@ -66,7 +69,7 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, "unavailable", message)
 
 
-def running_service(hub: Any, family: str) -> Any:
+def running_service(hub: Hub, family: str) -> Any:
     """A family's service for its routes, or 503 while it is not running (stopping, failed start)."""
     service = hub.services.get(family)
     if service is None or not getattr(service, "running", True):
