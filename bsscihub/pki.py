@@ -28,6 +28,7 @@ __all__ = [
     "IssuedCert",
     "PKIError",
     "cert_bs_eui",
+    "cert_is_application_center",
     "create_ca",
     "describe_cert",
     "issue_client_cert",
@@ -49,6 +50,7 @@ _CLIENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # RFC 9039 device URNs: "mac" covers EUI-64 identifiers too.
 _EUI_URN_PREFIX = "urn:dev:mac:"
+APPLICATION_CENTER_URI = "urn:bsscihub:role:application-center"
 # A CA made elsewhere (an operator's own) may use any key type that can sign.
 _ISSUER_KEY_TYPES = (
     rsa.RSAPrivateKey,
@@ -188,6 +190,7 @@ def issue_client_cert(
     days: int = 825,
     bs_eui: str | None = None,
     overwrite: bool = False,
+    application_center: bool = False,
 ) -> IssuedCert:
     """Issue a base-station client certificate into out_dir as NAME.pem,
     NAME.key and ca.pem (the CA certificate the base station must trust)."""
@@ -218,6 +221,10 @@ def issue_client_cert(
                 f"refusing to overwrite {', '.join(existing)}; pass overwrite=True to replace"
             )
     names: list[x509.GeneralName] = [x509.DNSName(name)]
+    if application_center:  # a mioty application center (SCACI), never a base station
+        if eui is not None:
+            raise PKIError("an application-center certificate is bound to no base-station EUI")
+        names.append(x509.UniformResourceIdentifier(APPLICATION_CENTER_URI))
     if eui is not None:
         names.append(x509.UniformResourceIdentifier(_EUI_URN_PREFIX + eui))
     key = _new_key()
@@ -265,6 +272,15 @@ def describe_cert(path: StrPath) -> CertInfo:
         is_ca=is_ca,
         bs_eui=cert_bs_eui(cert),
     )
+
+
+def cert_is_application_center(cert: x509.Certificate) -> bool:
+    """Whether a client certificate was issued for a mioty application center (SCACI)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return APPLICATION_CENTER_URI in san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
 def cert_bs_eui(cert: x509.Certificate) -> str | None:

@@ -100,6 +100,27 @@ def test_issued_certificate_is_bound_to_its_eui_listed_and_audited(
     assert bad.returncode == 1 and bad.stderr == "bsscihub: bad base-station EUI '12345': expected 16 hex digits\n"
 
 
+def test_application_center_certificate_is_marked_listed_and_audited(
+    initialised: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    import sqlite3
+
+    from bsscihub.pki import cert_bs_eui, cert_is_application_center
+
+    home, _ = initialised
+    result = bsscihub(home, "certs", "issue-ac", "ac-main", "--out", "ac", "--config", CONFIG)
+    assert result.returncode == 0, result.stderr
+    assert "for a mioty application center (SCACI)" in result.stdout
+    cert = x509.load_pem_x509_certificate((home / "ac" / "ac-main.pem").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((home / "certs" / "ca.pem").read_bytes()))
+    assert cert_is_application_center(cert) and cert_bs_eui(cert) is None
+    with sqlite3.connect(home / "var" / "hub.sqlite") as db:
+        issued = db.execute("SELECT name, bs_eui, actor FROM issued_certs WHERE serial = ?",
+                            (format(cert.serial_number, "x"),)).fetchall()
+        audited = db.execute("SELECT actor, target FROM audit_log WHERE action = 'cert.issue'").fetchall()
+    assert issued == [("ac-main", None, "cli")] and ("cli", format(cert.serial_number, "x")) in audited
+
+
 def test_sensors_import_and_export_as_csv(initialised: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     home, _ = initialised
     key = "000102030405060708090A0B0C0D0E0F"

@@ -384,6 +384,15 @@ async def test_certificates_issue_list_revoke(harness: Harness) -> None:
 
     pem = await h.request("POST", "/api/v1/certificates", role="admin", json_body={"name": "bs-2", "format": "pem"})
     assert pem.body.count(b"-----BEGIN CERTIFICATE-----") == 2 and b"PRIVATE KEY-----" in pem.body
+    # An application center's certificate (SCACI): marked as such, bound to no station.
+    ac = await h.request("POST", "/api/v1/certificates", role="admin",
+                         json_body={"name": "ac-1", "format": "pem", "kind": "application-center"})
+    ac_cert = x509.load_pem_x509_certificate(ac.body)
+    assert ac.code == 201 and pki.cert_is_application_center(ac_cert) and pki.cert_bs_eui(ac_cert) is None
+    assert not pki.cert_is_application_center(cert)
+    both = await h.request("POST", "/api/v1/certificates", role="admin",
+                           json_body={"name": "ac-2", "bsEui": "70B3D59CD0000001", "kind": "application-center"})
+    assert both.code == 400 and "bound to no base-station EUI" in both.error["message"]
 
     issued = (await h.request("GET", "/api/v1/certificates?q=roof", role="operator")).json()
     assert [(c["serial"], c["revokedAt"]) for c in issued["items"]] == [(serial, None)]

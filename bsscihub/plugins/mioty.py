@@ -11,7 +11,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from bsscihub.family import EventSpec, ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
-from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig
+from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig, ScaciConfig
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -22,7 +22,7 @@ class MiotyFamily:
     name = "mioty"
     mqtt_layouts = ("seed",)
     """`seed`: the layout of the open service center the hub replaces (protocols/bssci/seed.py)."""
-    config_sections = {"bssci": BSSCIConfig, "mioty": MiotyConfig}
+    config_sections = {"bssci": BSSCIConfig, "mioty": MiotyConfig, "scaci": ScaciConfig}
     events = (
         EventSpec("uplink", "mioty/ep/{epEui}/up", False,
                   '{"epEui", "packetCnt", "rxTime", "time", "data", "format", "dlOpen", "responseExp", "dlAck", '

@@ -491,6 +491,8 @@ class CertsApi:
                    "bsEui": hexstr(16, "base-station EUI-64 bound into the certificate"),
                    "days": {"type": "integer", "minimum": 1, "maximum": 3650, "default": 825},
                    "format": string("zip (NAME.pem, NAME.key, ca.pem) or pem (one bundle)", enum=["zip", "pem"]),
+                   "kind": string("for a base station (BSSCI, the default) or a mioty application center (SCACI;"
+                                  " bound to no bsEui)", enum=["base-station", "application-center"]),
                }, ("name",)),
                description="The private key exists only in this response; the hub keeps no copy.")
     async def issue(self, call: Call) -> Any:
@@ -498,9 +500,11 @@ class CertsApi:
         bundle = await certs.issue(
             self.web.hub.config, self.web.hub.store, name=body["name"], bs_eui=body.get("bsEui"),
             days=body.get("days", 825), fmt=body.get("format", "zip"), actor=call.actor, now=self.web.clock.seconds(),
+            application_center=body.get("kind") == "application-center",
         )
         call.target = bundle.serial
-        call.detail = {"name": bundle.name, "bsEui": bundle.bs_eui, "notAfter": bundle.not_after}
+        call.detail = {"name": bundle.name, "bsEui": bundle.bs_eui, "notAfter": bundle.not_after,
+                       **({"kind": body["kind"]} if "kind" in body else {})}
         return Download(bundle.data, bundle.filename, bundle.content_type, status=201)
 
     @api_route("POST", "/certificates/{serial}/revoke", role="admin", summary="Revoke a certificate by serial",

@@ -58,11 +58,13 @@ class IssuedBundle:
     data: bytes
 
 
-def _issue_files(config: HubConfig, name: str, bs_eui: str | None, days: int, fmt: str) -> IssuedBundle:
+def _issue_files(config: HubConfig, name: str, bs_eui: str | None, days: int, fmt: str,
+                 application_center: bool = False) -> IssuedBundle:
     """Runs on a thread: RSA key generation takes tens of milliseconds."""
     workdir = Path(tempfile.mkdtemp(prefix="bsscihub-cert-"))
     try:
-        issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, name, workdir, days=days, bs_eui=bs_eui)
+        issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, name, workdir, days=days, bs_eui=bs_eui,
+                                       application_center=application_center)
         cert, key, ca = (p.read_bytes() for p in (issued.cert_path, issued.key_path, issued.ca_path))
     finally:
         # The private key must not outlive the response on the hub's disk.
@@ -85,12 +87,13 @@ def _issue_files(config: HubConfig, name: str, bs_eui: str | None, days: int, fm
 
 
 async def issue(
-    config: HubConfig, store: Store, *, name: str, bs_eui: str | None, days: int, fmt: str, actor: str, now: float
+    config: HubConfig, store: Store, *, name: str, bs_eui: str | None, days: int, fmt: str, actor: str, now: float,
+    application_center: bool = False,
 ) -> IssuedBundle:
     if not Path(config.tls.ca_key).exists():
         raise ApiError(409, "no_ca_key", "the hub has no CA key to sign with (tls.ca_key)")
     try:
-        bundle = await threads.deferToThread(_issue_files, config, name, bs_eui, days, fmt)
+        bundle = await threads.deferToThread(_issue_files, config, name, bs_eui, days, fmt, application_center)
     except pki.PKIError as e:
         raise ApiError(400, "invalid", str(e)) from None
     await record_issued(store, bundle.serial, name, bundle.bs_eui, bundle.not_after, now, actor)

@@ -384,6 +384,8 @@ class CorePages:
     async def issue_certificate(self, call: Call) -> Any:
         form = call.body
         body: dict[str, Any] = {"name": form.get("name", "").strip(), "format": form.get("format") or "zip"}
+        if form.get("kind") in ("base-station", "application-center"):
+            body["kind"] = form["kind"]
         if form.get("bsEui", "").strip():
             body["bsEui"] = form["bsEui"].strip().lower()
         days = form_int(form.get("days"))

@@ -136,6 +136,38 @@ def _issue_bs(config: HubConfig, families: dict[str, IFamily], args: argparse.Na
     return 0
 
 
+def _issue_ac_arguments(issue: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    issue.add_argument("name", help="application-center name (certificate CN and SAN)")
+    issue.add_argument("--out", required=True, help="directory for NAME.pem, NAME.key and ca.pem")
+    issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+
+
+def _issue_ac(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bsscihub import pki
+
+    if not Path(config.tls.ca).exists() or not Path(config.tls.ca_key).exists():
+        raise CLIError(f"no CA at {config.tls.ca} / {config.tls.ca_key}: run `bsscihub init` first")
+    issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days,
+                                   application_center=True)
+
+    async def work(hub: Any) -> int:
+        from bsscihub import audit
+        from bsscihub.web.certs import record_issued
+
+        serial = format(issued.serial, "x")
+        await record_issued(hub.store, serial, args.name, None, issued.not_after.timestamp(), time.time(), "cli")
+        await audit.record(hub.store, "cli", "cert.issue", serial, {"name": args.name, "applicationCenter": True},
+                           "bsscihub certs issue-ac")
+        return 0
+
+    run_with_store(config, families, work)
+    print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x},"
+          " for a mioty application center (SCACI)")
+    return 0
+
+
 def _blueprints_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="blueprints_command", required=True, metavar="COMMAND")
     imp = sub.add_parser("import", parents=[common], help="import blueprint JSON files (replacing by type)")
@@ -194,6 +226,8 @@ def _blueprints(config: HubConfig, families: dict[str, IFamily], args: argparse.
 COMMANDS = (
     CLICommand(("certs", "issue-bs"), "issue a base-station client certificate", _issue_bs_arguments, _issue_bs,
                needs_enabled=False),
+    CLICommand(("certs", "issue-ac"), "issue a mioty application-center (SCACI) client certificate",
+               _issue_ac_arguments, _issue_ac, needs_enabled=False),
     CLICommand(("sensors",), "mioty end points", _sensors_arguments, _sensors),
     CLICommand(("meters",), "wireless M-Bus meters (mioty Variable MAC)", _meters_arguments, _meters),
     CLICommand(("blueprints",), "mioty Blueprints (decoding sensor payloads)", _blueprints_arguments, _blueprints),

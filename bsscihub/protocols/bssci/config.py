@@ -101,3 +101,20 @@ class MiotyConfig:
     downlink_ttl: float = setting(
         86400.0, duration, "a downlink not reported sent this long after it was queued expires"
     )
+
+
+def _endpoint_or_off(value: Any) -> str:
+    if value in (None, False, "", "off"):
+        return ""
+    return _endpoint(value)
+
+
+@attrs.frozen
+class ScaciConfig:
+    listen: str = setting(
+        "", _endpoint_or_off,
+        "endpoint of the SCACI listener for mioty application centers (e.g. tcp:16019); empty: off",
+    )
+    eui_strings: bool = setting(
+        False, _bool, "send EUIs to application centers as 16 hex digits instead of integers (BSSCI style)",
+    )

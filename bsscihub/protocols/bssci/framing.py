@@ -52,6 +52,8 @@ class Framer:
     """
 
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    magic: bytes = MAGIC
+    """The 8-byte identifier: MIOTYB01 for BSSCI, MIOTYA01 for SCACI (application centers)."""
     speaks_json: bool = attrs.field(default=False, init=False)
     """Whether the peer has sent a JSON payload: it is then answered in JSON (`to_json_frames`)."""
     # Unconsumed bytes; only the tail of a partial frame lives here between
@@ -88,6 +90,7 @@ class Framer:
         """Decode the complete frames in `source`; return them and the offset consumed."""
         messages: list[dict[str, Any]] = []
         max_payload = self.max_payload
+        MAGIC = self.magic  # noqa: N806 (the module constant, or SCACI's)
         offset = 0
         end = len(source)
         # A memoryview slices payloads without copying; the with block
@@ -145,11 +148,11 @@ def _decode_payload(payload: memoryview, *, as_json: bool) -> dict[str, Any]:
     return message
 
 
-def encode_frame(message: Mapping[str, Any], *, single_float: bool = False) -> bytes:
+def encode_frame(message: Mapping[str, Any], *, single_float: bool = False, magic: bytes = MAGIC) -> bytes:
     """Frame one message map as MessagePack, the encoding every base station reads; with
-    `single_float` its floats go out as float32 (else float64)."""
+    `single_float` its floats go out as float32 (else float64); `magic` is the identifier."""
     payload: bytes = (_single_packer if single_float else _packer).pack(message)
-    return _HEADER.pack(MAGIC, len(payload)) + payload
+    return _HEADER.pack(magic, len(payload)) + payload
 
 
 def to_json_frames(data: bytes) -> bytes:

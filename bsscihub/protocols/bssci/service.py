@@ -136,6 +136,10 @@ class MiotyService(MiotyActions, FamilyService):
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
         self.vm = VariableMac(self)
         self.listener: ListenerService | None = None
+        self.scaci: Any = None
+        """The SCACI side (scaci.ScaciHub) once its listener runs (scaci.listen set)."""
+        self.scaci_port: Any = None
+        self._scaci_unsubscribe: Any = None
         self.port: Any = None
         """The listening port once started (`port.getHost().port` is the bound port number)."""
         self._ota: dict[str, _OtaAttach] = {}  # epEui -> its last accepted over-the-air attach
@@ -193,6 +197,7 @@ class MiotyService(MiotyActions, FamilyService):
         self.listener.setName("bssci")
         self.listener.setServiceParent(self)
         self.port = await self.listener.when_listening()
+        await self._start_scaci(policy)
         host = self.port.getHost()
         self.log.info(
             "BSSCI listening on {host}:{port} (mutual TLS); {sensors} sensors, {stations} known base stations",
@@ -202,10 +207,35 @@ class MiotyService(MiotyActions, FamilyService):
             stations=len(registry.base_stations),
         )
 
+    async def _start_scaci(self, policy: Any) -> None:
+        """The optional SCACI listener for application centers: same CA, its own port (off by default)."""
+        from bsscihub.protocols.bssci.scaci import ScaciFactory, ScaciHub
+        from bsscihub.tls import ConnectionLimits, MutualTLSEndpoint
+
+        settings = self.hub.config.section("scaci")
+        if not settings.listen:
+            return
+        bssci = self.bssci
+        self.scaci = ScaciHub(self, settings, bssci.sc_eui, self.hub.version, bssci.max_frame)
+        self._scaci_unsubscribe = self.hub.bus.subscribe(self.scaci.on_event)
+        endpoint = MutualTLSEndpoint(
+            serverFromString(self.hub.reactor, settings.listen), policy, handshake_timeout=bssci.handshake_timeout,
+            clock=self.clock, limits=ConnectionLimits(64, 16),
+        )
+        listener = ListenerService(endpoint, ScaciFactory(self.scaci))
+        listener.setName("scaci")
+        listener.setServiceParent(self)
+        self.scaci_port = await listener.when_listening()
+        host = self.scaci_port.getHost()
+        self.log.info("SCACI listening on {host}:{port} (mutual TLS) for application centers", host=host.host,
+                      port=host.port)
+
     async def drain(self) -> None:
         for loop, _ in self._loops:
             if loop.running:
                 loop.stop()
+        if self._scaci_unsubscribe is not None:
+            self._scaci_unsubscribe()
         self.stopping = True  # nothing to resume after a restart: resume state lives in memory only
         for session in list(self.sessions.values()):
             session.close("the hub is stopping")
