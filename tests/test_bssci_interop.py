@@ -16,6 +16,7 @@ from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.crypto import attach_signature, session_key, verify_attach_signature
 from bsscihub.protocols.bssci.framing import Framer, FramingError, encode_frame, op_frame_encoder
 from bsscihub.protocols.bssci.session import EINVAL, ENOSYS
+from tests.captures import load_capture
 from tests.test_bssci_session import BS, BS_EUI, Center, errors, ul_data
 
 DATA = Path(__file__).parent / "data" / "interop"
@@ -83,6 +84,8 @@ def test_the_peer_s_field_values_survive_decoding() -> None:
     assert isinstance(signed, m.UlData) and signed.epEui == 0xFCA84A030000130A
     status = m.decode(payload("statusRsp"))
     assert isinstance(status, m.StatusRsp) and status.uptime == 1000 and status.memLoad == 0.6
+    # The adapter's pasted field frame is the real capture the hub's own tests already use.
+    assert SPLITSTACK["field-vm.ulData"] == load_capture("diehl-wmbus-vm-uldata.hex")
     field = m.decode(payload("field-vm.ulData"))
     assert isinstance(field, m.VmUlData)
     assert field.macType == 1 and len(field.userData) == 86 and field.userData[:2] == b"\x55\x44"
