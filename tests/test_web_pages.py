@@ -47,7 +47,7 @@ async def test_every_page_renders_for_its_role(harness: Harness) -> None:
     await h.mioty.vm.set_meter_key("dme-81795246", "00" * 16)  # the meter page's example renders
     sessions = {role: await h.login(role) for role in ("viewer", "operator", "admin")}
     pages = [b.route for b in h.web.routes if b.route.kind == "page" and b.route.method == "GET" and b.route.role]
-    assert len(pages) == 14
+    assert len(pages) == 15
     for route in pages:
         path = route.example_path().replace("0011223344556677", EUI)
         cookies, _ = sessions[route.role or "viewer"]

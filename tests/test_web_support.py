@@ -254,6 +254,9 @@ async def build_harness(tmp_path: Path, *, families: tuple[str, ...] = ("mioty",
         from bsscihub.protocols.bssci.blueprints import BlueprintBook
 
         fake.blueprints = BlueprintBook(hub.store, reactor)  # type: ignore[attr-defined]
+        # The network page reads the real tables.
+        fake.registry.store, fake.registry.base_stations = hub.store, {}
+        fake.clock = reactor  # type: ignore[attr-defined]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     hub.store.start()
     await hub.store.migrate(hub.migrations())

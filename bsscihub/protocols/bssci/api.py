@@ -137,6 +137,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
         NavItem("Sensors", "/mioty/sensors", "viewer", "sensor"),
         NavItem("Meters", "/mioty/meters", "viewer", "sensor"),
         NavItem("Blueprints", "/mioty/blueprints", "viewer", "sensor"),
+        NavItem("Network", "/mioty/network", "viewer", "bs"),
     ]
     templates = Path(__file__).parent / "templates"
 
@@ -392,7 +393,36 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
             raise not_found(f"sensor {eui}")
         return Accepted(await self.service.query_dl_rx_status(eui))
 
+    @api_route("GET", "/network", role="viewer", summary="Which base stations hear which sensors and meters",
+               query=(Param("hours", {"type": "integer", "minimum": 1, "maximum": 720, "default": 24},
+                            "the window: copies heard in the last this many hours"),),
+               response=obj({"since": {"type": "number"}, "baseStations": {"type": "array", "items": ANY_OBJECT},
+                             "links": {"type": "array", "items": ANY_OBJECT}}, ("since", "baseStations", "links")))
+    async def network(self, call: Call) -> Any:
+        from bsscihub.protocols.bssci.network import coverage
+
+        service = running_service(self.hub, "mioty")
+        return await coverage(service, service.clock.seconds() - 3600 * call.query["hours"])
+
     # -- pages
+
+    @page_route("GET", "/network", role="viewer", summary="Network coverage")
+    async def network_page(self, call: Call) -> Any:
+        hours = call.query.get("hours", "24")
+        try:
+            result = await self._invoke(call, "network", query={"hours": hours})
+        except ApiError:
+            hours, result = "24", await self._invoke(call, "network", query={"hours": "24"})
+        stations = result["baseStations"]
+        column = {bs["bsEui"]: i for i, bs in enumerate(stations)}
+        rows: dict[tuple[str, str], list[Any]] = {}
+        for link in result["links"]:
+            cells = rows.setdefault((link["kind"], link["device"]), [None] * len(stations))
+            cells[column[link["bsEui"]]] = link
+        matrix = [{"kind": kind, "device": device, "cells": cells,
+                   "heardBy": sum(1 for c in cells if c is not None)} for (kind, device), cells in rows.items()]
+        return Page("mioty/network.html", {"stations": stations, "matrix": matrix, "hours": int(hours),
+                                           "title": "Network"})
 
     async def _invoke(self, call: Call, name: str, **kwargs: Any) -> Any:
         return await call.invoke(name, **kwargs)
