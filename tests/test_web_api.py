@@ -393,7 +393,7 @@ async def test_certificates_issue_list_revoke(harness: Harness) -> None:
     assert not pki.cert_is_application_center(cert)
     both = await h.request("POST", "/api/v1/certificates", role="admin",
                            json_body={"name": "ac-2", "bsEui": "70B3D59CD0000001", "kind": "application-center"})
-    assert both.code == 400 and "bound to no base-station EUI" in both.error["message"]
+    assert both.code == 409 and "bound to no base-station EUI" in both.error["message"]
 
     issued = (await h.request("GET", "/api/v1/certificates?q=roof", role="operator")).json()
     assert [(c["serial"], c["revokedAt"]) for c in issued["items"]] == [(serial, None)]

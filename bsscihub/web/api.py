@@ -497,6 +497,9 @@ class CertsApi:
                description="The private key exists only in this response; the hub keeps no copy.")
     async def issue(self, call: Call) -> Any:
         body = call.body
+        if body.get("kind") == "application-center" and body.get("bsEui"):
+            raise ApiError(409, "conflict", "an application-center certificate is bound to no base-station EUI;"
+                                            " leave bsEui out")
         bundle = await certs.issue(
             self.web.hub.config, self.web.hub.store, name=body["name"], bs_eui=body.get("bsEui"),
             days=body.get("days", 825), fmt=body.get("format", "zip"), actor=call.actor, now=self.web.clock.seconds(),
