@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -130,6 +131,15 @@ class Mosquitto:
         except FileNotFoundError:
             return ""
 
+    def subscriptions(self, client_id: str, topic_filter: str) -> int:
+        """How many times ``client_id`` subscribed to ``topic_filter`` on this broker (all runs).
+
+        The broker logs it once the subscription is in place, before the SUBACK: a message
+        published after that reaches the client. Tests wait on this instead of a sleep.
+        """
+        line = re.compile(rf"^\d+: {re.escape(client_id)} \d {re.escape(topic_filter)}$", re.MULTILINE)
+        return len(line.findall(self.log_text()))
+
     def start(self, timeout: float = 10.0) -> None:
         """Start mosquitto and wait until its listeners accept connections (blocking)."""
         if self.running:
@@ -219,6 +229,8 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "log_type information",
+            # "CLIENT QOS FILTER" once a subscription is in place: see subscriptions()
+            "log_type subscribe",
             "connection_messages true",
             # mosquitto started as root switches to this user; keep the one that owns the files
             f"user {_current_user()}",

@@ -175,6 +175,14 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         await deferLater(reactor, 0.01, lambda: None)
 
 
+async def subscribed(broker: Mosquitto, bridge: MQTTBridge, topic_filter: str | None = None, times: int = 1) -> None:
+    """Until the broker has the bridge subscribed to ``topic_filter`` (default: the command
+    filter) ``times`` times in all (once per connection), as its log says."""
+    topic_filter = topic_filter or f"{bridge.prefix}/+/+/+/cmd/+"
+    client_id = bridge.client.settings.client_id
+    await until(lambda: broker.subscriptions(client_id, topic_filter) >= times)
+
+
 def failures(events: list[LogEvent]) -> list[LogEvent]:
     return [e for e in events if "log_failure" in e]
 
@@ -406,7 +414,7 @@ async def test_every_command_is_validated_and_answered(
     results = subscriber_factory(mosquitto, "bsscihub/+/+/+/event/cmd_result")
     bridge = bridges(mosquitto)
     await until(lambda: bridge.connected)
-    await deferLater(reactor, 0.1, lambda: None)  # the command subscription's SUBACK
+    await subscribed(mosquitto, bridge)
     sender = commander(mosquitto)
     for topic, payload, _ in COMMANDS:
         sender.send(f"bsscihub/{topic}", payload)
@@ -444,7 +452,7 @@ async def test_mqtt5_response_topic_and_correlation_data(
     events = subscriber_factory(mosquitto, "bsscihub/+/+/+/event/cmd_result")
     bridge = bridges(mosquitto)
     await until(lambda: bridge.connected)
-    await deferLater(reactor, 0.1, lambda: None)
+    await subscribed(mosquitto, bridge)
     sender = commander(mosquitto)
     sender.send(f"bsscihub/mioty/bs/{BS}/cmd/status", b"{}", "replies/ops-1", b"\x00\x01req-7")
     sender.send(f"bsscihub/mioty/ep/{EP}/cmd/detach", b"{", "replies/ops-1", b"req-8")
@@ -501,10 +509,9 @@ async def test_device_topics_are_subscribed_again_after_every_reconnect(
     async def broken(topic: str, payload: bytes, properties: Any) -> None:
         raise ValueError("a family's handler bug")
 
-    bridge.subscribe("device/+/telemetry/#", telemetry)
+    granted = bridge.subscribe("device/+/telemetry/#", telemetry)
     bridge.subscribe("device/+/telemetry/#", broken)
-    await until(lambda: bridge.connected)
-    await deferLater(reactor, 0.1, lambda: None)
+    await granted
     commander(mosquitto).send("device/d1/telemetry/temp", b"21.5")
     await until(lambda: got == [("device/d1/telemetry/temp", b"21.5")])
     assert bridge.handler_errors == 1 and len(failures(logged)) == 1
@@ -513,7 +520,7 @@ async def test_device_topics_are_subscribed_again_after_every_reconnect(
     mosquitto.stop()
     mosquitto.start()
     await until(lambda: bridge.client.connects == 2)
-    await deferLater(reactor, 0.1, lambda: None)
+    await subscribed(mosquitto, bridge, "device/+/telemetry/#", times=2)
     commander(mosquitto).send("device/d2/telemetry/rh", b"40")
     await until(lambda: len(got) == 2)
 
@@ -847,7 +854,7 @@ async def test_the_real_mioty_family_answers_through_the_bridge(
     try:
         await service.when_ready()
         await until(lambda: bridge.connected)
-        await deferLater(reactor, 0.1, lambda: None)
+        await subscribed(mosquitto, bridge)
         sender = commander(mosquitto)
         attach = {"nwKey": NW_KEY, "shortAddr": "12ab", "bidi": False}
         sends = [
