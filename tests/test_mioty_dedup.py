@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from bsscihub.protocols.bssci.dedup import FIRST, LATE, MERGED, Copy, Deduplicator, uplink_payload
+from bsscihub.protocols.bssci.dedup import FIRST, LATE, MERGED, Committing, Copy, Deduplicator, uplink_payload
 from bsscihub.protocols.bssci.messages import Subpackets, UlData
 
 EP = "0011223344556677"
@@ -57,6 +57,51 @@ def test_copies_within_the_window_become_one_event(clock: Clock, sink: Sink) -> 
     clock.advance(0.3)
     assert [e[0] for e in sink.events] == [(EP, 1), (EP, 2)]
     assert dedup.pending == 0
+
+
+def test_a_window_waits_for_a_copy_received_inside_it_and_still_being_committed(clock: Clock, sink: Sink) -> None:
+    # Commits slower than the window: A arrives, is committed 0.8 s later; B arrives 0.1 s after
+    # A and waits for the next commit; C arrives after the window's end.
+    committing = Committing(0.5, sink)
+    dedup = Deduplicator(clock, 0.5, 100, committing.emit)
+    key = (EP, 1)
+    a = copy("bs-a", 3.0, clock.seconds())
+    committing.receiving(key, a)
+    clock.advance(0.1)
+    b = copy("bs-b", 9.0, clock.seconds())
+    committing.receiving(key, b)
+    clock.advance(0.7)
+    assert not committing.committed(key, a)
+    assert dedup.add(key, a) == FIRST
+    clock.advance(0.01)  # past A's window: the deduplicator closes it, B is still being committed
+    assert dedup.pending == 0 and sink.events == []
+    c = copy("bs-c", 1.0, clock.seconds())
+    committing.receiving(key, c)
+    clock.advance(0.8)
+    assert committing.committed(key, b)  # joined the held window ...
+    [(_, copies, first)] = sink.events  # ... which goes out without waiting for C, received too late
+    assert [x.bs_eui for x in copies] == ["bs-a", "bs-b"] and first == 1000.0
+    assert not committing.committed(key, c)
+    assert dedup.add(key, c) == LATE and len(sink.events) == 1
+
+
+def test_a_held_window_goes_out_when_its_last_copy_fails_or_at_stop(clock: Clock, sink: Sink) -> None:
+    committing = Committing(0.5, sink)
+    a, b = copy("bs-a", 3.0, clock.seconds()), copy("bs-b", 9.0, clock.seconds())
+    for x in (a, b):
+        committing.receiving((EP, 1), x)
+    assert not committing.committed((EP, 1), a)
+    committing.emit((EP, 1), [a], 1000.0)
+    assert sink.events == []
+    committing.failed((EP, 1), b)  # not stored, not acknowledged: the station sends it again
+    assert [[x.bs_eui for x in e[1]] for e in sink.events] == [["bs-a"]]
+    c, d = copy("bs-c", 3.0, clock.seconds(), cnt=2), copy("bs-d", 9.0, clock.seconds(), cnt=2)
+    for x in (c, d):
+        committing.receiving((EP, 2), x)
+    assert not committing.committed((EP, 2), c)
+    committing.emit((EP, 2), [c], 1000.0)
+    committing.flush()
+    assert [[x.bs_eui for x in e[1]] for e in sink.events] == [["bs-a"], ["bs-c"]]
 
 
 def test_late_copy_is_dropped_and_counted_once(clock: Clock, sink: Sink) -> None:

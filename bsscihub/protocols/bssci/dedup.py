@@ -15,7 +15,17 @@ from bsscihub.cluster import FIRST, LATE, MERGED, IDedupStore
 from bsscihub.protocols.bssci.messages import Subpackets, UlData
 from bsscihub.protocols.bssci.registry import rfc3339
 
-__all__ = ["FIRST", "LATE", "MERGED", "Copy", "Deduplicator", "receiver", "subpackets_json", "uplink_payload"]
+__all__ = [
+    "FIRST",
+    "LATE",
+    "MERGED",
+    "Copy",
+    "Deduplicator",
+    "Committing",
+    "receiver",
+    "subpackets_json",
+    "uplink_payload",
+]
 
 Key = tuple[str, int]  # (epEui as 16 hex digits, packetCnt)
 
@@ -136,6 +146,64 @@ class Deduplicator:
         group = self._open.pop(key)
         self.remember(key, group.copies[0].msg.rxTime)
         self._emit(key, group.copies, group.first)
+
+
+class Committing:
+    """Copies received but not yet committed, so that a slow commit does not split an uplink.
+
+    A copy reaches the deduplicator once committed, but its window is measured from when it
+    arrived: with commits slower than the window (a loaded hub, a slow disk), a copy received
+    well inside the window would otherwise be committed after the window was published, and
+    counted late. Hand `emit` to the deduplicator in place of the real emit: a window closing
+    while a copy received inside it is still being committed is held until that copy is in.
+
+    `receiving(key, copy)` when a copy arrives; then `committed(key, copy)` (True: the copy
+    joined a held window, do not give it to the deduplicator) or `failed(key, copy)`.
+    """
+
+    def __init__(self, window: float, emit: Callable[[Any, list[Copy], float], Any]) -> None:
+        self._window = window
+        self._emit = emit
+        self._storing: dict[Any, list[Copy]] = {}
+        self._held: dict[Any, tuple[list[Copy], float]] = {}
+
+    def receiving(self, key: Any, copy: Copy) -> None:
+        self._storing.setdefault(key, []).append(copy)
+
+    def committed(self, key: Any, copy: Copy) -> bool:
+        held = self._held.get(key)
+        if held is not None:
+            held[0].append(copy)
+        self._done(key, copy)
+        return held is not None
+
+    def failed(self, key: Any, copy: Copy) -> None:
+        self._done(key, copy)
+
+    def emit(self, key: Any, copies: list[Copy], first: float) -> None:
+        if self._in_window(key, first):
+            self._held[key] = (copies, first)
+        else:
+            self._emit(key, copies, first)
+
+    def flush(self) -> None:
+        """Emit the held windows with the copies they have (the service is stopping)."""
+        held, self._held = self._held, {}
+        for key, (copies, first) in held.items():
+            self._emit(key, copies, first)
+
+    def _done(self, key: Any, copy: Copy) -> None:
+        storing = self._storing[key]
+        storing.remove(copy)
+        if not storing:
+            del self._storing[key]
+        held = self._held.get(key)
+        if held is not None and not self._in_window(key, held[1]):
+            del self._held[key]
+            self._emit(key, *held)
+
+    def _in_window(self, key: Any, first: float) -> bool:
+        return any(c.received <= first + self._window for c in self._storing.get(key, ()))
 
 
 def subpackets_json(sub: Subpackets | None) -> dict[str, list[float]] | None:

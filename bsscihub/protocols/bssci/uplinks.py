@@ -21,6 +21,7 @@ from bsscihub.protocols.bssci.dedup import (
     LATE,
     MERGED,
     SAME_UPLINK_SPREAD_NS,
+    Committing,
     Copy,
     Deduplicator,
     subpackets_json,
@@ -106,8 +107,7 @@ class UplinkPipeline:
        ulDataRsp when that Deferred fires (nothing is acknowledged before it is durable).
     2. `_stored` hands the committed copy to the deduplicator (an event never names an
        uncommitted copy); a late copy of a published uplink is only marked. A window that closes
-       while a copy received inside it is still being committed (a slow disk) waits for that
-       copy: which copies merge depends on when they arrived, not on how long commits took.
+       while a copy received inside it is still being committed waits for it (`Committing`).
     3. `publish` (the deduplicator's emit, once a window closes) updates the sensor's hot state
        and downlink routing, and publishes one `uplink` event.
     4. `_published` marks the copies published once the bus took the event durably; copies left
@@ -141,10 +141,7 @@ class UplinkPipeline:
         self.waiting = waiting
         self.annotate = annotate
         self.memory = memory
-        self.window = window
-        # copies received, not yet committed, per key; and windows closed while such a copy was
-        self._storing: dict[tuple[str, int], list[Copy]] = {}
-        self._held: dict[tuple[str, int], tuple[list[Copy], float]] = {}
+        self.committing = Committing(window, self._emit)
         # The cluster's shared store if there is one, else this hub's own in memory (no extra work per copy).
         self.dedup: IDedupStore = (make_dedup or Deduplicator)(clock, window, memory, self.publish)
         self._unconfirmed: set[defer.Deferred[Any]] = set()
@@ -180,41 +177,22 @@ class UplinkPipeline:
              sub_json, msg.userData, msg.format or 0, int(msg.dlOpen), int(msg.responseExp), int(msg.dlAck))
         )  # fmt: skip
         copy = Copy(bs, now, msg)
-        self._storing.setdefault((ep, msg.packetCnt), []).append(copy)
+        self.committing.receiving((ep, msg.packetCnt), copy)
         stored.addCallbacks(self._stored, self._store_failed, callbackArgs=(ep, copy), errbackArgs=(ep, copy))
         return stored
 
     def _store_failed(self, failure: Failure, ep: str, copy: Copy) -> Failure:
         self.counters.store_failures += 1
-        self._committed((ep, copy.msg.packetCnt), copy)
+        self.committing.failed((ep, copy.msg.packetCnt), copy)
         return failure
-
-    def _committed(self, key: tuple[str, int], copy: Copy) -> None:
-        """`copy` is no longer being stored; a window held for it is published once none is."""
-        storing = self._storing[key]
-        storing.remove(copy)
-        if not storing:
-            del self._storing[key]
-        held = self._held.get(key)
-        if held is not None and not self._in_window(key, held[1]):
-            del self._held[key]
-            self._emit(key, *held)
-
-    def _in_window(self, key: tuple[str, int], first: float) -> bool:
-        """Whether a copy of `key` received inside the window opened at `first` is still being stored."""
-        return any(c.received <= first + self.window for c in self._storing.get(key, ()))
 
     # 2. dedup
 
     def _stored(self, _: object, ep: str, copy: Copy) -> None:
         key = (ep, copy.msg.packetCnt)
-        held = self._held.get(key)
-        if held is not None:
-            held[0].append(copy)
-            self.counters.merged += 1
-            self._committed(key, copy)
+        if self.committing.committed(key, copy):
+            self.counters.merged += 1  # into a window held for it
             return
-        self._committed(key, copy)
         outcome = self.dedup.add(key, copy)
         if outcome == MERGED:
             self.counters.merged += 1
@@ -225,10 +203,10 @@ class UplinkPipeline:
     # 3. publish
 
     def publish(self, key: tuple[str, int], copies: list[Copy], first: float, replay: bool = False) -> None:
-        if not replay and self._in_window(key, first):
-            self._held[key] = (copies, first)
-            return
-        self._emit(key, copies, first, replay)
+        if replay:
+            self._emit(key, copies, first, replay)
+        else:
+            self.committing.emit(key, copies, first)
 
     def _emit(self, key: tuple[str, int], copies: list[Copy], first: float, replay: bool = False) -> None:
         ep, packet_cnt = key
@@ -289,9 +267,7 @@ class UplinkPipeline:
         """Publish every open window now, then wait up to `wait` seconds for the bus to confirm
         them: confirmed now means not published twice after the restart."""
         self.dedup.flush()
-        held, self._held = self._held, {}
-        for key, (copies, first) in held.items():
-            self._emit(key, copies, first)
+        self.committing.flush()
         deadline = self.clock.seconds() + wait
         while self._unconfirmed and self.clock.seconds() < deadline:
             await task.deferLater(self.clock, 0.01, lambda: None)

@@ -13,11 +13,20 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from bsscihub.bus import Event
 from bsscihub.errors import CommandError
 from bsscihub.protocols.bssci import messages as m
-from bsscihub.protocols.bssci.dedup import LATE, MERGED, SAME_UPLINK_SPREAD_NS, Copy, Deduplicator, subpackets_json
+from bsscihub.protocols.bssci.dedup import (
+    LATE,
+    MERGED,
+    SAME_UPLINK_SPREAD_NS,
+    Committing,
+    Copy,
+    Deduplicator,
+    subpackets_json,
+)
 from bsscihub.protocols.bssci.meters import Meter, meter_key, parse_aes_key, registry_for
 from bsscihub.protocols.bssci.registry import rfc3339
 from bsscihub.protocols.bssci.session import (
@@ -99,7 +108,9 @@ class VariableMac:
         self.clock = service.clock
         self.mac_types: Mapping[int, str] = service.settings.vm_mac_types
         self.meters = registry_for(self.hub)
-        self.dedup = Deduplicator(self.clock, service.settings.dedup_window, _DEDUP_MEMORY, self._publish)
+        # a copy received inside the window joins it however long its commit takes
+        self.committing = Committing(service.settings.dedup_window, self._publish)
+        self.dedup = Deduplicator(self.clock, service.settings.dedup_window, _DEDUP_MEMORY, self.committing.emit)
         self.active: dict[str, tuple[int, ...]] = {}
         """bsEui -> the MAC types active there after activation (absent: no Variable MAC)."""
         self.counters = {"frames": 0, "merged": 0, "late": 0, "published": 0, "undecoded": 0}
@@ -151,6 +162,7 @@ class VariableMac:
         if self._pruning.running:
             self._pruning.stop()
         self.dedup.flush()
+        self.committing.flush()
         while self._work:
             await defer.DeferredList(list(self._work), consumeErrors=True)
 
@@ -224,13 +236,23 @@ class VariableMac:
                msg.pattNum, msg.crc)  # fmt: skip
         stored: defer.Deferred[Any] = self.meters.add_frame(row)
         copy = Copy(bs, now, msg)  # type: ignore[arg-type]
-        stored.addCallback(lambda frame_id: self._stored(frame_id, copy, session))
+        key = (_digest(msg.userData), msg.macType)
+        self.committing.receiving(key, copy)
+        stored.addCallbacks(
+            self._stored, self._store_failed, callbackArgs=(key, copy, session), errbackArgs=(key, copy)
+        )
         return stored
 
-    def _stored(self, frame_id: int, copy: Copy, session: Session) -> None:
+    def _store_failed(self, failure: Failure, key: tuple[str, int], copy: Copy) -> Failure:
+        self.committing.failed(key, copy)
+        return failure
+
+    def _stored(self, frame_id: int, key: tuple[str, int], copy: Copy, session: Session) -> None:
         msg: m.VmUlData = copy.msg  # type: ignore[assignment]
-        key = (_digest(msg.userData), msg.macType)
         self._ids.setdefault(key, []).append(frame_id)
+        if self.committing.committed(key, copy):
+            self.counters["merged"] += 1  # into a window held for it
+            return
         outcome = self.dedup.add(key, copy)
         if outcome == MERGED:
             self.counters["merged"] += 1
