@@ -303,7 +303,15 @@ class WebhookService(Service):
                 self._wake[hook_id] = waiter
                 await waiter
                 continue
-            secret = self._secret(hook_id, await self._sealed(hook_id))
+            secret = self.box.open(f"webhook:{hook_id}", await self._sealed(hook_id))
+            if secret is None:
+                # Another hub's key file, or a damaged row: nothing can be signed; say so where operators look.
+                self.log.error("webhook {name}: its secret does not open with webhook-keys.secret; not delivering",
+                               name=hook.name)
+                await self._record(hook, self.clock.seconds(), "error", "the secret does not open with"
+                                   " webhook-keys.secret; delete the webhook and create it again",
+                                   delivered=False, failed=True)
+                return
             for row_id, delivery, kind, body in rows:
                 body = bytes(body)
                 while True:
@@ -325,12 +333,6 @@ class WebhookService(Service):
     async def _sealed(self, hook_id: int) -> bytes:
         row = await self.hub.store.fetchone("SELECT secret_box FROM webhooks WHERE id = ?", (hook_id,))
         return bytes(row[0]) if row else b""
-
-    def _secret(self, hook_id: int, sealed: bytes) -> bytes:
-        secret = self.box.open(f"webhook:{hook_id}", sealed)
-        if secret is None:
-            raise CommandError(f"webhook {hook_id}: its secret does not open with webhook-keys.secret")
-        return secret
 
     async def _post(self, hook: Webhook, secret: bytes, delivery: str, kind: str, body: bytes,
                     failures: int) -> str | None:
