@@ -412,7 +412,7 @@ class Subscriber:
         self._client.on_subscribe = self._suback
         self._client.on_message = self._message
 
-    def start(self, timeout: float = 5.0) -> None:
+    def start(self, timeout: float = 15.0) -> None:
         """Connect and wait for the SUBACK (blocking; loopback makes it quick)."""
         if self._protocol == 5 and self._persistent:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -446,7 +446,7 @@ class Subscriber:
     def wait_for(
         self,
         predicate: Callable[[Received], bool],
-        timeout: float = 5.0,
+        timeout: float = 15.0,
         count: int = 1,
     ) -> list[Received]:
         """Block until ``count`` received messages satisfy ``predicate``; return them.
@@ -469,7 +469,7 @@ class Subscriber:
     def when(
         self,
         predicate: Callable[[Received], bool],
-        timeout: float = 5.0,
+        timeout: float = 15.0,
         count: int = 1,
     ) -> Deferred[list[Received]]:
         """`wait_for` on a reactor thread-pool thread, so the reactor keeps running."""

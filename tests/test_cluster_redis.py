@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWar
 BS = A
 
 
-async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+async def wait_for(condition: Any, timeout: float = 15.0) -> None:
     deadline = reactor.seconds() + timeout
     while not condition():
         if reactor.seconds() > deadline:

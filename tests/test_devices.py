@@ -211,7 +211,7 @@ async def test_commands_keys_and_firmware_updates(
         [accepted] = [json.loads(m.payload) for m in await witness.when(
             lambda m: m.topic == f"{DEV}/esp32-01/event/cmd_result")]
         assert accepted["ok"] is True and accepted["commandId"] == json.loads(order.payload)["id"]
-        await witness.when(lambda m: m.topic == f"{DEV}/esp32-01/event/command_result", count=2, timeout=5)
+        await witness.when(lambda m: m.topic == f"{DEV}/esp32-01/event/command_result", count=2, timeout=15)
         timed_out = events(witness, "esp32-01", "event/command_result")[1]
         assert (timed_out["command"], timed_out["state"], timed_out["ok"]) == ("blink", "timeout", False)
         assert (await running.api("POST", "/api/v1/devices/ghost/commands", {"name": "x"}))[0] == 404

@@ -41,7 +41,7 @@ RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 # -- shared by the family tests (test_ble, test_devices): a whole hub on a real broker
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
     """Poll `check` (sync or async) until it returns something truthy; its last value is returned."""
     deadline = reactor.seconds() + timeout
     while True:

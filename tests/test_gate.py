@@ -85,7 +85,7 @@ class GateUnit:
             assert ok, f"no such command; got {self.commands}"
             return next(c for c in self.commands if predicate(c))
 
-    async def command(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
+    async def command(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
         return await threads.deferToThread(self._wait, predicate, timeout)
 
     def stop(self) -> None:

@@ -102,12 +102,12 @@ class Rig:
         return row
 
 
-async def until(condition: Any) -> None:
-    for _ in range(500):
-        if condition():
-            return
+async def until(condition: Any, timeout: float = 15.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
         await deferLater(reactor, 0.005, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 async def rig(store: Store) -> Rig:

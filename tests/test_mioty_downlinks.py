@@ -193,7 +193,7 @@ async def test_an_unreported_downlink_expires_with_dl_data_rev_and_an_error_answ
         answered = (await service.queue_downlink(EP, b"\x01", actor="test"))["queId"]
         await b.expect("dlDataQue")
         # Held, never reported: after downlink_ttl the station gets dlDataRev; it takes it: expired.
-        rev = await b.expect("dlDataRev", timeout=5.0)
+        rev = await b.expect("dlDataRev")
         assert rev["queId"] == answered
         entry = await state_becomes(running, answered, "expired")
         assert "not sent within 1 s" in entry["error"]
@@ -202,7 +202,7 @@ async def test_an_unreported_downlink_expires_with_dl_data_rev_and_an_error_answ
         b.auto.pop("dlDataRev")
         refused = (await service.queue_downlink(EP, b"\x02", actor="test"))["queId"]
         await b.expect("dlDataQue")
-        rev = await b.expect("dlDataRev", timeout=5.0)
+        rev = await b.expect("dlDataRev")
         assert rev["queId"] == refused
         b.send("error", rev["opId"], code=2, message="no such queId")
         assert (await b.expect("errorAck"))["opId"] == rev["opId"]

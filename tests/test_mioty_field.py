@@ -384,7 +384,7 @@ async def test_downlinks_of_a_station_that_does_not_resume_in_time_are_queued_ag
         await a.lost
         await wait_for(lambda: A not in hub.service.sessions)
         assert dl.state.value == "accepted"  # the station may still resume and send it
-        await wait_for(lambda: dl.state.value == "queued", timeout=2.0)
+        await wait_for(lambda: dl.state.value == "queued")
         assert A not in hub.service._resumable
     finally:
         await hub.stop()

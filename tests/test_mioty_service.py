@@ -116,7 +116,7 @@ class Station(Protocol):
         self.transport.write(encode_frame({"command": command, "opId": op, **fields}))
         return op
 
-    async def expect(self, command: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def expect(self, command: str, timeout: float = 15.0) -> dict[str, Any]:
         deadline = reactor.seconds() + timeout
         while True:
             for i, msg in enumerate(self.inbox):

@@ -612,7 +612,7 @@ class Recorder:
         )
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
     deadline = reactor.seconds() + timeout
     while not condition():
         if reactor.seconds() > deadline:

@@ -57,7 +57,7 @@ class AppCenter(Protocol):
         self.transport.write(encode_frame({"command": command, "opId": op, **fields}, magic=MAGIC_AC))
         return op
 
-    async def expect(self, command: str, op: int | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    async def expect(self, command: str, op: int | None = None, timeout: float = 15.0) -> dict[str, Any]:
         deadline = reactor.seconds() + timeout
         while True:
             for i, msg in enumerate(self.inbox):

@@ -84,7 +84,7 @@ def _capture(build: Any, made: defer.Deferred[Any]) -> Any:
     return wrapper
 
 
-async def next_message(client: Client, timeout: float = 5.0) -> Any:
+async def next_message(client: Client, timeout: float = 15.0) -> Any:
     return await client.messages.get().addTimeout(timeout, reactor)
 
 
