@@ -255,7 +255,6 @@ class ScaciProtocol(Protocol):
         if type(bidi) is not bool:
             raise _Refused(EINVAL, "bidi must be true or false")
         await self.hub.service.attach(ep, key, short, bidi, actor=f"ac:{self.ac_eui}", source="scaci")
-        self.hub.owners[ep] = self.ac_eui or ""
         await self.audit("mioty.sensor.attach", ep, {"shortAddr": f"{short:04x}", "bidi": bidi})
         self.send("regRsp", op)
 
@@ -317,7 +316,6 @@ class ScaciHub:
         self.max_frame = max_frame
         self.connections: set[ScaciProtocol] = set()
         self.queued: dict[int, tuple[str, int, str]] = {}  # hub queId -> (acEui, AC queId, epEui)
-        self.owners: dict[str, str] = {}  # epEui -> the AC that registered it (memory only)
         self.forwarded = 0
 
     def on_event(self, event: Event) -> None:
