@@ -1,0 +1,124 @@
+"""SCACI against the running hub (twistd): an application center with a certificate from `bsscihub certs issue-ac`
+registers an end point over mutual TLS, receives its uplink from a base station and sends it a downlink."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bsscihub.pki import issue_client_cert
+from bsscihub.protocols.bssci.framing import Framer, encode_frame
+from bsscihub.protocols.bssci.scaci import MAGIC_AC
+from tests import test_twistd
+from tests.broker import Mosquitto, free_port
+from tests.test_mioty_crash import Station, kill, start_hub
+from tests.test_twistd import CONFIG, clean_env
+
+home = test_twistd.home  # the fixture: a directory after `bsscihub init`
+
+EP = "0011223344556677"
+A = "70b3d59cd00000a1"
+
+
+class AppCenter:
+    """An application center on a blocking socket: MIOTYA01 frames over mutual TLS."""
+
+    def __init__(self, port: int, cert: Path, key: Path, ca: Path) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(ca)
+        context.load_cert_chain(cert, key)
+        self.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                        server_hostname="localhost")
+        self.framer = Framer(magic=MAGIC_AC)
+        self.inbox: list[dict[str, Any]] = []
+        self.next_op = 1
+
+    def send(self, command: str, op: int | None = None, **fields: Any) -> int:
+        if op is None:
+            op, self.next_op = self.next_op, self.next_op + 1
+        self.sock.sendall(encode_frame({"command": command, "opId": op, **fields}, magic=MAGIC_AC))
+        return op
+
+    def expect(self, command: str, op: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, msg in enumerate(self.inbox):
+                if msg["command"] == command and (op is None or msg["opId"] == op):
+                    return self.inbox.pop(i)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {command}; got {[(m['command'], m['opId']) for m in self.inbox]}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                raise AssertionError(f"the hub closed the connection; got {self.inbox}")
+            self.inbox.extend(self.framer.feed(data))
+
+
+@pytest.fixture
+def log(home: Path) -> Iterator[Path]:
+    path = home / "hub.log"
+    yield path
+    if path.exists():
+        print(path.read_text())
+
+
+def test_application_center_against_twistd(home: Path, log: Path,
+                                           mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    certs = home / "certs"
+    issued = subprocess.run(
+        [sys.executable, "-m", "bsscihub.cli", "certs", "issue-ac", "ac-main", "--out", "ac", "--config", CONFIG],
+        cwd=home, env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
+        capture_output=True, text=True, timeout=60)
+    assert issued.returncode == 0, issued.stderr
+    station_cert = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", bs_eui=A)
+    broker = mosquitto_factory()
+    web, bssci, scaci = free_port(), free_port(), free_port()
+    hub = start_hub(home, log, web, bssci, broker, BSSCIHUB_SCACI_LISTEN=f"tcp:{scaci}:interface=127.0.0.1")
+    station = ac = None
+    try:
+        ac = AppCenter(scaci, home / "ac" / "ac-main.pem", home / "ac" / "ac-main.key", certs / "ca.pem")
+        ac.send("con", 0, version="1.0.0", acEui=0x70B3D5FFFE000001, snAcUuid=list(os.urandom(16)))
+        assert ac.expect("conRsp", 0)["snResume"] is False
+        ac.send("conCmp", 0)
+        station = Station(bssci, station_cert.cert_path, station_cert.key_path, certs / "ca.pem")
+        station.connect(A, "bs-a")
+        op = ac.send("reg", epEui=int(EP, 16), nwkKey=list(range(16)), shAddr=0x1A2B, bidi=True)
+        ac.expect("regRsp", op)
+        assert station.expect("attPrp")["epEui"] == int(EP, 16)
+        op = station.send("ulData", epEui=int(EP, 16), rxTime=time.time_ns(), packetCnt=9, snr=8.0, rssi=-99.0,
+                          userData=[7, 7], dlOpen=True, responseExp=False, dlAck=False)
+        station.expect("ulDataRsp", op)
+        station.send("ulDataCmp", op)
+        ul = ac.expect("ulData")
+        assert (ul["epEui"], ul["packetCnt"], ul["userData"]) == (int(EP, 16), 9, [7, 7])
+        assert [r["bsEui"] for r in ul["rxInfo"]] == [int(A, 16)]
+        ac.send("ulDataRsp", ul["opId"])
+        op = ac.send("dlDataQue", epEui=int(EP, 16), queId=5, userData=[[1, 2, 3]])
+        que = station.expect("dlDataQue")  # the station accepts it (dlDataQueRsp), then the AC gets its answer
+        ac.expect("dlDataQueRsp", op)
+        assert que["userData"] == [[1, 2, 3]]
+        res = station.send("dlDataRes", epEui=int(EP, 16), queId=que["queId"], result="sent", txTime=1, packetCnt=10)
+        station.expect("dlDataResRsp", res)
+        result = ac.expect("dlDataRes")
+        assert (result["queId"], result["result"]) == (5, "sent")
+    finally:
+        for peer in (station, ac):
+            if peer is not None:
+                peer.sock.close()
+        kill(hub)
+    text = log.read_text()
+    assert "SCACI listening on 127.0.0.1" in text and "application center 70b3d5fffe000001" in text
+    assert "Traceback" not in text
