@@ -239,6 +239,7 @@ class WebhooksConfig:
     timeout: float = setting(10.0, duration, "longest wait for a webhook receiver's answer")
     retry_min: float = setting(1.0, duration, "first pause before a failed delivery is tried again")
     retry_max: float = setting(300.0, duration, "longest pause between two tries (the pause doubles up to it)")
+    max_queue: int = setting(100_000, _positive_int, "most events waiting per webhook; beyond, new ones are dropped")
 
 
 def _redis_url(value: Any) -> str:

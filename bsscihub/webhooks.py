@@ -135,6 +135,8 @@ class Webhook:
     last_error: str = ""
     queued: int = 0
     retry_at: float | None = None
+    dropped: int = 0
+    dropped_logged: float = float("-inf")
 
     def wants(self, event: Event) -> bool:
         return (self.enabled and (not self.families or event.family in self.families)
@@ -146,7 +148,8 @@ class Webhook:
                 "createdBy": self.created_by, "queued": self.queued, "delivered": self.delivered,
                 "failures": self.failures, "lastAttempt": opt_time(self.last_attempt),
                 "lastSuccess": opt_time(self.last_success), "lastStatus": self.last_status or None,
-                "lastError": self.last_error or None, "nextRetry": opt_time(self.retry_at)}
+                "lastError": self.last_error or None, "nextRetry": opt_time(self.retry_at),
+                "dropped": self.dropped}
 
 
 class _Delivered(Exception):
@@ -254,6 +257,9 @@ class WebhookService(Service):
         now = self.clock.seconds()
         pending = []
         for hook in wanted:
+            if hook.queued >= self.config.max_queue:
+                self._drop(hook, now)
+                continue
             delivery = uuid.uuid4().hex
             body = json.dumps({"id": delivery, "webhook": hook.id, "family": event.family, "event": event.kind,
                                "topic": event.topic, "time": rfc3339(now), "payload": event.payload},
@@ -262,9 +268,19 @@ class WebhookService(Service):
             d = self._writer.add((hook.id, delivery, f"{event.family}.{event.kind}", body, now, self.node))
             d.addCallback(lambda _, hook_id=hook.id: self._poke(hook_id))
             pending.append(d)
+        if not pending:
+            return None
         if len(pending) == 1:
             return pending[0]
         return defer.gatherResults(pending, consumeErrors=True).addCallback(lambda _: None)
+
+    def _drop(self, hook: Webhook, now: float) -> None:
+        hook.dropped += 1
+        if now - hook.dropped_logged >= 60:
+            hook.dropped_logged = now
+            self.log.warn("webhook {name}: {queued} events wait for {url} (webhooks.max_queue); new ones are dropped"
+                          " ({dropped} so far)", name=hook.name, queued=hook.queued, url=_safe_url(hook.url),
+                          dropped=hook.dropped)
 
     # -- delivery
 

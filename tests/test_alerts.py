@@ -410,3 +410,20 @@ async def test_a_delivery_refused_for_good_is_dropped_and_the_secret_never_logge
         device.stop()
         await running.stop()
         await defer.maybeDeferred(listening.stopListening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_webhook_queue_is_bounded(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    running = await start_hub(tmp_path, mosquitto, ["devices"], webhooks={"max_queue": 2, "retry_min": "5s"})
+    device = DeviceClient(mosquitto)
+    try:
+        code, created = await running.api("POST", "/api/v1/webhooks", {
+            "name": "away", "url": f"http://127.0.0.1:{free_port()}/", "events": ["up"]})
+        for value in range(3):
+            await device.publish("SensorData", {"device_id": "D4", "type": "Temperature", "value": value})
+        hook = await eventually(lambda: _hook(running, created["webhook"]["id"], lambda h: h["dropped"] == 1),
+                                timeout=10, what="the third event dropped")
+        assert hook["queued"] == 2
+    finally:
+        device.stop()
+        await running.stop()

@@ -73,7 +73,7 @@ HOOK = obj({"id": {"type": "integer"}, "name": {"type": "string"}, "url": {"type
             "queued": {"type": "integer"}, "delivered": {"type": "integer"}, "failures": {"type": "integer"},
             "lastAttempt": OPT_TIME, "lastSuccess": OPT_TIME,
             "lastStatus": {"type": "string", "nullable": True}, "lastError": {"type": "string", "nullable": True},
-            "nextRetry": OPT_TIME},
+            "nextRetry": OPT_TIME, "dropped": {"type": "integer"}},
            ("id", "name", "url", "families", "events", "enabled", "queued"), closed=False)
 HOOK_BODY = obj({
     "name": NAME,
