@@ -277,11 +277,18 @@ async def _settled(service: Any) -> None:
         await defer.DeferredList(list(service._pending))
 
 
-async def _advance(clock: task.Clock, seconds: float) -> None:
-    """Time passes in the check interval's steps; each round's writes (real threads) finish before the next."""
+async def _advance(clock: task.Clock, service: Any, seconds: float) -> None:
+    """Time passes in the check interval's steps; each round's writes (real threads) finish before the next.
+
+    A round still writing when the clock moves on would be skipped by its LoopingCall, so each
+    step waits until the loop has scheduled its next round (however long the writes took).
+    """
     for _ in range(int(seconds // 5)):
         clock.advance(5)
-        await task.deferLater(reactor, 0.03, lambda: None)
+        deadline = reactor.seconds() + 15
+        while service._loop.call is None:
+            assert reactor.seconds() < deadline, "an alert check round did not finish"
+            await task.deferLater(reactor, 0.005, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -307,10 +314,10 @@ async def test_every_family_kind_goes_offline_and_comes_back(tmp_path: Path, dat
         ]
         for event in heard:
             service.on_event(event)
-        await _advance(clock, 55)
+        await _advance(clock, service, 55)
         await _settled(service)
         assert published == []
-        await _advance(clock, 10)  # 65 s of silence, checked at the next round
+        await _advance(clock, service, 10)  # 65 s of silence, checked at the next round
         await _settled(service)
         fired = sorted(e.topic for e in published)
         assert fired == sorted([
@@ -319,7 +326,7 @@ async def test_every_family_kind_goes_offline_and_comes_back(tmp_path: Path, dat
             "alerts/ble/gw/GW001/offline", "alerts/devices/device/Device001/offline",
             "alerts/gate/unit/gate-1/offline"])
         assert all(e.payload["state"] == "firing" for e in published)
-        await _advance(clock, 60)
+        await _advance(clock, service, 60)
         await _settled(service)
         assert len(published) == 7  # once per transition
 
