@@ -108,8 +108,8 @@ async def until(condition: Any, what: str) -> None:
     """Wait (on the real reactor: store writes finish on their thread) until `condition()`."""
     from twisted.internet import reactor, task
 
-    for _ in range(500):
-        if condition():
-            return
+    deadline = reactor.seconds() + 15
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
         await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
