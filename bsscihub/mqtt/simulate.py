@@ -118,7 +118,7 @@ def _publish(client: Any, args: argparse.Namespace, what: str, messages: Iterato
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     elapsed = time.monotonic() - started
-    say(f"{what}: {sent} messages in {elapsed:.1f} s, {acked} acknowledged"
+    say(f"{what}: {sent} messages in {elapsed:.1f} s ({sent / max(elapsed, 1e-9):.0f}/s), {acked} acknowledged"
         f"{'' if acked == sent else f', {sent - acked} not acknowledged'}")
     if acked != sent:
         print(f"bsscihub: {sent - acked} messages were not acknowledged by the broker", file=sys.stderr)
@@ -127,6 +127,14 @@ def _publish(client: Any, args: argparse.Namespace, what: str, messages: Iterato
 
 
 def _settle(pending: list[Any]) -> int:
-    done = [info for info in pending if info.is_published()]
-    pending[:] = [info for info in pending if not info.is_published()]
-    return len(done)
+    """Forget the acknowledged messages; how many there were. One look at each: acknowledgements
+    arrive on paho's thread meanwhile."""
+    waiting = []
+    done = 0
+    for info in pending:
+        if info.is_published():
+            done += 1
+        else:
+            waiting.append(info)
+    pending[:] = waiting
+    return done
