@@ -616,7 +616,8 @@ async def test_a_sent_downlink_is_marked_acked_by_the_uplink_after_the_one_it_we
         assert (await b.expect("ulDataRsp"))["opId"] == op
         b.send("ulDataCmp", op)
         await wait_for(lambda: len(running.of("uplink")) > uplinks)
-        await deferLater(reactor, 0.05, lambda: None)  # the acknowledgement is recorded in the background
+        # the acknowledgement is recorded in the background, noted before the event is published
+        await wait_for(lambda: not service._writes)
         [entry] = (await service.downlinks(EP))["items"]
         return entry
 
