@@ -81,3 +81,25 @@ def test_sim_without_a_family_is_still_the_mioty_simulator(tmp_path: Path) -> No
     refused = _sim(tmp_path, "devices", "--devices", "2", "--url", "mqtt://127.0.0.1:1", "--duration", "1")
     assert refused.returncode == 1
     assert refused.stderr.startswith("bsscihub: cannot reach the broker at 127.0.0.1:1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_simulated_gateways_that_stop_raise_offline_alerts(tmp_path: Path, mosquitto: Mosquitto,
+                                                                 subscriber_factory: Any) -> None:
+    from tests.test_families import PREFIX, payloads
+
+    witness = subscriber_factory(mosquitto, f"{PREFIX}/alerts/#")
+    running = await start_hub(tmp_path, mosquitto, ["ble"], alerts={"check_interval": "100ms"})
+    try:
+        code, _ = await running.api("POST", "/api/v1/alert-rules", {
+            "name": "gateway silent", "family": "ble", "kind": "gw", "condition": "offline", "after": 1})
+        assert code == 201
+        done = await threads.deferToThread(_sim, tmp_path, "ble", "--gateways", "2", "--nodes", "2", "--rate", "20",
+                                           "--duration", "0.5")
+        assert done.returncode == 0, done.stderr
+        await witness.when(lambda m: m.topic.endswith("/offline"), timeout=10, count=2)
+        assert {t for t in (m.topic for m in witness.messages)} == {
+            f"{PREFIX}/alerts/ble/gw/SIMGW01/offline", f"{PREFIX}/alerts/ble/gw/SIMGW02/offline"}
+        assert all(p["state"] == "firing" for p in payloads(witness, f"{PREFIX}/alerts/ble/gw/SIMGW01/offline"))
+    finally:
+        await running.stop()
