@@ -48,7 +48,7 @@ async def test_sim_devices_registers_and_feeds_generic_devices(tmp_path: Path, m
 
 @pytest_twisted.ensureDeferred
 async def test_sim_ble_feeds_gateways_and_beacons(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={"dedup_window": "50ms"})
+    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={"dedup_window": "300ms"})
     try:
         done = await threads.deferToThread(_sim, tmp_path, "ble", "--gateways", "2", "--nodes", "4", "--copies", "2",
                                            "--rate", "40", "--duration", "1")
@@ -65,9 +65,10 @@ async def test_sim_ble_feeds_gateways_and_beacons(tmp_path: Path, mosquitto: Mos
         assert all(g["state"] == "online" for g in gateways)
         assert all({"temperature", "humidity", "battery"} <= set(n["values"]) for n in nodes)
         code, readings = await running.api("GET", f"/api/v1/ble/nodes/{nodes[0]['id']}/readings")
-        # Two gateways heard each reading: one reading with both, the nearest first.
-        receivers = readings["items"][0]["receivers"]
-        assert len(receivers) == 2 and receivers[0]["rssi"] > receivers[1]["rssi"]
+        # Two gateways heard each reading: one reading with both, the nearest first (the run may end
+        # between the two copies of its last one).
+        both = [r["receivers"] for r in readings["items"] if len(r["receivers"]) == 2]
+        assert both and all(first["rssi"] > second["rssi"] for first, second in both)
     finally:
         await running.stop()
 
