@@ -1,0 +1,119 @@
+"""The configuration's documentation against the code: etc/hub.yaml, README and docs/configuration.md.
+
+Every key the hub reads is documented with its real default, and nothing documented is a key it does not read.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from bsscihub.config import CORE_SECTIONS, HUB_SECTIONS, TOP_LEVEL, load_config
+from bsscihub.family import all_config_sections, installed_families
+
+REPO = Path(__file__).resolve().parents[1]
+HUB_YAML = REPO / "etc" / "hub.yaml"
+REFERENCE = REPO / "docs" / "configuration.md"
+README = REPO / "README.rst"
+SECTIONS: dict[str, type] = {**CORE_SECTIONS, **HUB_SECTIONS, **all_config_sections(installed_families())}
+
+
+def code_keys() -> set[str]:
+    keys = set(TOP_LEVEL)
+    for name, cls in SECTIONS.items():
+        keys.update(f"{name}.{field.name}" for field in attrs.fields(cls))
+    return keys
+
+
+def yaml_keys(raw: dict[str, Any]) -> set[str]:
+    keys = set()
+    for name, value in raw.items():
+        if isinstance(value, dict) and name in SECTIONS:
+            keys.update(f"{name}.{key}" for key in value)
+        else:
+            keys.add(name)
+    return keys
+
+
+def reference_rows() -> dict[str, str]:
+    """key -> default cell of the tables in docs/configuration.md."""
+    rows = {}
+    for line in REFERENCE.read_text().splitlines():
+        match = re.match(r"\| `([a-z_.]+)` \| (.*?) \| .+ \|$", line)
+        if match:
+            rows[match.group(1)] = match.group(2)
+    return rows
+
+
+def parse(key: str, cell: str) -> Any:
+    """A default cell read by the key's own parser, as if it were written in the file."""
+    if cell in ("empty", "empty list", "unset"):
+        return {"empty": "", "empty list": [], "unset": None}[cell]
+    return yaml.safe_load(cell.strip("`"))
+
+
+def test_every_key_in_etc_hub_yaml_is_one_the_hub_reads() -> None:
+    raw = yaml.safe_load(HUB_YAML.read_text())
+    unknown = yaml_keys(raw) - code_keys()
+    assert not unknown, f"etc/hub.yaml names keys the hub does not read: {sorted(unknown)}"
+    # families is documented commented out (unset means every installed family)
+    missing = code_keys() - yaml_keys(raw) - {"families"}
+    assert not missing, f"keys missing from etc/hub.yaml: {sorted(missing)}"
+    assert "# families:" in HUB_YAML.read_text()
+
+
+def test_every_key_of_etc_hub_yaml_has_a_comment_in_its_block() -> None:
+    lines = HUB_YAML.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if re.match(r"^( {2})?[a-z_]+:", line) and not line.rstrip().endswith(":"):
+            block = lines[max(0, number - 12) : number]
+            assert any(item.strip().startswith("#") for item in block), f"no comment near line {number + 1}: {line}"
+
+
+def test_reference_page_lists_every_key_once_with_its_real_default() -> None:
+    rows = reference_rows()
+    assert set(rows) == code_keys(), (
+        f"missing from docs/configuration.md: {sorted(code_keys() - set(rows))}; "
+        f"not keys: {sorted(set(rows) - code_keys())}"
+    )
+    defaults = load_config(None, environ={}, family_sections=SECTIONS)
+    for key, cell in rows.items():
+        section, _, name = key.rpartition(".")
+        value = parse(key, cell)
+        if key == "families":
+            assert value is None and defaults.families is None
+            continue
+        raw = {section: {name: value}} if section else {key: value}
+        from_doc = _load_raw(raw)
+        owner, default_owner = (
+            (from_doc.section(section), defaults.section(section)) if section else (from_doc, defaults)
+        )
+        assert getattr(owner, name) == getattr(default_owner, name), f"{key}: documented {cell}"
+
+
+def _load_raw(raw: dict[str, Any]) -> Any:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+        yaml.safe_dump(raw, handle)
+        handle.flush()
+        return load_config(Path(handle.name), environ={}, family_sections=SECTIONS)
+
+
+def test_readme_key_table_names_only_real_keys_and_links_the_reference() -> None:
+    text = README.read_text()
+    assert "docs/configuration.md" in text
+    table = text.split("The main keys", 1)[1].split("\n\n", 2)[1]
+    named = set()
+    for cell in re.findall(r"^``([a-z_./]+)``", table, re.MULTILINE):
+        head, _, rest = cell.partition("/")
+        named.add(head)
+        section = head.rpartition(".")[0]
+        for other in filter(None, rest.split("/")):
+            named.add(f"{section}.{other}" if section else other)
+    assert named, "README's key table was not found"
+    assert named <= code_keys(), sorted(named - code_keys())
