@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -222,3 +223,32 @@ def test_the_book_says_when_a_sensors_blueprint_is_missing():
     other = {"data": "00", "format": 0}
     book.annotate("ffffffffffffffff", other)
     assert other == {"data": "00", "format": 0}  # a sensor without a type stays as it was
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_book_is_stored_and_seen_by_another_writer(store) -> None:
+    """On SQLite and PostgreSQL: blueprints and types survive a reload, and changes made by another process
+    (the command line) reach a running hub's book at its next refresh."""
+    from twisted.internet import reactor
+
+    from bsscihub.protocols.bssci.blueprints import MIGRATIONS, BlueprintBook
+    from bsscihub.store.schema import CORE_MIGRATIONS
+
+    await store.migrate(CORE_MIGRATIONS + MIGRATIONS)
+    hub_book, cli_book = BlueprintBook(store, reactor), BlueprintBook(store, reactor)
+    await hub_book.load()
+    assert hub_book.list() == []
+    await cli_book.add((DATA / "climate.json").read_text(), "cli")
+    await cli_book.add((DATA / "meter-le.json").read_bytes(), "cli")
+    await cli_book.set_type("0011223344556677", "70B3D5677000A001")
+    await hub_book.refresh()
+    assert [b["typeEui"] for b in hub_book.list()] == ["70b3d5677000a001", "70b3d5677000a003"]
+    assert hub_book.types == {"0011223344556677": "70b3d5677000a001"}
+    assert hub_book.get("70b3d5677000a001")["sensors"] == 1
+    payload = {"data": "0ba528278c", "format": 0}
+    hub_book.annotate("0011223344556677", payload)
+    assert payload["decoded"]["pressure"] == {"value": 1012.4, "unit": "hPa"}
+    assert await cli_book.remove("70b3d5677000a003") and not await cli_book.remove("70b3d5677000a003")
+    await cli_book.set_type("0011223344556677", None)
+    await hub_book.refresh()
+    assert [b["typeEui"] for b in hub_book.list()] == ["70b3d5677000a001"] and hub_book.types == {}
