@@ -69,15 +69,19 @@ class Options(usage.Options):
 
 
 def build_service(
-    config: HubConfig, families: dict[str, Any], reactor: Any, on_start_failure: Callable[[], None] | None = None
+    config: HubConfig, families: dict[str, Any], reactor: Any, on_start_failure: Callable[[], None] | None = None,
+    *, mqtt_client: Callable[..., Any] | None = None,
 ) -> HubService:
-    """The whole hub as one service tree (used by twistd and by the tests)."""
+    """The whole hub as one service tree (used by twistd and by the tests).
+
+    @param mqtt_client: the MQTT bridge's client factory (tests: a broker in memory).
+    """
     from bsscihub.mqtt.bridge import install as install_mqtt_bridge
     from bsscihub.web.service import make_web_service
 
     hub = make_hub(config, reactor, families)
     service = HubService(hub, on_start_failure)
-    install_mqtt_bridge(hub, service)  # first: families find hub.mqtt, and it stops last
+    install_mqtt_bridge(hub, service, mqtt_client)  # first: families find hub.mqtt, and it stops last
     for name, family in families.items():
         family_service = family.make_service(hub)
         hub.services[name] = family_service

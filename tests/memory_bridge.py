@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 from paho.mqtt.client import topic_matches_sub
 from twisted.internet import defer
 
@@ -104,12 +105,121 @@ async def stop_family(hub: Hub) -> None:
     await hub.store.stop()
 
 
-async def until(condition: Any, what: str) -> None:
+async def until(condition: Any, what: str, timeout: float = 15.0) -> None:
     """Wait (on the real reactor: store writes finish on their thread) until `condition()`."""
     from twisted.internet import reactor, task
 
-    deadline = reactor.seconds() + 15
+    deadline = reactor.seconds() + timeout
     while not condition():
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await task.deferLater(reactor, 0.01, lambda: None)
+
+
+# -- a whole hub (real MQTTBridge, outbox, commands, web) whose MQTT client talks to a broker in memory
+
+
+@attrs.frozen
+class Message:
+    """One message as a witness of the in-memory broker saw it (the fields tests.broker.Received has)."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    properties: Any = None
+
+
+class MemoryBroker:
+    """A broker in memory: what the hub's client and the devices publish reaches every matching
+    subscription (the hub's and the witnesses') at once, in order; no socket, no thread."""
+
+    host, port = "memory", 0
+
+    def __init__(self) -> None:
+        self.clients: list[MemoryMQTTClient] = []
+        self.witnesses: list[MemoryWitness] = []
+
+    def client_factory(self, settings: Any, reactor: Any, *, on_connect: Any, on_disconnect: Any,
+                       on_message: Any) -> MemoryMQTTClient:
+        client = MemoryMQTTClient(self, on_connect, on_disconnect, on_message)
+        self.clients.append(client)
+        return client
+
+    def route(self, topic: str, payload: bytes, retain: bool, properties: Any = None) -> None:
+        for witness in self.witnesses:
+            if any(topic_matches_sub(f, topic) for f in witness.topic_filters):
+                witness.messages.append(Message(topic, payload, retain, properties))
+        for client in list(self.clients):
+            if client.connected and any(topic_matches_sub(f, topic) for f in client.subscriptions):
+                client.on_message(topic, payload, properties)
+
+    def witness(self, *topic_filters: str) -> MemoryWitness:
+        witness = MemoryWitness(list(topic_filters or ("#",)))
+        self.witnesses.append(witness)
+        return witness
+
+    def device(self) -> MemoryDevice:
+        return MemoryDevice(self)
+
+
+class MemoryMQTTClient:
+    """What MQTTBridge uses of bsscihub.mqtt.client.ReactorMQTTClient, connected to a MemoryBroker."""
+
+    state = "connected"
+    current_backoff = None
+    connects, failures = 1, 0
+
+    def __init__(self, broker: MemoryBroker, on_connect: Any, on_disconnect: Any, on_message: Any) -> None:
+        self.broker, self.on_connect, self.on_disconnect, self.on_message = (broker, on_connect, on_disconnect,
+                                                                             on_message)
+        self.subscriptions: set[str] = set()
+        self.connected = False
+
+    def start(self) -> None:
+        self.connected = True
+        self.on_connect()
+
+    def stop(self) -> defer.Deferred[None]:
+        self.connected = False
+        return defer.succeed(None)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> defer.Deferred[Any]:
+        self.subscriptions.add(topic_filter)
+        return defer.succeed(qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                properties: Any = None) -> defer.Deferred[None]:
+        self.broker.route(topic, payload, retain, properties)
+        return defer.succeed(None)
+
+
+class MemoryDevice:
+    """A device or gateway publishing to the MemoryBroker (tests.test_families.DeviceClient's API)."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+
+    async def publish(self, topic: str, payload: Any, properties: Any = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.broker.route(topic, data, False, properties)
+
+    def stop(self) -> None:
+        pass
+
+
+class MemoryWitness:
+    """Everything published to the MemoryBroker under `topic_filters` (tests.broker.Subscriber's API)."""
+
+    def __init__(self, topic_filters: list[str]) -> None:
+        self.topic_filters = topic_filters
+        self.messages: list[Message] = []
+
+    def clear(self) -> None:
+        self.messages.clear()
+
+    async def when(self, predicate: Any, timeout: float = 15.0, count: int = 1) -> list[Message]:
+        """Once `count` messages satisfy `predicate` (the hub's outbox writes finish on their thread)."""
+        await until(lambda: len([m for m in self.messages if predicate(m)]) >= count,
+                    f"{count} matching messages; last seen {[(m.topic, m.payload[:60]) for m in self.messages[-10:]]}",
+                    timeout)
+        return [m for m in self.messages if predicate(m)]

@@ -1,5 +1,6 @@
-"""The BLE family against a real mosquitto: gateways and beacons register, copies deduplicate into one
-reading (nearest gateway first), silent gateways go offline, REST and pages show it, bad input is dropped."""
+"""The BLE family: gateways and beacons register, copies deduplicate into one reading (nearest gateway
+first), silent gateways go offline, REST and pages show it, bad input is dropped. One test runs against
+a real mosquitto; the others on a broker in memory (tests.memory_bridge)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from twisted.internet import reactor, task
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import normalize_mac, parse_sighting
 from tests.broker import Mosquitto
+from tests.memory_bridge import MemoryBroker
 from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 
 MAC = "112233445566"
@@ -114,10 +116,11 @@ async def test_earlier_platforms_gateways_end_to_end(tmp_path: Path, mosquitto: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_gateways_and_beacons_end_to_end(tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any) -> None:
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/ble/#")
-    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={"dedup_window": "1s", "gateway_timeout": "3s"})
-    gateway = DeviceClient(mosquitto)
+async def test_gateways_and_beacons_end_to_end(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/ble/#")
+    running = await start_hub(tmp_path, broker, ["ble"], ble={"dedup_window": "1s", "gateway_timeout": "3s"})
+    gateway = broker.device()
     try:
         # One broadcast heard by two gateways (MACs written differently): one reading, nearest first.
         await gateway.publish("BLEGatewayData/GW001", reading("GW001", -71, temperature=22, humidity=65))
@@ -206,12 +209,11 @@ async def test_gateways_and_beacons_end_to_end(tmp_path: Path, mosquitto: Mosqui
 
 
 @pytest_twisted.ensureDeferred
-async def test_bad_gateway_input_is_counted_and_dropped(
-    tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any
-) -> None:
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/ble/#")
-    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={"dedup_window": "50ms", "max_payload": 512})
-    gateway = DeviceClient(mosquitto)
+async def test_bad_gateway_input_is_counted_and_dropped(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/ble/#")
+    running = await start_hub(tmp_path, broker, ["ble"], ble={"dedup_window": "50ms", "max_payload": 512})
+    gateway = broker.device()
     try:
         bad = [
             b"{not json",
@@ -242,13 +244,13 @@ async def test_bad_gateway_input_is_counted_and_dropped(
 
 
 @pytest_twisted.ensureDeferred
-async def test_registration_on_first_sight_is_bounded(tmp_path: Path, mosquitto: Mosquitto,
-                                                      subscriber_factory: Any) -> None:
+async def test_registration_on_first_sight_is_bounded(tmp_path: Path) -> None:
     """A gateway inventing MACs cannot grow the registry without end: a cap on beacons, a rate per gateway."""
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/ble/#")
-    running = await start_hub(tmp_path, mosquitto, ["ble"], ble={
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/ble/#")
+    running = await start_hub(tmp_path, broker, ["ble"], ble={
         "dedup_window": "50ms", "max_nodes": 3, "registrations_per_minute": 2, "max_gateways": 1})
-    gateway = DeviceClient(mosquitto)
+    gateway = broker.device()
     try:
         macs = [f"aa:bb:cc:dd:ee:0{i}" for i in range(4)]
         for mac in macs[:3]:  # GW1's third new beacon this minute is one too many

@@ -1,5 +1,6 @@
-"""The `devices` family against a real mosquitto: registry, telemetry and downsampled series, status,
-commands with tracked results, device keys for HTTPS, OTA, and every kind of bad input (counted, dropped)."""
+"""The `devices` family: registry, telemetry and downsampled series, status, commands with tracked
+results, device keys for HTTPS, OTA, and every kind of bad input (counted, dropped). One test runs against
+a real mosquitto; the others on a broker in memory (tests.memory_bridge)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from bsscihub.protocols.devices.schema import MIGRATIONS
 from bsscihub.protocols.devices.series import bucketed
 from bsscihub.store import Store
 from tests.broker import Mosquitto
+from tests.memory_bridge import MemoryBroker
 from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 
 DEV = f"{PREFIX}/dev/device"
@@ -107,14 +109,15 @@ async def test_telemetry_status_registry_series_rest_and_pages(
 
 @pytest_twisted.ensureDeferred
 async def test_earlier_platforms_sensor_data_goes_online_then_offline_and_registration_is_bounded(
-    tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any
+    tmp_path: Path,
 ) -> None:
     """`SensorData` as the platforms the hub replaces send it: registered, online at once, offline after
     `devices.offline_after` of silence, online again when heard; new devices a minute per source bounded."""
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/dev/#")
-    running = await start_hub(tmp_path, mosquitto, ["devices"], devices={
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/dev/#")
+    running = await start_hub(tmp_path, broker, ["devices"], devices={
         "offline_after": "1s", "registrations_per_minute": 2})
-    device = DeviceClient(mosquitto)
+    device = broker.device()
     try:
         await device.publish("SensorData", {"device_id": "Device001", "type": "Temperature", "value": 25.5})
         [online] = [json.loads(m.payload) for m in await witness.when(
@@ -181,12 +184,11 @@ def test_registration_limit_caps_and_refills_per_source() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_commands_keys_and_firmware_updates(
-    tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any
-) -> None:
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/dev/#", "device/+/commands/#", "OTA/#")
-    running = await start_hub(tmp_path, mosquitto, ["devices"], devices={"command_timeout": "2s"})
-    device = DeviceClient(mosquitto)
+async def test_commands_keys_and_firmware_updates(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/dev/#", "device/+/commands/#", "OTA/#")
+    running = await start_hub(tmp_path, broker, ["devices"], devices={"command_timeout": "2s"})
+    device = broker.device()
     try:
         await device.publish("device/esp32-01/status", b"online")
         await witness.when(lambda m: m.topic == f"{DEV}/esp32-01/status")
@@ -290,12 +292,11 @@ async def test_commands_keys_and_firmware_updates(
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_devices_are_rejected_with_an_event_when_auto_register_is_off(
-    tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any
-) -> None:
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/dev/#")
-    running = await start_hub(tmp_path, mosquitto, ["devices"], devices={"auto_register": False})
-    device = DeviceClient(mosquitto)
+async def test_unknown_devices_are_rejected_with_an_event_when_auto_register_is_off(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/dev/#")
+    running = await start_hub(tmp_path, broker, ["devices"], devices={"auto_register": False})
+    device = broker.device()
     try:
         for _ in range(3):
             await device.publish("SensorData", {"device_id": "ghost", "type": "t", "value": 1})
@@ -357,12 +358,11 @@ BAD_MESSAGES = [
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_kind_of_bad_input_is_counted_logged_once_per_source_and_dropped(
-    tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any
-) -> None:
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/dev/#")
-    running = await start_hub(tmp_path, mosquitto, ["devices"], devices={"max_payload": 256})
-    device = DeviceClient(mosquitto)
+async def test_every_kind_of_bad_input_is_counted_logged_once_per_source_and_dropped(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/dev/#")
+    running = await start_hub(tmp_path, broker, ["devices"], devices={"max_payload": 256})
+    device = broker.device()
     logged: list[dict[str, Any]] = []
     observer = logged.append
     globalLogPublisher.addObserver(observer)
@@ -456,8 +456,9 @@ async def test_series_are_bucketed_in_sql_on_both_backends(store: Store) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_stopping_flushes_pending_registry_changes(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    running = await start_hub(tmp_path, mosquitto, ["devices"])
+async def test_stopping_flushes_pending_registry_changes(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    running = await start_hub(tmp_path, broker, ["devices"])
     service = running.hub.services["devices"]
     service.register("flush-me")
     service.rename("flush-me", "renamed just before stop")

@@ -32,6 +32,7 @@ from bsscihub.tap import build_service, load_hub_config
 from bsscihub.web import auth
 from tests.broker import Mosquitto, Subscriber
 from tests.conftest import make_config
+from tests.memory_bridge import MemoryBroker, MemoryWitness
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "hubtest"
@@ -129,12 +130,16 @@ class RunningHub:
         await self.service.stopService()
 
 
-async def start_hub(tmp_path: Path, broker: Mosquitto, names: list[str], **overrides: Any) -> RunningHub:
+async def start_hub(tmp_path: Path, broker: Mosquitto | MemoryBroker, names: list[str],
+                    **overrides: Any) -> RunningHub:
+    """The whole hub (bridge, outbox, commands, web on a real port) on a real broker or a MemoryBroker."""
+    memory = isinstance(broker, MemoryBroker)
+    url = "mqtt://127.0.0.1:1883" if memory else f"mqtt://{broker.host}:{broker.port}"
     config = make_config(tmp_path, families=names, mqtt={
-        "url": f"mqtt://{broker.host}:{broker.port}", "client_id": f"hub-{uuid.uuid4().hex[:8]}", "prefix": PREFIX,
+        "url": url, "client_id": f"hub-{uuid.uuid4().hex[:8]}", "prefix": PREFIX,
     }, **overrides)
     families = enabled_families(installed_families(), tuple(names))
-    service = build_service(config, families, reactor)
+    service = build_service(config, families, reactor, mqtt_client=broker.client_factory if memory else None)
     service.startService()
     hub: Hub = service.hub
     try:
@@ -155,7 +160,7 @@ async def start_hub(tmp_path: Path, broker: Mosquitto, names: list[str], **overr
     return RunningHub(hub, service, f"http://127.0.0.1:{port.getHost().port}", token)
 
 
-def payloads(subscriber: Subscriber, topic: str) -> list[Any]:
+def payloads(subscriber: Subscriber | MemoryWitness, topic: str) -> list[Any]:
     return [json.loads(m.payload) if m.payload else None for m in subscriber.messages if m.topic == topic]
 
 
