@@ -20,7 +20,7 @@ import pytest
 from bsscihub.pki import issue_client_cert
 from tests import test_twistd
 from tests.broker import Mosquitto, Received, Subscriber, free_port
-from tests.test_mioty_crash import Station, kill, start_hub
+from tests.test_mioty_crash import Station, kill, metric, start_hub
 from tests.test_twistd import CONFIG, clean_env, login_token
 
 home = test_twistd.home  # the fixture: a directory after `bsscihub init`
@@ -149,6 +149,10 @@ def test_blueprint_decoded_values_in_the_uplink_event_and_rest(
             time.sleep(0.5)
         assert third["typeEui"] == METER and third["decoded"]["temperature"] == {"value": -3.25, "unit": "°C"}
         assert third["decoded"]["flow"] == {"value": -2, "unit": "l/h"}
+        assert metric(web, 'bsscihub_mioty_blueprint_decodes_total{outcome="decoded"}') == 2
+        published = [json.loads(m.payload) for m in witness.messages if up_of(EP)(m)]
+        failed = sum(1 for up in published if "decodeError" in up)  # 2, and those before the new type was seen
+        assert metric(web, 'bsscihub_mioty_blueprint_decodes_total{outcome="failed"}') == failed >= 1
         listed_cli = cli(home, "blueprints", "list")
         assert re.search(rf"{METER}\t.*sensors: 1", listed_cli.stdout), listed_cli.stdout
     finally:

@@ -115,6 +115,9 @@ async def test_an_application_center_registers_receives_uplinks_and_sends_a_down
     assert len(con["snScUuid"]) == 16
     ac.send("conCmp", 0)
     await wait_for(lambda: running.service.scaci.connections)
+    from prometheus_client import generate_latest
+
+    assert "bsscihub_mioty_scaci_connections 1.0" in generate_latest(running.hub.metrics).decode()
     station = await running.station("bs-a", A)
     # status, with both field names the open clients read
     op = ac.send("status")

@@ -140,27 +140,30 @@ class BlueprintBook:
         return {**bp.summary(), "sensors": sum(1 for t in self.types.values() if t == bp.type_eui),
                 "document": dict(bp.document)}
 
-    def decode(self, ep: str, data: bytes, fmt: int) -> dict[str, Any]:
-        """What an uplink of sensor `ep` gains: {} (no type), or typeEui with decoded or decodeError."""
+    def decode(self, ep: str, data: bytes, fmt: int, count: bool = True) -> dict[str, Any]:
+        """What an uplink of sensor `ep` gains: {} (no type), or typeEui with decoded or decodeError;
+        `count`: in the decode counters (live uplinks, not history read again)."""
         t = self.types.get(ep)
         if t is None:
             return {}
         bp = self.blueprints.get(t)
         if bp is None:
+            self.failed += count
             return {"typeEui": t, "decodeError": f"no blueprint imported for type {t}"}
         try:
             decoded = bp.decode(data, fmt)
         except DecodeError as e:
-            self.failed += 1
+            self.failed += count
             return {"typeEui": t, "decodeError": str(e)}
-        self.decoded += 1
+        self.decoded += count
         return {"typeEui": t, "decoded": decoded}
 
-    def annotate(self, ep: str, payload: dict[str, Any]) -> None:
+    def annotate(self, ep: str, payload: dict[str, Any], count: bool = True) -> None:
         """Add the decoded values to an uplink event's payload (the raw `data` stays)."""
         if ep in self.types:
-            payload.update(self.decode(ep, bytes.fromhex(payload["data"]), int(payload.get("format") or 0)))
+            payload.update(self.decode(ep, bytes.fromhex(payload["data"]), int(payload.get("format") or 0), count))
 
     def annotate_all(self, items: Iterable[dict[str, Any]]) -> None:
+        """Stored uplinks read again (REST history): decoded with the type the sensor has now, not counted."""
         for item in items:
-            self.annotate(item["epEui"], item)
+            self.annotate(item["epEui"], item, count=False)

@@ -116,6 +116,14 @@ class MiotyMetrics:
         for state in ("sent", "expired", "invalid", "rejected", "revoked"):
             ended.add_metric([state], downlinks.ended[state])
         yield ended
+        book = service.blueprints
+        decoded = CounterMetricFamily(p + "blueprint_decodes", "uplinks of sensors with a Type EUI, by outcome",
+                                      labels=["outcome"])
+        decoded.add_metric(["decoded"], book.decoded)
+        decoded.add_metric(["failed"], book.failed)
+        yield decoded
+        yield GaugeMetricFamily(p + "scaci_connections", "application centers connected over SCACI",
+                                value=len(service.scaci.connections) if service.scaci is not None else 0)
         latency = c.latency
         yield HistogramMetricFamily(p + "dedup_latency_seconds", "first copy received to uplink event published",
                                     buckets=latency.buckets(), sum_value=latency.sum)
