@@ -138,6 +138,9 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.clients: list[MemoryMQTTClient] = []
         self.witnesses: list[MemoryWitness] = []
+        self.listeners: list[tuple[str, Any]] = []
+        self._pending: list[tuple[str, bytes, Any]] = []
+        self._drain: Any = None
 
     def client_factory(self, settings: Any, reactor: Any, *, on_connect: Any, on_disconnect: Any,
                        on_message: Any) -> MemoryMQTTClient:
@@ -146,12 +149,33 @@ class MemoryBroker:
         return client
 
     def route(self, topic: str, payload: bytes, retain: bool, properties: Any = None) -> None:
+        """Publish: witnesses see it at once; subscribed clients get it on the next reactor turn, in
+        publish order, as over a socket (a handler never runs inside the publisher's call)."""
+        from twisted.internet import reactor
+
         for witness in self.witnesses:
             if any(topic_matches_sub(f, topic) for f in witness.topic_filters):
                 witness.messages.append(Message(topic, payload, retain, properties))
-        for client in list(self.clients):
-            if client.connected and any(topic_matches_sub(f, topic) for f in client.subscriptions):
-                client.on_message(topic, payload, properties)
+        self._pending.append((topic, payload, properties))
+        if self._drain is None:
+            self._drain = reactor.callLater(0, self._deliver)
+
+    def _deliver(self) -> None:
+        self._drain = None
+        pending, self._pending = self._pending, []
+        for topic, payload, properties in pending:
+            for client in list(self.clients):
+                if client.connected and any(topic_matches_sub(f, topic) for f in client.subscriptions):
+                    client.on_message(topic, payload, properties)
+            for topic_filter, listener in list(self.listeners):
+                if topic_matches_sub(topic_filter, topic):
+                    listener(topic, payload)
+
+    def listen(self, topic_filter: str, listener: Any) -> Any:
+        """A device's subscription: `listener(topic, payload)` for each message; returns the unsubscribe."""
+        entry = (topic_filter, listener)
+        self.listeners.append(entry)
+        return lambda: self.listeners.remove(entry) if entry in self.listeners else None
 
     def witness(self, *topic_filters: str) -> MemoryWitness:
         witness = MemoryWitness(list(topic_filters or ("#",)))

@@ -1,4 +1,5 @@
-"""Gate controllers end to end: a whole hub on a real Mosquitto and real HTTP, units and apps as clients.
+"""Gate controllers end to end: a whole hub on real HTTP, units and apps as clients; one test on a real
+Mosquitto, the others on a broker in memory (tests.memory_bridge).
 
 Registration and renames, status and commands, app access, sharing tokens, signed file URLs, the admin pages.
 """
@@ -23,6 +24,7 @@ from twisted.internet import reactor, task, threads
 
 from bsscihub import audit
 from tests.broker import Mosquitto, Subscriber
+from tests.memory_bridge import MemoryBroker, MemoryWitness, until
 from tests.test_families import PREFIX, RunningHub, eventually, start_hub
 
 GATES = "/api/v1/gates"
@@ -32,12 +34,13 @@ APP_C = "app-token-carol-" + "c" * 24
 
 
 class GateUnit:
-    """A gate unit: its own paho client (on paho's thread) that reads its commands and answers them.
+    """A gate unit that reads its commands and answers them: its own paho client (on paho's thread) on a
+    real broker, or a device subscription on a MemoryBroker.
 
     `reply(command) -> status document or None` decides the answer; None leaves the command unanswered.
     """
 
-    def __init__(self, broker: Mosquitto, controller_id: str, *, username: str | None = None,
+    def __init__(self, broker: Mosquitto | MemoryBroker, controller_id: str, *, username: str | None = None,
                  password: str | None = None, client_id: str | None = None,
                  reply: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None) -> None:
         self.controller_id = controller_id
@@ -47,14 +50,17 @@ class GateUnit:
         self._condition = threading.Condition()
         self._subscribed = threading.Event()
         self.granted: list[Any] = []
+        self._broker = broker
+        self._unlisten: Callable[[], Any] | None = None
+        if isinstance(broker, MemoryBroker):
+            return
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"unit-{uuid.uuid4().hex[:8]}",
                                   protocol=MQTTProtocolVersion.MQTTv5)
         if username is not None:
             self.client.username_pw_set(username, password)
-        self.client.on_message = self._message
+        self.client.on_message = lambda client, userdata, message: self._message(bytes(message.payload))
         self.client.on_subscribe = lambda c, u, mid, granted, p: (self.granted.extend(granted),
                                                                   self._subscribed.set())
-        self._broker = broker
 
     def _start(self, topic: str) -> None:
         self.client.connect(self._broker.host, self._broker.port, keepalive=30)
@@ -63,21 +69,41 @@ class GateUnit:
         assert self._subscribed.wait(5), "no SUBACK"
 
     async def start(self) -> GateUnit:
-        await threads.deferToThread(self._start, f"gatetorio/{self.controller_id}/commands")
+        topic = f"gatetorio/{self.controller_id}/commands"
+        if isinstance(self._broker, MemoryBroker):
+            self._unlisten = self._broker.listen(topic, lambda _, payload: self._message(payload))
+        else:
+            await threads.deferToThread(self._start, topic)
         return self
 
-    def _message(self, client: Any, userdata: Any, message: Any) -> None:
-        command = json.loads(message.payload)
+    def _message(self, payload: bytes) -> None:
+        command = json.loads(payload)
         with self._condition:
             self.commands.append(command)
             self._condition.notify_all()
-        answer = self.reply(command)
+        if isinstance(self._broker, MemoryBroker):
+            # the unit's own code, off the reactor as on a real unit (a reply may fetch from the hub)
+            threads.deferToThread(self.reply, command).addCallback(self._answer)
+        else:
+            self._answer(self.reply(command))
+
+    def _answer(self, answer: dict[str, Any] | None) -> None:
         if answer is not None:
-            client.publish(f"gatetorio/{self.controller_id}/status", json.dumps(answer), qos=1)
+            self._send(f"gatetorio/{self.controller_id}/status", json.dumps(answer).encode())
+
+    def _send(self, topic: str, data: bytes) -> Any:
+        if isinstance(self._broker, MemoryBroker):
+            self._broker.route(topic, data, False)
+            return None
+        return self.client.publish(topic, data, qos=1)
+
+    async def publish(self, topic: str, doc: Any) -> None:
+        info = self._send(topic, json.dumps(doc).encode())
+        if info is not None:
+            await threads.deferToThread(info.wait_for_publish, 5)
 
     async def status(self, doc: dict[str, Any]) -> None:
-        info = self.client.publish(f"gatetorio/{self.controller_id}/status", json.dumps(doc), qos=1)
-        await threads.deferToThread(info.wait_for_publish, 5)
+        await self.publish(f"gatetorio/{self.controller_id}/status", doc)
 
     def _wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
         with self._condition:
@@ -86,9 +112,16 @@ class GateUnit:
             return next(c for c in self.commands if predicate(c))
 
     async def command(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
+        if isinstance(self._broker, MemoryBroker):
+            await until(lambda: any(predicate(c) for c in self.commands), f"a command; got {self.commands}", timeout)
+            return next(c for c in self.commands if predicate(c))
         return await threads.deferToThread(self._wait, predicate, timeout)
 
     def stop(self) -> None:
+        if isinstance(self._broker, MemoryBroker):
+            if self._unlisten is not None:
+                self._unlisten()
+            return
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -122,7 +155,7 @@ def error(doc: Any) -> tuple[str, str]:
     return doc["error"]["code"], doc["error"]["message"]
 
 
-async def start_gate_hub(tmp_path: Path, broker: Mosquitto, *, mqtt: dict[str, Any] | None = None,
+async def start_gate_hub(tmp_path: Path, broker: Mosquitto | MemoryBroker, *, mqtt: dict[str, Any] | None = None,
                          **gate: Any) -> RunningHub:
     """`start_hub` with only the gate family, and broker credentials when `mqtt` has them."""
     if not mqtt:
@@ -137,8 +170,9 @@ async def start_gate_hub(tmp_path: Path, broker: Mosquitto, *, mqtt: dict[str, A
 
 
 @pytest_twisted.ensureDeferred
-async def test_register_rename_and_reregister(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    running = await start_gate_hub(tmp_path, mosquitto)
+async def test_register_rename_and_reregister(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    running = await start_gate_hub(tmp_path, broker)
     try:
         key = await new_key(running)
 
@@ -235,7 +269,7 @@ async def registered(running: RunningHub, hardware_id: str, controller_id: str) 
     return doc  # type: ignore[no-any-return]
 
 
-def on(subscriber: Subscriber, topic: str) -> Callable[[Any], bool]:
+def on(subscriber: Subscriber | MemoryWitness, topic: str) -> Callable[[Any], bool]:
     return lambda m: m.topic == topic
 
 
@@ -243,14 +277,14 @@ def on(subscriber: Subscriber, topic: str) -> Callable[[Any], bool]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_status_commands_results_and_timeouts(tmp_path: Path, mosquitto: Mosquitto,
-                                                    subscriber_factory: Any) -> None:
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/gate/#")
-    running = await start_gate_hub(tmp_path, mosquitto, offline_after="1500ms", command_timeout="1s")
+async def test_status_commands_results_and_timeouts(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/gate/#")
+    running = await start_gate_hub(tmp_path, broker, offline_after="1500ms", command_timeout="1s")
     unit = quiet = None
     try:
         await registered(running, "hw-1", "gate-1")
-        unit = await GateUnit(mosquitto, "gate-1").start()
+        unit = await GateUnit(broker, "gate-1").start()
 
         # Status: last status, history, online (retained state), the status event.
         await unit.status({"state": "closed", "battery": 87})
@@ -288,7 +322,7 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path, mosquitto: M
 
         # An answer to another unit's command is ignored: a unit cannot settle what it was not sent.
         await registered(running, "hw-2", "gate-2")
-        quiet = await GateUnit(mosquitto, "gate-2", reply=lambda c: None).start()
+        quiet = await GateUnit(broker, "gate-2", reply=lambda c: None).start()
         code, theirs = await running.api("POST", f"{GATES}/gate-2/commands", {"command": "open", "timeout": 2})
         await unit.status({"command_id": theirs["id"], "ok": True, "result": "forged"})
         code, still = await running.api("GET", f"{GATES}/gate-2/commands/{theirs['id']}?wait=3")
@@ -296,10 +330,9 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path, mosquitto: M
         assert still["state"] == "failed" and still["result"] is None and "expired" in still["error"]
 
         # The same from MQTT: {p}/gate/unit/{id}/cmd/{name}, answered on cmd_result once the unit answered.
-        unit.reply = GateUnit(mosquitto, "x").reply
+        unit.reply = GateUnit(broker, "x").reply
         await unit.status({"state": "open"})  # a heartbeat: gate-1 was silent longer than offline_after
-        info = unit.client.publish(f"{PREFIX}/gate/unit/gate-1/cmd/stop", json.dumps({"fast": True}), qos=1)
-        await threads.deferToThread(info.wait_for_publish, 5)
+        await unit.publish(f"{PREFIX}/gate/unit/gate-1/cmd/stop", {"fast": True})
         [answer] = await witness.when(on(witness, f"{PREFIX}/gate/unit/gate-1/event/cmd_result"))
         doc = json.loads(answer.payload)
         assert doc["ok"] is True and doc["result"] == {"done": "stop"}
@@ -320,16 +353,16 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path, mosquitto: M
 
 
 @pytest_twisted.ensureDeferred
-async def test_commands_to_an_offline_unit_wait_bounded_and_are_never_relayed_late(
-        tmp_path: Path, mosquitto: Mosquitto, subscriber_factory: Any) -> None:
+async def test_commands_to_an_offline_unit_wait_bounded_and_are_never_relayed_late(tmp_path: Path) -> None:
     """Each command carries when it was issued and when it expires; an offline unit gets what did not expire
     when it is back, the rest fails with the reason and is never sent; at most max_queued_commands wait."""
-    witness = subscriber_factory(mosquitto, f"{PREFIX}/gate/#")
-    running = await start_gate_hub(tmp_path, mosquitto, command_timeout="30s", max_queued_commands=2)
+    broker = MemoryBroker()
+    witness = broker.witness(f"{PREFIX}/gate/#")
+    running = await start_gate_hub(tmp_path, broker, command_timeout="30s", max_queued_commands=2)
     unit = None
     try:
         await registered(running, "hw-1", "gate-1")
-        unit = await GateUnit(mosquitto, "gate-1", reply=lambda c: None).start()
+        unit = await GateUnit(broker, "gate-1", reply=lambda c: None).start()
         # Never heard from yet: offline. Three commands wait; the first (oldest) fails at once, unsent.
         ids = []
         for name, timeout in (("open", 30), ("close", 1), ("stop", 30)):
@@ -396,13 +429,14 @@ async def as_app(running: RunningHub, token: str | None, method: str, path: str,
 
 
 @pytest_twisted.ensureDeferred
-async def test_app_access_levels_and_discovery(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    running = await start_gate_hub(tmp_path, mosquitto, command_timeout="3s")
+async def test_app_access_levels_and_discovery(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    running = await start_gate_hub(tmp_path, broker, command_timeout="3s")
     unit = None
     try:
         first = await registered(running, "hw-1", "gate-1")
         other = await registered(running, "hw-2", "gate-2")
-        unit = await GateUnit(mosquitto, "gate-1").start()
+        unit = await GateUnit(broker, "gate-1").start()
         await unit.status({"state": "closed"})  # online: commands are relayed at once
 
         async def grant(key: str, controller_id: str, token: str, level: str) -> tuple[int, Any]:
@@ -482,8 +516,9 @@ async def test_app_access_levels_and_discovery(tmp_path: Path, mosquitto: Mosqui
 
 
 @pytest_twisted.ensureDeferred
-async def test_sharing_tokens_are_redeemed_once(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    running = await start_gate_hub(tmp_path, mosquitto, share_max_ttl="2d")
+async def test_sharing_tokens_are_redeemed_once(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    running = await start_gate_hub(tmp_path, broker, share_max_ttl="2d")
     try:
         first = await registered(running, "hw-1", "gate-1")
         for token, level in ((APP_A, "engineer"), (APP_B, "user")):
@@ -582,8 +617,9 @@ async def fetch(method: str, url: str, data: bytes | None = None) -> tuple[int, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_files_by_signed_urls(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    running = await start_gate_hub(tmp_path, mosquitto, url_ttl="10m", command_timeout="5s")
+async def test_files_by_signed_urls(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    running = await start_gate_hub(tmp_path, broker, url_ttl="10m", command_timeout="5s")
     unit = None
     try:
         first = await registered(running, "hw-1", "gate-1")
@@ -650,7 +686,7 @@ async def test_files_by_signed_urls(tmp_path: Path, mosquitto: Mosquitto) -> Non
             fetched.append(response.read())
             return {"command_id": command["id"], "ok": True, "result": {"applied": command["args"]["sha256"]}}
 
-        unit = await GateUnit(mosquitto, "gate-1", reply=reply).start()
+        unit = await GateUnit(broker, "gate-1", reply=reply).start()
         await unit.status({"state": "closed"})  # online: commands are relayed at once
         config = b'{"close_after": 45, "light": "on"}'
         code, pushed = await running.api("POST", f"{GATES}/gate-1/config?name=gate.json", raw=config,
@@ -686,14 +722,15 @@ async def test_files_by_signed_urls(tmp_path: Path, mosquitto: Mosquitto) -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_admin_pages_and_openapi(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    running = await start_gate_hub(tmp_path, mosquitto, command_timeout="5s")
+async def test_admin_pages_and_openapi(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    running = await start_gate_hub(tmp_path, broker, command_timeout="5s")
     unit = None
     try:
         first = await registered(running, "hw-1", "gate-1")
         await running.api("POST", f"{GATES}/gate-1/user-tokens", {"user_token": APP_A, "access_level": "user"},
                           headers={"X-Unit-Key": first["unit_key"]}, token=None)
-        unit = await GateUnit(mosquitto, "gate-1").start()
+        unit = await GateUnit(broker, "gate-1").start()
         await unit.status({"state": "closed"})
 
         # Provisioning keys: created on the page, shown once.
