@@ -59,6 +59,10 @@ class IDedupStore(Interface):
     def flush() -> None:
         """Emit every open window now (the hub is stopping)."""
 
+    def adopt(key: Any) -> defer.Deferred[bool]:
+        """Whether this hub publishes an uplink stored but never published (its collecting hub died):
+        True on exactly one hub of a cluster."""
+
 
 class IStationOwnership(Interface):
     """Which hub holds each station's connection; the newest claim wins across the network."""
@@ -130,8 +134,10 @@ class Cluster:
     node: str
     ownership: IStationOwnership
     router: ICommandRouter
-    make_dedup: Callable[[Any, float, int, Callable[..., Any]], IDedupStore] | None = None
-    """Builds a shared dedup store; None: each family keeps its own in-memory one (one hub)."""
+    make_dedup: Callable[..., IDedupStore] | None = None
+    """Builds a shared dedup store: (clock, window, memory, emit, *, late, codec); late(key, copy) takes a
+    copy found late after `add` answered, codec = (encode, decode) a copy as text. None: each family
+    keeps its own in-memory store (one hub)."""
     clustered: bool = False
     """True when shared by several hubs (then storage is PostgreSQL)."""
     link: Any = None

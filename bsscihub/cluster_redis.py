@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,10 +17,21 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from bsscihub.cluster import Cluster, ICommandRouter, IStationOwnership, NoRoute, StationHandler, parse_redis_url
+from bsscihub.cluster import (
+    FIRST,
+    LATE,
+    MERGED,
+    Cluster,
+    ICommandRouter,
+    IDedupStore,
+    IStationOwnership,
+    NoRoute,
+    StationHandler,
+    parse_redis_url,
+)
 from bsscihub.errors import CommandError, UserFacingError
 
-__all__ = ["RedisLink", "RedisOwnership", "RedisRouter", "parse_redis_url", "redis_cluster"]
+__all__ = ["RedisDedup", "RedisLink", "RedisOwnership", "RedisRouter", "parse_redis_url", "redis_cluster"]
 
 _PREFIX = "bsscihub:"
 OWNERS = _PREFIX + "owners"  # hash: family/station -> {"node", "seq"}
@@ -301,4 +313,165 @@ def redis_cluster(node: str, url: str, reactor: Any) -> Cluster:
     ownership = RedisOwnership(node, link)
     link.ready.append(ownership.load)
     router = RedisRouter(node, link, ownership, reactor)
-    return Cluster(node=node, ownership=ownership, router=router, clustered=True, link=link)
+    cluster = Cluster(node=node, ownership=ownership, router=router, clustered=True, link=link)
+    cluster.make_dedup = redis_dedup_factory(cluster)
+    return cluster
+
+
+# One step per copy: the first hub to ask collects the uplink; a later one forwards its copy to the
+# collector's list, or hears that the uplink is already published (a late copy).
+_DEDUP_ADD = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'late' end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[3]) then return 'won' end
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return 'merged'
+"""
+# The collector closes the window: the forwarded copies, and from now on every copy is late.
+_DEDUP_CLOSE = """
+local copies = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+return copies
+"""
+ORPHAN_LOCK = 60_000  # ms one hub keeps the right to publish an orphaned uplink
+
+
+@attrs.define(eq=False)
+class _Window:
+    key: Any
+    first: float
+    copies: list[Any]
+    timer: IDelayedCall | None = None
+    mode: str = "asking"  # then "collect" (this hub publishes), "forward" or "late"
+
+
+@implementer(IDedupStore)
+class RedisDedup:
+    """Dedup across hubs: the first hub to see an uplink collects it for the window; the others
+    forward their copies through Redis, and the collector publishes once with every receiver.
+
+    The copies themselves are stored in the shared database before they are acknowledged, so an
+    uplink whose collector dies is published by `adopt` (once, by one hub) from there."""
+
+    log = Logger()
+
+    def __init__(self, link: RedisLink, node: str, clock: Any, window: float, memory: int,
+                 emit: Callable[..., Any], late: Callable[[Any, Any], None],
+                 codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> None:
+        self.link, self.node, self.clock, self.window, self.memory = link, node, clock, window, memory
+        self.emit, self.late = emit, late
+        self.encode, self.decode = codec
+        # Keys outlive the window by the spread within which a repeated counter is the same uplink.
+        self.ttl_ms = int((window + 10.0) * 1000)
+        self._open: dict[str, _Window] = {}
+        self._published: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def pending(self) -> int:
+        return len(self._open)
+
+    @property
+    def remembered(self) -> int:
+        return len(self._published)
+
+    @staticmethod
+    def _name(key: Any) -> str:
+        return ":".join(map(str, key))
+
+    def _keys(self, name: str) -> list[str]:
+        return [f"{_PREFIX}dedup:{name}:lease", f"{_PREFIX}dedup:{name}:pub", f"{_PREFIX}dedup:{name}:copies"]
+
+    def add(self, key: Any, copy: Any) -> int:
+        name = self._name(key)
+        window = self._open.get(name)
+        if window is not None:
+            window.copies.append(copy)
+            if window.mode == "forward":
+                self._forward(name, [copy])
+            return MERGED
+        if name in self._published:
+            return LATE
+        window = self._open[name] = _Window(key, copy.received, [copy])
+        window.timer = self.clock.callLater(self.window, self._close, name)
+        d = self.link.eval(_DEDUP_ADD, self._keys(name), [self.node, self.encode(copy), self.ttl_ms])
+        d.addCallbacks(self._answered, self._unreachable, (name, window), errbackArgs=(name,))
+        return FIRST
+
+    def _answered(self, answer: Any, name: str, window: _Window) -> None:
+        answer = answer.decode() if isinstance(answer, bytes) else answer
+        if self._open.get(name) is not window:
+            return  # flushed meanwhile
+        if answer == "won":
+            window.mode = "collect"
+        elif answer == "merged":
+            window.mode = "forward"
+            self._forward(name, window.copies[1:])  # the first went with the question
+        else:
+            window.mode = "late"
+            del self._open[name]
+            if window.timer is not None and window.timer.active():
+                window.timer.cancel()
+            self._remember(name)
+            for copy in window.copies:
+                self.late(window.key, copy)
+
+    def _unreachable(self, failure: Any, name: str) -> None:
+        # The window still closes: its copies are published from here rather than held back.
+        self.log.warn("cluster: Redis did not take uplink {key} ({problem}); publishing what this hub heard",
+                      key=name, problem=failure.getErrorMessage())
+
+    def _unreachable_none(self, failure: Any, name: str) -> list[Any]:
+        self._unreachable(failure, name)
+        return []
+
+    def _forward(self, name: str, copies: list[Any]) -> None:
+        if not copies:
+            return
+        d = self.link.redis.rpush(self._keys(name)[2], [self.encode(c) for c in copies])
+        d.addErrback(self._unreachable, name)
+
+    def _close(self, name: str, now: bool = False) -> None:
+        window = self._open.pop(name)
+        self._remember(name)
+        if window.mode == "forward":
+            return  # the collector publishes it
+        if window.mode == "asking" or now:
+            self.emit(window.key, window.copies, window.first)
+            return
+        lease, pub, listed = self._keys(name)
+        d = self.link.eval(_DEDUP_CLOSE, [listed, pub], [self.ttl_ms])
+        d.addCallback(lambda rows: [self.decode(r.decode() if isinstance(r, bytes) else r) for r in rows or ()])
+        d.addErrback(self._unreachable_none, name)
+        d.addCallback(lambda remote: self.emit(window.key, [*window.copies, *remote], window.first))
+        d.addErrback(lambda failure: self.log.failure("cluster: publishing uplink {key}", failure, key=name))
+
+    def _remember(self, name: str) -> None:
+        self._published[name] = None
+        self._published.move_to_end(name)
+        if len(self._published) > self.memory:
+            self._published.popitem(last=False)
+
+    def remember(self, key: Any, rx_time: int) -> None:
+        self._remember(self._name(key))
+
+    def sweep_due(self, now: float) -> None:
+        """Nothing to do: each window has its own timer here (the cluster path, not the hot local one)."""
+
+    def flush(self) -> None:
+        for name in list(self._open):
+            self._close(name, now=True)
+
+    def adopt(self, key: Any) -> defer.Deferred[bool]:
+        d = self.link.redis.set(f"{_PREFIX}dedup:{self._name(key)}:orphan", self.node, only_if_not_exists=True,
+                                pexpire=ORPHAN_LOCK)
+        d.addCallback(bool)
+        return d
+
+
+def redis_dedup_factory(cluster: Cluster) -> Callable[..., IDedupStore]:
+    def make(clock: Any, window: float, memory: int, emit: Callable[..., Any], *, late: Callable[[Any, Any], None],
+             codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> IDedupStore:
+        return RedisDedup(cluster.link, cluster.node, clock, window, memory, emit, late, codec)
+
+    return make

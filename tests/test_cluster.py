@@ -99,6 +99,11 @@ class _RecordingStore(Deduplicator):
 
     seen: list[tuple[Any, str]] = []
 
+    def __init__(self, clock: Any, window: float, memory: int, emit: Any, *, late: Any, codec: Any) -> None:
+        super().__init__(clock, window, memory, emit)
+        # What a shared store is handed: copies found late after the fact, and copies as text.
+        assert callable(late) and codec[1](codec[0](_copy(A, 1.5))).bs_eui == A
+
     def add(self, key: Any, copy: Any) -> int:
         self.seen.append((key, copy.bs_eui))
         return super().add(key, copy)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from bsscihub.bus import Event
@@ -21,7 +21,7 @@ from bsscihub.hub import make_hub
 from bsscihub.protocols.bssci.service import MiotyService
 from tests.conftest import _reset_pg_schema, make_config
 from tests.redis_server import redis_url
-from tests.test_mioty_service import PKI, A, Running, pki
+from tests.test_mioty_service import EP, PKI, A, B, Running, pki
 
 __all__ = ["pki", "redis_url"]  # fixtures
 
@@ -181,6 +181,77 @@ async def test_two_hubs_share_their_stations_over_redis_and_postgresql(
         await one.service.revoke_base_station(A, "stolen", actor="test")
         await second.lost
         await wait_for(lambda: A not in two.service.sessions)
+    finally:
+        for running in (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_of_one_uplink_on_two_hubs_are_published_once_with_both_receivers(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    try:
+        a = await one.station("bs-a", A)
+        b = await two.station("bs-b", B)
+        for cnt in (1, 2, 3):
+            # A hears it first on hub-1 (it collects), B's copy on hub-2 is forwarded to it.
+            op_a = a.uplink(cnt=cnt, snr=3.0)
+            assert (await a.expect("ulDataRsp"))["opId"] == op_a
+            op_b = b.uplink(cnt=cnt, snr=9.0)
+            assert (await b.expect("ulDataRsp"))["opId"] == op_b
+        await wait_for(lambda: len(one.of("uplink")) + len(two.of("uplink")) >= 3)
+        await deferLater(reactor, 0.5, lambda: None)
+        events = one.of("uplink") + two.of("uplink")
+        assert sorted(e.payload["packetCnt"] for e in events) == [1, 2, 3]
+        for event in events:
+            assert [r["bsEui"] for r in event.payload["receivers"]] == [B, A]
+        # Every stored copy is marked published, whichever hub stored it.
+        for _ in range(100):
+            if not await one.service.registry.unpublished():
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert await one.service.registry.unpublished() == []
+        # A late copy on hub-2, after the uplink went out: dropped there, not published again.
+        op_c = b.uplink(cnt=1, snr=1.0)
+        assert (await b.expect("ulDataRsp"))["opId"] == op_c
+        await wait_for(lambda: two.service.counters.late + one.service.counters.late >= 1)
+        assert len(one.of("uplink") + two.of("uplink")) == 3
+    finally:
+        for running in (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_uplink_its_collector_never_published_is_adopted_by_one_hub(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    try:
+        # As a hub that died inside the window leaves it: stored (acknowledged), never published.
+        stale = reactor.seconds() - 30
+        await one.service.registry.add_uplink(
+            (EP, 7, A, stale, 1_700_000_000_000_000_007, None, 4.0, -90.0, None, None, None, None, b"\x01\x02", 0,
+             1, 0, 0))  # fmt: skip
+        adopted = await defer.gatherResults([
+            defer.ensureDeferred(one.service.uplinks.adopt_orphans()),
+            defer.ensureDeferred(two.service.uplinks.adopt_orphans()),
+        ])
+        assert sorted(adopted) == [0, 1]
+        await wait_for(lambda: len(one.of("uplink") + two.of("uplink")) == 1)
+        [event] = one.of("uplink") + two.of("uplink")
+        assert event.payload["packetCnt"] == 7 and event.payload["receivers"][0]["bsEui"] == A
+        for _ in range(100):
+            if not await one.service.registry.unpublished():
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert await one.service.registry.unpublished() == []
     finally:
         for running in (one, two):
             await running.stop()

@@ -608,14 +608,17 @@ class Registry:
         await self._marks.flush()
         await self.flush_state()
 
-    async def unpublished(self) -> list[tuple[Any, ...]]:
-        """Every stored copy not marked published, oldest first (id + UPLINK_COLUMNS)."""
+    async def unpublished(self, before: float | None = None) -> list[tuple[Any, ...]]:
+        """Every stored copy not marked published (received before `before`, if given), oldest first
+        (id + UPLINK_COLUMNS)."""
         rows: list[tuple[Any, ...]] = []
         last = 0
+        cutoff = "" if before is None else " AND received < ?"
         while True:
             chunk = await self.store.fetchall(
-                f"SELECT id, {UPLINK_COLUMNS} FROM mioty_uplinks WHERE published = 0 AND id > ? ORDER BY id LIMIT ?",
-                (last, _PRUNE_CHUNK),
+                f"SELECT id, {UPLINK_COLUMNS} FROM mioty_uplinks WHERE published = 0 AND id > ?{cutoff}"
+                " ORDER BY id LIMIT ?",
+                (last, _PRUNE_CHUNK) if before is None else (last, before, _PRUNE_CHUNK),
             )
             rows.extend(chunk)
             if len(chunk) < _PRUNE_CHUNK:

@@ -160,6 +160,8 @@ class MiotyService(MiotyActions, FamilyService):
             (self.looping(self.downlink_queue.tick, "expiring downlinks"),
              max(0.05, min(60.0, self.settings.downlink_ttl / 4))),
         ]
+        if self.uplinks.clustered:
+            self._loops.append((self.looping(self.uplinks.adopt_orphans, "adopting orphaned uplinks"), 1.0))
         hub.health.register("bssci", self._health)
         hub.metrics.register(MiotyMetrics(self))
         self.tls_stats = ConnectionStats()

@@ -35,6 +35,8 @@ __all__ = ["UplinkPipeline", "group_copies", "untrack"]
 
 _I64_MAX = (1 << 63) - 1
 _MAX_TEXT = 64  # profile, mode: short radio identifiers
+# Cluster: a copy unpublished this long after its window is an orphan (its collecting hub is gone).
+ORPHAN_GRACE = 5.0
 
 
 def untrack(result: Any, d: defer.Deferred[Any], tracked: set[defer.Deferred[Any]]) -> Any:
@@ -100,6 +102,23 @@ def group_copies(rows: Iterable[tuple[Any, ...]]) -> list[tuple[str, list[Copy]]
     return groups
 
 
+def encode_copy(copy: Copy) -> str:
+    """A copy as text, to forward it to the hub collecting its uplink."""
+    msg = copy.msg
+    sub = subpackets_json(msg.subpackets)
+    return json.dumps([
+        f"{msg.epEui:016x}", msg.packetCnt, copy.bs_eui, copy.received, msg.rxTime, msg.rxDuration, msg.snr,
+        msg.rssi, msg.eqSnr, msg.profile, msg.mode, None if sub is None else json.dumps(sub), msg.userData.hex(),
+        msg.format or 0, int(msg.dlOpen), int(msg.responseExp), int(msg.dlAck),
+    ])  # fmt: skip
+
+
+def decode_copy(text: str) -> Copy:
+    row = json.loads(text)
+    row[12] = bytes.fromhex(row[12])
+    return _copy_from_row((0, *row))[1]
+
+
 class UplinkPipeline:
     """store → dedup → publish → mark published, for every ulData copy.
 
@@ -130,7 +149,7 @@ class UplinkPipeline:
         memory: int,
         on_uplink: Callable[[str, int, dict[str, Any]], None],
         waiting: Container[str] = frozenset(),
-        make_dedup: Callable[[IReactorTime, float, int, Callable[..., Any]], IDedupStore] | None = None,
+        make_dedup: Callable[..., IDedupStore] | None = None,
         annotate: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.clock = clock
@@ -143,7 +162,12 @@ class UplinkPipeline:
         self.memory = memory
         self.committing = Committing(window, self._emit)
         # The cluster's shared store if there is one, else this hub's own in memory (no extra work per copy).
-        self.dedup: IDedupStore = (make_dedup or Deduplicator)(clock, window, memory, self.publish)
+        self.clustered = make_dedup is not None
+        self.window = window
+        self.dedup: IDedupStore = (
+            Deduplicator(clock, window, memory, self.publish) if make_dedup is None
+            else make_dedup(clock, window, memory, self.publish, late=self._late, codec=(encode_copy, decode_copy))
+        )
         self._unconfirmed: set[defer.Deferred[Any]] = set()
         self._publish_notes = 0
 
@@ -200,6 +224,11 @@ class UplinkPipeline:
             self.counters.late += 1
             self.registry.mark_published(ep, copy.msg.packetCnt)
 
+    def _late(self, key: tuple[str, int], copy: Copy) -> None:
+        """A copy the cluster found late (its uplink published by another hub)."""
+        self.counters.late += 1
+        self.registry.mark_published(*key)
+
     # 3. publish
 
     def publish(self, key: tuple[str, int], copies: list[Copy], first: float, replay: bool = False) -> None:
@@ -254,6 +283,8 @@ class UplinkPipeline:
         registry = self.registry
         for ep, pc, rx_time in reversed(await registry.recent_keys(self.memory)):
             self.dedup.remember((ep, pc), rx_time)
+        if self.clustered:
+            return  # other hubs may be collecting those copies now: adopt_orphans takes them when due
         rows = await registry.unpublished()
         groups = group_copies(rows)
         for ep, copies in groups:
@@ -262,6 +293,21 @@ class UplinkPipeline:
             self.counters.replayed += len(groups)
             self.log.info("published {count} uplinks ({copies} copies) stored before the last stop",
                           count=len(groups), copies=len(rows))
+
+    async def adopt_orphans(self, grace: float = ORPHAN_GRACE) -> int:
+        """Cluster: publish the copies stored by any hub and left unpublished longer than the window
+        and `grace` (their collecting hub died, or its broker refused them); one hub takes each."""
+        rows = await self.registry.unpublished(before=self.clock.seconds() - self.window - grace)
+        adopted = 0
+        for ep, copies in group_copies(rows):
+            key = (ep, copies[0].msg.packetCnt)
+            if await self.dedup.adopt(key):
+                self.publish(key, copies, min(c.received for c in copies), replay=True)
+                adopted += 1
+        if adopted:
+            self.counters.replayed += adopted
+            self.log.info("published {count} uplinks another hub stored and did not publish", count=adopted)
+        return adopted
 
     async def drain(self, wait: float) -> None:
         """Publish every open window now, then wait up to `wait` seconds for the bus to confirm
