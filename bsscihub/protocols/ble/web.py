@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import implementer
 
@@ -19,6 +19,9 @@ from bsscihub.protocols.devices.series import bucketed, chart_points, series_jso
 from bsscihub.web.errors import bad_field, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, PAGING, Call, NavItem, Page, Param, Redirect, api_route, page, page_route
 from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 DAY = 86400.0
 
@@ -68,7 +71,7 @@ class BLEWeb:
     nav = [NavItem("BLE", "/ble", "viewer", "ble")]
     templates = Path(__file__).parent / "templates"
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from zope.interface import implementer
 
@@ -32,6 +32,10 @@ from bsscihub.web.routing import (
     page_route,
 )
 from bsscihub.web.schema import ANY_OBJECT, hexstr, obj, page_of, string
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
+    from bsscihub.protocols.bssci.service import MiotyService
 
 EUI = hexstr(16, "EUI-64")
 NW_KEY = hexstr(32, "network key (AES-128)")
@@ -141,7 +145,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
     ]
     templates = Path(__file__).parent / "templates"
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
     @property
@@ -150,8 +154,8 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
 
     async def certificate_revoked(self, serial: int, reason: str, actor: str) -> None:
         """Called by the web layer when a certificate is revoked: base stations using it are refused."""
-        service = self.hub.services.get("mioty")
-        if service is not None and getattr(service, "running", False):
+        service = cast("MiotyService | None", self.hub.services.get("mioty"))
+        if service is not None and service.running:
             await service.revoke_certificate(serial, reason, actor=actor)
 
     async def summary(self) -> dict[str, Any]:

@@ -4,11 +4,14 @@ A mixin of MiotyWeb, over the service's BlueprintBook; also the sensor page's ch
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bsscihub.web.errors import ApiError, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, Call, Created, Page, Param, Redirect, api_route, page_route
 from bsscihub.web.schema import ANY_OBJECT, hexstr, obj
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 __all__ = ["BlueprintRoutes", "decoded_fields", "decoded_points"]
 
@@ -49,7 +52,7 @@ def decoded_points(uplinks: list[dict[str, Any]], name: str) -> list[dict[str, A
 class BlueprintRoutes:
     """Blueprint routes; the class using it has `hub` and `_invoke`."""
 
-    hub: Any
+    hub: Hub
 
     @property
     def book(self) -> Any:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from bsscihub.cli import CLIError, run_with_store
 from bsscihub.config import HubConfig
 from bsscihub.contract import eui64
 from bsscihub.family import CLICommand, IFamily
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 
 def _sensors_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -50,7 +53,7 @@ def _meters(config: HubConfig, families: dict[str, IFamily], args: argparse.Name
     from bsscihub.errors import CommandError
     from bsscihub.protocols.bssci.meters import meter_key, parse_aes_key, registry_for
 
-    async def work(hub: Any) -> int:
+    async def work(hub: Hub) -> int:
         registry = registry_for(hub)
         if args.meters_command == "list":
             found, _ = await registry.find("", 100_000, 0)
@@ -115,7 +118,7 @@ def _issue_bs(config: HubConfig, families: dict[str, IFamily], args: argparse.Na
         config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days, bs_eui=args.eui
     )
 
-    async def work(hub: Any) -> int:
+    async def work(hub: Hub) -> int:
         from bsscihub import audit
         from bsscihub.web.certs import record_issued
 
@@ -152,7 +155,7 @@ def _issue_ac(config: HubConfig, families: dict[str, IFamily], args: argparse.Na
     issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days,
                                    application_center=True)
 
-    async def work(hub: Any) -> int:
+    async def work(hub: Hub) -> int:
         from bsscihub import audit
         from bsscihub.web.certs import record_issued
 
@@ -184,7 +187,7 @@ def _blueprints(config: HubConfig, families: dict[str, IFamily], args: argparse.
     from bsscihub import audit
     from bsscihub.protocols.bssci.blueprints import BlueprintBook, BlueprintError
 
-    async def work(hub: Any) -> int:
+    async def work(hub: Hub) -> int:
         book = BlueprintBook(hub.store, hub.reactor)
         await book.load()
         if args.blueprints_command == "list":

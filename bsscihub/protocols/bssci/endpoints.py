@@ -11,13 +11,16 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from bsscihub import audit
 from bsscihub.errors import UserFacingError
 from bsscihub.protocols.bssci.registry import Registry, Sensor, attach_change
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 __all__ = [
     "Endpoint",
@@ -187,12 +190,12 @@ def _kind(value: Any) -> str:
     )
 
 
-def _running_service(hub: Any) -> Any:
+def _running_service(hub: Hub) -> Any:
     service = hub.services.get("mioty")
     return service if service is not None and service.running else None
 
 
-async def import_endpoints(hub: Any, doc: Any, *, actor: str = "cli") -> dict[str, Any]:
+async def import_endpoints(hub: Hub, doc: Any, *, actor: str = "cli") -> dict[str, Any]:
     """Register and attach every end point of an endpoints.json document (updating existing ones).
 
     In a running hub the changed ones are propagated to the connected base stations at once; a
@@ -220,7 +223,7 @@ async def import_endpoints(hub: Any, doc: Any, *, actor: str = "cli") -> dict[st
     }
 
 
-async def export_endpoints(hub: Any) -> list[dict[str, Any]]:
+async def export_endpoints(hub: Hub) -> list[dict[str, Any]]:
     """Every registered end point in the endpoints.json format, with its network key."""
     service = _running_service(hub)
     if service is not None:
@@ -230,7 +233,7 @@ async def export_endpoints(hub: Any) -> list[dict[str, Any]]:
     return dump_endpoints(sensors)
 
 
-async def import_file(hub: Any, path: str, fmt: str = "auto") -> int:
+async def import_file(hub: Hub, path: str, fmt: str = "auto") -> int:
     """`bsscihub sensors import FILE`: endpoints.json, or CSV (`fmt` csv, or a .csv/.txt file name);
     prints one line; exit status 0, or 1 for a bad file."""
     try:
@@ -259,7 +262,7 @@ def _fail(message: str) -> int:
     return 1
 
 
-async def export_file(hub: Any, out: str, fmt: str = "auto") -> int:
+async def export_file(hub: Hub, out: str, fmt: str = "auto") -> int:
     """`bsscihub sensors export [--out FILE]`: endpoints.json (or CSV: `fmt` csv, or a .csv file
     name) to stdout ("-") or to a file readable by its owner only (it holds the network keys)."""
     data = await export_endpoints(hub)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -14,6 +14,9 @@ from bsscihub.errors import CommandError
 from bsscihub.keybox import KeyBox
 from bsscihub.protocols.bssci.registry import rfc3339
 from bsscihub.store import Migration, Store
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 __all__ = [
     "FRAME_COLUMNS", "MIGRATIONS", "KeyBox", "Meter", "MeterRegistry", "meter_key", "parse_aes_key", "registry_for",
@@ -285,6 +288,6 @@ class MeterRegistry:
         return [json.loads(r[0]) for r in rows]
 
 
-def registry_for(hub: Any) -> MeterRegistry:
+def registry_for(hub: Hub) -> MeterRegistry:
     """The hub's meter registry, with the key secret in data_dir (the service and the command line share it)."""
     return MeterRegistry(hub.store, KeyBox(Path(hub.config.data_dir) / "meter-keys.secret"))

@@ -4,11 +4,14 @@ A mixin of MiotyWeb; keys go in (operator) and never come out, readings and a ch
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bsscihub.web.errors import ApiError, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, PAGING, Accepted, Call, Page, Param, Redirect, api_route, page, page_route
 from bsscihub.web.schema import ANY_OBJECT, hexstr, obj, page_of, string
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 __all__ = ["MeterRoutes", "meter_points", "numeric_fields"]
 
@@ -56,7 +59,7 @@ def meter_points(readings: list[dict[str, Any]], field: str) -> list[dict[str, A
 class MeterRoutes:
     """Meter routes; the class using it has `hub` and `_invoke`."""
 
-    hub: Any
+    hub: Hub
 
     @property
     def vm(self) -> Any:

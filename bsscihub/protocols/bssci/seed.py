@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -15,6 +15,10 @@ from bsscihub.bus import Event
 from bsscihub.contract import nanoseconds_of
 from bsscihub.errors import CommandError
 from bsscihub.family import IMQTTLayout
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
+    from bsscihub.protocols.bssci.service import MiotyService
 
 __all__ = ["SEED", "SeedLayout", "seed_messages"]
 
@@ -138,7 +142,7 @@ class SeedLayout:
 
     log = Logger()
 
-    def __init__(self, hub: Any, base: str) -> None:
+    def __init__(self, hub: Hub, base: str) -> None:
         self.hub = hub
         self.base = base
         self._locks: dict[str, defer.DeferredLock] = {}
@@ -189,16 +193,22 @@ class SeedLayout:
             doc["error"] = error
             self.log.info("seed layout: {request} for {eui} refused: {error}", request=command, eui=eui, error=error)
         topic = f"{self.base}/ep/{eui.upper()}/response"
+        if self.hub.mqtt is None:  # only a hub without its bridge (the CLI's) has no MQTT to answer on
+            return
         try:
             await self.hub.mqtt.publish(topic, doc)
         except ValueError as e:  # a topic nobody can publish to: the EUI level held a wildcard
             self.log.info("seed layout: cannot answer on {topic}: {error}", topic=topic, error=str(e))
 
     async def _carry_out(self, command: str, eui: str, body: Any) -> dict[str, Any]:
-        service = self.hub.services.get("mioty")
-        run = self.hub.commands.get("mioty")
-        if service is None or run is None:
+        service = cast("MiotyService | None", self.hub.services.get("mioty"))
+        command_handler = self.hub.commands.get("mioty")
+        if service is None or command_handler is None:
             raise CommandError("the mioty service is not running")
+
+        async def run(kind: str, ident: str, name: str, payload: Any) -> Mapping[str, Any]:
+            return await command_handler(kind, ident, name, payload) or {}
+
         if command in ("register", "config"):
             if not isinstance(body, Mapping):
                 raise CommandError("the payload must be a JSON object with nwKey, shortAddr and bidi")
@@ -215,11 +225,11 @@ class SeedLayout:
             result = await run("ep", eui, "detach", {})
             return {"detached_from": len(result.get("baseStations", ()))}
         if command == "status":
-            sensor = await service.get_sensor(eui)
-            if sensor is None:
+            known = await service.get_sensor(eui)
+            if known is None:
                 return {"status": {"registered": False, "attached": False}}
-            sensor = {k: _upper(v) if k in ("epEui", "bestBs") else v for k, v in sensor.items()}
-            return {"status": {"registered": True, **sensor}}
+            shown = {k: _upper(v) if k in ("epEui", "bestBs") else v for k, v in known.items()}
+            return {"status": {"registered": True, **shown}}
         # dl
         if not isinstance(body, Mapping):
             raise CommandError("the payload must be a JSON object with data")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import attrs
 from twisted.internet import defer
@@ -46,6 +46,9 @@ from bsscihub.protocols.bssci.session import (
 from bsscihub.protocols.bssci.uplinks import UplinkPipeline, untrack
 from bsscihub.protocols.bssci.vm import VariableMac
 from bsscihub.tls import ConnectionStats
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 __all__ = ["MiotyService", "UnknownDevice"]
 
@@ -113,7 +116,7 @@ class MiotyService(MiotyActions, FamilyService):
     drain_wait = 2.0
     """Seconds the stop waits for the bus to confirm published uplinks (else re-emitted at the next start)."""
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: Hub) -> None:
         super().__init__(hub)
         self.clock = hub.reactor
         self.bssci = hub.config.section("bssci")

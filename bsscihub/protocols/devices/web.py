@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import implementer
 
@@ -34,6 +34,9 @@ from bsscihub.web.routing import (
     page_route,
 )
 from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 DAY = 86400.0
 KEY_HEADER = b"x-device-key"
@@ -134,7 +137,7 @@ class DevicesWeb:
     nav = [NavItem("Devices", "/devices", "viewer", "devices")]
     templates = Path(__file__).parent / "templates"
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.root_routes = LegacyRoutes(self)
 

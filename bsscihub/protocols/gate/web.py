@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from zope.interface import implementer
@@ -43,6 +43,9 @@ from bsscihub.web.routing import (
     page_route,
 )
 from bsscihub.web.schema import ANY_OBJECT, obj, page_of, string
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 S = "s"
 """The web hook mounts a family under /api/v1/{name} and /{name}, here /api/v1/gate and /gate; the units'
@@ -174,7 +177,7 @@ class GateWeb:
     nav = [NavItem("Gates", "/gates", "viewer", "gate")]
     templates = Path(__file__).parent / "templates"
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
     @property
@@ -182,7 +185,7 @@ class GateWeb:
         service = self.hub.services.get("gate")
         if service is None:
             raise Refused(503, "unavailable", "the gate family is not running")
-        return service  # type: ignore[no-any-return]
+        return cast(GateService, service)
 
     async def summary(self) -> dict[str, Any]:
         return await self.service.summary()
