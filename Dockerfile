@@ -19,7 +19,7 @@ COPY twisted twisted
 COPY bsscihub bsscihub
 RUN python3 -m venv /opt/bsscihub \
  && /opt/bsscihub/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/bsscihub/bin/pip install --no-cache-dir ".[postgresql]" \
+ && /opt/bsscihub/bin/pip install --no-cache-dir ".[postgresql,cluster]" \
  && /opt/bsscihub/bin/twistd --help | grep -q "bsscihub " \
  && /opt/bsscihub/bin/bsscihub config check >/dev/null
 # The last two also write Twisted's plugin caches (dropin.cache), which the hub's user could not

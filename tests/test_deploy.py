@@ -189,3 +189,32 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert result.stderr.strip() == "", result.stderr
     for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=\n", "--pidfile= "):
         assert option in text, option
+
+
+def test_cluster_compose_file_runs_two_hubs_behind_haproxy() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.cluster.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"hub1", "hub2", "haproxy", "postgres", "redis", "mosquitto"}
+    nodes = set()
+    for name in ("hub1", "hub2"):
+        hub = services[name]
+        # Shared configuration and PKI, a data directory (outbox) of its own.
+        assert {v.split(":")[1] for v in hub["volumes"]} == {"/config", "/data", "/certs"}
+        assert f"{name}-data:/data" in hub["volumes"]
+        for volume in hub["volumes"]:
+            assert volume.split(":")[0] in compose["volumes"], volume
+        env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in hub["environment"].items()}
+        config, _ = load_hub_config(str(REPO / "etc" / "hub.yaml"), {**dockerfile_env(), **env})
+        assert config.database.startswith("postgresql://") and config.section("cluster").redis == "redis://redis:6379/0"
+        nodes.add(config.section("cluster").node)
+    assert nodes == {"hub1", "hub2"}
+    haproxy = (REPO / "deploy" / "haproxy.cfg").read_text()
+    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in services["haproxy"]["volumes"]
+    for server in ("server hub1 hub1:16017", "server hub2 hub2:16017", "server hub1 hub1:8080"):
+        assert server in haproxy
+    if shutil.which("haproxy"):  # the configuration parses (names resolved at start, so not checked here)
+        checked = subprocess.run(["haproxy", "-c", "-f", str(REPO / "deploy" / "haproxy.cfg")], capture_output=True,
+                                 text=True)
+        alerts = [line for line in (checked.stdout + checked.stderr).splitlines() if "[ALERT]" in line]
+        assert all("could not resolve address" in a or "Failed to initialize server(s) addr" in a for a in alerts), \
+            alerts
