@@ -192,13 +192,16 @@ def bridges(tmp_path: Path) -> Iterator[Callable[..., MQTTBridge]]:
     """make(broker, **mqtt) -> a started bridge on a hub of its own; stopped at teardown."""
     made: list[MQTTBridge] = []
 
-    def make(broker: Mosquitto | None, *, port: int | None = None, scheme: str = "mqtt", **mqtt: Any) -> MQTTBridge:
+    def make(broker: Mosquitto | None, *, port: int | None = None, scheme: str = "mqtt", cluster: Any = None,
+             **mqtt: Any) -> MQTTBridge:
         directory = tmp_path / f"hub{len(made)}"
         directory.mkdir()
         port = port or (broker.port if broker is not None else 1)
         values = {"url": f"{scheme}://127.0.0.1:{port}", "client_id": f"hub-{port}-{len(made)}"}
         values.update(mqtt)
         hub = make_hub(make_config(directory, families=[], mqtt=values), reactor, {})
+        if cluster is not None:
+            hub.cluster = cluster
         hub.commands["mioty"] = FakeMioty()
         hub.commands["test"] = crashing
         bridge = MQTTBridge(hub, settings_overrides=FAST)
@@ -404,6 +407,40 @@ COMMANDS: list[tuple[str, bytes, str | None]] = [
 
 
 @pytest_twisted.ensureDeferred
+async def test_in_a_cluster_each_command_and_device_message_is_handled_by_one_hub(
+    mosquitto: Mosquitto,
+    bridges: Callable[..., MQTTBridge],
+    commander: Callable[..., Commander],
+) -> None:
+    from bsscihub.cluster import Cluster, LocalOwnership, LocalRouter
+
+    made = []
+    for node in ("hub1", "hub2"):
+        cluster = Cluster(node=node, ownership=LocalOwnership(node), router=LocalRouter(), clustered=True)
+        made.append(bridges(mosquitto, client_id="bsscihub", cluster=cluster))
+    one, two = made
+    # One client id in the shared configuration, a session of its own per hub.
+    assert (one.client.settings.client_id, two.client.settings.client_id) == ("bsscihub-hub1", "bsscihub-hub2")
+    ingested: list[tuple[str, str]] = []
+    for bridge, node in ((one, "hub1"), (two, "hub2")):
+        bridge.subscribe("devices/+/data", lambda topic, payload, properties, node=node: ingested.append((node, topic)))
+    await until(lambda: one.connected and two.connected)
+    for bridge in made:
+        await until(lambda bridge=bridge: mosquitto.subscriptions(bridge.client.settings.client_id,
+                                                                  "$share/bsscihub/bsscihub/+/+/+/cmd/+") >= 1)
+        await until(lambda bridge=bridge: mosquitto.subscriptions(bridge.client.settings.client_id,
+                                                                  "$share/bsscihub/devices/+/data") >= 1)
+    sender = commander(mosquitto)
+    for n in range(20):
+        sender.send(f"bsscihub/mioty/ep/{EP}/cmd/detach", b"{}")
+        sender.send(f"devices/d{n}/data", b"{}")
+    await until(lambda: one.commands_handled + two.commands_handled >= 20 and len(ingested) >= 20)
+    await deferLater(reactor, 0.5, lambda: None)
+    # Each exactly once across the two hubs, whichever hub took it.
+    assert one.commands_handled + two.commands_handled == 20
+    assert sorted(topic for _, topic in ingested) == sorted(f"devices/d{n}/data" for n in range(20))
+
+
 async def test_every_command_is_validated_and_answered(
     mosquitto: Mosquitto,
     subscriber_factory: Callable[..., Subscriber],

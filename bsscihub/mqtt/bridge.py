@@ -207,10 +207,17 @@ class MQTTBridge(Service):
         self.prefix = config.prefix
         self._clock: IReactorTime = clock if clock is not None else hub.reactor
         self._status_topic = f"{self.prefix}/hub/status"
+        overrides = dict(settings_overrides or {})
+        cluster = hub.cluster
+        if cluster.clustered:
+            # Each hub of a cluster its own session (one client id would make the broker drop the other).
+            overrides.setdefault("client_id", f"{config.client_id}-{cluster.node}")
+        # Commands and device ingest are consumed once in a cluster: one shared subscription group.
+        self._share = "$share/bsscihub/" if cluster.clustered else ""
         self.settings = settings_from_config(
             config,
             Will(self._status_topic, hub_status("offline", hub.version, None), qos=1, retain=True),
-            **dict(settings_overrides or {}),
+            **overrides,
         )
         self.outbox = Outbox(
             Path(hub.config.data_dir) / "outbox.sqlite",
@@ -282,7 +289,7 @@ class MQTTBridge(Service):
         Deferred or coroutine fails, is logged; the connection is not affected.
         """
         self._handlers.setdefault(topic_filter, []).append(handler)
-        return self.client.subscribe(topic_filter, 1)  # type: ignore[no-any-return]
+        return self.client.subscribe(self._share + topic_filter, 1)  # type: ignore[no-any-return]
 
     def unsubscribe(self, topic_filter: str, handler: MessageHandler) -> None:
         """Stop calling ``handler`` (the broker keeps sending what the filter matches; it is ignored)."""
@@ -319,7 +326,7 @@ class MQTTBridge(Service):
     def startService(self) -> None:
         super().startService()
         self._unsubscribe_bus = self.hub.bus.subscribe(self._onEvent)
-        self.client.subscribe(self._command_filter, 1)
+        self.client.subscribe(self._share + self._command_filter, 1)
         for family, layout in self.layouts.items():
             for topic_filter, handler in layout.inbound().items():
                 self.subscribe(topic_filter, handler).addErrback(self._layoutSubscribeFailed, topic_filter, family)
