@@ -143,6 +143,17 @@ class Cluster:
     link: Any = None
     """The connection the shared parts run on (with start and stop); None for one hub."""
 
+    relay: Any = None
+    """Shares bus events between hubs (`relay(bus, sink) -> stop`); None for one hub."""
+
+    def relay_events(self, bus: Any, sink: Callable[[Any], None]) -> Callable[[], None]:
+        """Feed `sink` (the live stream) the events the other hubs handle too; returns the stop.
+        One hub: nothing to add, the sink has this hub's bus already."""
+        if self.relay is None:
+            return lambda: None
+        stop: Callable[[], None] = self.relay(bus, sink)
+        return stop
+
     async def start(self) -> None:
         if self.link is not None:
             await self.link.start()

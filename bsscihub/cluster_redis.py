@@ -1,5 +1,5 @@
-"""The cluster parts on Redis, for several hubs sharing one PostgreSQL database: station ownership
-(the newest claim wins everywhere) and command routing to the hub that holds a station (pub/sub per node)."""
+"""The cluster parts on Redis, for several hubs sharing one PostgreSQL database: station ownership (the
+newest claim wins everywhere), command routing (pub/sub per node), uplink dedup and live-stream events."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from bsscihub.bus import Event
 from bsscihub.cluster import (
     FIRST,
     LATE,
@@ -31,7 +32,7 @@ from bsscihub.cluster import (
 )
 from bsscihub.errors import CommandError, UserFacingError
 
-__all__ = ["RedisDedup", "RedisLink", "RedisOwnership", "RedisRouter", "parse_redis_url", "redis_cluster"]
+__all__ = ["EventRelay", "RedisDedup", "RedisLink", "RedisOwnership", "RedisRouter", "parse_redis_url", "redis_cluster"]
 
 _PREFIX = "bsscihub:"
 OWNERS = _PREFIX + "owners"  # hash: family/station -> {"node", "seq"}
@@ -315,6 +316,7 @@ def redis_cluster(node: str, url: str, reactor: Any) -> Cluster:
     router = RedisRouter(node, link, ownership, reactor)
     cluster = Cluster(node=node, ownership=ownership, router=router, clustered=True, link=link)
     cluster.make_dedup = redis_dedup_factory(cluster)
+    cluster.relay = EventRelay(node, link)
     return cluster
 
 
@@ -467,6 +469,56 @@ class RedisDedup:
                                 pexpire=ORPHAN_LOCK)
         d.addCallback(bool)
         return d
+
+
+EVENTS = _PREFIX + "events"  # channel: every hub's bus events, for the other hubs' live streams
+
+
+class EventRelay:
+    """Publishes this hub's bus events on Redis and hands the other hubs' to the sinks (live streams).
+    Only to the sinks, never into this hub's bus: MQTT and webhooks stay with the hub that handled it."""
+
+    log = Logger()
+
+    def __init__(self, node: str, link: RedisLink) -> None:
+        self.node = node
+        self.link = link
+        self.sinks: list[Callable[[Event], None]] = []
+        self._lost = 0
+        link.on(EVENTS, self._received)
+
+    def __call__(self, bus: Any, sink: Callable[[Event], None]) -> Callable[[], None]:
+        self.sinks.append(sink)
+        unsubscribe = bus.subscribe(self._local) if len(self.sinks) == 1 else None
+
+        def stop() -> None:
+            self.sinks.remove(sink)
+            if unsubscribe is not None:
+                unsubscribe()
+
+        return stop
+
+    def _local(self, event: Event) -> None:
+        try:
+            text = json.dumps({"node": self.node, "family": event.family, "kind": event.kind, "topic": event.topic,
+                               "payload": event.payload, "retain": event.retain}, allow_nan=False)
+        except (TypeError, ValueError):
+            return  # not plain JSON: the local stream has it, the others do without
+        self.link.publish(EVENTS, text).addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        self._lost += 1
+        if self._lost & (self._lost - 1) == 0:  # 1, 2, 4, ...: a Redis outage is not a flood of lines
+            self.log.warn("cluster: {count} events not shared with the other hubs: {problem}", count=self._lost,
+                          problem=failure.getErrorMessage())
+
+    def _received(self, message: str) -> None:
+        body = json.loads(message)
+        if body["node"] == self.node:
+            return
+        event = Event(body["family"], body["kind"], body["topic"], body["payload"], bool(body["retain"]))
+        for sink in list(self.sinks):
+            sink(event)
 
 
 def redis_dedup_factory(cluster: Cluster) -> Callable[..., IDedupStore]:

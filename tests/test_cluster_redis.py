@@ -256,3 +256,25 @@ async def test_an_uplink_its_collector_never_published_is_adopted_by_one_hub(
         for running in (one, two):
             await running.stop()
             await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_live_stream_of_each_hub_gets_the_events_of_the_others(hubs: list[Cluster]) -> None:
+    from bsscihub.bus import EventBus
+
+    one, two = hubs
+    buses = [EventBus(), EventBus()]
+    seen: list[list[Event]] = [[], []]
+    stops = [cluster.relay_events(bus, into.append) for cluster, bus, into in zip(hubs, buses, seen, strict=True)]
+    await buses[0].publish(Event("mioty", "uplink", f"mioty/ep/{EP}/up", {"packetCnt": 1, "data": "01"}))
+    await buses[1].publish(Event("ble", "reading", "ble/node/aa/reading", {"rssi": None}, retain=True))
+    await wait_for(lambda: len(seen[0]) == 1 and len(seen[1]) == 1)
+    await deferLater(reactor, 0.1, lambda: None)
+    # Each hub's sink gets the other's event once (its own comes from its own bus, not through Redis).
+    assert seen[1] == [Event("mioty", "uplink", f"mioty/ep/{EP}/up", {"packetCnt": 1, "data": "01"})]
+    assert seen[0] == [Event("ble", "reading", "ble/node/aa/reading", {"rssi": None}, retain=True)]
+    for stop in stops:
+        stop()
+    await buses[0].publish(Event("mioty", "uplink", f"mioty/ep/{EP}/up", {"packetCnt": 2}))
+    await deferLater(reactor, 0.2, lambda: None)
+    assert len(seen[1]) == 1

@@ -250,6 +250,7 @@ class WebApp:
         self._unsubscribe.append(self.hub.bus.subscribe(self.stats))
         self.stream.start(self.hub.bus)
         self._unsubscribe.append(self.stream.stop)
+        self._unsubscribe.append(self.hub.cluster.relay_events(self.hub.bus, self.stream.publish))
         globalLogPublisher.addObserver(self.logs)
         self._unsubscribe.append(lambda: globalLogPublisher.removeObserver(self.logs))
         self.logs.listeners.append(self.stream.log_line)
