@@ -53,11 +53,11 @@ class Hub:
     version: str = __version__
     started_at: float = attrs.field(factory=time.time)
     mqtt: MQTTBridge | None = None
-    """The MQTT bridge (tap.build_service installs it before any family service exists; None in the
-    CLI's short-lived hubs). Families subscribe to device topics through it."""
+    """The MQTT bridge (made by assemble_hub before any family service; None in the CLI's short-lived
+    hubs). Families subscribe to device topics through it."""
     services: dict[str, IFamilyService] = attrs.field(factory=dict)
-    """Each enabled family's service, by family name (REST routes and commands reach it here); filled
-    while the service tree is built, before anything starts."""
+    """Each enabled family's service, by family name (REST routes and commands reach it here); made by
+    assemble_hub, before anything starts."""
     commands: dict[str, CommandHandler] = attrs.field(factory=dict)
     """Command handlers by family name, for `{prefix}/{family}/{kind}/{id}/cmd/{name}`."""
     extensions: list[Any] = attrs.field(factory=list)
@@ -92,6 +92,22 @@ def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> H
         hub.cluster = _redis_cluster(cluster.node or f"{socket.gethostname()}-{os.getpid()}", cluster.redis, reactor)
     hub.health.register("storage", lambda: ComponentHealth(store.running, {"backend": store.dialect}))
     register_standard_collectors(hub.metrics, hub.version)
+    return hub
+
+
+def assemble_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily], *,
+                 mqtt_client: Callable[..., Any] | None = None) -> Hub:
+    """A running hub's Hub, complete before any service starts: its MQTT bridge (made from the Hub's bus,
+    health and metrics, so right after them) and then each enabled family's service, which may use it.
+
+    @param mqtt_client: the bridge's client factory (tests: a broker in memory).
+    """
+    from bsscihub.mqtt.bridge import MQTTBridge
+
+    hub = make_hub(config, reactor, families)
+    hub.mqtt = MQTTBridge(hub) if mqtt_client is None else MQTTBridge(hub, client_factory=mqtt_client)
+    for name, family in families.items():
+        hub.services[name] = IFamilyService(family.make_service(hub))  # TypeError if it is not one
     return hub
 
 

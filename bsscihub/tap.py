@@ -23,7 +23,7 @@ from bsscihub.family import (
     installed_families,
     layout_speakers,
 )
-from bsscihub.hub import Hub, HubService, make_hub
+from bsscihub.hub import Hub, HubService, assemble_hub
 from bsscihub.logs import use_for_twistd
 
 
@@ -79,12 +79,10 @@ def build_service(
     from bsscihub.mqtt.bridge import install as install_mqtt_bridge
     from bsscihub.web.service import make_web_service
 
-    hub = make_hub(config, reactor, families)
+    hub = assemble_hub(config, reactor, families, mqtt_client=mqtt_client)
     service = HubService(hub, on_start_failure)
-    install_mqtt_bridge(hub, service, mqtt_client)  # first: families find hub.mqtt, and it stops last
-    for name, family in families.items():
-        family_service = family.make_service(hub)
-        hub.services[name] = family_service
+    install_mqtt_bridge(hub, service)  # first: it takes the families' events from the start, and stops last
+    for family_service in hub.services.values():
         family_service.setServiceParent(service)
     install_integrations(hub, service)
     make_web_service(hub).setServiceParent(service)

@@ -845,15 +845,18 @@ def test_decode_command(payload: bytes, expected: Any) -> None:
 
 
 def test_install_makes_the_bridge_the_first_child(tmp_path: Path) -> None:
-    from bsscihub.hub import HubService
+    from bsscihub.hub import HubService, assemble_hub
 
-    hub = make_hub(make_config(tmp_path, families=[]), reactor, {})
+    hub = assemble_hub(make_config(tmp_path, families=[]), reactor, {})
+    assert hub.mqtt is not None, "the Hub comes complete, before any service exists"
     service = HubService(hub)
     bridge = install(hub, service)
     assert list(service) == [bridge] and hub.mqtt is bridge and service.getServiceNamed("mqtt") is bridge
     assert bridge.settings.will is not None and bridge.settings.will.topic == "bsscihub/hub/status"
     with pytest.raises(RuntimeError):
         install(hub, service)
+    with pytest.raises(RuntimeError, match="no MQTT bridge"):
+        install(make_hub(make_config(tmp_path, families=[]), reactor, {}), HubService(hub))
 
 
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")

@@ -573,14 +573,15 @@ class MQTTBridge(Service):
         return ComponentHealth(bool(client.connected) and self._outbox_error is None, detail)
 
 
-def install(hub: Hub, parent: Any, client_factory: Callable[..., Any] | None = None) -> MQTTBridge:
-    """Create the bridge as ``parent``'s first child and make it ``hub.mqtt`` (for tap.build_service).
+def install(hub: Hub, parent: Any) -> MQTTBridge:
+    """Make ``hub.mqtt`` (made by hub.assemble_hub) ``parent``'s first child (for tap.build_service).
 
-    Call it before adding the families: the bridge then exists when they start, takes their
-    events from the start (the outbox buffers them until its file is open) and stops last.
+    Call it before adding the families: the bridge then takes their events from the start (the
+    outbox buffers them until its file is open) and stops last.
     """
-    bridge = MQTTBridge(hub) if client_factory is None else MQTTBridge(hub, client_factory=client_factory)
-    hub.mqtt = bridge
+    bridge = hub.mqtt
+    if bridge is None:
+        raise RuntimeError("this hub has no MQTT bridge: make it with assemble_hub")
     if hasattr(parent, "addService") and list(parent):
         raise RuntimeError("install the MQTT bridge before any other child service")
     bridge.setServiceParent(parent)
