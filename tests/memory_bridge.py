@@ -191,16 +191,18 @@ class MemoryMQTTClient:
 
     state = "connected"
     current_backoff = None
-    connects, failures = 1, 0
+    failures = 0
 
     def __init__(self, broker: MemoryBroker, on_connect: Any, on_disconnect: Any, on_message: Any) -> None:
         self.broker, self.on_connect, self.on_disconnect, self.on_message = (broker, on_connect, on_disconnect,
                                                                              on_message)
         self.subscriptions: set[str] = set()
         self.connected = False
+        self.connects = 0
 
     def start(self) -> None:
         self.connected = True
+        self.connects += 1
         self.on_connect()
 
     def stop(self) -> defer.Deferred[None]:

@@ -36,6 +36,7 @@ from bsscihub.hub import make_hub
 from bsscihub.mqtt.bridge import MQTTBridge, decode_command, install
 from tests.broker import BrokerTLS, Mosquitto, Received, Subscriber
 from tests.conftest import make_config
+from tests.memory_bridge import MemoryBroker
 
 REPO = Path(__file__).resolve().parents[1]
 EP = "0011223344556677"
@@ -192,11 +193,11 @@ def bridges(tmp_path: Path) -> Iterator[Callable[..., MQTTBridge]]:
     """make(broker, **mqtt) -> a started bridge on a hub of its own; stopped at teardown."""
     made: list[MQTTBridge] = []
 
-    def make(broker: Mosquitto | None, *, port: int | None = None, scheme: str = "mqtt", cluster: Any = None,
-             **mqtt: Any) -> MQTTBridge:
+    def make(broker: Mosquitto | MemoryBroker | None, *, port: int | None = None, scheme: str = "mqtt",
+             cluster: Any = None, **mqtt: Any) -> MQTTBridge:
         directory = tmp_path / f"hub{len(made)}"
         directory.mkdir()
-        port = port or (broker.port if broker is not None else 1)
+        port = port or (broker.port if isinstance(broker, Mosquitto) else 1)
         values = {"url": f"{scheme}://127.0.0.1:{port}", "client_id": f"hub-{port}-{len(made)}"}
         values.update(mqtt)
         hub = make_hub(make_config(directory, families=[], mqtt=values), reactor, {})
@@ -204,7 +205,10 @@ def bridges(tmp_path: Path) -> Iterator[Callable[..., MQTTBridge]]:
             hub.cluster = cluster
         hub.commands["mioty"] = FakeMioty()
         hub.commands["test"] = crashing
-        bridge = MQTTBridge(hub, settings_overrides=FAST)
+        if isinstance(broker, MemoryBroker):
+            bridge = MQTTBridge(hub, settings_overrides=FAST, client_factory=broker.client_factory)
+        else:
+            bridge = MQTTBridge(hub, settings_overrides=FAST)
         made.append(bridge)
         bridge.startService()
         return bridge
@@ -442,19 +446,17 @@ async def test_in_a_cluster_each_command_and_device_message_is_handled_by_one_hu
 
 
 async def test_every_command_is_validated_and_answered(
-    mosquitto: Mosquitto,
-    subscriber_factory: Callable[..., Subscriber],
-    bridges: Callable[..., MQTTBridge],
-    commander: Callable[..., Commander],
-    logged: list[LogEvent],
+    bridges: Callable[..., MQTTBridge], logged: list[LogEvent]
 ) -> None:
-    results = subscriber_factory(mosquitto, "bsscihub/+/+/+/event/cmd_result")
-    bridge = bridges(mosquitto)
+    """Validation and answers are the bridge's, not the broker's: a broker in memory carries them
+    (test_mqtt5_response_topic_and_correlation_data sends commands through a real one)."""
+    broker = MemoryBroker()
+    results = broker.witness("bsscihub/+/+/+/event/cmd_result")
+    bridge = bridges(broker)
     await until(lambda: bridge.connected)
-    await subscribed(mosquitto, bridge)
-    sender = commander(mosquitto)
+    sender = broker.device()
     for topic, payload, _ in COMMANDS:
-        sender.send(f"bsscihub/{topic}", payload)
+        await sender.publish(f"bsscihub/{topic}", payload)
     answers = await results.when(lambda m: True, count=len(COMMANDS), timeout=10)
 
     by_topic: dict[str, list[Any]] = {}
