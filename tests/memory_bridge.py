@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 from paho.mqtt.client import topic_matches_sub
 from twisted.internet import defer
+from twisted.internet.task import Clock, LoopingCall
 
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
@@ -249,3 +250,41 @@ class MemoryWitness:
                     f"{count} matching messages; last seen {[(m.topic, m.payload[:60]) for m in self.messages[-10:]]}",
                     timeout)
         return [m for m in self.messages if predicate(m)]
+
+
+class FollowingClock(Clock):
+    """A Clock that keeps pace with the real reactor while started (so the hub's own short timers still
+    run) and that a test moves ahead at once with `advance`, where it would otherwise sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loop: LoopingCall | None = None
+        self._last = 0.0
+
+    def start(self) -> FollowingClock:
+        from twisted.internet import reactor
+
+        self._last = reactor.seconds()
+        self.advance(self._last)
+        self._loop = LoopingCall(self._follow)
+        self._loop.start(0.005, now=False)
+        return self
+
+    def seconds(self) -> float:
+        if self._loop is None or not self._loop.running:
+            return float(self.rightNow)
+        from twisted.internet import reactor
+
+        # between two steps too, as the real clock does: two readings a millisecond apart differ in time
+        return float(self.rightNow) + max(0.0, reactor.seconds() - self._last)
+
+    def _follow(self) -> None:
+        from twisted.internet import reactor
+
+        now = reactor.seconds()
+        step, self._last = now - self._last, now
+        self.advance(step)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()

@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
 
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import normalize_mac, parse_sighting
 from tests.broker import Mosquitto
-from tests.memory_bridge import MemoryBroker
+from tests.memory_bridge import FollowingClock, MemoryBroker
 from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 
 MAC = "112233445566"
@@ -119,7 +118,8 @@ async def test_earlier_platforms_gateways_end_to_end(tmp_path: Path, mosquitto: 
 async def test_gateways_and_beacons_end_to_end(tmp_path: Path) -> None:
     broker = MemoryBroker()
     witness = broker.witness(f"{PREFIX}/ble/#")
-    running = await start_hub(tmp_path, broker, ["ble"], ble={"dedup_window": "1s", "gateway_timeout": "3s"})
+    clock = FollowingClock().start()  # moved ahead where the test would wait for the dedup window or silence
+    running = await start_hub(tmp_path, broker, ["ble"], clock, ble={"dedup_window": "1s", "gateway_timeout": "3s"})
     gateway = broker.device()
     try:
         # One broadcast heard by two gateways (MACs written differently): one reading, nearest first.
@@ -127,7 +127,7 @@ async def test_gateways_and_beacons_end_to_end(tmp_path: Path) -> None:
         await gateway.publish("BLEGatewayData/GW002", reading("GW002", -60, mac="11-22-33-44-55-66", temperature=22,
                                                               humidity=65))
         [up] = [m.payload for m in await witness.when(lambda m: m.topic == UP)]
-        await task.deferLater(reactor, 1.1, lambda: None)  # a late copy would make a second reading by now
+        clock.advance(1.1)  # a late copy would make a second reading by now
         [first] = payloads(witness, UP)
         assert first["receivers"] == [{"gatewayId": "GW002", "rssi": -60}, {"gatewayId": "GW001", "rssi": -71}]
         assert (first["mac"], first["gatewayId"], first["rssi"]) == ("11:22:33:44:55:66", "GW002", -60)
@@ -183,6 +183,7 @@ async def test_gateways_and_beacons_end_to_end(tmp_path: Path) -> None:
         assert code == 200 and "11:22:33:44:55:66" in html
 
         # Silence: both gateways go offline, with a retained state event each.
+        clock.advance(4)
         for gid in ("GW001", "GW002"):
             await witness.when(lambda m, g=gid: m.topic == f"{PREFIX}/ble/gw/{g}/state" and b'"offline"' in m.payload,
                                timeout=10)

@@ -32,7 +32,7 @@ from bsscihub.tap import build_service, load_hub_config
 from bsscihub.web import auth
 from tests.broker import Mosquitto, Subscriber
 from tests.conftest import make_config
-from tests.memory_bridge import MemoryBroker, MemoryWitness
+from tests.memory_bridge import ClockedReactor, FollowingClock, MemoryBroker, MemoryWitness
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "hubtest"
@@ -81,6 +81,7 @@ class RunningHub:
     base: str
     token: str
     _session: tuple[Any, str] | None = None
+    clock: FollowingClock | None = None
 
     async def api(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                   token: str | None = "admin", raw: bytes | None = None) -> tuple[int, Any]:
@@ -128,18 +129,22 @@ class RunningHub:
 
     async def stop(self) -> None:
         await self.service.stopService()
+        if self.clock is not None:
+            self.clock.stop()
 
 
 async def start_hub(tmp_path: Path, broker: Mosquitto | MemoryBroker, names: list[str],
-                    **overrides: Any) -> RunningHub:
-    """The whole hub (bridge, outbox, commands, web on a real port) on a real broker or a MemoryBroker."""
+                    clock: FollowingClock | None = None, **overrides: Any) -> RunningHub:
+    """The whole hub (bridge, outbox, commands, web on a real port) on a real broker or a MemoryBroker;
+    its time from `clock` when given (I/O and threads stay on the real reactor)."""
     memory = isinstance(broker, MemoryBroker)
     url = "mqtt://127.0.0.1:1883" if memory else f"mqtt://{broker.host}:{broker.port}"
     config = make_config(tmp_path, families=names, mqtt={
         "url": url, "client_id": f"hub-{uuid.uuid4().hex[:8]}", "prefix": PREFIX,
     }, **overrides)
     families = enabled_families(installed_families(), tuple(names))
-    service = build_service(config, families, reactor, mqtt_client=broker.client_factory if memory else None)
+    hub_reactor = reactor if clock is None else ClockedReactor(reactor, clock)
+    service = build_service(config, families, hub_reactor, mqtt_client=broker.client_factory if memory else None)
     service.startService()
     hub: Hub = service.hub
     try:
@@ -157,7 +162,7 @@ async def start_hub(tmp_path: Path, broker: Mosquitto | MemoryBroker, names: lis
         # A hub left running would keep its threads, and the test run, alive.
         await service.stopService()
         raise
-    return RunningHub(hub, service, f"http://127.0.0.1:{port.getHost().port}", token)
+    return RunningHub(hub, service, f"http://127.0.0.1:{port.getHost().port}", token, clock=clock)
 
 
 def payloads(subscriber: Subscriber | MemoryWitness, topic: str) -> list[Any]:
