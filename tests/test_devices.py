@@ -23,7 +23,7 @@ from bsscihub.protocols.devices.schema import MIGRATIONS
 from bsscihub.protocols.devices.series import bucketed
 from bsscihub.store import Store
 from tests.broker import Mosquitto
-from tests.memory_bridge import MemoryBroker
+from tests.memory_bridge import FollowingClock, MemoryBroker
 from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 
 DEV = f"{PREFIX}/dev/device"
@@ -115,7 +115,8 @@ async def test_earlier_platforms_sensor_data_goes_online_then_offline_and_regist
     `devices.offline_after` of silence, online again when heard; new devices a minute per source bounded."""
     broker = MemoryBroker()
     witness = broker.witness(f"{PREFIX}/dev/#")
-    running = await start_hub(tmp_path, broker, ["devices"], devices={
+    clock = FollowingClock().start()  # moved past offline_after instead of waiting for it
+    running = await start_hub(tmp_path, broker, ["devices"], clock, devices={
         "offline_after": "1s", "registrations_per_minute": 2})
     device = broker.device()
     try:
@@ -129,6 +130,7 @@ async def test_earlier_platforms_sensor_data_goes_online_then_offline_and_regist
         assert code == 200 and found["status"] == "online" and RFC3339.match(found["lastSeen"])
 
         # Silent for offline_after: offline, retained; heard again: online.
+        clock.advance(1.5)
         await witness.when(lambda m: m.topic == f"{DEV}/Device001/status" and b'"offline"' in m.payload,
                            timeout=5)
         offline = events(witness, "Device001", "status")[-1]
@@ -187,7 +189,8 @@ def test_registration_limit_caps_and_refills_per_source() -> None:
 async def test_commands_keys_and_firmware_updates(tmp_path: Path) -> None:
     broker = MemoryBroker()
     witness = broker.witness(f"{PREFIX}/dev/#", "device/+/commands/#", "OTA/#")
-    running = await start_hub(tmp_path, broker, ["devices"], devices={"command_timeout": "2s"})
+    clock = FollowingClock().start()  # moved past the command timeout instead of waiting for it
+    running = await start_hub(tmp_path, broker, ["devices"], clock, devices={"command_timeout": "2s"})
     device = broker.device()
     try:
         await device.publish("device/esp32-01/status", b"online")
@@ -213,6 +216,7 @@ async def test_commands_keys_and_firmware_updates(tmp_path: Path) -> None:
         [accepted] = [json.loads(m.payload) for m in await witness.when(
             lambda m: m.topic == f"{DEV}/esp32-01/event/cmd_result")]
         assert accepted["ok"] is True and accepted["commandId"] == json.loads(order.payload)["id"]
+        clock.advance(2.1)
         await witness.when(lambda m: m.topic == f"{DEV}/esp32-01/event/command_result", count=2, timeout=15)
         timed_out = events(witness, "esp32-01", "event/command_result")[1]
         assert (timed_out["command"], timed_out["state"], timed_out["ok"]) == ("blink", "timeout", False)

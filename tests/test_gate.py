@@ -24,7 +24,7 @@ from twisted.internet import reactor, task, threads
 
 from bsscihub import audit
 from tests.broker import Mosquitto, Subscriber
-from tests.memory_bridge import MemoryBroker, MemoryWitness, until
+from tests.memory_bridge import FollowingClock, MemoryBroker, MemoryWitness, until
 from tests.test_families import PREFIX, RunningHub, eventually, start_hub
 
 GATES = "/api/v1/gates"
@@ -155,11 +155,11 @@ def error(doc: Any) -> tuple[str, str]:
     return doc["error"]["code"], doc["error"]["message"]
 
 
-async def start_gate_hub(tmp_path: Path, broker: Mosquitto | MemoryBroker, *, mqtt: dict[str, Any] | None = None,
-                         **gate: Any) -> RunningHub:
+async def start_gate_hub(tmp_path: Path, broker: Mosquitto | MemoryBroker, clock: FollowingClock | None = None, *,
+                         mqtt: dict[str, Any] | None = None, **gate: Any) -> RunningHub:
     """`start_hub` with only the gate family, and broker credentials when `mqtt` has them."""
     if not mqtt:
-        return await start_hub(tmp_path, broker, ["gate"], gate=gate)
+        return await start_hub(tmp_path, broker, ["gate"], clock, gate=gate)
     # start_hub builds mqtt.url from the broker's host and port: the credentials go in front of the host.
     user, password = quote(mqtt["username"], safe=""), quote(mqtt["password"], safe="")
     address = SimpleNamespace(host=f"{user}:{password}@{broker.host}", port=broker.port)
@@ -280,7 +280,8 @@ def on(subscriber: Subscriber | MemoryWitness, topic: str) -> Callable[[Any], bo
 async def test_status_commands_results_and_timeouts(tmp_path: Path) -> None:
     broker = MemoryBroker()
     witness = broker.witness(f"{PREFIX}/gate/#")
-    running = await start_gate_hub(tmp_path, broker, offline_after="1500ms", command_timeout="1s")
+    clock = FollowingClock().start()  # moved past command deadlines and silence instead of waiting for them
+    running = await start_gate_hub(tmp_path, broker, clock, offline_after="1500ms", command_timeout="1s")
     unit = quiet = None
     try:
         await registered(running, "hw-1", "gate-1")
@@ -315,6 +316,7 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path) -> None:
         unit.reply = lambda c: None
         code, pending = await running.api("POST", f"{GATES}/gate-1/commands", {"command": "close"})
         assert code == 202 and pending["state"] == "pending"
+        clock.advance(1.1)
         code, later = await running.api("GET", f"{GATES}/gate-1/commands/{pending['id']}?wait=5")
         assert code == 200 and later["state"] == "timeout" and "deadline" in later["error"]
         code, listed = await running.api("GET", f"{GATES}/gate-1/commands")
@@ -325,6 +327,7 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path) -> None:
         quiet = await GateUnit(broker, "gate-2", reply=lambda c: None).start()
         code, theirs = await running.api("POST", f"{GATES}/gate-2/commands", {"command": "open", "timeout": 2})
         await unit.status({"command_id": theirs["id"], "ok": True, "result": "forged"})
+        clock.advance(2.1)
         code, still = await running.api("GET", f"{GATES}/gate-2/commands/{theirs['id']}?wait=3")
         # gate-2 never reported a status (offline): the command waited in the hub and expired there.
         assert still["state"] == "failed" and still["result"] is None and "expired" in still["error"]
@@ -341,6 +344,7 @@ async def test_status_commands_results_and_timeouts(tmp_path: Path) -> None:
         witness.clear()
         unit.stop()
         unit = None
+        clock.advance(2)
         await witness.when(lambda m: m.topic == state_topic and json.loads(m.payload)["state"] == "offline",
                            timeout=6)
         code, doc = await running.api("GET", f"{GATES}/gate-1")
@@ -358,7 +362,8 @@ async def test_commands_to_an_offline_unit_wait_bounded_and_are_never_relayed_la
     when it is back, the rest fails with the reason and is never sent; at most max_queued_commands wait."""
     broker = MemoryBroker()
     witness = broker.witness(f"{PREFIX}/gate/#")
-    running = await start_gate_hub(tmp_path, broker, command_timeout="30s", max_queued_commands=2)
+    clock = FollowingClock().start()  # moved past the short command's deadline instead of waiting for it
+    running = await start_gate_hub(tmp_path, broker, clock, command_timeout="30s", max_queued_commands=2)
     unit = None
     try:
         await registered(running, "hw-1", "gate-1")
@@ -372,6 +377,7 @@ async def test_commands_to_an_offline_unit_wait_bounded_and_are_never_relayed_la
         code, dropped = await running.api("GET", f"{GATES}/gate-1/commands/{ids[0]}")
         assert dropped["state"] == "failed" and "more than 2 commands were waiting" in dropped["error"]
         # The short one expires while waiting: failed with that reason.
+        clock.advance(1.1)
         code, expired = await running.api("GET", f"{GATES}/gate-1/commands/{ids[1]}?wait=3")
         assert expired["state"] == "failed" and expired["error"].startswith("expired before it could be relayed")
         [event] = [json.loads(m.payload) for m in await witness.when(
