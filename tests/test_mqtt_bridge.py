@@ -872,7 +872,7 @@ async def test_the_real_mioty_family_answers_through_the_bridge(
     logged: list[LogEvent],
 ) -> None:
     from bsscihub.family import installed_families
-    from bsscihub.hub import HubService
+    from bsscihub.hub import HubService, assemble_hub
 
     results = subscriber_factory(mosquitto, "bsscihub/+/+/+/event/#")
     config = make_config(
@@ -887,10 +887,9 @@ async def test_the_real_mioty_family_answers_through_the_bridge(
         mqtt={"url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": "hub-with-mioty"},
     )
     family = installed_families()["mioty"]
-    hub = make_hub(config, reactor, {"mioty": family})
+    hub = assemble_hub(config, reactor, {"mioty": family})
     service = HubService(hub)
     bridge = install(hub, service)  # what tap.build_service does, before the families
-    hub.services["mioty"] = family.make_service(hub)
     hub.services["mioty"].setServiceParent(service)
     service.startService()
     try:
