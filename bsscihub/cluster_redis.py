@@ -438,10 +438,14 @@ class RedisDedup:
         self._remember(name)
         if window.mode == "forward":
             return  # the collector publishes it
+        lease, pub, listed = self._keys(name)
         if window.mode == "asking" or now:
+            if window.mode == "collect":
+                # Stopping: publish what is here now, and tell the others the uplink is out (their copies
+                # are late from here on, and marked with it) so none is adopted and published again.
+                self.link.eval(_DEDUP_CLOSE, [listed, pub], [self.ttl_ms]).addErrback(self._unreachable, name)
             self.emit(window.key, window.copies, window.first)
             return
-        lease, pub, listed = self._keys(name)
         d = self.link.eval(_DEDUP_CLOSE, [listed, pub], [self.ttl_ms])
         d.addCallback(lambda rows: [self.decode(r.decode() if isinstance(r, bytes) else r) for r in rows or ()])
         d.addErrback(self._unreachable_none, name)

@@ -3,6 +3,8 @@ claim wins, and station commands routed to the hub that holds the station, with 
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from bsscihub.bus import Event
-from bsscihub.cluster import Cluster
+from bsscihub.cluster import FIRST, Cluster
 from bsscihub.cluster_redis import parse_redis_url, redis_cluster
 from bsscihub.errors import CommandError
 from bsscihub.family import installed_families
@@ -278,3 +280,42 @@ async def test_the_live_stream_of_each_hub_gets_the_events_of_the_others(hubs: l
     await buses[0].publish(Event("mioty", "uplink", f"mioty/ep/{EP}/up", {"packetCnt": 2}))
     await deferLater(reactor, 0.2, lambda: None)
     assert len(seen[1]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hub_stopping_inside_a_window_publishes_once_and_later_copies_are_late(redis_url: str) -> None:
+    from collections import namedtuple
+
+    from bsscihub.cluster_redis import RedisDedup
+
+    Copy = namedtuple("Copy", "bs_eui received")
+    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
+    emitted: list[tuple[str, list[str]]] = []
+    late: list[tuple[str, str]] = []
+    stores = []
+    clusters = []
+    for node in ("hub-1", "hub-2", "hub-3"):
+        cluster = redis_cluster(node, redis_url, reactor)
+        await cluster.start()
+        clusters.append(cluster)
+        stores.append(RedisDedup(
+            cluster.link, node, reactor, 0.5, 100,
+            lambda key, copies, first, node=node: emitted.append((node, [c.bs_eui for c in copies])),
+            lambda key, copy, node=node: late.append((node, copy.bs_eui)), codec,
+        ))  # fmt: skip
+    try:
+        key = (f"{uuid.uuid4().hex[:16]}", 9)
+        assert stores[0].add(key, Copy(A, reactor.seconds())) == FIRST
+        await wait_for(lambda: stores[0]._open[stores[0]._name(key)].mode == "collect")
+        stores[1].add(key, Copy(B, reactor.seconds()))
+        await wait_for(lambda: stores[1]._open[stores[1]._name(key)].mode == "forward")
+        stores[0].flush()  # hub-1 stops inside the window
+        assert emitted == [("hub-1", [A])]
+        await deferLater(reactor, 0.7, lambda: None)  # hub-2's window closes: it forwarded, it does not publish
+        assert emitted == [("hub-1", [A])]
+        stores[2].add(key, Copy("00000000000000cc", reactor.seconds()))
+        await wait_for(lambda: late == [("hub-3", "00000000000000cc")])
+        assert emitted == [("hub-1", [A])]
+    finally:
+        for cluster in clusters:
+            await cluster.stop()
