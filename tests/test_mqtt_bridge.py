@@ -1,5 +1,6 @@
 """The MQTT bridge against real mosquitto brokers: the contract's topics and payloads both ways,
-outages, a hub killed with -9, authentication and TLS, commands, MQTT 5 responses, 3.1.1."""
+outages, a hub killed with -9, authentication and TLS, commands, MQTT 5 responses, 3.1.1. Command
+validation and a family's layout, which are the bridge's own mappings, run on a broker in memory."""
 
 from __future__ import annotations
 
@@ -334,15 +335,15 @@ class EchoFamily:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_family_layout_is_spoken_both_ways_next_to_the_standard_one(
-    mosquitto: Mosquitto, subscriber_factory: Callable[..., Subscriber], commander: Callable[..., Commander],
-    tmp_path: Path,
-) -> None:
-    legacy = subscriber_factory(mosquitto, "legacy/#")
-    standard = subscriber_factory(mosquitto, "bsscihub/echo/#")
-    config = make_config(tmp_path, families=[], mqtt={"url": f"mqtt://127.0.0.1:{mosquitto.port}", "layout": "seed"})
+async def test_a_family_layout_is_spoken_both_ways_next_to_the_standard_one(tmp_path: Path) -> None:
+    """The layout is the bridge's mapping, not the broker's: a broker in memory carries it (the seed
+    layout's own test, test_mioty_seed, runs against a real one)."""
+    broker = MemoryBroker()
+    legacy = broker.witness("legacy/#")
+    standard = broker.witness("bsscihub/echo/#")
+    config = make_config(tmp_path, families=[], mqtt={"url": "mqtt://127.0.0.1:1883", "layout": "seed"})
     hub = make_hub(config, reactor, {"echo": EchoFamily()})  # type: ignore[dict-item]
-    bridge = hub.mqtt = MQTTBridge(hub, settings_overrides=FAST)
+    bridge = hub.mqtt = MQTTBridge(hub, settings_overrides=FAST, client_factory=broker.client_factory)
     bridge.startService()
     try:
         await until(lambda: bridge.connected)
@@ -355,7 +356,7 @@ async def test_a_family_layout_is_spoken_both_ways_next_to_the_standard_one(
         assert [m.topic for m in seen] == [f"bsscihub/echo/ep/{EP}/up"] * 2 + [f"bsscihub/echo/ep/{EP}/event/attach"]
         [mirrored] = await legacy.when(lambda m: m.topic.endswith("/ul"))
         assert (mirrored.topic, doc(mirrored)) == (f"legacy/{EP}/ul", {"cnt": 7})
-        commander(mosquitto).send(f"legacy/{EP}/ping", b"hello")
+        await broker.device().publish(f"legacy/{EP}/ping", b"hello")
         [pong] = await legacy.when(lambda m: m.topic.endswith("/pong"))
         assert doc(pong) == {"got": "hello"}
         assert [m.topic for m in legacy.messages if m.topic.endswith("/ul")] == [f"legacy/{EP}/ul"]
