@@ -211,6 +211,8 @@ class MemoryMQTTClient:
         return defer.succeed(None)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> defer.Deferred[Any]:
+        if topic_filter.startswith("$share/"):  # a shared subscription (a cluster's hubs): one client here
+            topic_filter = topic_filter.split("/", 2)[2]
         self.subscriptions.add(topic_filter)
         return defer.succeed(qos)
 
