@@ -8,18 +8,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import Framer
-from tests import test_twistd
+from tests import test_mioty_crash, test_twistd
 from tests.broker import Mosquitto, Received, Subscriber, free_port
 from tests.captures import load_capture
 from tests.test_mioty_crash import Station, kill, start_hub
@@ -27,6 +26,7 @@ from tests.test_twistd import CONFIG, clean_env, login_token
 from tests.wmbus_frames import KEY, WATER_VALUES, mode5_frame
 
 home = test_twistd.home  # the fixture: a directory after `bsscihub init`
+log = test_mioty_crash.log  # the fixture: the hubs' output, printed at teardown
 
 A, B = "70b3d59cd00000a1", "70b3d59cd00000b2"
 DIEHL, BUILT = "dme-81795246", "dme-12345678"
@@ -77,14 +77,6 @@ def cli(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[
     return subprocess.run([sys.executable, "-m", "bsscihub.cli", *args, "--config", CONFIG], cwd=home, input=stdin,
                           env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
                           capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture
-def log(home: Path) -> Iterator[Path]:
-    path = home / "hub.log"
-    yield path
-    if path.exists():
-        print(path.read_text())
 
 
 def test_the_diehl_capture_and_a_frame_with_a_known_key_come_out_on_mqtt(

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bsscihub.pki import issue_client_cert
-from bsscihub.protocols.bssci.framing import Framer, encode_frame
+from bsscihub.protocols.bssci.framing import MAGIC, Framer, encode_frame
 from tests import test_twistd
 from tests.broker import Mosquitto, Received, Subscriber, free_port
 from tests.test_twistd import CONFIG, TWISTD, clean_env, get_health
@@ -39,21 +39,30 @@ class Station:
     """A base station over real mutual TLS on a blocking socket (stdlib ssl): frames, records, and
     answers the hub's operations by itself while it waits for what the test expects."""
 
-    def __init__(self, port: int, cert: Path, key: Path, ca: Path) -> None:
+    def __init__(self, port: int, cert: Path, key: Path, ca: Path, magic: bytes = MAGIC) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(ca)
         context.load_cert_chain(cert, key)
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        self.framer = Framer()
+        self.magic = magic
+        self.framer = Framer(magic=magic)
         self.inbox: list[dict[str, Any]] = []
         self.next_op = 1
 
     def send(self, command: str, op: int | None = None, **fields: Any) -> int:
         if op is None:
             op, self.next_op = self.next_op, self.next_op + 1
-        self.sock.sendall(encode_frame({"command": command, "opId": op, **fields}))
+        self.sock.sendall(encode_frame({"command": command, "opId": op, **fields}, magic=self.magic))
         return op
+
+    def answer(self, msg: dict[str, Any]) -> None:
+        """Answer what a base station answers by itself (the hub's attPrp, ping, status, ...)."""
+        answer = AUTO.get(msg["command"])
+        if answer is not None:
+            self.send(answer, msg["opId"])
+        elif msg["command"] == "status":
+            self.send("statusRsp", msg["opId"], code=0, message="fine", time=time.time_ns(), dutyCycle=0.01)
 
     def expect(self, command: str, op: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
         """The first received `command` (with opId `op` if given), reading until it arrives."""
@@ -73,11 +82,7 @@ class Station:
             if not data:
                 raise AssertionError(f"the hub closed the connection; got {self.inbox}")
             for msg in self.framer.feed(data):
-                answer = AUTO.get(msg["command"])
-                if answer is not None:
-                    self.send(answer, msg["opId"])
-                elif msg["command"] == "status":
-                    self.send("statusRsp", msg["opId"], code=0, message="fine", time=time.time_ns(), dutyCycle=0.01)
+                self.answer(msg)
                 self.inbox.append(msg)
 
     def connect(self, eui: str, name: str) -> None:

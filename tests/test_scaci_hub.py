@@ -4,75 +4,36 @@ registers an end point over mutual TLS, receives its uplink from a base station 
 from __future__ import annotations
 
 import os
-import socket
-import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bsscihub.pki import issue_client_cert
-from bsscihub.protocols.bssci.framing import Framer, encode_frame
 from bsscihub.protocols.bssci.scaci import MAGIC_AC
-from tests import test_twistd
+from tests import test_mioty_crash, test_twistd
 from tests.broker import Mosquitto, free_port
 from tests.test_mioty_crash import Station, kill, start_hub
 from tests.test_twistd import CONFIG, clean_env
 
 home = test_twistd.home  # the fixture: a directory after `bsscihub init`
+log = test_mioty_crash.log  # the fixture: the hubs' output, printed at teardown
 
 EP = "0011223344556677"
 A = "70b3d59cd00000a1"
 
 
-class AppCenter:
-    """An application center on a blocking socket: MIOTYA01 frames over mutual TLS."""
+class AppCenter(Station):
+    """An application center on a blocking socket: MIOTYA01 frames over mutual TLS; it answers
+    nothing by itself, the test does."""
 
     def __init__(self, port: int, cert: Path, key: Path, ca: Path) -> None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(ca)
-        context.load_cert_chain(cert, key)
-        self.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                                        server_hostname="localhost")
-        self.framer = Framer(magic=MAGIC_AC)
-        self.inbox: list[dict[str, Any]] = []
-        self.next_op = 1
+        super().__init__(port, cert, key, ca, magic=MAGIC_AC)
 
-    def send(self, command: str, op: int | None = None, **fields: Any) -> int:
-        if op is None:
-            op, self.next_op = self.next_op, self.next_op + 1
-        self.sock.sendall(encode_frame({"command": command, "opId": op, **fields}, magic=MAGIC_AC))
-        return op
-
-    def expect(self, command: str, op: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, msg in enumerate(self.inbox):
-                if msg["command"] == command and (op is None or msg["opId"] == op):
-                    return self.inbox.pop(i)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {command}; got {[(m['command'], m['opId']) for m in self.inbox]}")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not data:
-                raise AssertionError(f"the hub closed the connection; got {self.inbox}")
-            self.inbox.extend(self.framer.feed(data))
-
-
-@pytest.fixture
-def log(home: Path) -> Iterator[Path]:
-    path = home / "hub.log"
-    yield path
-    if path.exists():
-        print(path.read_text())
+    def answer(self, msg: dict[str, Any]) -> None:
+        pass
 
 
 def test_application_center_against_twistd(home: Path, log: Path,
