@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bsscihub.ratelimit import RateLimiter
+
 # The reasons a message is dropped; the metric's `reason` label takes only these.
 NOT_JSON = "not_json"
 OVERSIZED = "oversized"
@@ -284,28 +286,15 @@ class RegistrationLimit:
     """
 
     def __init__(self, clock: IReactorTime, cap: int, per_minute: int, *, max_sources: int = 10_000) -> None:
-        self.clock, self.cap, self.per_minute, self.max_sources = clock, cap, per_minute, max_sources
-        # source -> [tokens, time of the last refill]; oldest first, bounded like RateLimitedLog
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self.cap, self.per_minute = cap, per_minute
+        self._rate = (RateLimiter(clock, rate=per_minute / 60.0, burst=per_minute, max_keys=max_sources)
+                      if per_minute else None)
 
     def check(self, source: str, count: int, what: str) -> None:
         """Raise Rejected unless one more entry may be created now (`count`: how many exist)."""
         if self.cap and count >= self.cap:
             raise Rejected(REGISTRATION_LIMIT, f"{what}: the registry is full ({self.cap}); raise the cap or"
                            " register by hand", source=source)
-        if not self.per_minute:
-            return
-        now = self.clock.seconds()
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            bucket = self._buckets[source] = [float(self.per_minute), now]
-            while len(self._buckets) > self.max_sources:
-                self._buckets.popitem(last=False)
-        tokens = min(float(self.per_minute), bucket[0] + (now - bucket[1]) * self.per_minute / 60.0)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
+        if self._rate is not None and self._rate.take(source) is not None:
             raise Rejected(REGISTRATION_LIMIT, f"{what}: more than {self.per_minute} new a minute from this source",
                            source=source)
-        bucket[0] = tokens - 1.0
-        self._buckets.move_to_end(source)
