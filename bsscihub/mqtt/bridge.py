@@ -121,9 +121,12 @@ def settings_from_config(config: MQTTConfig, will: Will | None = None, **overrid
         raise ConfigError("mqtt.url", _mask(config.url), str(e).replace(config.url, _mask(config.url))) from None
 
 
-def hub_status(state: str, version: str, since: float | None) -> bytes:
-    """The payload of ``{prefix}/hub/status``."""
-    return to_json({"state": state, "version": version, "since": None if since is None else rfc3339(since)})
+def hub_status(state: str, version: str, since: float | None, node: str | None = None) -> bytes:
+    """The payload of ``{prefix}/hub/status`` (one hub), or of ``{prefix}/hub/{node}/status`` (with `node`)."""
+    doc: dict[str, Any] = {"state": state, "version": version, "since": None if since is None else rfc3339(since)}
+    if node is not None:
+        doc["node"] = node
+    return to_json(doc)
 
 
 # -- commands -----------------------------------------------------------------------
@@ -206,17 +209,24 @@ class MQTTBridge(Service):
         config: MQTTConfig = hub.config.mqtt
         self.prefix = config.prefix
         self._clock: IReactorTime = clock if clock is not None else hub.reactor
-        self._status_topic = f"{self.prefix}/hub/status"
         overrides = dict(settings_overrides or {})
         cluster = hub.cluster
+        self._status_topic = f"{self.prefix}/hub/status"
+        self._node: str | None = None
         if cluster.clustered:
             # Each hub of a cluster its own session (one client id would make the broker drop the other).
             overrides.setdefault("client_id", f"{config.client_id}-{cluster.node}")
+            # A session the broker keeps for a dead hub takes its turn of the shared subscriptions
+            # (Mosquitto queues them there until it is back, or drops them when it expires): none is kept.
+            overrides.setdefault("session_expiry", 0)
+            # One retained status per hub, its will on its own; {prefix}/hub/status is one hub's only.
+            self._node = cluster.node
+            self._status_topic = f"{self.prefix}/hub/{cluster.node}/status"
         # Commands and device ingest are consumed once in a cluster: one shared subscription group.
         self._share = "$share/bsscihub/" if cluster.clustered else ""
         self.settings = settings_from_config(
             config,
-            Will(self._status_topic, hub_status("offline", hub.version, None), qos=1, retain=True),
+            Will(self._status_topic, hub_status("offline", hub.version, None, self._node), qos=1, retain=True),
             **overrides,
         )
         self.outbox = Outbox(
@@ -369,7 +379,7 @@ class MQTTBridge(Service):
             # what is on the wire may still be acknowledged: then it is not resent after a restart
             await self._bounded(self.outbox.when_idle(), self._stop_grace)
         if self.client.connected:
-            offline = hub_status("offline", self.hub.version, self._clock.seconds())
+            offline = hub_status("offline", self.hub.version, self._clock.seconds(), self._node)
             await self._bounded(
                 self.client.publish(self._status_topic, offline, 1, True), self.settings.connect_timeout
             )
@@ -390,9 +400,12 @@ class MQTTBridge(Service):
 
     def _connected(self) -> None:
         self._connected_since = self._clock.seconds()
-        online = hub_status("online", self.hub.version, self._connected_since)
+        online = hub_status("online", self.hub.version, self._connected_since, self._node)
         # first in line: the status goes out before the backlog (the will may have replaced it)
         self.client.publish(self._status_topic, online, 1, True).addErrback(self._statusLost)
+        if self._node is not None:
+            # what a single hub left there would speak for the whole cluster, and go stale
+            self.client.publish(f"{self.prefix}/hub/status", b"", 1, True).addErrback(self._statusLost)
         self.log.info(
             "MQTT bridge online as {prefix}; {depth} messages waiting in the outbox",
             prefix=self.prefix,

@@ -103,7 +103,8 @@ class MQTTSettings:
     will: Will | None = None
     backoff_min: float = attrs.field(default=0.5, validator=_positive)
     backoff_max: float = attrs.field(default=60.0, validator=_positive)
-    #: MQTT 5 session expiry (s): how long the broker keeps our session while we are away
+    #: MQTT 5 session expiry (s): how long the broker keeps our session while we are away;
+    #: 0: no session is kept (MQTT 5 clean start, 3.1.1 clean session), nothing is queued for us
     session_expiry: int = attrs.field(default=3600, validator=attrs.validators.ge(0))
     #: QoS 1 messages on the wire awaiting their PUBACK (an MQTT 5 broker's Receive
     #: Maximum, 20 by default in mosquitto, may lower it)
@@ -590,7 +591,8 @@ class ReactorMQTTClient:
                     s.host,
                     s.port,
                     s.keepalive,
-                    clean_start=False,
+                    # without a session to keep, also drop one an earlier run may have left
+                    clean_start=s.session_expiry == 0,
                     properties=properties,
                 )
             else:
@@ -867,7 +869,7 @@ class ReactorMQTTClient:
             paho = _PahoClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=s.client_id,
-                clean_session=False,
+                clean_session=s.session_expiry == 0,
                 protocol=MQTTProtocolVersion.MQTTv311,
                 reconnect_on_failure=False,
             )
