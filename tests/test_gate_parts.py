@@ -19,7 +19,7 @@ from bsscihub.protocols.gate.dynsec import UnitTopics
 from bsscihub.protocols.gate.registry import Command, Refused
 from bsscihub.protocols.gate.schema import MIGRATIONS
 from bsscihub.protocols.gate.signed import DOWN, UP, BadURL, URLSigner
-from bsscihub.protocols.gate.tokens import APP, UNIT, Keyring, new_token, public_prefix
+from bsscihub.protocols.gate.tokens import APP, UNIT, Keyring, public_prefix
 from bsscihub.store import Store
 from tests.conftest import make_config
 
@@ -85,10 +85,12 @@ def test_the_key_file_is_created_private_once_and_reused(tmp_path: Path) -> None
 
 
 def test_hashes_are_keyed_and_separated_by_kind() -> None:
-    token, prefix = new_token(UNIT)
-    assert public_prefix(token) == prefix and token.startswith(prefix + "_") and len(token) > 50
-    assert public_prefix("gtu_short") == "" and public_prefix("an app token") == ""
     one, other = Keyring(b"a" * 32), Keyring(b"b" * 32)
+    minted = one.mint(UNIT)
+    token, prefix = minted.token.text, minted.token.public
+    assert public_prefix(token) == prefix and token.startswith(prefix + "_") and len(token) > 50
+    assert minted.stored == one.hash(UNIT, token), "the whole text is hashed, as for every key stored before"
+    assert public_prefix("gtu_short") == "" and public_prefix("an app token") == ""
     assert one.hash(UNIT, token) != other.hash(UNIT, token)
     assert one.hash(UNIT, token) != one.hash(APP, token)
     assert token not in one.hash(UNIT, token) and one.fingerprint(APP, token) != one.hash(APP, token)[:12]

@@ -458,9 +458,9 @@ async def test_security_headers_on_every_kind_of_response(harness: Harness) -> N
 def test_api_key_secrets_are_stored_hashed() -> None:
     from bsscihub.web import auth
 
-    token, prefix, stored = auth.new_token()
-    secret = token.split("_", 2)[2]
+    token, stored = auth.TOKENS.mint(auth.hash_secret)
+    secret = token.text.split("_", 2)[2]
     assert len(secret) >= 43  # 32 random bytes
     assert stored == "sha256:" + hashlib.sha256(secret.encode()).hexdigest() and secret not in stored
-    assert auth.parse_token(token) == (prefix, secret)
-    assert auth.parse_token("bsh_short_x") is None
+    assert auth.TOKENS.parse(token.text) == token and len(token.prefix) == 12
+    assert auth.TOKENS.parse("bsh_short_x") is None

@@ -5,14 +5,12 @@ Tokens are `bsh_<prefix>_<secret>`: the prefix finds the row, the 256-bit secret
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from bsscihub import tokens
 from bsscihub.contract import opt_time
 from bsscihub.ratelimit import RateLimiter
 from bsscihub.store import Cursor, Store
@@ -24,6 +22,7 @@ from bsscihub.web.sessions import COOKIE, SECURE_COOKIE, Session, SessionStore
 # A fast hash is right here, unlike for passwords: a secret of 256 random bits cannot be
 # guessed however fast each guess is, so Argon2 would only cost ~50 ms on every API request.
 TOKEN_SCHEME = "bsh"
+TOKENS = tokens.Scheme(TOKEN_SCHEME, prefix_hex=12)
 TICKET_TTL = 30.0
 KEY_CACHE_TTL = 5.0
 
@@ -76,23 +75,9 @@ class ApiKey:
         }
 
 
-def hash_secret(secret: str) -> str:
-    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_token() -> tuple[str, str, str]:
-    """(the token shown once, its public prefix, the hash stored)."""
-    prefix = secrets.token_hex(6)
-    secret = secrets.token_urlsafe(32)
-    return f"{TOKEN_SCHEME}_{prefix}_{secret}", prefix, hash_secret(secret)
-
-
-def parse_token(token: str) -> tuple[str, str] | None:
-    scheme, _, rest = token.partition("_")
-    prefix, _, secret = rest.partition("_")
-    if scheme != TOKEN_SCHEME or len(prefix) != 12 or not secret or len(secret) > 100:
-        return None
-    return prefix, secret
+def hash_secret(token: tokens.Token) -> str:
+    """What api_keys.secret_hash holds: the SHA-256 of the secret part alone."""
+    return "sha256:" + tokens.sha256_hex(token.secret)
 
 
 _KEY_COLUMNS = (
@@ -113,18 +98,18 @@ async def create_key(
     store: Store, user: User, name: str, role: str, kind: str, now: float, expires_at: float | None
 ) -> tuple[ApiKey, str]:
     """Store a new key or login token; returns it and the token text (never stored, shown once)."""
-    token, prefix, secret_hash = new_token()
+    token, secret_hash = TOKENS.mint(hash_secret)
 
     def insert(c: Cursor) -> ApiKey:
         row = c.execute(
             "INSERT INTO api_keys (name, user_id, prefix, secret_hash, role, created_at, expires_at, kind)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (name, user.id, prefix, secret_hash, role, now, expires_at, kind),
+            (name, user.id, token.prefix, secret_hash, role, now, expires_at, kind),
         ).fetchone()
         assert row is not None
-        return ApiKey(int(row[0]), name, user.name, prefix, role, kind, now, expires_at, None, None)
+        return ApiKey(int(row[0]), name, user.name, token.prefix, role, kind, now, expires_at, None, None)
 
-    return await store.interaction(insert), token
+    return await store.interaction(insert), token.text
 
 
 async def list_keys(
@@ -269,14 +254,13 @@ class Authenticator:
     # -- bearer tokens and API keys
 
     async def bearer_principal(self, token: str) -> Principal:
-        parsed = parse_token(token)
+        parsed = TOKENS.parse(token)
         if parsed is None:
             raise unauthorized("malformed bearer token")
-        prefix, secret = parsed
         now = self.clock.seconds()
-        row = await self._key_row(prefix, now)
+        row = await self._key_row(parsed.prefix, now)
         # The same refusal whatever failed: a caller learns nothing about which part was wrong.
-        if row is None or not hmac.compare_digest(row[1], hash_secret(secret)):
+        if row is None or not tokens.same(row[1], hash_secret(parsed)):
             raise unauthorized("invalid or expired token")
         key_id, _, key_role, kind, expires_at, revoked_at, user_id, name, user_role, disabled = row
         if revoked_at is not None or disabled or (expires_at is not None and now >= float(expires_at)):
@@ -323,7 +307,7 @@ class Authenticator:
         now = self.clock.seconds()
         for t in [t for t, v in self._tickets.items() if v.expires <= now]:
             del self._tickets[t]
-        ticket = secrets.token_urlsafe(32)
+        ticket = tokens.new_secret()
         self._tickets[ticket] = _Ticket(attrs.evolve(principal, via="ticket", session=None), now + TICKET_TTL)
         return ticket
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import json
 import re
 import secrets
@@ -20,7 +19,7 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from bsscihub import ingest
+from bsscihub import ingest, tokens
 from bsscihub.bus import Event
 from bsscihub.contract import finite_doc, opt_time, rfc3339
 from bsscihub.errors import CommandError
@@ -37,6 +36,9 @@ STATE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 FLUSH_EVERY = 2.0
 KEY_SCHEME = "bdk"
 ORG_KEY_SCHEME = "bok"
+# Keys minted before had no prefix of their own (`bdk_<secret>`, the prefix cut from the secret): still read.
+DEVICE_KEYS = tokens.Scheme(KEY_SCHEME, unprefixed=True)
+ORG_KEYS = tokens.Scheme(ORG_KEY_SCHEME, unprefixed=True)
 RESERVED_IDS = frozenset({"firmware", "register", "org-keys"})
 """Path segments of the REST API next to /devices/{id}: no device may be called so."""
 OTA_STATES = ("offered", "downloading", "installing", "done", "failed", "rejected", "timeout")
@@ -64,7 +66,7 @@ def hash_device_key(device_id: str, secret: str) -> str:
     password hash would only cost CPU on every HTTPS ingestion. Keying by the device id binds a
     stored hash to its device (a row copied onto another device never verifies).
     """
-    return "hmac-sha256:" + hmac.new(device_id.encode(), secret.encode(), hashlib.sha256).hexdigest()
+    return "hmac-sha256:" + tokens.hmac_sha256_hex(device_id, secret)
 
 
 def check_type(value: Any, name: str = "type") -> str:
@@ -507,9 +509,8 @@ class DevicesService(FamilyService):
         device id), limited to the device's own topics.
         """
         self.get(device_id)
-        secret = secrets.token_urlsafe(32)
-        prefix = secret[:8]
-        key = f"{KEY_SCHEME}_{secret}"
+        token, stored = DEVICE_KEYS.mint(lambda t: hash_device_key(device_id, t.secret))
+        prefix, key = token.prefix, token.text
         try:
             await self.broker.set_account(device_id, key, self.device_acls(device_id), "device")
         except DynsecError as e:
@@ -520,7 +521,7 @@ class DevicesService(FamilyService):
             "INSERT INTO dev_keys (device, prefix, secret_hash, created_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (device) DO UPDATE SET prefix = excluded.prefix, secret_hash = excluded.secret_hash,"
             " created_at = excluded.created_at, last_used_at = NULL",
-            (device_id, prefix, hash_device_key(device_id, secret), now))
+            (device_id, prefix, stored, now))
         return {"deviceId": device_id, "key": key, "prefix": prefix, "createdAt": rfc3339(now),
                 "mqtt": self.mqtt_credentials(device_id, key)}
 
@@ -559,14 +560,13 @@ class DevicesService(FamilyService):
     # -- organisation keys: devices that register themselves
 
     async def create_org_key(self, name: str, actor: str) -> tuple[dict[str, Any], str]:
-        secret = secrets.token_urlsafe(32)
-        prefix = secret[:8]
+        token, stored = ORG_KEYS.mint(lambda t: hash_device_key(ORG_KEY_SCHEME, t.secret))
         now = self.clock.seconds()
         await self.hub.store.execute(
             "INSERT INTO dev_org_keys (name, prefix, secret_hash, created_at, created_by) VALUES (?, ?, ?, ?, ?)",
-            (name, prefix, hash_device_key(ORG_KEY_SCHEME, secret), now, actor))
-        found = [k for k in await self.list_org_keys() if k["prefix"] == prefix]
-        return found[0], f"{ORG_KEY_SCHEME}_{secret}"
+            (name, token.prefix, stored, now, actor))
+        found = [k for k in await self.list_org_keys() if k["prefix"] == token.prefix]
+        return found[0], token.text
 
     async def list_org_keys(self) -> list[dict[str, Any]]:
         rows = await self.hub.store.fetchall(
@@ -589,12 +589,12 @@ class DevicesService(FamilyService):
 
     async def self_register(self, org_key: str, device_id: str, name: str) -> dict[str, Any]:
         """A device registers itself with an organisation key: its own key and broker account come back."""
-        scheme, _, secret = org_key.partition("_")
+        token = ORG_KEYS.parse(org_key)
         row = None
-        if scheme == ORG_KEY_SCHEME and secret and len(secret) <= 100:
+        if token is not None:
             row = await self.hub.store.fetchone(
                 "SELECT id, prefix FROM dev_org_keys WHERE secret_hash = ? AND revoked_at IS NULL",
-                (hash_device_key(ORG_KEY_SCHEME, secret),))
+                (hash_device_key(ORG_KEY_SCHEME, token.secret),))
         if row is None:
             raise DeviceError("missing, unknown or revoked organisation key", 401, "invalid_org_key")
         key_id, prefix = int(row[0]), row[1]
@@ -641,11 +641,10 @@ class DevicesService(FamilyService):
                 from None
 
     async def check_key(self, device_id: str, key: str) -> bool:
-        scheme, _, secret = key.partition("_")
-        if scheme != KEY_SCHEME or not secret or len(secret) > 100 or device_id not in self.devices:
+        if DEVICE_KEYS.parse(key) is None or device_id not in self.devices:
             return False
         row = await self.hub.store.fetchone("SELECT secret_hash FROM dev_keys WHERE device = ?", (device_id,))
-        if row is None or not hmac.compare_digest(row[0], hash_device_key(device_id, secret)):
+        if DEVICE_KEYS.verify(key, None if row is None else row[0], lambda t: hash_device_key(device_id, t.secret)) is None:
             return False
         now = self.clock.seconds()
         # At most one write a minute per key: a write per request would cost more than the request.
@@ -769,7 +768,7 @@ class DevicesService(FamilyService):
         if any(o.device == device_id for o in self.offers.values()):
             raise DeviceError(f"an update of {device_id} is already in progress", 409)
         mqtt = self._mqtt()
-        oid, token = secrets.token_hex(8), secrets.token_urlsafe(32)
+        oid, token = secrets.token_hex(8), tokens.new_secret()
         now = self.clock.seconds()
         deadline = now + self.config.ota_timeout
         await self.hub.store.execute(
@@ -833,7 +832,7 @@ class DevicesService(FamilyService):
         if offer is None or offer.device != device_id:
             return None
         row = await self.hub.store.fetchone("SELECT token_hash FROM dev_ota WHERE id = ?", (oid,))
-        if row is None or not hmac.compare_digest(row[0], hash_device_key(oid, token)):
+        if row is None or not tokens.same(row[0], hash_device_key(oid, token)):
             return None
         firmware = await self.get_firmware(offer.firmware)
         if firmware is None:

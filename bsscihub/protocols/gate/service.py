@@ -42,7 +42,7 @@ from bsscihub.protocols.gate.registry import (
     level_at_least,
 )
 from bsscihub.protocols.gate.signed import DOWN, UP, BadURL, URLSigner
-from bsscihub.protocols.gate.tokens import APP, PROVISIONING, SHARE, UNIT, Keyring, new_token
+from bsscihub.protocols.gate.tokens import APP, PROVISIONING, SHARE, UNIT, Keyring
 
 FAMILY = "gate"
 FILES_PATH = "/api/v1/gates/files/"
@@ -245,13 +245,13 @@ class GateService(FamilyService):
 
     async def create_provisioning_key(self, *, name: str, single_use: bool, expires_in: float | None,
                                       actor: str) -> tuple[ProvisioningKey, str]:
-        token, prefix = new_token(PROVISIONING)
+        token, stored = self._keys().mint(PROVISIONING)
         now = self.now()
         key = await registry.create_key(
-            self.hub.store, name=name, prefix=prefix, secret_hash=self._keys().hash(PROVISIONING, token),
+            self.hub.store, name=name, prefix=token.public, secret_hash=stored,
             single_use=single_use, now=now, actor=actor, expires_at=None if expires_in is None else now + expires_in,
         )
-        return key, token
+        return key, token.text
 
     async def check_provisioning_key(self, token: str) -> ProvisioningKey:
         key = await registry.key_by_hash(self.hub.store, self._keys().hash(PROVISIONING, token))
@@ -299,12 +299,13 @@ class GateService(FamilyService):
                     raise registry.taken(controller_id, holder)
             else:
                 controller_id = existing.controller_id
-            unit_key, _ = new_token(UNIT)
+            minted = keys.mint(UNIT)
+            unit_key = minted.token.text
             await self._provision(hardware_id, unit_key, controller_id)
             try:
                 registration = await registry.register(
                     self.hub.store, hardware_id=hardware_id, controller_id=controller_id,
-                    firmware_version=firmware_version, key_hash=keys.hash(UNIT, unit_key), now=self.now(),
+                    firmware_version=firmware_version, key_hash=minted.stored, now=self.now(),
                     actor=actor, provisioning_key_id=provisioning_key.id if provisioning_key is not None else None,
                 )
             except Exception:
@@ -699,13 +700,13 @@ class GateService(FamilyService):
                           f"a sharing token may last at most {self.config.share_max_ttl:g} s")
         if caller.kind == "app" and (caller.level is None or not level_at_least(caller.level, level)):
             raise Refused(403, "access_level", f"an app with {caller.level} access cannot share {level} access")
-        token, prefix = new_token(SHARE)
+        token, stored = self._keys().mint(SHARE)
         now = self.now()
         share = await registry.create_share(
-            self.hub.store, unit_id=unit.id, prefix=prefix, secret_hash=self._keys().hash(SHARE, token), level=level,
+            self.hub.store, unit_id=unit.id, prefix=token.public, secret_hash=stored, level=level,
             actor=caller.actor, now=now, expires_at=now + expires_in,
         )
-        return share, token
+        return share, token.text
 
     async def redeem_share(self, share_token: str, app_token: str) -> tuple[Share, Access]:
         keys = self._keys()

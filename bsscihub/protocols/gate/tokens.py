@@ -13,6 +13,8 @@ from pathlib import Path
 
 import attrs
 
+from bsscihub import tokens
+
 # Why a fast hash is enough: every secret the hub issues carries 256 random bits, so no amount of
 # guessing speed finds one; a slow KDF would only cost time on every device request. The hash is
 # keyed (HMAC) so a stolen database alone cannot even confirm a guessed app token, the one kind of
@@ -22,21 +24,13 @@ PROVISIONING = "gpk"
 UNIT = "gtu"
 SHARE = "gsh"
 APP = "app"  # app tokens are the app's own; the prefix only separates their hashes from ours
-
-
-def new_token(kind: str) -> tuple[str, str]:
-    """(the token shown once, its public prefix): `kind_<8 hex>_<43 chars of 256 random bits>`."""
-    prefix = secrets.token_hex(4)
-    return f"{kind}_{prefix}_{secrets.token_urlsafe(32)}", f"{kind}_{prefix}"
+SCHEMES = {kind: tokens.Scheme(kind) for kind in (PROVISIONING, UNIT, SHARE)}
 
 
 def public_prefix(token: str) -> str:
     """The part of an issued token that is safe to show and log (empty for anything else)."""
-    kind, _, rest = token.partition("_")
-    prefix = rest.partition("_")[0]
-    if kind in (PROVISIONING, UNIT, SHARE) and len(prefix) == 8:
-        return f"{kind}_{prefix}"
-    return ""
+    kind = token.partition("_")[0]
+    return SCHEMES[kind].public(token) if kind in SCHEMES else ""
 
 
 @attrs.frozen
@@ -47,6 +41,10 @@ class Keyring:
 
     def hash(self, kind: str, secret: str) -> str:
         return hmac.new(self.key, f"{kind}\0{secret}".encode(), hashlib.sha256).hexdigest()
+
+    def mint(self, kind: str) -> tokens.Minted:
+        """A new `kind_<8 hex>_<43 chars of 256 random bits>` and its hash (of the whole text) to store."""
+        return SCHEMES[kind].mint(lambda t: self.hash(kind, t.text))
 
     def fingerprint(self, kind: str, secret: str) -> str:
         """A short, stable name for a secret (for lists and the audit log), not enough to find it."""
