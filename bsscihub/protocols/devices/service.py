@@ -644,7 +644,8 @@ class DevicesService(FamilyService):
         if DEVICE_KEYS.parse(key) is None or device_id not in self.devices:
             return False
         row = await self.hub.store.fetchone("SELECT secret_hash FROM dev_keys WHERE device = ?", (device_id,))
-        if DEVICE_KEYS.verify(key, None if row is None else row[0], lambda t: hash_device_key(device_id, t.secret)) is None:
+        stored = None if row is None else row[0]
+        if DEVICE_KEYS.verify(key, stored, lambda t: hash_device_key(device_id, t.secret)) is None:
             return False
         now = self.clock.seconds()
         # At most one write a minute per key: a write per request would cost more than the request.
