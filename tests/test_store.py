@@ -113,6 +113,27 @@ async def test_batch_writer_failure_reaches_every_waiter(store: Store) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_idempotent_batch_writer_keeps_failed_rows_for_the_next_round(store: Store) -> None:
+    from twisted.internet import reactor
+
+    from bsscihub.store import BatchWriter
+
+    # The table does not exist yet: every write fails, and nothing may be lost for it.
+    writer = BatchWriter(store, "INSERT INTO things (name) VALUES {rows}", reactor, delay=0.001, max_rows=100,
+                         idempotent=True)
+    writer.add_nowait(("a",))
+    writer.add_nowait(("b",))
+    await writer.flush()
+    assert writer.failures == 3, "a flush on a failing database gives up after three rounds instead of hanging"
+    assert writer.committed == 0
+    await store.migrate(SAMPLE)
+    writer.add_nowait(("c",))
+    await writer.flush()
+    assert writer.committed == 3
+    assert await store.fetchall("SELECT name FROM things ORDER BY id") == [("a",), ("b",), ("c",)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_flushes_pending_batches(database_url: str, tmp_path) -> None:
     from twisted.internet import reactor
 

@@ -293,17 +293,24 @@ class BatchWriter:
     """Collects rows for one INSERT and commits them together every few milliseconds.
 
     `add()` returns a Deferred that fires once the row is committed: callers acknowledge
-    to the outside world only then.
+    to the outside world only then. With `idempotent=True` (rows nobody waits on, e.g. marks that
+    may be written twice) rows go in with `add_nowait()`, a failed write keeps them for the next
+    round, and each round waits `delay` (coalescing, not latency, is the point).
+    The MQTT outbox batches on its own: its commit also deletes, numbers rows and retries forever.
     """
 
-    def __init__(self, store: Store, sql: str, clock: IReactorTime, *, delay: float, max_rows: int) -> None:
+    log = Logger()
+
+    def __init__(self, store: Store, sql: str, clock: IReactorTime, *, delay: float, max_rows: int,
+                 idempotent: bool = False) -> None:
         self._store, self._sql, self._clock = store, sql, clock
-        self._delay, self._max_rows = delay, max_rows
+        self._delay, self._max_rows, self._idempotent = delay, max_rows, idempotent
         self._rows: list[Sequence[Any]] = []
         self._waiting: list[defer.Deferred[None]] = []
         self._timer: Any = None
         self._in_flight: defer.Deferred[None] | None = None
         self.committed = 0
+        self.failures = 0
 
     def add(self, row: Sequence[Any]) -> defer.Deferred[None]:
         d: defer.Deferred[None] = defer.Deferred()
@@ -314,6 +321,14 @@ class BatchWriter:
         elif self._timer is None:
             self._timer = self._clock.callLater(self._delay, self._kick)
         return d
+
+    def add_nowait(self, row: Sequence[Any]) -> None:
+        """A row for the next round that no one waits on."""
+        self._rows.append(row)
+        if len(self._rows) >= self._max_rows:
+            self._kick()
+        elif self._timer is None and self._in_flight is None:
+            self._timer = self._clock.callLater(self._delay, self._kick)
 
     def _kick(self) -> None:
         if self._timer is not None:
@@ -331,21 +346,32 @@ class BatchWriter:
         def done(result: Any) -> None:
             self._in_flight = None
             if isinstance(result, Failure):
+                self.failures += 1
+                if self._idempotent:
+                    self.log.failure("batched write failed; {count} rows kept for a retry", result, count=len(rows))
+                    self._rows[:0] = rows
                 for d in waiting:
                     d.errback(result)
             else:
                 self.committed += len(rows)
                 for d in waiting:
                     d.callback(None)
-            if self._rows:
+            if not self._rows:
+                return
+            if not self._idempotent:
                 self._kick()
+            elif self._timer is None:
+                self._timer = self._clock.callLater(self._delay, self._kick)
 
         d = self._store.execute_rows(self._sql, rows)
         self._in_flight = d
         d.addBoth(done)
 
     async def flush(self) -> None:
+        failures = self.failures
         while self._rows or self._in_flight is not None:
+            if self._idempotent and self.failures - failures >= 3:
+                return  # a failing database must not hang the stop forever; the rows were logged
             self._kick()
             if self._in_flight is not None:
                 await self._in_flight

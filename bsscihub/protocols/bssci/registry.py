@@ -11,10 +11,9 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from bsscihub.contract import opt_time, rfc3339
-from bsscihub.store import Cursor, Store
+from bsscihub.store import BatchWriter, Cursor, Store
 
 __all__ = [
     "BaseStation",
@@ -324,60 +323,6 @@ class ImportCounts:
     unchanged: int
 
 
-class _Coalescer:
-    """Rows for one `... {rows} ...` statement (row_statements), written together once `delay`
-    passed; no per-row Deferred.
-
-    A failed write keeps its rows for the next round: these are idempotent updates.
-    """
-
-    log = Logger()
-
-    def __init__(self, store: Store, sql: str, clock: IReactorTime, delay: float) -> None:
-        self._store, self._sql, self._clock, self._delay = store, sql, clock, delay
-        self._rows: list[Sequence[Any]] = []
-        self._timer: Any = None
-        self._in_flight: defer.Deferred[None] | None = None
-
-    def add(self, row: Sequence[Any]) -> None:
-        self._rows.append(row)
-        if self._timer is None and self._in_flight is None:
-            self._timer = self._clock.callLater(self._delay, self._write)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def _write(self) -> None:
-        self._timer = None
-        if self._in_flight is not None or not self._rows:
-            return
-        rows, self._rows = self._rows, []
-
-        def done(result: Any) -> None:
-            self._in_flight = None
-            if isinstance(result, Failure):
-                self.log.failure("batched write failed; {count} rows kept for a retry", result, count=len(rows))
-                self._rows[:0] = rows
-            if self._rows and self._timer is None:
-                self._timer = self._clock.callLater(self._delay, self._write)
-
-        self._in_flight = self._store.execute_rows(self._sql, rows)
-        self._in_flight.addBoth(done)
-
-    async def flush(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        for _ in range(3):  # a failing database must not hang the stop forever
-            if self._in_flight is not None:
-                await self._in_flight
-            if not self._rows:
-                return
-            self._write()
-        if self._in_flight is not None:
-            await self._in_flight
-
-
 class Registry:
     """Storage of the mioty family plus its in-memory cache (`sensors`, `base_stations`, revocations).
 
@@ -398,7 +343,7 @@ class Registry:
         """Highest sensor config revision seen; later ones came from elsewhere (e.g. `sensors import`)."""
         self._dirty: set[str] = set()
         self._uplinks = store.batch_writer(_INSERT_UPLINK)
-        self._marks = _Coalescer(store, _MARK_PUBLISHED, clock, MARK_DELAY)
+        self._marks = BatchWriter(store, _MARK_PUBLISHED, clock, delay=MARK_DELAY, max_rows=5000, idempotent=True)
 
     # -- loading
 
@@ -600,7 +545,7 @@ class Registry:
 
     def mark_published(self, ep_eui: str, packet_cnt: int) -> None:
         """Record (batched) that an uplink's copies need no re-emission after a restart."""
-        self._marks.add((ep_eui, packet_cnt))
+        self._marks.add_nowait((ep_eui, packet_cnt))
 
     async def flush(self) -> None:
         """Write everything held in memory: uplink copies, published marks, sensor hot state."""
