@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bsscihub.contract import rfc3339
-from bsscihub.ratelimit import RateLimiter
+from bsscihub.ratelimit import ILimiter, local_limiter
 from bsscihub.store import Cursor, Store
 
 
@@ -138,9 +138,10 @@ class RefusalLog:
     SAMPLE = 10
 
     def __init__(self, store: Store, clock: IReactorTime, *, interval: float = 60.0, burst: int = 5,
-                 max_keys: int = 10_000) -> None:
+                 max_keys: int = 10_000, limiter: Callable[..., ILimiter] = local_limiter) -> None:
         self.store, self.clock, self.interval, self.max_keys = store, clock, interval, max_keys
-        self._limiter = RateLimiter(clock, rate=burst / interval, burst=burst, max_keys=max_keys)
+        # `Cluster.limiter`: in a cluster the burst is the cluster's, not each hub's.
+        self._limiter = limiter("audit.refusals", clock, rate=burst / interval, burst=burst, max_keys=max_keys)
         self._held: OrderedDict[tuple[str, str, str, str], _Repeats] = OrderedDict()
         self.written = 0
         self.suppressed = 0
@@ -149,7 +150,7 @@ class RefusalLog:
                      source: str = "") -> None:
         code = str((detail or {}).get("code", ""))
         key = (actor, action, source, code)
-        if self._limiter.take(key) is None:
+        if await self._limiter.take(key) is None:
             self.written += 1
             await record(self.store, actor, action, target, detail, source)
             return

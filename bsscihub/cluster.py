@@ -1,5 +1,5 @@
-"""The seams a hub cluster replaces: uplink deduplication, station ownership and command routing.
-Each is one small interface; the local implementations here are one hub's behaviour and the default."""
+"""The seams a hub cluster replaces: uplink deduplication, station ownership, command routing, rate limits
+and leader leases. Each is one small interface; the local implementations here are one hub's behaviour."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import attrs
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
+from bsscihub.ratelimit import ILimiter, local_limiter
+
 __all__ = [
     "FIRST",
     "LATE",
@@ -18,7 +20,9 @@ __all__ = [
     "Cluster",
     "ICommandRouter",
     "IDedupStore",
+    "ILeaderLease",
     "IStationOwnership",
+    "LocalLease",
     "LocalOwnership",
     "LocalRouter",
     "NoRoute",
@@ -145,6 +149,19 @@ class Cluster:
 
     relay: Any = None
     """Shares bus events between hubs (`relay(bus, sink) -> stop`); None for one hub."""
+    make_limiter: Callable[..., ILimiter] | None = None
+    """Builds a rate limit counted once for all hubs: (name, clock, *, rate, burst, max_keys). None: in memory."""
+    make_lease: Callable[[str, Any], ILeaderLease] | None = None
+    """Builds a leader lease (name, clock): held by one hub at a time. None: always held here."""
+
+    def limiter(self, name: str, clock: Any, *, rate: float, burst: int, max_keys: int = 100_000) -> ILimiter:
+        """The rate limit `name` (same name on every hub: the same buckets); in memory on one hub."""
+        make = self.make_limiter or local_limiter
+        return make(name, clock, rate=rate, burst=burst, max_keys=max_keys)
+
+    def lease(self, name: str, clock: Any) -> ILeaderLease:
+        """The leader lease `name`: held by exactly one hub of the cluster at a time (always here on one hub)."""
+        return self.make_lease(name, clock) if self.make_lease is not None else LocalLease()
 
     def relay_events(self, bus: Any, sink: Callable[[Any], None]) -> Callable[[], None]:
         """Feed `sink` (the live stream) the events the other hubs handle too; returns the stop.
@@ -177,3 +194,29 @@ def parse_redis_url(url: str) -> tuple[str, int, int | None, str | None]:
     if db and not db.isdigit():
         raise ValueError("the database after the host must be a number, as in redis://host:6379/0")
     return parts.hostname, parts.port or 6379, int(db) if db else None, parts.password
+
+
+class ILeaderLease(Interface):
+    """Work that one hub of a cluster does for all (alert checks): the lease says whether it is this one.
+    The holder renews it while it runs; when it dies the lease expires and another hub takes it over."""
+
+    held = Attribute("True while this hub holds the lease (bool).")
+
+    def start() -> None:
+        """Try to take the lease now and keep trying (or renewing) until `stop`."""
+
+    def stop() -> defer.Deferred[None]:
+        """Give the lease up (another hub may take it at once)."""
+
+
+@implementer(ILeaderLease)
+class LocalLease:
+    """One hub: it is always the leader."""
+
+    held = True
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)

@@ -1,12 +1,13 @@
 """The cluster parts on Redis, for several hubs sharing one PostgreSQL database: station ownership (the
-newest claim wins everywhere), command routing (pub/sub per node), uplink dedup and live-stream events."""
+newest claim wins everywhere), command routing (pub/sub per node), uplink dedup, live-stream events,
+rate limits counted once for all hubs and leader leases."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import attrs
@@ -25,14 +26,17 @@ from bsscihub.cluster import (
     Cluster,
     ICommandRouter,
     IDedupStore,
+    ILeaderLease,
     IStationOwnership,
     NoRoute,
     StationHandler,
     parse_redis_url,
 )
 from bsscihub.errors import CommandError, UserFacingError
+from bsscihub.ratelimit import ILimiter, RateLimiter
 
-__all__ = ["EventRelay", "RedisDedup", "RedisLink", "RedisOwnership", "RedisRouter", "parse_redis_url", "redis_cluster"]
+__all__ = ["EventRelay", "RedisDedup", "RedisLease", "RedisLimiter", "RedisLink", "RedisOwnership", "RedisRouter",
+           "parse_redis_url", "redis_cluster"]
 
 _PREFIX = "bsscihub:"
 OWNERS = _PREFIX + "owners"  # hash: family/station -> {"node", "seq"}
@@ -317,6 +321,7 @@ def redis_cluster(node: str, url: str, reactor: Any) -> Cluster:
     cluster = Cluster(node=node, ownership=ownership, router=router, clustered=True, link=link)
     cluster.make_dedup = redis_dedup_factory(cluster)
     cluster.relay = EventRelay(node, link)
+    add_limits_and_leases(cluster)
     return cluster
 
 
@@ -531,3 +536,163 @@ def redis_dedup_factory(cluster: Cluster) -> Callable[..., IDedupStore]:
         return RedisDedup(cluster.link, cluster.node, clock, window, memory, emit, late, codec)
 
     return make
+
+
+# -- rate limits and leader leases (counted and held once for every hub)
+
+# GCRA, as RateLimiter does it in memory: one number per key, the time at which its bucket is full again,
+# on Redis's clock (the hubs' clocks may differ). The key expires when the bucket is full: no memory kept.
+_RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval, window, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local over = tat + cost * interval - now - window
+if ARGV[1] ~= 'spend' and over > 1e-9 then return string.format('%.6f', over) end
+if ARGV[1] == 'wait' then return false end
+local new = math.min(tat + cost * interval, now + window + interval)
+redis.call('SET', KEYS[1], string.format('%.6f', new), 'PX', math.max(1, math.ceil((new - now) * 1000)))
+return false
+"""
+
+
+@implementer(ILimiter)
+class RedisLimiter:
+    """A rate limit kept in Redis, so N attempts spread over the hubs count N once. If Redis does not
+    answer, this hub's own bucket decides meanwhile (limited per hub rather than not at all)."""
+
+    log = Logger()
+
+    def __init__(self, link: RedisLink, name: str, clock: Any, *, rate: float, burst: int,
+                 max_keys: int = 100_000) -> None:
+        self.link, self.name = link, name
+        self.local = RateLimiter(clock, rate=rate, burst=burst, max_keys=max_keys)  # checks rate and burst
+        self._args = [repr(1.0 / rate), repr(burst / rate)]
+        self._failed = 0
+
+    def _key(self, key: Hashable) -> str:
+        text = key if isinstance(key, str) else json.dumps(key, separators=(",", ":"), default=str)
+        return f"{_PREFIX}rate:{self.name}:{text}"
+
+    def _run(self, mode: str, key: Hashable, cost: float) -> defer.Deferred[float | None]:
+        d = self.link.eval(_RATE, [self._key(key)], [mode, *self._args, repr(float(cost))])
+        d.addCallback(lambda over: None if over is None else float(over))
+        # Spent here too: if Redis goes away, this hub's bucket already knows what it saw.
+        if mode != "wait":
+            d.addCallback(self._mirror, key, cost)
+        d.addErrback(self._unreachable, mode, key, cost)
+        return d
+
+    def _mirror(self, over: float | None, key: Hashable, cost: float) -> float | None:
+        if over is None:
+            self.local.spend(key, cost)
+        return over
+
+    def _unreachable(self, failure: Any, mode: str, key: Hashable, cost: float) -> float | None:
+        self._failed += 1
+        if self._failed & (self._failed - 1) == 0:  # 1, 2, 4, ...: an outage is not a flood of lines
+            self.log.warn("cluster: rate limit {name} counted on this hub only ({count} times): {problem}",
+                          name=self.name, count=self._failed, problem=failure.getErrorMessage())
+        if mode == "wait":
+            return self.local.wait(key, cost)
+        if mode == "take":
+            return self.local.take(key, cost)
+        self.local.spend(key, cost)
+        return None
+
+    def wait(self, key: Hashable, cost: float = 1.0) -> defer.Deferred[float | None]:
+        return self._run("wait", key, cost)
+
+    def take(self, key: Hashable, cost: float = 1.0) -> defer.Deferred[float | None]:
+        return self._run("take", key, cost)
+
+    def spend(self, key: Hashable, cost: float = 1.0) -> defer.Deferred[None]:
+        return self._run("spend", key, cost).addCallback(lambda _: None)
+
+    def forget(self, key: Hashable) -> defer.Deferred[None]:
+        self.local.forget(key)
+        d = self.link.redis.delete([self._key(key)])
+        d.addCallback(lambda _: None)
+        d.addErrback(self._unreachable, "forget", key, 0.0)
+        return d.addCallback(lambda _: None)
+
+
+# Take the lease if it is free, or renew it if it is this hub's; one step, so two hubs never both hold it.
+_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+LEASE_TTL = 15.0
+"""Seconds a leader lease lasts unless renewed (renewed every third of it): a dead leader's work
+moves to another hub within this time."""
+
+
+@implementer(ILeaderLease)
+class RedisLease:
+    """A lease in Redis (`SET NX PX`, renewed while held). `held` is only believed until the lease
+    would expire counting from when the last renewal was sent, so a hub cut off from Redis stops
+    acting as leader before another one can take over."""
+
+    log = Logger()
+
+    def __init__(self, link: RedisLink, node: str, name: str, clock: Any, ttl: float = LEASE_TTL) -> None:
+        self.link, self.node, self.clock, self.ttl = link, node, clock, ttl
+        self.key = f"{_PREFIX}lease:{name}"
+        self._until = float("-inf")
+        self._loop: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self.clock.seconds() < self._until
+
+    def start(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._loop = LoopingCall(self._renew)
+        self._loop.clock = self.clock
+        self._loop.start(self.ttl / 3, now=True).addErrback(
+            lambda f: self.log.failure("cluster: lease {key} stopped", f, key=self.key))
+
+    async def _renew(self) -> None:
+        sent = self.clock.seconds()
+        try:
+            got = await self.link.eval(_LEASE, [self.key], [self.node, int(self.ttl * 1000)])
+        except Exception as e:
+            self._until = float("-inf")
+            self.log.warn("cluster: lease {key} not renewed: {problem}", key=self.key, problem=str(e))
+            return
+        was = self.held
+        # A margin of a tenth for clock drift between this hub and Redis.
+        self._until = sent + self.ttl * 0.9 if int(got) == 1 else float("-inf")
+        if self.held != was:
+            self.log.info("cluster: {what} lease {key}", what="holding" if self.held else "lost", key=self.key)
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._until > float("-inf"):
+            self._until = float("-inf")
+            try:
+                await self.link.eval(_LEASE_RELEASE, [self.key], [self.node])
+            except Exception as e:
+                self.log.warn("cluster: lease {key} not given up (it expires): {problem}", key=self.key,
+                              problem=str(e))
+
+
+def add_limits_and_leases(cluster: Cluster) -> None:
+    """Rate limits and leader leases of `cluster` in its Redis."""
+    link = cluster.link
+    cluster.make_limiter = lambda name, clock, **kw: RedisLimiter(link, name, clock, **kw)
+    cluster.make_lease = lambda name, clock: RedisLease(link, cluster.node, name, clock)

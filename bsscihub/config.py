@@ -261,7 +261,7 @@ def _node_name(value: Any) -> str:
 @attrs.frozen
 class ClusterConfig:
     redis: str = setting("", _redis_url, "redis://host:port/db shared by the hubs of a cluster (empty: one hub)")
-    node: str = setting("", _node_name, "this hub's name in the cluster, unique (empty: host name and process id)")
+    node: str = setting("", _node_name, "unique name of this hub, the same after restarts (required with redis)")
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -468,6 +468,9 @@ def load_config(
     if built["cluster"].redis and urlsplit(top["database"]).scheme == "sqlite":
         raise ConfigError("cluster.redis", _mask_url(built["cluster"].redis),
                           "a cluster shares one PostgreSQL database: set database to postgresql://...")
+    if built["cluster"].redis and not built["cluster"].node:
+        raise ConfigError("cluster.node", "", "required with cluster.redis: this hub's name, unique in the cluster"
+                          " and the same after a restart (its webhook queue is kept under it)")
     if top["families"] is not None:
         top["families"] = tuple(top["families"])
     return HubConfig(

@@ -6,7 +6,6 @@ Storage is migrated before any listener binds; on stop, listeners close before p
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -77,6 +76,9 @@ class Hub:
 
 def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> Hub:
     store = open_store(config.database, config.sqlite_path, reactor)
+    settings = config.sections.get("cluster")
+    cluster = (_redis_cluster(settings.node, settings.redis, reactor) if settings is not None and settings.redis
+               else local_cluster())
     hub = Hub(
         config=config,
         reactor=reactor,
@@ -85,11 +87,9 @@ def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> H
         health=HealthRegistry(),
         metrics=CollectorRegistry(),
         families=families,
-        refusals=RefusalLog(store, reactor),
+        refusals=RefusalLog(store, reactor, limiter=cluster.limiter),
+        cluster=cluster,
     )
-    cluster = config.sections.get("cluster")
-    if cluster is not None and cluster.redis:
-        hub.cluster = _redis_cluster(cluster.node or f"{socket.gethostname()}-{os.getpid()}", cluster.redis, reactor)
     hub.health.register("storage", lambda: ComponentHealth(store.running, {"backend": store.dialect}))
     register_standard_collectors(hub.metrics, hub.version)
     return hub

@@ -1,6 +1,7 @@
 """The hub's one rate limiter: a token bucket per key (client address, account, API key), clock injected.
 
 Used for log-in attempts, anonymous endpoints, the per-client API limit; memory is bounded by `max_keys`.
+`ILimiter` is the seam a cluster replaces: the same limit, counted once for all hubs (`Cluster.limiter`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface, implementer
 
 
 class RateLimiter:
@@ -64,3 +67,47 @@ class RateLimiter:
         if tat is None:
             return 0.0
         return max(0.0, tat - self.clock.seconds()) / self._interval
+
+
+class ILimiter(Interface):
+    """One named limit as the hub's parts use it, answers as Deferreds: in memory on one hub
+    (`LocalLimiter`, answered at once), or kept in Redis and counted once for every hub of a cluster."""
+
+    def wait(key: Hashable, cost: float = 1.0) -> defer.Deferred[float | None]:
+        """Seconds until `cost` tokens are there, or None if they are there now (nothing is spent)."""
+
+    def take(key: Hashable, cost: float = 1.0) -> defer.Deferred[float | None]:
+        """Spend `cost` tokens: None if allowed, else seconds to wait (and nothing is spent)."""
+
+    def spend(key: Hashable, cost: float = 1.0) -> defer.Deferred[None]:
+        """Spend tokens whatever the bucket holds."""
+
+    def forget(key: Hashable) -> defer.Deferred[None]:
+        """A full bucket again."""
+
+
+@implementer(ILimiter)
+class LocalLimiter:
+    """One hub's limit: a RateLimiter, its answers already fired (awaiting them does not wait)."""
+
+    def __init__(self, bucket: RateLimiter) -> None:
+        self.bucket = bucket
+
+    def wait(self, key: Hashable, cost: float = 1.0) -> defer.Deferred[float | None]:
+        return defer.succeed(self.bucket.wait(key, cost))
+
+    def take(self, key: Hashable, cost: float = 1.0) -> defer.Deferred[float | None]:
+        return defer.succeed(self.bucket.take(key, cost))
+
+    def spend(self, key: Hashable, cost: float = 1.0) -> defer.Deferred[None]:
+        self.bucket.spend(key, cost)
+        return defer.succeed(None)
+
+    def forget(self, key: Hashable) -> defer.Deferred[None]:
+        self.bucket.forget(key)
+        return defer.succeed(None)
+
+
+def local_limiter(name: str, clock: IReactorTime, *, rate: float, burst: int, max_keys: int = 100_000) -> ILimiter:
+    """The default `Cluster.limiter`: `name` does not matter on one hub."""
+    return LocalLimiter(RateLimiter(clock, rate=rate, burst=burst, max_keys=max_keys))

@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -175,9 +174,9 @@ class WebhookService(Service):
         self._unsubscribe: Any = None
         self._ready: defer.Deferred[None] | None = None
         self._stopping = False
-        cluster = hub.config.sections.get("cluster")
-        # A name that survives a restart, so that a hub delivers what it queued before it.
-        self.node = (cluster.node or socket.gethostname()) if cluster is not None and cluster.redis else ""
+        # In a cluster each hub delivers the events it queued, under its node name (required: it survives
+        # a restart, so a hub delivers after it what it queued before it).
+        self.node = hub.cluster.node if hub.cluster.clustered else ""
 
     @property
     def http(self) -> Any:

@@ -186,5 +186,11 @@ def test_a_cluster_needs_postgresql_and_a_redis_url(tmp_path: Path) -> None:
         path.write_text(f"database: postgresql://hub@db/hub\ncluster:\n  {key}: {value!r}\n")
         with pytest.raises(ConfigError, match=reason):
             load_config(path, {})
+    # A node name that changed with every start would orphan the hub's queued webhook events.
+    path.write_text("database: postgresql://hub@db/hub\ncluster:\n  redis: redis://127.0.0.1:6379/0\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+    assert str(raised.value).startswith("config error: cluster.node = '': required with cluster.redis")
+    assert load_config(path, {"BSSCIHUB_CLUSTER_NODE": "hub-2"}).section("cluster").node == "hub-2"
     # One hub by default: nothing to connect to.
     assert load_config(None, {}).section("cluster").redis == ""

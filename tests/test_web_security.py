@@ -194,29 +194,30 @@ async def test_an_account_guessed_from_many_addresses_is_slowed_down_not_locked(
         await h.hub.store.stop()
 
 
-def test_login_limiter_counts_per_account_and_address_never_per_account_alone() -> None:
+@pytest_twisted.ensureDeferred
+async def test_login_limiter_counts_per_account_and_address_never_per_account_alone() -> None:
     clock = Clock()
     limiter = LoginLimiter(clock, per_account_source=(3, 60), per_source=(5, 60), slow_after=(10, 60))
     for _ in range(3):
-        assert limiter.retry_after("10.0.0.1", "admin") is None
-        limiter.failed("10.0.0.1", "admin")
-    assert limiter.retry_after("10.0.0.1", "admin") == pytest.approx(20)
-    assert limiter.retry_after("10.0.0.2", "admin") is None  # the account is not locked for others
-    assert limiter.retry_after("10.0.0.1", "bob") is None
-    limiter.failed("10.0.0.1", "bob")
-    limiter.failed("10.0.0.1", "carol")
-    assert limiter.retry_after("10.0.0.1", "dave") is not None  # too many names from one address
-    assert limiter.retry_after("10.0.0.3", "dave") is None
-    limiter.succeeded("10.0.0.1", "admin")
-    assert limiter.retry_after("10.0.0.9", "admin") is None
+        assert await limiter.retry_after("10.0.0.1", "admin") is None
+        await limiter.failed("10.0.0.1", "admin")
+    assert await limiter.retry_after("10.0.0.1", "admin") == pytest.approx(20)
+    assert await limiter.retry_after("10.0.0.2", "admin") is None  # the account is not locked for others
+    assert await limiter.retry_after("10.0.0.1", "bob") is None
+    await limiter.failed("10.0.0.1", "bob")
+    await limiter.failed("10.0.0.1", "carol")
+    assert await limiter.retry_after("10.0.0.1", "dave") is not None  # too many names from one address
+    assert await limiter.retry_after("10.0.0.3", "dave") is None
+    await limiter.succeeded("10.0.0.1", "admin")
+    assert await limiter.retry_after("10.0.0.9", "admin") is None
     # Many addresses guessing one account: it is slowed down, never refused.
-    assert limiter.delay("admin") == 0
+    assert await limiter.delay("admin") == 0
     for n in range(10):
-        limiter.failed(f"10.1.0.{n}", "admin")
-    assert limiter.delay("admin") == limiter.slow_down > 0
-    assert limiter.retry_after("10.2.0.1", "admin") is None
+        await limiter.failed(f"10.1.0.{n}", "admin")
+    assert await limiter.delay("admin") == limiter.slow_down > 0
+    assert await limiter.retry_after("10.2.0.1", "admin") is None
     clock.advance(60)
-    assert limiter.delay("admin") == 0
+    assert await limiter.delay("admin") == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -139,22 +139,22 @@ class AuthApi:
         """Rate-limited password check shared by the API and the login page (401 or 429 on refusal)."""
         limiter = self.web.limiter
         counted = limit_key(source)  # per address (IPv6: per /64); the audit entry keeps it exact
-        wait = limiter.retry_after(counted, username)
+        wait = await limiter.retry_after(counted, username)
         if wait is not None:
             self.web.login_failures.labels("rate_limited").inc()
             raise rate_limited(wait)
-        delay = limiter.delay(username)
+        delay = await limiter.delay(username)
         if delay:
             # Many addresses guessing at this account: every attempt waits, nobody is locked out.
             self.web.login_failures.labels("slowed_down").inc()
             await task.deferLater(self.web.clock, delay, lambda: None)
         user = await users.authenticate(self.web.hub.store, username, password)
         if user is None:
-            limiter.failed(counted, username)
+            await limiter.failed(counted, username)
             self.web.login_failures.labels("bad_credentials").inc()
             await self.web.refusals.record("anonymous", "auth.login_failed", username[:64], {}, source)
             raise ApiError(401, "bad_credentials", "wrong user name or password")
-        limiter.succeeded(counted, username)
+        await limiter.succeeded(counted, username)
         return user
 
     async def start_session(self, request: Any, user: users.User, source: str) -> Any:

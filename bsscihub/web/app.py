@@ -29,7 +29,6 @@ from zope.interface.verify import verifyObject
 from bsscihub import audit
 from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension, IWebRoutes
 from bsscihub.hub import Hub
-from bsscihub.ratelimit import RateLimiter
 from bsscihub.web import openapi
 from bsscihub.web.api import CORE_GROUPS, AuthApi
 from bsscihub.web.auth import Authenticator, LoginLimiter
@@ -177,12 +176,13 @@ class WebApp:
         self.secure = hub.config.web.https if https is None else https
         web = hub.config.web
         self.sessions = SessionStore(self.clock, web.session_idle, web.session_max, store=hub.store)
-        self.limiter = LoginLimiter(self.clock)
+        limiter = hub.cluster.limiter  # in a cluster: counted once for all hubs
+        self.limiter = LoginLimiter(self.clock, limiter=limiter)
         self.proxies = ProxyPolicy(parse_networks(web.trusted_proxies))
-        self.api_limiter = (RateLimiter(self.clock, rate=web.rate_limit, burst=web.rate_burst)
+        self.api_limiter = (limiter("web.api", self.clock, rate=web.rate_limit, burst=web.rate_burst)
                             if web.rate_limit > 0 else None)
         self.anonymous_limiter = (
-            RateLimiter(self.clock, rate=web.anonymous_rate_limit, burst=web.anonymous_rate_burst)
+            limiter("web.anonymous", self.clock, rate=web.anonymous_rate_limit, burst=web.anonymous_rate_burst)
             if web.anonymous_rate_limit > 0 else None)
         self.refusals = hub.refusals
         self.auth = Authenticator(hub.store, self.sessions, self.clock, secure=self.secure)
@@ -290,11 +290,11 @@ class WebApp:
 
     # -- rate limits
 
-    def throttle(self, route: Any, principal: Any, source: str) -> None:
+    async def throttle(self, route: Any, principal: Any, source: str) -> None:
         """429 when the caller is over its limit: per address on routes without login, per client on the API."""
         source = limit_key(source)
         if route.role is None and principal is None and self.anonymous_limiter is not None:
-            wait = self.anonymous_limiter.take(source)
+            wait = await self.anonymous_limiter.take(source)
             if wait is not None:
                 self.throttled.labels("anonymous").inc()
                 raise rate_limited(wait, "too many requests from this address")
@@ -305,7 +305,7 @@ class WebApp:
                 key = ("key", principal.key_id)
             else:
                 key = ("user", principal.user_id)
-            wait = self.api_limiter.take(key)
+            wait = await self.api_limiter.take(key)
             if wait is not None:
                 self.throttled.labels("api").inc()
                 raise rate_limited(wait, "too many requests")

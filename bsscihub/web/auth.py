@@ -5,6 +5,7 @@ Tokens are `bsh_<prefix>_<secret>`: the prefix finds the row, the 256-bit secret
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -12,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from bsscihub import tokens
 from bsscihub.contract import opt_time
-from bsscihub.ratelimit import RateLimiter
+from bsscihub.ratelimit import ILimiter, local_limiter
 from bsscihub.store import Cursor, Store
 from bsscihub.users import RANK, User
 from bsscihub.web.errors import unauthorized
@@ -161,44 +162,46 @@ class LoginLimiter:
     So nobody can lock an account out for others: five wrong passwords from one address make that
     address wait, while the right password from anywhere else still gets in. Guessing one account
     from many addresses is slowed down instead (each attempt answered after a delay), not locked.
+    The limits come from `limiter` (`Cluster.limiter`): in a cluster every hub counts the same attempts.
     """
 
     def __init__(
         self,
         clock: IReactorTime,
         *,
+        limiter: Callable[..., ILimiter] = local_limiter,
         per_account_source: tuple[int, float] = (5, 900.0),
         per_source: tuple[int, float] = (20, 300.0),
         slow_after: tuple[int, float] = (20, 900.0),
         slow_down: float = 2.0,
         max_keys: int = 100_000,
     ) -> None:
-        def limiter(limit: tuple[int, float]) -> RateLimiter:
+        def limit(name: str, limit: tuple[int, float]) -> ILimiter:
             count, window = limit
-            return RateLimiter(clock, rate=count / window, burst=count, max_keys=max_keys)
+            return limiter(name, clock, rate=count / window, burst=count, max_keys=max_keys)
 
-        self.per_account_source = limiter(per_account_source)
-        self.per_source = limiter(per_source)
-        self.per_account = limiter(slow_after)
+        self.per_account_source = limit("login.account-source", per_account_source)
+        self.per_source = limit("login.source", per_source)
+        self.per_account = limit("login.account", slow_after)
         self.slow_down = slow_down
 
-    def retry_after(self, source: str, account: str) -> float | None:
+    async def retry_after(self, source: str, account: str) -> float | None:
         """Seconds until this address may try this account again, or None if it may now."""
-        waits = [w for w in (self.per_account_source.wait((account.lower(), source)),
-                             self.per_source.wait(source)) if w is not None]
+        waits = [w for w in (await self.per_account_source.wait((account.lower(), source)),
+                             await self.per_source.wait(source)) if w is not None]
         return max(waits) if waits else None
 
-    def delay(self, account: str) -> float:
+    async def delay(self, account: str) -> float:
         """How long to hold an attempt on an account many addresses are guessing at (0: none)."""
-        return self.slow_down if self.per_account.wait(account.lower()) is not None else 0.0
+        return self.slow_down if await self.per_account.wait(account.lower()) is not None else 0.0
 
-    def failed(self, source: str, account: str) -> None:
-        self.per_account_source.spend((account.lower(), source))
-        self.per_source.spend(source)
-        self.per_account.spend(account.lower())
+    async def failed(self, source: str, account: str) -> None:
+        await self.per_account_source.spend((account.lower(), source))
+        await self.per_source.spend(source)
+        await self.per_account.spend(account.lower())
 
-    def succeeded(self, source: str, account: str) -> None:
-        self.per_account_source.forget((account.lower(), source))
+    async def succeeded(self, source: str, account: str) -> None:
+        await self.per_account_source.forget((account.lower(), source))
 
 
 @attrs.frozen

@@ -301,9 +301,9 @@ class Dispatcher:
             try:
                 principal = await self.web.auth.authenticate(request, allow_ticket=route.ticket_auth)
             except ApiError:
-                self.web.throttle(route, None, source)  # bad credentials count against the address
+                await self.web.throttle(route, None, source)  # bad credentials count against the address
                 raise
-            self.web.throttle(route, principal, source)
+            await self.web.throttle(route, principal, source)
             self.authorize(route, principal)
             # CSRF guards what is done with the session's authority; anonymous routes use none.
             if route.changes_state and route.role is not None and principal is not None and principal.via == "session":
@@ -392,7 +392,7 @@ class Dispatcher:
         started = time.perf_counter()
         principal = self.web.auth.session_principal(request)
         try:
-            self.web.throttle(route, principal, client_address(request))
+            await self.web.throttle(route, principal, client_address(request))
             if route.role is not None and principal is None:
                 target = request.uri.decode("utf-8", "replace") if route.method == "GET" else "/"
                 result: Any = Redirect("/login?next=" + quote(target, safe="/?=&"))

@@ -1,0 +1,118 @@
+"""What a cluster's hubs count and decide once for all, on a real Redis: log-in and other rate limits
+spread over two hubs, the leader lease (one holder, taken over when it dies), alerts fired by one hub."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from bsscihub.cluster import Cluster
+from bsscihub.cluster_redis import RedisLease, RedisLimiter, redis_cluster
+from bsscihub.web.auth import LoginLimiter
+from tests.redis_server import redis_url
+
+__all__ = ["redis_url"]  # fixtures
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_for(condition: Any, timeout: float = 15.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
+        await sleep(0.005)
+
+
+@pytest_twisted.async_yield_fixture
+async def nodes(redis_url: str) -> AsyncIterator[list[Cluster]]:
+    started: list[Cluster] = []
+    for node in ("hub-1", "hub-2"):
+        cluster = redis_cluster(node, redis_url, reactor)
+        await cluster.start()
+        started.append(cluster)
+    await started[0].link.redis.flushdb()
+    yield started
+    for cluster in started:
+        await cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_logins_spread_over_two_hubs_count_once(nodes: list[Cluster]) -> None:
+    one, two = (LoginLimiter(reactor, limiter=node.limiter, per_account_source=(3, 60), per_source=(5, 60),
+                             slow_after=(6, 60)) for node in nodes)
+    # Three wrong passwords from one address, two on one hub and one on the other: that address waits on both.
+    await one.failed("10.0.0.1", "admin")
+    await two.failed("10.0.0.1", "admin")
+    assert await one.retry_after("10.0.0.1", "admin") is None
+    await one.failed("10.0.0.1", "admin")
+    for limiter in (one, two):
+        assert await limiter.retry_after("10.0.0.1", "admin") == pytest.approx(20, abs=0.5)
+        assert await limiter.retry_after("10.0.0.2", "admin") is None  # the account is not locked for others
+    # The right password on one hub gives that address its attempts back on every hub.
+    await two.succeeded("10.0.0.1", "admin")
+    assert await one.retry_after("10.0.0.1", "admin") is None
+    # Many addresses at one account, over both hubs: both slow it down.
+    assert await one.delay("admin") == 0
+    for n in range(3):
+        await one.failed(f"10.1.0.{n}", "admin")
+        await two.failed(f"10.2.0.{n}", "admin")
+    assert await one.delay("admin") == one.slow_down == await two.delay("admin")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_limit_refuses_without_spending_refills_and_leaves_nothing_behind(nodes: list[Cluster]) -> None:
+    one, two = (node.limiter("test.api", reactor, rate=20.0, burst=2) for node in nodes)
+    assert isinstance(one, RedisLimiter)
+    assert await one.take(("user", 7)) is None
+    assert await two.take(("user", 7)) is None
+    wait = await one.take(("user", 7))
+    assert wait is not None and 0 < wait <= 0.05 + 0.01
+    assert await two.take(("user", 8)) is None  # another key has its own bucket
+    # Refusals spend nothing: after one token's time, one request passes again.
+    await sleep(0.06)
+    assert await two.take(("user", 7)) is None
+    assert await one.take(("user", 7)) is not None
+    # A full bucket is no key at all in Redis.
+    await sleep(0.15)
+    assert await nodes[0].link.redis.keys("bsscihub:rate:test.api:*") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_limit_counts_on_this_hub_while_redis_is_away(redis_url: str) -> None:
+    node = redis_cluster("hub-1", redis_url, reactor)
+    await node.start()
+    limiter = node.limiter("test.away", reactor, rate=1.0, burst=2)
+    assert await limiter.take("10.0.0.1") is None
+    await node.stop()  # Redis unreachable from here on
+    assert await limiter.take("10.0.0.1") is None  # the second of the burst, counted here
+    assert await limiter.take("10.0.0.1") is not None  # limited per hub rather than not at all
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_hub_holds_a_lease_and_another_takes_it_over_when_it_dies(nodes: list[Cluster]) -> None:
+    one, two = (RedisLease(node.link, node.node, "test", reactor, ttl=0.3) for node in nodes)
+    one.start()
+    await wait_for(lambda: one.held)
+    two.start()
+    await sleep(0.5)  # longer than the lease: renewed by its holder, never taken by the other
+    assert one.held and not two.held
+    # The holder dies (stops renewing, gives nothing up): the other takes over once the lease expired.
+    one._loop.stop()
+    died = reactor.seconds()
+    await wait_for(lambda: two.held)
+    assert reactor.seconds() - died < 0.3 + 0.1 + 0.2
+    assert not one.held  # and the dead one no longer believes it leads
+    # Given up on a clean stop: taken by the other at its next try.
+    three = RedisLease(nodes[0].link, "hub-3", "test", reactor, ttl=0.3)
+    three.start()
+    await two.stop()
+    await wait_for(lambda: three.held, timeout=0.3)
+    await three.stop()
