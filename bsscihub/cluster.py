@@ -22,12 +22,14 @@ __all__ = [
     "IDedupStore",
     "ILeaderLease",
     "IStationOwnership",
+    "IWindowStore",
     "LocalLease",
     "LocalOwnership",
     "LocalRouter",
     "NoRoute",
     "local_cluster",
     "parse_redis_url",
+    "shared_windows",
 ]
 
 # What a dedup store answers for one copy (the values mioty's Deduplicator has always used).
@@ -66,6 +68,22 @@ class IDedupStore(Interface):
     def adopt(key: Any) -> defer.Deferred[bool]:
         """Whether this hub publishes an uplink stored but never published (its collecting hub died):
         True on exactly one hub of a cluster."""
+
+
+class IWindowStore(Interface):
+    """Collects the copies of one broadcast that several sources report (BLE gateways), across hubs:
+    one hub collects each for a window from the first copy, the others hand it theirs; a source
+    reporting again starts the next broadcast. Built by `shared_windows` (None for one hub).
+
+    `emit(key, copies)` is called once per broadcast, on the hub collecting it, copies in arrival order."""
+
+    pending = Attribute("Windows this hub collects, not emitted yet (int).")
+
+    def add(key: str, source: str, copy: Any) -> None:
+        """Take one copy of `key`'s current broadcast, reported by `source`."""
+
+    def flush() -> defer.Deferred[None]:
+        """Emit the windows this hub collects now (the hub is stopping); fires once they are emitted."""
 
 
 class IStationOwnership(Interface):
@@ -220,3 +238,12 @@ class LocalLease:
 
     def stop(self) -> defer.Deferred[None]:
         return defer.succeed(None)
+def shared_windows(cluster: Cluster, name: str, clock: Any, window: float, emit: Callable[[str, list[Any]], None],
+                   codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> IWindowStore | None:
+    """A family's windows shared by the hubs of `cluster` (`name` keeps families apart; codec = (encode,
+    decode) a copy as text); None for one hub, which keeps its own windows in memory."""
+    if cluster.link is None:
+        return None
+    from bsscihub.cluster_redis import RedisWindows
+
+    return RedisWindows(cluster.link, cluster.node, name, clock, window, emit, codec)

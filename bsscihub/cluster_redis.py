@@ -28,6 +28,7 @@ from bsscihub.cluster import (
     IDedupStore,
     ILeaderLease,
     IStationOwnership,
+    IWindowStore,
     NoRoute,
     StationHandler,
     parse_redis_url,
@@ -36,7 +37,7 @@ from bsscihub.errors import CommandError, UserFacingError
 from bsscihub.ratelimit import ILimiter, RateLimiter
 
 __all__ = ["EventRelay", "RedisDedup", "RedisLease", "RedisLimiter", "RedisLink", "RedisOwnership", "RedisRouter",
-           "parse_redis_url", "redis_cluster"]
+           "RedisWindows", "parse_redis_url", "redis_cluster"]
 
 _PREFIX = "bsscihub:"
 OWNERS = _PREFIX + "owners"  # hash: family/station -> {"node", "seq"}
@@ -696,3 +697,87 @@ def add_limits_and_leases(cluster: Cluster) -> None:
     link = cluster.link
     cluster.make_limiter = lambda name, clock, **kw: RedisLimiter(link, name, clock, **kw)
     cluster.make_lease = lambda name, clock: RedisLease(link, cluster.node, name, clock)
+# One step per copy of a broadcast several sources report (BLE): it joins the window open for the key,
+# unless its source is in that window already (its next broadcast): then, or with no window, it opens one.
+_WINDOW_ADD = """
+local current = redis.call('GET', KEYS[1])
+if current and redis.call('SADD', KEYS[1] .. ':' .. current .. ':sources', ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[1] .. ':' .. current .. ':copies', ARGV[3])
+  return 'joined'
+end
+local sources, copies = KEYS[1] .. ':' .. ARGV[2] .. ':sources', KEYS[1] .. ':' .. ARGV[2] .. ':copies'
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+redis.call('SADD', sources, ARGV[1])
+redis.call('RPUSH', copies, ARGV[3])
+redis.call('PEXPIRE', sources, ARGV[5])
+redis.call('PEXPIRE', copies, ARGV[5])
+return 'opened'
+"""
+# The collector closes its window: its copies, and the next copy opens a new one.
+_WINDOW_CLOSE = """
+local copies = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2], KEYS[3])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return copies
+"""
+
+
+@implementer(IWindowStore)
+class RedisWindows:
+    """Windows of a broadcast shared by the hubs: the hub whose copy opens a window collects it for
+    `window` seconds and emits every hub's copies once; the others only add theirs in Redis.
+    A collector that dies takes its window with it (its keys expire 10 s after the window)."""
+
+    log = Logger()
+
+    def __init__(self, link: RedisLink, node: str, name: str, clock: Any, window: float,
+                 emit: Callable[[str, list[Any]], None],
+                 codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> None:
+        self.link, self.node, self.clock, self.window, self.emit = link, node, clock, window, emit
+        self.encode, self.decode = codec
+        self._prefix = f"{_PREFIX}window:{name}:"
+        self._window_ms = max(1, int(window * 1000))
+        self._keep_ms = self._window_ms + 10_000
+        self._open: dict[tuple[str, str], IDelayedCall] = {}
+        self._asking: set[defer.Deferred[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._open)
+
+    def add(self, key: str, source: str, copy: Any) -> None:
+        window_id = uuid.uuid4().hex[:16]
+        d = self.link.eval(_WINDOW_ADD, [self._prefix + key],
+                           [source, window_id, self.encode(copy), self._window_ms, self._keep_ms])
+        d.addCallbacks(self._answered, self._unreachable, (key, window_id), errbackArgs=(key, copy))
+        self._asking.add(d)
+        d.addBoth(lambda _: self._asking.discard(d))
+
+    def _answered(self, answer: Any, key: str, window_id: str) -> None:
+        if (answer.decode() if isinstance(answer, bytes) else answer) == "opened":
+            self._open[(key, window_id)] = self.clock.callLater(self.window, self._close, key, window_id)
+
+    def _unreachable(self, failure: Any, key: str, copy: Any) -> None:
+        # Better published alone than not at all.
+        self.log.warn("cluster: Redis did not take a copy of {key} ({problem}); publishing it alone",
+                      key=key, problem=failure.getErrorMessage())
+        self.emit(key, [copy])
+
+    def _close(self, key: str, window_id: str) -> defer.Deferred[None]:
+        timer = self._open.pop((key, window_id))
+        if timer.active():
+            timer.cancel()
+        base = self._prefix + key
+        d = self.link.eval(_WINDOW_CLOSE, [base, f"{base}:{window_id}:copies", f"{base}:{window_id}:sources"],
+                           [window_id])
+        d.addCallback(lambda rows: [self.decode(r.decode() if isinstance(r, bytes) else r) for r in rows or ()])
+        d.addCallback(lambda copies: self.emit(key, copies) if copies else None)
+        d.addErrback(lambda failure: self.log.failure("cluster: closing the window of {key}", failure, key=key))
+        return d
+
+    def flush(self) -> defer.Deferred[None]:
+        """Emit every window this hub collects now (once Redis answered the copies on their way);
+        fires once they are emitted."""
+        d: defer.Deferred[Any] = defer.DeferredList(list(self._asking))
+        d.addCallback(lambda _: defer.DeferredList([self._close(*window) for window in list(self._open)]))
+        return d.addCallback(lambda _: None)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from bsscihub import ingest
 from bsscihub.bus import Event
+from bsscihub.cluster import IWindowStore, shared_windows
 from bsscihub.contract import non_finite_name, opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
@@ -130,6 +131,26 @@ class Node:
                 "readings": self.readings, "values": dict(self.values)}
 
 
+@attrs.frozen
+class Copy:
+    """One gateway's copy of a broadcast on its way through the cluster's shared windows."""
+
+    time: float
+    gateway: str
+    rssi: int | None
+    values: Mapping[str, float]
+    invalid: Mapping[str, str]
+
+
+def encode_copy(copy: Copy) -> str:
+    return json.dumps([copy.time, copy.gateway, copy.rssi, dict(copy.values), dict(copy.invalid)])
+
+
+def decode_copy(text: str) -> Copy:
+    time, gateway, rssi, values, invalid = json.loads(text)
+    return Copy(time, gateway, rssi, values, invalid)
+
+
 @attrs.define
 class Window:
     """Copies of one beacon broadcast being collected, by gateway."""
@@ -155,6 +176,8 @@ class BLEService(FamilyService):
         self.gateways: dict[str, Gateway] = {}
         self.nodes: dict[str, Node] = {}
         self.windows: dict[str, Window] = {}
+        self.shared: IWindowStore | None = None
+        """In a cluster, the windows shared by the hubs (a gateway's messages may go to any of them)."""
         self.readings_stored = 0
         self._dirty_gateways: set[str] = set()
         self._dirty_nodes: set[str] = set()
@@ -184,6 +207,8 @@ class BLEService(FamilyService):
     # -- lifecycle
 
     async def prepare(self) -> None:
+        self.shared = shared_windows(self.hub.cluster, "ble", self.clock, self.config.dedup_window,
+                                     self._shared_closed, (encode_copy, decode_copy))
         rows = await self.hub.store.fetchall(
             "SELECT id, first_seen, last_seen, state, since, messages FROM ble_gateways"
         )
@@ -208,6 +233,8 @@ class BLEService(FamilyService):
                 loop.stop()
         for mac in list(self.windows):
             self._close_window(mac)
+        if self.shared is not None:
+            await self.shared.flush()
         await self._flush_registry()
 
     # -- ingress
@@ -247,6 +274,10 @@ class BLEService(FamilyService):
             self._write(self._new_nodes, (s.mac, now, now, s.gateway, s.rssi))
             self.emit("node_registered", f"ble/node/{s.mac}/event/registered",
                       {"mac": mac_text(s.mac), "gatewayId": s.gateway, "time": rfc3339(now)})
+        if self.shared is not None:
+            # the other hubs hold the other gateways' copies: one hub collects them all
+            self.shared.add(s.mac, s.gateway, Copy(now, s.gateway, s.rssi, s.values, s.invalid))
+            return
         window = self.windows.get(s.mac)
         if window is not None and s.gateway in window.rssi:
             # The same gateway again: a new broadcast, so the one being collected is complete.
@@ -279,12 +310,29 @@ class BLEService(FamilyService):
         gateway.unsaved += 1
         self._dirty_gateways.add(gid)
 
+    def _shared_closed(self, mac: str, copies: list[Copy]) -> None:
+        """A window collected across the hubs, copies in arrival order."""
+        first = copies[0]
+        window = Window(mac, first.time, dict(first.values), {first.gateway: first.rssi}, dict(first.invalid))
+        for copy in copies[1:]:
+            window.rssi.setdefault(copy.gateway, copy.rssi)
+            for key, value in copy.values.items():
+                window.values.setdefault(key, value)
+            for key, why in copy.invalid.items():
+                window.invalid.setdefault(key, why)
+        if mac in self.nodes:  # else forgotten meanwhile
+            self._publish(window)
+
     def _close_window(self, mac: str) -> None:
         window = self.windows.pop(mac, None)
         if window is None:
             return
         if window.timer is not None and window.timer.active():
             window.timer.cancel()
+        self._publish(window)
+
+    def _publish(self, window: Window) -> None:
+        mac = window.mac
         # Nearest first: the strongest signal (gateways that give none last); ties by gateway id, so the
         # order is stable.
         receivers = sorted(window.rssi.items(),

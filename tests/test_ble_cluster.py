@@ -1,0 +1,135 @@
+"""BLE in a cluster, on a real Redis and PostgreSQL: a beacon's copies whose gateways' messages went to
+different hubs come out as one reading, on one hub, with every receiver; a gateway reporting again
+starts the next reading, as on one hub."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from bsscihub.bus import Event
+from bsscihub.family import installed_families
+from bsscihub.hub import Hub, make_hub
+from bsscihub.protocols.ble.service import BLEService
+from tests.conftest import _reset_pg_schema, make_config
+from tests.redis_server import redis_url
+
+__all__ = ["redis_url"]  # fixture
+
+MAC = "112233445566"
+WINDOW = 0.3
+
+
+@attrs.define
+class BLEHub:
+    node: str
+    hub: Hub
+    service: BLEService
+    events: list[Event]
+
+    def heard(self, gateway: str, rssi: int, **values: Any) -> None:
+        """A gateway's message, as the broker handed it to this hub."""
+        doc = {"gateway_id": gateway, "mac": "11:22:33:44:55:66", "rssi": rssi, **values}
+        self.service.on_message(f"BLEGatewayData/{gateway}", json.dumps(doc).encode())
+
+    def readings(self) -> list[dict[str, Any]]:
+        return [dict(e.payload) for e in self.events if e.kind == "up"]
+
+
+async def start(tmp: Path, database: str, redis: str, node: str) -> BLEHub:
+    tmp.mkdir()
+    config = make_config(tmp, families=["ble"], database=database, cluster={"redis": redis, "node": node},
+                         ble={"dedup_window": WINDOW})
+    hub = make_hub(config, reactor, {"ble": installed_families()["ble"]})
+    assert hub.cluster.clustered
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    await hub.cluster.start()
+    events: list[Event] = []
+    hub.bus.subscribe(events.append)
+    service = BLEService(hub)
+    hub.services["ble"] = service
+    service.startService()
+    await service.when_ready()
+    return BLEHub(node, hub, service, events)
+
+
+@pytest_twisted.async_yield_fixture
+async def two_hubs(tmp_path: Path, postgres_url: str, redis_url: str) -> AsyncIterator[tuple[BLEHub, BLEHub]]:
+    _reset_pg_schema(postgres_url)
+    one = await start(tmp_path / "one", postgres_url, redis_url, "hub-1")
+    two = await start(tmp_path / "two", postgres_url, redis_url, "hub-2")
+    yield one, two
+    for running in (one, two):
+        if running.service.running:
+            await running.service.stopService()
+        await running.hub.cluster.stop()
+        await running.hub.store.stop()
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, "condition not met in time"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+def everywhere(*hubs: BLEHub) -> list[tuple[str, dict[str, Any]]]:
+    return [(h.node, r) for h in hubs for r in h.readings()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_on_two_hubs_make_one_reading_with_every_receiver(two_hubs: tuple[BLEHub, BLEHub]) -> None:
+    one, two = two_hubs
+    one.heard("GW1", -71, temperature=22)
+    two.heard("GW2", -60, temperature=22, humidity=65)
+    await until(lambda: len(everywhere(one, two)) == 1)
+    await deferLater(reactor, WINDOW * 2, lambda: None)  # a second reading would be out by now
+    [(node, reading)] = everywhere(one, two)
+    assert node == "hub-1"  # the hub whose copy opened the window publishes it
+    assert reading["receivers"] == [{"gatewayId": "GW2", "rssi": -60}, {"gatewayId": "GW1", "rssi": -71}]
+    assert (reading["mac"], reading["gatewayId"], reading["rssi"]) == ("11:22:33:44:55:66", "GW2", -60)
+    assert reading["values"] == {"temperature": 22.0, "humidity": 65.0}
+    # stored once, in the shared database
+    await until(lambda: one.service.readings_stored >= 1)
+    rows = await one.hub.store.fetchall("SELECT mac, receivers FROM ble_readings")
+    assert [(mac, len(json.loads(receivers))) for mac, receivers in rows] == [(MAC, 2)]
+    assert two.service.readings_stored == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_reporting_again_starts_the_next_reading_on_any_hub(two_hubs: tuple[BLEHub, BLEHub]) -> None:
+    one, two = two_hubs
+    one.heard("GW1", -70, temperature=23)
+    await until(lambda: one.service.shared is not None and one.service.shared.pending == 1)
+    two.heard("GW1", -69, temperature=24)  # the same gateway: the next broadcast, its message on the other hub
+    two.heard("GW2", -80, temperature=24)
+    await until(lambda: len(everywhere(one, two)) == 2)
+    await deferLater(reactor, WINDOW * 2, lambda: None)
+    found = sorted(everywhere(one, two), key=lambda item: item[1]["values"]["temperature"])
+    assert [(node, r["values"]["temperature"], [g["gatewayId"] for g in r["receivers"]]) for node, r in found] == [
+        ("hub-1", 23.0, ["GW1"]),
+        ("hub-2", 24.0, ["GW1", "GW2"]),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hub_stopping_publishes_the_windows_it_collects(two_hubs: tuple[BLEHub, BLEHub]) -> None:
+    one, two = two_hubs
+    one.heard("GW1", -70, temperature=21)
+    await until(lambda: one.service.shared is not None and one.service.shared.pending == 1)
+    two.heard("GW2", -75, temperature=21)
+    await until(lambda: not two.service.shared._asking)  # type: ignore[union-attr]  # in Redis
+    await one.service.stopService()  # inside the window
+    [(node, reading)] = everywhere(one, two)
+    assert node == "hub-1"
+    assert reading["receivers"] == [{"gatewayId": "GW1", "rssi": -70}, {"gatewayId": "GW2", "rssi": -75}]
+    await deferLater(reactor, WINDOW * 2, lambda: None)
+    assert len(everywhere(one, two)) == 1
