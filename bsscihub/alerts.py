@@ -17,9 +17,15 @@ from twisted.python.failure import Failure
 from bsscihub.bus import Event
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
+from bsscihub.family import EventSpec
 from bsscihub.store import Migration
 
 CONDITIONS = ("offline", "battery_below", "signal_below")
+EVENTS = (  # what AlertService.payload publishes, declared as a family declares its events
+    EventSpec("alert", "alerts/{family}/{kind}/{id}/{condition}", False,
+              '{"ruleId", "rule", "family", "kind", "id", "condition", "state", "value", "threshold", "since",'
+              ' "lastSeen", "time"}'),
+)
 
 MIGRATIONS = [
     Migration(

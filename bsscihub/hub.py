@@ -23,7 +23,7 @@ from bsscihub.bus import EventBus
 from bsscihub.cluster import Cluster, local_cluster
 from bsscihub.config import HubConfig
 from bsscihub.errors import UserFacingError
-from bsscihub.family import IFamily, IFamilyService
+from bsscihub.family import EventSpec, IFamily, IFamilyService
 from bsscihub.health import ComponentHealth, HealthRegistry
 from bsscihub.metrics import register_standard_collectors
 from bsscihub.store import Migration, Store, open_store
@@ -72,6 +72,14 @@ class Hub:
         from bsscihub.webhooks import MIGRATIONS as WEBHOOKS
 
         return found + ALERTS + WEBHOOKS
+
+
+def core_events() -> tuple[EventSpec, ...]:
+    """What the core publishes beside the families (hub presence, alerts), each declared next to its payload."""
+    from bsscihub.alerts import EVENTS as ALERTS
+    from bsscihub.mqtt.bridge import STATUS_EVENTS
+
+    return STATUS_EVENTS + ALERTS
 
 
 def make_hub(config: HubConfig, reactor: Any, families: dict[str, IFamily]) -> Hub:

@@ -40,24 +40,48 @@ def doc_rows(files: Sequence[Path] = DOCS) -> dict[str, list[DocRow]]:
     return rows
 
 
+def doc_problems(event: Event, rows: dict[str, list[DocRow]] | None = None) -> list[str]:
+    """What the docs' topic tables say that `event` contradicts: its row, retained, the keys of its payload."""
+    rows = doc_rows() if rows is None else rows
+    found = [row for topic, listed in rows.items() if topic_pattern(topic).match(event.topic) for row in listed]
+    if not found:
+        return [f"{event.topic} is in no topic table of {', '.join(d.name for d in DOCS)}"]
+    problems = []
+    for row in found:
+        if row.retained != event.retain:
+            problems.append(f"{row.file}: {event.topic} retained {row.retained}, published {event.retain}")
+        shape = shape_of(row.payload)
+        if shape is None:
+            continue
+        keys = set(event.payload)
+        if missing := shape.required - keys:
+            problems.append(f"{row.file}: {event.topic} lacks documented {sorted(missing)}")
+        if not shape.open and (extra := keys - shape.required - shape.optional):
+            problems.append(f"{row.file}: {event.topic} has undocumented {sorted(extra)}")
+    return problems
+
+
 class ContractWitness:
-    """Subscribed to a hub's bus: every event of `family` checked against its specs as it is published."""
+    """Subscribed to a hub's bus: every event of `family` checked against its specs and the docs' topic
+    tables as it is published."""
 
     def __init__(self, bus: Any, family: str, specs: Sequence[EventSpec]) -> None:
         self.family, self.specs = family, specs
         self.events: list[Event] = []
         self.problems: list[str] = []
+        self._rows = doc_rows()
         self.unsubscribe = bus.subscribe(self)
 
     def __call__(self, event: Event) -> None:
         if event.family != self.family:
             return
         self.events.append(event)
-        self.problems += event_problems(event, self.specs)
+        self.problems += event_problems(event, self.specs) + doc_problems(event, self._rows)
 
     def kinds(self) -> set[str]:
         return {e.kind for e in self.events}
 
 
 violations = event_problems
-__all__ = ["DOCS", "ContractWitness", "DocRow", "Shape", "doc_rows", "shape_of", "topic_pattern", "violations"]
+__all__ = ["DOCS", "ContractWitness", "DocRow", "Shape", "doc_problems", "doc_rows", "shape_of", "topic_pattern",
+           "violations"]

@@ -30,7 +30,7 @@ from bsscihub.bus import Event, PlainJSON
 from bsscihub.config import ConfigError, MQTTConfig
 from bsscihub.contract import rfc3339
 from bsscihub.errors import CommandError
-from bsscihub.family import IMQTTLayout, IMQTTLayouts
+from bsscihub.family import EventSpec, IMQTTLayout, IMQTTLayouts
 from bsscihub.health import ComponentHealth
 from bsscihub.mqtt.client import MQTTSettings, ReactorMQTTClient, Will
 from bsscihub.mqtt.outbox import Outbox, check_topic
@@ -127,6 +127,13 @@ def hub_status(state: str, version: str, since: float | None, node: str | None =
     if node is not None:
         doc["node"] = node
     return to_json(doc)
+
+
+# The core's own contract, as a family declares its EventSpecs (the contract test checks them too).
+STATUS_EVENTS = (
+    EventSpec("status", "hub/status", True, '{"state", "version", "since"}'),
+    EventSpec("status", "hub/{node}/status", True, '{"state", "version", "since", "node"}'),
+)
 
 
 # -- commands -----------------------------------------------------------------------
