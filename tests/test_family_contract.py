@@ -22,6 +22,9 @@ from bsscihub.hub import core_events
 from bsscihub.mqtt.bridge import STATUS_EVENTS, hub_status
 from tests.contract import DOCS, ContractWitness, DocRow, doc_problems, doc_rows, shape_of, topic_pattern, violations
 from tests.memory_bridge import running_family, stop_family, until
+from tests.test_mioty_service import PKI, pki
+
+__all__ = ["pki"]  # a fixture, imported for pytest
 
 FAMILIES = installed_families()
 FAMILY_SPECS = [(name, spec) for name, family in sorted(FAMILIES.items()) for spec in family.events]
@@ -223,3 +226,53 @@ async def test_gate_publishes_what_it_declares(tmp_path: Path) -> None:
     assert witness.problems == []
     # cmd_result is the MQTT bridge's answer, the same for every family (tests/test_mqtt_bridge.py)
     assert {s.kind for s in FAMILIES["gate"].events} - witness.kinds() == {"cmd_result"}
+
+
+# -- mioty, behind its real mutual-TLS listener (no broker): stations and end points as tests' clients
+
+
+@pytest_twisted.ensureDeferred
+async def test_mioty_publishes_what_it_declares(tmp_path: Path, pki: PKI) -> None:
+    from bsscihub.protocols.bssci.crypto import attach_signature
+    from tests.test_mioty_field import EP_INT, att
+    from tests.test_mioty_service import EP, KEY, A, B, heard, start, wait_for
+    from tests.test_mioty_vm import METER, VmStation, connect
+    from tests.wmbus_frames import mode5_frame
+
+    running = await start(tmp_path, pki, vm_mac_types={1: "wmbus", 7: "raw"})
+    witness = ContractWitness(running.hub.bus, "mioty", FAMILIES["mioty"].events)
+    service = running.service
+    try:
+        # End points: attach, uplink, downlink and its result, reception status, a refused attach, detach.
+        await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        b = await running.station("bs-b", B)  # state, and status (polled on connection)
+        await b.expect("attPrp")
+        await heard(running, b)
+        queued = await service.queue_downlink(EP, b"\xca\xfe", actor="test")
+        await b.expect("dlDataQue")
+        op = b.send("dlDataRes", epEui=EP_INT, queId=queued["queId"], result="sent", txTime=7, packetCnt=2)
+        await b.expect("dlDataResRsp")
+        b.send("dlDataResCmp", op)
+        op = b.send("dlRxStat", epEui=EP_INT, rxTime=9, packetCnt=3, dlRxSnr=4.5, dlRxRssi=-99.0)
+        await b.expect("dlRxStatRsp")
+        att(b, 1, attach_signature(KEY, 0x99, 1))
+        await b.expect("error")
+        await service.detach(EP, actor="test")
+        # Silence: warned, then detached by the hub.
+        await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        now = service.clock.seconds()
+        await service.check_lifecycle(now + 36 * 3600)
+        await service.check_lifecycle(now + 72 * 3600)
+        # Variable MAC: a meter's first reading registers it, its downlink goes with its next uplink; a raw frame.
+        a = await connect(running, "bs-a", A, VmStation(active=[1, 7]))
+        a.vm_uplink(mode5_frame(), sys_time=1)
+        await wait_for(lambda: "registered" in witness.kinds())
+        await service.vm.queue_downlink(METER, "0102", actor="test")
+        a.vm_uplink(mode5_frame(acc=0x2B), sys_time=2)
+        a.vm_uplink(b"\x01\x02\x03", mac_type=7, sys_time=3)
+        expected = {s.kind for s in FAMILIES["mioty"].events} - {"cmd_result"}  # the MQTT bridge's answer
+        await wait_for(lambda: expected <= witness.kinds())
+    finally:
+        await running.stop()
+    assert witness.problems == []
+    assert {(e.kind, e.topic.split("/")[1]) for e in witness.events} >= {("dl_result", "ep"), ("dl_result", "meter")}
