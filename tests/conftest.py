@@ -18,6 +18,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 from bsscihub.config import HubConfig, load_config
 from bsscihub.family import all_config_sections, installed_families
 from bsscihub.store import Store, open_store
+from tests.helpers import init_home
 
 pytest_plugins = ["tests.broker"]
 
@@ -107,3 +108,18 @@ def logged() -> Iterator[list[LogEvent]]:
     globalLogPublisher.addObserver(events.append)
     yield events
     globalLogPublisher.removeObserver(events.append)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A directory after `bsscihub init` (certificates, schema, admin user), for a hub under twistd."""
+    return init_home(tmp_path)
+
+
+@pytest.fixture
+def log(home: Path) -> Iterator[Path]:
+    """Where hubs under twistd write their output; printed at teardown, so a failure shows it."""
+    path = home / "hub.log"
+    yield path
+    if path.exists():
+        print(path.read_text())

@@ -17,6 +17,7 @@ from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from tests.conftest import make_config
 from tests.contract import ContractWitness
+from tests.helpers import until
 
 
 class MemoryBridge:
@@ -104,17 +105,6 @@ async def stop_family(hub: Hub) -> None:
     for service in hub.services.values():
         await service.stopService()
     await hub.store.stop()
-
-
-async def until(condition: Any, what: str, timeout: float = 15.0) -> None:
-    """Wait (on the real reactor: store writes finish on their thread) until `condition()`."""
-    from twisted.internet import reactor, task
-
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 # -- a whole hub (real MQTTBridge, outbox, commands, web) whose MQTT client talks to a broker in memory

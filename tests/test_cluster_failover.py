@@ -22,9 +22,9 @@ from twisted.internet.task import deferLater
 
 from tests.broker import Mosquitto, Subscriber, free_port
 from tests.conftest import _reset_pg_schema
+from tests.helpers import CONFIG, TWISTD, clean_env
 from tests.redis_server import redis_url
 from tests.test_mioty_service import EP, PKI, A, B, Station, pki
-from tests.test_twistd import CONFIG, TWISTD, clean_env
 
 __all__ = ["pki", "redis_url"]  # fixtures
 

@@ -22,6 +22,7 @@ from bsscihub.family import installed_families
 from bsscihub.hub import make_hub
 from bsscihub.protocols.bssci.service import MiotyService
 from tests.conftest import _reset_pg_schema, make_config
+from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
 from tests.test_mioty_service import EP, PKI, A, B, Running, pki
 
@@ -30,14 +31,6 @@ __all__ = ["pki", "redis_url"]  # fixtures
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
 BS = A
-
-
-async def wait_for(condition: Any, timeout: float = 15.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.005, lambda: None)
 
 
 @pytest_twisted.async_yield_fixture

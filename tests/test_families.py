@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 import pytest_twisted
 import treq
 from paho.mqtt.enums import CallbackAPIVersion
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from zope.interface.verify import verifyObject
 
 import bsscihub.plugins
@@ -32,6 +31,7 @@ from bsscihub.tap import build_service, load_hub_config
 from bsscihub.web import auth
 from tests.broker import Mosquitto, Subscriber
 from tests.conftest import make_config
+from tests.helpers import until as eventually
 from tests.memory_bridge import ClockedReactor, FollowingClock, MemoryBroker, MemoryWitness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,20 +40,6 @@ RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 """A time as the contract writes it in every MQTT payload and REST body."""
 
 # -- shared by the family tests (test_ble, test_devices): a whole hub on a real broker
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `check` (sync or async) until it returns something truthy; its last value is returned."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = check()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
-        await task.deferLater(reactor, 0.03, lambda: None)
 
 
 class DeviceClient:

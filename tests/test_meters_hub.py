@@ -18,15 +18,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import Framer
-from tests import test_mioty_crash, test_twistd
 from tests.broker import Mosquitto, Received, Subscriber, free_port
 from tests.captures import load_capture
-from tests.test_mioty_crash import Station, kill, start_hub
-from tests.test_twistd import CONFIG, clean_env, login_token
+from tests.helpers import CONFIG, clean_env, kill, login_token, start_hub
+from tests.test_mioty_crash import Station
 from tests.wmbus_frames import KEY, WATER_VALUES, mode5_frame
-
-home = test_twistd.home  # the fixture: a directory after `bsscihub init`
-log = test_mioty_crash.log  # the fixture: the hubs' output, printed at teardown
 
 A, B = "70b3d59cd00000a1", "70b3d59cd00000b2"
 DIEHL, BUILT = "dme-81795246", "dme-12345678"

@@ -11,19 +11,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bsscihub.pki import issue_client_cert
-from tests import test_twistd
 from tests.broker import Mosquitto, Received, Subscriber, free_port
-from tests.test_mioty_crash import Station, kill, metric, start_hub
-from tests.test_twistd import CONFIG, clean_env, login_token
-
-home = test_twistd.home  # the fixture: a directory after `bsscihub init`
+from tests.helpers import CONFIG, clean_env, kill, login_token, start_hub
+from tests.test_mioty_crash import Station, metric
 
 DATA = Path(__file__).parent / "data" / "blueprints"
 EP = "0011223344556677"
@@ -52,14 +47,6 @@ def api(web: int, token: str, method: str, path: str, body: Any = None) -> tuple
 
 def up_of(ep: str) -> Callable[[Received], bool]:
     return lambda m: m.topic == f"bsscihub/mioty/ep/{ep}/up"
-
-
-@pytest.fixture
-def log(home: Path) -> Iterator[Path]:
-    path = home / "hub.log"
-    yield path
-    if path.exists():
-        print(path.read_text())
 
 
 def send_uplink(station: Station, cnt: int, data: bytes, fmt: int) -> None:

@@ -12,19 +12,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import MAGIC, Framer, encode_frame
-from tests import test_twistd
 from tests.broker import Mosquitto, Received, Subscriber, free_port
-from tests.test_twistd import CONFIG, TWISTD, clean_env, get_health
-
-home = test_twistd.home  # the fixture: a directory after `bsscihub init`
+from tests.helpers import CONFIG, clean_env, kill, start_hub
 
 EP = "0011223344556677"
 KEY = "000102030405060708090a0b0c0d0e0f"
@@ -109,14 +104,6 @@ class Station:
         self.sock.close()
 
 
-def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
-
-
 def metric(web: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -134,56 +121,6 @@ def is_uplink(message: Received) -> bool:
 
 def offline(message: Received) -> bool:
     return message.topic == "bsscihub/hub/status" and doc(message)["state"] == "offline"
-
-
-def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Mosquitto, **env: str) -> subprocess.Popen[bytes]:
-    """twistd -n bsscihub with stdout in `log`, once /health says every component is up."""
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
-            env=clean_env(
-                BSSCIHUB_DATA_DIR=str(home / "data"),
-                BSSCIHUB_FAMILIES="[mioty]",
-                BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
-                BSSCIHUB_BSSCI_LISTEN=f"tcp:{bssci}:interface=127.0.0.1",
-                BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
-                BSSCIHUB_WEB_PUBLIC_HEALTH="true",  # /metrics and /health's detail without logging in
-                **env,
-            ),
-            cwd=home,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def healthy() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return get_health(web)[1]["status"] == "ok"  # ready, and the broker connected too
-        except OSError:
-            return False
-
-    try:
-        until(healthy, "the hub serving /health with every component up")
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return process
-
-
-def kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture
-def log(home: Path) -> Iterator[Path]:
-    """Where the hubs write their output; printed at teardown, so a failure shows it."""
-    path = home / "hub.log"
-    yield path
-    if path.exists():
-        print(path.read_text())
 
 
 def test_acknowledged_uplinks_survive_kill_9_and_are_published_once_after_the_restart(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.downlinks import PENDING, TRANSITIONS, Downlink, Downlinks, DownlinkState
@@ -17,6 +17,7 @@ from bsscihub.protocols.bssci.schema import MIGRATIONS
 from bsscihub.protocols.bssci.session import EINVAL, OperationFailed, OperationTimedOut, State
 from bsscihub.store import Store
 from bsscihub.store.schema import CORE_MIGRATIONS
+from tests.helpers import until
 
 EP = "0011223344556677"
 A, B = "00000000000000aa", "00000000000000bb"
@@ -100,14 +101,6 @@ class Rig:
         await defer.gatherResults(self.writes)
         [row] = await self.registry.downlinks(EP, que_id=dl.que_id)
         return row
-
-
-async def until(condition: Any, timeout: float = 15.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.005, lambda: None)
 
 
 async def rig(store: Store) -> Rig:

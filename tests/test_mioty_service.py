@@ -31,6 +31,7 @@ from bsscihub.pki import create_ca, issue_client_cert, issue_server_cert
 from bsscihub.protocols.bssci.framing import Framer, encode_frame
 from bsscihub.protocols.bssci.service import MiotyService, UnknownDevice
 from tests.conftest import make_config
+from tests.helpers import until as wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
@@ -169,15 +170,6 @@ class Running:
         if self.service.running:
             await self.service.stopService()
         await self.hub.store.stop()
-
-
-async def wait_for(condition: Any, timeout: float = 15.0) -> None:
-    """Until `condition()` holds; the deadline is generous (a loaded machine), success returns at once."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.005, lambda: None)
 
 
 async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any] | None = None,

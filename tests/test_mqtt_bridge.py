@@ -37,6 +37,7 @@ from bsscihub.hub import make_hub
 from bsscihub.mqtt.bridge import MQTTBridge, decode_command, install
 from tests.broker import BrokerTLS, Mosquitto, Received, Subscriber
 from tests.conftest import make_config
+from tests.helpers import until
 from tests.memory_bridge import MemoryBroker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,14 +168,6 @@ async def crashing(kind: str, ident: str, name: str, payload: dict[str, Any]) ->
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise TimeoutError("condition not met in time")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 async def subscribed(broker: Mosquitto, bridge: MQTTBridge, topic_filter: str | None = None, times: int = 1) -> None:

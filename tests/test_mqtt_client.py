@@ -39,6 +39,7 @@ from bsscihub.mqtt.client import (
     Will,
 )
 from tests.broker import BrokerTLS, Mosquitto, Subscriber
+from tests.helpers import until
 
 reactor: Any = _reactor
 
@@ -610,14 +611,6 @@ class Recorder:
             on_disconnect=self.on_disconnect,
             on_message=self.on_message,
         )
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise TimeoutError("condition not met in time")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 def settings_for(broker: Mosquitto, **kw: Any) -> MQTTSettings:

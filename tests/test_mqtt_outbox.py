@@ -14,7 +14,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.logger import LogEvent
 
 from bsscihub.bus import Event
@@ -24,6 +23,7 @@ from bsscihub.mqtt.client import ConnectionLost, PublishRefused
 from bsscihub.mqtt.outbox import Outbox, OutboxDropped, OutboxFull
 from tests.broker import Mosquitto, Subscriber
 from tests.conftest import make_config
+from tests.helpers import until
 
 
 class Wire:
@@ -60,14 +60,6 @@ class Wire:
     @property
     def payloads(self) -> list[bytes]:
         return [p for _, p, _, _ in self.sent]
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise TimeoutError("condition not met in time")
-        await deferLater(reactor, 0.005, lambda: None)
 
 
 def numbered(count: int, start: int = 0) -> list[bytes]:

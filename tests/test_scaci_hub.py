@@ -13,13 +13,9 @@ from typing import Any
 
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.scaci import MAGIC_AC
-from tests import test_mioty_crash, test_twistd
 from tests.broker import Mosquitto, free_port
-from tests.test_mioty_crash import Station, kill, start_hub
-from tests.test_twistd import CONFIG, clean_env
-
-home = test_twistd.home  # the fixture: a directory after `bsscihub init`
-log = test_mioty_crash.log  # the fixture: the hubs' output, printed at teardown
+from tests.helpers import CONFIG, clean_env, kill, start_hub
+from tests.test_mioty_crash import Station
 
 EP = "0011223344556677"
 A = "70b3d59cd00000a1"

@@ -5,7 +5,7 @@ at a bounded rate, and a real base station still gets in once slots are free."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from bsscihub.tls import ConnectionLimits, MutualTLSEndpoint
+from tests.helpers import until
 from tests.test_tls import PKI, pki  # noqa: F401 - the module-scoped PKI fixture
 
 
@@ -64,14 +65,6 @@ def tls_lines() -> Iterator[list[str]]:
 
 async def settle(seconds: float = 0.3) -> None:
     await deferLater(reactor, seconds, lambda: None)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Lets the reactor run until `condition` holds (a loaded machine may take a while to accept)."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        assert reactor.seconds() < deadline, "timed out"
-        await settle(0.05)
 
 
 def open_sockets(port: int, count: int) -> list[socket.socket]:

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import pytest
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
 from bsscihub.tap import GC_THRESHOLDS, tune_gc
 from tests.broker import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "etc" / "hub.yaml")
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BSSCIHUB_")}
-    return {**env, **extra}
+from tests.helpers import CONFIG, TWISTD, clean_env, get_health, login_token, wait_until
 
 
 def test_plugin_is_discoverable() -> None:
@@ -64,17 +51,6 @@ def test_bad_value_stops_startup_with_one_line(tmp_path: Path) -> None:
     )
 
 
-def get_health(port: int, path: str = "/health", token: str | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=2) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
 def start_hub(home: Path, web: int, **extra: str) -> subprocess.Popen[str]:
     env = clean_env(
         BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
@@ -91,16 +67,22 @@ def start_hub(home: Path, web: int, **extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         assert process.poll() is None, process.communicate()[0]
         try:
             get_health(web)
-            return process
+            return True
         except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("the hub did not serve /health within 30 s")
+            return False
+
+    try:
+        wait_until(serving, "the hub serving /health", timeout=30)
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    return process
 
 
 def stop_hub(process: subprocess.Popen[str]) -> tuple[int, str, float]:
@@ -110,39 +92,12 @@ def stop_hub(process: subprocess.Popen[str]) -> tuple[int, str, float]:
     return process.returncode, output, time.monotonic() - started
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """A directory after `bsscihub init` (certificates, schema, admin user)."""
-    init = subprocess.run(
-        [sys.executable, "-m", "bsscihub.cli", "init", "--config", CONFIG],
-        cwd=tmp_path,
-        env=clean_env(BSSCIHUB_DATA_DIR=str(tmp_path / "data")),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert init.returncode == 0, init.stderr
-    password = init.stdout.split("its password (shown only now): ", 1)[1].split()[0]
-    (tmp_path / "admin-password").write_text(password)
-    return tmp_path
-
-
-def login_token(port: int, home: Path) -> str:
-    body = json.dumps({"username": "admin", "password": (home / "admin-password").read_text()}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/auth/token", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return str(json.load(r)["token"])
-
-
 def test_runs_serves_health_without_broker_stops_cleanly_and_restarts(home: Path) -> None:
     tmp_path = home
     web = free_port()
 
     hub = start_hub(tmp_path, web)
-    deadline = time.monotonic() + 30
-    while get_health(web, "/health/ready")[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: get_health(web, "/health/ready")[0] == 200, "/health/ready", timeout=30)
     # No broker: the hub is live and ready (the outbox keeps every message); /health says MQTT is down.
     assert get_health(web, "/health/live") == (200, {"status": "live"})
     assert get_health(web, "/health/ready") == (200, {"status": "ready"})

@@ -1,0 +1,138 @@
+"""What the tests share, once: waiting until a condition holds (letting the reactor run, or blocking a thread),
+and the hub under twistd as a user runs it (a directory after `bsscihub init`, started until /health, killed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "etc" / "hub.yaml")
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+# -- waiting: the deadline is generous (a loaded machine), success returns at once
+
+
+async def until(condition: Callable[[], Any], what: str = "condition", timeout: float = 15.0,
+                interval: float = 0.005) -> Any:
+    """Let the reactor run until `condition()` (sync, or returning an awaitable) is truthy; return that value."""
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = condition()
+        if hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s (last value {value!r})")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+def wait_until(condition: Callable[[], Any], what: str = "condition", timeout: float = 15.0,
+               interval: float = 0.02) -> Any:
+    """`until` for code off the reactor (a hub in another process): blocks this thread between checks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s (last value {value!r})")
+        time.sleep(interval)
+
+
+# -- the hub under twistd
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without BSSCIHUB_* settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BSSCIHUB_")}
+    return {**env, **extra}
+
+
+def init_home(directory: Path) -> Path:
+    """`bsscihub init` in `directory` (certificates, schema, admin user); the admin's password in admin-password."""
+    init = subprocess.run(
+        [sys.executable, "-m", "bsscihub.cli", "init", "--config", CONFIG],
+        cwd=directory,
+        env=clean_env(BSSCIHUB_DATA_DIR=str(directory / "data")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    password = init.stdout.split("its password (shown only now): ", 1)[1].split()[0]
+    (directory / "admin-password").write_text(password)
+    return directory
+
+
+def get_health(port: int, path: str = "/health", token: str | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def login_token(port: int, home: Path) -> str:
+    body = json.dumps({"username": "admin", "password": (home / "admin-password").read_text()}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/auth/token", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return str(json.load(r)["token"])
+
+
+def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Any, **env: str) -> subprocess.Popen[bytes]:
+    """twistd -n bsscihub (mioty) with its output in `log`, returned once /health says every component is up."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
+            env=clean_env(
+                BSSCIHUB_DATA_DIR=str(home / "data"),
+                BSSCIHUB_FAMILIES="[mioty]",
+                BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
+                BSSCIHUB_BSSCI_LISTEN=f"tcp:{bssci}:interface=127.0.0.1",
+                BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
+                BSSCIHUB_WEB_PUBLIC_HEALTH="true",  # /metrics and /health's detail without logging in
+                **env,
+            ),
+            cwd=home,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return get_health(web)[1]["status"] == "ok"  # ready, and the broker connected too
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, "the hub serving /health with every component up")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
+def kill(process: subprocess.Popen[Any]) -> None:
+    """SIGKILL, as a crash: nothing is closed cleanly."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
