@@ -1,5 +1,5 @@
-"""In-memory stand-ins for family tests: the MQTT bridge's families API (subscribe, publish, topic) and a
-reactor whose time is a Clock, so family behaviour is tested without a broker and without sleeping."""
+"""In-memory stand-ins for family tests: a broker in memory behind the hub's real MQTT bridge, and a reactor
+whose time is a Clock, so family behaviour is tested without a broker process and without sleeping."""
 
 from __future__ import annotations
 
@@ -14,49 +14,34 @@ from twisted.internet import defer
 from twisted.internet.task import Clock, LoopingCall
 
 from bsscihub.family import installed_families
-from bsscihub.hub import Hub, make_hub
+from bsscihub.hub import Hub, assemble_hub
 from tests.conftest import make_config
 from tests.contract import ContractWitness
 from tests.helpers import until
 
 
-class MemoryBridge:
-    """What FamilyService and the families use of bsscihub.mqtt.bridge.MQTTBridge, kept in memory."""
+class Devices:
+    """Devices and gateways publishing to a family's hub through a MemoryBroker, handed over at once."""
 
-    connected = True
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.handlers: dict[str, list[Any]] = {}
-        self.published: list[tuple[str, Any, bool]] = []
-
-    def topic(self, relative: str) -> str:
-        return f"{self.prefix}/{relative}"
-
-    def subscribe(self, topic_filter: str, handler: Any) -> defer.Deferred[Any]:
-        self.handlers.setdefault(topic_filter, []).append(handler)
-        return defer.succeed(0)
-
-    def unsubscribe(self, topic_filter: str, handler: Any) -> None:
-        if handler in self.handlers.get(topic_filter, []):
-            self.handlers[topic_filter].remove(handler)
-
-    def publish(self, topic: str, payload: Any, retain: bool = False, *, acked: bool = False) -> defer.Deferred[None]:
-        self.published.append((topic, payload, retain))
-        return defer.succeed(None)
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
 
     def deliver(self, topic: str, payload: bytes | str | Mapping[str, Any] | list[Any]) -> int:
-        """A device's message, as the broker would hand it over; returns how many handlers took it."""
+        """A device's message, as the broker hands it to the hub's MQTT client (synchronously here, so
+        that a test moving a Clock right after sees it handled); returns how many subscriptions took it."""
         if isinstance(payload, str):
             data = payload.encode()
         elif isinstance(payload, bytes):
             data = payload
         else:
             data = json.dumps(payload).encode()
-        matched = [h for f, hs in self.handlers.items() if topic_matches_sub(f, topic) for h in hs]
-        for handler in matched:
-            handler(topic, data, None)
-        return len(matched)
+        taken = 0
+        for client in self.broker.clients:
+            matched = [f for f in client.subscriptions if topic_matches_sub(f, topic)]
+            if client.connected and matched:
+                taken += len(matched)
+                client.on_message(topic, data, None)
+        return taken
 
 
 class ClockedReactor:
@@ -80,30 +65,34 @@ class ClockedReactor:
 
 
 async def running_family(tmp_path: Path, family: str, clock: Any = None,
-                         **sections: Any) -> tuple[Hub, MemoryBridge, ContractWitness]:
-    """One family's service on a migrated SQLite store, fed by a MemoryBridge, its events checked
-    against its EventSpecs as they are published; time from `clock` when given."""
+                         **sections: Any) -> tuple[Hub, Devices, ContractWitness]:
+    """One family's hub (its service and the real MQTT bridge, on a MemoryBroker) on a migrated SQLite
+    store, its events checked against its EventSpecs as they are published; time from `clock` when given."""
     from twisted.internet import reactor
 
     families = installed_families()
     config = make_config(tmp_path, families=[family], **sections)
-    hub = make_hub(config, reactor if clock is None else ClockedReactor(reactor, clock), {family: families[family]})
-    bridge = MemoryBridge(config.mqtt.prefix)
-    hub.mqtt = bridge  # type: ignore[assignment]
+    broker = MemoryBroker()
+    hub = assemble_hub(config, reactor if clock is None else ClockedReactor(reactor, clock),
+                       {family: families[family]}, mqtt_client=broker.client_factory)
+    assert hub.mqtt is not None
     witness = ContractWitness(hub.bus, family, families[family].events)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     hub.store.start()
     await hub.store.migrate(hub.migrations())
-    service = families[family].make_service(hub)
-    hub.services[family] = service
+    hub.mqtt.startService()
+    await until(lambda: hub.mqtt is not None and hub.mqtt.connected, "the MQTT bridge connected")
+    service = hub.services[family]
     service.startService()
     await service.when_subscribed()
-    return hub, bridge, witness
+    return hub, Devices(broker), witness
 
 
 async def stop_family(hub: Hub) -> None:
     for service in hub.services.values():
         await service.stopService()
+    if hub.mqtt is not None:
+        await hub.mqtt.stopService()
     await hub.store.stop()
 
 
