@@ -101,6 +101,10 @@ class IStationOwnership(Interface):
     def owner(family: str, station: str) -> str | None:
         """The node name of the hub that holds `station` now, if any hub does (as last known here)."""
 
+    def watch(callback: Callable[[str, str, str], None]) -> None:
+        """Call `callback(family, station, node)` for every claim made from now on, on any hub
+        (what a hub keeps for a station, e.g. its downlinks, moves with it)."""
+
 
 class ICommandRouter(Interface):
     """Runs a station-bound command (poll, downlink, revocation, ...) on the hub holding the station."""
@@ -111,6 +115,16 @@ class ICommandRouter(Interface):
     def route(family: str, station: str, name: str, args: Any) -> defer.Deferred[Any]:
         """Run command `name` for `station` where the station is connected; fires with the
         handler's result or fails with its error (NoRoute: no handler for the family)."""
+
+    def call(node: str, family: str, name: str, args: Any) -> defer.Deferred[Any]:
+        """Run command `name` on hub `node` (station ""): there, or here if `node` is this hub or gone."""
+
+    def broadcast(family: str, name: str, args: Any) -> defer.Deferred[list[Any]]:
+        """Run command `name` (station "") on every other hub; fires with the results of those that
+        answered in time (a hub that failed or stayed silent is left out and logged)."""
+
+    def alive(node: str) -> defer.Deferred[bool]:
+        """Whether hub `node` runs now (listens for its commands)."""
 
 
 @implementer(IStationOwnership)
@@ -131,6 +145,9 @@ class LocalOwnership:
     def owner(self, family: str, station: str) -> str | None:
         return self.node if (family, station) in self._held else None
 
+    def watch(self, callback: Callable[[str, str, str], None]) -> None:
+        """Nothing to watch: no other hub claims a station."""
+
 
 @implementer(ICommandRouter)
 class LocalRouter:
@@ -147,6 +164,15 @@ class LocalRouter:
         if handler is None:
             return defer.fail(NoRoute(f"no {family} handler for station commands on this hub"))
         return defer.ensureDeferred(handler(station, name, args))
+
+    def call(self, node: str, family: str, name: str, args: Any) -> defer.Deferred[Any]:
+        return self.route(family, "", name, args)
+
+    def broadcast(self, family: str, name: str, args: Any) -> defer.Deferred[list[Any]]:
+        return defer.succeed([])
+
+    def alive(self, node: str) -> defer.Deferred[bool]:
+        return defer.succeed(False)  # no other hub; nothing asks about this one
 
 
 @attrs.define(eq=False)

@@ -42,6 +42,7 @@ __all__ = ["EventRelay", "RedisDedup", "RedisLease", "RedisLimiter", "RedisLink"
 _PREFIX = "bsscihub:"
 OWNERS = _PREFIX + "owners"  # hash: family/station -> {"node", "seq"}
 CLAIMS = _PREFIX + "claims"  # channel: every claim and release, in seq order
+EVERY_HUB = _PREFIX + "every-hub"  # channel: commands for every hub (router.broadcast)
 _SEQ = _PREFIX + "claim-seq"
 # One atomic step: a claim's sequence number, the owners entry and the announcement share one order.
 _CLAIM = """
@@ -63,6 +64,8 @@ return 0
 """
 ROUTE_TIMEOUT = 10.0
 """Seconds a routed command waits for the owning hub's answer."""
+BROADCAST_TIMEOUT = 5.0
+"""Seconds a broadcast waits for the other hubs' answers."""
 
 
 def node_channel(node: str) -> str:
@@ -162,6 +165,7 @@ class RedisOwnership:
         self.link = link
         self._held: dict[str, _Held] = {}
         self._owners: dict[str, tuple[str, int]] = {}  # family/station -> (node, seq)
+        self._watchers: list[Callable[[str, str, str], None]] = []
         link.on(CLAIMS, self._announced)
 
     async def load(self) -> None:
@@ -202,6 +206,9 @@ class RedisOwnership:
         known = self._owners.get(field)
         return known[0] if known is not None else None
 
+    def watch(self, callback: Callable[[str, str, str], None]) -> None:
+        self._watchers.append(callback)
+
     def _note(self, field: str, node: str, seq: int) -> None:
         known = self._owners.get(field)
         if known is None or known[1] <= seq:
@@ -216,6 +223,12 @@ class RedisOwnership:
             return
         seq = int(event["seq"])
         self._note(field, node, seq)
+        family, _, station = field.partition("/")
+        for watcher in self._watchers:
+            try:
+                watcher(family, station, node)
+            except Exception:
+                self.log.failure("cluster: a watcher of the claim of {station} failed", station=field)
         held = self._held.get(field)
         if held is None or node == self.node:
             return
@@ -233,7 +246,8 @@ class RedisOwnership:
 @implementer(ICommandRouter)
 class RedisRouter:
     """A command for a station held by another hub goes to that hub's channel; its answer comes back
-    on this hub's. A station no hub holds is answered here (the family says it is not connected)."""
+    on this hub's. A station no hub holds is answered here (the family says it is not connected).
+    A broadcast goes to every hub's shared channel; each other hub answers on the asker's."""
 
     log = Logger()
 
@@ -246,7 +260,9 @@ class RedisRouter:
         self.timeout = timeout
         self._handlers: dict[str, StationHandler] = {}
         self._waiting: dict[str, tuple[defer.Deferred[Any], IDelayedCall]] = {}
+        self._gathering: dict[str, _Gathering] = {}
         link.on(node_channel(node), self._message)
+        link.on(EVERY_HUB, self._every_hub)
 
     def register(self, family: str, handler: StationHandler) -> None:
         self._handlers[family] = handler
@@ -262,6 +278,18 @@ class RedisRouter:
         if owner is None or owner == self.node:
             return self._here(family, station, name, args)
         return defer.ensureDeferred(self._remote(owner, family, station, name, args))
+
+    def call(self, node: str, family: str, name: str, args: Any) -> defer.Deferred[Any]:
+        if node == self.node:
+            return self._here(family, "", name, args)
+        return defer.ensureDeferred(self._remote(node, family, "", name, args))
+
+    def alive(self, node: str) -> defer.Deferred[bool]:
+        if node == self.node:
+            return defer.succeed(True)
+        d: defer.Deferred[Any] = self.link.redis.execute_command("PUBSUB", "NUMSUB", node_channel(node))
+        d.addCallback(lambda answer: bool(answer and int(answer[1]) > 0))
+        return d
 
     async def _remote(self, owner: str, family: str, station: str, name: str, args: Any) -> Any:
         request_id = uuid.uuid4().hex
@@ -281,6 +309,24 @@ class RedisRouter:
             return await self._here(family, station, name, args)
         return await answer
 
+    def broadcast(self, family: str, name: str, args: Any) -> defer.Deferred[list[Any]]:
+        return defer.ensureDeferred(self._broadcast(family, name, args))
+
+    async def _broadcast(self, family: str, name: str, args: Any) -> list[Any]:
+        request_id = uuid.uuid4().hex
+        gathering = self._gathering[request_id] = _Gathering(name)
+        request = {"op": "request", "id": request_id, "reply": self.node, "family": family, "station": "",
+                   "name": name, "args": args}
+        try:
+            listeners = await self.link.publish(EVERY_HUB, json.dumps(request))
+            gathering.expect(int(listeners) - 1, self.clock.callLater(BROADCAST_TIMEOUT, gathering.finish))
+            return await gathering.done
+        finally:
+            self._gathering.pop(request_id, None)
+            if gathering.silent():
+                self.log.warn("cluster: {count} hubs did not answer {name} in {timeout:g} s", count=gathering.silent(),
+                              name=name, timeout=BROADCAST_TIMEOUT)
+
     def _forget(self, request_id: str) -> None:
         _, timer = self._waiting.pop(request_id)
         if timer.active():
@@ -290,16 +336,32 @@ class RedisRouter:
         answer, _ = self._waiting.pop(request_id)
         answer.errback(CommandError(f"hub {owner}, which holds the station, did not answer in {self.timeout:g} s"))
 
+    def _serve(self, body: dict[str, Any]) -> None:
+        d = self._here(body["family"], body["station"], body["name"], body["args"])
+        d.addCallbacks(lambda result: {"op": "answer", "id": body["id"], "node": self.node, "ok": True,
+                                       "result": result},
+                       lambda failure: {"op": "answer", "id": body["id"], "node": self.node, "ok": False,
+                                        "error": failure.getErrorMessage()})
+        d.addCallback(lambda reply: self.link.publish(node_channel(body["reply"]), json.dumps(reply)))
+        d.addErrback(lambda failure: self.log.warn("cluster: an answer to hub {node} was lost: {problem}",
+                                                   node=body["reply"], problem=failure.getErrorMessage()))
+
+    def _every_hub(self, message: str) -> None:
+        body = json.loads(message)
+        if body["reply"] != self.node:
+            self._serve(body)
+
     def _message(self, message: str) -> None:
         body = json.loads(message)
         if body["op"] == "request":
-            d = self._here(body["family"], body["station"], body["name"], body["args"])
-            d.addCallbacks(lambda result: {"op": "answer", "id": body["id"], "ok": True, "result": result},
-                           lambda failure: {"op": "answer", "id": body["id"], "ok": False,
-                                            "error": failure.getErrorMessage()})
-            d.addCallback(lambda reply: self.link.publish(node_channel(body["reply"]), json.dumps(reply)))
-            d.addErrback(lambda failure: self.log.warn("cluster: an answer to hub {node} was lost: {problem}",
-                                                       node=body["reply"], problem=failure.getErrorMessage()))
+            self._serve(body)
+            return
+        gathering = self._gathering.get(body["id"])
+        if gathering is not None:
+            if not body["ok"]:
+                self.log.warn("cluster: hub {node} failed {name}: {problem}", node=body.get("node"),
+                              name=gathering.name, problem=body["error"])
+            gathering.answered(body.get("result") if body["ok"] else _FAILED)
             return
         waiting = self._waiting.pop(body["id"], None)
         if waiting is None:
@@ -311,6 +373,44 @@ class RedisRouter:
             answer.callback(body["result"])
         else:
             answer.errback(CommandError(body["error"]))
+
+
+_FAILED = object()
+
+
+class _Gathering:
+    """The answers to one broadcast, until as many came as other hubs listened, or the timeout."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.results: list[Any] = []
+        self.count = 0
+        self.expected: int | None = None
+        self.timer: IDelayedCall | None = None
+        self.done: defer.Deferred[list[Any]] = defer.Deferred()
+
+    def expect(self, count: int, timer: IDelayedCall) -> None:
+        self.expected, self.timer = count, timer
+        self._check()
+
+    def answered(self, result: Any) -> None:
+        self.count += 1
+        if result is not _FAILED:
+            self.results.append(result)
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and self.count >= self.expected:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if not self.done.called:
+            self.done.callback(self.results)
+
+    def silent(self) -> int:
+        return max(0, (self.expected or 0) - self.count)
 
 
 def redis_cluster(node: str, url: str, reactor: Any) -> Cluster:

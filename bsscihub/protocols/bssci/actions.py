@@ -3,6 +3,7 @@ Mixed into MiotyService; each validates its input at the edge and raises Command
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from itertools import chain
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
 __all__ = ["MiotyActions", "UnknownDevice"]
 
 _MAX_DOWNLINK = 1024
+
+def _outcome(dl: Any) -> dict[str, Any]:
+    """What queueing a downlink answers, wherever it was dispatched."""
+    holder = [dl.holder.bs_hex] if dl.holder is not None else []
+    return {"queId": dl.que_id, "status": dl.state.value, "baseStations": holder, "error": dl.error}
+
 
 class UnknownDevice(CommandError):
     """No such end point or base station (the REST layer answers 404)."""
@@ -95,6 +102,7 @@ class MiotyActions:
         blueprints: BlueprintBook
 
         def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]: ...
+        def _background(self, work: Any, what: str) -> None: ...
         def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> Any: ...
         def _established(self) -> list[Session]: ...
         def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str) -> list[str]: ...
@@ -122,7 +130,7 @@ class MiotyActions:
         )
         sensor = self.registry.sensors[eui]
         # Attaching again re-propagates even if nothing changed: the operator asked for it.
-        targets = self._propagate(True, eui)
+        targets = await self._propagate_everywhere(True, eui)
         self._ep_event(eui, "attach", {"source": source, "shortAddr": f"{sensor.short_addr:04x}", "bidi": bidi})
         self.log.info("end point {epEui} attached by {actor}; attPrp to {count} base stations", epEui=eui,
                       actor=actor, count=len(targets))
@@ -133,7 +141,7 @@ class MiotyActions:
         Returns {"epEui", "attached": false, "baseStations": [...]}."""
         eui = self._known_sensor(ep_eui).eui
         await self._save_attached(eui, False)
-        targets = self._propagate(False, eui)
+        targets = await self._propagate_everywhere(False, eui)
         self._ep_event(eui, "detach", {"source": source})
         self.log.info("end point {epEui} detached by {actor}", epEui=eui, actor=actor)
         return {"epEui": eui, "attached": False, "baseStations": targets}
@@ -142,7 +150,7 @@ class MiotyActions:
         """Detach the end point and delete it from the registry (its uplink history stays)."""
         sensor = self._known_sensor(ep_eui)
         await self.registry.delete_sensor(sensor.eui)
-        targets = self._propagate(False, sensor.eui)
+        targets = await self._propagate_everywhere(False, sensor.eui)
         self._ep_event(sensor.eui, "detach", {"source": source, "removed": True})
         self.log.info("end point {epEui} removed by {actor}", epEui=sensor.eui, actor=actor)
         return {"epEui": sensor.eui, "removed": True, "baseStations": targets}
@@ -192,13 +200,29 @@ class MiotyActions:
             raise CommandError(f"end point {sensor.eui} is detached")
         if not sensor.bidi:
             raise CommandError(f"end point {sensor.eui} is not bidirectional (bidi is false)")
-        dl = await self.downlink_queue.add(sensor.eui, data, format, prio, response_exp, actor)
-        if dl.state is DownlinkState.REJECTED:
-            raise CommandError(f"downlink {dl.que_id} not queued: {dl.error}")
-        holder = [dl.holder.bs_hex] if dl.holder is not None else []
+        serving = await self._serving_anywhere(sensor)
+        owner = self.cluster.ownership.owner("mioty", serving) if serving is not None else None
+        if owner is None or owner == self.cluster.node:
+            dl = await self.downlink_queue.add(sensor.eui, data, format, prio, response_exp, actor)
+            outcome = _outcome(dl)
+        else:
+            # Its serving station is on another hub: that hub keeps it and dispatches it.
+            dl = await self.downlink_queue.add(sensor.eui, data, format, prio, response_exp, actor, keep=False)
+            args = {"queIds": [dl.que_id], "from": self.cluster.node}
+            assert serving is not None
+            try:
+                [outcome] = await self.cluster.router.route("mioty", serving, "dl_take", args)
+            except CommandError as e:
+                self.log.warn("downlink {queId}: hub {node} did not take it ({problem}); kept here", queId=dl.que_id,
+                              node=owner, problem=str(e))
+                [outcome] = await self._take_here(args)
+        if outcome["status"] == DownlinkState.REJECTED.value:
+            raise CommandError(f"downlink {dl.que_id} not queued: {outcome['error']}")
         self.log.info("downlink {queId} for {epEui} ({size} bytes) by {actor}: {state} {bsEuis}", queId=dl.que_id,
-                      epEui=sensor.eui, size=len(data), actor=actor, state=dl.state.value, bsEuis=",".join(holder))
-        return {"epEui": sensor.eui, "queId": dl.que_id, "status": dl.state.value, "baseStations": holder}
+                      epEui=sensor.eui, size=len(data), actor=actor, state=outcome["status"],
+                      bsEuis=",".join(outcome["baseStations"]))
+        return {"epEui": sensor.eui, "queId": dl.que_id, "status": outcome["status"],
+                "baseStations": outcome["baseStations"]}
 
     def _rx_status_targets(self, sensor: Sensor) -> list[Session]:
         for bs in sensor.paths or ((sensor.best_bs,) if sensor.best_bs else ()):
@@ -211,16 +235,37 @@ class MiotyActions:
         """Withdraw a pending downlink (dlDataRev to the base station holding it, if any)."""
         sensor = self._known_sensor(ep_eui)
         dl = self.downlink_queue.pending.get(que_id) if type(que_id) is int else None
-        if dl is None or dl.ep_eui != sensor.eui:
-            raise CommandError(f"no pending downlink {que_id!r} for end point {sensor.eui}")
+        if dl is None and type(que_id) is int and self.cluster.clustered:
+            found = await self.registry.pending_downlinks([que_id])
+            row = found[0] if found else None
+            keeper = row[10] if row is not None and row[1] == sensor.eui else None
+            if keeper is not None and keeper != self.cluster.node and await self.cluster.router.alive(keeper):
+                args = {"epEui": sensor.eui, "queId": que_id, "actor": actor}
+                result: dict[str, Any] = await self.cluster.router.call(keeper, "mioty", "dl_revoke", args)
+                return result
+            if row is not None and row[1] == sensor.eui:
+                await self.downlink_queue.take([row], f"revoked by {actor} on hub {self.cluster.node}")
+                dl = self.downlink_queue.pending.get(que_id)
+        return await self._revoke_here(sensor.eui, que_id, dl, actor)
+
+    async def _revoke_here(self, ep: str, que_id: Any, dl: Any, actor: str) -> dict[str, Any]:
+        if dl is None or dl.ep_eui != ep:
+            raise CommandError(f"no pending downlink {que_id!r} for end point {ep}")
         problems = await self.downlink_queue.revoke(dl, actor)
-        self.log.info("downlink {queId} for {epEui} revoked by {actor}", queId=que_id, epEui=sensor.eui, actor=actor)
-        return {"epEui": sensor.eui, "queId": que_id, "status": "revoked", "problems": problems}
+        self.log.info("downlink {queId} for {epEui} revoked by {actor}", queId=que_id, epEui=ep, actor=actor)
+        return {"epEui": ep, "queId": que_id, "status": "revoked", "problems": problems}
 
     async def query_dl_rx_status(self, ep_eui: str) -> dict[str, Any]:
         """Ask the base stations on the end point's path for its downlink reception status
         (dlRxStatQry); the answers arrive as dl_rx_status events."""
         sensor = self._known_sensor(ep_eui)
+        serving = await self._serving_anywhere(sensor) if self.cluster.clustered else None
+        owner = self.cluster.ownership.owner("mioty", serving) if serving is not None else None
+        if serving is not None and owner is not None and owner != self.cluster.node:
+            # The end point's serving station is on another hub: that hub asks it.
+            asked: list[str] = await self.cluster.router.route("mioty", serving, "dl_rx_status", sensor.eui)
+            if asked:
+                return {"epEui": sensor.eui, "baseStations": asked}
         targets = self._rx_status_targets(sensor)
         results = await defer.DeferredList(
             [s.request(lambda op: m.DlRxStatQry(opId=op, epEui=int(sensor.eui, 16))) for s in targets],
@@ -260,7 +305,122 @@ class MiotyActions:
             return await self._poll_status_here(station)
         if name == "close":
             return await self._close_here(station, args)
+        if name == "dl_take":
+            return await self._take_here(args)
+        if name == "dl_revoke":
+            ep, que_id = args["epEui"], args["queId"]
+            return await self._revoke_here(ep, que_id, self.downlink_queue.pending.get(que_id), args["actor"])
+        if name == "dl_rx_status":
+            session = self.sessions.get(station)
+            if session is None or session.state is not State.ESTABLISHED or not session.bidi:
+                return []
+            await session.request(lambda op: m.DlRxStatQry(opId=op, epEui=int(args, 16)))
+            return [station]
+        if name == "dl_serving":
+            known = self.registry.sensors.get(args)
+            return [self.downlink_queue.serving(args), known.last_seen] if known is not None else [None, None]
+        if name == "propagate":
+            # Another hub changed the end point: its configuration from the database, then this hub's stations.
+            await self.registry.reload_sensor(args["epEui"])
+            return self._propagate(args["attach"], args["epEui"])
         raise CommandError(f"unknown station command {name!r}")
+
+    # -- the cluster: attach, detach and downlinks reach every hub's stations
+
+    async def _propagate_everywhere(self, attach: bool, ep: str) -> list[str]:
+        """attPrp/detPrp of one end point to the connected stations of this hub and of every other one."""
+        targets = self._propagate(attach, ep)
+        if self.cluster.clustered:
+            for elsewhere in await self.cluster.router.broadcast("mioty", "propagate", {"attach": attach, "epEui": ep}):
+                targets.extend(elsewhere)
+        return sorted(targets)
+
+    def _propagate_elsewhere(self, attach: bool, ep: str) -> None:
+        """attPrp/detPrp on the other hubs' stations, not waited for (an over-the-air attach or detach)."""
+        if self.cluster.clustered:
+            self._background(self.cluster.router.broadcast("mioty", "propagate", {"attach": attach, "epEui": ep}),
+                             f"propagating end point {ep} on the other hubs")
+
+    async def _serving_anywhere(self, sensor: Sensor) -> str | None:
+        """The end point's serving station as the hub that heard its last uplink knows it."""
+        serving = self.downlink_queue.serving(sensor.eui)
+        if not self.cluster.clustered:
+            return serving
+        seen = sensor.last_seen if serving is not None and sensor.last_seen is not None else -math.inf
+        for other, last_seen in await self.cluster.router.broadcast("mioty", "dl_serving", sensor.eui):
+            if other is not None and last_seen is not None and last_seen > seen:
+                serving, seen = other, last_seen
+        return serving if serving is not None else await self.registry.stored_best_bs(sensor.eui)
+
+    async def _take_here(self, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Keep downlinks another hub queued (its serving station is here) and dispatch them."""
+        que_ids = [q for q in args["queIds"] if type(q) is int]
+        rows = await self.registry.pending_downlinks(que_ids)
+        dispatches = await self.downlink_queue.take(rows, None, {q: args["from"] for q in que_ids})
+        await defer.DeferredList(dispatches)
+        outcomes = []
+        for que_id in que_ids:
+            dl = self.downlink_queue.pending.get(que_id)
+            if dl is not None:
+                outcomes.append(_outcome(dl))
+                continue
+            found = await self.registry.downlinks(que_id=que_id)
+            status = found[0]["status"] if found else "unknown"
+            outcomes.append({"queId": que_id, "status": status, "baseStations": found[0]["bsEuis"] if found else [],
+                             "error": found[0]["error"] if found else None})
+        return outcomes
+
+    def _station_claimed(self, family: str, station: str, node: str) -> None:
+        """A station was claimed by a hub: another one takes the downlinks this hub kept for it."""
+        if family != "mioty" or node == self.cluster.node:
+            return
+        que_ids = self.downlink_queue.let_go(station)
+        if que_ids:
+            self._background(self.registry.release_downlinks(self.cluster.node, que_ids),
+                             f"handing the downlinks of base station {station} to hub {node}")
+
+    async def take_downlinks(self, station: str) -> int:
+        """`station` is on this hub now: keep what it held on any hub, and what waits for it and nobody
+        (or a hub that is gone) keeps; dispatch them. Returns how many were taken."""
+        node = self.cluster.node
+        rows = []
+        for row in await self.registry.pending_downlinks():
+            if row[0] in self.downlink_queue.pending or row[10] == node:
+                continue
+            if station in json.loads(row[9] or "[]"):
+                rows.append(row)  # its station forgot it with its old session
+            elif (row[7] == DownlinkState.QUEUED.value and station in (self.downlink_queue.serving(row[1]), row[11])
+                  and (row[10] is None or not await self.cluster.router.alive(row[10]))):
+                rows.append(row)
+        before = len(self.downlink_queue.pending)
+        await self.downlink_queue.take(rows, f"base station {station} is on hub {node} now")
+        return len(self.downlink_queue.pending) - before
+
+    async def adopt_downlinks(self) -> int:
+        """Keep the pending downlinks no running hub keeps, unless their station is on another hub
+        (which takes them). Returns how many were taken here."""
+        node = self.cluster.node
+        alive: dict[str, bool] = {node: True}
+
+        async def running(other: str | None) -> bool:
+            if other is None:
+                return False
+            if other not in alive:
+                alive[other] = await self.cluster.router.alive(other)
+            return alive[other]
+
+        rows = []
+        for row in await self.registry.pending_downlinks():
+            if row[0] in self.downlink_queue.pending or await running(row[10]):
+                continue
+            held = json.loads(row[9] or "[]")
+            station = held[0] if held else self.downlink_queue.serving(row[1]) or row[11]
+            owner = self.cluster.ownership.owner("mioty", station) if station else None
+            if owner is None or owner == node or not await running(owner):
+                rows.append(row)
+        before = len(self.downlink_queue.pending)
+        await self.downlink_queue.take(rows, f"the hub that kept it is gone; hub {node} keeps it")
+        return len(self.downlink_queue.pending) - before
 
     async def revoke_base_station(self, bs_eui: str, reason: str = "", *, actor: str = "system") -> dict[str, Any]:
         """Revoke a base station: close its connection, refuse its bsEui at `con` and the serial of

@@ -128,6 +128,10 @@ class Downlinks:
     receivers of its last uplink (best SNR first; the station that took its over-the-air attach,
     or the stored best path after a restart). While that station is offline the downlink waits
     for it, or for the end point's next dlOpen uplink, whose best receiver then serves.
+
+    In a cluster each pending downlink is kept by one hub (the `node` column): the one holding its
+    station, else the one that queued or last took it. Every state write is made only while this hub
+    keeps the downlink; one that finds another hub took it forgets it here (`take`, `let_go`).
     """
 
     log = Logger()
@@ -140,8 +144,13 @@ class Downlinks:
         ttl: float,
         emit: Callable[[str, str, Mapping[str, Any]], Any],
         background: Callable[[Any, str], None],
+        node: str = "local",
+        clustered: bool = False,
     ) -> None:
         self.clock = clock
+        self.node = node
+        """This hub's name: the keeper written with every downlink it keeps."""
+        self.clustered = clustered
         self.registry = registry
         self.sessions = sessions
         self.ttl = ttl
@@ -211,7 +220,8 @@ class Downlinks:
     def _write(self, dl: Downlink) -> None:
         dl._dirty = False
         saving = defer.Deferred.fromCoroutine(
-            self.registry.update_downlink(dl.que_id, self.clock.seconds(), **dl.columns()))
+            self.registry.update_downlink(dl.que_id, self.clock.seconds(), node=self.node, **dl.columns())
+        ).addCallback(self._written, dl)
         dl._saving = saving
 
         def done(result: Any) -> Any:
@@ -231,6 +241,22 @@ class Downlinks:
         self._writes.add(saving)
         saving.addBoth(untrack, saving, self._writes)
         self._background(saving, f"recording the state of downlink {dl.que_id}")
+
+    def _written(self, rows: int, dl: Downlink) -> None:
+        if not rows and self.pending.get(dl.que_id) is dl:
+            # Another hub of the cluster took it (its station is there now): it is that hub's to move.
+            self.log.info("downlink {queId} for {epEui} is kept by another hub now", queId=dl.que_id,
+                          epEui=dl.ep_eui)
+            self._forget(dl)
+
+    def _forget(self, dl: Downlink) -> None:
+        self.pending.pop(dl.que_id, None)
+        of_ep = self.by_ep.get(dl.ep_eui)
+        if of_ep is not None:
+            of_ep.pop(dl.que_id, None)
+            if not of_ep:
+                del self.by_ep[dl.ep_eui]
+        self._track_waiting(dl.ep_eui)
 
     def durable(self, dl: Downlink) -> defer.Deferred[None]:
         """Fires once the downlink's current state is in the database."""
@@ -252,26 +278,57 @@ class Downlinks:
 
     async def load(self) -> None:
         """Take the pending downlinks from the database: every one is queued (a station forgets
-        its downlinks when it starts a new session, and every session after a restart is new)."""
-        for row in await self.registry.pending_downlinks():
-            dl = pending_from_row(row)
-            held = dl.state is not Q
-            dl.state = Q
-            self._adopt(dl)
-            if held:
-                self._requeued_at_start(dl)
-                sensor = self.registry.sensors.get(dl.ep_eui)
-                holders = tuple(json.loads(row[-1] or "[]"))
-                if sensor is not None and not sensor.paths and holders:
-                    # The station that held it is a known path, fresher than a best path not yet written back.
-                    sensor.paths = holders
+        its downlinks when it starts a new session, and every session after a restart is new).
+        In a cluster only those this hub kept before, or nobody keeps: the others are kept by
+        running hubs, or taken when their station shows up (`take`)."""
+        rows = await self.registry.pending_downlinks()
+        if self.clustered:
+            rows = [row for row in rows if row[10] in (None, self.node)]
+        taken = set(await self.registry.keep_downlinks(self.node, [(row[0], row[10]) for row in rows]))
+        for row in rows:
+            if row[0] in taken:
+                self._taken(row, "the hub restarted", restart=True)
 
-    def _requeued_at_start(self, dl: Downlink) -> None:
-        self._save(dl)
-        self._emit(dl.ep_eui, "downlink", {
-            "queId": dl.que_id, "state": Q.value, "previous": None, "event": "drop", "bsEui": None,
-            "attempts": dl.attempts, "reason": "the hub restarted",
-        })  # fmt: skip
+    def _taken(self, row: tuple[Any, ...], reason: str | None, restart: bool = False) -> Downlink:
+        """Keep one pending downlink read from the database, queued: no station holds it for this hub."""
+        dl = pending_from_row(row)
+        old = dl.state
+        dl.state = Q
+        self._adopt(dl)
+        holders = tuple(json.loads(row[9] or "[]"))
+        if old is not Q:
+            self._save(dl)
+            self._emit(dl.ep_eui, "downlink", {
+                "queId": dl.que_id, "state": Q.value, "previous": None if restart else old.value, "event": "drop",
+                "bsEui": None,
+                "attempts": dl.attempts, "reason": reason,
+            })  # fmt: skip
+            sensor = self.registry.sensors.get(dl.ep_eui)
+            if sensor is not None and not sensor.paths and holders:
+                # The station that held it is a known path, fresher than a best path not yet written back.
+                sensor.paths = holders
+        return dl
+
+    async def take(self, rows: list[tuple[Any, ...]], reason: str | None,
+                   keepers: Mapping[int, str | None] | None = None) -> list[defer.Deferred[None]]:
+        """Keep these pending downlinks (rows as `Registry.pending_downlinks` reads them) from now on, if
+        their keeper is still the one read (or as in `keepers`), and offer them; returns the dispatches."""
+        rows = [row for row in rows if row[0] not in self.pending]
+        claims = [(row[0], keepers[row[0]] if keepers is not None else row[10]) for row in rows]
+        taken = set(await self.registry.keep_downlinks(self.node, claims))
+        eps = {self._taken(row, reason).ep_eui for row in rows if row[0] in taken and row[0] not in self.pending}
+        if taken:
+            self.log.info("took {count} pending downlinks: {reason}", count=len(taken), reason=reason or "asked to")
+        return [d for ep in sorted(eps) for d in self.offer(ep)]
+
+    def let_go(self, station: str) -> list[int]:
+        """Another hub holds `station` now: forget the downlinks it held or serves (that hub takes them);
+        returns their queIds, to release in the database."""
+        gone = [dl for dl in self.pending.values()
+                if (dl.holder.bs_hex == station if dl.holder is not None else self.serving(dl.ep_eui) == station)]
+        for dl in gone:
+            self._forget(dl)
+        return [dl.que_id for dl in gone]
 
     # -- routing
 
@@ -283,7 +340,8 @@ class Downlinks:
         stations = self.registry.base_stations
         for bs in sensor.paths or ((sensor.best_bs,) if sensor.best_bs else ()):
             station = stations.get(bs)
-            if station is not None and station.bidi:
+            # A station this hub never saw is on another hub of the cluster, which checks it.
+            if station.bidi if station is not None else self.clustered:
                 return bs
         return None
 
@@ -431,14 +489,17 @@ class Downlinks:
             self.move(dl, what, reason=f"dlDataRev: {failure.getErrorMessage()}")
 
     async def add(self, ep: str, data: bytes, fmt: int | None, prio: float | None, response_exp: bool | None,
-                  actor: str) -> Downlink:
-        """Store a new downlink (queued) and offer it to the end point's serving station."""
+                  actor: str, keep: bool = True) -> Downlink:
+        """Store a new downlink (queued) and offer it to the end point's serving station. `keep` False:
+        stored only, for the hub holding that station to take (see `take`)."""
         now = self.clock.seconds()
-        que_id = await self.registry.add_downlink(ep, data, fmt, prio, response_exp, actor, [], now)
+        que_id = await self.registry.add_downlink(ep, data, fmt, prio, response_exp, actor, [], now, self.node)
         dl = Downlink(que_id, ep, data, fmt, prio, response_exp, now)
-        self._adopt(dl)
         self._emit(ep, "downlink", {"queId": que_id, "state": Q.value, "previous": None, "event": "queue",
                                     "bsEui": None, "attempts": 0, "reason": None})
+        if not keep:
+            return dl
+        self._adopt(dl)
         session = self.station_for(ep)
         if session is not None:
             await self.dispatch(dl, session)
@@ -470,7 +531,7 @@ def _quiet(d: defer.Deferred[Any]) -> None:
 
 def pending_from_row(row: tuple[Any, ...]) -> Downlink:
     """A pending downlink as `Registry.pending_downlinks` reads it."""
-    que_id, ep, data, fmt, prio, response_exp, created, status, attempts, _targets = row
+    que_id, ep, data, fmt, prio, response_exp, created, status, attempts = row[:9]
     return Downlink(int(que_id), ep, bytes(data), None if fmt is None else int(fmt),
                     None if prio is None else float(prio), None if response_exp is None else bool(response_exp),
                     float(created), DownlinkState(status) if status in _VALUES else Q, attempts=int(attempts or 0))

@@ -428,6 +428,21 @@ class Registry:
         self.sensors[sensor.eui] = sensor
         return old
 
+    async def reload_sensor(self, eui: str) -> Sensor | None:
+        """Read one sensor's configuration again (another hub changed it): cached, or dropped if deleted."""
+        row = await self.store.fetchone(f"SELECT {_SENSOR_COLUMNS} FROM mioty_sensors WHERE eui = ?", (eui,))
+        if row is None:
+            self.sensors.pop(eui, None)
+            return None
+        sensor = Sensor.from_row(row)
+        self.adopt(sensor)
+        return sensor
+
+    async def stored_best_bs(self, eui: str) -> str | None:
+        """The end point's best receiver as last written back (by whichever hub heard it)."""
+        row = await self.store.fetchone("SELECT best_bs FROM mioty_sensors WHERE eui = ?", (eui,))
+        return None if row is None or row[0] is None else str(row[0])
+
     async def delete_sensor(self, eui: str) -> bool:
         def delete(c: Cursor) -> int:
             c.execute("UPDATE mioty_meta SET value = value + 1 WHERE name = 'sensor_rev'")
@@ -616,11 +631,12 @@ class Registry:
         actor: str,
         targets: Sequence[str],
         now: float,
+        node: str | None = None,
     ) -> int:
-        """Store a new downlink as `queued`; its id is the queId."""
+        """Store a new downlink as `queued`, kept by hub `node`; its id is the queId."""
         row = await self.store.fetchone(
             "INSERT INTO mioty_downlinks (ep_eui, data, format, prio, response_exp, created, actor, targets,"
-            " status, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?) RETURNING id",
+            " status, updated, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING id",
             (
                 ep_eui,
                 data,
@@ -631,22 +647,46 @@ class Registry:
                 actor,
                 json.dumps(list(targets)),
                 now,
+                node,
             ),
         )
         assert row is not None
         return int(row[0])
 
-    async def update_downlink(self, que_id: int, now: float, **fields: Any) -> None:
-        """Set columns of one downlink (status, result_bs, tx_time, packet_cnt, error, acked, targets, attempts)."""
+    async def update_downlink(self, que_id: int, now: float, *, node: str | None = None, **fields: Any) -> int:
+        """Set columns of one downlink (status, result_bs, tx_time, packet_cnt, error, acked, targets, attempts);
+        with `node`, only while that hub keeps it. Returns the rows written (0: another hub keeps it)."""
         allowed = {"status", "result_bs", "tx_time", "packet_cnt", "error", "acked", "targets", "attempts"}
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"unknown downlink columns {sorted(unknown)}")
         values = [json.dumps(v) if k == "targets" else int(v) if k == "acked" else v for k, v in fields.items()]
         sets = ", ".join(f"{k} = ?" for k in fields)
-        await self.store.execute(
-            f"UPDATE mioty_downlinks SET {sets}, updated = ? WHERE id = ?", (*values, now, que_id)
-        )
+        guard, params = ("", ()) if node is None else (" AND node = ?", (node,))
+        return int(await self.store.execute(
+            f"UPDATE mioty_downlinks SET {sets}, updated = ? WHERE id = ?{guard}", (*values, now, que_id, *params)
+        ))
+
+    async def keep_downlinks(self, node: str, claims: Sequence[tuple[int, str | None]]) -> list[int]:
+        """Hub `node` keeps each (queId, keeper) from now on if it is pending and `keeper` (None: nobody)
+        still keeps it: one conditional write each, so of two hubs taking one downlink one wins."""
+
+        def write(c: Cursor) -> list[int]:
+            taken = []
+            for que_id, keeper in claims:
+                guard = "node IS NULL" if keeper is None else "node = ?"
+                params = (node, que_id) if keeper is None else (node, que_id, keeper)
+                if c.execute(f"UPDATE mioty_downlinks SET node = ? WHERE id = ? AND status IN {_PENDING_STATES}"
+                             f" AND {guard}", params).rowcount:
+                    taken.append(que_id)
+            return taken
+
+        return await self.store.interaction(write) if claims else []
+
+    async def release_downlinks(self, node: str, que_ids: Sequence[int]) -> None:
+        """Hub `node` keeps these downlinks no longer (unless another hub took them meanwhile)."""
+        await self.store.executemany("UPDATE mioty_downlinks SET node = NULL WHERE id = ? AND node = ?",
+                                     [(q, node) for q in que_ids])
 
     async def downlinks(
         self, ep_eui: str | None = None, *, pending_only: bool = False, que_id: int | None = None
@@ -692,10 +732,19 @@ class Registry:
             for r in rows
         ]
 
-    async def pending_downlinks(self) -> list[tuple[Any, ...]]:
-        """Every downlink not ended yet, oldest first: (id, ep_eui, data, format, prio, response_exp,
-        created, status, attempts, targets)."""
+    async def pending_downlinks(self, que_ids: Sequence[int] | None = None) -> list[tuple[Any, ...]]:
+        """Every downlink not ended yet (or those of `que_ids`), oldest first: (id, ep_eui, data, format,
+        prio, response_exp, created, status, attempts, targets, node (the hub keeping it), the end
+        point's stored best_bs)."""
+        ids = ""
+        params: tuple[Any, ...] = ()
+        if que_ids is not None:
+            if not que_ids:
+                return []
+            ids = f" AND d.id IN ({', '.join('?' * len(que_ids))})"
+            params = tuple(que_ids)
         return await self.store.fetchall(
-            "SELECT id, ep_eui, data, format, prio, response_exp, created, status, attempts, targets"
-            f" FROM mioty_downlinks WHERE status IN {_PENDING_STATES} ORDER BY id"
+            "SELECT d.id, d.ep_eui, d.data, d.format, d.prio, d.response_exp, d.created, d.status, d.attempts,"
+            " d.targets, d.node, s.best_bs FROM mioty_downlinks d LEFT JOIN mioty_sensors s ON s.eui = d.ep_eui"
+            f" WHERE d.status IN {_PENDING_STATES}{ids} ORDER BY d.id", params
         )

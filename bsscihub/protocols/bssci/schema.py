@@ -140,4 +140,11 @@ MIGRATIONS = [
         # point from then on, so it must outlive a restart. NULL: provisioned, propagate nw_key.
         "ALTER TABLE mioty_sensors ADD COLUMN sn_key {blob}",
     ),
+    Migration(
+        "mioty",
+        5,
+        # The hub that keeps each pending downlink (moves it through its states): one hub at a time in
+        # a cluster, changed only by a conditional write. NULL: nobody keeps it (the next to look takes it).
+        "ALTER TABLE mioty_downlinks ADD COLUMN node TEXT",
+    ),
 ]

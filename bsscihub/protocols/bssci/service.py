@@ -130,7 +130,8 @@ class MiotyService(MiotyActions, FamilyService):
         window = self.settings.dedup_window
         self.counters = Counters(latency=Histogram([window / 2, window, *(window + s for s in _LATENCY_STEPS)]))
         self.downlink_queue = Downlinks(self.clock, self.registry, self.sessions, self.settings.downlink_ttl,
-                                        self._ep_event, self._background)
+                                        self._ep_event, self._background, self.cluster.node, self.cluster.clustered)
+        self.cluster.ownership.watch(self._station_claimed)
         self.blueprints = BlueprintBook(hub.store, self.clock)
         self.uplinks = UplinkPipeline(self.clock, self.registry, hub.bus, self.counters, window,
                                       self.settings.dedup_memory, self.downlink_queue.uplink,
@@ -165,6 +166,8 @@ class MiotyService(MiotyActions, FamilyService):
         ]
         if self.uplinks.clustered:
             self._loops.append((self.looping(self.uplinks.adopt_orphans, "adopting orphaned uplinks"), 1.0))
+        if self.cluster.clustered:
+            self._loops.append((self.looping(self.adopt_downlinks, "adopting downlinks nobody keeps"), 2.0))
         hub.health.register("bssci", self._health)
         hub.metrics.register(MiotyMetrics(self))
         self.tls_stats = ConnectionStats()
@@ -387,6 +390,9 @@ class MiotyService(MiotyActions, FamilyService):
             # No attPrp will precede the downlinks queued for it: hand them over now.
             self.downlink_queue.resumed(session)
             return
+        if self.cluster.clustered:
+            # It may have been on another hub: what that hub kept for it is this one's now.
+            self._background(self.take_downlinks(eui), f"taking the downlinks of base station {eui}")
         attached = [int(s.eui, 16) for s in self.registry.sensors.values() if s.attached]
         self.log.info(
             "base station {bsEui} ({vendor} {model}, BSSCI {version}) connected from {peer};"
@@ -478,6 +484,7 @@ class MiotyService(MiotyActions, FamilyService):
         attached.last_packet_cnt, attached.last_seen, attached.warned = None, now, False
         self.registry.dirty(ep)
         self._propagate(True, ep, exclude=session)
+        self._propagate_elsewhere(True, ep)
         self._ep_event(ep, "attach", {"source": "ota", "bsEui": session.bs_hex, "attachCnt": msg.attachCnt,
                                       "shortAddr": f"{short_addr:04x}"})
         self.log.info("end point {epEui} attached over the air via {bsEui} (attachCnt {attachCnt})", epEui=ep,
@@ -504,6 +511,7 @@ class MiotyService(MiotyActions, FamilyService):
             if sensor.attached:
                 await self._save_attached(ep, False)
                 self._propagate(False, ep, exclude=session)
+                self._propagate_elsewhere(False, ep)
                 self._ep_event(ep, "detach", {"source": "ota", "bsEui": session.bs_hex, "packetCnt": msg.packetCnt})
                 self.log.info("end point {epEui} detached over the air via {bsEui}", epEui=ep, bsEui=session.bs_hex)
                 await self._audit(f"bs:{session.bs_hex}", "mioty.sensor.ota_detach", ep,

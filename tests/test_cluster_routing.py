@@ -1,0 +1,130 @@
+"""Two mioty hubs in one process on a real Redis and PostgreSQL: attach, detach, downlinks, their
+revocation and reception status asked on one hub reach the stations of the other, and a station that
+moves takes its downlinks with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from tests.conftest import _reset_pg_schema
+from tests.redis_server import redis_url
+from tests.test_cluster_redis import _start_hub
+from tests.test_mioty_service import EP, KEY, PKI, B, Running, Station, heard, pki, wait_for
+
+__all__ = ["pki", "redis_url"]  # fixtures
+
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+
+
+def commands(station: Station, command: str) -> list[dict[str, Any]]:
+    return [m for m in station.seen if m["command"] == command]
+
+
+def states(running: Running, que_id: int) -> list[str]:
+    return [e.payload["state"] for e in running.of("downlink") if e.payload["queId"] == que_id]
+
+
+async def stored(running: Running, que_id: int, keeper: Running) -> dict[str, Any]:
+    await keeper.service.downlink_queue.flush()
+    entry = await running.service.downlink(EP, que_id)
+    assert entry is not None
+    return entry
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_one_hub_is_asked_reaches_the_stations_of_the_other(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    try:
+        b = await two.station("bs-b", B)
+        await wait_for(lambda: one.hub.cluster.ownership.owner("mioty", B) == "hub-2")
+        # Attached on hub-1, which holds no station: the attPrp goes out on hub-2, and the answer says so.
+        attached = await one.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        assert attached["baseStations"] == [B]
+        prp = await b.expect("attPrp")
+        assert (prp["epEui"], prp["shAddr"], bytes(prp["nwkSnKey"])) == (int(EP, 16), 0x1A2B, KEY)
+        await heard(two, b)  # B serves the end point's downlinks now
+
+        # Queued on hub-1: hub-2 keeps it and dispatches it to B; the answer is B's.
+        queued = await one.service.queue_downlink(EP, "beef", actor="test")
+        assert (queued["status"], queued["baseStations"]) == ("accepted", [B])
+        que = await b.expect("dlDataQue")
+        assert (que["queId"], que["userData"]) == (queued["queId"], [[0xBE, 0xEF]])
+        assert queued["queId"] in two.service.downlink_queue.pending
+        assert queued["queId"] not in one.service.downlink_queue.pending
+        assert (await stored(one, queued["queId"], two))["bsEuis"] == [B]
+        # Revoked on hub-1: the dlDataRev reaches B through hub-2, which keeps it.
+        revoked = await one.service.revoke_downlink(EP, queued["queId"], actor="test")
+        assert (revoked["status"], revoked["problems"]) == ("revoked", [])
+        assert (await b.expect("dlDataRev"))["queId"] == queued["queId"]
+        await wait_for(lambda: states(two, queued["queId"])[-1:] == ["revoked"])
+
+        # Reception status asked on hub-1: B, on the end point's path, is asked on hub-2.
+        asked = await one.service.query_dl_rx_status(EP)
+        assert asked["baseStations"] == [B]
+        assert (await b.expect("dlRxStatQry"))["epEui"] == int(EP, 16)
+
+        # One more, sent: its result reaches the database and hub-2's downlink event.
+        queued = await one.service.queue_downlink(EP, "cafe", actor="test")
+        assert (await b.expect("dlDataQue"))["queId"] == queued["queId"]
+        op = b.send("dlDataRes", epEui=int(EP, 16), queId=queued["queId"], result="sent", txTime=7, packetCnt=2)
+        await b.expect("dlDataResRsp")
+        b.send("dlDataResCmp", op)
+        assert states(two, queued["queId"])[-1] == "sent"
+        assert (await stored(one, queued["queId"], two))["status"] == "sent"
+
+        # Detached on hub-1: detPrp on hub-2's station.
+        detached = await one.service.detach(EP, actor="test")
+        assert detached["baseStations"] == [B]
+        assert (await b.expect("detPrp"))["epEui"] == int(EP, 16)
+    finally:
+        for running in (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_station_that_moves_takes_its_downlinks_and_only_one_hub_keeps_them(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    try:
+        await one.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        first = await two.station("bs-b", B)
+        await first.expect("attPrp")
+        await heard(two, first, cnt=2)  # not the first test's uplink, still remembered in Redis
+        queued = await two.service.queue_downlink(EP, "beef", actor="test")
+        await first.expect("dlDataQue")
+        assert queued["status"] == "accepted"  # B holds it, and never reports on this connection
+        # B connects to hub-1 (hub-2 closes the older connection): hub-1 keeps the downlink and sends it
+        # again; hub-2 forgets it and writes nothing more about it.
+        second = await one.station("bs-b", B)
+        await first.lost
+        que = await second.expect("dlDataQue")
+        assert que["queId"] == queued["queId"]
+        await wait_for(lambda: queued["queId"] not in two.service.downlink_queue.pending)
+        assert queued["queId"] in one.service.downlink_queue.pending
+        op = second.send("dlDataRes", epEui=int(EP, 16), queId=queued["queId"], result="sent", txTime=7,
+                         packetCnt=2)
+        await second.expect("dlDataResRsp")
+        second.send("dlDataResCmp", op)
+        await deferLater(reactor, 0.3, lambda: None)
+        entry = await stored(one, queued["queId"], one)
+        assert (entry["status"], entry["resultBs"]) == ("sent", B)
+        assert states(one, queued["queId"])[-1] == "sent"
+        assert "sent" not in states(two, queued["queId"]) and states(two, queued["queId"])[-1] == "accepted"
+    finally:
+        for running in (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
