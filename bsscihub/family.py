@@ -339,3 +339,5 @@ class FamilyService(MultiService):
                 return
         await children
         await self.drain()
+        if self._ingest is not None:
+            self._ingest.reject_log.flush()  # what was dropped since the last line is said before the stop

@@ -7,16 +7,16 @@ import json
 import math
 import re
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from bsscihub.logs import NoiseLimiter
 from bsscihub.ratelimit import RateLimiter
 
 # The reasons a message is dropped; the metric's `reason` label takes only these.
@@ -177,49 +177,6 @@ def counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
     return found
 
 
-class RateLimitedLog:
-    """Logs the first rejection of each source, then at most one line per source per `interval`.
-
-    A misbehaving device can send thousands of bad messages a second: the log says so once,
-    with how many were suppressed since, instead of drowning the hub's log.
-    """
-
-    log = Logger()
-
-    def __init__(self, clock: IReactorTime, *, interval: float = 60.0, max_sources: int = 10_000) -> None:
-        self.clock, self.interval, self.max_sources = clock, interval, max_sources
-        # source -> [time of the last line, messages suppressed since]; oldest first, bounded
-        self._sources: OrderedDict[str, list[float]] = OrderedDict()
-        self.lines = 0
-
-    def allow(self, source: str) -> tuple[bool, int]:
-        """(log this one?, how many were suppressed before it)."""
-        now = self.clock.seconds()
-        state = self._sources.get(source)
-        if state is not None and now - state[0] < self.interval:
-            state[1] += 1
-            return False, 0
-        suppressed = int(state[1]) if state is not None else 0
-        self._sources[source] = [now, 0]
-        self._sources.move_to_end(source)
-        while len(self._sources) > self.max_sources:
-            self._sources.popitem(last=False)
-        return True, suppressed
-
-    def reject(self, family: str, source: str, topic: str, reason: str, detail: str) -> bool:
-        allowed, suppressed = self.allow(source)
-        if allowed:
-            self.lines += 1
-            self.log.warn(
-                "{family}: dropped a message from {source} on {topic}: {reason} ({detail})"
-                "{suppressed_note}",
-                family=family, source=source, topic=topic, reason=reason, detail=detail,
-                suppressed=suppressed,
-                suppressed_note=f"; {suppressed} more from this source were dropped silently" if suppressed else "",
-            )
-        return allowed
-
-
 class Ingest:
     """A family's front door for device messages: counts what it accepts and rejects, never raises."""
 
@@ -231,14 +188,19 @@ class Ingest:
         accepted, rejected = counters(registry)
         self._accepted = accepted.labels(family)
         self._rejected = {reason: rejected.labels(family, reason) for reason in REASONS}
-        self.reject_log = RateLimitedLog(clock, interval=interval)
+        # One line per source per interval, then one summary of what it kept sending (bsscihub.logs).
+        self.reject_log = NoiseLimiter(clock, burst=1, interval=interval)
 
     def accepted(self, count: int = 1) -> None:
         self._accepted.inc(count)
 
     def rejected(self, error: Rejected, topic: str) -> None:
         self._rejected[error.reason].inc()
-        self.reject_log.reject(self.family, error.source or topic, topic, error.reason, error.detail)
+        source = error.source or topic
+        self.reject_log.emit(
+            self.log, LogLevel.warn, f"{self.family}: messages dropped from {source}", None,
+            "{family}: dropped a message from {source} on {topic}: {reason} ({detail})",
+            family=self.family, source=source, topic=topic, reason=error.reason, detail=error.detail)
 
     def failed(self, failure: Failure, topic: str) -> None:
         """A bug, not bad input: counted as `internal` and logged with its traceback (rate-limited too)."""
@@ -246,8 +208,7 @@ class Ingest:
             self.rejected(failure.value, topic)
             return
         self._rejected[INTERNAL].inc()
-        allowed, _ = self.reject_log.allow("internal:" + topic)
-        if allowed:
+        if self.reject_log.allow("internal:" + topic):
             self.log.failure("{family}: handling a message on {topic} failed", failure, family=self.family,
                              topic=topic)
 

@@ -1,7 +1,7 @@
 """Log output for the hub: human-readable text by default, JSON lines with `log.format: json`.
 
 Both filter by `log.level`; everything logs through twisted.logger. Text fields are escaped so
-that a peer cannot forge or garble log lines, and `NoiseLimiter` bounds what anonymous peers log.
+that a peer cannot forge or garble log lines, and `NoiseLimiter` bounds what noisy peers and devices log.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -176,50 +177,73 @@ def twistd_observer() -> ILogObserver:
 
 
 class NoiseLimiter:
-    """Bounds log lines about anonymous peers (failed TLS handshakes, refused connections): at most
-    `burst` lines of one kind per `interval`, then one summary line when the interval ends,
-    "N more like this from ADDRESSES". A flood from many addresses costs a few lines a minute."""
+    """The hub's one log limiter: at most `burst` lines per key per `interval`, then one summary line when
+    the interval ends, "N more like this (KEY) [from ORIGINS]". Keys are kinds of anonymous noise (failed
+    TLS handshakes: the origins name up to five addresses) or sources (a device sending bad input);
+    a flood from many addresses costs a few lines a minute, and at most `max_keys` keys are kept."""
 
     MAX_ADDRESSES = 5
 
-    def __init__(self, clock: IReactorTime, *, burst: int = 10, interval: float = 60.0) -> None:
-        self.clock, self.burst, self.interval = clock, burst, interval
-        self._windows: dict[str, _Window] = {}
+    def __init__(self, clock: IReactorTime, *, burst: int = 10, interval: float = 60.0,
+                 max_keys: int = 10_000) -> None:
+        self.clock, self.burst, self.interval, self.max_keys = clock, burst, interval, max_keys
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self.lines = 0
+        """Lines written within the bursts (summaries not counted)."""
 
-    def emit(self, log: Logger, level: LogLevel, kind: str, host: str, format: str, **fields: Any) -> bool:
-        """Log this event unless `kind` has had `burst` lines this interval; True if it was logged."""
+    def allow(self, key: str) -> bool:
+        """Spend one line of `key`'s budget: True if it may be written (the caller writes it, or does
+        what the budget stands for); what is refused is counted, and summarized only after `emit`."""
         now = self.clock.seconds()
-        window = self._windows.get(kind)
+        window = self._windows.get(key)
         if window is None or (window.summary is None and now - window.start >= self.interval):
-            window = self._windows[kind] = _Window(now)
+            window = self._windows[key] = _Window(now)
+            self._windows.move_to_end(key)
+            while len(self._windows) > self.max_keys:
+                self._summarize(next(iter(self._windows)))  # early, not lost; its timer goes with it
         if window.lines < self.burst:
             window.lines += 1
-            log.emit(level, format, **fields)
+            self.lines += 1
             return True
         window.suppressed += 1
-        if len(window.hosts) < self.MAX_ADDRESSES:
-            window.hosts.setdefault(host, None)
-        elif host not in window.hosts and len(window.other_hosts) < 100_000:
-            window.other_hosts.add(host)
+        return False
+
+    def emit(self, log: Logger, level: LogLevel, kind: str, host: str | None, format: str, **fields: Any) -> bool:
+        """Log this event unless `kind` has had `burst` lines this interval; True if it was logged.
+        `host` (the origin, if not the key itself) is named in the summary."""
+        if self.allow(kind):
+            log.emit(level, format, **fields)
+            return True
+        window = self._windows[kind]
+        if host is not None:
+            if len(window.hosts) < self.MAX_ADDRESSES:
+                window.hosts.setdefault(host, None)
+            elif host not in window.hosts and len(window.other_hosts) < 100_000:
+                window.other_hosts.add(host)
         if window.summary is None:
-            delay = max(0.0, window.start + self.interval - now)
+            delay = max(0.0, window.start + self.interval - self.clock.seconds())
             window.summary = self.clock.callLater(delay, self._summarize, kind)
             window.log, window.level = log, level
         return False
 
     def _summarize(self, kind: str) -> None:
         window = self._windows.pop(kind, None)
-        if window is None or window.log is None or not window.suppressed:
+        if window is None:
+            return
+        if window.summary is not None and window.summary.active():
+            window.summary.cancel()
+        if window.log is None or not window.suppressed:
             return
         hosts = ", ".join(window.hosts)
         if window.other_hosts:
             hosts += f" and {len(window.other_hosts)} other addresses"
         window.log.emit(
             window.level,
-            "{count} more like this ({kind}) from {hosts} in the last {interval:g} s",
+            "{count} more like this ({kind}){origin} in the last {interval:g} s",
             count=window.suppressed,
             kind=kind,
             hosts=hosts,
+            origin=f" from {hosts}" if hosts else "",
             interval=self.interval,
             suppressed=window.suppressed,
         )
@@ -227,15 +251,14 @@ class NoiseLimiter:
     def flush(self) -> None:
         """Write the pending summaries now (at stop)."""
         for kind, window in list(self._windows.items()):
-            if window.summary is not None and window.summary.active():
-                window.summary.cancel()
+            if window.summary is not None:
                 self._summarize(kind)
         self._windows.clear()
 
 
 @attrs.define
 class _Window:
-    """One kind's current interval: lines written, events suppressed and where they came from."""
+    """One key's current interval: lines written, events suppressed and where they came from."""
 
     start: float
     lines: int = 0

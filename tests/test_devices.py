@@ -15,10 +15,10 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 
 from bsscihub.contract import rfc3339
-from bsscihub.ingest import Ingest, RateLimitedLog, RegistrationLimit, Rejected
+from bsscihub.ingest import Ingest, RegistrationLimit, Rejected
 from bsscihub.protocols.devices.schema import MIGRATIONS
 from bsscihub.protocols.devices.series import bucketed
 from bsscihub.store import Store
@@ -386,7 +386,7 @@ async def test_every_kind_of_bad_input_is_counted_logged_once_per_source_and_dro
         assert running.rejected("devices", "internal") == 0
         assert [u["value"] for u in events(witness, "d1", "up")] == [1.0, 2.0], "nothing bad got through"
 
-        lines = [e for e in logged if e.get("log_namespace") == "bsscihub.ingest.RateLimitedLog"]
+        lines = [e for e in logged if e.get("log_namespace") == "bsscihub.ingest.Ingest" and "source" in e]
         sources = [e["source"] for e in lines]
         assert sorted(sources) == ["SensorData", "d1", "device/d 1/telemetry/t"], "one line per source"
         first = next(e for e in lines if e["source"] == "d1")
@@ -408,17 +408,19 @@ async def test_every_kind_of_bad_input_is_counted_logged_once_per_source_and_dro
 # -- the shared bad-input machinery, on a fake clock
 
 
-def test_rate_limited_log_says_once_per_source_then_counts_what_it_suppressed() -> None:
-    clock = Clock()
-    log = RateLimitedLog(clock, interval=60.0, max_sources=2)
-    assert log.allow("a") == (True, 0)
-    assert log.allow("a") == (False, 0)
-    assert log.allow("a") == (False, 0)
-    assert log.allow("b") == (True, 0)
-    clock.advance(61)
-    assert log.allow("a") == (True, 2)
-    log.allow("c")
-    assert "b" not in log._sources, "the oldest source is forgotten: memory stays bounded"
+def test_rejections_are_logged_once_per_source_then_summarized() -> None:
+    from prometheus_client import CollectorRegistry
+
+    clock, lines = Clock(), []
+    ingest = Ingest("fam", CollectorRegistry(), clock, interval=60.0)
+    ingest.log = Logger(namespace="test", observer=lines.append)
+    for source in ("a", "a", "a", "b"):
+        ingest.rejected(Rejected("not_json", "garbage", source=source), f"t/{source}")
+    assert [e["source"] for e in lines] == ["a", "b"] and ingest.reject_log.lines == 2
+    clock.advance(60)
+    assert [formatEvent(e) for e in lines[2:]] == ["2 more like this (fam: messages dropped from a) in the last 60 s"]
+    ingest.rejected(Rejected("not_json", "garbage", source="a"), "t/a")
+    assert lines[-1]["source"] == "a", "a new interval, a new line"
 
 
 def test_a_guarded_handler_never_raises_and_counts_bugs_as_internal() -> None:

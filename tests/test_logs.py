@@ -8,7 +8,7 @@ import json
 import re
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python import log as legacy
 
 from bsscihub.logs import NoiseLimiter, make_observer
@@ -108,6 +108,22 @@ def test_noise_limiter_writes_a_burst_then_one_summary_per_interval() -> None:
     # Nothing suppressed of the second kind: no summary for it.
     clock.advance(120)
     assert [e.get("n") for e in events[-2:]] == [None, 99]
+
+
+def test_noise_limiter_budgets_without_logging_and_forgets_the_oldest_key_saying_what_it_held() -> None:
+    clock, events = Clock(), []
+    log = Logger(namespace="bsscihub.test", observer=events.append)
+    noise = NoiseLimiter(clock, burst=1, interval=60.0, max_keys=2)
+    assert noise.allow("event:a") and not noise.allow("event:a")  # a budget only: no line, no summary
+    assert noise.emit(log, LogLevel.warn, "from b", None, "line {n}", n=1)
+    assert not noise.emit(log, LogLevel.warn, "from b", None, "line {n}", n=2)
+    assert noise.emit(log, LogLevel.warn, "from c", None, "line {n}", n=3)  # "event:a" is forgotten
+    assert noise.allow("event:a"), "forgotten: a new budget"
+    # ... and "from b" with it, its summary written early rather than lost (no origin: the key says it).
+    assert formatEvent(events[-1]) == "1 more like this (from b) in the last 60 s"
+    assert [e.get("n") for e in events] == [1, 3, None]
+    clock.advance(120)
+    assert len(events) == 3, "the early summary's timer went with it"
 
 
 def test_legacy_twisted_log_events_become_the_same_flat_objects() -> None:

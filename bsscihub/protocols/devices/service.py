@@ -336,7 +336,7 @@ class DevicesService(FamilyService):
     def _auto_register(self, device_id: str, via: str, topic: str) -> Device:
         if not self.config.auto_register:
             # One event per device per minute: a flood from an unknown device must not flood subscribers.
-            if self.ingest.reject_log.allow("event:" + device_id)[0]:
+            if self.ingest.reject_log.allow("event:" + device_id):
                 self.emit("rejected", f"dev/device/{device_id}/event/rejected", {
                     "deviceId": device_id, "reason": "unknown device (auto_register is off)", "topic": topic,
                     "time": rfc3339(self.clock.seconds())})
