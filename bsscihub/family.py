@@ -41,7 +41,8 @@ class IFamily(IPlugin):
     # events: Sequence[EventSpec]
     #     Every topic the family publishes under {p}/, for the docs, the tests and the admin UI.
     #
-    # Optional interfaces an IFamily may provide as well: IWebRoutes, IMQTTLayouts, ICommandLine (below).
+    # Optional interfaces an IFamily may provide as well: IWebRoutes, IMQTTLayouts, ICommandLine,
+    # ICertificateBindings (below).
 
 
 class IWebRoutes(Interface):
@@ -136,6 +137,25 @@ class ICommandLine(Interface):
 
     def cli_commands() -> Sequence[CLICommand]:  # type: ignore[misc]
         """The family's subcommands."""
+
+
+class ICertificateBindings(Interface):
+    """Optionally provided by an IFamily whose devices present client certificates of the hub's CA:
+    what such a certificate may be bound to. The web issues, lists and searches certificates by these."""
+
+    def certificate_bindings() -> Sequence[Any]:  # type: ignore[misc]
+        """The family's bsscihub.pki.BindingKind list (names prefixed with the family's protocol, e.g.
+        "bssci.station"); keep the plugin module light and import them inside."""
+
+
+def binding_kinds(families: Mapping[str, IFamily]) -> dict[str, Any]:
+    """Every BindingKind the families declare, by name (bsscihub.pki.check_kinds: no two alike)."""
+    from bsscihub.pki import check_kinds
+
+    return check_kinds(
+        kind for family in families.values() if ICertificateBindings.providedBy(family)
+        for kind in family.certificate_bindings()
+    )  # fmt: skip
 
 
 def layout_speakers(families: Mapping[str, IFamily], layout: str) -> list[str]:

@@ -1,5 +1,5 @@
-"""The development PKI: a hub CA, the hub's server certificate and base-station
-client certificates, made with `cryptography` and written with safe file modes."""
+"""The development PKI: a hub CA, the hub's server certificate and client certificates,
+made with `cryptography` and written with safe file modes; a client certificate may be bound to a family's subject."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -20,15 +20,15 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
 
-from bsscihub.contract import eui64
 from bsscihub.errors import UserFacingError
 
 __all__ = [
+    "Binding",
+    "BindingKind",
     "CertInfo",
     "IssuedCert",
     "PKIError",
-    "cert_bs_eui",
-    "cert_is_application_center",
+    "cert_bindings",
     "create_ca",
     "describe_cert",
     "issue_client_cert",
@@ -48,9 +48,10 @@ _BACKDATE = datetime.timedelta(hours=1)
 # CN has an upper bound of 64 characters (RFC 5280, ub-common-name).
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-# RFC 9039 device URNs: "mac" covers EUI-64 identifiers too.
-_EUI_URN_PREFIX = "urn:dev:mac:"
-APPLICATION_CENTER_URI = "urn:bsscihub:role:application-center"
+# A binding of a kind that names no URI of its own: urn:bsscihub:binding:{kind}:{subject}.
+BINDING_URI = "urn:bsscihub:binding:"
+_KIND = re.compile(r"[a-z][a-z0-9-]*(\.[a-z0-9-]+)+")
+_SUBJECT = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
 # A CA made elsewhere (an operator's own) may use any key type that can sign.
 _ISSUER_KEY_TYPES = (
     rsa.RSAPrivateKey,
@@ -66,15 +67,104 @@ class PKIError(UserFacingError):
 
 
 @attrs.frozen
+class Binding:
+    """What a client certificate is bound to: a kind a family declares and its subject
+    (e.g. ("bssci.station", an EUI-64)); "" for a kind that takes none."""
+
+    kind: str
+    subject: str = ""
+    uri: str | None = attrs.field(default=None, eq=False, repr=False)
+    """How the certificate writes it (BindingKind.bind sets it); None: urn:bsscihub:binding:{kind}:{subject}."""
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "subject": self.subject}
+
+
+def _any_subject(text: str) -> str | None:
+    return text if _SUBJECT.fullmatch(text) else None
+
+
+@attrs.frozen
+class BindingKind:
+    """A kind of binding a family declares (bsscihub.family.ICertificateBindings)."""
+
+    name: str
+    """Dotted, the family's prefix first ("bssci.station"): stored, listed and audited as is."""
+    label: str
+    """What the admin chooses ("a base station (BSSCI)")."""
+    subject_label: str = ""
+    """What the subject is ("EUI-64, 16 hex digits"); "" when the kind takes no subject."""
+    normalize: Callable[[str], str | None] = _any_subject
+    """The subject's one written form, or None when it is not one."""
+    uri: str | None = None
+    """The SAN URI the binding is written as (the subject appended); None: urn:bsscihub:binding:{name}:.
+    A kind keeps the URI certificates were issued with before it was a binding, so those stay readable."""
+    field: str | None = None
+    """A REST request and listing field that carries this kind's subject by itself (kept from before bindings)."""
+    aliases: tuple[str, ...] = ()
+    """Other values the REST request's `kind` took for this kind before bindings; without a subject, such a
+    request issues a certificate bound to nothing, as it did."""
+
+    def __attrs_post_init__(self) -> None:
+        if not _KIND.fullmatch(self.name):
+            raise ValueError(f"bad binding kind {self.name!r}: dotted lower-case words, the family's first")
+
+    @property
+    def takes_subject(self) -> bool:
+        return bool(self.subject_label)
+
+    def bind(self, subject: str | None = None) -> Binding:
+        """This kind's binding to `subject` (normalized); PKIError naming the kind when it is not one."""
+        if not self.takes_subject:
+            if subject:
+                raise PKIError(f"a certificate bound to {self.name} takes no subject")
+            return Binding(self.name, "", self._prefix)
+        cleaned = self.normalize(subject.strip()) if subject else None
+        if cleaned is None:
+            raise PKIError(f"bad {self.name} subject {subject!r}: expected {self.subject_label}")
+        return Binding(self.name, cleaned, self._prefix + cleaned)
+
+    @property
+    def _prefix(self) -> str:
+        return self.uri if self.uri is not None else f"{BINDING_URI}{self.name}:"
+
+    def read(self, uri: str) -> Binding | None:
+        """The binding `uri` writes, if it is one of this kind."""
+        prefix = self._prefix
+        if not uri.lower().startswith(prefix.lower()):
+            return None
+        if not self.takes_subject:
+            return Binding(self.name, "", uri) if len(uri) == len(prefix) else None
+        subject = self.normalize(uri[len(prefix):])
+        return Binding(self.name, subject, uri) if subject is not None else None
+
+
+def check_kinds(kinds: Iterable[BindingKind]) -> dict[str, BindingKind]:
+    """The kinds by name; ValueError when two share a name or alias, a field or a URI."""
+    found: dict[str, BindingKind] = {}
+    owners: dict[tuple[str, str], str] = {}
+    for kind in kinds:
+        keys = [("name", n) for n in (kind.name, *kind.aliases)]
+        keys += [("field", kind.field)] if kind.field else []
+        keys += [("URI", kind.uri.lower())] if kind.uri else []
+        for key in keys:
+            if key in owners:
+                raise ValueError(f"binding kinds {owners[key]} and {kind.name} share the {key[0]} {key[1]!r}")
+            owners[key] = kind.name
+        found[kind.name] = kind
+    return found
+
+
+@attrs.frozen
 class IssuedCert:
-    """Where a freshly issued base-station certificate was written."""
+    """Where a freshly issued client certificate was written."""
 
     cert_path: Path
     key_path: Path
     ca_path: Path
     serial: int
     not_after: datetime.datetime
-    bs_eui: str | None = None
+    binding: Binding | None = None
 
 
 @attrs.frozen
@@ -89,7 +179,7 @@ class CertInfo:
     not_after: datetime.datetime
     fingerprint_sha256: str
     is_ca: bool
-    bs_eui: str | None
+    bindings: tuple[Binding, ...]
 
 
 def create_ca(
@@ -188,22 +278,20 @@ def issue_client_cert(
     out_dir: StrPath,
     *,
     days: int = 825,
-    bs_eui: str | None = None,
+    binding: Binding | None = None,
     overwrite: bool = False,
-    application_center: bool = False,
 ) -> IssuedCert:
-    """Issue a base-station client certificate into out_dir as NAME.pem,
-    NAME.key and ca.pem (the CA certificate the base station must trust)."""
+    """Issue a client certificate into out_dir as NAME.pem, NAME.key and ca.pem (the CA
+    certificate the device must trust), bound to `binding` (made by BindingKind.bind) if given."""
     if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
         raise PKIError(
-            f"bad base-station name {name!r}: use 1 to 64 letters, digits,"
+            f"bad certificate name {name!r}: use 1 to 64 letters, digits,"
             " '-', '.' or '_', not starting with '.' or '-'"
         )
     # NAME.pem must not collide with the copy of the CA certificate.
     if name.lower() == "ca":
         raise PKIError("'ca' is reserved for the CA certificate copy")
     _check_days(days)
-    eui = _normalize_eui(bs_eui) if bs_eui is not None else None
     out = Path(out_dir)
     cert_file, key_file, ca_copy = (
         out / f"{name}.pem",
@@ -221,12 +309,9 @@ def issue_client_cert(
                 f"refusing to overwrite {', '.join(existing)}; pass overwrite=True to replace"
             )
     names: list[x509.GeneralName] = [x509.DNSName(name)]
-    if application_center:  # a mioty application center (SCACI), never a base station
-        if eui is not None:
-            raise PKIError("an application-center certificate is bound to no base-station EUI")
-        names.append(x509.UniformResourceIdentifier(APPLICATION_CENTER_URI))
-    if eui is not None:
-        names.append(x509.UniformResourceIdentifier(_EUI_URN_PREFIX + eui))
+    if binding is not None:
+        uri = binding.uri if binding.uri is not None else f"{BINDING_URI}{binding.kind}:{binding.subject}"
+        names.append(x509.UniformResourceIdentifier(uri))
     key = _new_key()
     cert = (
         _leaf_builder(ca_cert, ca_key, key, name, days, names)
@@ -239,7 +324,7 @@ def issue_client_cert(
     _write_pair(cert_file, cert, key_file, key, replace=overwrite)
     _write_file(ca_copy, ca_pem, 0o644, replace=True)
     log.info(
-        "issued base-station certificate {name} serial {serial} in {out_dir}",
+        "issued client certificate {name} serial {serial} in {out_dir}",
         name=name,
         serial=f"{cert.serial_number:#x}",
         out_dir=str(out),
@@ -250,12 +335,12 @@ def issue_client_cert(
         ca_path=ca_copy,
         serial=cert.serial_number,
         not_after=cert.not_valid_after_utc,
-        bs_eui=eui,
+        binding=binding,
     )
 
 
-def describe_cert(path: StrPath) -> CertInfo:
-    """Summarize the first certificate in a PEM file."""
+def describe_cert(path: StrPath, kinds: Iterable[BindingKind] = ()) -> CertInfo:
+    """Summarize the first certificate in a PEM file (its bindings as cert_bindings reads them)."""
     cert = _load_cert(Path(path))
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -270,32 +355,28 @@ def describe_cert(path: StrPath) -> CertInfo:
         not_after=cert.not_valid_after_utc,
         fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
         is_ca=is_ca,
-        bs_eui=cert_bs_eui(cert),
+        bindings=cert_bindings(cert, kinds),
     )
 
 
-def cert_is_application_center(cert: x509.Certificate) -> bool:
-    """Whether a client certificate was issued for a mioty application center (SCACI)."""
+def cert_bindings(cert: x509.Certificate, kinds: Iterable[BindingKind] = ()) -> tuple[Binding, ...]:
+    """Every binding in a client certificate's SAN URIs, in their order: those of `kinds` (in the URI
+    each kind writes), and any urn:bsscihub:binding:{kind}:{subject}, whichever family declares it."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return False
-    return APPLICATION_CENTER_URI in san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def cert_bs_eui(cert: x509.Certificate) -> str | None:
-    """The base-station EUI64 (16 lower-case hex digits) bound into a client
-    certificate by issue_client_cert, if any."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
+        return ()
+    kinds = tuple(kinds)
+    found: list[Binding] = []
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.lower().startswith(_EUI_URN_PREFIX):
-            candidate = eui64(uri[len(_EUI_URN_PREFIX) :])
-            if candidate is not None:
-                return candidate
-    return None
+        binding = next((b for b in (k.read(uri) for k in kinds) if b is not None), None)
+        if binding is None and uri.lower().startswith(BINDING_URI):
+            kind, _, subject = uri[len(BINDING_URI):].partition(":")
+            if _KIND.fullmatch(kind) and (subject == "" or _SUBJECT.fullmatch(subject)):
+                binding = Binding(kind, subject, uri)
+        if binding is not None and binding not in found:
+            found.append(binding)
+    return tuple(found)
 
 
 def _now() -> datetime.datetime:
@@ -433,13 +514,6 @@ def _check_hostname(hostname: str) -> str:
     ):
         raise PKIError(f"not a DNS name (use the ASCII/punycode form): {hostname!r}")
     return hostname
-
-
-def _normalize_eui(eui: str) -> str:
-    cleaned = eui64(eui.replace("-", "").replace(":", ""))
-    if cleaned is None:
-        raise PKIError(f"bad base-station EUI {eui!r}: expected 16 hex digits")
-    return cleaned
 
 
 def _common_name(cert: x509.Certificate) -> str | None:

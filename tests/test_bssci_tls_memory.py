@@ -24,6 +24,7 @@ from bsscihub.family import installed_families
 from bsscihub.hub import make_hub
 from bsscihub.pki import create_ca, issue_client_cert
 from bsscihub.protocols.bssci.framing import Framer, encode_frame
+from bsscihub.protocols.bssci.identity import STATION
 from bsscihub.protocols.bssci.protocol import CLOSE_GRACE, BSSCIFactory, BSSCIProtocol
 from bsscihub.protocols.bssci.service import MiotyService
 from bsscihub.protocols.bssci.session import EACCES, IServiceCenter, SessionConfig, SessionStats
@@ -351,7 +352,7 @@ def bound(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pair]:
     """A station CA of its own, and a certificate from it that bsscihub.pki binds to bsEui BOUND_EUI."""
     d = tmp_path_factory.mktemp("bound")
     create_ca(d / "ca.pem", d / "ca.key", common_name="station CA")
-    issued = issue_client_cert(d / "ca.pem", d / "ca.key", "bs-a", d / "bs", bs_eui=f"{BOUND_EUI:016x}")
+    issued = issue_client_cert(d / "ca.pem", d / "ca.key", "bs-a", d / "bs", binding=STATION.bind(f"{BOUND_EUI:016x}"))
     return d / "ca.pem", Pair(issued.cert_path, issued.key_path)
 
 

@@ -79,7 +79,7 @@ def test_issued_certificate_is_bound_to_its_eui_listed_and_audited(
 ) -> None:
     import sqlite3
 
-    from bsscihub.pki import cert_bs_eui
+    from bsscihub.protocols.bssci.identity import cert_station
 
     home, _ = initialised
     result = bsscihub(home, "certs", "issue-bs", "bs-roof", "--eui", "70B3-D59C-D000-0001", "--out", "bound",
@@ -87,12 +87,12 @@ def test_issued_certificate_is_bound_to_its_eui_listed_and_audited(
     assert result.returncode == 0, result.stderr
     assert "bound to base station 70b3d59cd0000001" in result.stdout and result.stderr == ""
     cert = x509.load_pem_x509_certificate((home / "bound" / "bs-roof.pem").read_bytes())
-    assert cert_bs_eui(cert) == "70b3d59cd0000001"
+    assert cert_station(cert) == "70b3d59cd0000001"
     with sqlite3.connect(home / "var" / "hub.sqlite") as db:
-        issued = db.execute("SELECT name, bs_eui, actor FROM issued_certs WHERE serial = ?",
+        issued = db.execute("SELECT name, binding_kind, binding_subject, actor FROM issued_certs WHERE serial = ?",
                             (format(cert.serial_number, "x"),)).fetchall()
         audited = db.execute("SELECT actor, target FROM audit_log WHERE action = 'cert.issue'").fetchall()
-    assert issued == [("bs-roof", "70b3d59cd0000001", "cli")]
+    assert issued == [("bs-roof", "bssci.station", "70b3d59cd0000001", "cli")]
     assert ("cli", format(cert.serial_number, "x")) in audited
     unbound = bsscihub(home, "certs", "issue-bs", "bs-loose", "--out", "bound", "--config", CONFIG)
     assert unbound.returncode == 0 and "bound to no EUI" in unbound.stdout and "--eui" in unbound.stderr
@@ -105,7 +105,7 @@ def test_application_center_certificate_is_marked_listed_and_audited(
 ) -> None:
     import sqlite3
 
-    from bsscihub.pki import cert_bs_eui, cert_is_application_center
+    from bsscihub.protocols.bssci.identity import cert_station, is_application_center
 
     home, _ = initialised
     result = bsscihub(home, "certs", "issue-ac", "ac-main", "--out", "ac", "--config", CONFIG)
@@ -113,12 +113,12 @@ def test_application_center_certificate_is_marked_listed_and_audited(
     assert "for a mioty application center (SCACI)" in result.stdout
     cert = x509.load_pem_x509_certificate((home / "ac" / "ac-main.pem").read_bytes())
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate((home / "certs" / "ca.pem").read_bytes()))
-    assert cert_is_application_center(cert) and cert_bs_eui(cert) is None
+    assert is_application_center(cert) and cert_station(cert) is None
     with sqlite3.connect(home / "var" / "hub.sqlite") as db:
-        issued = db.execute("SELECT name, bs_eui, actor FROM issued_certs WHERE serial = ?",
+        issued = db.execute("SELECT name, binding_kind, binding_subject, actor FROM issued_certs WHERE serial = ?",
                             (format(cert.serial_number, "x"),)).fetchall()
         audited = db.execute("SELECT actor, target FROM audit_log WHERE action = 'cert.issue'").fetchall()
-    assert issued == [("ac-main", None, "cli")] and ("cli", format(cert.serial_number, "x")) in audited
+    assert issued == [("ac-main", "scaci.ac", "", "cli")] and ("cli", format(cert.serial_number, "x")) in audited
 
 
 def test_sensors_import_and_export_as_csv(initialised: tuple[Path, subprocess.CompletedProcess[str]]) -> None:

@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import Framer
+from bsscihub.protocols.bssci.identity import STATION
 from tests.broker import Mosquitto, Received, Subscriber, free_port
 from tests.captures import load_capture
 from tests.helpers import CONFIG, clean_env, kill, login_token, start_hub
@@ -82,7 +83,7 @@ def test_the_diehl_capture_and_a_frame_with_a_known_key_come_out_on_mqtt(
     subscriber_factory: Callable[..., Subscriber],
 ) -> None:
     certs = home / "certs"
-    issued = {eui: issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", bs_eui=eui)
+    issued = {eui: issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", binding=STATION.bind(eui))
               for name, eui in (("bs-a", A), ("bs-b", B))}  # fmt: skip
     # The operator enters the key of the meter whose frame we build, before the hub ever heard it.
     entered = cli(home, "meters", "key", BUILT.upper(), stdin=KEY.hex() + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bsscihub.pki import issue_client_cert
+from bsscihub.protocols.bssci.identity import STATION
 from tests.broker import Mosquitto, Received, Subscriber, free_port
 from tests.helpers import CONFIG, clean_env, kill, login_token, start_hub
 from tests.test_mioty_crash import Station, metric
@@ -64,7 +65,7 @@ def test_blueprint_decoded_values_in_the_uplink_event_and_rest(
     subscriber_factory: Callable[..., Subscriber],
 ) -> None:
     certs = home / "certs"
-    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", bs_eui=A)
+    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", binding=STATION.bind(A))
     # The command line imports two blueprints; a broken file is refused with the place of the problem.
     imported = cli(home, "blueprints", "import", str(DATA / "climate.json"), str(DATA / "door-flags.json"))
     assert imported.returncode == 0, imported.stderr

@@ -18,6 +18,7 @@ from typing import Any
 
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import MAGIC, Framer, encode_frame
+from bsscihub.protocols.bssci.identity import STATION
 from tests.broker import Mosquitto, Received, Subscriber, free_port
 from tests.helpers import CONFIG, clean_env, kill, start_hub
 
@@ -132,7 +133,7 @@ def test_acknowledged_uplinks_survive_kill_9_and_are_published_once_after_the_re
     certs = home / "certs"
     stations: dict[str, tuple[str, Path, Path]] = {}  # bsEui -> (name, certificate, key)
     for name, eui in (("bs-a", A), ("bs-b", B)):
-        issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", bs_eui=eui)
+        issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", binding=STATION.bind(eui))
         stations[eui] = (name, issued.cert_path, issued.key_path)
     endpoints = home / "endpoints.json"
     endpoints.write_text(json.dumps([{"eui": EP, "nwKey": KEY, "shortAddr": "1a2b", "bidi": False}]))
@@ -221,7 +222,7 @@ def test_downlinks_survive_kill_9_what_was_reported_sent_stays_sent_the_rest_goe
     from paho.mqtt import publish
 
     certs = home / "certs"
-    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", bs_eui=A)
+    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", binding=STATION.bind(A))
     endpoints = home / "endpoints.json"
     endpoints.write_text(json.dumps([{"eui": EP, "nwKey": KEY, "shortAddr": "1a2b", "bidi": True}]))
     imported = subprocess.run(

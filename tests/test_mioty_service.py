@@ -27,8 +27,9 @@ from bsscihub.errors import CommandError
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from bsscihub.mqtt.bridge import to_json
-from bsscihub.pki import create_ca, issue_client_cert, issue_server_cert
+from bsscihub.pki import BindingKind, create_ca, issue_client_cert, issue_server_cert
 from bsscihub.protocols.bssci.framing import Framer, encode_frame
+from bsscihub.protocols.bssci.identity import APPLICATION_CENTER, STATION
 from bsscihub.protocols.bssci.service import MiotyService, UnknownDevice
 from tests.conftest import make_config
 from tests.helpers import until as wait_for
@@ -62,7 +63,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     issue_server_cert(d / "ca.pem", d / "ca.key", d / "hub.pem", d / "hub.key")
     bs = {}
     for name, eui in (("bs-a", A), ("bs-b", B), ("bs-c", C), ("bs-any", None), ("bs-other", None)):
-        issued = issue_client_cert(d / "ca.pem", d / "ca.key", name, d / "bs", bs_eui=eui)
+        issued = issue_client_cert(d / "ca.pem", d / "ca.key", name, d / "bs",
+                                   binding=STATION.bind(eui) if eui else None)
         bs[name] = (issued.cert_path, issued.key_path)
     create_ca(d / "other.pem", d / "other.key", common_name="other CA")
     other = issue_client_cert(d / "other.pem", d / "other.key", "bs-x", d / "other")
@@ -458,6 +460,33 @@ async def test_self_registered_station_is_pinned_to_its_certificate(tmp_path: Pa
         await again.lost
         assert running.service.registry.base_stations[C].cert_serial != pinned
         assert not bound.lost.called
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_certificate_bound_to_another_kind_never_registers_as_a_station(tmp_path: Path, pki: PKI,
+                                                                               logged: list[str]) -> None:
+    # Self-registration admits unbound certificates; an application center's (or another family's
+    # device's) is bound, to something that is no base station, and stays refused.
+    running = await start(tmp_path, pki, bssci={"self_register": True})
+    try:
+        other = BindingKind("test.gadget", "another family's device", "its id")
+        for name, binding, kind in (("ac-1", APPLICATION_CENTER.bind(), "scaci.ac"),
+                                    ("gadget-1", other.bind("g-7"), "test.gadget")):
+            issued = issue_client_cert(pki.ca, pki.ca_key, name, tmp_path / "certs", binding=binding)
+            intruder = await running.tls((issued.cert_path, issued.key_path))
+            port = intruder.transport.getHost().port  # type: ignore[union-attr]
+            intruder.send("con", 0, version="1.0.0", bsEui=int(C, 16), bidi=True, snBsUuid=[0] * 16)
+            error = await intruder.expect("error")
+            assert error["code"] == 13 and f"is bound to {kind}, not to a base station" in error["message"]
+            await intruder.lost
+            assert any(line.startswith(f"refused base station {C} at 127.0.0.1:{port}: ") and kind in line
+                       for line in logged)
+        assert C not in running.service.registry.base_stations and running.service.sessions == {}
+        # while an unbound certificate still registers itself
+        await running.station("bs-any", C)
+        assert running.service.registry.base_stations[C].cert_serial is not None
     finally:
         await running.stop()
 

@@ -1,5 +1,5 @@
-"""Tests for the development PKI: what the CA, server and base-station
-certificates contain, who they verify against, and how their files are written."""
+"""Tests for the development PKI: what the CA, server and client certificates contain
+(bindings too), who they verify against, and how their files are written."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bsscihub.pki import (
+    Binding,
+    BindingKind,
     PKIError,
-    cert_bs_eui,
+    cert_bindings,
+    check_kinds,
     create_ca,
     describe_cert,
     issue_client_cert,
@@ -210,9 +213,10 @@ def test_client_cert(ca: CA, other_ca: CA, tmp_path: Path, umask_022: None) -> N
     assert issued.ca_path.read_bytes() == ca.cert.read_bytes()
     assert mode(issued.key_path) == 0o600
     assert mode(issued.cert_path) == 0o644 and mode(issued.ca_path) == 0o644
-    assert issued.bs_eui is None
+    assert issued.binding is None
 
     cert = load(issued.cert_path)
+    assert cert_bindings(cert) == ()
     assert cert.serial_number == issued.serial
     assert cert.not_valid_after_utc == issued.not_after
     assert issued.not_after - datetime.datetime.now(datetime.UTC) < datetime.timedelta(
@@ -296,20 +300,63 @@ def test_client_cert_refuses_to_overwrite(ca: CA, other_ca: CA, tmp_path: Path) 
         issue_client_cert(other_ca.cert, other_ca.key, "bs-3", tmp_path)
 
 
-def test_client_cert_binds_bs_eui(ca: CA, tmp_path: Path) -> None:
-    issued = issue_client_cert(
-        ca.cert, ca.key, "bs-eui", tmp_path, bs_eui="70-B3-D5-9C-D0-00-00-01"
-    )
-    assert issued.bs_eui == "70b3d59cd0000001"
+THING = BindingKind("test.thing", "a thing", "a thing's id")
+LEGACY = BindingKind("test.old", "an old device", "its hex id", lambda s: s.lower() if s.isalnum() else None,
+                     uri="urn:example:old:", field="oldId", aliases=("old-device",))
+ROLE = BindingKind("test.role", "a role, no subject")
+
+
+def uris(cert: x509.Certificate) -> list[str]:
+    return ext(cert, x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def test_client_cert_bound_to_a_generic_kind_reads_back_without_the_kind(ca: CA, tmp_path: Path) -> None:
+    issued = issue_client_cert(ca.cert, ca.key, "thing-1", tmp_path, binding=THING.bind(" abc.1~x "))
+    assert issued.binding == Binding("test.thing", "abc.1~x")
     cert = load(issued.cert_path)
-    assert cert_bs_eui(cert) == "70b3d59cd0000001"
-    uris = ext(cert, x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.UniformResourceIdentifier
-    )
-    assert uris == ["urn:dev:mac:70b3d59cd0000001"]
+    assert uris(cert) == ["urn:bsscihub:binding:test.thing:abc.1~x"]
+    # any family's generic binding is seen by anyone reading the certificate, declared or not
+    assert cert_bindings(cert) == (Binding("test.thing", "abc.1~x"),)
+    assert cert_bindings(cert, [LEGACY]) == (Binding("test.thing", "abc.1~x"),)
     client_verifier(ca.load()).verify(cert, [])
-    with pytest.raises(PKIError, match="EUI"):
-        issue_client_cert(ca.cert, ca.key, "bs-bad", tmp_path, bs_eui="70b3d59c")
+
+
+def test_a_kind_with_its_own_uri_writes_and_reads_it(ca: CA, tmp_path: Path) -> None:
+    issued = issue_client_cert(ca.cert, ca.key, "old-1", tmp_path, binding=LEGACY.bind("AB12"))
+    cert = load(issued.cert_path)
+    assert uris(cert) == ["urn:example:old:ab12"]
+    assert cert_bindings(cert, [THING, LEGACY]) == (Binding("test.old", "ab12"),)
+    assert cert_bindings(cert) == ()  # that URI is the kind's own: readable only by whom knows the kind
+    role = load(issue_client_cert(ca.cert, ca.key, "role-1", tmp_path, binding=ROLE.bind()).cert_path)
+    assert uris(role) == ["urn:bsscihub:binding:test.role:"]
+    assert cert_bindings(role) == cert_bindings(role, [ROLE]) == (Binding("test.role"),)
+
+
+def test_bad_bindings_are_refused_naming_the_kind(ca: CA, tmp_path: Path) -> None:
+    for kind, subject, message in ((THING, None, "bad test.thing subject None: expected a thing's id"),
+                                   (THING, "a b", "bad test.thing subject 'a b'"),
+                                   (THING, "x" * 129, "bad test.thing subject"),
+                                   (LEGACY, "ab-12", "bad test.old subject 'ab-12': expected its hex id"),
+                                   (ROLE, "x", "bound to test.role takes no subject")):
+        with pytest.raises(PKIError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            kind.bind(subject)
+    with pytest.raises(ValueError, match="bad binding kind"):
+        BindingKind("Thing", "no family prefix")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kinds_from_several_families_must_not_collide() -> None:
+    assert list(check_kinds([THING, LEGACY, ROLE])) == ["test.thing", "test.old", "test.role"]
+    for clash, what in ((BindingKind("test.thing", "again"), "name 'test.thing'"),
+                        (BindingKind("other.x", "x", uri="URN:example:old:"), "URI 'urn:example:old:'"),
+                        (BindingKind("other.y", "y", field="oldId"), "field 'oldId'"),
+                        (BindingKind("other.z", "z", aliases=("test.thing",)), "name 'test.thing'"),
+                        (BindingKind("old-device.z", "z"), None)):
+        if what is None:
+            assert "old-device.z" in check_kinds([LEGACY, clash])
+            continue
+        with pytest.raises(ValueError, match=f"share the {what}"):
+            check_kinds([THING, LEGACY, clash])
 
 
 def test_issuing_needs_the_matching_ca_key(
@@ -326,9 +373,9 @@ def test_issuing_needs_the_matching_ca_key(
 
 def test_describe_cert(ca: CA, tmp_path: Path) -> None:
     issued = issue_client_cert(
-        ca.cert, ca.key, "bs-7", tmp_path, bs_eui="0011223344556677"
+        ca.cert, ca.key, "bs-7", tmp_path, binding=LEGACY.bind("0011223344556677")
     )
-    info = describe_cert(issued.cert_path)
+    info = describe_cert(issued.cert_path, [LEGACY])
     cert = load(issued.cert_path)
     assert info.subject == "CN=bs-7"
     assert info.issuer == "CN=bsscihub development CA"
@@ -338,7 +385,8 @@ def test_describe_cert(ca: CA, tmp_path: Path) -> None:
     assert info.not_before == cert.not_valid_before_utc
     assert info.fingerprint_sha256 == cert.fingerprint(hashes.SHA256()).hex(":").upper()
     assert not info.is_ca
-    assert info.bs_eui == "0011223344556677"
+    assert info.bindings == (Binding("test.old", "0011223344556677"),)
+    assert describe_cert(issued.cert_path).bindings == ()
     assert describe_cert(ca.cert).is_ca
 
     (tmp_path / "junk.pem").write_text("not a certificate")

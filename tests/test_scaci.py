@@ -21,6 +21,7 @@ from bsscihub.family import installed_families
 from bsscihub.hub import make_hub
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import Framer, FramingError, encode_frame
+from bsscihub.protocols.bssci.identity import APPLICATION_CENTER
 from bsscihub.protocols.bssci.scaci import MAGIC_AC
 from bsscihub.protocols.bssci.service import MiotyService
 from tests import test_mioty_service
@@ -106,7 +107,8 @@ async def app_center(running: Running, cert: Path, key: Path) -> AppCenter:
 @pytest_twisted.ensureDeferred
 async def test_an_application_center_registers_receives_uplinks_and_sends_a_downlink(running: Running,
                                                                                       tmp_path: Path) -> None:
-    issued = issue_client_cert(running.pki.ca, running.pki.ca_key, "ac-1", tmp_path / "ac", application_center=True)
+    issued = issue_client_cert(running.pki.ca, running.pki.ca_key, "ac-1", tmp_path / "ac",
+                               binding=APPLICATION_CENTER.bind())
     ac = await app_center(running, issued.cert_path, issued.key_path)
     ac.send("con", 0, version="1.0.0", acEui=AC_EUI, vendor="Test", model="AC", name="ac-1", swVersion="1",
             snAcUuid=list(os.urandom(16)))
@@ -188,7 +190,8 @@ async def test_only_application_center_certificates_are_served(running: Running,
 
 @pytest_twisted.ensureDeferred
 async def test_a_broken_frame_closes_that_connection_only(running: Running, tmp_path: Path) -> None:
-    issued = issue_client_cert(running.pki.ca, running.pki.ca_key, "ac-2", tmp_path / "ac", application_center=True)
+    issued = issue_client_cert(running.pki.ca, running.pki.ca_key, "ac-2", tmp_path / "ac",
+                               binding=APPLICATION_CENTER.bind())
     good = await app_center(running, issued.cert_path, issued.key_path)
     bad = await app_center(running, issued.cert_path, issued.key_path)
     for ac in (good, bad):
@@ -207,12 +210,14 @@ async def test_a_broken_frame_closes_that_connection_only(running: Running, tmp_
 def test_application_center_certificates_are_marked_and_bound_to_no_station(tmp_path: Path, pki: PKI) -> None:
     from cryptography import x509
 
-    from bsscihub.pki import PKIError, cert_bs_eui, cert_is_application_center
+    from bsscihub.pki import PKIError
+    from bsscihub.protocols.bssci.identity import cert_station, is_application_center
 
-    issued = issue_client_cert(pki.ca, pki.ca_key, "ac-3", tmp_path, application_center=True)
+    issued = issue_client_cert(pki.ca, pki.ca_key, "ac-3", tmp_path,
+                               binding=APPLICATION_CENTER.bind())
     cert = x509.load_pem_x509_certificate(issued.cert_path.read_bytes())
-    assert cert_is_application_center(cert) and cert_bs_eui(cert) is None
+    assert is_application_center(cert) and cert_station(cert) is None
     station = x509.load_pem_x509_certificate(pki.bs["bs-a"][0].read_bytes())
-    assert not cert_is_application_center(station)
-    with pytest.raises(PKIError, match="bound to no base-station EUI"):
-        issue_client_cert(pki.ca, pki.ca_key, "ac-4", tmp_path, application_center=True, bs_eui="00000000000000aa")
+    assert not is_application_center(station)
+    with pytest.raises(PKIError, match="bound to scaci.ac takes no subject"):
+        APPLICATION_CENTER.bind("00000000000000aa")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bsscihub.pki import issue_client_cert
+from bsscihub.protocols.bssci.identity import STATION
 from bsscihub.protocols.bssci.scaci import MAGIC_AC
 from tests.broker import Mosquitto, free_port
 from tests.helpers import CONFIG, clean_env, kill, start_hub
@@ -40,7 +41,7 @@ def test_application_center_against_twistd(home: Path, log: Path,
         cwd=home, env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
         capture_output=True, text=True, timeout=60)
     assert issued.returncode == 0, issued.stderr
-    station_cert = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", bs_eui=A)
+    station_cert = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", binding=STATION.bind(A))
     broker = mosquitto_factory()
     web, bssci, scaci = free_port(), free_port(), free_port()
     hub = start_hub(home, log, web, bssci, broker, BSSCIHUB_SCACI_LISTEN=f"tcp:{scaci}:interface=127.0.0.1")

@@ -18,6 +18,7 @@ import pytest_twisted
 from bsscihub import audit, pki
 from bsscihub.bus import Event
 from bsscihub.family import installed_families
+from bsscihub.protocols.bssci.identity import BINDINGS
 from bsscihub.users import RANK
 from bsscihub.web.routing import Route
 from tests.test_web_support import ROLES, Harness, build_harness, fast_hashing, harness_fixture
@@ -383,31 +384,63 @@ async def test_certificates_issue_list_revoke(harness: Harness) -> None:
 
     cert = x509.load_pem_x509_certificate(cert_pem)
     serial = format(cert.serial_number, "x")
-    assert pki.cert_bs_eui(cert) == "70b3d59cd0000001"
+    station = pki.Binding("bssci.station", "70b3d59cd0000001")
+    assert pki.cert_bindings(cert, BINDINGS) == (station,)
 
     pem = await h.request("POST", "/api/v1/certificates", role="admin", json_body={"name": "bs-2", "format": "pem"})
     assert pem.body.count(b"-----BEGIN CERTIFICATE-----") == 2 and b"PRIVATE KEY-----" in pem.body
-    # An application center's certificate (SCACI): marked as such, bound to no station.
-    ac = await h.request("POST", "/api/v1/certificates", role="admin",
-                         json_body={"name": "ac-1", "format": "pem", "kind": "application-center"})
-    ac_cert = x509.load_pem_x509_certificate(ac.body)
-    assert ac.code == 201 and pki.cert_is_application_center(ac_cert) and pki.cert_bs_eui(ac_cert) is None
-    assert not pki.cert_is_application_center(cert)
+    assert pki.cert_bindings(x509.load_pem_x509_certificate(pem.body), BINDINGS) == ()
+    # An application center's certificate (SCACI): bound to that kind, to no station; by the kind's name or
+    # by the name the request gave it before bindings.
+    for name, kind in (("ac-1", "application-center"), ("ac-2", "scaci.ac")):
+        ac = await h.request("POST", "/api/v1/certificates", role="admin",
+                             json_body={"name": name, "format": "pem", "kind": kind})
+        assert ac.code == 201
+        assert pki.cert_bindings(x509.load_pem_x509_certificate(ac.body), BINDINGS) == (pki.Binding("scaci.ac"),)
     both = await h.request("POST", "/api/v1/certificates", role="admin",
-                           json_body={"name": "ac-2", "bsEui": "70B3D59CD0000001", "kind": "application-center"})
-    assert both.code == 409 and "bound to no base-station EUI" in both.error["message"]
+                           json_body={"name": "ac-3", "bsEui": "70B3D59CD0000001", "kind": "application-center"})
+    assert both.code == 409 and "bsEui binds the certificate to bssci.station, not to scaci.ac" in both.error["message"]
+    # The generic form is the same binding as the family's own field.
+    generic = await h.request("POST", "/api/v1/certificates", role="admin", json_body={
+        "name": "bs-3", "format": "pem", "kind": "bssci.station", "subject": "70b3-d59c-d000-0003"})
+    assert pki.cert_bindings(x509.load_pem_x509_certificate(generic.body), BINDINGS) == (
+        pki.Binding("bssci.station", "70b3d59cd0000003"),)
+    for body, field, message in (
+        ({"kind": "bssci.station"}, "subject", "expected the station's bsEui"),
+        ({"kind": "bssci.station", "subject": "70b3"}, "subject", "bad bssci.station subject '70b3'"),
+        ({"bsEui": "xyz"}, "bsEui", "bad bssci.station subject 'xyz'"),
+        ({"kind": "scaci.ac", "subject": "x"}, "subject", "takes no subject"),
+        ({"kind": "ble.tag"}, "kind", None),
+        ({"subject": "70b3d59cd0000003"}, "subject", "needs the kind"),
+    ):
+        bad = await h.request("POST", "/api/v1/certificates", role="admin", json_body={"name": "bad", **body})
+        assert (bad.code, bad.error.get("field")) == (400, field), (body, bad.error)
+        assert message is None or message in bad.error["message"], (body, bad.error)
+    kinds = (await h.request("GET", "/api/v1/certificates/bindings", role="operator")).json()["items"]
+    assert {k["kind"]: k["field"] for k in kinds} == {"bssci.station": "bsEui", "scaci.ac": None}
 
     issued = (await h.request("GET", "/api/v1/certificates?q=roof", role="operator")).json()
-    assert [(c["serial"], c["revokedAt"]) for c in issued["items"]] == [(serial, None)]
+    assert [(c["serial"], c["revokedAt"], c["binding"], c["bsEui"]) for c in issued["items"]] == [
+        (serial, None, station.to_json(), station.subject)]
+    by_subject = (await h.request("GET", "/api/v1/certificates?q=D000-0003", role="operator")).json()["items"]
+    assert by_subject == []  # the subject as stored: 16 hex digits, searched in any case
+    by_subject = (await h.request("GET", "/api/v1/certificates?q=D0000003", role="operator")).json()["items"]
+    assert [c["name"] for c in by_subject] == ["bs-3"]
+    listed = {c["name"]: c["binding"] for c in
+              (await h.request("GET", "/api/v1/certificates", role="operator")).json()["items"]}
+    assert listed["ac-1"] == listed["ac-2"] == {"kind": "scaci.ac", "subject": ""} and listed["bs-2"] is None
     reply = await h.request("POST", f"/api/v1/certificates/0x{serial.upper()}/revoke", role="admin",
                             json_body={"reason": "lost"})
-    assert reply.json()["name"] == "bs-roof"
+    assert (reply.json()["name"], reply.json()["binding"], reply.json()["bsEui"]) == (
+        "bs-roof", station.to_json(), station.subject)
     assert h.mioty.calls[-1] == ("revoke_certificate", (int(serial, 16), "lost", "admin"))  # the family refuses it
     assert (await h.request("POST", f"/api/v1/certificates/{serial}/revoke", role="admin")).code == 409
     revoked = (await h.request("GET", "/api/v1/certificates/revoked", role="operator")).json()
     assert [r["serial"] for r in revoked["items"]] == [serial]
     entries, _ = await audit.query(h.hub.store, action="cert.")
-    assert {e.action for e in entries} == {"cert.issue", "cert.revoke"}
+    assert {e.action for e in entries} == {"cert.issue", "cert.issue.refused", "cert.revoke"}  # refused: the bad ones
+    assert [e.detail["binding"] for e in entries if e.target == serial and e.action == "cert.issue"] == [
+        station.to_json()]
     assert "PRIVATE" not in str([e.to_json() for e in entries])
     # The hub keeps no copy of issued keys.
     assert not list(Path(tls.ca).parent.glob("bs-roof*"))

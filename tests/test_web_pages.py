@@ -142,13 +142,21 @@ async def test_issue_certificate_download_from_the_page(harness: Harness) -> Non
     tls = h.hub.config.tls
     pki.create_ca(tls.ca, tls.ca_key)
     cookies, csrf = await h.login("admin")
+    form = (await h.request("GET", "/certificates", cookies=cookies)).body.decode()
+    # the families' binding kinds are offered, not a base-station EUI of the core's own
+    assert '<option value="bssci.station">a base station (BSSCI)</option>' in form
+    assert '<option value="scaci.ac">a mioty application center (SCACI)</option>' in form
     reply = await h.request("POST", "/certificates", cookies=cookies, headers=FORM,
-                            data=f"_csrf={csrf}&name=bs-1&bsEui=&days=30&format=pem")
+                            data=f"_csrf={csrf}&name=bs-1&kind=&subject=&days=30&format=pem")
     assert reply.code == 201 and reply.header("Content-Disposition") == 'attachment; filename="bs-1-bundle.pem"'
+    reply = await h.request("POST", "/certificates", cookies=cookies, headers=FORM,
+                            data=f"_csrf={csrf}&name=bs-2&kind=bssci.station&subject=70B3D59CD0000002&format=pem")
+    assert reply.code == 201
     reply = await h.request("POST", "/certificates", cookies=cookies, headers=FORM, data=f"_csrf={csrf}&name=../x")
     assert reply.code == 303
     page = await h.request("GET", "/certificates", cookies=cookies)
     assert b"name: expected 1-64 letters" in page.body and b"bs-1" in page.body
+    assert b'bssci.station</span> <span class="mono">70b3d59cd0000002' in page.body
 
 
 @pytest_twisted.ensureDeferred

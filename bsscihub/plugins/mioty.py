@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import EventSpec, ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
+from bsscihub.family import EventSpec, ICertificateBindings, ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
 from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig, ScaciConfig
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
 
 
-@implementer(IPlugin, IFamily, IWebRoutes, IMQTTLayouts, ICommandLine)
+@implementer(IPlugin, IFamily, IWebRoutes, IMQTTLayouts, ICommandLine, ICertificateBindings)
 class MiotyFamily:
     name = "mioty"
     mqtt_layouts = ("seed",)
@@ -69,6 +69,11 @@ class MiotyFamily:
         from bsscihub.protocols.bssci.cli import COMMANDS
 
         return COMMANDS
+
+    def certificate_bindings(self) -> Any:
+        from bsscihub.protocols.bssci.identity import BINDINGS
+
+        return BINDINGS
 
     def web_routes(self, hub: Hub) -> Any:
         from bsscihub.protocols.bssci.api import MiotyWeb

@@ -68,6 +68,38 @@ CORE_MIGRATIONS = [
         )
         """,
     ),
+    # Certificates bound to a family's subject (bsscihub.pki.Binding) instead of a base-station EUI.
+    # The table is rebuilt (SQLite before 3.35 cannot drop a column); the EUIs issued_certs held become
+    # bssci.station bindings, and application-center certificates, recorded unbound until now, are
+    # found by their audited issue (`certs issue-ac`, or the web's "kind": "application-center"; REPLACE,
+    # not LIKE: a migration's statements go to the driver as they are, and psycopg reads % as a placeholder).
+    Migration(
+        "core",
+        3,
+        """
+        CREATE TABLE issued_certs_v3 (
+            serial TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            binding_kind TEXT,
+            binding_subject TEXT NOT NULL DEFAULT '',
+            not_after {real} NOT NULL,
+            issued_at {real} NOT NULL,
+            actor TEXT NOT NULL
+        );
+        INSERT INTO issued_certs_v3 (serial, name, binding_kind, binding_subject, not_after, issued_at, actor)
+            SELECT serial, name, CASE WHEN bs_eui IS NULL THEN NULL ELSE 'bssci.station' END, COALESCE(bs_eui, ''),
+                   not_after, issued_at, actor
+            FROM issued_certs;
+        UPDATE issued_certs_v3 SET binding_kind = 'scaci.ac'
+            WHERE binding_kind IS NULL AND serial IN (
+                SELECT target FROM audit_log WHERE action = 'cert.issue'
+                AND (REPLACE(detail, '"applicationCenter": true', '') <> detail
+                     OR REPLACE(detail, '"kind": "application-center"', '') <> detail));
+        DROP TABLE issued_certs;
+        ALTER TABLE issued_certs_v3 RENAME TO issued_certs;
+        CREATE INDEX issued_certs_binding ON issued_certs (binding_kind, binding_subject)
+        """,
+    ),
     # Admin sessions survive a restart: stored by the SHA-256 of the cookie value (bsscihub.web.sessions).
     # Its own component, so it never competes with a core version number.
     Migration(

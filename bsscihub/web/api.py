@@ -30,7 +30,7 @@ from bsscihub.web.routing import (
     api_route,
     page,
 )
-from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, hexstr, obj, page_of, string
+from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
 from bsscihub.web.stream import upgrade
 
 if TYPE_CHECKING:
@@ -457,11 +457,13 @@ class HubApi:
 
 CERT_INFO = obj({"serial": {"type": "string"}, "subject": {"type": "string"}, "notAfter": {"type": "string"}},
                 ("serial",), closed=False)
-ISSUED = obj({"serial": {"type": "string"}, "name": {"type": "string"}, "bsEui": {"type": "string", "nullable": True},
+BINDING = obj({"kind": {"type": "string"}, "subject": {"type": "string"}}, ("kind", "subject"))
+BINDING["nullable"] = True
+ISSUED = obj({"serial": {"type": "string"}, "name": {"type": "string"}, "binding": BINDING,
               "notAfter": TIME, "issuedAt": TIME, "issuedBy": {"type": "string"},
               "revokedAt": OPT_TIME,
               "revokeReason": {"type": "string", "nullable": True}}, ("serial", "name"), closed=False)
-REVOKED = obj({"serial": {"type": "string"}, "reason": {"type": "string"}, "revokedAt": TIME},
+REVOKED = obj({"serial": {"type": "string"}, "reason": {"type": "string"}, "revokedAt": TIME, "binding": BINDING},
               ("serial", "reason", "revokedAt"), closed=False)
 
 
@@ -474,40 +476,54 @@ class CertsApi:
     def ca(self, call: Call) -> Any:
         return certs.ca_info(self.web.hub.config)
 
-    @api_route("GET", "/certificates", role="operator", summary="Base-station certificates issued by the hub",
-               tag="certificates", query=(Param("q", string("part of name, serial or EUI", maxLength=64)), *PAGING),
-               response=page_of(ISSUED))
+    @api_route("GET", "/certificates/bindings", role="operator", summary="What a certificate may be bound to",
+               tag="certificates", response=obj({"items": {"type": "array", "items": obj(
+                   {"kind": {"type": "string"}, "label": {"type": "string"},
+                    "subject": {"type": "string", "nullable": True}, "field": {"type": "string", "nullable": True}},
+                   ("kind", "label"), closed=False)}}, ("items",), closed=False),
+               description="The binding kinds the enabled families declare: `subject` says what the kind binds"
+                           " to (null: it takes none); `field` is the request and listing field that carries the"
+                           " subject by itself.")
+    def bindings(self, call: Call) -> Any:
+        return {"items": certs.kinds_json(self.web.binding_kinds)}
+
+    @api_route("GET", "/certificates", role="operator", summary="Client certificates issued by the hub",
+               tag="certificates", query=(Param("q", string("part of name, serial or bound subject", maxLength=64)),
+                                          *PAGING),
+               response=page_of(ISSUED),
+               description="Each item's `binding` is {kind, subject} or null; every binding kind's `field` (see"
+                           " /certificates/bindings) is there too, holding the subject of a binding of that kind.")
     async def list_certs(self, call: Call) -> Any:
         q = call.query
-        items, total = await certs.list_issued(self.web.hub.store, q=q.get("q"), limit=q["limit"], offset=q["offset"])
+        items, total = await certs.list_issued(self.web.hub.store, self.web.binding_kinds, q=q.get("q"),
+                                               limit=q["limit"], offset=q["offset"])
         return page(items, total, q["limit"], q["offset"])
 
-    @api_route("POST", "/certificates", role="admin", summary="Issue a base-station certificate (download)",
+    @api_route("POST", "/certificates", role="admin", summary="Issue a client certificate (download)",
                tag="certificates", status=201, produces="application/zip", errors=(409,), audit="cert.issue",
                body=obj({
-                   "name": string("base-station name: certificate CN and DNS SAN", minLength=1, maxLength=64,
+                   "name": string("device name: certificate CN and DNS SAN", minLength=1, maxLength=64,
                                   pattern=r"^(?![cC][aA]$)[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$",
                                   **{"x-expected": "1-64 letters, digits, '.', '_', '-' (not 'ca')"}),
-                   "bsEui": hexstr(16, "base-station EUI-64 bound into the certificate"),
                    "days": {"type": "integer", "minimum": 1, "maximum": 3650, "default": 825},
                    "format": string("zip (NAME.pem, NAME.key, ca.pem) or pem (one bundle)", enum=["zip", "pem"]),
-                   "kind": string("for a base station (BSSCI, the default) or a mioty application center (SCACI;"
-                                  " bound to no bsEui)", enum=["base-station", "application-center"]),
+                   "kind": string("what the certificate is bound to: a binding kind of GET /certificates/bindings"
+                                  " (or the name that kind had before); none: bound to nothing", maxLength=64),
+                   "subject": string("what of that kind it is bound to (e.g. a station's EUI); none for a kind"
+                                     " that takes none", minLength=1, maxLength=128),
                }, ("name",)),
-               description="The private key exists only in this response; the hub keeps no copy.")
+               description="The private key exists only in this response; the hub keeps no copy. A kind's `field`"
+                           " (GET /certificates/bindings) may carry the subject instead of `kind` and `subject`.")
     async def issue(self, call: Call) -> Any:
         body = call.body
-        if body.get("kind") == "application-center" and body.get("bsEui"):
-            raise ApiError(409, "conflict", "an application-center certificate is bound to no base-station EUI;"
-                                            " leave bsEui out")
+        binding = certs.binding_of(self.web.binding_kinds, body)
         bundle = await certs.issue(
-            self.web.hub.config, self.web.hub.store, name=body["name"], bs_eui=body.get("bsEui"),
+            self.web.hub.config, self.web.hub.store, name=body["name"], binding=binding,
             days=body.get("days", 825), fmt=body.get("format", "zip"), actor=call.actor, now=self.web.clock.seconds(),
-            application_center=body.get("kind") == "application-center",
         )
         call.target = bundle.serial
-        call.detail = {"name": bundle.name, "bsEui": bundle.bs_eui, "notAfter": bundle.not_after,
-                       **({"kind": body["kind"]} if "kind" in body else {})}
+        call.detail = {"name": bundle.name, "binding": binding.to_json() if binding else None,
+                       "notAfter": bundle.not_after}
         return Download(bundle.data, bundle.filename, bundle.content_type, status=201)
 
     @api_route("POST", "/certificates/{serial}/revoke", role="admin", summary="Revoke a certificate by serial",
@@ -516,7 +532,8 @@ class CertsApi:
     async def revoke(self, call: Call) -> Any:
         serial = certs.normalize_serial(call.params["serial"])
         reason = (call.body or {}).get("reason", "")
-        result = await certs.revoke(self.web.hub.store, serial, reason, call.actor, self.web.clock.seconds())
+        result = await certs.revoke(self.web.hub.store, serial, reason, call.actor, self.web.clock.seconds(),
+                                    self.web.binding_kinds)
         call.target, call.detail = serial, {"reason": reason, "name": result["name"]}
         # The families with TLS listeners refuse it from now on (and drop connections using it).
         for extension in self.web.extensions:

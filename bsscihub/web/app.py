@@ -27,9 +27,9 @@ from twisted.web.static import File
 from zope.interface.verify import verifyObject
 
 from bsscihub import audit
-from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension, IWebRoutes
+from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension, IWebRoutes, binding_kinds
 from bsscihub.hub import Hub
-from bsscihub.web import openapi
+from bsscihub.web import certs, openapi
 from bsscihub.web.api import CORE_GROUPS, AuthApi
 from bsscihub.web.auth import Authenticator, LoginLimiter
 from bsscihub.web.dispatch import Dispatcher
@@ -196,12 +196,14 @@ class WebApp:
             "bsscihub_web_rate_limited", "Requests refused with 429, by limit", ["limit"], registry=hub.metrics
         )
         self.auth_api = AuthApi(self)
+        self.binding_kinds = binding_kinds(hub.families)  # what the families' certificates may be bound to
         self.extensions: list[Any] = []
         nav = list(CORE_NAV)
         templates: list[Any] = []
         routes: list[BoundRoute] = []
         for group in (self.auth_api, *(cls(self) for cls in CORE_GROUPS if cls is not AuthApi), CorePages(self)):
             routes += collect(group, api_prefix=API_PREFIX, page_prefix="", tag="")
+        routes = [certs.with_binding_fields(r, self.binding_kinds) for r in routes]
         routes += collect(WSRoute(self), api_prefix="", page_prefix="", tag="")
         for name, family in hub.families.items():
             if not IWebRoutes.providedBy(family):

@@ -1,4 +1,4 @@
-"""Base-station certificates from the web: issue one as a download, list what was issued, revoke by serial.
+"""Client certificates from the web: issue one as a download, bound to what a family declares; list, revoke.
 
 Issued and revoked serials are recorded in the core tables; a TLS listener consults `revoked_serials`.
 """
@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ from twisted.internet import threads
 from bsscihub import pki
 from bsscihub.config import HubConfig
 from bsscihub.contract import opt_time, rfc3339
+from bsscihub.pki import Binding, BindingKind
 from bsscihub.store import Cursor, Store
 from bsscihub.web.errors import ApiError, bad_field, conflict
+from bsscihub.web.routing import BoundRoute
+from bsscihub.web.schema import string
 
 
 def normalize_serial(text: str) -> str:
@@ -38,6 +42,7 @@ def ca_info(config: HubConfig) -> dict[str, Any]:
         raise ApiError(503, "no_ca", f"the hub CA is not available: {e}") from None
     out = attrs.asdict(info)
     out["serial"] = normalize_serial(info.serial)
+    del out["bindings"]  # a CA is bound to nothing
     out["canIssue"] = Path(config.tls.ca_key).exists()
     return {_camel(k): v for k, v in out.items()}
 
@@ -47,24 +52,76 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
+def kinds_json(kinds: Mapping[str, BindingKind]) -> list[dict[str, Any]]:
+    """The binding kinds the families declare, as the certificates page offers them."""
+    return [{"kind": k.name, "label": k.label, "subject": k.subject_label or None, "field": k.field}
+            for k in kinds.values()]
+
+
+def binding_of(kinds: Mapping[str, BindingKind], body: Mapping[str, Any]) -> Binding | None:
+    """The binding an issue request asks for: `kind` (a kind's name, or an alias it had before bindings) and
+    `subject`, or the `field` a kind declares (`{field: X}` is `{"kind": its name, "subject": X}`)."""
+    named = body.get("kind")
+    kind = None
+    if named is not None:
+        kind = next((k for k in kinds.values() if named == k.name or named in k.aliases), None)
+        if kind is None:
+            known = ", ".join(sorted(n for k in kinds.values() for n in (k.name, *k.aliases))) or "none"
+            raise bad_field("kind", f"no family declares the binding kind {named!r} (known: {known})")
+    subject, field = body.get("subject"), "subject"
+    for other in kinds.values():
+        value = body.get(other.field) if other.field else None
+        if value is None:
+            continue
+        if kind is not None and kind is not other:
+            raise conflict(f"{other.field} binds the certificate to {other.name}, not to {kind.name}; leave it out")
+        if subject is not None and subject != value:
+            raise conflict(f"subject and {other.field} differ; give one")
+        kind, subject, field = other, value, other.field or field
+    if kind is None:
+        if subject is not None:
+            raise bad_field("subject", "a subject needs the kind of binding it is (kind)")
+        return None
+    if not subject and kind.takes_subject and named in kind.aliases:
+        return None  # as such a request was answered before bindings: a certificate bound to nothing
+    try:
+        return kind.bind(subject)
+    except pki.PKIError as e:
+        raise bad_field(field, str(e)) from None
+
+
+def with_binding_fields(bound: BoundRoute, kinds: Mapping[str, BindingKind]) -> BoundRoute:
+    """The route issuing certificates (POST .../certificates) also takes the `field` of every kind
+    that declares one, in its schema and so in the OpenAPI document."""
+    route = bound.route
+    if route.kind != "api" or route.method != "POST" or not route.path.endswith("/certificates") or not route.body:
+        return bound
+    properties = dict(route.body["properties"])
+    kind_names = sorted(n for k in kinds.values() for n in (k.name, *k.aliases))
+    properties["kind"] = {**properties["kind"], "enum": kind_names} if kind_names else properties["kind"]
+    for kind in kinds.values():
+        if kind.field:
+            properties[kind.field] = string(f"{kind.subject_label}: the same as kind {kind.name!r} with this subject",
+                                            minLength=1, maxLength=128)
+    return attrs.evolve(bound, route=attrs.evolve(route, body={**route.body, "properties": properties}))
+
+
 @attrs.frozen
 class IssuedBundle:
     serial: str
     name: str
-    bs_eui: str | None
+    binding: Binding | None
     not_after: float
     filename: str
     content_type: str
     data: bytes
 
 
-def _issue_files(config: HubConfig, name: str, bs_eui: str | None, days: int, fmt: str,
-                 application_center: bool = False) -> IssuedBundle:
+def _issue_files(config: HubConfig, name: str, binding: Binding | None, days: int, fmt: str) -> IssuedBundle:
     """Runs on a thread: RSA key generation takes tens of milliseconds."""
     workdir = Path(tempfile.mkdtemp(prefix="bsscihub-cert-"))
     try:
-        issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, name, workdir, days=days, bs_eui=bs_eui,
-                                       application_center=application_center)
+        issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, name, workdir, days=days, binding=binding)
         cert, key, ca = (p.read_bytes() for p in (issued.cert_path, issued.key_path, issued.ca_path))
     finally:
         # The private key must not outlive the response on the hub's disk.
@@ -82,35 +139,46 @@ def _issue_files(config: HubConfig, name: str, bs_eui: str | None, days: int, fm
                 archive.writestr(info, content)
         data, filename, ctype = buffer.getvalue(), f"{name}.zip", "application/zip"
     return IssuedBundle(
-        format(issued.serial, "x"), name, issued.bs_eui, issued.not_after.timestamp(), filename, ctype, data
+        format(issued.serial, "x"), name, issued.binding, issued.not_after.timestamp(), filename, ctype, data
     )
 
 
 async def issue(
-    config: HubConfig, store: Store, *, name: str, bs_eui: str | None, days: int, fmt: str, actor: str, now: float,
-    application_center: bool = False,
+    config: HubConfig, store: Store, *, name: str, binding: Binding | None, days: int, fmt: str, actor: str,
+    now: float,
 ) -> IssuedBundle:
     if not Path(config.tls.ca_key).exists():
         raise ApiError(409, "no_ca_key", "the hub has no CA key to sign with (tls.ca_key)")
     try:
-        bundle = await threads.deferToThread(_issue_files, config, name, bs_eui, days, fmt, application_center)
+        bundle = await threads.deferToThread(_issue_files, config, name, binding, days, fmt)
     except pki.PKIError as e:
         raise ApiError(400, "invalid", str(e)) from None
-    await record_issued(store, bundle.serial, name, bundle.bs_eui, bundle.not_after, now, actor)
+    await record_issued(store, bundle.serial, name, bundle.binding, bundle.not_after, now, actor)
     return bundle
 
 
 async def record_issued(
-    store: Store, serial: str, name: str, bs_eui: str | None, not_after: float, now: float, actor: str
+    store: Store, serial: str, name: str, binding: Binding | None, not_after: float, now: float, actor: str
 ) -> None:
     """Note an issued certificate (serial in lower-case hex), so that it is listed and can be revoked."""
     await store.execute(
-        "INSERT INTO issued_certs (serial, name, bs_eui, not_after, issued_at, actor) VALUES (?, ?, ?, ?, ?, ?)",
-        (serial, name, bs_eui, not_after, now, actor),
+        "INSERT INTO issued_certs (serial, name, binding_kind, binding_subject, not_after, issued_at, actor)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (serial, name, binding.kind if binding else None, binding.subject if binding else "", not_after, now, actor),
     )
 
 
-async def revoke(store: Store, serial: str, reason: str, actor: str, now: float) -> dict[str, Any]:
+def _binding_json(kinds: Mapping[str, BindingKind], kind: str | None, subject: str) -> dict[str, Any]:
+    """`binding` ({"kind", "subject"} or None) and every declared kind's `field` (its subject, or None)."""
+    out: dict[str, Any] = {"binding": {"kind": kind, "subject": subject} if kind else None}
+    for k in kinds.values():
+        if k.field:
+            out[k.field] = subject if kind == k.name else None
+    return out
+
+
+async def revoke(store: Store, serial: str, reason: str, actor: str, now: float,
+                 kinds: Mapping[str, BindingKind]) -> dict[str, Any]:
     def run(c: Cursor) -> dict[str, Any]:
         if c.execute("SELECT 1 FROM revoked_certs WHERE serial = ?", (serial,)).fetchone():
             raise conflict(f"certificate {serial} is revoked already")
@@ -118,38 +186,42 @@ async def revoke(store: Store, serial: str, reason: str, actor: str, now: float)
             "INSERT INTO revoked_certs (serial, reason, revoked_at, actor) VALUES (?, ?, ?, ?)",
             (serial, reason, now, actor),
         )
-        row = c.execute("SELECT name, bs_eui FROM issued_certs WHERE serial = ?", (serial,)).fetchone()
+        row = c.execute(
+            "SELECT name, binding_kind, binding_subject FROM issued_certs WHERE serial = ?", (serial,)
+        ).fetchone()
         return {
             "serial": serial,
             "reason": reason,
             "revokedAt": rfc3339(now),
             "name": row[0] if row else None,
-            "bsEui": row[1] if row else None,
+            **_binding_json(kinds, row[1] if row else None, row[2] if row else ""),
         }
 
     return await store.interaction(run)
 
 
-async def list_issued(store: Store, *, q: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+async def list_issued(store: Store, kinds: Mapping[str, BindingKind], *, q: str | None, limit: int,
+                      offset: int) -> tuple[list[dict[str, Any]], int]:
     where, params = "1 = 1", []
     if q:
-        where = "(LOWER(i.name) LIKE ? OR i.serial LIKE ? OR i.bs_eui LIKE ?)"
+        where = "(LOWER(i.name) LIKE ? OR i.serial LIKE ? OR LOWER(i.binding_subject) LIKE ?)"
         pattern = "%" + q.lower().replace("%", "").replace("_", "") + "%"
         params = [pattern, pattern, pattern]
 
     def run(c: Cursor) -> tuple[list[dict[str, Any]], int]:
         total = c.execute(f"SELECT COUNT(*) FROM issued_certs i WHERE {where}", params).fetchone()
         rows = c.execute(
-            "SELECT i.serial, i.name, i.bs_eui, i.not_after, i.issued_at, i.actor, r.revoked_at, r.reason"
+            "SELECT i.serial, i.name, i.binding_kind, i.binding_subject, i.not_after, i.issued_at, i.actor,"
+            " r.revoked_at, r.reason"
             f" FROM issued_certs i LEFT JOIN revoked_certs r ON r.serial = i.serial WHERE {where}"
             " ORDER BY i.issued_at DESC LIMIT ? OFFSET ?",
             [*params, limit, offset],
         ).fetchall()
         items = [
             {
-                "serial": r[0], "name": r[1], "bsEui": r[2],
-                "notAfter": rfc3339(float(r[3])), "issuedAt": rfc3339(float(r[4])),
-                "issuedBy": r[5], "revokedAt": opt_time(r[6]), "revokeReason": r[7],
+                "serial": r[0], "name": r[1], **_binding_json(kinds, r[2], r[3]),
+                "notAfter": rfc3339(float(r[4])), "issuedAt": rfc3339(float(r[5])),
+                "issuedBy": r[6], "revokedAt": opt_time(r[7]), "revokeReason": r[8],
             }
             for r in rows
         ]

@@ -377,17 +377,17 @@ class CorePages:
             ca = {"error": api_message(e)}
         issued = await self._invoke(call, "list_certs", query={"limit": "200", "q": call.query.get("q", "")})
         revoked = await self._invoke(call, "revoked", query={"limit": "200"})
+        bindings = (await self._invoke(call, "bindings"))["items"]
         return Page("certificates.html", {"ca": ca, "issued": issued, "revoked": revoked, "q": call.query.get("q", ""),
-                                          "title": "Certificates"})
+                                          "bindings": bindings, "title": "Certificates"})
 
-    @page_route("POST", "/certificates", role="admin", summary="Issue a base-station certificate")
+    @page_route("POST", "/certificates", role="admin", summary="Issue a client certificate")
     async def issue_certificate(self, call: Call) -> Any:
         form = call.body
         body: dict[str, Any] = {"name": form.get("name", "").strip(), "format": form.get("format") or "zip"}
-        if form.get("kind") in ("base-station", "application-center"):
-            body["kind"] = form["kind"]
-        if form.get("bsEui", "").strip():
-            body["bsEui"] = form["bsEui"].strip().lower()
+        for field in ("kind", "subject"):  # what a family declares it may be bound to (none: nothing)
+            if str(form.get(field, "")).strip():
+                body[field] = str(form[field]).strip()
         days = form_int(form.get("days"))
         if days is not None:
             body["days"] = days

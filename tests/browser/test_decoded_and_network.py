@@ -15,6 +15,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 from bsscihub import pki
+from bsscihub.protocols.bssci.identity import STATION
 from tests.browser.test_dashboard import ARTIFACTS, CHROMEDRIVER, CHROMIUM, PASSWORD, hub  # noqa: F401
 from tests.test_meters_hub import vm_station, vm_uplink
 from tests.wmbus_frames import mode5_frame
@@ -35,7 +36,7 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    issued = pki.issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-net", certs / "bs", bs_eui=BS)
+    issued = pki.issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-net", certs / "bs", binding=STATION.bind(BS))
     station = vm_station(port, issued.cert_path, issued.key_path, certs / "ca.pem")
     station.connect(BS, "bs-net")
     station.expect("vm.activateCmp")

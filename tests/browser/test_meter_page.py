@@ -14,6 +14,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 from bsscihub import pki
+from bsscihub.protocols.bssci.identity import STATION
 from tests.browser.test_dashboard import ARTIFACTS, CHROMEDRIVER, CHROMIUM, PASSWORD, hub  # noqa: F401
 from tests.test_meters_hub import vm_station, vm_uplink
 from tests.wmbus_frames import KEY, mode5_frame
@@ -34,7 +35,8 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    issued = pki.issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-meters", certs / "bs", bs_eui=BS)
+    issued = pki.issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-meters", certs / "bs",
+                                   binding=STATION.bind(BS))
     station = vm_station(port, issued.cert_path, issued.key_path, certs / "ca.pem")
     station.connect(BS, "bs-meters")
     station.expect("vm.activateCmp")

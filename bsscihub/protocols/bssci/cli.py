@@ -15,6 +15,7 @@ from bsscihub.family import CLICommand, IFamily
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
+    from bsscihub.pki import Binding, IssuedCert
 
 
 def _sensors_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -108,32 +109,15 @@ def _issue_bs_arguments(issue: argparse.ArgumentParser, common: argparse.Argumen
 
 
 def _issue_bs(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from bsscihub.protocols.bssci.identity import STATION
 
-    from bsscihub import pki
-
-    if not Path(config.tls.ca).exists() or not Path(config.tls.ca_key).exists():
-        raise CLIError(f"no CA at {config.tls.ca} / {config.tls.ca_key}: run `bsscihub init` first")
-    issued = pki.issue_client_cert(
-        config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days, bs_eui=args.eui
-    )
-
-    async def work(hub: Hub) -> int:
-        from bsscihub import audit
-        from bsscihub.web.certs import record_issued
-
-        # like a certificate issued from the web: listed there, revocable by serial, audited
-        serial = format(issued.serial, "x")
-        await record_issued(hub.store, serial, args.name, issued.bs_eui, issued.not_after.timestamp(), time.time(),
-                            "cli")
-        await audit.record(hub.store, "cli", "cert.issue", serial, {"name": args.name, "bsEui": issued.bs_eui},
-                           "bsscihub certs issue-bs")
-        return 0
-
-    run_with_store(config, families, work)
-    bound = f"bound to base station {issued.bs_eui}" if issued.bs_eui else "bound to no EUI"
+    if args.eui is not None and STATION.normalize(args.eui) is None:
+        raise CLIError(f"bad base-station EUI {args.eui!r}: expected 16 hex digits")
+    issued = _issue(config, families, args, STATION.bind(args.eui) if args.eui is not None else None,
+                    "bsscihub certs issue-bs")
+    bound = f"bound to base station {issued.binding.subject}" if issued.binding else "bound to no EUI"
     print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x}, {bound}")
-    if issued.bs_eui is None:
+    if issued.binding is None:
         print("note: a certificate bound to no EUI connects only as a station already registered with it,"
               " or with bssci.self_register: true; pass --eui to bind it", file=sys.stderr)
     return 0
@@ -146,6 +130,17 @@ def _issue_ac_arguments(issue: argparse.ArgumentParser, common: argparse.Argumen
 
 
 def _issue_ac(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace) -> int:
+    from bsscihub.protocols.bssci.identity import APPLICATION_CENTER
+
+    issued = _issue(config, families, args, APPLICATION_CENTER.bind(), "bsscihub certs issue-ac")
+    print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x},"
+          " for a mioty application center (SCACI)")
+    return 0
+
+
+def _issue(config: HubConfig, families: dict[str, IFamily], args: argparse.Namespace, binding: Binding | None,
+           source: str) -> IssuedCert:
+    """Issue a client certificate as the web does: listed there, revocable by serial, audited."""
     from pathlib import Path
 
     from bsscihub import pki
@@ -153,22 +148,20 @@ def _issue_ac(config: HubConfig, families: dict[str, IFamily], args: argparse.Na
     if not Path(config.tls.ca).exists() or not Path(config.tls.ca_key).exists():
         raise CLIError(f"no CA at {config.tls.ca} / {config.tls.ca_key}: run `bsscihub init` first")
     issued = pki.issue_client_cert(config.tls.ca, config.tls.ca_key, args.name, args.out, days=args.days,
-                                   application_center=True)
+                                   binding=binding)
 
     async def work(hub: Hub) -> int:
         from bsscihub import audit
         from bsscihub.web.certs import record_issued
 
         serial = format(issued.serial, "x")
-        await record_issued(hub.store, serial, args.name, None, issued.not_after.timestamp(), time.time(), "cli")
-        await audit.record(hub.store, "cli", "cert.issue", serial, {"name": args.name, "applicationCenter": True},
-                           "bsscihub certs issue-ac")
+        await record_issued(hub.store, serial, args.name, binding, issued.not_after.timestamp(), time.time(), "cli")
+        await audit.record(hub.store, "cli", "cert.issue", serial,
+                           {"name": args.name, "binding": binding.to_json() if binding else None}, source)
         return 0
 
     run_with_store(config, families, work)
-    print(f"issued {issued.cert_path} (key {issued.key_path}, CA {issued.ca_path}), serial {issued.serial:#x},"
-          " for a mioty application center (SCACI)")
-    return 0
+    return issued
 
 
 def _blueprints_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

@@ -16,9 +16,9 @@ from zope.interface import implementer
 
 from bsscihub.bus import Event
 from bsscihub.errors import CommandError
-from bsscihub.pki import cert_is_application_center
 from bsscihub.protocols.bssci.config import ScaciConfig
 from bsscihub.protocols.bssci.framing import Framer, FramingError, encode_frame
+from bsscihub.protocols.bssci.identity import is_application_center
 from bsscihub.tls import format_peer, peer_certificate
 
 __all__ = ["MAGIC_AC", "ScaciFactory", "ScaciHub", "ScaciProtocol"]
@@ -106,7 +106,7 @@ class ScaciProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         cert = peer_certificate(self.transport)
-        self.certified = cert is not None and cert_is_application_center(cert)
+        self.certified = cert is not None and is_application_center(cert)
         if not self.certified:
             self.log.warn("refused application center at {peer}: its certificate is not an application-center "
                           "certificate of this hub", peer=self.peer)

@@ -22,13 +22,12 @@ from bsscihub.contract import finite_doc
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
 from bsscihub.listening import ListenerService
-from bsscihub.pki import cert_bs_eui
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.actions import MiotyActions, UnknownDevice
 from bsscihub.protocols.bssci.blueprints import BlueprintBook
 from bsscihub.protocols.bssci.crypto import session_key, verify_attach_signature
 from bsscihub.protocols.bssci.downlinks import Downlinks
-from bsscihub.protocols.bssci.identity import station_identity_problem
+from bsscihub.protocols.bssci.identity import cert_station, station_identity_problem
 from bsscihub.protocols.bssci.metrics import Counters, Histogram, MiotyMetrics
 from bsscihub.protocols.bssci.protocol import BSSCIFactory
 from bsscihub.protocols.bssci.registry import BaseStation, Registry, Sensor, rfc3339
@@ -269,7 +268,7 @@ class MiotyService(MiotyActions, FamilyService):
         reason = self.registry.revoked_serials.get(cert.serial_number)
         if reason is not None:
             return reason or "revoked"
-        eui = cert_bs_eui(cert)
+        eui = cert_station(cert)
         bs = self.registry.base_stations.get(eui) if eui else None
         if bs is not None and bs.revoked:
             return f"base station {eui} is revoked: {bs.revoked_reason or 'no reason given'}"

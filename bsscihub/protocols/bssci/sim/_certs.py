@@ -17,11 +17,13 @@ def _paths(out_dir: Path, eui: int) -> tuple[Path, Path]:
 
 def _issue(ca: str, ca_key: str, out_dir: str, euis: list[int], overwrite: bool) -> None:
     from bsscihub.pki import issue_client_cert
+    from bsscihub.protocols.bssci.identity import STATION
 
     for eui in euis:
         cert, key = _paths(Path(out_dir), eui)
         if overwrite or not (cert.exists() and key.exists()):
-            issue_client_cert(ca, ca_key, cert.stem, out_dir, days=30, bs_eui=f"{eui:016x}", overwrite=True)
+            issue_client_cert(ca, ca_key, cert.stem, out_dir, days=30, binding=STATION.bind(f"{eui:016x}"),
+                              overwrite=True)
 
 
 def station_certs(ca: str, ca_key: str, euis: list[int], out_dir: Path) -> list[tuple[str, str]]:
