@@ -48,6 +48,7 @@ OTA_ALIASES = {"success": "done", "succeeded": "done", "ok": "done", "completed"
                "fail": "failed", "error": "failed"}
 CHECKSUM = re.compile(r"^[A-Za-z0-9:+/=_-]{8,160}$")
 OTA_FINAL = ("done", "failed", "rejected", "timeout")
+OTA_OPEN = "('offered', 'downloading', 'installing')"
 
 
 class DeviceError(CommandError):
@@ -124,6 +125,8 @@ class DevicesService(FamilyService):
         self.devices: dict[str, Device] = {}
         self.commands: dict[str, Pending] = {}
         self.offers: dict[str, Pending] = {}
+        # A device's answers are taken in arrival order even when one waits for the database (cluster).
+        self._answering: dict[str, defer.DeferredLock] = {}
         self.stored = 0
         self.firmware_dir = Path(hub.config.data_dir) / "firmware"
         self._dirty: set[str] = set()
@@ -454,31 +457,55 @@ class DevicesService(FamilyService):
             if not isinstance(ok, bool):
                 raise Rejected(ingest.WRONG_TYPE, f"ok: expected true or false, got {ingest.type_name(ok)}")
             error = ingest.text(doc, "error", max_length=500, required=False)
-            pending = self.commands.get(cid)  # type: ignore[arg-type]
-            if pending is None or pending.device != device_id:
-                raise Rejected(ingest.UNKNOWN_COMMAND, f"no open command {cid!r} for this device")
         except Rejected as e:
             e.source = device_id
             raise
+        return self._in_order(device_id, lambda: defer.Deferred.fromCoroutine(
+            self._command_answered(device_id, str(cid), "ok" if ok else "failed", doc.get("result"), error)))
+
+    def _in_order(self, device_id: str, step: Any) -> defer.Deferred[None]:
+        lock = self._answering.get(device_id)
+        if lock is None:
+            lock = self._answering[device_id] = defer.DeferredLock()
+
+        def done(result: Any) -> Any:
+            if not lock.locked and not lock.waiting and self._answering.get(device_id) is lock:
+                del self._answering[device_id]
+            return result
+
+        d: defer.Deferred[None] = lock.run(step)
+        return d.addBoth(done)
+
+    async def _command_answered(self, device_id: str, cid: str, state: str, result: Any, error: str | None) -> None:
+        pending = self.commands.get(cid)
+        if pending is None:
+            # In a cluster the answer may reach another hub than the one that sent the command.
+            row = await self.hub.store.fetchone(
+                "SELECT name FROM dev_commands WHERE id = ? AND device = ? AND state = 'sent'", (cid, device_id))
+            pending = Pending(cid, device_id, row[0]) if row is not None else None
+        if pending is None or pending.device != device_id:
+            raise Rejected(ingest.UNKNOWN_COMMAND, f"no open command {cid!r} for this device", source=device_id)
         self.ingest.accepted()
-        return defer.Deferred.fromCoroutine(
-            self._finish_command(pending.id, "ok" if ok else "failed", doc.get("result"), error))
+        await self._finish_command(cid, state, result, error, pending)
 
     def _command_timed_out(self, cid: str) -> None:
         defer.Deferred.fromCoroutine(
             self._finish_command(cid, "timeout", None, f"no answer within {self.config.command_timeout:g} s")
         ).addErrback(errback(self.log, "devices: timing out command {cid} failed", cid=cid))
 
-    async def _finish_command(self, cid: str, state: str, result: Any, error: str | None) -> None:
-        pending = self.commands.pop(cid, None)
+    async def _finish_command(self, cid: str, state: str, result: Any, error: str | None,
+                              elsewhere: Pending | None = None) -> None:
+        pending = self.commands.pop(cid, None) or elsewhere
         if pending is None:
             return
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
         now = self.clock.seconds()
-        await self.hub.store.execute(
-            "UPDATE dev_commands SET state = ?, result = ?, error = ?, answered_at = ? WHERE id = ?",
+        finished = await self.hub.store.execute(
+            "UPDATE dev_commands SET state = ?, result = ?, error = ?, answered_at = ? WHERE id = ? AND state = 'sent'",
             (state, json.dumps(result) if result is not None else None, error, now, cid))
+        if not finished:
+            return  # another hub of the cluster took the answer first
         self.emit("command_result", f"dev/device/{pending.device}/event/command_result", {
             "commandId": cid, "deviceId": pending.device, "command": pending.name, "state": state,
             "ok": state == "ok", "result": result, "error": error, "time": rfc3339(now)})
@@ -829,17 +856,22 @@ class DevicesService(FamilyService):
 
     async def firmware_for_offer(self, device_id: str, oid: str, token: str) -> tuple[bytes, str] | None:
         """The image for an open offer whose token matches (None otherwise: the same answer for every failure)."""
-        offer = self.offers.get(oid)
-        if offer is None or offer.device != device_id:
-            return None
-        row = await self.hub.store.fetchone("SELECT token_hash FROM dev_ota WHERE id = ?", (oid,))
+        # From the database: in a cluster the download may reach another hub than the one that offered it.
+        row = await self.hub.store.fetchone(
+            f"SELECT token_hash, firmware FROM dev_ota WHERE id = ? AND device = ? AND state IN {OTA_OPEN}",
+            (oid, device_id))
         if row is None or not tokens.same(row[0], hash_device_key(oid, token)):
             return None
-        firmware = await self.get_firmware(offer.firmware)
+        firmware = await self.get_firmware(int(row[1]))
         if firmware is None:
             return None
         path = self.firmware_dir / f"{firmware['sha256']}.bin"
-        data = await threads.deferToThread(path.read_bytes)
+        try:
+            data = await threads.deferToThread(path.read_bytes)
+        except FileNotFoundError:
+            # a cluster's hubs keep images in their own data_dir unless it is shared
+            self.log.warn("devices: firmware image {path} is not on this hub", path=str(path))
+            return None
         return data, f"{firmware['name']}-{firmware['version']}.bin"
 
     def on_ota_response(self, topic: str, payload: bytes, properties: Any = None) -> Any:
@@ -859,40 +891,58 @@ class DevicesService(FamilyService):
             reported = ingest.text(doc, "firmware_version", max_length=32, required=False) \
                 or ingest.text(doc, "version", max_length=32, required=False)
             oid = ingest.text(doc, "offerId", required=False)
-            if oid is None:  # devices that do not echo the offer id answer about their open offer
-                oid = next((o.id for o in self.offers.values() if o.device == device_id), None)
-            offer = self.offers.get(oid) if oid else None
-            if offer is None or offer.device != device_id:
-                raise Rejected(ingest.UNKNOWN_COMMAND, f"no open update offer {oid!r} for this device")
         except Rejected as e:
             e.source = device_id
             raise
+        return self._in_order(device_id, lambda: defer.Deferred.fromCoroutine(
+            self._ota_answered(device_id, oid, str(status), progress, error, reported)))
+
+    async def _ota_answered(self, device_id: str, oid: str | None, status: str, progress: float | None, error: str,
+                            reported: str | None) -> None:
+        if oid is None:  # devices that do not echo the offer id answer about their open offer
+            oid = next((o.id for o in self.offers.values() if o.device == device_id), None)
+        offer = self.offers.get(oid) if oid else None
+        if offer is None:
+            # In a cluster the answer may reach another hub than the one that offered the update.
+            row = await self.hub.store.fetchone(
+                "SELECT o.id, o.firmware, COALESCE(o.version, f.version) FROM dev_ota o"
+                f" LEFT JOIN dev_firmware f ON f.id = o.firmware WHERE o.device = ? AND o.state IN {OTA_OPEN}"
+                + (" AND o.id = ?" if oid else "") + " ORDER BY o.created_at DESC",
+                (device_id, oid) if oid else (device_id,))
+            if row is not None:
+                offer = Pending(row[0], device_id, "ota", firmware=int(row[1] or 0), version=row[2] or "")
+        if offer is None or offer.device != device_id:
+            raise Rejected(ingest.UNKNOWN_COMMAND, f"no open update offer {oid!r} for this device", source=device_id)
         self.ingest.accepted()
         if status == "done":
             progress = 100
-            # What the device says it runs now, else what it was offered.
-            self.devices[device_id].firmware = reported or offer.version
-            self._dirty.add(device_id)
-        return defer.Deferred.fromCoroutine(self._ota_state(offer.id, status, progress, error))  # type: ignore[arg-type]
+            device = self.devices.get(device_id)
+            if device is not None:
+                # What the device says it runs now, else what it was offered.
+                device.firmware = reported or offer.version
+                self._dirty.add(device_id)
+        await self._ota_state(offer.id, status, progress, error, offer)
 
     def _offer_timed_out(self, oid: str) -> None:
         defer.Deferred.fromCoroutine(self._ota_state(oid, "timeout", error="no final answer in time")).addErrback(
             errback(self.log, "devices: timing out offer {oid} failed", oid=oid))
 
-    async def _ota_state(self, oid: str, state: str, progress: float | None = None, error: str = "") -> None:
-        offer = self.offers.get(oid)
+    async def _ota_state(self, oid: str, state: str, progress: float | None = None, error: str = "",
+                         elsewhere: Pending | None = None) -> None:
+        offer = self.offers.get(oid) or elsewhere
         if offer is None:
             return
         if state in OTA_FINAL:
-            del self.offers[oid]
+            self.offers.pop(oid, None)
             if offer.timer is not None and offer.timer.active():
                 offer.timer.cancel()
         now = self.clock.seconds()
         percent = int(progress) if progress is not None else None
-        await self.hub.store.execute(
-            "UPDATE dev_ota SET state = ?, progress = COALESCE(?, progress), error = ?, updated_at = ? WHERE id = ?",
-            (state, percent, error, now, oid))
-        self._ota_event(offer, state, percent, error)
+        changed = await self.hub.store.execute(
+            "UPDATE dev_ota SET state = ?, progress = COALESCE(?, progress), error = ?, updated_at = ?"
+            f" WHERE id = ? AND state IN {OTA_OPEN}", (state, percent, error, now, oid))
+        if changed:  # else another hub of the cluster closed it first
+            self._ota_event(offer, state, percent, error)
 
     def _ota_event(self, offer: Pending, state: str, progress: int | None, error: str) -> None:
         self.emit("ota", f"dev/device/{offer.device}/event/ota", {

@@ -1,0 +1,84 @@
+"""Generic devices in a cluster: the broker hands a device's answer to any hub (shared subscription), so a
+command result or an update report reaching another hub than the one that sent the command is taken from
+the shared PostgreSQL database, once, and the sender's timer does not overturn it. Two hubs, each on a
+broker in memory (standing for the shared subscription's choice), one database."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+
+from tests.conftest import _reset_pg_schema
+from tests.memory_bridge import FollowingClock, MemoryBroker
+from tests.test_families import PREFIX, eventually, start_hub
+
+DEV = f"{PREFIX}/dev/device"
+
+
+def results(witness: Any, kind: str) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in witness.messages if m.topic == f"{DEV}/d1/event/{kind}"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_update_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    brokers = [MemoryBroker(), MemoryBroker()]
+    witnesses = [b.witness(f"{PREFIX}/dev/#", "device/+/commands/#", "OTA/#") for b in brokers]
+    clocks = [FollowingClock().start(), FollowingClock().start()]
+    hubs = []
+    for n in (0, 1):
+        (tmp_path / f"hub{n}").mkdir()
+        hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], clocks[n], database=postgres_url,
+                                    devices={"command_timeout": "2s", "ota_timeout": "2s"}))
+    sender, other = hubs
+    device = brokers[1].device()  # its messages reach the other hub
+    try:
+        await brokers[0].device().publish("device/d1/status", b"online")
+        await eventually(lambda: "d1" in sender.hub.services["devices"].devices, what="d1 registered")
+
+        code, sent = await sender.api("POST", "/api/v1/devices/d1/commands", {"name": "reboot"})
+        assert code == 202
+        await witnesses[0].when(lambda m: m.topic == "device/d1/commands/reboot")
+        await device.publish("device/d1/commands/reboot/result", {"id": sent["commandId"], "ok": True,
+                                                                  "result": {"uptime": 0}})
+        [answer] = [json.loads(m.payload) for m in await witnesses[1].when(
+            lambda m: m.topic == f"{DEV}/d1/event/command_result")]
+        assert (answer["commandId"], answer["state"], answer["result"]) == (sent["commandId"], "ok", {"uptime": 0})
+        assert other.rejected("devices", "unknown_command") == 0
+
+        # Firmware offered by the sender; the device reports to the other hub.
+        image = b"\x01" * 1000
+        code, firmware = await sender.api("POST", "/api/v1/devices/firmware?name=fw&version=2.0.0", raw=image,
+                                          headers={"Content-Type": "application/octet-stream"})
+        assert code == 201 and firmware["sha256"] == hashlib.sha256(image).hexdigest()
+        code, offer = await sender.api("POST", "/api/v1/devices/d1/ota", {"firmware": firmware["id"]})
+        assert code == 202
+        await device.publish("OTA/d1/response", {"status": "downloading", "progress": 50})  # no offerId
+        await device.publish("OTA/d1/response", {"offerId": offer["offerId"], "status": "done"})
+        await witnesses[1].when(lambda m: m.topic == f"{DEV}/d1/event/ota", count=2)
+        assert [(e["offerId"], e["state"], e["progress"]) for e in results(witnesses[1], "ota")] == [
+            (offer["offerId"], "downloading", 50), (offer["offerId"], "done", 100)]
+
+        # The sender's deadlines pass: what the device answered stands, nothing is announced again.
+        clocks[0].advance(2.5)
+        code, tracked = await sender.api("GET", f"/api/v1/devices/d1/commands/{sent['commandId']}")
+        assert tracked["state"] == "ok"
+        await eventually(lambda: not sender.hub.services["devices"].offers, what="the sender's offer timer")
+        code, offers = await sender.api("GET", "/api/v1/devices/d1/ota")
+        assert [(o["state"], o["progress"]) for o in offers["items"]] == [("done", 100)]
+        assert [e["state"] for e in results(witnesses[0], "command_result")] == []
+        assert [e["state"] for e in results(witnesses[0], "ota")] == ["offered"]
+
+        # An answer nobody waits for is still refused, on any hub.
+        await device.publish("device/d1/commands/reboot/result", {"id": sent["commandId"], "ok": True})
+        await eventually(lambda: other.rejected("devices", "unknown_command") == 1, what="the stale answer refused")
+    finally:
+        device.stop()
+        for running in hubs:
+            await running.stop()
