@@ -236,13 +236,21 @@ async def names(store: Store, unit_id: int) -> list[Name]:
 
 async def record_status(store: Store, unit_id: int, now: float, payload: Any, keep: int) -> bool:
     """Store a status as the unit's last one and in its history (trimmed to `keep`); True if it came online."""
+    came_online, _ = await record_status_change(store, unit_id, now, payload, keep)
+    return came_online
+
+
+async def record_status_change(store: Store, unit_id: int, now: float, payload: Any, keep: int
+                               ) -> tuple[bool, bool]:
+    """`record_status`, saying whether the unit came online and whether it went offline (as the database
+    knew it: in a cluster another hub may have heard the unit before)."""
     text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
     online = not (isinstance(payload, dict) and payload.get("online") is False)
 
-    def run(c: Cursor) -> bool:
+    def run(c: Cursor) -> tuple[bool, bool]:
         row = c.execute("SELECT online, online_since FROM gate_units WHERE id = ?", (unit_id,)).fetchone()
         if row is None:
-            return False
+            return False, False
         was_online = bool(row[0])
         since = (row[1] if was_online else now) if online else None
         c.execute(
@@ -255,14 +263,20 @@ async def record_status(store: Store, unit_id: int, now: float, payload: Any, ke
             " ORDER BY id DESC LIMIT 1 OFFSET ?)",
             (unit_id, unit_id, keep),
         )
-        return online and not was_online
+        return online and not was_online, was_online and not online
 
     return await store.interaction(run)
 
 
-async def set_offline(store: Store, unit_id: int) -> bool:
+async def set_offline(store: Store, unit_id: int, heard_before: float | None = None) -> bool:
+    """Mark the unit offline; with `heard_before`, only if no status came since (another hub's, in a cluster)."""
+    if heard_before is None:
+        return await store.execute(
+            "UPDATE gate_units SET online = 0, online_since = NULL WHERE id = ? AND online = 1", (unit_id,)
+        ) > 0
     return await store.execute(
-        "UPDATE gate_units SET online = 0, online_since = NULL WHERE id = ? AND online = 1", (unit_id,)
+        "UPDATE gate_units SET online = 0, online_since = NULL WHERE id = ? AND online = 1"
+        " AND (last_seen IS NULL OR last_seen <= ?)", (unit_id, heard_before)
     ) > 0
 
 
@@ -632,9 +646,10 @@ async def insert_command(store: Store, command: Command) -> None:
     )
 
 
-async def mark_relayed(store: Store, command_id: str, now: float) -> None:
-    await store.execute("UPDATE gate_commands SET relayed_at = ? WHERE id = ? AND relayed_at IS NULL",
-                        (now, command_id))
+async def mark_relayed(store: Store, command_id: str, now: float) -> bool:
+    """True if this call marked it (in a cluster, the hub that does relays it; the others do not)."""
+    return await store.execute("UPDATE gate_commands SET relayed_at = ? WHERE id = ? AND relayed_at IS NULL",
+                               (now, command_id)) > 0
 
 
 async def complete_command(store: Store, command_id: str, unit_id: int, state: str, result: Any, error: str | None,

@@ -49,6 +49,8 @@ FILES_PATH = "/api/v1/gates/files/"
 """Where the web layer serves signed file URLs (the service builds the URLs)."""
 
 COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+CLUSTER_POLL = 0.5
+"""Seconds between looks in the database for a command another hub of a cluster settled."""
 USER_COMMANDS = frozenset({"open", "close", "stop", "status"})
 """What an app with `user` access may send; every other command needs `engineer`."""
 
@@ -416,13 +418,18 @@ class GateService(FamilyService):
         controller_id = topic[len(self.root) + 1:].rpartition("/")[0]
         ingest.check_identifier(controller_id, "controller_id (from the topic)")
         unit_id = self._by_controller.get(controller_id)
+        if self.hub.cluster.clustered:
+            # Registrations, renames and removals made on another hub are in the database, not in this map.
+            known = await registry.get_unit(self.hub.store, "controller_id", controller_id)
+            unit_id = None if known is None else known.id
         if unit_id is None:
             raise Rejected(ingest.UNKNOWN_DEVICE, f"no gate unit is called {controller_id}", source=controller_id)
         # NaN/±Infinity (or a number beyond a double) become null, named under "invalid": stored and
         # published alike, never accepted and then unpublishable.
         doc = finite_doc(ingest.json_object(payload, self.config.max_status_bytes))
         now = self.now()
-        came_online = await registry.record_status(self.hub.store, unit_id, now, doc, self.config.status_history)
+        came_online, went_offline = await registry.record_status_change(
+            self.hub.store, unit_id, now, doc, self.config.status_history)
         self.ingest.accepted()
         unit = await registry.get_unit(self.hub.store, "id", unit_id)
         if unit is None:
@@ -431,10 +438,10 @@ class GateService(FamilyService):
             self._arm_offline(unit_id, self.config.offline_after)
             if came_online:
                 self._state_event(unit, True, now)
-            if self._queues.get(unit_id):
+            if self._queues.get(unit_id) or (came_online and self.hub.cluster.clustered):
                 await self._flush(unit)
         else:
-            self._went_offline(unit)
+            self._went_offline(unit, went_offline)
         self.emit("status", f"unit/{unit.controller_id}/status",
                   {**doc, "controllerId": unit.controller_id, "time": rfc3339(now)}, retain=True)
         command_id = doc.get("command_id")
@@ -452,7 +459,15 @@ class GateService(FamilyService):
         self._offline_timers.pop(unit_id, None)
 
         async def mark() -> None:
-            if await registry.set_offline(self.hub.store, unit_id):
+            # In a cluster another hub may have heard the unit since: silence counts from its last status anywhere.
+            unit = await registry.get_unit(self.hub.store, "id", unit_id)
+            if unit is None or not unit.online:
+                return
+            left = (unit.last_seen or 0.0) + self.config.offline_after - self.now()
+            if left > 0:
+                self._arm_offline(unit_id, left)
+                return
+            if await registry.set_offline(self.hub.store, unit_id, heard_before=self.now() - self.config.offline_after):
                 unit = await registry.get_unit(self.hub.store, "id", unit_id)
                 if unit is not None:
                     self._state_event(unit, False, self.now())
@@ -462,11 +477,12 @@ class GateService(FamilyService):
         defer.Deferred.fromCoroutine(mark()).addErrback(
             lambda f: self.log.failure("gate: marking a unit offline failed", f))
 
-    def _went_offline(self, unit: Unit) -> None:
-        """The unit said so itself (its MQTT will: {"online": false})."""
+    def _went_offline(self, unit: Unit, changed: bool) -> None:
+        """The unit said so itself (its MQTT will: {"online": false}); `changed`: it was online until now."""
         timer = self._offline_timers.pop(unit.id, None)
         if timer is not None and timer.active():
             timer.cancel()
+        if changed:  # in a cluster the hub that hears the will may not be the one that heard it come online
             self._state_event(unit, False, self.now())
 
     # -- commands
@@ -497,13 +513,14 @@ class GateService(FamilyService):
 
     async def _relay(self, unit: Unit, command: Command) -> None:
         """Hand a command to the broker for the unit; it carries when it was issued and when it expires."""
+        if not await registry.mark_relayed(self.hub.store, command.id, self.now()):
+            return  # relayed already, by another hub of the cluster
         message = {"id": command.id, "command": command.command, "args": command.args,
                    "time": rfc3339(command.created_at), "expires": rfc3339(command.deadline)}
         d = self._publish_device(self.topics(unit.controller_id).commands, message)
         if isinstance(d, defer.Deferred):
             # The outbox keeps it until the broker has it; the unit drops it after `expires`.
             d.addErrback(lambda f: self.log.failure("gate: command {id} not handed to the broker", f, id=command.id))
-        await registry.mark_relayed(self.hub.store, command.id, self.now())
 
     async def _enqueue(self, unit: Unit, command: Command) -> None:
         """Keep a command for an offline unit (bounded: the oldest waiting one fails first)."""
@@ -521,9 +538,13 @@ class GateService(FamilyService):
     async def _flush(self, unit: Unit) -> None:
         """The unit is back: relay what waited for it, except what expired meanwhile (failed, never sent)."""
         queue = self._queues.pop(unit.id, deque())
+        if self.hub.cluster.clustered:
+            # Each hub queues in memory what it was asked: the unit may come back on any of them.
+            queue = deque(c.id for c in await registry.pending_commands(self.hub.store)
+                          if c.unit_id == unit.id and c.relayed_at is None)
         while queue:
             command = await registry.get_command(self.hub.store, queue.popleft())
-            if command is None or command.done:
+            if command is None or command.done or command.relayed_at is not None:
                 continue
             if command.deadline <= self.now():
                 self._cancel_timeout(command.id)
@@ -584,18 +605,25 @@ class GateService(FamilyService):
             raise Refused(404, "not_found", f"command {command_id} not found")
         if command.done or wait <= 0:
             return command
-        d: defer.Deferred[Command] = defer.Deferred()
-        self._waiters.setdefault(command_id, []).append(d)
-        d.addTimeout(wait, self.clock)
-        try:
-            return await d
-        except defer.TimeoutError:
-            waiting = self._waiters.get(command_id, [])
-            if d in waiting:
-                waiting.remove(d)
-            latest = await registry.get_command(self.hub.store, command_id)
-            assert latest is not None
-            return latest
+        until = self.now() + wait
+        while True:
+            d: defer.Deferred[Command] = defer.Deferred()
+            self._waiters.setdefault(command_id, []).append(d)
+            # In a cluster the answer may reach another hub, which settles it in the database: look there too.
+            d.addTimeout(min(wait, CLUSTER_POLL) if self.hub.cluster.clustered else wait, self.clock)
+            try:
+                return await d
+            except defer.TimeoutError:
+                waiting = self._waiters.get(command_id, [])
+                if d in waiting:
+                    waiting.remove(d)
+                if not waiting:
+                    self._waiters.pop(command_id, None)
+                latest = await registry.get_command(self.hub.store, command_id)
+                assert latest is not None
+                wait = until - self.now()
+                if latest.done or wait <= 0:
+                    return latest
 
     async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:
         """`{p}/gate/unit/{controller_id}/cmd/{name}` from MQTT: relayed, and answered once the unit answers."""

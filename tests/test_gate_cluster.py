@@ -1,0 +1,105 @@
+"""Gate units in a cluster: the broker hands a unit's status to any hub (shared subscription), so the hub
+that relayed a command is often not the one that hears the answer. Two whole hubs on PostgreSQL and a
+real Redis, each on a broker in memory (standing for the shared subscription's choice): a command is
+answered at once wherever the answer lands, a unit heard by the other hub is not called offline, its
+will is published whichever hub hears it, and what waited for it is relayed once by the hub it returns to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from tests.conftest import _reset_pg_schema
+from tests.memory_bridge import MemoryBroker
+from tests.redis_server import redis_url
+from tests.test_families import PREFIX, RunningHub, eventually, start_hub
+from tests.test_gate import GATES, registered
+
+__all__ = ["redis_url"]  # fixture
+
+STATE = f"{PREFIX}/gate/unit/gate-1/state"
+OFFLINE_AFTER = 1.0
+
+
+def states(witness: Any) -> list[str]:
+    return [json.loads(m.payload)["state"] for m in witness.messages if m.topic == STATE]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unit_whose_messages_reach_either_hub(tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    _reset_pg_schema(postgres_url)
+    brokers = [MemoryBroker(), MemoryBroker()]
+    witnesses = [b.witness(f"{PREFIX}/gate/#", "gatetorio/#") for b in brokers]
+    hubs: list[RunningHub] = []
+    try:
+        for n in (0, 1):
+            (tmp_path / f"hub{n}").mkdir()
+            hubs.append(await start_hub(
+                tmp_path / f"hub{n}", brokers[n], ["gate"], database=postgres_url,
+                cluster={"redis": redis_url, "node": f"hub-{n}"},
+                gate={"secret": "one secret for every hub", "offline_after": OFFLINE_AFTER, "command_timeout": 10},
+            ))  # fmt: skip
+        one, two = hubs
+        assert one.hub.cluster.clustered and two.hub.cluster.clustered
+        await registered(one, "hw-1", "gate-1")
+        commands: list[tuple[int, dict[str, Any]]] = []
+
+        def unit_hears(n: int) -> Any:
+            def heard(topic: str, payload: bytes) -> None:
+                command = json.loads(payload)
+                commands.append((n, command))
+                # its answer reaches the other hub
+                status(1 - n, {"state": "open", "command_id": command["id"], "ok": True, "result": {"by": n}})
+            return heard
+
+        for n in (0, 1):
+            brokers[n].listen("gatetorio/gate-1/commands", unit_hears(n))
+
+        def status(n: int, doc: dict[str, Any]) -> None:
+            brokers[n].route("gatetorio/gate-1/status", json.dumps(doc).encode(), False)
+
+        # Online, heard by hub one; then its heartbeats reach hub two only, past hub one's offline_after.
+        status(0, {"state": "closed"})
+        await witnesses[0].when(lambda m: m.topic == STATE)
+        for _ in range(4):
+            await deferLater(reactor, OFFLINE_AFTER / 2, lambda: None)
+            status(1, {"state": "closed"})
+        assert states(witnesses[0]) + states(witnesses[1]) == ["online"], (states(witnesses[0]), states(witnesses[1]))
+        code, doc = await one.api("GET", f"{GATES}/gate-1")
+        assert doc["online"] is True
+
+        # A command asked on hub one, relayed there; the answer lands on hub two: answered within a second.
+        started = reactor.seconds()
+        code, done = await one.api("POST", f"{GATES}/gate-1/commands?wait=8", {"command": "open"})
+        assert code == 200 and done["state"] == "succeeded" and done["result"] == {"by": 0}
+        assert reactor.seconds() - started < 2.0, "not held until the command's deadline"
+
+        # Its will reaches hub two, which never saw it come online: offline is published all the same.
+        status(1, {"online": False})
+        await witnesses[1].when(lambda m: m.topic == STATE and b"offline" in m.payload)
+
+        # Offline: a command asked on hub one waits there; the unit returns on hub two, which relays it, once.
+        code, waiting = await one.api("POST", f"{GATES}/gate-1/commands", {"command": "close"})
+        assert code == 202 and waiting["state"] == "pending"
+        status(1, {"state": "closed"})
+        code, settled = await one.api("GET", f"{GATES}/gate-1/commands/{waiting['id']}?wait=5")
+        assert settled["state"] == "succeeded" and settled["result"] == {"by": 1}
+        status(0, {"state": "closed"})  # hub one hears it too now: nothing of its queue goes out again
+        await deferLater(reactor, 0.3, lambda: None)
+        assert [(n, c["command"]) for n, c in commands] == [(0, "open"), (1, "close")]
+
+        # Silent at last: offline once, from whichever hub's timer.
+        witnesses[0].clear()
+        witnesses[1].clear()
+        await eventually(lambda: states(witnesses[0]) + states(witnesses[1]) == ["offline"], timeout=5,
+                         what="offline after the silence")
+        await deferLater(reactor, OFFLINE_AFTER * 1.5, lambda: None)
+        assert states(witnesses[0]) + states(witnesses[1]) == ["offline"]
+    finally:
+        for running in hubs:
+            await running.stop()
