@@ -104,6 +104,17 @@ def test_the_checker_catches_a_drifting_field() -> None:
 # -- the families run in memory, their events checked as they are published
 
 
+async def answered(hub: Any, devices: Any, witness: ContractWitness, command: str) -> None:
+    """A command on `{p}/{command}` through the real MQTT bridge, until its cmd_result event is out."""
+    before = len([e for e in witness.events if e.kind == "cmd_result"])
+    assert devices.deliver(hub.mqtt.topic(command), {})
+    await until(lambda: len([e for e in witness.events if e.kind == "cmd_result"]) > before, f"the answer to {command}")
+
+
+def declared(family: str) -> set[str]:
+    return {s.kind for s in FAMILIES[family].events}
+
+
 @pytest_twisted.ensureDeferred
 async def test_ble_publishes_what_it_declares(tmp_path: Path) -> None:
     hub, bridge, witness = await running_family(tmp_path, "ble", ble={"dedup_window": "50ms"})
@@ -115,9 +126,11 @@ async def test_ble_publishes_what_it_declares(tmp_path: Path) -> None:
                                                        "temperature": float("nan")})
         await until(lambda: {"up", "node_registered", "gateway_state", "gateway_registered"} <= witness.kinds(),
                      "every kind of BLE event")
+        await answered(hub, bridge, witness, "ble/gw/GW001/cmd/no_such_command")
     finally:
         await stop_family(hub)
     assert witness.problems == []
+    assert witness.kinds() == declared("ble")
 
 
 @pytest_twisted.ensureDeferred
@@ -128,6 +141,7 @@ async def test_devices_publish_what_they_declare(tmp_path: Path) -> None:
         assert bridge.deliver("device/esp32-02/telemetry/humidity", b"55")
         assert bridge.deliver("device/esp32-02/status", {"state": "online", "firmware": "1.0.0"})
         await until(lambda: {"up", "status", "registered"} <= witness.kinds(), "every kind of device event")
+        await answered(hub, bridge, witness, "dev/device/esp32-01/cmd/no_such_command")
     finally:
         await stop_family(hub)
     assert witness.problems == []
@@ -142,8 +156,6 @@ async def test_devices_rejected_event_is_as_declared(tmp_path: Path) -> None:
     finally:
         await stop_family(hub)
     assert witness.problems == []
-
-
 
 
 def test_the_docs_checker_catches_what_the_table_does_not_say() -> None:
@@ -218,30 +230,34 @@ async def test_gate_publishes_what_it_declares(tmp_path: Path) -> None:
         args = dict(parse_qsl(urlsplit(url).query))
         await gate.receive_upload(record.id, args, io.BytesIO(b"hello"))
         await gate.rename("gate-1", "gate-2", "test")
+        await answered(hub, bridge, witness, "gate/unit/gate-2/cmd/Not-A-Command")  # refused at once
         await gate.delete("gate-2")
         await until(lambda: witness.kinds() >= {"registered", "reregistered", "file_stored", "renamed", "deleted"},
                     "every kind of gate event")
     finally:
         await stop_family(hub)
     assert witness.problems == []
-    # cmd_result is the MQTT bridge's answer, the same for every family (tests/test_mqtt_bridge.py)
-    assert {s.kind for s in FAMILIES["gate"].events} - witness.kinds() == {"cmd_result"}
+    assert witness.kinds() == declared("gate")
 
 
-# -- mioty, behind its real mutual-TLS listener (no broker): stations and end points as tests' clients
+# -- mioty, behind its real mutual-TLS listener: stations and end points as tests' clients
 
 
 @pytest_twisted.ensureDeferred
 async def test_mioty_publishes_what_it_declares(tmp_path: Path, pki: PKI) -> None:
     from bsscihub.protocols.bssci.crypto import attach_signature
     from tests.test_mioty_field import EP_INT, att
-    from tests.test_mioty_service import EP, KEY, A, B, heard, start, wait_for
+    from tests.test_mioty_service import EP, KEY, A, B, Running, heard, wait_for
     from tests.test_mioty_vm import METER, VmStation, connect
     from tests.wmbus_frames import mode5_frame
 
-    running = await start(tmp_path, pki, vm_mac_types={1: "wmbus", 7: "raw"})
-    witness = ContractWitness(running.hub.bus, "mioty", FAMILIES["mioty"].events)
-    service = running.service
+    hub, devices, witness = await running_family(
+        tmp_path, "mioty", tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert),
+                                "key": str(pki.hub_key)},
+        mioty={"dedup_window": 0.2, "vm_mac_types": {1: "wmbus", 7: "raw"}})
+    service: Any = hub.services["mioty"]
+    service.drain_wait = 0.2
+    running = Running(hub, service, witness.events, pki)
     try:
         # End points: attach, uplink, downlink and its result, reception status, a refused attach, detach.
         await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
@@ -270,9 +286,10 @@ async def test_mioty_publishes_what_it_declares(tmp_path: Path, pki: PKI) -> Non
         await service.vm.queue_downlink(METER, "0102", actor="test")
         a.vm_uplink(mode5_frame(acc=0x2B), sys_time=2)
         a.vm_uplink(b"\x01\x02\x03", mac_type=7, sys_time=3)
-        expected = {s.kind for s in FAMILIES["mioty"].events} - {"cmd_result"}  # the MQTT bridge's answer
-        await wait_for(lambda: expected <= witness.kinds())
+        await answered(hub, devices, witness, f"mioty/bs/{B}/cmd/status")  # the station answers the poll
+        await wait_for(lambda: declared("mioty") <= witness.kinds())
     finally:
-        await running.stop()
+        await stop_family(hub)
     assert witness.problems == []
+    assert [e.payload["ok"] for e in witness.events if e.kind == "cmd_result"] == [True]
     assert {(e.kind, e.topic.split("/")[1]) for e in witness.events} >= {("dl_result", "ep"), ("dl_result", "meter")}

@@ -541,8 +541,10 @@ class MQTTBridge(Service):
                 id=ident,
                 error=doc["error"],
             )
-        # through the bus, like every other event: stored, streamed and published alike
-        event = Event(family, "cmd_result", f"{family}/{kind}/{ident}/event/cmd_result", doc)
+        # through the bus, like every other event: stored, streamed and published alike; labelled with the
+        # family's name when the command came under its topic root (devices: dev/...), as its other events are
+        named = next((n for n, f in self.hub.families.items() if getattr(f, "topic_root", None) == family), family)
+        event = Event(named, "cmd_result", f"{family}/{kind}/{ident}/event/cmd_result", doc)
         self.hub.bus.publish(event).addErrback(lambda _: None)
         if response_topic is not None:
             try:

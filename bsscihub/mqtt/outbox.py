@@ -202,6 +202,8 @@ class Outbox:
       a page at a time as the line moves, so a long broker outage costs disk, not memory.
 
     The SQLite file is used from one thread of the outbox's own, so the reactor never waits on it.
+    Its group commit is not store.BatchWriter's: one write also deletes what the broker acknowledged,
+    numbers the messages and, failing, keeps everything and retries while the appenders wait.
     """
 
     log = Logger()
