@@ -6,6 +6,7 @@ PostgreSQL comes from HUBTEST_PG (default postgresql://postgres@127.0.0.1:5432/t
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +44,9 @@ def postgres_url() -> Iterator[str]:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {e}")
-    name = f"bsscihub_test_{uuid.uuid4().hex[:12]}"
+    # one per pytest-xdist worker too (each is a session of its own); the worker's name says whose it is
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"bsscihub_test_{worker}_{uuid.uuid4().hex[:12]}"
     _pg_admin(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     try:
@@ -110,10 +113,17 @@ def logged() -> Iterator[list[LogEvent]]:
     globalLogPublisher.removeObserver(events.append)
 
 
+@pytest.fixture(scope="session")
+def initialised_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `bsscihub init` per test run (two RSA keys, a password hash, the schema): each `home` copies it."""
+    return init_home(tmp_path_factory.mktemp("initialised"))
+
+
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
+def home(tmp_path: Path, initialised_home: Path) -> Path:
     """A directory after `bsscihub init` (certificates, schema, admin user), for a hub under twistd."""
-    return init_home(tmp_path)
+    shutil.copytree(initialised_home, tmp_path, dirs_exist_ok=True)  # copy2: the keys stay 0600
+    return tmp_path
 
 
 @pytest.fixture
