@@ -21,6 +21,17 @@ SECRET_CHARS = 43  # token_urlsafe(32)
 MAX_SECRET = 100  # longer is not ours; also bounds the work of hashing what a caller sends
 
 
+# Any token of this shape, and the unprefixed `<kind>_<secret>` device keys were, as text may carry them:
+# what log scrubbing replaces (keeping the public part of the prefixed ones).
+TOKEN_TEXT = re.compile(r"\b([a-z]{2,8})_([0-9a-f]{8,16})_[A-Za-z0-9_-]+")
+UNPREFIXED_TEXT = re.compile(r"\b([a-z]{3})_[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+
+
+def scrub(text: str) -> str:
+    """`text` with every secret in it replaced: `kind_prefix_***` (or `kind_***`)."""
+    return UNPREFIXED_TEXT.sub(r"\1_***", TOKEN_TEXT.sub(r"\1_\2_***", text))
+
+
 def new_secret() -> str:
     """256 random bits, URL-safe (43 characters): for secrets without a kind, e.g. a one-offer download URL."""
     return secrets.token_urlsafe(SECRET_BYTES)

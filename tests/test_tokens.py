@@ -85,3 +85,16 @@ def test_device_keys_of_both_forms_verify() -> None:
     org_secret = secrets.token_urlsafe(32)
     assert ORG_KEYS.verify(f"bok_{org_secret}", hash_device_key("bok", org_secret),
                            lambda t: hash_device_key("bok", t.secret)) is not None
+
+
+def test_logs_keep_only_the_public_part_of_any_token() -> None:
+    from bsscihub.web.logring import scrub
+
+    api = auth.TOKENS.mint(auth.hash_secret).token
+    gate = Keyring(b"k" * 32).mint(PROVISIONING).token
+    device = DEVICE_KEYS.mint(lambda t: "").token
+    old_device = "bdk_" + secrets.token_urlsafe(32)
+    line = f"tried {api.text}, {gate.text} and {device.text}; then {old_device}."
+    assert tokens.scrub(line) == scrub(line) == (
+        f"tried {api.public}_***, {gate.public}_*** and {device.public}_***; then bdk_***.")
+    assert tokens.scrub("device gate-1_00112233 said log_level=info") == "device gate-1_00112233 said log_level=info"

@@ -13,6 +13,8 @@ from typing import Any
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
+from bsscihub import tokens
+
 LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3, "critical": 4}
 ACCESS = "bsscihub.web.access"
 
@@ -20,7 +22,8 @@ _SCRUB = [
     # "password=..", "token: .." and the like, in any case and quoting.
     (re.compile(r"(?i)\b(password|passwd|secret|token|api[_-]?key|nwkey|authorization)(\W{1,3})([^\s,;&'\"]+)"),
      r"\1\2***"),
-    (re.compile(r"\bbsh_[0-9a-f]{12}_[A-Za-z0-9_-]+"), "bsh_***"),
+    (tokens.TOKEN_TEXT, r"\1_\2_***"),  # API tokens, gate and device keys: their public part only
+    (tokens.UNPREFIXED_TEXT, r"\1_***"),
     (re.compile(r"(?i)\bbearer\s+\S+"), "Bearer ***"),
     (re.compile(r"(?i)([?&]ticket=)[^&\s]+"), r"\1***"),
     # 128-bit keys (mioty network keys) written as hex.
