@@ -25,6 +25,7 @@ __all__ = ["redis_url"]  # fixture
 
 MAC = "112233445566"
 WINDOW = 0.3
+GATEWAY_TIMEOUT = 1.0
 
 
 @attrs.define
@@ -46,7 +47,7 @@ class BLEHub:
 async def start(tmp: Path, database: str, redis: str, node: str) -> BLEHub:
     tmp.mkdir()
     config = make_config(tmp, families=["ble"], database=database, cluster={"redis": redis, "node": node},
-                         ble={"dedup_window": WINDOW})
+                         ble={"dedup_window": WINDOW, "gateway_timeout": GATEWAY_TIMEOUT})
     hub = make_hub(config, reactor, {"ble": installed_families()["ble"]})
     assert hub.cluster.clustered
     hub.store.start()
@@ -133,3 +134,19 @@ async def test_a_hub_stopping_publishes_the_windows_it_collects(two_hubs: tuple[
     assert reading["receivers"] == [{"gatewayId": "GW1", "rssi": -70}, {"gatewayId": "GW2", "rssi": -75}]
     await deferLater(reactor, WINDOW * 2, lambda: None)
     assert len(everywhere(one, two)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_heard_by_another_hub_is_not_called_offline(two_hubs: tuple[BLEHub, BLEHub]) -> None:
+    one, two = two_hubs
+    one.heard("GW1", -70)
+    await until(lambda: [e.payload["state"] for e in one.events if e.kind == "gateway_state"] == ["online"])
+    await deferLater(reactor, GATEWAY_TIMEOUT * 0.6, lambda: None)
+    two.heard("GW1", -70)  # its messages reach the other hub now
+    await two.service._flush_registry()  # the registry write (every 2 s) that tells the other hubs
+    await deferLater(reactor, GATEWAY_TIMEOUT * 0.9, lambda: None)  # past hub-1's timeout: it checked meanwhile
+    # (hub-2 announces it online too: each hub's registry is its own, docs/cluster.md)
+    assert "offline" not in [e.payload["state"] for h in (one, two) for e in h.events if e.kind == "gateway_state"]
+    # Silent everywhere: offline.
+    await until(lambda: [e.payload["state"] for e in one.events if e.kind == "gateway_state"] == ["online", "offline"],
+                timeout=GATEWAY_TIMEOUT * 4)

@@ -364,15 +364,34 @@ class BLEService(FamilyService):
 
     # -- gateways going silent
 
-    def check_gateways(self) -> None:
+    def check_gateways(self) -> defer.Deferred[None] | None:
         now = self.clock.seconds()
-        for gateway in self.gateways.values():
+        silent = [g for g in self.gateways.values()
+                  if g.state == "online" and now - g.last_seen > self.config.gateway_timeout]
+        if silent and self.shared is not None:
+            return defer.Deferred.fromCoroutine(self._silent_everywhere(silent))
+        for gateway in silent:
+            self._gone_silent(gateway, now)
+        return None
+
+    async def _silent_everywhere(self, silent: list[Gateway]) -> None:
+        """In a cluster the other hubs may have heard these gateways: their registry writes say when."""
+        rows = await self.hub.store.fetchall(
+            f"SELECT id, last_seen FROM ble_gateways WHERE id IN ({', '.join('?' * len(silent))})",
+            tuple(g.id for g in silent))
+        heard = {gid: float(last) for gid, last in rows}
+        now = self.clock.seconds()
+        for gateway in silent:
+            gateway.last_seen = max(gateway.last_seen, heard.get(gateway.id, gateway.last_seen))
             if gateway.state == "online" and now - gateway.last_seen > self.config.gateway_timeout:
-                gateway.state, gateway.since = "offline", now
-                self._dirty_gateways.add(gateway.id)
-                self.log.info("ble gateway {gateway} offline: silent since {last_seen}", gateway=gateway.id,
-                              last_seen=gateway.last_seen)
-                self._gateway_state(gateway)
+                self._gone_silent(gateway, now)
+
+    def _gone_silent(self, gateway: Gateway, now: float) -> None:
+        gateway.state, gateway.since = "offline", now
+        self._dirty_gateways.add(gateway.id)
+        self.log.info("ble gateway {gateway} offline: silent since {last_seen}", gateway=gateway.id,
+                      last_seen=gateway.last_seen)
+        self._gateway_state(gateway)
 
     def _gateway_state(self, gateway: Gateway) -> None:
         self.emit("gateway_state", f"ble/gw/{gateway.id}/state", {
