@@ -40,7 +40,7 @@ class Keyring:
     key: bytes = attrs.field(repr=False)
 
     def hash(self, kind: str, secret: str) -> str:
-        return hmac.new(self.key, f"{kind}\0{secret}".encode(), hashlib.sha256).hexdigest()
+        return tokens.hmac_sha256_hex(self.key, f"{kind}\0{secret}")
 
     def mint(self, kind: str) -> tokens.Minted:
         """A new `kind_<8 hex>_<43 chars of 256 random bits>` and its hash (of the whole text) to store."""
