@@ -1,11 +1,12 @@
 """Alerts on what devices of every family report: silence longer than X, back online, battery or signal low.
 
-Reads the event bus only; each transition fires once; states are stored, so a restart neither re-fires nor forgets."""
+Reads the event bus only; each transition fires once; states are stored, so a restart neither re-fires nor forgets.
+In a cluster every hub stores what it heard and one hub, the lease holder, evaluates the shared database's view."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
@@ -19,6 +20,9 @@ from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec
 from bsscihub.store import Migration
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 CONDITIONS = ("offline", "battery_below", "signal_below")
 EVENTS = (  # what AlertService.payload publishes, declared as a family declares its events
@@ -184,15 +188,21 @@ def check_rule(body: Mapping[str, Any], families: Mapping[str, str]) -> dict[str
 
 class AlertService(Service):
     """Keeps targets and alert states in memory (the database holds the same), evaluates rules on each
-    event and every `check_interval`, and publishes each transition on the bus as an `alerts` event."""
+    event and every `check_interval`, and publishes each transition on the bus as an `alerts` event.
+
+    In a cluster (`hub.cluster.clustered`) each hub writes the targets it heard every round and reads
+    back rules, targets and states from the shared database; only the holder of the `alerts` lease
+    evaluates, so each transition fires once, from one hub, whichever hubs heard the device."""
 
     log = Logger()
     name = "alerts"
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.config = hub.config.section("alerts")
         self.clock = hub.reactor
+        self.clustered = hub.cluster.clustered
+        self.lease = hub.cluster.lease("alerts", self.clock)
         self.rules: dict[int, Rule] = {}
         self.targets: dict[tuple[str, str, str], Target] = {}
         self.active: dict[tuple[int, str, str, str], Active] = {}
@@ -205,6 +215,7 @@ class AlertService(Service):
         self._ready: defer.Deferred[None] | None = None
         self._pending: set[defer.Deferred[Any]] = set()
         self._last_purge = 0.0
+        self._changes = 0  # transitions made here: states read back from before one are stale
         self.started_at = self.clock.seconds()
 
     # -- lifecycle
@@ -241,6 +252,7 @@ class AlertService(Service):
             self.active[(int(rule_id), family, kind, target)] = Active(float(since), value)
         self._index()
         self._unsubscribe = self.hub.bus.subscribe(self.on_event)
+        self.lease.start()
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
         self._loop.start(self.config.check_interval, now=False).addErrback(
@@ -261,6 +273,7 @@ class AlertService(Service):
         await self._flush_targets()
         while self._pending:
             await defer.DeferredList(list(self._pending), consumeErrors=True)
+        await self.lease.stop()
 
     @staticmethod
     def _rule(row: tuple[Any, ...]) -> Rule:
@@ -346,7 +359,7 @@ class AlertService(Service):
 
     def _check(self, family: str, target: Target) -> None:
         rules = self._by_family.get(family)
-        if rules:
+        if rules and self.lease.held:
             now = self.clock.seconds()
             for rule in rules:
                 if rule.covers(*target.key):
@@ -377,7 +390,9 @@ class AlertService(Service):
             # Hours the hub itself was down are not the device's silence.
             seen = max(target.last_seen or 0.0, self.started_at)
             silence = now - seen
-            return silence > rule.after, round(silence, 3)
+            # In a cluster another hub may have heard the device and not stored it yet (it does every round).
+            late = self.config.check_interval if self.clustered else 0.0
+            return silence > rule.after + late, round(silence, 3)
         value = target.battery if rule.condition == "battery_below" else target.signal
         if value is None or rule.threshold is None:
             return firing, value
@@ -395,6 +410,7 @@ class AlertService(Service):
             self.active[key] = Active(now, value)
         else:
             del self.active[key]
+        self._changes += 1
         self._track(defer.Deferred.fromCoroutine(self._transition(rule, target, met, value, now)))
 
     def _track(self, d: defer.Deferred[Any]) -> None:
@@ -446,18 +462,53 @@ class AlertService(Service):
             self.log.failure("alert check round failed")
 
     async def _check_silences(self) -> None:
+        if self.clustered:
+            await self._share()
         now = self.clock.seconds()
-        for rules in self._by_family.values():
-            for rule in rules:
-                if rule.condition != "offline" or rule.after is None:
-                    continue
-                for target in list(self.targets.values()):
-                    if rule.covers(*target.key):
-                        self._evaluate(rule, target, now)
+        if self.lease.held:
+            for rules in self._by_family.values():
+                for rule in rules:
+                    # In a cluster readings heard by other hubs arrive here, through the database.
+                    if not self.clustered and (rule.condition != "offline" or rule.after is None):
+                        continue
+                    for target in list(self.targets.values()):
+                        if rule.covers(*target.key):
+                            self._evaluate(rule, target, now)
         await self._flush_targets()
         if now - self._last_purge > 3600:
             self._last_purge = now
             await self.hub.store.execute("DELETE FROM alert_history WHERE time < ?", (now - self.config.retention,))
+
+    async def _share(self) -> None:
+        """Cluster: store what this hub heard, then read what every hub stored (rules, targets, states)."""
+        await self._flush_targets()
+        while self._pending:  # this hub's transitions are stored before the states are read back
+            await defer.DeferredList(list(self._pending), consumeErrors=True)
+        store = self.hub.store
+        changes = self._changes
+        rules = {rule.id: rule for rule in map(self._rule, await store.fetchall(
+            "SELECT id, name, family, kind, target, condition, threshold, silence, hysteresis, enabled,"
+            " created_at, created_by FROM alert_rules"))}
+        rows = await store.fetchall(
+            "SELECT family, kind, target, last_seen, reported, battery, signal FROM alert_targets")
+        states = await store.fetchall("SELECT rule_id, family, kind, target, since, value FROM alert_states")
+        targets: dict[tuple[str, str, str], Target] = {}
+        for family, kind, target_id, last_seen, reported, battery, signal in rows:
+            stored = Target(family, kind, target_id, last_seen, reported, battery, signal)
+            mine = self.targets.get(stored.key)
+            if mine is not None and stored.key in self._dirty:
+                # Heard here since the write above: this hub's news wins, the later time stays.
+                if stored.last_seen is not None and (mine.last_seen is None or mine.last_seen < stored.last_seen):
+                    mine.last_seen = stored.last_seen
+                stored = mine
+            targets[stored.key] = stored
+        for key in self._dirty:  # heard here first, not stored yet
+            if key not in targets and key in self.targets:
+                targets[key] = self.targets[key]
+        self.rules, self.targets = rules, targets
+        if changes == self._changes:  # else the next round reads them, stored by then
+            self.active = {(int(r), f, k, t): Active(float(since), value) for r, f, k, t, since, value in states}
+        self._index()
 
     async def _flush_targets(self) -> None:
         if not self._dirty:
@@ -473,7 +524,10 @@ class AlertService(Service):
             # One upsert per 128 rows: a hub with many sensors writes them all every round.
             cursor.execute_rows(
                 "INSERT INTO alert_targets (family, kind, target, last_seen, reported, battery, signal) VALUES {rows}"
-                " ON CONFLICT (family, kind, target) DO UPDATE SET last_seen = excluded.last_seen,"
+                # Several hubs write the same device: its last-heard time only moves forward.
+                " ON CONFLICT (family, kind, target) DO UPDATE SET last_seen = CASE WHEN alert_targets.last_seen"
+                " IS NULL OR excluded.last_seen > alert_targets.last_seen THEN excluded.last_seen"
+                " ELSE alert_targets.last_seen END,"
                 " reported = excluded.reported, battery = excluded.battery, signal = excluded.signal", rows)
 
         await self.hub.store.interaction(write)
@@ -536,7 +590,7 @@ class AlertService(Service):
         await self.hub.store.execute("DELETE FROM alert_states WHERE rule_id = ?", (rule_id,))
 
     def _evaluate_rule(self, rule: Rule) -> None:
-        if not rule.enabled:
+        if not rule.enabled or not self.lease.held:
             return
         now = self.clock.seconds()
         for target in list(self.targets.values()):

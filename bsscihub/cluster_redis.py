@@ -745,8 +745,8 @@ class RedisLease:
 
     log = Logger()
 
-    def __init__(self, link: RedisLink, node: str, name: str, clock: Any, ttl: float = LEASE_TTL) -> None:
-        self.link, self.node, self.clock, self.ttl = link, node, clock, ttl
+    def __init__(self, link: RedisLink, node: str, name: str, clock: Any, ttl: float | None = None) -> None:
+        self.link, self.node, self.clock, self.ttl = link, node, clock, LEASE_TTL if ttl is None else ttl
         self.key = f"{_PREFIX}lease:{name}"
         self._until = float("-inf")
         self._loop: Any = None

@@ -253,6 +253,7 @@ async def _alert_service(tmp_path: Path, clock: task.Clock, database_url: str) -
 
     from bsscihub.alerts import MIGRATIONS, AlertService
     from bsscihub.bus import EventBus
+    from bsscihub.cluster import local_cluster
     from bsscihub.family import installed_families
     from bsscihub.store import open_store
     from bsscihub.store.schema import CORE_MIGRATIONS
@@ -265,7 +266,8 @@ async def _alert_service(tmp_path: Path, clock: task.Clock, database_url: str) -
     bus = EventBus()
     published: list[Any] = []
     bus.subscribe(lambda e: published.append(e) if e.family == "alerts" else None)
-    hub = SimpleNamespace(config=config, reactor=clock, store=store, bus=bus, families=installed_families())
+    hub = SimpleNamespace(config=config, reactor=clock, store=store, bus=bus, families=installed_families(),
+                          cluster=local_cluster())
     service = AlertService(hub)
     service.startService()
     await service.when_ready()

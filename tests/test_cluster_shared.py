@@ -4,6 +4,7 @@ spread over two hubs, the leader lease (one holder, taken over when it dies), al
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,9 +12,15 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from bsscihub import cluster_redis
+from bsscihub.alerts import AlertService
+from bsscihub.bus import Event
 from bsscihub.cluster import Cluster
 from bsscihub.cluster_redis import RedisLease, RedisLimiter, redis_cluster
+from bsscihub.family import installed_families
+from bsscihub.hub import Hub, make_hub
 from bsscihub.web.auth import LoginLimiter
+from tests.conftest import _reset_pg_schema, make_config
 from tests.redis_server import redis_url
 
 __all__ = ["redis_url"]  # fixtures
@@ -116,3 +123,76 @@ async def test_one_hub_holds_a_lease_and_another_takes_it_over_when_it_dies(node
     await two.stop()
     await wait_for(lambda: three.held, timeout=0.3)
     await three.stop()
+
+
+# -- alerts: evaluated by one hub from the shared database
+
+
+async def _alerting_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, AlertService, list[Event]]:
+    tmp.mkdir()
+    config = make_config(tmp, database=database, cluster={"redis": redis, "node": node},
+                         alerts={"check_interval": "200ms"})
+    hub = make_hub(config, reactor, {"devices": installed_families()["devices"]})
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    await hub.cluster.start()
+    fired: list[Event] = []
+    hub.bus.subscribe(lambda e: fired.append(e) if e.family == "alerts" else None)
+    service = AlertService(hub)
+    service.startService()
+    await service.when_ready()
+    return hub, service, fired
+
+
+def _heard(device: str) -> Event:
+    return Event("devices", "up", f"dev/device/{device}/up", {"deviceId": device, "value": 1})
+
+
+@pytest_twisted.ensureDeferred
+async def test_alerts_fire_once_from_one_hub_on_what_every_hub_heard_and_move_when_it_dies(
+        tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster_redis, "LEASE_TTL", 0.6)
+    _reset_pg_schema(postgres_url)
+    hubs = [await _alerting_hub(tmp_path / node, postgres_url, redis_url, node) for node in ("hub-1", "hub-2")]
+    try:
+        await wait_for(lambda: any(service.lease.held for _, service, _ in hubs))
+        await sleep(0.3)
+        leader, follower = sorted(hubs, key=lambda h: not h[1].lease.held)
+        assert leader[1].lease.held and not follower[1].lease.held
+        # A rule made on the hub that does not evaluate: the leader reads it from the database.
+        await follower[1].add_rule({"name": "silent", "family": "devices", "kind": "device", "condition": "offline",
+                                    "after": 1}, "tests")
+        # Device001 talks to the leader, Device002 to the other hub: neither is silent for the cluster.
+        for _ in range(12):
+            await leader[0].bus.publish(_heard("Device001"))
+            await follower[0].bus.publish(_heard("Device002"))
+            await sleep(0.2)
+        assert leader[2] == [] == follower[2]
+        # Device002 goes quiet: one offline alert in the whole cluster, from the leader.
+        for _ in range(15):
+            await leader[0].bus.publish(_heard("Device001"))
+            await sleep(0.2)
+        assert [(e.topic, e.payload["state"]) for e in leader[2]] == [
+            ("alerts/devices/device/Device002/offline", "firing")]
+        assert follower[2] == []
+        # The leader dies (no more renewals, no more rounds): the other hub takes the lease over and
+        # resolves the alert it never fired when Device002 is back, once; Device001's silence fires there.
+        leader[1].lease._loop.stop()
+        leader[1]._loop.stop()
+        await wait_for(lambda: follower[1].lease.held, timeout=2)
+        await follower[0].bus.publish(_heard("Device002"))
+        await wait_for(lambda: len(follower[2]) >= 1, timeout=2)
+        for _ in range(12):
+            await follower[0].bus.publish(_heard("Device002"))
+            await sleep(0.2)
+        assert sorted((e.topic, e.payload["state"]) for e in follower[2]) == [
+            ("alerts/devices/device/Device001/offline", "firing"),
+            ("alerts/devices/device/Device002/offline", "resolved")]
+        assert len(leader[2]) == 1
+        history, total = await follower[1].history(10, 0)
+        assert total == 3
+    finally:
+        for hub, service, _ in hubs:
+            await service.stopService()
+            await hub.cluster.stop()
+            await hub.store.stop()
