@@ -1,6 +1,7 @@
 """HTTP webhooks: bus events of chosen families and kinds POSTed as signed JSON to receivers, from a durable queue.
 
 Each event is stored before the bus acknowledges it; each webhook delivers its queue in order, with backoff.
+In a cluster each hub queues and delivers the events it handled, and reads the webhooks' changes from the database.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
@@ -27,6 +28,9 @@ from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.keybox import KeyBox
 from bsscihub.store import Migration
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 SIGNATURE_HEADER = "X-Bsscihub-Signature-256"
 
@@ -73,6 +77,9 @@ MIGRATIONS = [
         """,
     ),
 ]
+
+SYNC_INTERVAL = 5.0
+"""Seconds within which a hub of a cluster uses a webhook made, changed or deleted on another hub."""
 
 _RETRY_STATUSES = frozenset({408, 425, 429})
 """4xx answers that mean "later", not "never"."""
@@ -136,6 +143,7 @@ class Webhook:
     retry_at: float | None = None
     dropped: int = 0
     dropped_logged: float = float("-inf")
+    unsaved: tuple[int, int] = (0, 0)  # deliveries and failures counted here, not added to the row yet
 
     def wants(self, event: Event) -> bool:
         return (self.enabled and (not self.families or event.family in self.families)
@@ -161,7 +169,7 @@ class WebhookService(Service):
     log = Logger()
     name = "webhooks"
 
-    def __init__(self, hub: Any, http: Any = None) -> None:
+    def __init__(self, hub: Hub, http: Any = None) -> None:
         self.hub = hub
         self.config = hub.config.section("webhooks")
         self.clock = hub.reactor
@@ -177,6 +185,8 @@ class WebhookService(Service):
         # In a cluster each hub delivers the events it queued, under its node name (required: it survives
         # a restart, so a hub delivers after it what it queued before it).
         self.node = hub.cluster.node if hub.cluster.clustered else ""
+        self.sync_interval = SYNC_INTERVAL if hub.cluster.clustered else None
+        self._sync: task.LoopingCall | None = None
 
     @property
     def http(self) -> Any:
@@ -220,6 +230,10 @@ class WebhookService(Service):
         self._unsubscribe = self.hub.bus.subscribe(self.on_event)
         for hook in self.hooks.values():
             self._run(hook.id)
+        if self.sync_interval is not None:
+            self._sync = task.LoopingCall(self._synced)
+            self._sync.clock = self.clock
+            self._sync.start(self.sync_interval, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -232,6 +246,8 @@ class WebhookService(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._sync is not None and self._sync.running:
+            self._sync.stop()
         loops = list(self._loops.values())
         for d in loops:
             d.cancel()  # an unacknowledged delivery stays queued and goes out again after the restart
@@ -246,6 +262,36 @@ class WebhookService(Service):
         return Webhook(int(hook_id), name, url, tuple(f for f in families.split(",") if f),
                        tuple(e for e in events.split(",") if e), bool(enabled), float(created_at), created_by,
                        int(delivered), int(failures), last_attempt, last_success, last_status, last_error)
+
+    async def _synced(self) -> None:
+        try:
+            await self.sync()
+        except Exception:
+            self.log.failure("could not read the webhooks from the database")  # tried again next round
+
+    async def sync(self) -> None:
+        """Take up the webhooks as the database has them: made, changed or deleted on another hub."""
+        rows = await self.hub.store.fetchall(
+            "SELECT id, name, url, families, events, enabled, created_at, created_by, delivered, failures,"
+            " last_attempt, last_success, last_status, last_error FROM webhooks")
+        stored = {hook.id: hook for hook in map(self._hook, rows)}
+        for hook_id in [h for h in self.hooks if h not in stored]:
+            self._discard(hook_id)
+        for hook_id, fresh in stored.items():
+            hook = self.hooks.get(hook_id)
+            if hook is None:
+                self.hooks[hook_id] = fresh
+                self._run(hook_id)
+                continue
+            woke = fresh.enabled and not hook.enabled
+            hook.name, hook.url, hook.families, hook.events, hook.enabled = (
+                fresh.name, fresh.url, fresh.families, fresh.events, fresh.enabled)
+            hook.delivered, hook.failures = fresh.delivered + hook.unsaved[0], fresh.failures + hook.unsaved[1]
+            if fresh.last_attempt is not None and (hook.last_attempt is None or fresh.last_attempt > hook.last_attempt):
+                hook.last_attempt, hook.last_success, hook.last_status, hook.last_error = (
+                    fresh.last_attempt, fresh.last_success, fresh.last_status, fresh.last_error)
+            if woke:
+                self._poke(hook_id)
 
     # -- the bus side
 
@@ -358,19 +404,8 @@ class WebhookService(Service):
 
     async def _done(self, hook: Webhook, upto: int | None) -> None:
         """Delete this webhook's delivered rows (up to `upto`: delivery is in order) and store its counters."""
-        if upto is None:
-            return
-
-        def write(cursor: Any) -> None:
-            cursor.execute("DELETE FROM webhook_queue WHERE webhook_id = ? AND node = ? AND id <= ?",
-                           (hook.id, self.node, upto))
-            cursor.execute(
-                "UPDATE webhooks SET delivered = ?, failures = ?, last_attempt = ?, last_success = ?,"
-                " last_status = ?, last_error = ? WHERE id = ?",
-                (hook.delivered, hook.failures, hook.last_attempt, hook.last_success, hook.last_status,
-                 hook.last_error, hook.id))
-
-        await self.hub.store.interaction(write)
+        if upto is not None:
+            await self._store_counters(hook, upto)
 
     async def _sealed(self, hook_id: int) -> bytes:
         row = await self.hub.store.fetchone("SELECT secret_box FROM webhooks WHERE id = ?", (hook_id,))
@@ -428,13 +463,31 @@ class WebhookService(Service):
         if failed:
             hook.failures += 1
             hook.last_error = error
+        hook.unsaved = (hook.unsaved[0] + delivered, hook.unsaved[1] + failed)
         if delivered:
             return  # stored with the batch (_done)
-        await self.hub.store.execute(
-            "UPDATE webhooks SET delivered = ?, failures = ?, last_attempt = ?, last_success = ?, last_status = ?,"
-            " last_error = ? WHERE id = ?",
-            (hook.delivered, hook.failures, hook.last_attempt, hook.last_success, hook.last_status,
-             hook.last_error, hook.id))
+        await self._store_counters(hook)
+
+    async def _store_counters(self, hook: Webhook, upto: int | None = None) -> None:
+        """Add what this hub counted to the row (several hubs deliver for one webhook), set the last try
+        and delete this hub's delivered rows up to `upto`: one transaction."""
+        added, hook.unsaved = hook.unsaved, (0, 0)
+        last = (hook.last_attempt, hook.last_success, hook.last_status, hook.last_error)
+        node = self.node
+
+        def write(cursor: Any) -> None:
+            if upto is not None:
+                cursor.execute("DELETE FROM webhook_queue WHERE webhook_id = ? AND node = ? AND id <= ?",
+                               (hook.id, node, upto))
+            cursor.execute(
+                "UPDATE webhooks SET delivered = delivered + ?, failures = failures + ?, last_attempt = ?,"
+                " last_success = ?, last_status = ?, last_error = ? WHERE id = ?", (*added, *last, hook.id))
+
+        try:
+            await self.hub.store.interaction(write)
+        except BaseException:
+            hook.unsaved = (hook.unsaved[0] + added[0], hook.unsaved[1] + added[1])  # added next time
+            raise
 
     # -- management (REST and pages)
 
@@ -491,16 +544,20 @@ class WebhookService(Service):
             self._poke(hook_id)
         return hook
 
-    async def delete(self, hook_id: int) -> bool:
+    def _discard(self, hook_id: int) -> Webhook | None:
+        """Forget a webhook here and stop its delivery."""
         hook = self.hooks.pop(hook_id, None)
-        if hook is None:
-            return False
         loop = self._loops.get(hook_id)
         if loop is not None:
             loop.cancel()
         waiter = self._wake.pop(hook_id, None)
         if waiter is not None and not waiter.called:
             waiter.cancel()
+        return hook
+
+    async def delete(self, hook_id: int) -> bool:
+        if self._discard(hook_id) is None:
+            return False
 
         def delete(cursor: Any) -> None:
             cursor.execute("DELETE FROM webhook_queue WHERE webhook_id = ?", (hook_id,))

@@ -1,8 +1,11 @@
-"""What a cluster's hubs count and decide once for all, on a real Redis: log-in and other rate limits
-spread over two hubs, the leader lease (one holder, taken over when it dies), alerts fired by one hub."""
+"""What a cluster's hubs count and decide once for all, on a real Redis and PostgreSQL: log-in and other
+rate limits spread over two hubs, the leader lease (one holder, taken over when it dies), alerts fired by
+one hub, webhook events delivered once by the hub that handled them."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
+from twisted.web import server
 
 from bsscihub import cluster_redis
 from bsscihub.alerts import AlertService
@@ -20,8 +25,11 @@ from bsscihub.cluster_redis import RedisLease, RedisLimiter, redis_cluster
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from bsscihub.web.auth import LoginLimiter
+from bsscihub.webhooks import WebhookService, sign
+from tests.broker import free_port
 from tests.conftest import _reset_pg_schema, make_config
 from tests.redis_server import redis_url
+from tests.test_alerts import Receiver
 
 __all__ = ["redis_url"]  # fixtures
 
@@ -196,3 +204,71 @@ async def test_alerts_fire_once_from_one_hub_on_what_every_hub_heard_and_move_wh
             await service.stopService()
             await hub.cluster.stop()
             await hub.store.stop()
+
+
+# -- webhooks: each event delivered once, by the hub that handled it
+
+
+async def _webhook_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, WebhookService, list[Event]]:
+    tmp.mkdir()
+    config = make_config(tmp, database=database, cluster={"redis": redis, "node": node},
+                         webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s"})
+    config.data_dir.mkdir(parents=True)
+    hub = make_hub(config, reactor, {"devices": installed_families()["devices"]})
+    hub.store.start()
+    await hub.store.migrate(hub.migrations())
+    await hub.cluster.start()
+    streamed: list[Event] = []
+    hub.cluster.relay_events(hub.bus, streamed.append)  # as the live stream does
+    service = WebhookService(hub)
+    service.sync_interval = 0.1
+    service.startService()
+    await service.when_ready()
+    return hub, service, streamed
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_event_is_delivered_once_by_the_hub_that_handled_it_and_hubs_share_the_webhooks(
+        tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    _reset_pg_schema(postgres_url)
+    one, two = [await _webhook_hub(tmp_path / node, postgres_url, redis_url, node) for node in ("hub-1", "hub-2")]
+    port = free_port()
+    receiver = Receiver()
+    listening: Any = None
+    try:
+        hook, secret = await one[1].add({"name": "crm", "url": f"http://127.0.0.1:{port}/hook",
+                                         "families": ["devices"]}, "tests")
+        # Every hub of a cluster signs with the same key file (docs/cluster.md).
+        shutil.copy(one[0].config.data_dir / "webhook-keys.secret", two[0].config.data_dir / "webhook-keys.secret")
+        await wait_for(lambda: hook.id in two[1].hooks)  # made on hub-1, used by hub-2 too
+        # The receiver is away: each hub keeps the event it handled, under its own node name.
+        await one[0].bus.publish(_heard("Device001"))
+        await two[0].bus.publish(_heard("Device002"))
+        await wait_for(lambda: len(one[2]) == 1 and len(two[2]) == 1)  # each stream has the other hub's
+        rows = await one[0].store.fetchall("SELECT node, event FROM webhook_queue ORDER BY node")
+        assert [tuple(r) for r in rows] == [("hub-1", "devices.up"), ("hub-2", "devices.up")]
+        # The receiver comes up: two events, two deliveries (a relayed one is not queued again).
+        listening = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(server.Site(receiver))
+        await wait_for(lambda: len(receiver.received) >= 2)
+        await sleep(0.5)
+        devices = sorted(json.loads(body)["payload"]["deviceId"] for _, body in receiver.received)
+        assert devices == ["Device001", "Device002"]
+        for headers, body in receiver.received:
+            assert headers["x-bsscihub-signature-256"] == sign(secret.encode(), body)
+        # Both hubs' deliveries add up in the webhook's row; each hub's list shows them.
+        await wait_for(lambda: one[1].hooks[hook.id].delivered == 2 == two[1].hooks[hook.id].delivered)
+        assert await one[0].store.fetchone("SELECT delivered, failures > 0 FROM webhooks") in ((2, True), (2, 1))
+        assert await one[0].store.fetchone("SELECT COUNT(*) FROM webhook_queue") in ((0,), [0])
+        # Deleted on hub-2: hub-1 stops delivering.
+        assert await two[1].delete(hook.id)
+        await wait_for(lambda: hook.id not in one[1].hooks)
+        await one[0].bus.publish(_heard("Device001"))
+        await sleep(0.3)
+        assert len(receiver.received) == 2
+    finally:
+        for hub, service, _ in (one, two):
+            await service.stopService()
+            await hub.cluster.stop()
+            await hub.store.stop()
+        if listening is not None:
+            await listening.stopListening()
