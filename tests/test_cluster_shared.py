@@ -38,11 +38,11 @@ async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
-async def wait_for(condition: Any, timeout: float = 15.0) -> None:
+async def wait_for(condition: Any, timeout: float = 15.0, what: str = "condition") -> None:
     deadline = reactor.seconds() + timeout
     while not condition():
         if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"{what} not met in time")
         await sleep(0.005)
 
 
@@ -240,28 +240,35 @@ async def test_each_event_is_delivered_once_by_the_hub_that_handled_it_and_hubs_
                                          "families": ["devices"]}, "tests")
         # Every hub of a cluster signs with the same key file (docs/cluster.md).
         shutil.copy(one[0].config.data_dir / "webhook-keys.secret", two[0].config.data_dir / "webhook-keys.secret")
-        await wait_for(lambda: hook.id in two[1].hooks)  # made on hub-1, used by hub-2 too
+        await wait_for(lambda: hook.id in two[1].hooks, what="hub-2 has the webhook")  # made on hub-1
+        # Each hub's stream hears the other (its subscription is in place): a family no webhook wants.
+        for hub, stream in ((one[0], two[2]), (two[0], one[2])):
+            while not stream:
+                await hub.bus.publish(Event("ble", "up", "ble/node/112233445566/up", {}))
+                await sleep(0.05)
+            stream.clear()
         # The receiver is away: each hub keeps the event it handled, under its own node name.
         await one[0].bus.publish(_heard("Device001"))
         await two[0].bus.publish(_heard("Device002"))
-        await wait_for(lambda: len(one[2]) == 1 and len(two[2]) == 1)  # each stream has the other hub's
+        await wait_for(lambda: len(one[2]) == 1 and len(two[2]) == 1, what="relayed")  # each has the other's
         rows = await one[0].store.fetchall("SELECT node, event FROM webhook_queue ORDER BY node")
         assert [tuple(r) for r in rows] == [("hub-1", "devices.up"), ("hub-2", "devices.up")]
         # The receiver comes up: two events, two deliveries (a relayed one is not queued again).
         listening = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(server.Site(receiver))
-        await wait_for(lambda: len(receiver.received) >= 2)
+        await wait_for(lambda: len(receiver.received) >= 2, what="two deliveries")
         await sleep(0.5)
         devices = sorted(json.loads(body)["payload"]["deviceId"] for _, body in receiver.received)
         assert devices == ["Device001", "Device002"]
         for headers, body in receiver.received:
             assert headers["x-bsscihub-signature-256"] == sign(secret.encode(), body)
         # Both hubs' deliveries add up in the webhook's row; each hub's list shows them.
-        await wait_for(lambda: one[1].hooks[hook.id].delivered == 2 == two[1].hooks[hook.id].delivered)
+        await wait_for(lambda: one[1].hooks[hook.id].delivered == 2 == two[1].hooks[hook.id].delivered,
+                       what="counters")
         assert await one[0].store.fetchone("SELECT delivered, failures > 0 FROM webhooks") in ((2, True), (2, 1))
         assert await one[0].store.fetchone("SELECT COUNT(*) FROM webhook_queue") in ((0,), [0])
         # Deleted on hub-2: hub-1 stops delivering.
         assert await two[1].delete(hook.id)
-        await wait_for(lambda: hook.id not in one[1].hooks)
+        await wait_for(lambda: hook.id not in one[1].hooks, what="deleted on hub-1")
         await one[0].bus.publish(_heard("Device001"))
         await sleep(0.3)
         assert len(receiver.received) == 2
