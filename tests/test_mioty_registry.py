@@ -101,7 +101,7 @@ async def test_base_stations_and_revocations(store: Store) -> None:
     await r.revoke_certificate(0xABCDEF, "stolen", "admin", 4.0)
     await r.revoke_certificate(0xABCDEF, "again", "admin", 5.0)  # the first reason stays
     # Revoked from the web (core table only) while the family was not running: refused all the same.
-    await web_certs.revoke(store, "1234", "lost", "admin", 6.0)
+    await web_certs.revoke(store, "1234", "lost", "admin", 6.0, {})
     fresh = await registry(store)
     got = fresh.base_stations[bs.eui]
     assert (got.first_seen, got.last_seen, got.name, got.online, got.geo) == (1.0, 3.0, "roof", True,
