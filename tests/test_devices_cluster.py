@@ -1,7 +1,8 @@
 """Generic devices in a cluster: the broker hands a device's answer to any hub (shared subscription), so a
 command result or an update report reaching another hub than the one that sent the command is taken from
-the shared PostgreSQL database, once, and the sender's timer does not overturn it. Two hubs, each on a
-broker in memory (standing for the shared subscription's choice), one database."""
+the shared PostgreSQL database, once, and the sender's timer does not overturn it; a device heard by
+another hub is not called offline. Two hubs, each on a broker in memory (standing for the shared
+subscription's choice), one database."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.conftest import _reset_pg_schema
 from tests.memory_bridge import FollowingClock, MemoryBroker
-from tests.test_families import PREFIX, eventually, start_hub
+from tests.redis_server import redis_url
+from tests.test_families import PREFIX, RunningHub, eventually, start_hub
+
+__all__ = ["redis_url"]  # fixture
 
 DEV = f"{PREFIX}/dev/device"
 
@@ -80,5 +86,36 @@ async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_updat
         await eventually(lambda: other.rejected("devices", "unknown_command") == 1, what="the stale answer refused")
     finally:
         device.stop()
+        for running in hubs:
+            await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_heard_by_another_hub_is_not_called_offline(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    brokers = [MemoryBroker(), MemoryBroker()]
+    witnesses = [b.witness(f"{DEV}/+/status") for b in brokers]
+    hubs: list[RunningHub] = []
+    try:
+        for n in (0, 1):
+            (tmp_path / f"hub{n}").mkdir()
+            hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], database=postgres_url,
+                                        cluster={"redis": redis_url, "node": f"hub-{n}"},
+                                        devices={"offline_after": 1.0}))
+        one, two = hubs
+        await brokers[0].device().publish("device/d1/telemetry/temp", b"21.5")
+        await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "online")
+        await deferLater(reactor, 0.6, lambda: None)
+        await brokers[1].device().publish("device/d1/telemetry/temp", b"21.6")  # now to the other hub
+        await eventually(lambda: "d1" in two.hub.services["devices"].devices, what="d1 heard by hub-1")
+        await two.hub.services["devices"]._flush_registry()  # the registry write (every 2 s) the others read
+        await deferLater(reactor, 0.9, lambda: None)  # past hub-0's offline_after: it checked meanwhile
+        said = [json.loads(m.payload)["state"] for w in witnesses for m in w.messages]
+        assert "offline" not in said
+        # Silent everywhere: offline.
+        await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "offline", timeout=5)
+    finally:
         for running in hubs:
             await running.stop()

@@ -324,17 +324,38 @@ class DevicesService(FamilyService):
                   {"deviceId": device.id, "state": device.status, "detail": device.status_detail,
                    "time": opt_time(device.status_time)}, retain=True)
 
-    def check_silence(self) -> None:
+    def check_silence(self) -> defer.Deferred[None] | None:
         """Online devices silent for `devices.offline_after` go offline (one status event each)."""
         cutoff = self.clock.seconds() - self.config.offline_after
-        for device in self.devices.values():
-            if device.status == "online" and (device.last_seen or device.first_seen) < cutoff:
-                device.status, device.status_detail = "offline", {"reason": "silent"}
-                device.status_time = self.clock.seconds()
-                self._dirty.add(device.id)
-                self.log.info("device {device} offline: silent for {seconds:g} s", device=device.id,
-                              seconds=self.config.offline_after)
-                self._status_event(device)
+        silent = [d for d in self.devices.values()
+                  if d.status == "online" and (d.last_seen or d.first_seen) < cutoff]
+        if silent and self.hub.cluster.clustered:
+            return defer.Deferred.fromCoroutine(self._silent_everywhere(silent))
+        for device in silent:
+            self._gone_silent(device)
+        return None
+
+    async def _silent_everywhere(self, silent: list[Device]) -> None:
+        """In a cluster the other hubs may have heard these devices: their registry writes say when."""
+        rows = await self.hub.store.fetchall(
+            f"SELECT id, last_seen FROM dev_devices WHERE id IN ({', '.join('?' * len(silent))})",
+            tuple(d.id for d in silent))
+        heard = {did: float(last) for did, last in rows if last is not None}
+        cutoff = self.clock.seconds() - self.config.offline_after
+        for device in silent:
+            last = max(device.last_seen or device.first_seen, heard.get(device.id, 0.0))
+            if last > (device.last_seen or 0.0):
+                device.last_seen = last
+            if device.status == "online" and last < cutoff:
+                self._gone_silent(device)
+
+    def _gone_silent(self, device: Device) -> None:
+        device.status, device.status_detail = "offline", {"reason": "silent"}
+        device.status_time = self.clock.seconds()
+        self._dirty.add(device.id)
+        self.log.info("device {device} offline: silent for {seconds:g} s", device=device.id,
+                      seconds=self.config.offline_after)
+        self._status_event(device)
 
     def _auto_register(self, device_id: str, via: str, topic: str) -> Device:
         if not self.config.auto_register:
