@@ -212,7 +212,8 @@ class MQTTConfig:
     username: str = setting("", _str, "broker user (or in the URL)")
     password: str = setting("", _str, "broker password (or in the URL)", secret=True)
     prefix: str = setting("bsscihub", _topic_root, "root of every topic the hub publishes and takes commands on")
-    client_id: str = setting("bsscihub", _str, "stable MQTT client id (persistent session)")
+    client_id: str = setting(
+        "bsscihub", _str, "stable MQTT client id (persistent session; cluster: -node added, no session)")
     protocol: str = setting("5", one_of("5", "3.1.1"), "MQTT protocol version")
     ca: str = setting("", _str, "CA file for mqtts:// (empty: system CAs)")
     cert: str = setting("", _str, "client certificate for mqtts:// (optional)")
