@@ -5,6 +5,7 @@ Used by the CLI (`bsscihub user add`) and by the web layer's authentication.
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from typing import Any
@@ -26,8 +27,19 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 1024  # argon2 takes any length; the cap only bounds the work per attempt
 
 _hasher = PasswordHasher()  # argon2id with the library's recommended parameters
-# Verified against when the user does not exist, so that a miss costs as much as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+# Verified against when the user does not exist, so that a miss costs as much as a wrong password: the
+# hasher's parameters with a random salt and digest, which no password matches. Built, not hashed, so
+# importing this module (every CLI command, every hub start) does not spend an Argon2 round on it.
+_DUMMY_HASH = (
+    f"$argon2id$v=19$m={_hasher.memory_cost},t={_hasher.time_cost},p={_hasher.parallelism}"
+    f"${_b64(secrets.token_bytes(_hasher.salt_len))}${_b64(secrets.token_bytes(_hasher.hash_len))}"
+)
 
 
 class UserError(UserFacingError):
