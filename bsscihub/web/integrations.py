@@ -5,7 +5,8 @@ Mounted by the web app from hub.extensions; operators manage, viewers read alert
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from zope.interface import implementer
 
@@ -29,6 +30,9 @@ from bsscihub.web.routing import (
 )
 from bsscihub.web.schema import OPT_TIME, TIME, obj, page_of, string
 from bsscihub.webhooks import WebhookService
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
 
 RULE_ID = Param("id", {"type": "integer", "minimum": 1}, "rule id", example=1)
 HOOK_ID = Param("id", {"type": "integer", "minimum": 1}, "webhook id", example=1)
@@ -87,30 +91,61 @@ HOOK_BODY = obj({
 HOOK_CHANGES = obj({k: HOOK_BODY["properties"][k] for k in ("name", "url", "families", "events", "enabled")})
 
 
-def _running(service: Any) -> Any:
+S = TypeVar("S", AlertService, WebhookService)
+T = TypeVar("T")
+
+
+def _running(service: S) -> S:
     if not service.running:
         raise unavailable(f"{service.name} are not running")
     return service
 
 
-def _user_error(e: CommandError, field: str | None = None) -> ApiError:
-    return ApiError(400, "invalid", str(e), field=field)
+# The CRUD shapes alert rules and webhooks share: lists by id, 404 for an unknown id, 400 for a refusal.
 
 
-@implementer(IDashboardSummary)
+def _listed(items: Iterable[Any], call: Call) -> Any:
+    """One page of `items` (rules, webhooks) in id order, as JSON."""
+    ordered = sorted(items, key=lambda item: item.id)
+    limit, offset = call.query["limit"], call.query["offset"]
+    return page([item.to_json() for item in ordered[offset : offset + limit]], len(ordered), limit, offset)
+
+
+def _found(item: T | None, what: str, call: Call) -> T:
+    if item is None:
+        raise not_found(f"{what} {call.params['id']}")
+    return item
+
+
+async def _checked(work: Awaitable[T]) -> T:
+    """The service's answer; its CommandError (a refused body) as a 400."""
+    try:
+        return await work
+    except CommandError as e:
+        raise ApiError(400, "invalid", str(e)) from None
+
+
+async def _delete_from_page(call: Call, route: str, back: str, done: str) -> Redirect:
+    try:
+        await call.invoke(route, params={"id": str(call.params["id"])})
+    except ApiError as e:
+        return Redirect(back, error=e.message)
+    return Redirect(back, flash=done)
+
+
 @implementer(IWebExtension, IDashboardSummary)
 class AlertsWeb:
     tag = "alerts"
     nav = [NavItem("Alerts", "/alerts", "viewer", "alert")]
     templates = None  # alerts.html is with the core's templates
 
-    def __init__(self, hub: Any, service: AlertService) -> None:
+    def __init__(self, hub: Hub, service: AlertService) -> None:
         self.hub = hub
         self._service = service
 
     @property
     def service(self) -> AlertService:
-        return _running(self._service)  # type: ignore[no-any-return]
+        return _running(self._service)
 
     async def summary(self) -> dict[str, Any]:
         return {"alerts": {"label": "Active alerts", "value": len(self.service.active), "href": "/alerts"}}
@@ -132,40 +167,27 @@ class AlertsWeb:
     @api_route("GET", "/alert-rules", role="viewer", summary="Alert rules", tag="alerts", query=PAGING,
                response=page_of(RULE))
     def list_rules(self, call: Call) -> Any:
-        rules = sorted(self.service.rules.values(), key=lambda r: r.id)
-        limit, offset = call.query["limit"], call.query["offset"]
-        return page([r.to_json() for r in rules[offset : offset + limit]], len(rules), limit, offset)
+        return _listed(self.service.rules.values(), call)
 
     @api_route("POST", "/alert-rules", role="operator", summary="Add an alert rule (per family, kind or device)",
                tag="alerts", status=201, body=RULE_BODY, response=RULE, errors=(400,), audit="alert.rule.add",
                body_example={"name": "sensor silent", "family": "mioty", "kind": "ep", "condition": "offline",
                              "after": 3600})
     async def add_rule(self, call: Call) -> Any:
-        try:
-            rule = await self.service.add_rule(call.body, call.actor)
-        except CommandError as e:
-            raise _user_error(e) from None
+        rule = await _checked(self.service.add_rule(call.body, call.actor))
         call.target, call.detail = str(rule.id), rule.to_json()
         return Created(rule.to_json(), location=f"/api/v1/alert-rules/{rule.id}")
 
     @api_route("GET", "/alert-rules/{id}", role="viewer", summary="One alert rule", tag="alerts",
                params=(RULE_ID,), response=RULE, errors=(404,))
     def get_rule(self, call: Call) -> Any:
-        rule = self.service.rules.get(call.params["id"])
-        if rule is None:
-            raise not_found(f"alert rule {call.params['id']}")
-        return rule.to_json()
+        return _found(self.service.rules.get(call.params["id"]), "alert rule", call).to_json()
 
     @api_route("PATCH", "/alert-rules/{id}", role="operator", summary="Change an alert rule (name, threshold,"
                " silence, hysteresis, on/off)", tag="alerts", params=(RULE_ID,), body=RULE_CHANGES, response=RULE,
                errors=(400, 404), audit="alert.rule.change", audit_target="id")
     async def change_rule(self, call: Call) -> Any:
-        try:
-            rule = await self.service.update_rule(call.params["id"], call.body)
-        except CommandError as e:
-            raise _user_error(e) from None
-        if rule is None:
-            raise not_found(f"alert rule {call.params['id']}")
+        rule = _found(await _checked(self.service.update_rule(call.params["id"], call.body)), "alert rule", call)
         call.detail = dict(call.body)
         return rule.to_json()
 
@@ -173,8 +195,7 @@ class AlertsWeb:
                tag="alerts", params=(RULE_ID,), status=204, errors=(404,), audit="alert.rule.delete",
                audit_target="id")
     async def delete_rule(self, call: Call) -> Any:
-        if not await self.service.delete_rule(call.params["id"]):
-            raise not_found(f"alert rule {call.params['id']}")
+        _found(await self.service.delete_rule(call.params["id"]) or None, "alert rule", call)
         return NO_CONTENT
 
     # -- pages
@@ -212,11 +233,7 @@ class AlertsWeb:
     @page_route("POST", "/alerts/rules/{id}/delete", role="operator", summary="Delete an alert rule",
                 params=(RULE_ID,))
     async def delete_rule_page(self, call: Call) -> Any:
-        try:
-            await call.invoke("delete_rule", params={"id": str(call.params["id"])})
-        except ApiError as e:
-            return Redirect("/alerts", error=e.message)
-        return Redirect("/alerts", flash="rule deleted")
+        return await _delete_from_page(call, "delete_rule", "/alerts", "rule deleted")
 
 
 @implementer(IWebExtension)
@@ -225,20 +242,18 @@ class WebhooksWeb:
     nav = [NavItem("Webhooks", "/webhooks", "operator", "link")]
     templates = None  # webhooks.html is with the core's templates
 
-    def __init__(self, hub: Any, service: WebhookService) -> None:
+    def __init__(self, hub: Hub, service: WebhookService) -> None:
         self.hub = hub
         self._service = service
 
     @property
     def service(self) -> WebhookService:
-        return _running(self._service)  # type: ignore[no-any-return]
+        return _running(self._service)
 
     @api_route("GET", "/webhooks", role="operator", summary="Webhooks with their delivery status", tag="webhooks",
                query=PAGING, response=page_of(HOOK))
     def list_hooks(self, call: Call) -> Any:
-        hooks = sorted(self.service.hooks.values(), key=lambda h: h.id)
-        limit, offset = call.query["limit"], call.query["offset"]
-        return page([h.to_json() for h in hooks[offset : offset + limit]], len(hooks), limit, offset)
+        return _listed(self.service.hooks.values(), call)
 
     @api_route("POST", "/webhooks", role="operator", summary="Add a webhook; its signing secret is shown once",
                tag="webhooks", status=201, body=HOOK_BODY, errors=(400,), audit="webhook.add",
@@ -246,10 +261,7 @@ class WebhooksWeb:
                body_example={"name": "crm", "url": "https://example.net/hook", "families": ["devices"],
                              "events": ["up"]})
     async def add_hook(self, call: Call) -> Any:
-        try:
-            hook, secret = await self.service.add(call.body, call.actor)
-        except CommandError as e:
-            raise _user_error(e) from None
+        hook, secret = await _checked(self.service.add(call.body, call.actor))
         view = hook.to_json()
         call.target = str(hook.id)
         call.detail = {k: view[k] for k in ("name", "url", "families", "events", "enabled")}
@@ -258,21 +270,13 @@ class WebhooksWeb:
     @api_route("GET", "/webhooks/{id}", role="operator", summary="One webhook with its delivery status",
                tag="webhooks", params=(HOOK_ID,), response=HOOK, errors=(404,))
     def get_hook(self, call: Call) -> Any:
-        hook = self.service.hooks.get(call.params["id"])
-        if hook is None:
-            raise not_found(f"webhook {call.params['id']}")
-        return hook.to_json()
+        return _found(self.service.hooks.get(call.params["id"]), "webhook", call).to_json()
 
     @api_route("PATCH", "/webhooks/{id}", role="operator", summary="Change a webhook (the secret stays)",
                tag="webhooks", params=(HOOK_ID,), body=HOOK_CHANGES, response=HOOK, errors=(400, 404),
                audit="webhook.change", audit_target="id")
     async def change_hook(self, call: Call) -> Any:
-        try:
-            hook = await self.service.update(call.params["id"], call.body)
-        except CommandError as e:
-            raise _user_error(e) from None
-        if hook is None:
-            raise not_found(f"webhook {call.params['id']}")
+        hook = _found(await _checked(self.service.update(call.params["id"], call.body)), "webhook", call)
         call.detail = dict(call.body)
         return hook.to_json()
 
@@ -280,8 +284,7 @@ class WebhooksWeb:
                tag="webhooks", params=(HOOK_ID,), status=204, errors=(404,), audit="webhook.delete",
                audit_target="id")
     async def delete_hook(self, call: Call) -> Any:
-        if not await self.service.delete(call.params["id"]):
-            raise not_found(f"webhook {call.params['id']}")
+        _found(await self.service.delete(call.params["id"]) or None, "webhook", call)
         return NO_CONTENT
 
     # -- pages
@@ -312,8 +315,4 @@ class WebhooksWeb:
 
     @page_route("POST", "/webhooks/{id}/delete", role="operator", summary="Delete a webhook", params=(HOOK_ID,))
     async def delete_hook_page(self, call: Call) -> Any:
-        try:
-            await call.invoke("delete_hook", params={"id": str(call.params["id"])})
-        except ApiError as e:
-            return Redirect("/webhooks", error=e.message)
-        return Redirect("/webhooks", flash="webhook deleted")
+        return await _delete_from_page(call, "delete_hook", "/webhooks", "webhook deleted")
