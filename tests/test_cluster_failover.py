@@ -1,5 +1,6 @@
 """Two hub processes (twistd) as one cluster on real PostgreSQL, Redis and Mosquitto, behind a real
-HAProxy in TCP mode: copies of uplinks split across hubs, one hub killed with SIGKILL mid-run."""
+HAProxy in TCP mode: copies of uplinks split across hubs, one hub killed with SIGKILL mid-run; attach,
+detach and downlinks asked on one hub reach the other's stations, and a dead hub's downlink goes out."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -19,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from tests.broker import Mosquitto, Subscriber, free_port
 from tests.conftest import _reset_pg_schema
@@ -230,3 +234,109 @@ async def test_a_hub_killed_mid_run_loses_no_acknowledged_uplink(
         assert r.status == 200
     print(f"failover: reconnected in {reconnected:.2f} s; {len(acked)} acknowledged uplinks, "
           f"{len(published)} published, repeats {sorted(repeats)}")
+
+
+EP2 = "00112233445566e2"  # end points of their own: the other test's uplinks stay in Redis for a while
+EP3 = "00112233445566e3"
+
+
+async def _rest(web: int, method: str, path: str, token: str, body: Any = None) -> Any:
+    """One REST call, in a thread: the stations on this reactor answer the hub meanwhile."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{web}/api/v1/mioty{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+
+    def call() -> Any:
+        with urllib.request.urlopen(request, timeout=15) as r:
+            return json.load(r)
+
+    return await deferToThread(call)
+
+
+def _operator_token(hubs: Hubs, web: int) -> str:
+    """A user added with the CLI in the shared database; its bearer token is good on every hub."""
+    added = subprocess.run([sys.executable, "-m", "bsscihub.cli", "user", "add", "op", "--role", "operator"],
+                           env=clean_env(BSSCIHUB_DATABASE=hubs.database, BSSCIHUB_DATA_DIR=str(hubs.tmp / "cli")),
+                           capture_output=True, text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    password = added.stdout.split("(shown only now): ", 1)[1].split()[0]
+    request = urllib.request.Request(f"http://127.0.0.1:{web}/api/v1/auth/token",
+                                     data=json.dumps({"username": "op", "password": password}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return str(json.load(r)["token"])
+
+
+async def _sent(station: Station, ep: str, que_id: int) -> None:
+    """The station reports the downlink sent, and the hub confirms the report."""
+    op = station.send("dlDataRes", epEui=int(ep, 16), queId=que_id, result="sent", txTime=7, packetCnt=2)
+    assert (await station.expect("dlDataResRsp"))["opId"] == op
+    station.send("dlDataResCmp", op)
+
+
+@pytest_twisted.ensureDeferred
+async def test_downlinks_reach_the_hub_holding_the_station_and_survive_the_death_of_theirs(
+    hubs: Hubs, subscriber_factory: Callable[..., Subscriber], mosquitto: Mosquitto
+) -> None:
+    witness = subscriber_factory(mosquitto, f"bsscihub/mioty/ep/{EP2}/event/downlink")
+    a = await connect(hubs, "bs-a", A)
+    b = await connect(hubs, "bs-b", B)
+    deadline = reactor.seconds() + 5
+    while not (hubs.owner(A) and hubs.owner(B)) and reactor.seconds() < deadline:
+        await deferLater(reactor, 0.05, lambda: None)
+    near, far = hubs.owner(A), hubs.owner(B)
+    assert {near, far} == {"hub1", "hub2"}
+    web = hubs.ports[near][1]  # every request below is made on A's hub
+    token = _operator_token(hubs, web)
+
+    # Attach and detach asked on A's hub reach B on the other hub.
+    for ep in (EP2, EP3):
+        body = {"eui": ep, "nwKey": "00" * 16, "shortAddr": "1a2b", "bidi": True}
+        await _rest(web, "POST", "/sensors", token, body)
+    prps = [await b.expect("attPrp"), await b.expect("attPrp")]
+    assert sorted(p["epEui"] for p in prps) == [int(EP2, 16), int(EP3, 16)]
+    assert (await _rest(web, "POST", f"/sensors/{EP3}/detach", token))["attached"] is False
+    assert (await b.expect("detPrp"))["epEui"] == int(EP3, 16)
+
+    # B hears EP2 and serves it: a downlink queued on A's hub goes out through B's.
+    op = b.uplink(ep=EP2, cnt=1, snr=9.0)
+    assert (await b.expect("ulDataRsp"))["opId"] == op
+    b.send("ulDataCmp", op)
+    await deferLater(reactor, 0.5, lambda: None)  # its window closes, the uplink is out
+    queued = await _rest(web, "POST", f"/sensors/{EP2}/downlinks", token, {"data": "beef"})
+    assert (queued["status"], queued["baseStations"]) == ("accepted", [B])
+    que = await b.expect("dlDataQue")
+    assert (que["queId"], que["userData"]) == (queued["queId"], [[0xBE, 0xEF]])
+    await _sent(b, EP2, queued["queId"])
+
+    # Now A hears EP2 and serves it; a downlink A holds (accepted, not sent) when its hub is killed.
+    op = a.uplink(ep=EP2, cnt=2, snr=9.0)
+    assert (await a.expect("ulDataRsp"))["opId"] == op
+    a.send("ulDataCmp", op)
+    await deferLater(reactor, 0.5, lambda: None)
+    held = await _rest(web, "POST", f"/sensors/{EP2}/downlinks", token, {"data": "cafe"})
+    assert (held["status"], held["baseStations"]) == ("accepted", [A])
+    assert (await a.expect("dlDataQue"))["queId"] == held["queId"]
+    hubs.procs[near].send_signal(signal.SIGKILL)
+    killed_at = reactor.seconds()
+    await a.lost
+    a = await connect(hubs, "bs-a", A)
+    assert hubs.owner(A) == far
+    # The surviving hub takes it over and sends it again on A's new session.
+    que = await a.expect("dlDataQue")
+    took = reactor.seconds() - killed_at
+    assert (que["queId"], que["userData"]) == (held["queId"], [[0xCA, 0xFE]])
+    await _sent(a, EP2, held["queId"])
+    stored = await _rest(hubs.ports[far][1], "GET", f"/sensors/{EP2}/downlinks/{held['queId']}", token)
+    assert (stored["status"], stored["resultBs"]) == ("sent", A)
+
+    def events(que_id: int) -> list[str]:
+        return [d["state"] for d in map(json.loads, (m.payload for m in witness.messages)) if d["queId"] == que_id]
+
+    deadline = reactor.seconds() + 5
+    while events(held["queId"])[-1:] != ["sent"] and reactor.seconds() < deadline:
+        await deferLater(reactor, 0.05, lambda: None)
+    assert events(queued["queId"])[-1] == "sent"
+    assert events(held["queId"])[-3:] == ["queued", "dispatched", "sent"] or events(held["queId"])[-4:] == [
+        "queued", "dispatched", "accepted", "sent"]
+    print(f"failover: the held downlink went out again {took:.2f} s after its hub was killed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
+from functools import partial
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -374,9 +375,12 @@ class MiotyActions:
         """A station was claimed by a hub: another one takes the downlinks this hub kept for it."""
         if family != "mioty" or node == self.cluster.node:
             return
-        que_ids = self.downlink_queue.let_go(station)
-        if que_ids:
-            self._background(self.registry.release_downlinks(self.cluster.node, que_ids),
+        gone = self.downlink_queue.let_go(station)
+        if gone:
+            # Their last states first (written while this hub still keeps them), then nobody keeps them.
+            written = defer.DeferredList([self.downlink_queue.durable(dl) for dl in gone], consumeErrors=True)
+            release = partial(self.registry.release_downlinks, self.cluster.node, [dl.que_id for dl in gone])
+            self._background(written.addCallback(lambda _: defer.ensureDeferred(release())),
                              f"handing the downlinks of base station {station} to hub {node}")
 
     async def take_downlinks(self, station: str) -> int:

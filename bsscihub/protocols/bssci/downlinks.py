@@ -304,9 +304,10 @@ class Downlinks:
                 "attempts": dl.attempts, "reason": reason,
             })  # fmt: skip
             sensor = self.registry.sensors.get(dl.ep_eui)
-            if sensor is not None and not sensor.paths and holders:
-                # The station that held it is a known path, fresher than a best path not yet written back.
-                sensor.paths = holders
+            if sensor is not None and holders and (not restart or not sensor.paths):
+                # The station that held it is a known path, fresher than a best path not yet written back
+                # (taken from another hub: fresher than what this hub heard).
+                sensor.paths = (*holders, *(bs for bs in sensor.paths if bs not in holders))
         return dl
 
     async def take(self, rows: list[tuple[Any, ...]], reason: str | None,
@@ -321,14 +322,14 @@ class Downlinks:
             self.log.info("took {count} pending downlinks: {reason}", count=len(taken), reason=reason or "asked to")
         return [d for ep in sorted(eps) for d in self.offer(ep)]
 
-    def let_go(self, station: str) -> list[int]:
+    def let_go(self, station: str) -> list[Downlink]:
         """Another hub holds `station` now: forget the downlinks it held or serves (that hub takes them);
-        returns their queIds, to release in the database."""
+        returns them, to release in the database."""
         gone = [dl for dl in self.pending.values()
                 if (dl.holder.bs_hex == station if dl.holder is not None else self.serving(dl.ep_eui) == station)]
         for dl in gone:
             self._forget(dl)
-        return [dl.que_id for dl in gone]
+        return gone
 
     # -- routing
 
