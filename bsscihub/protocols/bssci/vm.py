@@ -185,28 +185,36 @@ class VariableMac:
             return
         active = set(status.macTypes)
         for mac_type in sorted(set(self.mac_types) - active):
-            try:
-                await session.request(_maker(m.VmActivate, mac_type))
-            except OperationFailed as e:
-                self.log.warn("base station {bsEui} does not activate Variable-MAC type {macType}: {problem}",
-                              bsEui=bs, macType=mac_type, problem=e.message)
-                continue
-            except (OperationTimedOut, SessionClosed):
+            done = await self._switch(session, m.VmActivate, mac_type)
+            if done is None:
                 return
-            active.add(mac_type)
+            if done:
+                active.add(mac_type)
         for mac_type in sorted(active - set(self.mac_types)):
-            try:
-                await session.request(_maker(m.VmDeactivate, mac_type))
-            except OperationFailed as e:
-                self.log.warn("base station {bsEui} does not deactivate Variable-MAC type {macType}: {problem}",
-                              bsEui=bs, macType=mac_type, problem=e.message)
-                continue
-            except (OperationTimedOut, SessionClosed):
+            done = await self._switch(session, m.VmDeactivate, mac_type)
+            if done is None:
                 return
-            active.discard(mac_type)
+            if done:
+                active.discard(mac_type)
         self.active[bs] = tuple(sorted(active))
         self.log.info("base station {bsEui}: Variable-MAC types active: {types}", bsEui=bs,
                       types=", ".join(map(str, sorted(active))) or "none")
+
+    async def _switch(
+        self, session: Session, cls: type[m.VmActivate] | type[m.VmDeactivate], mac_type: int
+    ) -> bool | None:
+        """Ask for vm.activate or vm.deactivate of one type: True when done, False when refused
+        (logged), None when the session is gone."""
+        try:
+            await session.request(_maker(cls, mac_type))
+        except OperationFailed as e:
+            verb = "activate" if cls is m.VmActivate else "deactivate"
+            self.log.warn("base station {bsEui} does not {verb} Variable-MAC type {macType}: {problem}",
+                          bsEui=session.bs_hex, verb=verb, macType=mac_type, problem=e.message)
+            return False
+        except (OperationTimedOut, SessionClosed):
+            return None
+        return True
 
     def session_closed(self, session: Session) -> None:
         self.active.pop(session.bs_hex, None)
