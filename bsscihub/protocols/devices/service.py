@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,6 +68,16 @@ def hash_device_key(device_id: str, secret: str) -> str:
     stored hash to its device (a row copied onto another device never verifies).
     """
     return "hmac-sha256:" + tokens.hmac_sha256_hex(device_id, secret)
+
+
+@contextlib.contextmanager
+def _from_device(device_id: str) -> Iterator[None]:
+    """A message rejected inside is counted and logged against `device_id`."""
+    try:
+        yield
+    except Rejected as e:
+        e.source = device_id
+        raise
 
 
 def check_type(value: Any, name: str = "type") -> str:
@@ -215,41 +225,34 @@ class DevicesService(FamilyService):
         if self.broker.enabled and len(levels) == 2 and levels[1] != device_id:
             # The broker lets each device publish only SensorData/{its id}: the payload may not claim another.
             raise Rejected(ingest.BAD_TOPIC, f"device_id {device_id!r} on another device's topic", source=levels[1])
-        try:
+        with _from_device(device_id):
             kind = check_type(ingest.require(doc, "type"))
-            value = ingest.number(doc, "value", *VALUE_RANGE)
-            when = ingest.device_time(doc, "time", self.clock.seconds())
-        except Rejected as e:
-            e.source = device_id
-            raise
+            value, when = self._reading(doc)
         self.record(device_id, kind, value, when, "mqtt", topic)  # type: ignore[arg-type]
 
     def on_telemetry(self, topic: str, payload: bytes, properties: Any = None) -> None:
         """`device/{id}/telemetry/{type}`: a JSON number, or {"value", "time"?}."""
         levels = topic.split("/")
         device_id = self._topic_device(levels[1], topic)
-        try:
+        with _from_device(device_id):
             kind = check_type(levels[3], "type (topic)")
             doc = ingest.parse_json(payload, self.config.max_payload)
             if not isinstance(doc, dict):
                 doc = {"value": doc}
-            value = ingest.number(doc, "value", *VALUE_RANGE)
-            when = ingest.device_time(doc, "time", self.clock.seconds())
-        except Rejected as e:
-            e.source = device_id
-            raise
+            value, when = self._reading(doc)
         self.record(device_id, kind, value, when, "mqtt", topic)  # type: ignore[arg-type]
+
+    def _reading(self, doc: Mapping[str, Any]) -> tuple[float | None, float]:
+        """A telemetry document's value and the time it was measured (now when the device sends none)."""
+        return ingest.number(doc, "value", *VALUE_RANGE), ingest.device_time(doc, "time", self.clock.seconds())
 
     def on_status(self, topic: str, payload: bytes, properties: Any = None) -> None:
         """`device/{id}/status`: a JSON object ({"state"|"status", ...}), a JSON string, or a bare word
         such as `online` / `offline` (what most devices set as their MQTT will)."""
         device_id = self._topic_device(topic.split("/")[1], topic)
-        try:
+        with _from_device(device_id):
             state, detail = self._parse_status(payload)
             device = self._seen(device_id, "mqtt", topic, status=False)
-        except Rejected as e:
-            e.source = device_id
-            raise
         now = self.clock.seconds()
         device.status, device.status_detail, device.status_time = state, detail, now
         firmware = detail.get("firmware", detail.get("version"))
@@ -471,16 +474,13 @@ class DevicesService(FamilyService):
         """`device/{id}/commands/{name}/result`: {"id", "ok"?, "result"?, "error"?}."""
         levels = topic.split("/")
         device_id = self._topic_device(levels[1], topic)
-        try:
+        with _from_device(device_id):
             doc = finite_doc(ingest.json_object(payload, self.config.max_payload))
             cid = ingest.text(doc, "id")
             ok = doc.get("ok", "error" not in doc)
             if not isinstance(ok, bool):
                 raise Rejected(ingest.WRONG_TYPE, f"ok: expected true or false, got {ingest.type_name(ok)}")
             error = ingest.text(doc, "error", max_length=500, required=False)
-        except Rejected as e:
-            e.source = device_id
-            raise
         return self._in_order(device_id, lambda: defer.Deferred.fromCoroutine(
             self._command_answered(device_id, str(cid), "ok" if ok else "failed", doc.get("result"), error)))
 
@@ -900,7 +900,7 @@ class DevicesService(FamilyService):
         "progress"?: 0-100, "error"?, "version"?}; earlier platforms' {"status": "success"|"failure",
         "firmware_version"?, "message"?} too."""
         device_id = self._topic_device(topic.split("/")[1], topic)
-        try:
+        with _from_device(device_id):
             doc = finite_doc(ingest.json_object(payload, self.config.max_payload))
             status = ingest.text(doc, "status", max_length=32)
             status = OTA_ALIASES.get(str(status).lower(), status)
@@ -912,9 +912,6 @@ class DevicesService(FamilyService):
             reported = ingest.text(doc, "firmware_version", max_length=32, required=False) \
                 or ingest.text(doc, "version", max_length=32, required=False)
             oid = ingest.text(doc, "offerId", required=False)
-        except Rejected as e:
-            e.source = device_id
-            raise
         return self._in_order(device_id, lambda: defer.Deferred.fromCoroutine(
             self._ota_answered(device_id, oid, str(status), progress, error, reported)))
 
