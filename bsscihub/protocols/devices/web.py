@@ -91,6 +91,12 @@ SERIES = obj({"since": TIME, "until": TIME, "bucket": {"type": "number"},
               "points": {"type": "array", "items": ANY_OBJECT}}, ("since", "until", "bucket", "points"), closed=False)
 
 
+def _not_done(call: Call, back: str, error: str) -> Redirect:
+    """A page action that failed: back to `back` with the error, and no audit entry (nothing changed)."""
+    call.audit_action = None
+    return Redirect(back, error=error)
+
+
 def _api_error(e: DeviceError) -> ApiError:
     return ApiError(e.http_status, e.code, str(e))
 
@@ -437,8 +443,7 @@ class DevicesWeb:
                 raise DeviceError("device id: expected 1-64 letters, digits, '_', '.', ':', '-'", 400)
             self.service.register(device_id, str(call.body.get("name", "")).strip()[:100])
         except DeviceError as e:
-            call.audit_action = None
-            return Redirect("/devices", error=str(e))
+            return _not_done(call, "/devices", str(e))
         call.target = device_id
         return Redirect(f"/devices/{device_id}", flash=f"device {device_id} registered")
 
@@ -450,13 +455,11 @@ class DevicesWeb:
             data = data.encode("utf-8")  # the form layer decoded it because it happened to be UTF-8
         name, version = str(call.body.get("name", "")).strip()[:64], str(call.body.get("version", "")).strip()[:32]
         if not name or not version:
-            call.audit_action = None
-            return Redirect("/devices", error="name and version are needed")
+            return _not_done(call, "/devices", "name and version are needed")
         try:
             firmware = await self.service.add_firmware(name, version, data, call.actor)
         except DeviceError as e:
-            call.audit_action = None
-            return Redirect("/devices", error=str(e))
+            return _not_done(call, "/devices", str(e))
         call.target, call.detail = str(firmware["id"]), {"sha256": firmware["sha256"], "version": version}
         return Redirect("/devices", flash=f"firmware {name} {version} uploaded (sha256 {firmware['sha256'][:12]}…)")
 
@@ -488,13 +491,11 @@ class DevicesWeb:
         try:
             args = json.loads(raw) if raw else None
         except ValueError:
-            call.audit_action = None
-            return Redirect(f"/devices/{device.id}", error="arguments: expected JSON, e.g. {\"delay\": 5}")
+            return _not_done(call, f"/devices/{device.id}", "arguments: expected JSON, e.g. {\"delay\": 5}")
         try:
             sent = await self.service.send_command(device.id, name, args, call.actor)
         except DeviceError as e:
-            call.audit_action = None
-            return Redirect(f"/devices/{device.id}", error=str(e))
+            return _not_done(call, f"/devices/{device.id}", str(e))
         call.detail = {"command": name}
         return Redirect(f"/devices/{device.id}", flash=f"command {name} sent ({sent['commandId']})")
 
@@ -505,8 +506,7 @@ class DevicesWeb:
         try:
             created = await self.service.create_key(device.id)
         except DeviceError as e:
-            call.audit_action = None
-            return Redirect(f"/devices/{device.id}", error=str(e))
+            return _not_done(call, f"/devices/{device.id}", str(e))
         if call.principal.session is not None:
             call.principal.session.flash("secret", created["key"])
         return Redirect(f"/devices/{device.id}", flash="device key created — copy it now, it is shown once")
@@ -518,8 +518,7 @@ class DevicesWeb:
         try:
             await self.service.revoke_key(device.id)
         except DeviceError as e:
-            call.audit_action = None
-            return Redirect(f"/devices/{device.id}", error=str(e))
+            return _not_done(call, f"/devices/{device.id}", str(e))
         return Redirect(f"/devices/{device.id}", flash="device key revoked")
 
     @page_route("POST", "/{id}/ota", role="operator", summary="Offer firmware to the device", params=(DEVICE_ID,),
@@ -530,11 +529,9 @@ class DevicesWeb:
             firmware = int(str(call.body.get("firmware", "")))
             offer = await self.service.offer(device.id, firmware, call.actor)
         except ValueError:
-            call.audit_action = None
-            return Redirect(f"/devices/{device.id}", error="choose a firmware image")
+            return _not_done(call, f"/devices/{device.id}", "choose a firmware image")
         except DeviceError as e:
-            call.audit_action = None
-            return Redirect(f"/devices/{device.id}", error=str(e))
+            return _not_done(call, f"/devices/{device.id}", str(e))
         call.detail = {"firmware": firmware}
         return Redirect(f"/devices/{device.id}", flash=f"firmware {offer['version']} offered")
 
@@ -545,7 +542,6 @@ class DevicesWeb:
         try:
             await self.service.forget(device.id)
         except DeviceError as e:
-            call.audit_action = None
-            return Redirect(f"/devices/{device.id}", error=str(e))
+            return _not_done(call, f"/devices/{device.id}", str(e))
         return Redirect("/devices", flash=f"device {device.id} forgotten")
 
