@@ -1,8 +1,8 @@
 """Generic devices in a cluster: the broker hands a device's answer to any hub (shared subscription), so a
 command result or an update report reaching another hub than the one that sent the command is taken from
 the shared PostgreSQL database, once, and the sender's timer does not overturn it; a device heard by
-another hub is not called offline. Two hubs, each on a broker in memory (standing for the shared
-subscription's choice), one database."""
+another hub is not called offline, nor renamed back by that hub's registry write. Two hubs, each on a
+broker in memory (standing for the shared subscription's choice), one database."""
 
 from __future__ import annotations
 
@@ -110,7 +110,18 @@ async def test_a_device_heard_by_another_hub_is_not_called_offline(
         await deferLater(reactor, 0.6, lambda: None)
         await brokers[1].device().publish("device/d1/telemetry/temp", b"21.6")  # now to the other hub
         await eventually(lambda: "d1" in two.hub.services["devices"].devices, what="d1 heard by hub-1")
+        code, _ = await one.api("PATCH", "/api/v1/devices/d1", {"name": "Boiler room"})
+        assert code == 200
+
+        async def name() -> Any:
+            return await one.hub.store.fetchall("SELECT name FROM dev_devices WHERE id = 'd1'")
+
+        async def renamed() -> bool:
+            return await name() == [("Boiler room",)]
+
+        await eventually(renamed, what="the rename")
         await two.hub.services["devices"]._flush_registry()  # the registry write (every 2 s) the others read
+        assert await name() == [("Boiler room",)], "hub-1's registry write kept the name set on hub-0"
         await deferLater(reactor, 0.9, lambda: None)  # past hub-0's offline_after: it checked meanwhile
         said = [json.loads(m.payload)["state"] for w in witnesses for m in w.messages]
         assert "offline" not in said

@@ -141,6 +141,7 @@ class DevicesService(FamilyService):
         self.firmware_dir = Path(hub.config.data_dir) / "firmware"
         self._dirty: set[str] = set()
         self._inserts: set[defer.Deferred[Any]] = set()
+        self._renames: set[defer.Deferred[Any]] = set()
         # Group-committed like telemetry: a fleet seen for the first time must not cost a commit per device.
         self._registrations = hub.store.batch_writer(
             "INSERT INTO dev_devices (id, name, first_seen, registered_via) VALUES {rows}"
@@ -204,6 +205,8 @@ class DevicesService(FamilyService):
             if pending.timer is not None and pending.timer.active():
                 pending.timer.cancel()
         await self._flush_registry()
+        if self._renames:
+            await defer.DeferredList(list(self._renames))
         await self.broker.stop()
 
     def subscriptions(self) -> Mapping[str, Any]:
@@ -398,8 +401,18 @@ class DevicesService(FamilyService):
     def rename(self, device_id: str, name: str) -> Device:
         device = self.get(device_id)
         device.name = name
-        self._dirty.add(device_id)
+        # Written on its own, not with the registry's periodic write: in a cluster another hub writes the rows
+        # of the devices it hears, with the name it knew.
+        d = defer.Deferred.fromCoroutine(self._write_name(device_id, name))
+        d.addErrback(errback(self.log, "devices: renaming {device} failed", device=device_id))
+        self._renames.add(d)
+        d.addBoth(lambda _: self._renames.discard(d))
         return device
+
+    async def _write_name(self, device_id: str, name: str) -> None:
+        if self._inserts:  # its registration may not have landed yet
+            await defer.DeferredList(list(self._inserts))
+        await self.hub.store.execute("UPDATE dev_devices SET name = ? WHERE id = ?", (name, device_id))
 
     async def forget(self, device_id: str) -> None:
         self.get(device_id)
@@ -999,12 +1012,12 @@ class DevicesService(FamilyService):
         for did in dirty:
             d = self.devices.get(did)
             if d is not None:
-                rows.append((d.name, d.last_seen, d.status, json.dumps(d.status_detail), d.status_time, d.firmware,
+                rows.append((d.last_seen, d.status, json.dumps(d.status_detail), d.status_time, d.firmware,
                              d.unsaved, did))
                 d.unsaved = 0
         if rows:
             await self.hub.store.executemany(
-                "UPDATE dev_devices SET name = ?, last_seen = ?, status = ?, status_detail = ?, status_time = ?,"
+                "UPDATE dev_devices SET last_seen = ?, status = ?, status_detail = ?, status_time = ?,"
                 " firmware = ?, messages = messages + ? WHERE id = ?", rows)
 
     async def prune(self) -> None:
