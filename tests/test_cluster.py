@@ -78,6 +78,11 @@ def test_local_router_runs_the_family_handler_here_and_refuses_an_unknown_family
     results: list[Any] = []
     router.route("mioty", A, "poll_status", None).addCallback(results.append)
     assert results == [{"ok": "poll_status"}] and calls == [(A, "poll_status", None)]
+    # One hub: a call to any hub runs here, a broadcast reaches nobody else, no other hub runs.
+    router.call("hub-9", "mioty", "which", 1).addCallback(results.append)
+    router.broadcast("mioty", "which", 2).addCallback(results.append)
+    router.alive("hub-9").addCallback(results.append)
+    assert results[1:] == [{"ok": "which"}, [], False] and calls[1:] == [("", "which", 1)]
     failures: list[Any] = []
     router.route("ble", A, "poll_status", None).addErrback(failures.append)
     assert failures[0].check(NoRoute) and "no ble handler" in failures[0].getErrorMessage()

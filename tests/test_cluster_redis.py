@@ -312,3 +312,53 @@ async def test_a_hub_stopping_inside_a_window_publishes_once_and_later_copies_ar
     finally:
         for cluster in clusters:
             await cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_for_one_hub_or_every_hub_and_who_is_alive(hubs: list[Cluster], redis_url: str) -> None:
+    one, two = hubs
+    three = redis_cluster("hub-3", redis_url, reactor)
+    await three.start()
+    ran: list[tuple[str, str, str, Any]] = []
+
+    def handler(node: str) -> Any:
+        async def handle(station: str, name: str, args: Any) -> Any:
+            ran.append((node, station, name, args))
+            if node == "hub-3" and name == "count":
+                raise CommandError("hub-3 cannot count")
+            return [node, args]
+
+        return handle
+
+    for cluster in (one, two, three):
+        cluster.router.register("mioty", handler(cluster.node))
+    running = True
+    try:
+        # call: on the named hub, with no station.
+        assert await one.router.call("hub-2", "mioty", "which", 1) == ["hub-2", 1]
+        assert await one.router.call("hub-1", "mioty", "which", 2) == ["hub-1", 2]
+        # broadcast: every other hub, each once; a hub's failure is left out of the results.
+        assert sorted(await one.router.broadcast("mioty", "which", 3)) == [["hub-2", 3], ["hub-3", 3]]
+        assert await one.router.broadcast("mioty", "count", 4) == [["hub-2", 4]]
+        assert sorted(r for r in ran if r[3] == 3) == [("hub-2", "", "which", 3), ("hub-3", "", "which", 3)]
+        assert await one.router.alive("hub-2") and await one.router.alive("hub-1")
+        # A hub that is gone: not alive, left out of broadcasts, and a call to it runs here.
+        await three.stop()
+        running = False
+        assert not await one.router.alive("hub-3")
+        assert await one.router.broadcast("mioty", "which", 5) == [["hub-2", 5]]
+        assert await one.router.call("hub-3", "mioty", "which", 6) == ["hub-1", 6]
+    finally:
+        if running:
+            await three.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_hub_hears_every_claim(hubs: list[Cluster]) -> None:
+    one, two = hubs
+    heard: list[tuple[str, str, str, str]] = []
+    one.ownership.watch(lambda family, station, node: heard.append(("hub-1", family, station, node)))
+    two.ownership.watch(lambda family, station, node: heard.append(("hub-2", family, station, node)))
+    two.ownership.claim("mioty", BS, lambda node: None)
+    await wait_for(lambda: len(heard) == 2)
+    assert sorted(heard) == [("hub-1", "mioty", BS, "hub-2"), ("hub-2", "mioty", BS, "hub-2")]

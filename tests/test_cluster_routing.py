@@ -128,3 +128,36 @@ async def test_a_station_that_moves_takes_its_downlinks_and_only_one_hub_keeps_t
         for running in (one, two):
             await running.stop()
             await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_downlink_whose_hub_is_gone_is_adopted_and_sent_when_its_station_comes(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    stopped = False
+    try:
+        await two.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        b = await two.station("bs-b", B)
+        await heard(two, b, cnt=3)
+        b.transport.loseConnection()
+        await b.lost
+        await wait_for(lambda: one.hub.cluster.ownership.owner("mioty", B) is None)
+        queued = await two.service.queue_downlink(EP, "beef", actor="test")
+        assert queued["status"] == "queued"  # B is away: hub-2 keeps it
+        # hub-2 goes away for good with the downlink; hub-1 adopts it (its sweep runs every 2 s).
+        await two.stop()
+        await two.hub.cluster.stop()
+        stopped = True
+        await wait_for(lambda: queued["queId"] in one.service.downlink_queue.pending)
+        [row] = await one.service.registry.pending_downlinks([queued["queId"]])
+        assert (row[7], row[10]) == ("queued", "hub-1")
+        # B comes back, to hub-1: the downlink goes out there.
+        back = await one.station("bs-b", B)
+        assert (await back.expect("dlDataQue"))["queId"] == queued["queId"]
+    finally:
+        for running in (one,) if stopped else (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()

@@ -296,6 +296,9 @@ class Downlinks:
         dl.state = Q
         self._adopt(dl)
         holders = tuple(json.loads(row[9] or "[]"))
+        sensor = self.registry.sensors.get(dl.ep_eui)
+        if sensor is not None and not sensor.paths and not sensor.best_bs and row[11]:
+            sensor.best_bs = row[11]  # its best receiver as another hub wrote it back
         if old is not Q:
             self._save(dl)
             self._emit(dl.ep_eui, "downlink", {
@@ -303,7 +306,6 @@ class Downlinks:
                 "bsEui": None,
                 "attempts": dl.attempts, "reason": reason,
             })  # fmt: skip
-            sensor = self.registry.sensors.get(dl.ep_eui)
             if sensor is not None and holders and (not restart or not sensor.paths):
                 # The station that held it is a known path, fresher than a best path not yet written back
                 # (taken from another hub: fresher than what this hub heard).
