@@ -17,7 +17,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from bsscihub.logs import NoiseLimiter
-from bsscihub.ratelimit import RateLimiter
+from bsscihub.ratelimit import ILimiter, local_limiter
 
 # The reasons a message is dropped; the metric's `reason` label takes only these.
 NOT_JSON = "not_json"
@@ -244,18 +244,44 @@ class RegistrationLimit:
 
     A broker client that invents ids must not grow the registry (memory, storage, pages) without end;
     a refusal is an ordinary rejection (`registration_limit`), counted and logged once per source.
+
+    The rate comes from `limiter` (`Cluster.limiter`, named `name`). Its answer decides at once when it
+    is there at once (one hub); in a cluster it arrives from Redis after the check, so a hub lets a source
+    register once more before it hears that the cluster's budget for it is spent, then refuses it until
+    the budget refills.
     """
 
-    def __init__(self, clock: IReactorTime, cap: int, per_minute: int, *, max_sources: int = 10_000) -> None:
-        self.cap, self.per_minute = cap, per_minute
-        self._rate = (RateLimiter(clock, rate=per_minute / 60.0, burst=per_minute, max_keys=max_sources)
+    def __init__(self, clock: IReactorTime, cap: int, per_minute: int, *, max_sources: int = 10_000,
+                 limiter: Callable[..., ILimiter] = local_limiter, name: str = "registrations") -> None:
+        self.clock, self.cap, self.per_minute, self.max_sources = clock, cap, per_minute, max_sources
+        self._rate = (limiter(name, clock, rate=per_minute / 60.0, burst=per_minute, max_keys=max_sources)
                       if per_minute else None)
+        self._refused: dict[str, float] = {}  # source -> until when the (shared) budget is spent
 
     def check(self, source: str, count: int, what: str) -> None:
         """Raise Rejected unless one more entry may be created now (`count`: how many exist)."""
         if self.cap and count >= self.cap:
             raise Rejected(REGISTRATION_LIMIT, f"{what}: the registry is full ({self.cap}); raise the cap or"
                            " register by hand", source=source)
-        if self._rate is not None and self._rate.take(source) is not None:
-            raise Rejected(REGISTRATION_LIMIT, f"{what}: more than {self.per_minute} new a minute from this source",
-                           source=source)
+        if self._rate is None:
+            return
+        until = self._refused.get(source)
+        if until is not None:
+            if self.clock.seconds() < until:
+                raise self._too_many(what, source)
+            del self._refused[source]
+        answer: list[float | None] = []
+        self._rate.take(source).addCallback(self._answered, source, answer)
+        if answer and answer[0] is not None:
+            raise self._too_many(what, source)
+
+    def _answered(self, wait: float | None, source: str, answer: list[float | None]) -> None:
+        answer.append(wait)
+        if wait is not None:
+            self._refused[source] = self.clock.seconds() + wait
+            if len(self._refused) > self.max_sources:
+                del self._refused[next(iter(self._refused))]
+
+    def _too_many(self, what: str, source: str) -> Rejected:
+        return Rejected(REGISTRATION_LIMIT, f"{what}: more than {self.per_minute} new a minute from this source",
+                        source=source)

@@ -24,6 +24,7 @@ from bsscihub.cluster import Cluster
 from bsscihub.cluster_redis import RedisLease, RedisLimiter, redis_cluster
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
+from bsscihub.ingest import RegistrationLimit, Rejected
 from bsscihub.web.auth import LoginLimiter
 from bsscihub.webhooks import WebhookService, sign
 from tests.broker import free_port
@@ -109,6 +110,29 @@ async def test_a_shared_limit_counts_on_this_hub_while_redis_is_away(redis_url: 
     await node.stop()  # Redis unreachable from here on
     assert await limiter.take("10.0.0.1") is None  # the second of the burst, counted here
     assert await limiter.take("10.0.0.1") is not None  # limited per hub rather than not at all
+
+
+@pytest_twisted.ensureDeferred
+async def test_auto_registrations_from_one_source_count_once_over_two_hubs(nodes: list[Cluster]) -> None:
+    one, two = (RegistrationLimit(reactor, cap=0, per_minute=3, limiter=node.limiter, name="test.registrations")
+                for node in nodes)
+    # Three new ones a minute from gw1, spread over both hubs.
+    for limit in (one, two, one):
+        limit.check("gw1", 0, "new device")
+        await sleep(0.05)  # the answer from Redis
+    # Each hub lets the fourth through before it hears the budget is spent, then refuses gw1.
+    for limit in (two, one):
+        limit.check("gw1", 0, "new device")
+        await sleep(0.05)
+        with pytest.raises(Rejected, match="more than 3 new a minute") as caught:
+            limit.check("gw1", 0, "new device")
+        assert caught.value.source == "gw1"
+    one.check("gw2", 0, "new device")  # another source has its own budget
+    # Per hub, gw1 would have had three on each.
+    await sleep(0.05)
+    for limit in (one, two):
+        with pytest.raises(Rejected):
+            limit.check("gw1", 0, "new device")
 
 
 @pytest_twisted.ensureDeferred

@@ -196,9 +196,11 @@ class BLEService(FamilyService):
             "INSERT INTO ble_samples (mac, quantity, time, value) VALUES {rows}"
         )
         self._gateway_limit = ingest.RegistrationLimit(
-            self.clock, self.config.max_gateways, self.config.registrations_per_minute)
+            self.clock, self.config.max_gateways, self.config.registrations_per_minute,
+            limiter=hub.cluster.limiter, name="ble.gateways")
         self._node_limit = ingest.RegistrationLimit(
-            self.clock, self.config.max_nodes, self.config.registrations_per_minute)
+            self.clock, self.config.max_nodes, self.config.registrations_per_minute,
+            limiter=hub.cluster.limiter, name="ble.nodes")
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._checker = self.looping(self.check_gateways, "checking gateways")
         self._pruner = self.looping(self.prune, "pruning old readings")

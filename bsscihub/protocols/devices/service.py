@@ -152,7 +152,8 @@ class DevicesService(FamilyService):
             "INSERT INTO dev_telemetry (device, type, time, value) VALUES {rows}"
         )
         self._limit = ingest.RegistrationLimit(self.clock, self.config.max_devices,
-                                               self.config.registrations_per_minute)
+                                               self.config.registrations_per_minute,
+                                               limiter=hub.cluster.limiter, name="devices.registrations")
         self.broker: Any = self._make_broker()
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._pruner = self.looping(self.prune, "pruning old telemetry")
