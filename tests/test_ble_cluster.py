@@ -150,3 +150,12 @@ async def test_a_gateway_heard_by_another_hub_is_not_called_offline(two_hubs: tu
     # Silent everywhere: offline.
     await until(lambda: [e.payload["state"] for e in one.events if e.kind == "gateway_state"] == ["online", "offline"],
                 timeout=GATEWAY_TIMEOUT * 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_another_hub_registered_is_known_within_seconds(two_hubs: tuple[BLEHub, BLEHub]) -> None:
+    one, two = two_hubs
+    one.heard("GW9", -70)
+    assert "GW9" not in two.service.gateways
+    await until(lambda: "GW9" in two.service.gateways and MAC in two.service.nodes, timeout=10)
+    assert two.service.nodes[MAC].gateway == "GW9"

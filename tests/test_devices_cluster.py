@@ -105,6 +105,7 @@ async def test_a_device_heard_by_another_hub_is_not_called_offline(
                                         cluster={"redis": redis_url, "node": f"hub-{n}"},
                                         devices={"offline_after": 1.0}))
         one, two = hubs
+        assert (await one.api("POST", "/api/v1/devices", {"id": "d2", "name": "Cellar"}))[0] == 201
         await brokers[0].device().publish("device/d1/telemetry/temp", b"21.5")
         await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "online")
         await deferLater(reactor, 0.6, lambda: None)
@@ -127,6 +128,13 @@ async def test_a_device_heard_by_another_hub_is_not_called_offline(
         assert "offline" not in said
         # Silent everywhere: offline.
         await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "offline", timeout=5)
+
+        # A device registered on hub-0 and never heard by hub-1 is known to hub-1's API within seconds.
+        async def known() -> Any:
+            code, doc = await two.api("GET", "/api/v1/devices/d2")
+            return code == 200 and doc["name"] == "Cellar"
+
+        await eventually(known, what="d2 on hub-1", timeout=10)
     finally:
         for running in hubs:
             await running.stop()

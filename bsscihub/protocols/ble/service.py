@@ -42,6 +42,10 @@ MAX_QUANTITIES = 16
 MAX_BATCH = 1000
 MAC = re.compile(r"^[0-9a-f]{12}$")
 FLUSH_EVERY = 2.0
+CLUSTER_LOAD_EVERY = 5.0
+"""Seconds between looks for the gateways and beacons other hubs of a cluster registered."""
+CLUSTER_LOAD_MARGIN = 60.0
+"""How far back each look reaches: registrations are written a little after they happen (group commit)."""
 
 
 def normalize_mac(value: Any) -> str:
@@ -204,6 +208,8 @@ class BLEService(FamilyService):
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._checker = self.looping(self.check_gateways, "checking gateways")
         self._pruner = self.looping(self.prune, "pruning old readings")
+        self._others = self.looping(self._load_others, "loading the other hubs' registrations")
+        self._loaded_at = 0.0
 
 
     # -- lifecycle
@@ -211,26 +217,41 @@ class BLEService(FamilyService):
     async def prepare(self) -> None:
         self.shared = shared_windows(self.hub.cluster, "ble", self.clock, self.config.dedup_window,
                                      self._shared_closed, (encode_copy, decode_copy))
-        rows = await self.hub.store.fetchall(
-            "SELECT id, first_seen, last_seen, state, since, messages FROM ble_gateways"
-        )
-        for gid, first, last, state, since, messages in rows:
-            self.gateways[gid] = Gateway(gid, float(first), float(last), state, float(since), int(messages))
-        rows = await self.hub.store.fetchall(
-            "SELECT mac, first_seen, last_seen, gateway, rssi, readings, last_values FROM ble_nodes"
-        )
-        for mac, first, last, gateway, rssi, readings, values in rows:
-            self.nodes[mac] = Node(mac, float(first), float(last), gateway, rssi, int(readings), json.loads(values))
+        self._loaded_at = self.clock.seconds()
+        await self._load_registry()
+        if self.shared is not None:
+            self._others.start(CLUSTER_LOAD_EVERY, now=False).addErrback(
+                errback(self.log, "ble: loading the other hubs' registrations stopped"))
         self._flusher.start(FLUSH_EVERY, now=False).addErrback(errback(self.log, "ble: registry writer stopped"))
         check = max(0.05, min(self.config.gateway_timeout / 4, 15.0))
         self._checker.start(check, now=False).addErrback(errback(self.log, "ble: gateway checker stopped"))
         self._pruner.start(3600.0, now=True).addErrback(errback(self.log, "ble: pruning stopped"))
 
+    async def _load_registry(self, since: float | None = None) -> None:
+        """The registry's rows this hub does not hold yet (all, or those first seen since `since`)."""
+        where, params = ("", ()) if since is None else (" WHERE first_seen >= ?", (since,))
+        rows = await self.hub.store.fetchall(
+            "SELECT id, first_seen, last_seen, state, since, messages FROM ble_gateways" + where, params)
+        for gid, first, last, state, since_, messages in rows:
+            if gid not in self.gateways:
+                self.gateways[gid] = Gateway(gid, float(first), float(last), state, float(since_), int(messages))
+        rows = await self.hub.store.fetchall(
+            "SELECT mac, first_seen, last_seen, gateway, rssi, readings, last_values FROM ble_nodes" + where, params)
+        for mac, first, last, gateway, rssi, readings, values in rows:
+            if mac not in self.nodes:
+                self.nodes[mac] = Node(mac, float(first), float(last), gateway, rssi, int(readings),
+                                       json.loads(values))
+
+    async def _load_others(self) -> None:
+        """In a cluster: the gateways and beacons the other hubs registered lately, for this hub's API."""
+        since, self._loaded_at = self._loaded_at - CLUSTER_LOAD_MARGIN, self.clock.seconds()
+        await self._load_registry(since)
+
     def subscriptions(self) -> Mapping[str, Any]:
         return {topic_filter: self.on_message for topic_filter in self.config.topics}
 
     async def drain(self) -> None:
-        for loop in (self._flusher, self._checker, self._pruner):
+        for loop in (self._flusher, self._checker, self._pruner, self._others):
             if loop.running:
                 loop.stop()
         for mac in list(self.windows):

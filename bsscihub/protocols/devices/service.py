@@ -34,6 +34,10 @@ COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VALUE_RANGE = (-1e12, 1e12)
 STATE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 FLUSH_EVERY = 2.0
+CLUSTER_LOAD_EVERY = 5.0
+"""Seconds between looks for the devices other hubs of a cluster registered."""
+CLUSTER_LOAD_MARGIN = 60.0
+"""How far back each look reaches: registrations are written a little after they happen (group commit)."""
 KEY_SCHEME = "bdk"
 ORG_KEY_SCHEME = "bok"
 # Keys minted before had no prefix of their own (`bdk_<secret>`, the prefix cut from the secret): still read.
@@ -158,6 +162,8 @@ class DevicesService(FamilyService):
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._pruner = self.looping(self.prune, "pruning old telemetry")
         self._silence = self.looping(self.check_silence, "marking silent devices offline")
+        self._others = self.looping(self._load_others, "loading the other hubs' registrations")
+        self._loaded_at = 0.0
 
     def _make_broker(self) -> Any:
         if self.config.broker_provisioning != "dynsec":
@@ -167,14 +173,28 @@ class DevicesService(FamilyService):
 
     # -- lifecycle
 
-    async def prepare(self) -> None:
+    async def _load_registry(self, since: float | None = None) -> None:
+        """The registry's rows this hub does not hold yet (all, or those first seen since `since`)."""
         rows = await self.hub.store.fetchall(
             "SELECT id, name, first_seen, last_seen, registered_via, status, status_detail, status_time, firmware,"
-            " messages FROM dev_devices"
-        )
+            " messages FROM dev_devices" + ("" if since is None else " WHERE first_seen >= ?"),
+            () if since is None else (since,))
         for did, name, first, last, via, status, detail, status_time, firmware, messages in rows:
-            self.devices[did] = Device(did, float(first), via, name, last, status, json.loads(detail), status_time,
-                                       firmware, int(messages))
+            if did not in self.devices:
+                self.devices[did] = Device(did, float(first), via, name, last, status, json.loads(detail),
+                                           status_time, firmware, int(messages))
+
+    async def _load_others(self) -> None:
+        """In a cluster: the devices the other hubs registered lately, so that this hub's API knows them."""
+        since, self._loaded_at = self._loaded_at - CLUSTER_LOAD_MARGIN, self.clock.seconds()
+        await self._load_registry(since)
+
+    async def prepare(self) -> None:
+        self._loaded_at = self.clock.seconds()
+        await self._load_registry()
+        if self.hub.cluster.clustered:
+            self._others.start(CLUSTER_LOAD_EVERY, now=False).addErrback(
+                errback(self.log, "devices: loading the other hubs' registrations stopped"))
         now = self.clock.seconds()
         # Commands and offers still open when the hub stopped keep their deadlines.
         for cid, device, name, deadline in await self.hub.store.fetchall(
@@ -199,7 +219,7 @@ class DevicesService(FamilyService):
         self.broker.start()
 
     async def drain(self) -> None:
-        for loop in (self._flusher, self._pruner, self._silence):
+        for loop in (self._flusher, self._pruner, self._silence, self._others):
             if loop.running:
                 loop.stop()
         for pending in (*self.commands.values(), *self.offers.values()):
