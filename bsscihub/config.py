@@ -109,6 +109,24 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def topic_filters(value: Any) -> tuple[str, ...]:
+    """MQTT topic filters: '+' and '#' only as whole levels, '#' last, no '$' topics."""
+    filters = _names(value)
+    if not filters:
+        raise ValueError("expected at least one MQTT topic filter")
+    for f in filters:
+        levels = f.split("/")
+        bad = (
+            not f
+            or f.startswith("$")
+            or any(("+" in level or "#" in level) and level not in ("+", "#") for level in levels)
+            or "#" in levels[:-1]
+        )
+        if bad:
+            raise ValueError(f"expected MQTT topic filters such as SensorData/# or site/+/data, not {f!r}")
+    return filters
+
+
 def _networks(value: Any) -> tuple[str, ...]:
     from bsscihub.web.proxy import parse_networks
 

@@ -66,6 +66,11 @@ def test_environment_overrides_section_and_top_level_keys(tmp_path: Path) -> Non
         ({"BSSCIHUB_WEB_LISTEN": "8080"}, "web.listen = '8080': expected a Twisted endpoint string"),
         ({"BSSCIHUB_MQTT_URL": "http://x"}, "mqtt.url = 'http://x': expected mqtt://host:port"),
         ({"BSSCIHUB_DATABASE": "mysql://x"}, "database = 'mysql://x': expected sqlite:///FILE"),
+        ({"BSSCIHUB_DEVICES_SENSOR_TOPICS": "SensorData/#, a/b#"},
+         "devices.sensor_topics = ['SensorData/#', 'a/b#']: expected MQTT topic filters such as SensorData/# or"
+         " site/+/data, not 'a/b#'"),
+        ({"BSSCIHUB_DEVICES_SENSOR_TOPICS": "[]"},
+         "devices.sensor_topics = []: expected at least one MQTT topic filter"),
         ({"BSSCIHUB_WEB_NOPE": "1"}, "web.nope = '1': unknown key"),
         ({"BSSCIHUB_NOSECTION_KEY": "1"}, "BSSCIHUB_NOSECTION_KEY = '1': unknown environment override"),
         ({"BSSCIHUB_FAMILIES": "[mioty, zigbee]"}, None),

@@ -21,8 +21,8 @@ from bsscihub.config import (
     mqtt_url_or_empty,
     one_of,
     setting,
+    topic_filters,
 )
-from bsscihub.protocols.ble.config import topic_filters
 
 
 def _base_url(value: Any) -> str:
