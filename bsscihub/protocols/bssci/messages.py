@@ -908,6 +908,12 @@ _FLOAT = _Kind("a number", _float, float)
 _BOOL = _Kind("a boolean", _bool)
 _STR = _Kind("a string", _str)
 _MAP = _Kind("a map", _map)
+_UINT_LIST = _Kind("a list of unsigned 64-bit integers", _uint_list, list)
+
+
+def _fixed(size: int) -> _Kind:
+    return _Kind(f"a byte string of {size} bytes {_BYTES_TEXT}", _fixed_bytes(size), encode_bytes)
+
 
 # The kind of a field follows from its name, which means the same thing in
 # every message; _KIND_OVERRIDES lists the exceptions.
@@ -940,16 +946,8 @@ _KINDS: dict[str, _Kind] = {
         _BOOL,
     ),
     "geoLocation": _Kind("a list of 3 numbers [lat, lon, alt]", _geo, _encode_geo),
-    **dict.fromkeys(
-        ["snBsUuid", "snScUuid", "nwkSnKey"],
-        _Kind(
-            f"a byte string of 16 bytes {_BYTES_TEXT}", _fixed_bytes(16), encode_bytes
-        ),
-    ),
-    **dict.fromkeys(
-        ["nonce", "sign"],
-        _Kind(f"a byte string of 4 bytes {_BYTES_TEXT}", _fixed_bytes(4), encode_bytes),
-    ),
+    **dict.fromkeys(["snBsUuid", "snScUuid", "nwkSnKey"], _fixed(16)),
+    **dict.fromkeys(["nonce", "sign"], _fixed(4)),
     "userData": _Kind(f"a byte string {_BYTES_TEXT}", decode_bytes, encode_bytes),
     **dict.fromkeys(["snBsOpId", "snScOpId", "code"], _INT),
     **dict.fromkeys(
@@ -997,19 +995,14 @@ _KINDS: dict[str, _Kind] = {
     **dict.fromkeys(["macType", "trxTime", "sysTime", "carrSpace", "pattGrp", "pattNum", "carrOffRange", "tsi"],
                     _UINT),
     **dict.fromkeys(["freqOff", "ulSnr", "ulRssi"], _FLOAT),
-    "macTypes": _Kind("a list of unsigned 64-bit integers", _uint_list, list),
-    **dict.fromkeys(
-        ["crc", "ulCrc"],
-        _Kind(f"a byte string of 2 bytes {_BYTES_TEXT}", _fixed_bytes(2), encode_bytes),
-    ),
+    "macTypes": _UINT_LIST,
+    **dict.fromkeys(["crc", "ulCrc"], _fixed(2)),
 }
 _KIND_OVERRIDES: dict[tuple[type[Message], str], _Kind] = {
     (DlDataQue, "userData"): _Kind(
         f"a list of byte strings {_BYTES_TEXT}", _bytes_list, _encode_bytes_list
     ),
-    (DlDataQue, "packetCnt"): _Kind(
-        "a list of unsigned 64-bit integers", _uint_list, list
-    ),
+    (DlDataQue, "packetCnt"): _UINT_LIST,
 }
 
 # Per class, in declaration order: (name, kind, required).
