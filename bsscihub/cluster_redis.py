@@ -840,6 +840,7 @@ class RedisWindows:
         self._keep_ms = self._window_ms + 10_000
         self._open: dict[tuple[str, str], IDelayedCall] = {}
         self._asking: set[defer.Deferred[None]] = set()
+        self._lost = 0
 
     @property
     def pending(self) -> int:
@@ -859,8 +860,10 @@ class RedisWindows:
 
     def _unreachable(self, failure: Any, key: str, copy: Any) -> None:
         # Better published alone than not at all.
-        self.log.warn("cluster: Redis did not take a copy of {key} ({problem}); publishing it alone",
-                      key=key, problem=failure.getErrorMessage())
+        self._lost += 1
+        if self._lost & (self._lost - 1) == 0:  # 1, 2, 4, ...: a Redis outage is not a flood of lines
+            self.log.warn("cluster: Redis did not take {count} copies ({problem}); each is published alone",
+                          count=self._lost, problem=failure.getErrorMessage())
         self.emit(key, [copy])
 
     def _close(self, key: str, window_id: str) -> defer.Deferred[None]:

@@ -159,3 +159,16 @@ async def test_what_another_hub_registered_is_known_within_seconds(two_hubs: tup
     assert "GW9" not in two.service.gateways
     await until(lambda: "GW9" in two.service.gateways and MAC in two.service.nodes, timeout=10)
     assert two.service.nodes[MAC].gateway == "GW9"
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_redis_each_copy_is_published_alone(two_hubs: tuple[BLEHub, BLEHub],
+                                                         logged: list[Any]) -> None:
+    one, _ = two_hubs
+    await one.hub.cluster.link.redis.disconnect()  # Redis is gone for hub-1's commands
+    for n in range(3):
+        one.heard(f"GW{n}", -70 - n, temperature=20)
+    await until(lambda: len(one.readings()) == 3)
+    assert [[g["gatewayId"] for g in r["receivers"]] for r in one.readings()] == [["GW0"], ["GW1"], ["GW2"]]
+    warnings = [e for e in logged if "Redis did not take" in e.get("log_format", "")]
+    assert [e["count"] for e in warnings] == [1, 2]  # 1, 2, 4, ...: not a line per copy
