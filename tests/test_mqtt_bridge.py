@@ -573,8 +573,10 @@ async def test_device_topics_are_subscribed_again_after_every_reconnect(
 # -- outages -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("clustered", [False, True], ids=["one hub", "a cluster's hub (no session)"])
 @pytest_twisted.ensureDeferred
 async def test_broker_stopped_during_a_stream_of_uplinks_loses_none(
+    clustered: bool,
     mosquitto_factory: Callable[..., Mosquitto],
     subscriber_factory: Callable[..., Subscriber],
     bridges: Callable[..., MQTTBridge],
@@ -583,9 +585,14 @@ async def test_broker_stopped_during_a_stream_of_uplinks_loses_none(
     # acknowledged messages it had not yet handed to a subscriber; with persistence (as in
     # production) it keeps them for a subscriber's session over the restart, without it
     # they are gone from the broker and the witness would blame the hub.
+    from bsscihub.cluster import Cluster, LocalOwnership, LocalRouter
+
     mosquitto = mosquitto_factory(persistence=True)
     before = subscriber_factory(mosquitto, "bsscihub/mioty/#", persistent=True)
-    bridge = bridges(mosquitto)
+    # A cluster's hub keeps no MQTT session: the outbox alone makes publishing lose nothing.
+    cluster = Cluster(node="hub1", ownership=LocalOwnership("hub1"), router=LocalRouter(), clustered=True)
+    bridge = bridges(mosquitto, cluster=cluster if clustered else None)
+    assert bridge.settings.session_expiry == (0 if clustered else 3600)
     await until(lambda: bridge.connected)
     total, outage_at, back_at = 900, 300, 600
     for n in range(total):
