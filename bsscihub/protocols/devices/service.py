@@ -859,16 +859,9 @@ class DevicesService(FamilyService):
             " VALUES (?, ?, ?, ?, 'offered', ?, ?, ?, ?)",
             (oid, device_id, firmware_id, hash_device_key(oid, token), now, now, deadline, actor))
         offer = self.offers[oid] = Pending(oid, device_id, "ota", firmware=firmware_id, version=firmware["version"])
-        offer.timer = self.clock.callLater(self.config.ota_timeout, self._offer_timed_out, oid)
         url = f"{self.config.ota_base_url}/api/v1/devices/{device_id}/ota/{oid}/firmware?token={token}"
-        message = {"offerId": oid, "name": firmware["name"], "version": firmware["version"], "url": url,
-                   "sha256": firmware["sha256"], "size": firmware["size"]}
-        try:
-            await mqtt.publish(f"{self.config.ota_root}/{device_id}/update", json.dumps(message).encode())
-        except Exception as e:
-            await self._ota_state(oid, "failed", error=f"not published: {e}")
-            raise DeviceError(f"update not offered: {e}", 503) from None
-        self._ota_event(offer, "offered", 0, "")
+        await self._send_offer(mqtt, offer, {"offerId": oid, "name": firmware["name"], "version": firmware["version"],
+                                             "url": url, "sha256": firmware["sha256"], "size": firmware["size"]})
         return {"offerId": oid, "deviceId": device_id, "firmware": firmware_id, "version": firmware["version"],
                 "state": "offered", "deadline": rfc3339(deadline)}
 
@@ -895,19 +888,24 @@ class DevicesService(FamilyService):
             " url, version, checksum) VALUES (?, ?, 0, '', 'offered', ?, ?, ?, ?, ?, ?, ?)",
             (oid, device_id, now, now, deadline, actor, url, version, checksum))
         offer = self.offers[oid] = Pending(oid, device_id, "ota", firmware=0, version=version)
-        offer.timer = self.clock.callLater(self.config.ota_timeout, self._offer_timed_out, oid)
         message: dict[str, Any] = {"device_id": device_id, "firmware_version": version, "firmware_url": url,
                                    "offerId": oid, "version": version, "url": url}
         if checksum is not None:
             message["checksum"] = checksum
-        try:
-            await mqtt.publish(f"{self.config.ota_root}/{device_id}/update", json.dumps(message).encode())
-        except Exception as e:
-            await self._ota_state(oid, "failed", error=f"not published: {e}")
-            raise DeviceError(f"update not offered: {e}", 503) from None
-        self._ota_event(offer, "offered", 0, "")
+        await self._send_offer(mqtt, offer, message)
         return {"offerId": oid, "deviceId": device_id, "firmware": None, "version": version, "url": url,
                 "checksum": checksum, "state": "offered", "deadline": rfc3339(deadline)}
+
+    async def _send_offer(self, mqtt: Any, offer: Pending, message: Mapping[str, Any]) -> None:
+        """Publish a stored offer on `OTA/{id}/update` and time it out after ota_timeout; if it cannot be
+        published, it fails and the caller gets a 503."""
+        offer.timer = self.clock.callLater(self.config.ota_timeout, self._offer_timed_out, offer.id)
+        try:
+            await mqtt.publish(f"{self.config.ota_root}/{offer.device}/update", json.dumps(message).encode())
+        except Exception as e:
+            await self._ota_state(offer.id, "failed", error=f"not published: {e}")
+            raise DeviceError(f"update not offered: {e}", 503) from None
+        self._ota_event(offer, "offered", 0, "")
 
     async def firmware_for_offer(self, device_id: str, oid: str, token: str) -> tuple[bytes, str] | None:
         """The image for an open offer whose token matches (None otherwise: the same answer for every failure)."""
