@@ -431,6 +431,19 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
     async def _invoke(self, call: Call, name: str, **kwargs: Any) -> Any:
         return await call.invoke(name, **kwargs)
 
+    async def _search(self, call: Call, name: str) -> tuple[dict[str, Any], str]:
+        """A list page's page of API list `name` and its search text (?q, limit, offset); an invalid search
+        shows an empty list rather than an error page."""
+        query = {"q": call.query.get("q", ""), "limit": call.query.get("limit", "50"),
+                 "offset": call.query.get("offset", "0")}
+        try:
+            found = await self._invoke(call, name, query=query)
+        except ApiError as e:
+            if e.status != 400:
+                raise
+            found = {"items": [], "total": 0, "limit": 50, "offset": 0}
+        return found, query["q"]
+
     @page_route("GET", "/base-stations", role="viewer", summary="Base stations")
     async def base_stations_page(self, call: Call) -> Any:
         stations = await self._invoke(call, "list_base_stations", query={"limit": "1000", "q": call.query.get("q", "")})
@@ -464,15 +477,8 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
 
     @page_route("GET", "/sensors", role="viewer", summary="Sensors")
     async def sensors_page(self, call: Call) -> Any:
-        query = {"q": call.query.get("q", ""), "limit": call.query.get("limit", "50"),
-                 "offset": call.query.get("offset", "0")}
-        try:
-            sensors = await self._invoke(call, "list_sensors", query=query)
-        except ApiError as e:
-            if e.status != 400:
-                raise
-            sensors = {"items": [], "total": 0, "limit": 50, "offset": 0}
-        return Page("mioty/sensors.html", {"sensors": sensors, "q": query["q"], "title": "Sensors"})
+        sensors, q = await self._search(call, "list_sensors")
+        return Page("mioty/sensors.html", {"sensors": sensors, "q": q, "title": "Sensors"})
 
     @page_route("POST", "/sensors", role="operator", summary="Add a sensor")
     async def add_sensor_page(self, call: Call) -> Any:

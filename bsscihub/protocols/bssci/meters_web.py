@@ -57,7 +57,7 @@ def meter_points(readings: list[dict[str, Any]], field: str) -> list[dict[str, A
 
 
 class MeterRoutes:
-    """Meter routes; the class using it has `hub` and `_invoke`."""
+    """Meter routes; the class using it has `hub`, `_invoke` and `_search`."""
 
     hub: Hub
 
@@ -146,15 +146,8 @@ class MeterRoutes:
 
     @page_route("GET", "/meters", role="viewer", summary="Meters")
     async def meters_page(self, call: Call) -> Any:
-        query = {"q": call.query.get("q", ""), "limit": call.query.get("limit", "50"),
-                 "offset": call.query.get("offset", "0")}
-        try:
-            meters = await self._invoke(call, "list_meters", query=query)  # type: ignore[attr-defined]
-        except ApiError as e:
-            if e.status != 400:
-                raise
-            meters = {"items": [], "total": 0, "limit": 50, "offset": 0}
-        return Page("mioty/meters.html", {"meters": meters, "q": query["q"], "title": "Meters"})
+        meters, q = await self._search(call, "list_meters")  # type: ignore[attr-defined]
+        return Page("mioty/meters.html", {"meters": meters, "q": q, "title": "Meters"})
 
     @page_route("GET", "/meters/{meter}", role="viewer", summary="Meter", params=(METER,))
     async def meter_page(self, call: Call) -> Any:
