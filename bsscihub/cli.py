@@ -190,8 +190,10 @@ def cmd_init(config: HubConfig, families: dict[str, Any], args: argparse.Namespa
 
     async def work(hub: Hub) -> int:
         from bsscihub import audit, users
+        from bsscihub.logs import scrub
 
-        print(f"database {config.database} ({hub.store.dialect}): schema up to date")
+        # A container's entry point passes this on to its log: no database password in it.
+        print(f"database {scrub(config.database)} ({hub.store.dialect}): schema up to date")
         if await users.user_exists(hub.store, "admin"):
             print("user admin: exists, kept")
             return 0

@@ -526,8 +526,8 @@ class RedisDedup:
 
     def _unreachable(self, failure: Any, name: str) -> None:
         # The window still closes: its copies are published from here rather than held back.
-        self.log.warn("cluster: Redis did not take uplink {key} ({problem}); publishing what this hub heard",
-                      key=name, problem=failure.getErrorMessage())
+        self.log.warn("cluster: Redis did not take uplink {uplink} ({problem}); publishing what this hub heard",
+                      uplink=name, problem=failure.getErrorMessage())
 
     def _unreachable_none(self, failure: Any, name: str) -> list[Any]:
         self._unreachable(failure, name)
@@ -556,7 +556,7 @@ class RedisDedup:
         d.addCallback(lambda rows: [self.decode(r.decode() if isinstance(r, bytes) else r) for r in rows or ()])
         d.addErrback(self._unreachable_none, name)
         d.addCallback(lambda remote: self.emit(window.key, [*window.copies, *remote], window.first))
-        d.addErrback(lambda failure: self.log.failure("cluster: publishing uplink {key}", failure, key=name))
+        d.addErrback(lambda failure: self.log.failure("cluster: publishing uplink {uplink}", failure, uplink=name))
 
     def _remember(self, name: str) -> None:
         self._published[name] = None
@@ -761,7 +761,7 @@ class RedisLease:
         self._loop = LoopingCall(self._renew)
         self._loop.clock = self.clock
         self._loop.start(self.ttl / 3, now=True).addErrback(
-            lambda f: self.log.failure("cluster: lease {key} stopped", f, key=self.key))
+            lambda f: self.log.failure("cluster: lease {lease} stopped", f, lease=self.key))
 
     async def _renew(self) -> None:
         sent = self.clock.seconds()
@@ -769,13 +769,13 @@ class RedisLease:
             got = await self.link.eval(_LEASE, [self.key], [self.node, int(self.ttl * 1000)])
         except Exception as e:
             self._until = float("-inf")
-            self.log.warn("cluster: lease {key} not renewed: {problem}", key=self.key, problem=str(e))
+            self.log.warn("cluster: lease {lease} not renewed: {problem}", lease=self.key, problem=str(e))
             return
         was = self.held
         # A margin of a tenth for clock drift between this hub and Redis.
         self._until = sent + self.ttl * 0.9 if int(got) == 1 else float("-inf")
         if self.held != was:
-            self.log.info("cluster: {what} lease {key}", what="holding" if self.held else "lost", key=self.key)
+            self.log.info("cluster: {what} lease {lease}", what="holding" if self.held else "lost", lease=self.key)
 
     def stop(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
@@ -788,7 +788,7 @@ class RedisLease:
             try:
                 await self.link.eval(_LEASE_RELEASE, [self.key], [self.node])
             except Exception as e:
-                self.log.warn("cluster: lease {key} not given up (it expires): {problem}", key=self.key,
+                self.log.warn("cluster: lease {lease} not given up (it expires): {problem}", lease=self.key,
                               problem=str(e))
 
 
@@ -875,7 +875,7 @@ class RedisWindows:
                            [window_id])
         d.addCallback(lambda rows: [self.decode(r.decode() if isinstance(r, bytes) else r) for r in rows or ()])
         d.addCallback(lambda copies: self.emit(key, copies) if copies else None)
-        d.addErrback(lambda failure: self.log.failure("cluster: closing the window of {key}", failure, key=key))
+        d.addErrback(lambda failure: self.log.failure("cluster: closing the window of {uplink}", failure, uplink=key))
         return d
 
     def flush(self) -> defer.Deferred[None]:

@@ -1,11 +1,13 @@
 """Log output for the hub: human-readable text by default, JSON lines with `log.format: json`.
 
 Both filter by `log.level`; everything logs through twisted.logger. Text fields are escaped so
-that a peer cannot forge or garble log lines, and `NoiseLimiter` bounds what noisy peers and devices log.
+that a peer cannot forge or garble log lines, secrets are scrubbed from every output (`scrub`,
+`secret_field`), and `NoiseLimiter` bounds what noisy peers and devices log.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -27,6 +29,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from bsscihub import tokens
 from bsscihub.contract import rfc3339
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
@@ -47,15 +50,86 @@ def escape(text: str) -> str:
     return _CONTROL.sub(_escape_char, text)
 
 
+# --- secrets: one scrubber for every output (text, JSON, the admin pages' log ring) -----------
+
+REDACTED = "***"
+# Field names (lower case, without "_" and "-") that carry secrets whatever their values look like.
+_SECRET_NAMES = frozenset({
+    "password", "passwd", "secret", "token", "key", "authorization", "nwkey", "nwksnkey", "sessionkey", "psk",
+    "apikey", "privatekey", "cookie", "ticket", "credentials",
+})  # fmt: skip
+_SECRET_ENDINGS = ("password", "passwd", "secret", "token", "key", "psk")
+
+_LEXICAL = [
+    (re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S),
+     "[private key]"),
+    # Every secret the hub hands out (API tokens, gate and device keys): their public part only.
+    (tokens.TOKEN_TEXT, r"\1_\2_***"),
+    (tokens.UNPREFIXED_TEXT, r"\1_***"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[^\s,;'\"]+"), r"\1 ***"),
+    # user:password@ in any URL (database, broker, Redis, webhooks).
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@"), r"\1***@"),
+    # "password=..", "nwKey": "..", token: .. and the like, in any case and quoting.
+    (re.compile(r"(?i)\b(password|passwd|secret|token|api[_-]?key|nw_?key|nwksnkey|session_?key|psk|authorization)"
+                r"([\"']?\s*[:=]\s*[\"']?)(?!\*\*\*)([^\s,;&'\"]+)"), r"\1\2***"),
+    (re.compile(r"(?i)([?&]ticket=)[^&\s]+"), r"\1***"),
+]
+# 128-bit keys (mioty network and session keys) written as hex; identifiers (uuid4().hex) look the
+# same, so fields named like one (id, queId, delivery) keep theirs.
+_HEX_KEY = (re.compile(r"\b[0-9a-fA-F]{32}\b"), "[32 hex digits]")
+_SCRUB = [*_LEXICAL, _HEX_KEY]
+# Words every rule above needs (in lower case): a line without any is left alone, which is most lines
+# (substring tests on the lower-cased text cost about a tenth of one case-blind regex pass).
+_TRIGGERS = ("key", "_", "bearer", "basic", "://", "passw", "secret", "token", "psk", "authorization", "ticket=")
+
+
+@functools.lru_cache(maxsize=4096)
+def secret_field(name: str) -> bool:
+    """True for a field (or mapping key) whose value is a secret by its name: password, nwKey, api_key, ..."""
+    folded = name.lower().replace("_", "").replace("-", "")
+    return folded in _SECRET_NAMES or folded.endswith(_SECRET_ENDINGS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _identifier_field(name: str) -> bool:
+    folded = name.lower().replace("_", "")
+    return folded.endswith("id") or folded == "delivery"
+
+
+def scrub(text: str, rules: list[tuple[re.Pattern[str], str]] = _SCRUB) -> str:
+    """`text` with what looks like a credential or key replaced: our tokens and keys, Bearer/Basic credentials,
+    URL passwords, PEM private keys, `password=..` pairs, 32 hex digits (a mioty key)."""
+    lower = text.lower()
+    if not any(word in lower for word in _TRIGGERS):
+        if rules is _LEXICAL or _HEX_KEY[0].search(text) is None:
+            return text
+        rules = [_HEX_KEY]
+    for pattern, replacement in rules:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _field_value(name: str, value: Any) -> Any:
+    """A field as it may be written: masked by its name, scrubbed and escaped if text."""
+    if secret_field(name):
+        return REDACTED
+    if isinstance(value, BaseException):
+        value = str(value)  # an error's message may quote what failed to parse
+    if isinstance(value, str):
+        return escape(scrub(value, _LEXICAL if _identifier_field(name) else _SCRUB))
+    return value  # other types keep their format specs ({lag:.2f}) working
+
+
 def _escaped_fields(event: Mapping[str, Any]) -> dict[str, Any]:
-    # Only str values: other types keep their format specs ({lag:.2f}) working.
-    return {k: escape(v) if isinstance(v, str) and not k.startswith("log_") else v for k, v in event.items()}
+    # Masked before formatting, so "{nwKey}" in a message says *** too.
+    return {k: v if k.startswith("log_") else _field_value(k, v) for k, v in event.items()}
 
 
 def render(event: Mapping[str, Any]) -> str:
-    """The event's message with its string fields escaped; never raises."""
+    """The event's message with its string fields escaped and secrets scrubbed; never raises."""
     message = formatEvent(_escaped_fields(event))
-    return _CONTROL_KEEP_LINES.sub(_escape_char, message)
+    # The fields are clean; this catches what objects' own str() said (reprs, URLs in a config).
+    return scrub(_CONTROL_KEEP_LINES.sub(_escape_char, message), _LEXICAL)
 
 
 def _traceback(event: Mapping[str, Any]) -> str | None:
@@ -66,7 +140,7 @@ def _traceback(event: Mapping[str, Any]) -> str | None:
         text = failure.getTraceback()
     except Exception:  # noqa: BLE001 - a broken failure must not break logging
         text = f"(unable to format the traceback of {failure!r})"
-    return _CONTROL_KEEP_LINES.sub(_escape_char, text.rstrip("\n"))
+    return scrub(_CONTROL_KEEP_LINES.sub(_escape_char, text.rstrip("\n")))
 
 
 def _level_name(event: Mapping[str, Any]) -> str:
@@ -95,19 +169,21 @@ class TextObserver:
 _RESERVED = ("time", "level", "logger", "message")
 
 
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    if value is None or isinstance(value, bool | int | str):
+def _json_safe(value: Any, depth: int = 0, rules: list[tuple[re.Pattern[str], str]] = _SCRUB) -> Any:
+    if value is None or isinstance(value, bool | int):
         return value
+    if isinstance(value, str):
+        return scrub(value, rules)
     if isinstance(value, float):
         return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
     if isinstance(value, bytes):
-        return value.hex()
+        return scrub(value.hex())
     if depth < 3 and isinstance(value, Mapping):
-        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
+        return {str(k): REDACTED if secret_field(str(k)) else _json_safe(v, depth + 1) for k, v in value.items()}
     if depth < 3 and isinstance(value, list | tuple | set | frozenset):
         return [_json_safe(v, depth + 1) for v in value]
     try:
-        return str(value)
+        return scrub(str(value))
     except Exception:  # noqa: BLE001 - whatever it is, the line must still be written
         return repr(type(value))
 
@@ -124,7 +200,7 @@ def json_record(event: Mapping[str, Any]) -> dict[str, Any]:
         if failure is None and isinstance(event.get("failure"), Failure):
             failure = event["failure"]
         if failure is not None:
-            message = _escaped_fields(event).get("why") or "unhandled error"
+            message = scrub(_escaped_fields(event).get("why") or "unhandled error")
     record: dict[str, Any] = {
         "time": rfc3339(when) if isinstance(when, int | float) else None,
         "level": _level_name(event),
@@ -134,7 +210,9 @@ def json_record(event: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in event.items():
         if key.startswith("log_") or key.startswith("_") or key in skip:
             continue
-        record[f"{key}_" if key in _RESERVED else key] = _json_safe(value)
+        record[f"{key}_" if key in _RESERVED else key] = (
+            REDACTED if secret_field(key) else _json_safe(value, 0, _LEXICAL if _identifier_field(key) else _SCRUB)
+        )
     if failure is not None:
         record["error"] = _json_safe(f"{failure.type.__name__}: {failure.getErrorMessage()}")
         record["traceback"] = _traceback({"log_failure": failure})

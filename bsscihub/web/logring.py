@@ -1,40 +1,21 @@
 """The recent log lines shown on the admin pages: a bounded ring filled by a twisted.logger observer.
 
-Lines are formatted once and scrubbed of anything that looks like a credential before they are kept.
+Lines are formatted once, by the scrubber every log output uses (bsscihub.logs), before they are kept.
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogLevel
 from zope.interface import implementer
 
-from bsscihub import tokens
+from bsscihub.logs import render, scrub
 
 LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3, "critical": 4}
 ACCESS = "bsscihub.web.access"
-
-_SCRUB = [
-    # "password=..", "token: .." and the like, in any case and quoting.
-    (re.compile(r"(?i)\b(password|passwd|secret|token|api[_-]?key|nwkey|authorization)(\W{1,3})([^\s,;&'\"]+)"),
-     r"\1\2***"),
-    (tokens.TOKEN_TEXT, r"\1_\2_***"),  # API tokens, gate and device keys: their public part only
-    (tokens.UNPREFIXED_TEXT, r"\1_***"),
-    (re.compile(r"(?i)\bbearer\s+\S+"), "Bearer ***"),
-    (re.compile(r"(?i)([?&]ticket=)[^&\s]+"), r"\1***"),
-    # 128-bit keys (mioty network keys) written as hex.
-    (re.compile(r"\b[0-9a-fA-F]{32}\b"), "[32 hex digits]"),
-]
-
-
-def scrub(text: str) -> str:
-    for pattern, replacement in _SCRUB:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 @implementer(ILogObserver)
@@ -49,16 +30,16 @@ class LogRing:
         name = getattr(level, "name", "info")
         if name == "debug":
             return
-        text = formatEvent(event) or ""
+        text = render(event)
         failure = event.get("log_failure")
         if failure is not None:
             # One line about the error; tracebacks stay in the real log.
-            text = f"{text}: {failure.type.__name__}: {failure.getErrorMessage()}"
+            text = f"{text}: {failure.type.__name__}: {scrub(failure.getErrorMessage())}"
         line = {
             "time": float(event.get("log_time") or 0.0),
             "level": name,
             "namespace": str(event.get("log_namespace", "")),
-            "text": scrub(text)[: self.max_line],
+            "text": text[: self.max_line],
         }
         self._lines.append(line)
         for listener in self.listeners:
