@@ -259,6 +259,8 @@ class WebhooksConfig:
     retry_min: float = setting(1.0, duration, "first pause before a failed delivery is tried again")
     retry_max: float = setting(300.0, duration, "longest pause between two tries (the pause doubles up to it)")
     max_queue: int = setting(100_000, _positive_int, "most events waiting per webhook; beyond, new ones are dropped")
+    key_file: str = setting("", _str, "key sealing webhook secrets; one file for all hubs of a cluster (empty:"
+                            " data_dir/webhook-keys.secret)")
 
 
 def _redis_url(value: Any) -> str:

@@ -173,7 +173,9 @@ class WebhookService(Service):
         self.hub = hub
         self.config = hub.config.section("webhooks")
         self.clock = hub.reactor
-        self.box = KeyBox(Path(hub.config.data_dir) / "webhook-keys.secret")
+        # In a cluster every hub signs every webhook's events: one key file for all (webhooks.key_file).
+        self.box = KeyBox(Path(self.config.key_file) if self.config.key_file
+                          else Path(hub.config.data_dir) / "webhook-keys.secret")
         self.hooks: dict[int, Webhook] = {}
         self._http = http
         self._writer: Any = None
@@ -367,10 +369,10 @@ class WebhookService(Service):
             secret = self.box.open(f"webhook:{hook_id}", await self._sealed(hook_id))
             if secret is None:
                 # Another hub's key file, or a damaged row: nothing can be signed; say so where operators look.
-                self.log.error("webhook {name}: its secret does not open with webhook-keys.secret; not delivering",
-                               name=hook.name)
-                await self._record(hook, self.clock.seconds(), "error", "the secret does not open with"
-                                   " webhook-keys.secret; delete the webhook and create it again",
+                self.log.error("webhook {name}: its secret does not open with {path}; not delivering",
+                               name=hook.name, path=str(self.box.path))
+                await self._record(hook, self.clock.seconds(), "error", "the secret does not open with this hub's"
+                                   " webhook key file (webhooks.key_file); delete the webhook and create it again",
                                    delivered=False, failed=True)
                 return
             done: int | None = None  # the last row delivered and not yet deleted

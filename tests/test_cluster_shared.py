@@ -5,7 +5,6 @@ one hub, webhook events delivered once by the hub that handled them."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -235,8 +234,10 @@ async def test_alerts_fire_once_from_one_hub_on_what_every_hub_heard_and_move_wh
 
 async def _webhook_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, WebhookService, list[Event]]:
     tmp.mkdir()
+    # Every hub of a cluster signs with the same key file (docs/cluster.md).
+    key_file = str(tmp.parent / "shared" / "webhook-keys.secret")
     config = make_config(tmp, database=database, cluster={"redis": redis, "node": node},
-                         webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s"})
+                         webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s", "key_file": key_file})
     config.data_dir.mkdir(parents=True)
     hub = make_hub(config, reactor, {"devices": installed_families()["devices"]})
     hub.store.start()
@@ -262,8 +263,8 @@ async def test_each_event_is_delivered_once_by_the_hub_that_handled_it_and_hubs_
     try:
         hook, secret = await one[1].add({"name": "crm", "url": f"http://127.0.0.1:{port}/hook",
                                          "families": ["devices"]}, "tests")
-        # Every hub of a cluster signs with the same key file (docs/cluster.md).
-        shutil.copy(one[0].config.data_dir / "webhook-keys.secret", two[0].config.data_dir / "webhook-keys.secret")
+        assert (tmp_path / "shared" / "webhook-keys.secret").exists()  # webhooks.key_file, not data_dir
+        assert not (one[0].config.data_dir / "webhook-keys.secret").exists()
         await wait_for(lambda: hook.id in two[1].hooks, what="hub-2 has the webhook")  # made on hub-1
         # Each hub's stream hears the other (its subscription is in place): a family no webhook wants.
         for hub, stream in ((one[0], two[2]), (two[0], one[2])):
