@@ -330,24 +330,25 @@ async def test_a_command_for_one_hub_or_every_hub_and_who_is_alive(hubs: list[Cl
 
         return handle
 
+    # A family of its own: a hub of an earlier test still disconnecting has no handler for it (left out).
     for cluster in (one, two, three):
-        cluster.router.register("mioty", handler(cluster.node))
+        cluster.router.register("probe", handler(cluster.node))
     running = True
     try:
         # call: on the named hub, with no station.
-        assert await one.router.call("hub-2", "mioty", "which", 1) == ["hub-2", 1]
-        assert await one.router.call("hub-1", "mioty", "which", 2) == ["hub-1", 2]
+        assert await one.router.call("hub-2", "probe", "which", 1) == ["hub-2", 1]
+        assert await one.router.call("hub-1", "probe", "which", 2) == ["hub-1", 2]
         # broadcast: every other hub, each once; a hub's failure is left out of the results.
-        assert sorted(await one.router.broadcast("mioty", "which", 3)) == [["hub-2", 3], ["hub-3", 3]]
-        assert await one.router.broadcast("mioty", "count", 4) == [["hub-2", 4]]
+        assert sorted(await one.router.broadcast("probe", "which", 3)) == [["hub-2", 3], ["hub-3", 3]]
+        assert await one.router.broadcast("probe", "count", 4) == [["hub-2", 4]]
         assert sorted(r for r in ran if r[3] == 3) == [("hub-2", "", "which", 3), ("hub-3", "", "which", 3)]
         assert await one.router.alive("hub-2") and await one.router.alive("hub-1")
         # A hub that is gone: not alive, left out of broadcasts, and a call to it runs here.
         await three.stop()
         running = False
         assert not await one.router.alive("hub-3")
-        assert await one.router.broadcast("mioty", "which", 5) == [["hub-2", 5]]
-        assert await one.router.call("hub-3", "mioty", "which", 6) == ["hub-1", 6]
+        assert await one.router.broadcast("probe", "which", 5) == [["hub-2", 5]]
+        assert await one.router.call("hub-3", "probe", "which", 6) == ["hub-1", 6]
     finally:
         if running:
             await three.stop()

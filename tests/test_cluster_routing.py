@@ -107,10 +107,14 @@ async def test_a_station_that_moves_takes_its_downlinks_and_only_one_hub_keeps_t
         queued = await two.service.queue_downlink(EP, "beef", actor="test")
         await first.expect("dlDataQue")
         assert queued["status"] == "accepted"  # B holds it, and never reports on this connection
+        await two.service.registry.flush_state()  # as every mioty.flush_interval
         # B connects to hub-1 (hub-2 closes the older connection): hub-1 keeps the downlink and sends it
         # again; hub-2 forgets it and writes nothing more about it.
         second = await one.station("bs-b", B)
         await first.lost
+        # Its attPrp from hub-1 carries the session as hub-2 left it: key, and the packet counter hub-2 heard.
+        prp = await second.expect("attPrp")
+        assert (prp["epEui"], bytes(prp["nwkSnKey"]), prp["lastPacketCnt"]) == (int(EP, 16), KEY, 2)
         que = await second.expect("dlDataQue")
         assert que["queId"] == queued["queId"]
         await wait_for(lambda: queued["queId"] not in two.service.downlink_queue.pending)

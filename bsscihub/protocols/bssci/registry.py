@@ -495,20 +495,37 @@ class Registry:
             return 0
         euis, self._dirty = self._dirty, set()
         rows = [
-            (s.last_packet_cnt, s.last_seen, s.best_bs, s.best_snr, s.eui)
+            (s.last_packet_cnt, s.last_seen, s.best_bs, s.best_snr, s.eui, s.last_seen)
             for s in (self.sensors.get(eui) for eui in euis)
             if s is not None
         ]
         try:
+            # Never older over newer: in a cluster another hub may have heard a later uplink.
             await self.store.executemany(
                 "UPDATE mioty_sensors SET last_packet_cnt = ?, last_seen = ?, best_bs = ?, best_snr = ?"
-                " WHERE eui = ?",
+                " WHERE eui = ? AND (last_seen IS NULL OR last_seen <= ?)",
                 rows,
             )
         except Exception:
             self._dirty |= euis
             raise
         return len(rows)
+
+    async def refresh_state(self) -> int:
+        """Take the hot state other hubs wrote back where it is newer than this hub's (a cluster: the
+        packet counter an attPrp carries, the best path); returns how many sensors changed."""
+        rows = await self.store.fetchall(
+            "SELECT eui, last_packet_cnt, last_seen, best_bs, best_snr FROM mioty_sensors WHERE last_seen IS NOT NULL"
+        )
+        changed = 0
+        for eui, packet_cnt, last_seen, best_bs, best_snr in rows:
+            sensor = self.sensors.get(eui)
+            if sensor is not None and (sensor.last_seen is None or float(last_seen) > sensor.last_seen):
+                sensor.last_packet_cnt, sensor.last_seen = _opt_int(packet_cnt), float(last_seen)
+                # The receivers this hub heard last are older than that uplink's best one.
+                sensor.best_bs, sensor.best_snr, sensor.paths = best_bs, _opt_float(best_snr), ()
+                changed += 1
+        return changed
 
     # -- base stations
 

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bsscihub import audit
@@ -149,6 +150,7 @@ class MiotyService(MiotyActions, FamilyService):
         self._det_seen: dict[tuple[str, int, bytes], float] = {}  # (epEui, packetCnt, sign) -> when detached
         self._resumable: dict[str, _Resumable] = {}  # bsEui -> its ended session, while resumable
         self._handover: dict[str, Session] = {}  # bsEui -> the session whose resume is offered to its successor
+        self._refreshing: defer.Deferred[Any] | None = None  # the hot state read under way (cluster)
         self.stopping = False
         self._writes: set[defer.Deferred[Any]] = set()
         self.started_at = self.clock.seconds()
@@ -403,9 +405,42 @@ class MiotyService(MiotyActions, FamilyService):
             peer=session.peer,
             count=len(attached),
         )
-        # Always all of them: a base station forgets its attachments when it reconnects.
-        session.propagate((True, ep) for ep in attached)
+        if self.cluster.clustered:
+            # Its end points' packet counters as the hub that heard them last wrote them back, first.
+            refreshed = self._refresh_state()
+            refreshed.addCallback(lambda _: self._propagate_attached(session))
+            self._background(refreshed, f"propagating the attached end points to {eui}")
+        else:
+            self._propagate_attached(session)
         self.vm.session_ready(session)
+
+    def _propagate_attached(self, session: Session) -> None:
+        if self.sessions.get(session.bs_hex) is not session or session.state is not State.ESTABLISHED:
+            return
+        # Always all of them: a base station forgets its attachments when it reconnects.
+        session.propagate((True, int(s.eui, 16)) for s in list(self.registry.sensors.values()) if s.attached)
+
+    def _refresh_state(self) -> defer.Deferred[Any]:
+        """One read of the sensors' hot state for the stations connecting meanwhile (a failover brings many)."""
+        reading = self._refreshing
+        if reading is None:
+            reading = self._refreshing = defer.Deferred.fromCoroutine(self.registry.refresh_state())
+
+            def done(result: Any) -> None:
+                self._refreshing = None
+                if isinstance(result, Failure):
+                    self.log.failure("reading the sensors' hot state failed; propagating what this hub knows",
+                                     result)
+
+            reading.addBoth(done)
+        waiter: defer.Deferred[Any] = defer.Deferred()
+
+        def fire(result: Any) -> Any:
+            waiter.callback(None)
+            return result
+
+        reading.addBoth(fire)
+        return waiter
 
     def session_closed(self, session: Session, reason: str) -> None:
         eui = session.bs_hex
