@@ -13,10 +13,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.web import server
 
-from bsscihub import cluster_redis
+from bsscihub import cluster_redis, users
 from bsscihub.alerts import AlertService
 from bsscihub.bus import Event
 from bsscihub.cluster import Cluster
@@ -24,12 +24,14 @@ from bsscihub.cluster_redis import RedisLease, RedisLimiter, redis_cluster
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from bsscihub.ingest import RegistrationLimit, Rejected
+from bsscihub.web.app import WebApp
 from bsscihub.web.auth import LoginLimiter
 from bsscihub.webhooks import WebhookService, sign
 from tests.broker import free_port
 from tests.conftest import _reset_pg_schema, make_config
 from tests.redis_server import redis_url
 from tests.test_alerts import Receiver
+from tests.test_web_support import PASSWORD, Harness, fast_hashing
 
 __all__ = ["redis_url"]  # fixtures
 
@@ -304,3 +306,37 @@ async def test_each_event_is_delivered_once_by_the_hub_that_handled_it_and_hubs_
             await hub.store.stop()
         if listening is not None:
             await listening.stopListening()
+
+
+# -- the web app's log-in limit over two hubs, end to end
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_passwords_sent_to_two_hubs_add_up_to_one_limit(
+        tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast_hashing(monkeypatch)
+    _reset_pg_schema(postgres_url)
+    harnesses: list[Harness] = []
+    try:
+        for node in ("hub-1", "hub-2"):
+            (tmp_path / node).mkdir()
+            config = make_config(tmp_path / node, database=postgres_url, cluster={"redis": redis_url, "node": node})
+            hub = make_hub(config, reactor, {})
+            hub.store.start()
+            await hub.store.migrate(hub.migrations())
+            await hub.cluster.start()
+            harnesses.append(Harness(hub, WebApp(hub, clock=Clock()), Clock()))
+        await harnesses[0].hub.cluster.link.redis.flushdb()
+        await users.add_user(harnesses[0].hub.store, "admin", "admin", PASSWORD)
+        body = {"username": "admin", "password": "wrong-wrong"}
+        # Five wrong passwords a quarter of an hour from one address (README), over both hubs.
+        for h in (*harnesses, *harnesses, harnesses[0]):
+            assert (await h.request("POST", "/api/v1/auth/token", json_body=body)).code == 401
+        for h in harnesses:
+            reply = await h.request("POST", "/api/v1/auth/token", json_body={**body, "password": PASSWORD})
+            assert reply.code == 429 and int(reply.header("Retry-After") or 0) > 0
+    finally:
+        for h in harnesses:
+            h.web.stop()
+            await h.hub.cluster.stop()
+            await h.hub.store.stop()
