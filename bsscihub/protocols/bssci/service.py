@@ -693,6 +693,8 @@ class MiotyService(MiotyActions, FamilyService):
         """Warn about silent sensors (mioty.inactivity_warning) and detach them (mioty.auto_detach)."""
         now = self.clock.seconds() if now is None else now
         settings = self.settings
+        if self.cluster.clustered:
+            await self._refresh_state()  # silent here is not silent: another hub may hear it
         for sensor in list(self.registry.sensors.values()):
             if not sensor.attached:
                 continue
