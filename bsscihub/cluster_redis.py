@@ -677,7 +677,8 @@ class RedisLimiter:
         return f"{_PREFIX}rate:{self.name}:{text}"
 
     def _run(self, mode: str, key: Hashable, cost: float) -> defer.Deferred[float | None]:
-        d = self.link.eval(_RATE, [self._key(key)], [mode, *self._args, repr(float(cost))])
+        # Not connected yet (or any other trouble): a failure like Redis not answering, decided here.
+        d = defer.maybeDeferred(self.link.eval, _RATE, [self._key(key)], [mode, *self._args, repr(float(cost))])
         d.addCallback(lambda over: None if over is None else float(over))
         # Spent here too: if Redis goes away, this hub's bucket already knows what it saw.
         if mode != "wait":
@@ -713,7 +714,7 @@ class RedisLimiter:
 
     def forget(self, key: Hashable) -> defer.Deferred[None]:
         self.local.forget(key)
-        d = self.link.redis.delete([self._key(key)])
+        d = defer.maybeDeferred(lambda: self.link.redis.delete([self._key(key)]))
         d.addCallback(lambda _: None)
         d.addErrback(self._unreachable, "forget", key, 0.0)
         return d.addCallback(lambda _: None)

@@ -111,6 +111,12 @@ async def test_a_shared_limit_counts_on_this_hub_while_redis_is_away(redis_url: 
     await node.stop()  # Redis unreachable from here on
     assert await limiter.take("10.0.0.1") is None  # the second of the burst, counted here
     assert await limiter.take("10.0.0.1") is not None  # limited per hub rather than not at all
+    # Asked before the cluster connected: answered here too, not an error.
+    early = redis_cluster("hub-2", redis_url, reactor).limiter("test.away", reactor, rate=1.0, burst=1)
+    assert await early.take("10.0.0.1") is None
+    assert await early.take("10.0.0.1") is not None
+    await early.forget("10.0.0.1")
+    assert await early.wait("10.0.0.1") is None
 
 
 @pytest_twisted.ensureDeferred
