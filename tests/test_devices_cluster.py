@@ -15,6 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from bsscihub.protocols.devices.service import CLUSTER_LOAD_EVERY
 from tests.conftest import _reset_pg_schema
 from tests.memory_bridge import FollowingClock, MemoryBroker
 from tests.redis_server import redis_url
@@ -31,7 +32,7 @@ def results(witness: Any, kind: str) -> list[dict[str, Any]]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_update_once(
-    tmp_path: Path, postgres_url: str
+    tmp_path: Path, postgres_url: str, redis_url: str
 ) -> None:
     _reset_pg_schema(postgres_url)
     brokers = [MemoryBroker(), MemoryBroker()]
@@ -41,6 +42,7 @@ async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_updat
     for n in (0, 1):
         (tmp_path / f"hub{n}").mkdir()
         hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], clocks[n], database=postgres_url,
+                                    cluster={"redis": redis_url, "node": f"hub-{n}"},
                                     devices={"command_timeout": "2s", "ota_timeout": "2s"}))
     sender, other = hubs
     device = brokers[1].device()  # its messages reach the other hub
@@ -84,6 +86,16 @@ async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_updat
         # An answer nobody waits for is still refused, on any hub.
         await device.publish("device/d1/commands/reboot/result", {"id": sent["commandId"], "ok": True})
         await eventually(lambda: other.rejected("devices", "unknown_command") == 1, what="the stale answer refused")
+
+        # A command whose hub dies unanswered is timed out by the other hub, which learnt of it.
+        code, lost = await sender.api("POST", "/api/v1/devices/d1/commands", {"name": "blink"})
+        assert code == 202
+        await sender.stop()
+        hubs.remove(sender)
+        clocks[1].advance(CLUSTER_LOAD_EVERY + 0.1)  # past its deadline too: loaded, it times out at once
+        [timed_out] = [json.loads(m.payload) for m in await witnesses[1].when(
+            lambda m: m.topic == f"{DEV}/d1/event/command_result" and lost["commandId"].encode() in m.payload)]
+        assert (timed_out["command"], timed_out["state"]) == ("blink", "timeout")
     finally:
         device.stop()
         for running in hubs:

@@ -184,10 +184,34 @@ class DevicesService(FamilyService):
                 self.devices[did] = Device(did, float(first), via, name, last, status, json.loads(detail),
                                            status_time, firmware, int(messages))
 
+    async def _load_open(self, since: float | None = None) -> None:
+        """Commands and offers open in the database and not held here (all, or those made since `since`),
+        each with a timer for its deadline."""
+        now = self.clock.seconds()
+        after = "" if since is None else " AND created_at >= ?"
+        params = () if since is None else (since,)
+        for cid, device, name, deadline in await self.hub.store.fetchall(
+            "SELECT id, device, name, deadline FROM dev_commands WHERE state = 'sent'" + after, params
+        ):
+            if cid not in self.commands:
+                pending = self.commands[cid] = Pending(cid, device, name)
+                pending.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._command_timed_out, cid)
+        for oid, device, firmware, deadline, version in await self.hub.store.fetchall(
+            "SELECT o.id, o.device, o.firmware, o.deadline, COALESCE(o.version, f.version) FROM dev_ota o"
+            f" LEFT JOIN dev_firmware f ON f.id = o.firmware WHERE o.state IN {OTA_OPEN}"
+            + after.replace("created_at", "o.created_at"), params
+        ):
+            if oid not in self.offers:
+                offer = self.offers[oid] = Pending(oid, device, "ota", firmware=int(firmware), version=version)
+                offer.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._offer_timed_out, oid)
+
     async def _load_others(self) -> None:
-        """In a cluster: the devices the other hubs registered lately, so that this hub's API knows them."""
+        """In a cluster: the devices the other hubs registered lately, so that this hub's API knows them, and
+        the commands and offers they made, so that they time out here too if their hub dies (once: the first
+        hub to settle one wins)."""
         since, self._loaded_at = self._loaded_at - CLUSTER_LOAD_MARGIN, self.clock.seconds()
         await self._load_registry(since)
+        await self._load_open(since)
 
     async def prepare(self) -> None:
         self._loaded_at = self.clock.seconds()
@@ -195,19 +219,8 @@ class DevicesService(FamilyService):
         if self.hub.cluster.clustered:
             self._others.start(CLUSTER_LOAD_EVERY, now=False).addErrback(
                 errback(self.log, "devices: loading the other hubs' registrations stopped"))
-        now = self.clock.seconds()
         # Commands and offers still open when the hub stopped keep their deadlines.
-        for cid, device, name, deadline in await self.hub.store.fetchall(
-            "SELECT id, device, name, deadline FROM dev_commands WHERE state = 'sent'"
-        ):
-            pending = self.commands[cid] = Pending(cid, device, name)
-            pending.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._command_timed_out, cid)
-        for oid, device, firmware, deadline, version in await self.hub.store.fetchall(
-            "SELECT o.id, o.device, o.firmware, o.deadline, COALESCE(o.version, f.version) FROM dev_ota o"
-            " LEFT JOIN dev_firmware f ON f.id = o.firmware WHERE o.state IN ('offered', 'downloading', 'installing')"
-        ):
-            offer = self.offers[oid] = Pending(oid, device, "ota", firmware=int(firmware), version=version)
-            offer.timer = self.clock.callLater(max(0.0, float(deadline) - now), self._offer_timed_out, oid)
+        await self._load_open()
         self._flusher.start(FLUSH_EVERY, now=False)
         self._pruner.start(3600.0, now=True)
         check = max(0.05, min(self.config.offline_after / 4, 15.0))
