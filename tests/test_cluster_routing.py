@@ -15,7 +15,7 @@ from twisted.internet.task import deferLater
 from tests.conftest import _reset_pg_schema
 from tests.redis_server import redis_url
 from tests.test_cluster_redis import _start_hub
-from tests.test_mioty_service import EP, KEY, PKI, B, Running, Station, heard, pki, wait_for
+from tests.test_mioty_service import EP, KEY, PKI, A, B, Running, Station, heard, pki, wait_for
 
 __all__ = ["pki", "redis_url"]  # fixtures
 
@@ -170,5 +170,38 @@ async def test_a_downlink_whose_hub_is_gone_is_adopted_and_sent_when_its_station
         assert (await back.expect("dlDataQue"))["queId"] == queued["queId"]
     finally:
         for running in (one,) if stopped else (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_downlink_follows_its_end_point_to_a_station_on_another_hub(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    try:
+        await one.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        a = await one.station("bs-a", A)
+        await heard(one, a, cnt=4)
+        a.transport.loseConnection()
+        await a.lost
+        await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) is None)
+        queued = await one.service.queue_downlink(EP, "beef", actor="test")
+        assert queued["status"] == "queued"  # A, its serving station, is away: hub-1 keeps it
+        # The end point is heard through B on hub-2 from now on (written back as every flush_interval).
+        b = await two.station("bs-b", B)
+        await heard(two, b, cnt=5)
+        await two.service.registry.flush_state()
+        assert not [m for m in b.seen if m["command"] == "dlDataQue"]
+        # hub-1 learns it (as before judging silence) and hands the downlink to hub-2, which sends it via B.
+        await one.service.registry.refresh_state()
+        assert await one.service.hand_over_downlinks() == 1
+        assert (await b.expect("dlDataQue"))["queId"] == queued["queId"]
+        assert queued["queId"] in two.service.downlink_queue.pending
+        assert queued["queId"] not in one.service.downlink_queue.pending
+    finally:
+        for running in (one, two):
             await running.stop()
             await running.hub.cluster.stop()

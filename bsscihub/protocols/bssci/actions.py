@@ -400,6 +400,29 @@ class MiotyActions:
         await self.downlink_queue.take(rows, f"base station {station} is on hub {node} now")
         return len(self.downlink_queue.pending) - before
 
+    async def hand_over_downlinks(self) -> int:
+        """Hand the queued downlinks whose serving station is on another hub now to that hub (the end
+        point moved there while they waited). Returns how many went."""
+        node, handed = self.cluster.node, 0
+        for ep in sorted(self.downlink_queue.waiting):
+            serving = self.downlink_queue.serving(ep)
+            owner = self.cluster.ownership.owner("mioty", serving) if serving is not None else None
+            if serving is None or owner is None or owner == node or not await self.cluster.router.alive(owner):
+                continue
+            queued = self.downlink_queue.queued_for(ep)
+            for dl in queued:
+                self.downlink_queue.forget(dl)  # not dispatched from here while the other hub takes it
+            args = {"queIds": [dl.que_id for dl in queued], "from": node}
+            try:
+                await self.cluster.router.route("mioty", serving, "dl_take", args)
+            except Exception as e:
+                self.log.warn("hub {node} did not take the downlinks of {epEui} ({problem}); kept here", node=owner,
+                              epEui=ep, problem=str(e))
+                await self._take_here(args)
+                continue
+            handed += len(queued)
+        return handed
+
     async def adopt_downlinks(self) -> int:
         """Keep the pending downlinks no running hub keeps, unless their station is on another hub
         (which takes them). Returns how many were taken here."""

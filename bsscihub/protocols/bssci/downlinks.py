@@ -324,6 +324,14 @@ class Downlinks:
             self.log.info("took {count} pending downlinks: {reason}", count=len(taken), reason=reason or "asked to")
         return [d for ep in sorted(eps) for d in self.offer(ep)]
 
+    def queued_for(self, ep: str) -> list[Downlink]:
+        """The end point's downlinks that no station holds, oldest first."""
+        return [dl for dl in sorted(self.by_ep.get(ep, {}).values(), key=_que_id) if dl.state is Q]
+
+    def forget(self, dl: Downlink) -> None:
+        """Keep `dl` no longer in memory (it is handed to another hub); its row stays as it is."""
+        self._forget(dl)
+
     def let_go(self, station: str) -> list[Downlink]:
         """Another hub holds `station` now: forget the downlinks it held or serves (that hub takes them);
         returns them, to release in the database."""

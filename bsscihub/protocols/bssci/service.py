@@ -169,6 +169,7 @@ class MiotyService(MiotyActions, FamilyService):
             self._loops.append((self.looping(self.uplinks.adopt_orphans, "adopting orphaned uplinks"), 1.0))
         if self.cluster.clustered:
             self._loops.append((self.looping(self.adopt_downlinks, "adopting downlinks nobody keeps"), 2.0))
+            self._loops.append((self.looping(self.hand_over_downlinks, "handing downlinks to other hubs"), 2.0))
         hub.health.register("bssci", self._health)
         hub.metrics.register(MiotyMetrics(self))
         self.tls_stats = ConnectionStats()
