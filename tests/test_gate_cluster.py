@@ -53,6 +53,8 @@ async def test_a_unit_whose_messages_reach_either_hub(tmp_path: Path, postgres_u
             def heard(topic: str, payload: bytes) -> None:
                 command = json.loads(payload)
                 commands.append((n, command))
+                if command["command"] == "mute":
+                    return
                 # its answer reaches the other hub
                 status(1 - n, {"state": "open", "command_id": command["id"], "ok": True, "result": {"by": n}})
             return heard
@@ -100,6 +102,19 @@ async def test_a_unit_whose_messages_reach_either_hub(tmp_path: Path, postgres_u
                          what="offline after the silence")
         await deferLater(reactor, OFFLINE_AFTER * 1.5, lambda: None)
         assert states(witnesses[0]) + states(witnesses[1]) == ["offline"]
+
+        # Back, heard by hub one only, which relays a command the unit never answers, and dies.
+        status(0, {"state": "closed"})
+        await witnesses[0].when(lambda m: m.topic == STATE and b"online" in m.payload)
+        code, muted = await one.api("POST", f"{GATES}/gate-1/commands", {"command": "mute", "timeout": 2})
+        assert code == 202 and muted["relayed_at"] is not None
+        await one.stop()
+        hubs.remove(one)
+        witnesses[1].clear()
+        # Hub two learns of both within seconds: the command times out, the silent unit goes offline.
+        code, ended = await two.api("GET", f"{GATES}/gate-1/commands/{muted['id']}?wait=9")
+        assert ended["state"] == "timeout"
+        await witnesses[1].when(lambda m: m.topic == STATE and b"offline" in m.payload, timeout=10)
     finally:
         for running in hubs:
             await running.stop()

@@ -50,6 +50,8 @@ FILES_PATH = "/api/v1/gates/files/"
 
 COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 CLUSTER_POLL = 0.5
+CLUSTER_LOAD_EVERY = 5.0
+"""Seconds between looks, in a cluster, for the units and commands the other hubs took or opened."""
 """Seconds between looks in the database for a command another hub of a cluster settled."""
 USER_COMMANDS = frozenset({"open", "close", "stop", "status"})
 """What an app with `user` access may send; every other command needs `engineer`."""
@@ -106,6 +108,7 @@ class GateService(FamilyService):
         self._queues: dict[int, deque[str]] = {}
         # Registrations, renames and deletions touch the broker and the database: one at a time.
         self._lock = defer.DeferredLock()
+        self._others = self.looping(self._arm_from_store, "loading what the other hubs opened")
 
     def _make_provisioner(self) -> Any:
         if self.config.broker_provisioning != "dynsec":
@@ -130,23 +133,37 @@ class GateService(FamilyService):
         self.keyring = Keyring.load(self.config.secret, Path(self.hub.config.data_dir))
         self.signer = URLSigner(self.keyring.url_key)
         self.files_dir.mkdir(parents=True, exist_ok=True)
-        now = self.now()
-        for unit in await registry.all_units(self.hub.store):
-            self._by_controller[unit.controller_id] = unit.id
-            if unit.online:
-                silent = now - (unit.last_seen or now)
-                self._arm_offline(unit.id, max(0.0, self.config.offline_after - silent))
-        for command in await registry.pending_commands(self.hub.store):
-            self._arm_timeout(command.id, command.unit_id, max(0.0, command.deadline - now))
-            if command.relayed_at is None:
-                self._queues.setdefault(command.unit_id, deque()).append(command.id)
+        await self._arm_from_store()
+        if self.hub.cluster.clustered:
+            self._others.start(CLUSTER_LOAD_EVERY, now=False).addErrback(
+                lambda f: self.log.failure("gate: loading what the other hubs opened stopped", f))
         if self.broker.enabled:
             self.hub.health.register(
                 "gate_broker", lambda: ComponentHealth(self.broker.connected, {"provisioning": "dynsec"}), needed=False
             )
         self.broker.start()
 
+    async def _arm_from_store(self) -> None:
+        """Timers for the online units' silence and the pending commands' deadlines this hub does not hold yet
+        (at start; in a cluster every few seconds too, so that what a dead hub opened still ends)."""
+        now = self.now()
+        for unit in await registry.all_units(self.hub.store):
+            self._by_controller[unit.controller_id] = unit.id
+            if unit.online and unit.id not in self._offline_timers:
+                silent = now - (unit.last_seen or now)
+                self._arm_offline(unit.id, max(0.0, self.config.offline_after - silent))
+        for command in await registry.pending_commands(self.hub.store):
+            if command.id in self._command_timers:
+                continue
+            self._arm_timeout(command.id, command.unit_id, max(0.0, command.deadline - now))
+            if command.relayed_at is None:
+                queue = self._queues.setdefault(command.unit_id, deque())
+                if command.id not in queue:
+                    queue.append(command.id)
+
     async def drain(self) -> None:
+        if self._others.running:
+            self._others.stop()
         for timer in [*self._offline_timers.values(), *self._command_timers.values()]:
             if timer.active():
                 timer.cancel()
