@@ -13,8 +13,10 @@ import attrs
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
 
 from bsscihub.bus import Event
+from bsscihub.cluster import IWindowStore
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from bsscihub.protocols.ble.service import BLEService
@@ -89,6 +91,7 @@ def everywhere(*hubs: BLEHub) -> list[tuple[str, dict[str, Any]]]:
 @pytest_twisted.ensureDeferred
 async def test_copies_on_two_hubs_make_one_reading_with_every_receiver(two_hubs: tuple[BLEHub, BLEHub]) -> None:
     one, two = two_hubs
+    assert verifyObject(IWindowStore, one.service.shared)
     one.heard("GW1", -71, temperature=22)
     two.heard("GW2", -60, temperature=22, humidity=65)
     await until(lambda: len(everywhere(one, two)) == 1)
