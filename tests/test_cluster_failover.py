@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.broker import Mosquitto, Subscriber, free_port
+from tests.cluster import HAPROXY, owner
+from tests.cluster import ready as _ready
 from tests.conftest import _reset_pg_schema
 from tests.helpers import CONFIG, TWISTD, clean_env
 from tests.redis_server import redis_url
@@ -34,15 +35,6 @@ __all__ = ["pki", "redis_url"]  # fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
-HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/usr/local/sbin")
-
-
-def _ready(web: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{web}/health/ready", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 class Hubs:
@@ -106,10 +98,7 @@ backend hubs
         assert self.haproxy.poll() is None
 
     def owner(self, eui: str) -> str:
-        port = self.redis.rsplit(":", 1)[1].split("/")[0]
-        out = subprocess.run(["redis-cli", "-p", port, "-n", "0", "HGET", "bsscihub:owners", f"mioty/{eui}"],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-        return str(json.loads(out)["node"]) if out else ""
+        return owner(self.redis, eui)
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -191,11 +191,38 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         assert option in text, option
 
 
+def haproxy_config(env: dict[str, str]) -> dict[str, list[list[str]]]:
+    """deploy/haproxy.cfg as HAProxy reads it with `env`: its presetenv defaults, then ${VAR} expanded;
+    the lines of each section ("global", "frontend bssci", ...), split into words."""
+    sections: dict[str, list[list[str]]] = {}
+    current: list[list[str]] = []
+    values = dict(env)
+    for raw in (REPO / "deploy" / "haproxy.cfg").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = [re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], w).strip('"') for w in line.split()]
+        if raw[0].isspace():
+            current.append(words)
+            if words[0] == "presetenv":
+                values.setdefault(words[1], words[2])
+        else:
+            current = sections.setdefault(" ".join(words), [])
+    return sections
+
+
+def port_of(listen: str) -> int:
+    match = re.match(r"tcp:(\d+)", listen)
+    assert match is not None, listen
+    return int(match.group(1))
+
+
 def test_cluster_compose_file_runs_two_hubs_behind_haproxy() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.cluster.yml").read_text())
     services = compose["services"]
     assert set(services) == {"hub1", "hub2", "haproxy", "postgres", "redis", "mosquitto"}
-    nodes = set()
+    haproxy = haproxy_config({})
+    nodes, hubs = set(), {}
     for name in ("hub1", "hub2"):
         hub = services[name]
         # Shared configuration and PKI, a data directory (outbox) of its own.
@@ -204,17 +231,57 @@ def test_cluster_compose_file_runs_two_hubs_behind_haproxy() -> None:
         for volume in hub["volumes"]:
             assert volume.split(":")[0] in compose["volumes"], volume
         env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in hub["environment"].items()}
+        # Every BSSCIHUB_* variable is a real key (an unknown one stops the hub), with the value compose gives.
         config, _ = load_hub_config(str(REPO / "etc" / "hub.yaml"), {**dockerfile_env(), **env})
+        effective = config.masked()
+        for var, value in env.items():
+            if var.startswith("BSSCIHUB_"):
+                section, _, key = var.removeprefix("BSSCIHUB_").lower().partition("_")
+                shown = effective[section][key] if key else effective[section]
+                masked = re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", value)  # as the effective config shows it
+                assert str(shown) in (value, masked, "***"), (var, shown, value)
         assert config.database.startswith("postgresql://") and config.section("cluster").redis == "redis://redis:6379/0"
         nodes.add(config.section("cluster").node)
+        hubs[name] = (port_of(config.section("bssci").listen), port_of(config.web.listen))
     assert nodes == {"hub1", "hub2"}
-    haproxy = (REPO / "deploy" / "haproxy.cfg").read_text()
+    # hub2 waits for hub1's health check (the image's HEALTHCHECK), hub1 for PostgreSQL's and Redis's.
+    assert services["hub2"]["depends_on"]["hub1"]["condition"] == "service_healthy"
+    assert "HEALTHCHECK" in (REPO / "Dockerfile").read_text()
+    for dependency in ("postgres", "redis"):
+        assert services["hub1"]["depends_on"][dependency]["condition"] == "service_healthy"
+        assert services[dependency]["healthcheck"]["test"][0] == "CMD"
+    # HAProxy as compose runs it: the file mounted unchanged, its defaults name compose's services and
+    # the hubs' real ports; it publishes what its frontends bind; it checks the hubs' readiness.
     assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in services["haproxy"]["volumes"]
-    for server in ("server hub1 hub1:16017", "server hub2 hub2:16017", "server hub1 hub1:8080"):
-        assert server in haproxy
-    if shutil.which("haproxy"):  # the configuration parses (names resolved at start, so not checked here)
-        checked = subprocess.run(["haproxy", "-c", "-f", str(REPO / "deploy" / "haproxy.cfg")], capture_output=True,
+    assert "environment" not in services["haproxy"]
+    for backend, port in (("hubs_bssci", 0), ("hubs_web", 1)):
+        lines = haproxy[f"backend {backend}"]
+        assert ["option", "httpchk", "GET", "/health/ready"] in lines
+        servers = {words[1]: words[2:] for words in lines if words[0] == "server"}
+        assert set(servers) == {"hub1", "hub2"}
+        for name, words in servers.items():
+            assert words[0] == f"{name}:{hubs[name][port]}", words
+            if backend == "hubs_bssci":
+                assert words[1:] == ["check", "port", str(hubs[name][1])], words
+    published = {entry.rsplit(":", 1)[1] for entry in services["haproxy"]["ports"]}
+    binds = {words[1].rsplit(":", 1)[1] for name in ("frontend bssci", "frontend web")
+             for words in haproxy[name] if words[0] == "bind"}
+    assert binds == published == {"16017", "8080"}
+    if shutil.which("haproxy", path="/usr/sbin:/usr/bin"):
+        haproxy_bin = shutil.which("haproxy", path="/usr/sbin:/usr/bin")
+        assert haproxy_bin is not None
+        # The configuration parses (compose's names resolve only there, so not checked here) ...
+        checked = subprocess.run([haproxy_bin, "-c", "-f", str(REPO / "deploy" / "haproxy.cfg")], capture_output=True,
                                  text=True)
         alerts = [line for line in (checked.stdout + checked.stderr).splitlines() if "[ALERT]" in line]
         assert all("could not resolve address" in a or "Failed to initialize server(s) addr" in a for a in alerts), \
             alerts
+        # ... and with the settings of docs/cluster.md's "Without containers" it is valid as it is.
+        docs = (REPO / "docs" / "cluster.md").read_text().split("\n## Without containers\n", 1)[1]
+        settings = dict(re.findall(r"\b([A-Z][A-Z0-9_]+)=(\S+)", re.findall(r"```sh\n(.*?)```", docs, re.S)[0]))
+        local = {k: v for k, v in settings.items() if not k.startswith("BSSCIHUB_")}
+        checked = subprocess.run([haproxy_bin, "-c", "-f", str(REPO / "deploy" / "haproxy.cfg")], capture_output=True,
+                                 text=True, env={**os.environ, **local})
+        assert checked.returncode == 0 and "Configuration file is valid" in checked.stdout, checked.stderr
+        servers = [words for words in haproxy_config(local)["backend hubs_bssci"] if words[0] == "server"]
+        assert [w[2] for w in servers] == [f"127.0.0.1:{local['HUB1_BSSCI']}", f"127.0.0.1:{local['HUB2_BSSCI']}"]
