@@ -220,6 +220,7 @@ class MQTTBridge(Service):
         cluster = hub.cluster
         self._status_topic = f"{self.prefix}/hub/status"
         self._node: str | None = None
+        self._network_status_cleared = False
         if cluster.clustered:
             # Each hub of a cluster its own session (one client id would make the broker drop the other).
             overrides.setdefault("client_id", f"{config.client_id}-{cluster.node}")
@@ -410,15 +411,19 @@ class MQTTBridge(Service):
         online = hub_status("online", self.hub.version, self._connected_since, self._node)
         # first in line: the status goes out before the backlog (the will may have replaced it)
         self.client.publish(self._status_topic, online, 1, True).addErrback(self._statusLost)
-        if self._node is not None:
-            # what a single hub left there would speak for the whole cluster, and go stale
-            self.client.publish(f"{self.prefix}/hub/status", b"", 1, True).addErrback(self._statusLost)
+        if self._node is not None and not self._network_status_cleared:
+            # what a single hub left there would speak for the whole cluster, and go stale (once a start)
+            d = self.client.publish(f"{self.prefix}/hub/status", b"", 1, True)
+            d.addCallbacks(self._networkStatusCleared, self._statusLost)
         self.log.info(
             "MQTT bridge online as {prefix}; {depth} messages waiting in the outbox",
             prefix=self.prefix,
             depth=self.outbox.depth,
         )
         self.outbox.resume(self._send)
+
+    def _networkStatusCleared(self, _: None) -> None:
+        self._network_status_cleared = True
 
     def _statusLost(self, failure: Failure) -> None:
         # the next connect publishes it again
