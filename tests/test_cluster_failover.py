@@ -268,6 +268,14 @@ async def test_downlinks_reach_the_hub_holding_the_station_and_survive_the_death
     hubs: Hubs, subscriber_factory: Callable[..., Subscriber], mosquitto: Mosquitto
 ) -> None:
     witness = subscriber_factory(mosquitto, f"bsscihub/mioty/ep/{EP2}/event/downlink")
+    uplinks = subscriber_factory(mosquitto, f"bsscihub/mioty/ep/{EP2}/up")
+
+    async def published(count: int) -> None:
+        """Until the end point's `count`th uplink is out (its hub knows the receivers from then on)."""
+        deadline = reactor.seconds() + 10
+        while len(uplinks.messages) < count:
+            assert reactor.seconds() < deadline, "the uplink was not published"
+            await deferLater(reactor, 0.02, lambda: None)
     a = await connect(hubs, "bs-a", A)
     b = await connect(hubs, "bs-b", B)
     deadline = reactor.seconds() + 5
@@ -291,7 +299,7 @@ async def test_downlinks_reach_the_hub_holding_the_station_and_survive_the_death
     op = b.uplink(ep=EP2, cnt=1, snr=9.0)
     assert (await b.expect("ulDataRsp"))["opId"] == op
     b.send("ulDataCmp", op)
-    await deferLater(reactor, 0.5, lambda: None)  # its window closes, the uplink is out
+    await published(1)
     queued = await _rest(web, "POST", f"/sensors/{EP2}/downlinks", token, {"data": "beef"})
     assert (queued["status"], queued["baseStations"]) == ("accepted", [B])
     que = await b.expect("dlDataQue")
@@ -302,7 +310,7 @@ async def test_downlinks_reach_the_hub_holding_the_station_and_survive_the_death
     op = a.uplink(ep=EP2, cnt=2, snr=9.0)
     assert (await a.expect("ulDataRsp"))["opId"] == op
     a.send("ulDataCmp", op)
-    await deferLater(reactor, 0.5, lambda: None)
+    await published(2)
     held = await _rest(web, "POST", f"/sensors/{EP2}/downlinks", token, {"data": "cafe"})
     assert (held["status"], held["baseStations"]) == ("accepted", [A])
     assert (await a.expect("dlDataQue"))["queId"] == held["queId"]
