@@ -240,18 +240,25 @@ def make_observer(level: str, fmt: str, out: IO[str] | None = None) -> ILogObser
 
 
 # twistd takes its log observer factory by dotted name, so the chosen settings wait here.
-_twistd_settings = ("info", "text")
+_twistd_settings: tuple[str, str, str | None] = ("info", "text", None)
 
 
-def use_for_twistd(level: str, fmt: str) -> str:
-    """Remember the settings; returns the dotted name to hand to twistd's `logger` option."""
+def use_for_twistd(level: str, fmt: str, logfile: str | None = None) -> str:
+    """Remember the settings (and twistd's --logfile, if any); returns the dotted name to hand to
+    twistd's `logger` option."""
     global _twistd_settings
-    _twistd_settings = (level, fmt)
+    _twistd_settings = (level, fmt, logfile)
     return f"{__name__}.twistd_observer"
 
 
 def twistd_observer() -> ILogObserver:
-    return make_observer(*_twistd_settings)
+    level, fmt, logfile = _twistd_settings
+    if logfile is None:
+        return make_observer(level, fmt)
+    from twisted.python.logfile import LogFile
+
+    # As twistd's own --logfile: rotated at 1 MB; but in our format, escaped and scrubbed.
+    return make_observer(level, fmt, LogFile.fromFullPath(logfile))  # type: ignore[arg-type]
 
 
 class NoiseLimiter:

@@ -62,10 +62,15 @@ class Options(usage.Options):
         except ConfigError as e:
             print(e, file=sys.stderr)
             raise SystemExit(2) from None
-        # Unless twistd was told where to log, log as the config says.
+        # Unless twistd was given a logger, log as the config says: to standard output, or to the
+        # --logfile (twistd.log when daemonized, as twistd would), escaped and scrubbed either way.
         parent = getattr(self, "parent", None)
-        if parent is not None and not parent.get("logger") and parent.get("logfile") in (None, "-"):
-            parent["logger"] = use_for_twistd(self.hub_config.log.level, self.hub_config.log.format)
+        if parent is not None and not parent.get("logger"):
+            logfile = parent.get("logfile")
+            if not logfile and not parent.get("nodaemon", True):
+                logfile = "twistd.log"
+            parent["logger"] = use_for_twistd(self.hub_config.log.level, self.hub_config.log.format,
+                                              None if logfile in (None, "", "-") else logfile)
 
 
 def build_service(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -317,3 +318,26 @@ async def test_secrets_stay_out_of_the_log_when_users_log_in(tmp_path: Path, mon
         assert sum('"GET /api/v1/users' in line for line in lines) == 1, (name, text)
         for secret in (wrong, PASSWORD, secret_part, "ticket-secret-31"):
             assert secret not in text, (name, secret, text)
+
+
+def test_twistd_logfile_gets_the_hubs_format_scrubbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """twistd --logfile (and a daemon's twistd.log) is written by the hub's observer, not twistd's own."""
+    from twisted.scripts.twistd import ServerOptions
+
+    from bsscihub import logs
+
+    config = str(Path(__file__).resolve().parents[1] / "etc" / "hub.yaml")
+    for name in [k for k in os.environ if k.startswith("BSSCIHUB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(logs, "_twistd_settings", logs._twistd_settings)
+    path = tmp_path / "hub.log"
+    options = ServerOptions()
+    options.parseOptions(["--nodaemon", f"--logfile={path}", "--pidfile=", "bsscihub", "--config", config])
+    assert options["logger"] is logs.twistd_observer
+    observer = logs.twistd_observer()
+    Logger(namespace="bsscihub.test", observer=observer).info("connected to {url}", url="mqtt://hub:pw-5521@broker")
+    written = path.read_text()
+    assert "[bsscihub.test#info] connected to mqtt://hub:***@broker" in written and "pw-5521" not in written
+    daemon = ServerOptions()
+    daemon.parseOptions(["--pidfile=", "bsscihub", "--config", config])
+    assert daemon["logger"] is logs.twistd_observer and logs._twistd_settings[2] == "twistd.log"
