@@ -24,9 +24,11 @@ ENV_PREFIX = "BSSCIHUB_"
 class ConfigError(Exception):
     """A user mistake in the configuration; str() is the one line to print."""
 
-    def __init__(self, key: str, value: object, expected: str) -> None:
+    def __init__(self, key: str, value: object, expected: str, *, secret: bool = False) -> None:
         self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"config error: {key} = {value!r}: {expected}")
+        # The line goes to a terminal or a container's log: no secret setting's value, no URL's password.
+        shown = "'***'" if secret else repr(_mask_url(value) if isinstance(value, str) else value)
+        super().__init__(f"config error: {key} = {shown}: {expected}")
 
 
 # --- value parsers: each takes the raw YAML value and raises ValueError("expected ...")
@@ -378,7 +380,7 @@ def build_section(cls: type[T], name: str, raw: Any) -> T:
         try:
             values[key] = field.metadata["parse"](value)
         except ValueError as e:
-            raise ConfigError(f"{name}.{key}", value, str(e)) from None
+            raise ConfigError(f"{name}.{key}", value, str(e), secret=field.metadata.get("secret", False)) from None
     return cls(**values)
 
 

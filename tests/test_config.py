@@ -221,3 +221,15 @@ def test_masked_config_hides_passwords_in_every_url() -> None:
     assert masked["gate"]["dynsec_url"] == "mqtt://admin:***@broker:1883"
     assert masked["gate"]["secret"] == "***"
     assert not any(s in repr(masked) for s in ("dbsecret", "dynsecret", "gatesecret"))
+
+
+def test_a_config_error_shows_no_secret_value_and_no_url_password(tmp_path: Path) -> None:
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump({"mqtt": {"password": ["hunter2-in-a-list"]}}))
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    assert str(raised.value) == "config error: mqtt.password = '***': expected a string"
+    with pytest.raises(ConfigError) as raised:
+        load(env={"BSSCIHUB_MQTT_URL": "mqttx://hub:pw-77x@broker"})
+    assert str(raised.value).startswith("config error: mqtt.url = 'mqttx://hub:***@broker': expected ")
+    assert raised.value.value == "mqttx://hub:pw-77x@broker", "the exception keeps the value for code"
