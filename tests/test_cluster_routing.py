@@ -190,9 +190,10 @@ async def test_a_waiting_downlink_follows_its_end_point_to_a_station_on_another_
         await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) is None)
         queued = await one.service.queue_downlink(EP, "beef", actor="test")
         assert queued["status"] == "queued"  # A, its serving station, is away: hub-1 keeps it
-        # The end point is heard through B on hub-2 from now on (written back as every flush_interval).
+        # The end point is heard through B on hub-2 from now on (written back as every flush_interval), with
+        # no downlink window opened.
         b = await two.station("bs-b", B)
-        await heard(two, b, cnt=5)
+        await heard(two, b, cnt=5, dlOpen=False)
         await two.service.registry.flush_state()
         assert not [m for m in b.seen if m["command"] == "dlDataQue"]
         # hub-1 learns it (as before judging silence) and hands the downlink to hub-2, which sends it via B.
@@ -201,6 +202,39 @@ async def test_a_waiting_downlink_follows_its_end_point_to_a_station_on_another_
         assert (await b.expect("dlDataQue"))["queId"] == queued["queId"]
         assert queued["queId"] in two.service.downlink_queue.pending
         assert queued["queId"] not in one.service.downlink_queue.pending
+    finally:
+        for running in (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dlopen_uplink_on_another_hub_sends_the_waiting_downlink_through_its_receiver(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    try:
+        await one.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        a = await one.station("bs-a", A)
+        await heard(one, a, cnt=6)
+        a.transport.loseConnection()
+        await a.lost
+        await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) is None)
+        queued = await one.service.queue_downlink(EP, "beef", actor="test")
+        assert queued["status"] == "queued"  # A is away: hub-1 keeps it, and hub-2 learns that it waits
+        await wait_for(lambda: two.service.remote_waiting.get(EP) == "hub-1")
+        # A hub started later learns it too.
+        three = await _start_hub(tmp_path / "three", pki, postgres_url, redis_url, "hub-3")
+        assert three.service.remote_waiting == {EP: "hub-1"}
+        await three.stop()
+        await three.hub.cluster.stop()
+        # The end point's next uplink, with dlOpen, comes through B on hub-2: the downlink goes out via B at once.
+        b = await two.station("bs-b", B)
+        await heard(two, b, cnt=7, dlOpen=True)
+        assert (await b.expect("dlDataQue", timeout=1.5))["queId"] == queued["queId"]
+        await wait_for(lambda: two.service.remote_waiting.get(EP) is None)
     finally:
         for running in (one, two):
             await running.stop()

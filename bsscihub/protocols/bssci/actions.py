@@ -104,6 +104,7 @@ class MiotyActions:
 
         def _propagate(self, attach: bool, ep: str, exclude: Session | None = None) -> list[str]: ...
         def _background(self, work: Any, what: str) -> None: ...
+        remote_waiting: dict[str, str]
         def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> Any: ...
         def _established(self) -> list[Session]: ...
         def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str) -> list[str]: ...
@@ -317,6 +318,16 @@ class MiotyActions:
                 return []
             await session.request(lambda op: m.DlRxStatQry(opId=op, epEui=int(args, 16)))
             return [station]
+        if name == "dl_waiting":
+            if args["waiting"]:
+                self.remote_waiting[args["epEui"]] = args["node"]
+            elif self.remote_waiting.get(args["epEui"]) == args["node"]:
+                del self.remote_waiting[args["epEui"]]
+            return None
+        if name == "dl_waiting_list":
+            return {"node": self.cluster.node, "eps": sorted(self.downlink_queue.waiting)}
+        if name == "dl_open":
+            return await self._dl_open_here(args)
         if name == "dl_serving":
             known = self.registry.sensors.get(args)
             return [self.downlink_queue.serving(args), known.last_seen] if known is not None else [None, None]
@@ -399,6 +410,46 @@ class MiotyActions:
         before = len(self.downlink_queue.pending)
         await self.downlink_queue.take(rows, f"base station {station} is on hub {node} now")
         return len(self.downlink_queue.pending) - before
+
+    def _waiting_changed(self, ep: str, waiting: bool) -> None:
+        """Tell the other hubs that this one waits (or no longer) for the end point's next dlOpen uplink."""
+        args = {"epEui": ep, "node": self.cluster.node, "waiting": waiting}
+        self._background(self.cluster.router.broadcast("mioty", "dl_waiting", args),
+                         f"telling the other hubs about the downlinks waiting for {ep}")
+
+    async def learn_waiting(self) -> None:
+        """The end points other hubs keep queued downlinks for (once, at the start)."""
+        for answer in await self.cluster.router.broadcast("mioty", "dl_waiting_list", None):
+            for ep in answer["eps"]:
+                self.remote_waiting.setdefault(ep, answer["node"])
+
+    def _uplink_for_downlinks(self, ep: str, packet_cnt: int, payload: dict[str, Any]) -> None:
+        """The uplink pipeline's hook: this hub's downlinks, then a dlOpen for a downlink another hub keeps."""
+        self.downlink_queue.uplink(ep, packet_cnt, payload)
+        node = self.remote_waiting.get(ep)
+        if node is None or not payload["dlOpen"] or ep in self.downlink_queue.waiting:
+            return
+        args = {"epEui": ep, "receivers": [r["bsEui"] for r in payload["receivers"]]}
+        d = self.cluster.router.call(node, "mioty", "dl_open", args)
+
+        def answered(answer: Any) -> None:
+            if answer.get("node") != node and self.remote_waiting.get(ep) == node:
+                del self.remote_waiting[ep]  # that hub is gone (this one answered): its downlinks are adopted
+
+        self._background(d.addCallback(answered), f"telling hub {node} that {ep} opened a downlink window")
+
+    async def _dl_open_here(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Another hub published a dlOpen uplink of an end point whose downlinks wait here: its receivers
+        serve it now; offer them, or hand them to the hub holding the serving station."""
+        ep, receivers = args["epEui"], tuple(args["receivers"])
+        sensor = self.registry.sensors.get(ep)
+        offered = 0
+        if sensor is not None and ep in self.downlink_queue.waiting and receivers:
+            sensor.paths = receivers
+            offered = len(self.downlink_queue.offer(ep))
+            if not offered:
+                offered = await self.hand_over_downlinks()
+        return {"node": self.cluster.node, "offered": offered}
 
     async def hand_over_downlinks(self) -> int:
         """Hand the queued downlinks whose serving station is on another hub now to that hub (the end

@@ -161,6 +161,9 @@ class Downlinks:
         """Pending downlinks per end point; the propagation hook checks it for every attPrp."""
         self.waiting: set[str] = set()
         """End points with a queued downlink; the uplink pipeline checks dlOpen uplinks against it."""
+        self.on_waiting: Callable[[str, bool], None] | None = None
+        """Called with (epEui, True/False) when an end point starts or stops waiting here (a cluster tells the
+        other hubs, whose dlOpen uplinks of it come here)."""
         self.ended: Counter[str] = Counter()
         """Downlinks that reached an end state since the start, by state (for /metrics)."""
         self._last_sent: dict[str, tuple[int, int]] = {}  # epEui -> (queId, packetCnt) of its last sent downlink
@@ -201,10 +204,13 @@ class Downlinks:
         return True
 
     def _track_waiting(self, ep: str) -> None:
+        was = ep in self.waiting
         if any(d.state is Q for d in self.by_ep.get(ep, {}).values()):
             self.waiting.add(ep)
         else:
             self.waiting.discard(ep)
+        if self.on_waiting is not None and was != (ep in self.waiting):
+            self.on_waiting(ep, not was)
 
     def _adopt(self, dl: Downlink) -> None:
         self.pending[dl.que_id] = dl

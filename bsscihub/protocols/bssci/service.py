@@ -4,7 +4,7 @@ It is the sessions' IServiceCenter; uplinks go through uplinks.UplinkPipeline, R
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -85,6 +85,17 @@ class _Resumable:
 
 
 @attrs.frozen
+class _Waiting:
+    """The end points whose dlOpen uplinks matter: queued downlinks here or on another hub (a cluster)."""
+
+    here: Container[str]
+    elsewhere: Container[str]
+
+    def __contains__(self, ep: object) -> bool:
+        return ep in self.here or ep in self.elsewhere
+
+
+@attrs.frozen
 class _OtaAttach:
     """The last accepted over-the-air attach of an end point, to answer its copies alike."""
 
@@ -133,9 +144,15 @@ class MiotyService(MiotyActions, FamilyService):
                                         self._ep_event, self._background, self.cluster.node, self.cluster.clustered)
         self.cluster.ownership.watch(self._station_claimed)
         self.blueprints = BlueprintBook(hub.store, self.clock)
+        self.remote_waiting: dict[str, str] = {}
+        """A cluster: end points with a queued downlink kept by another hub, and that hub's name."""
+        on_uplink: Any = self.downlink_queue.uplink
+        waiting: Container[str] = self.downlink_queue.waiting
+        if self.cluster.clustered:
+            self.downlink_queue.on_waiting = self._waiting_changed
+            on_uplink, waiting = self._uplink_for_downlinks, _Waiting(waiting, self.remote_waiting)
         self.uplinks = UplinkPipeline(self.clock, self.registry, hub.bus, self.counters, window,
-                                      self.settings.dedup_memory, self.downlink_queue.uplink,
-                                      self.downlink_queue.waiting, hub.cluster.make_dedup,
+                                      self.settings.dedup_memory, on_uplink, waiting, hub.cluster.make_dedup,
                                       annotate=self.blueprints.annotate)
         self.session_config = SessionConfig.from_bssci(self.bssci, hub.version)
         self.vm = VariableMac(self)
@@ -192,6 +209,11 @@ class MiotyService(MiotyActions, FamilyService):
         await self.uplinks.load()
         await self.vm.prepare()
         await self.downlink_queue.load()
+        if self.cluster.clustered:
+            try:
+                await self.learn_waiting()
+            except Exception as e:
+                self.log.warn("the downlinks waiting on the other hubs are not known yet: {problem}", problem=str(e))
         for loop, interval in self._loops:
             loop.start(interval, now=False)
         tls = self.hub.config.tls
