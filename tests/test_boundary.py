@@ -71,6 +71,43 @@ def test_the_core_imports_no_family_module() -> None:
     assert offenders == []
 
 
+def family_of(name: str) -> str | None:
+    """The family package a module name belongs to (bsscihub.protocols.<family>...), else None."""
+    parts = name.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["bsscihub", "protocols"] else None
+
+
+def family_modules() -> list[Path]:
+    return sorted((PACKAGE / "protocols").rglob("*.py"))
+
+
+def family_packages() -> set[str]:
+    """The packages under protocols/ that a plugin loads: the families. Others there (wmbus) are protocol
+    libraries without a plugin, which a family may use."""
+    return {f for p in (PACKAGE / "plugins").glob("*.py") for _, name in imported_names(p)
+            if (f := family_of(name)) is not None}
+
+
+def test_the_walk_sees_every_family_and_would_see_one_importing_another() -> None:
+    assert {"bssci", "ble", "devices", "gate"} <= family_packages()
+    assert "wmbus" not in family_packages()
+    # a relative import is resolved to its absolute name, so `from ..devices import x` would be seen too
+    assert family_of("bsscihub.protocols.devices.series") == "devices"
+    assert family_of("bsscihub.protocols") is None and family_of("bsscihub.series") is None
+
+
+def test_no_family_imports_another_family() -> None:
+    """A family is one package and a plugin: what two families share lives in the core."""
+    families, offenders = family_packages(), []
+    for path in family_modules():
+        own = family_of(".".join(("bsscihub", *path.relative_to(PACKAGE).with_suffix("").parts)))
+        for line, name in imported_names(path):
+            other = family_of(name)
+            if other in families and other != own:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{line} imports {name}")
+    assert offenders == []
+
+
 # Where the core still says a mioty base station's EUI, and why; anything else is a family's word in the core.
 BS_EUI_IN_THE_CORE = {
     # the historic migrations: core 2 made the column, core 3 moves it into bindings (bssci.station)

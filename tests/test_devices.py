@@ -20,8 +20,9 @@ from twisted.logger import Logger, formatEvent, globalLogPublisher
 from bsscihub.contract import rfc3339
 from bsscihub.ingest import Ingest, RegistrationLimit, Rejected
 from bsscihub.protocols.devices.schema import MIGRATIONS
-from bsscihub.protocols.devices.series import bucketed
+from bsscihub.series import DAY, bucketed, time_range
 from bsscihub.store import Store
+from bsscihub.web.errors import ApiError
 from tests.broker import Mosquitto
 from tests.memory_bridge import FollowingClock, MemoryBroker
 from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
@@ -164,6 +165,17 @@ async def test_earlier_platforms_sensor_data_goes_online_then_offline_and_regist
     finally:
         device.stop()
         await running.stop()
+
+
+def test_the_default_time_range_is_the_last_day_and_holds_a_sample_stored_now() -> None:
+    """One range for the BLE and devices APIs: [since, until), its default end a second past now."""
+    since, until = time_range({}, 1000.0)
+    assert since <= 1000.0 < until and until - since == DAY
+    assert time_range({"since": 10.0, "until": 20.0}, 1000.0) == (10.0, 20.0)
+    assert time_range({"until": 20.0}, 1000.0) == (20.0 - DAY, 20.0)
+    with pytest.raises(ApiError) as e:
+        time_range({"since": 20.0, "until": 20.0}, 1000.0)
+    assert e.value.status == 400
 
 
 def test_registration_limit_caps_and_refills_per_source() -> None:

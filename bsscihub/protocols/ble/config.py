@@ -5,29 +5,9 @@ Kept free of the family's implementation so that reading the config never import
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
-from bsscihub.config import _limit, _names, _positive_int, duration, setting
-
-
-def topic_filters(value: Any) -> tuple[str, ...]:
-    """MQTT topic filters: '+' and '#' only as whole levels, '#' last, no '$' topics."""
-    filters = _names(value)
-    if not filters:
-        raise ValueError("expected at least one MQTT topic filter")
-    for f in filters:
-        levels = f.split("/")
-        bad = (
-            not f
-            or f.startswith("$")
-            or any(("+" in level or "#" in level) and level not in ("+", "#") for level in levels)
-            or "#" in levels[:-1]
-        )
-        if bad:
-            raise ValueError(f"expected MQTT topic filters such as BLEGatewayData/#, not {f!r}")
-    return filters
+from bsscihub.config import _limit, _positive_int, duration, setting, topic_filters
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from bsscihub.contract import rfc3339
 from bsscihub.family import IDashboardSummary, IWebExtension
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import BLEService, normalize_mac
-from bsscihub.protocols.devices.series import bucketed, chart_points, series_json
+from bsscihub.series import DAY, bucketed, chart_points, series_json, time_range
 from bsscihub.web.errors import bad_field, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, PAGING, Call, NavItem, Page, Param, Redirect, api_route, page, page_route
 from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
@@ -23,7 +23,6 @@ from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
 
-DAY = 86400.0
 
 GATEWAY_ID = Param("id", string("gateway id", maxLength=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"),
                    "gateway id", example="GW001")
@@ -88,13 +87,7 @@ class BLEWeb:
         }
 
     def _range(self, query: dict[str, Any]) -> tuple[float, float]:
-        until = query.get("until") or self.hub.reactor.seconds()
-        since = query.get("since")
-        if since is None:
-            since = until - DAY
-        if since >= until:
-            raise bad_field("since", "must be before until")
-        return float(since), float(until)
+        return time_range(query, self.hub.reactor.seconds())
 
     # -- API: gateways
 

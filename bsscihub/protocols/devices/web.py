@@ -14,9 +14,9 @@ from zope.interface import implementer
 from bsscihub.contract import rfc3339
 from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension
 from bsscihub.ingest import IDENTIFIER, OVERSIZED, Rejected
-from bsscihub.protocols.devices.series import bucketed, chart_points, series_json
 from bsscihub.protocols.devices.service import DeviceError, DevicesService
-from bsscihub.web.errors import ApiError, bad_field, not_found, running_service, unauthorized
+from bsscihub.series import DAY, bucketed, chart_points, series_json, time_range
+from bsscihub.web.errors import ApiError, not_found, running_service, unauthorized
 from bsscihub.web.routing import (
     ANONYMOUS,
     NO_CONTENT,
@@ -38,7 +38,6 @@ from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
 
-DAY = 86400.0
 KEY_HEADER = b"x-device-key"
 ORG_KEY_HEADER = b"x-org-key"
 
@@ -158,13 +157,7 @@ class DevicesWeb:
         return device
 
     def _range(self, query: dict[str, Any]) -> tuple[float, float]:
-        until = query.get("until") or self.hub.reactor.seconds() + 1
-        since = query.get("since")
-        if since is None:
-            since = until - DAY
-        if since >= until:
-            raise bad_field("since", "must be before until")
-        return float(since), float(until)
+        return time_range(query, self.hub.reactor.seconds())
 
     async def summary(self) -> dict[str, Any]:
         service = self.service

@@ -1,7 +1,5 @@
-"""Time series queries shared by the MQTT families: a range of samples averaged into buckets in SQL.
-
-Charts ask for a few hundred points whatever the range; the database does the averaging, not Python.
-"""
+"""Time series for the families' REST API and charts: a time range from a request, and the samples in it
+averaged into buckets in SQL (charts ask for a few hundred points whatever the range; the database averages)."""
 
 from __future__ import annotations
 
@@ -10,8 +8,22 @@ from typing import Any
 
 from bsscihub.contract import rfc3339
 from bsscihub.store import Store
+from bsscihub.web.errors import bad_field
 
 MAX_POINTS = 2000
+DAY = 86400.0
+
+
+def time_range(query: dict[str, Any], now: float) -> tuple[float, float]:
+    """[since, until) from a request's optional `since`/`until` (seconds): by default the last day up to one
+    second past `now`, so that a sample stored at this very instant is in it (the end is exclusive)."""
+    until = query.get("until") or now + 1
+    since = query.get("since")
+    if since is None:
+        since = until - DAY
+    if since >= until:
+        raise bad_field("since", "must be before until")
+    return float(since), float(until)
 
 
 def bucket_expression(dialect: str) -> str:
