@@ -102,8 +102,8 @@ class IStationOwnership(Interface):
         """The node name of the hub that holds `station` now, if any hub does (as last known here)."""
 
     def watch(callback: Callable[[str, str, str], None]) -> None:
-        """Call `callback(family, station, node)` for every claim made from now on, on any hub
-        (what a hub keeps for a station, e.g. its downlinks, moves with it)."""
+        """Call `callback(family, station, node)` whenever another hub claims a station from now on (this
+        hub's own claims may be reported too): what a hub keeps for a station, e.g. its downlinks, moves with it."""
 
 
 class ICommandRouter(Interface):
