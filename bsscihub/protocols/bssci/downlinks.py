@@ -309,8 +309,7 @@ class Downlinks:
             self._save(dl)
             self._emit(dl.ep_eui, "downlink", {
                 "queId": dl.que_id, "state": Q.value, "previous": None if restart else old.value, "event": "drop",
-                "bsEui": None,
-                "attempts": dl.attempts, "reason": reason,
+                "bsEui": None, "attempts": dl.attempts, "reason": reason,
             })  # fmt: skip
             if sensor is not None and holders and (not restart or not sensor.paths):
                 # The station that held it is a known path, fresher than a best path not yet written back
