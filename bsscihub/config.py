@@ -491,9 +491,6 @@ def load_config(
     if built["cluster"].redis and urlsplit(top["database"]).scheme == "sqlite":
         raise ConfigError("cluster.redis", _mask_url(built["cluster"].redis),
                           "a cluster shares one PostgreSQL database: set database to postgresql://...")
-    if built["cluster"].redis and not built["cluster"].node:
-        raise ConfigError("cluster.node", "", "required with cluster.redis: this hub's name, unique in the cluster"
-                          " and the same after a restart (its webhook queue is kept under it)")
     if top["families"] is not None:
         top["families"] = tuple(top["families"])
     return HubConfig(

@@ -43,6 +43,14 @@ def load_hub_config(path: str | None, environ: Any = None) -> tuple[HubConfig, d
     return config, families
 
 
+def require_node_name(config: HubConfig) -> None:
+    """A running hub of a cluster needs its node name; the CLI's commands (init, sim, certs) do not."""
+    cluster = config.section("cluster")
+    if cluster.redis and not cluster.node:
+        raise ConfigError("cluster.node", "", "required with cluster.redis: this hub's name, unique in the cluster"
+                          " and the same after a restart (its webhook queue is kept under it)")
+
+
 log = Logger()
 
 
@@ -59,6 +67,7 @@ class Options(usage.Options):
             path = self["config"] = "etc/hub.yaml"
         try:
             self.hub_config, self.families = load_hub_config(path)
+            require_node_name(self.hub_config)
         except ConfigError as e:
             print(e, file=sys.stderr)
             raise SystemExit(2) from None

@@ -28,6 +28,7 @@ from bsscihub.family import installed_families
 from bsscihub.hub import make_hub
 from bsscihub.protocols.bssci.dedup import Copy, Deduplicator
 from bsscihub.protocols.bssci.messages import UlData
+from bsscihub.tap import require_node_name
 from tests.conftest import make_config
 from tests.test_mioty_service import EP, KEY, PKI, A, heard, pki, start, wait_for
 
@@ -194,8 +195,8 @@ def test_a_cluster_needs_postgresql_and_a_redis_url(tmp_path: Path) -> None:
     # A node name that changed with every start would orphan the hub's queued webhook events.
     path.write_text("database: postgresql://hub@db/hub\ncluster:\n  redis: redis://127.0.0.1:6379/0\n")
     with pytest.raises(ConfigError) as raised:
-        load_config(path, {})
+        require_node_name(load_config(path, {}))
     assert str(raised.value).startswith("config error: cluster.node = '': required with cluster.redis")
-    assert load_config(path, {"BSSCIHUB_CLUSTER_NODE": "hub-2"}).section("cluster").node == "hub-2"
+    require_node_name(load_config(path, {"BSSCIHUB_CLUSTER_NODE": "hub-2"}))
     # One hub by default: nothing to connect to.
     assert load_config(None, {}).section("cluster").redis == ""
