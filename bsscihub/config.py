@@ -261,8 +261,6 @@ class WebhooksConfig:
     retry_min: float = setting(1.0, duration, "first pause before a failed delivery is tried again")
     retry_max: float = setting(300.0, duration, "longest pause between two tries (the pause doubles up to it)")
     max_queue: int = setting(100_000, _positive_int, "most events waiting per webhook; beyond, new ones are dropped")
-    key_file: str = setting("", _str, "key sealing webhook secrets; one file for all hubs of a cluster (empty:"
-                            " data_dir/webhook-keys.secret)")
 
 
 def _redis_url(value: Any) -> str:
@@ -303,6 +301,8 @@ HUB_SECTIONS: dict[str, type] = {
 
 TOP_LEVEL: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "data_dir": ("var", _str, "where SQLite, the outbox and uploads live"),
+    "keys_dir": ("", _str, "the key files sealing stored secrets; one directory shared by all hubs of a cluster"
+                 " (empty: data_dir)"),
     "database": ("sqlite:///hub.sqlite", _database, "sqlite:///FILE (relative: inside data_dir) or postgresql://..."),
     "families": (None, _names, "enabled device families (default: every installed one)"),
 }
@@ -311,6 +311,8 @@ TOP_LEVEL: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
 @attrs.frozen
 class HubConfig:
     data_dir: Path
+    keys_dir: Path
+    """gate.key, meter-keys.secret, webhook-keys.secret: what one hub seals, every hub of its cluster opens."""
     database: str
     families: tuple[str, ...] | None
     log: LogConfig
@@ -338,6 +340,7 @@ class HubConfig:
         """Everything, secrets replaced by '***': for the read-only config view."""
         out: dict[str, Any] = {
             "data_dir": str(self.data_dir),
+            "keys_dir": str(self.keys_dir),
             "database": _mask_url(self.database),
             "families": list(self.families or ()),
         }
@@ -495,6 +498,7 @@ def load_config(
         top["families"] = tuple(top["families"])
     return HubConfig(
         data_dir=Path(top["data_dir"]),
+        keys_dir=Path(top["keys_dir"] or top["data_dir"]),
         database=top["database"],
         families=top["families"],
         sections=built,

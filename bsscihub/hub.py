@@ -168,6 +168,11 @@ class HubService(MultiService):
         hub.store.start()
         await hub.store.migrate(hub.migrations())
         await hub.cluster.start()  # the shared parts answer before any station or client arrives
+        if hub.cluster.clustered and hub.config.keys_dir == hub.config.data_dir:
+            # Not refused: the files may have been copied to every hub. Said, since a key made here is this hub's.
+            self.log.warn("keys_dir is this hub's data_dir ({path}): every hub of the cluster must hold the same"
+                          " key files; set keys_dir to one directory all hubs share (docs/cluster.md)",
+                          path=str(hub.config.keys_dir))
         for child in self:
             child.startService()
         # A family that cannot start (certificates missing, port taken) fails the hub's start.

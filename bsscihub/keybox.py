@@ -1,42 +1,97 @@
-"""Sealing of secrets the hub must keep usable (meter keys, webhook signing secrets) under a key file in data_dir.
+"""The hub-wide key files in `keys_dir` (gate.key, meter-keys.secret, webhook-keys.secret) and the sealing of
+stored secrets under them: one directory, shared by every hub of a cluster, so what one hub seals another opens.
 
-AES-256-GCM with a random nonce per seal; the owner's id is bound as associated data.
+Sealing is AES-256-GCM with a random nonce per seal; the owner's id is bound as associated data.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bsscihub.errors import CommandError
+from bsscihub.errors import UserFacingError
 
-__all__ = ["KeyBox"]
+__all__ = ["KEY_SIZE", "KeyBox", "KeyFileError", "load_key"]
+
+KEY_SIZE = 32
+
+
+class KeyFileError(UserFacingError):
+    """A key file that cannot be read, made or used; str() names the file."""
+
+
+def load_key(path: Path, size: int = KEY_SIZE) -> bytes:
+    """The key in `path`, made (`size` random bytes, mode 0600) if there is none yet.
+
+    Hubs sharing the directory may start at once: a new key is written whole to a private temporary
+    file and linked into place, so a hub sees either no file or a complete one, and a hub that loses
+    the race reads the winner's key instead of keeping its own.
+    """
+    try:
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing one keeps its mode
+            _create(path, os.urandom(size))
+            key = path.read_bytes()
+    except OSError as e:
+        raise KeyFileError(f"key file {path}: {e.strerror or e}") from None
+    if len(key) < size:
+        raise KeyFileError(f"key file {path} holds {len(key)} bytes, not {size}: restore it from the backup"
+                           " (or the other hubs' keys_dir)")
+    return key
+
+
+def _create(path: Path, key: bytes) -> None:
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temporary, path)  # fails if another hub was first: its key is the one
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            _create_exclusively(path, key)  # a file system without hard links
+    finally:
+        os.unlink(temporary)
+
+
+def _create_exclusively(path: Path, key: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
 
 
 class KeyBox:
-    """Seals small secrets (meter keys, webhook secrets) with AES-256-GCM under a 32-byte secret in `path`
-    (created mode 0600 on first use), their owner's id as associated data: a copy of the database alone
-    does not reveal them."""
+    """Seals small secrets (meter keys, webhook secrets) with AES-256-GCM under the 32-byte key in `path`
+    (see load_key), their owner's id as associated data: a copy of the database alone does not reveal them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._aead: AESGCM | None = None
 
+    def load(self) -> None:
+        """Read (or make) the key file now: at start, so that a bad one stops the hub rather than a request."""
+        self._cipher()
+
     def _cipher(self) -> AESGCM:
         if self._aead is None:
-            try:
-                secret = self.path.read_bytes()
-            except FileNotFoundError:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                secret = os.urandom(32)
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secret)
-            if len(secret) != 32:
-                raise CommandError(f"{self.path} must hold a 32-byte secret")
+            secret = load_key(self.path)
+            if len(secret) != KEY_SIZE:
+                raise KeyFileError(f"key file {self.path} must hold a {KEY_SIZE}-byte secret")
             self._aead = AESGCM(secret)
         return self._aead
 

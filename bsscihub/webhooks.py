@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from bsscihub.hub import Hub
 
 SIGNATURE_HEADER = "X-Bsscihub-Signature-256"
+KEY_FILE = "webhook-keys.secret"
+"""In keys_dir: seals the webhooks' secrets in the database."""
 
 MIGRATIONS = [
     Migration(
@@ -173,9 +175,8 @@ class WebhookService(Service):
         self.hub = hub
         self.config = hub.config.section("webhooks")
         self.clock = hub.reactor
-        # In a cluster every hub signs every webhook's events: one key file for all (webhooks.key_file).
-        self.box = KeyBox(Path(self.config.key_file) if self.config.key_file
-                          else Path(hub.config.data_dir) / "webhook-keys.secret")
+        # In a cluster every hub signs every webhook's events: one key file for all, in the shared keys_dir.
+        self.box = KeyBox(Path(hub.config.keys_dir) / KEY_FILE)
         self.hooks: dict[int, Webhook] = {}
         self._http = http
         self._writer: Any = None
@@ -216,6 +217,7 @@ class WebhookService(Service):
         self._ready = defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
+        self.box.load()  # a key file that cannot be read or made stops the start, naming it
         store = self.hub.store
         self._writer = store.batch_writer(
             "INSERT INTO webhook_queue (webhook_id, delivery, event, body, created, node) VALUES {rows}",
@@ -372,7 +374,8 @@ class WebhookService(Service):
                 self.log.error("webhook {name}: its secret does not open with {path}; not delivering",
                                name=hook.name, path=str(self.box.path))
                 await self._record(hook, self.clock.seconds(), "error", "the secret does not open with this hub's"
-                                   " webhook key file (webhooks.key_file); delete the webhook and create it again",
+                                   " webhook key file (keys_dir/webhook-keys.secret); delete the webhook and create"
+                                   " it again",
                                    delivered=False, failed=True)
                 return
             done: int | None = None  # the last row delivered and not yet deleted

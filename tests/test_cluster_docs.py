@@ -108,7 +108,7 @@ def test_the_documented_two_hub_cluster_runs_without_containers(
     database = postgres_url.replace(f"{parts.username}@", f"{parts.username}:{secret}@", 1)
     ours = {
         "BSSCIHUB_DATABASE": database, "BSSCIHUB_CLUSTER_REDIS": redis_url,
-        "BSSCIHUB_MQTT_URL": f"mqtt://127.0.0.1:{mosquitto.port}",
+        "BSSCIHUB_MQTT_URL": f"mqtt://127.0.0.1:{mosquitto.port}", "BSSCIHUB_KEYS_DIR": "keys",
         "FRONT_HOST": "127.0.0.1", "FRONT_BSSCI": str(free_port()), "FRONT_WEB": str(free_port()),
         "HUB1_HOST": "127.0.0.1", "HUB1_BSSCI": str(free_port()), "HUB1_WEB": str(free_port()),
         "HUB2_HOST": "127.0.0.1", "HUB2_BSSCI": str(free_port()), "HUB2_WEB": str(free_port()),
@@ -128,6 +128,11 @@ def test_the_documented_two_hub_cluster_runs_without_containers(
     web = {"hub1": int(ours["HUB1_WEB"]), "hub2": int(ours["HUB2_WEB"])}
     assert all(ready(port) for port in web.values())
     assert set(docs.pids()) == {"hub1.pid", "hub2.pid"}
+    # One set of key files for both hubs, none in either hub's own data directory.
+    assert {p.name for p in (cluster_home / "keys").iterdir()} >= {"gate.key", "meter-keys.secret",
+                                                                  "webhook-keys.secret"}
+    assert not [p for node in ("hub1", "hub2") for p in (cluster_home / node).glob("*.secret")]
+    assert not [p for node in ("hub1", "hub2") for p in (cluster_home / node).glob("gate.key")]
 
     witness = subscriber_factory(mosquitto, "bsscihub/mioty/ep/+/up")
     docs.run(haproxy, timeout=30)
@@ -181,5 +186,6 @@ def test_the_documented_two_hub_cluster_runs_without_containers(
         time.sleep(0.1)
     logs = docs.logs()
     assert "Traceback" not in logs, logs
+    assert "keys_dir is this hub's data_dir" not in logs
     for text in [*docs.outputs, logs]:
         assert secret not in text, "the database password is in an output"

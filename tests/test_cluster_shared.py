@@ -242,10 +242,10 @@ async def test_alerts_fire_once_from_one_hub_on_what_every_hub_heard_and_move_wh
 
 async def _webhook_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, WebhookService, list[Event]]:
     tmp.mkdir()
-    # Every hub of a cluster signs with the same key file (docs/cluster.md).
-    key_file = str(tmp.parent / "shared" / "webhook-keys.secret")
+    # Every hub of a cluster signs with the same key file, in the keys_dir they share (docs/cluster.md).
     config = make_config(tmp, database=database, cluster={"redis": redis, "node": node},
-                         webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s", "key_file": key_file})
+                         keys_dir=str(tmp.parent / "shared"),
+                         webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s"})
     config.data_dir.mkdir(parents=True)
     hub = make_hub(config, reactor, {"devices": installed_families()["devices"]})
     hub.store.start()
@@ -271,7 +271,7 @@ async def test_each_event_is_delivered_once_by_the_hub_that_handled_it_and_hubs_
     try:
         hook, secret = await one[1].add({"name": "crm", "url": f"http://127.0.0.1:{port}/hook",
                                          "families": ["devices"]}, "tests")
-        assert (tmp_path / "shared" / "webhook-keys.secret").exists()  # webhooks.key_file, not data_dir
+        assert (tmp_path / "shared" / "webhook-keys.secret").exists()  # keys_dir, not data_dir
         assert not (one[0].config.data_dir / "webhook-keys.secret").exists()
         await wait_for(lambda: hook.id in two[1].hooks, what="hub-2 has the webhook")  # made on hub-1
         # Each hub's stream hears the other (its subscription is in place): a family no webhook wants.

@@ -222,7 +222,7 @@ def test_cluster_compose_file_runs_two_hubs_behind_haproxy() -> None:
     services = compose["services"]
     assert set(services) == {"hub1", "hub2", "haproxy", "postgres", "redis", "mosquitto"}
     haproxy = haproxy_config({})
-    nodes, hubs = set(), {}
+    nodes, hubs, keys = set(), {}, {}
     for name in ("hub1", "hub2"):
         hub = services[name]
         # Shared configuration and PKI, a data directory (outbox) of its own.
@@ -236,14 +236,18 @@ def test_cluster_compose_file_runs_two_hubs_behind_haproxy() -> None:
         effective = config.masked()
         for var, value in env.items():
             if var.startswith("BSSCIHUB_"):
-                section, _, key = var.removeprefix("BSSCIHUB_").lower().partition("_")
-                shown = effective[section][key] if key else effective[section]
+                setting = var.removeprefix("BSSCIHUB_").lower()
+                section, _, key = setting.partition("_")
+                shown = effective[setting] if setting in effective else effective[section][key]
                 masked = re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", value)  # as the effective config shows it
                 assert str(shown) in (value, masked, "***"), (var, shown, value)
         assert config.database.startswith("postgresql://") and config.section("cluster").redis == "redis://redis:6379/0"
         nodes.add(config.section("cluster").node)
+        # The key files in a volume both hubs mount (what one seals, the other opens).
+        keys[name] = [v.split(":")[0] for v in hub["volumes"] if config.keys_dir.is_relative_to(v.split(":")[1])]
         hubs[name] = (port_of(config.section("bssci").listen), port_of(config.web.listen))
     assert nodes == {"hub1", "hub2"}
+    assert keys["hub1"] == keys["hub2"] == ["hub-config"], keys
     # hub2 waits for hub1's health check (the image's HEALTHCHECK), hub1 for PostgreSQL's and Redis's.
     assert services["hub2"]["depends_on"]["hub1"]["condition"] == "service_healthy"
     assert "HEALTHCHECK" in (REPO / "Dockerfile").read_text()

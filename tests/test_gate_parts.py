@@ -14,6 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bsscihub.config import ConfigError
+from bsscihub.keybox import KeyFileError
 from bsscihub.protocols.gate import registry
 from bsscihub.protocols.gate.dynsec import UnitTopics
 from bsscihub.protocols.gate.registry import Command, Refused
@@ -80,7 +81,7 @@ def test_the_key_file_is_created_private_once_and_reused(tmp_path: Path) -> None
     assert Keyring.load("", tmp_path / "var") == first
     assert Keyring.load("configured", tmp_path) == Keyring.load("configured", tmp_path / "elsewhere") != first
     path.write_bytes(b"short")
-    with pytest.raises(ValueError, match="needs 32"):
+    with pytest.raises(KeyFileError, match="gate.key holds 5 bytes, not 32"):
         Keyring.load("", tmp_path / "var")
 
 

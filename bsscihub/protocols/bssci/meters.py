@@ -1,5 +1,5 @@
 """The meter registry: wireless M-Bus meters heard through Variable MAC, their keys, readings and raw frames.
-Meter keys are stored encrypted (AES-256-GCM) under a hub secret kept in a file beside the database."""
+Meter keys are stored encrypted (AES-256-GCM) under keys_dir/meter-keys.secret, the same file on every hub."""
 
 from __future__ import annotations
 
@@ -288,6 +288,10 @@ class MeterRegistry:
         return [json.loads(r[0]) for r in rows]
 
 
+KEY_FILE = "meter-keys.secret"
+"""In keys_dir: seals the meter keys in the database."""
+
+
 def registry_for(hub: Hub) -> MeterRegistry:
-    """The hub's meter registry, with the key secret in data_dir (the service and the command line share it)."""
-    return MeterRegistry(hub.store, KeyBox(Path(hub.config.data_dir) / "meter-keys.secret"))
+    """The hub's meter registry, its keys sealed under keys_dir (the service and the command line share it)."""
+    return MeterRegistry(hub.store, KeyBox(Path(hub.config.keys_dir) / KEY_FILE))

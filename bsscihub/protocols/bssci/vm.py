@@ -126,6 +126,7 @@ class VariableMac:
 
     async def prepare(self) -> None:
         """Publish the frames stored (and acknowledged) but not published before the last stop."""
+        self.meters.box.load()  # a key file that cannot be read or made stops the start, naming it
         # Late copies of frames published just before the restart must still be dropped.
         for mac_type, data, sys_time in await self.meters.recently_published(self.clock.seconds() - _LATE_MEMORY):
             self.dedup.remember((_digest(bytes(data)), int(mac_type)), int(sys_time))

@@ -40,7 +40,7 @@ class GateConfig:
     dynsec_password: str = setting("", _str, "dynamic-security admin password", secret=True)
     unit_mqtt_url: str = setting("", mqtt_url_or_empty, "broker URL told to units (empty: mqtt.url, no credentials)")
     public_url: str = setting("", _base_url_or_empty, "base URL of the hub in signed file URLs (empty: request Host)")
-    secret: str = setting("", _str, "key for token hashes and URL signatures (empty: data_dir/gate.key)", secret=True)
+    secret: str = setting("", _str, "key for token hashes and URL signatures (empty: keys_dir/gate.key)", secret=True)
     offline_after: float = setting(90.0, duration, "a unit silent this long is offline")
     command_timeout: float = setting(30.0, duration, "a command unanswered this long times out")
     max_queued_commands: int = setting(

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 from pathlib import Path
 
 import attrs
 
 from bsscihub import tokens
+from bsscihub.keybox import load_key
 
 # Why a fast hash is enough: every secret the hub issues carries 256 random bits, so no amount of
 # guessing speed finds one; a slow KDF would only cost time on every device request. The hash is
@@ -25,6 +24,8 @@ UNIT = "gtu"
 SHARE = "gsh"
 APP = "app"  # app tokens are the app's own; the prefix only separates their hashes from ours
 SCHEMES = {kind: tokens.Scheme(kind) for kind in (PROVISIONING, UNIT, SHARE)}
+KEY_FILE = "gate.key"
+"""In keys_dir, unless gate.secret is set."""
 
 
 def public_prefix(token: str) -> str:
@@ -55,27 +56,11 @@ class Keyring:
         return hmac.new(self.key, b"signed-url", hashlib.sha256).digest()
 
     @classmethod
-    def load(cls, configured: str, data_dir: Path) -> Keyring:
-        """`gate.secret` if set, else `data_dir/gate.key`, created (32 random bytes, mode 0600) if missing.
+    def load(cls, configured: str, keys_dir: Path) -> Keyring:
+        """`gate.secret` if set, else `keys_dir/gate.key`, made (32 random bytes, mode 0600) if missing.
 
         Back the key file up with the database: without it, every stored hash is useless.
         """
         if configured:
             return cls(hashlib.sha256(configured.encode()).digest())
-        path = data_dir / "gate.key"
-        try:
-            key = path.read_bytes()
-        except FileNotFoundError:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            key = secrets.token_bytes(32)
-            # O_EXCL: two hubs starting at once must not each write their own key.
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                key = path.read_bytes()
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(key)
-        if len(key) < 32:
-            raise ValueError(f"{path} holds {len(key)} bytes; a gate key needs 32")
-        return cls(key)
+        return cls(load_key(keys_dir / KEY_FILE))
