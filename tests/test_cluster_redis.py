@@ -129,12 +129,12 @@ async def test_a_command_for_a_hub_that_is_gone_is_answered_here(hubs: list[Clus
     assert await one.router.route("mioty", BS, "poll_status", None) == "answered on hub-1"
 
 
-async def _start_hub(tmp: Path, pki: PKI, database: str, redis: str, node: str) -> Running:
+async def _start_hub(tmp: Path, pki: PKI, database: str, redis: str, node: str, **sections: Any) -> Running:
     tmp.mkdir()
     config = make_config(
         tmp, families=["mioty"], database=database, cluster={"redis": redis, "node": node},
         tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
-        mioty={"dedup_window": 0.2},
+        mioty={"dedup_window": 0.2}, **sections,
     )  # fmt: skip
     hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
     assert hub.cluster.clustered and hub.cluster.node == node

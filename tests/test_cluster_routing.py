@@ -4,6 +4,7 @@ moves takes its downlinks with it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,47 @@ async def test_a_dlopen_uplink_on_another_hub_sends_the_waiting_downlink_through
         await heard(two, b, cnt=7, dlOpen=True)
         assert (await b.expect("dlDataQue", timeout=5))["queId"] == queued["queId"]
         await wait_for(lambda: two.service.remote_waiting.get(EP) is None)
+    finally:
+        for running in (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_application_center_on_one_hub_gets_the_result_of_its_downlink_sent_by_the_other(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    from bsscihub.pki import issue_client_cert
+    from bsscihub.protocols.bssci.identity import APPLICATION_CENTER
+    from tests.test_scaci import AC_EUI, app_center
+
+    _reset_pg_schema(postgres_url)
+    scaci = {"scaci": {"listen": "tcp:0:interface=127.0.0.1"}}
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1", **scaci)
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2", **scaci)
+    try:
+        issued = issue_client_cert(pki.ca, pki.ca_key, "ac-1", tmp_path / "ac", binding=APPLICATION_CENTER.bind())
+        ac = await app_center(one, issued.cert_path, issued.key_path)
+        ac.send("con", 0, version="1.0.0", acEui=AC_EUI, vendor="Test", model="AC", name="ac-1", swVersion="1",
+                snAcUuid=list(os.urandom(16)))
+        await ac.expect("conRsp", 0)
+        ac.send("conCmp", 0)
+        b = await two.station("bs-b", B)
+        op = ac.send("reg", epEui=int(EP, 16), nwkKey=list(KEY), shAddr=0x1A2B, bidi=True)
+        await ac.expect("regRsp", op)
+        await b.expect("attPrp")  # registered on hub-1, attached at B on hub-2
+        await heard(two, b, cnt=8, dlOpen=False)
+        # The AC's downlink, queued on hub-1, goes out through B on hub-2; its result comes back to the AC.
+        op = ac.send("dlDataQue", epEui=int(EP, 16), queId=77, cntDepend=False, userData=[[0xCA, 0xFE]])
+        await ac.expect("dlDataQueRsp", op)
+        que = await b.expect("dlDataQue")
+        res = b.send("dlDataRes", epEui=int(EP, 16), queId=que["queId"], result="sent", txTime=42, packetCnt=9)
+        await b.expect("dlDataResRsp", timeout=5)
+        b.send("dlDataResCmp", res)
+        result = await ac.expect("dlDataRes", timeout=5)
+        assert (result["queId"], result["result"], result["txTime"], result["packetCnt"]) == (77, "sent", 42, 9)
+        assert [e for e in two.of("dl_result") if e.payload["queId"] == que["queId"]]
+        assert not one.of("dl_result")  # hub-1 only relayed it to its AC
     finally:
         for running in (one, two):
             await running.stop()

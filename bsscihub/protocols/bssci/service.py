@@ -249,7 +249,14 @@ class MiotyService(MiotyActions, FamilyService):
             return
         bssci = self.bssci
         self.scaci = ScaciHub(self, settings, bssci.sc_eui, self.hub.version, bssci.max_frame)
-        self._scaci_unsubscribe = self.hub.bus.subscribe(self.scaci.on_event)
+        unsubscribe = self.hub.bus.subscribe(self.scaci.on_event)
+        self._scaci_unsubscribe = unsubscribe
+        if self.cluster.clustered:
+            # The result of an AC's downlink comes from the hub that keeps the downlink, maybe another one.
+            scaci = self.scaci
+            stop_relay = self.cluster.relay_events(
+                self.hub.bus, lambda event: scaci.on_event(event) if event.kind == "dl_result" else None)
+            self._scaci_unsubscribe = lambda: (unsubscribe(), stop_relay())
         endpoint = MutualTLSEndpoint(
             serverFromString(self.hub.reactor, settings.listen), policy, handshake_timeout=bssci.handshake_timeout,
             clock=self.clock, limits=ConnectionLimits(64, 16),
