@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from bsscihub.contract import masked_url
+
 T = TypeVar("T")
 
 ENV_PREFIX = "BSSCIHUB_"
@@ -27,7 +29,7 @@ class ConfigError(Exception):
     def __init__(self, key: str, value: object, expected: str, *, secret: bool = False) -> None:
         self.key, self.value, self.expected = key, value, expected
         # The line goes to a terminal or a container's log: no secret setting's value, no URL's password.
-        shown = "'***'" if secret else repr(_mask_url(value) if isinstance(value, str) else value)
+        shown = "'***'" if secret else repr(masked_url(value) if isinstance(value, str) else value)
         super().__init__(f"config error: {key} = {shown}: {expected}")
 
 
@@ -341,7 +343,7 @@ class HubConfig:
         out: dict[str, Any] = {
             "data_dir": str(self.data_dir),
             "keys_dir": str(self.keys_dir),
-            "database": _mask_url(self.database),
+            "database": masked_url(self.database),
             "families": list(self.families or ()),
         }
         named = {name: getattr(self, name) for name in CORE_SECTIONS} | dict(self.sections)
@@ -354,18 +356,8 @@ def _masked_value(field: Any, value: Any) -> Any:
     if field.metadata.get("secret") and value:
         return "***"
     if isinstance(value, str) and "://" in value:
-        return _mask_url(value)  # any URL may carry user:password@
+        return masked_url(value)  # any URL may carry user:password@
     return list(value) if isinstance(value, tuple) else value
-
-
-def _mask_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
 
 
 def build_section(cls: type[T], name: str, raw: Any) -> T:
@@ -492,7 +484,7 @@ def load_config(
         built[name] = build_section(cls, name, raw.get(name))
     core = {name: built.pop(name) for name in CORE_SECTIONS}
     if built["cluster"].redis and urlsplit(top["database"]).scheme == "sqlite":
-        raise ConfigError("cluster.redis", _mask_url(built["cluster"].redis),
+        raise ConfigError("cluster.redis", masked_url(built["cluster"].redis),
                           "a cluster shares one PostgreSQL database: set database to postgresql://...")
     if top["families"] is not None:
         top["families"] = tuple(top["families"])

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -191,3 +192,16 @@ def time_problems(where: str, payload: Mapping[str, Any]) -> list[str]:
         for key in TIME_KEYS & set(payload)
         if payload[key] is not None and not (isinstance(payload[key], str) and RFC3339.match(payload[key]))
     ]
+
+
+def masked_url(url: str) -> str:
+    """The URL as shown to people and logs: a password in it replaced by ***; a URL that does not parse as it is."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))

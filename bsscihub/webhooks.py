@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bsscihub.bus import Event
-from bsscihub.contract import opt_time, rfc3339
+from bsscihub.contract import masked_url, opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.keybox import KeyBox
 from bsscihub.store import Migration
@@ -109,15 +109,6 @@ def split_credentials(url: str) -> tuple[str, str | None]:
     host = parts.netloc.rpartition("@")[2]
     token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
     return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
-
-
-def masked_url(url: str) -> str:
-    """The URL as shown in lists: a password in it replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
 def sign(secret: bytes, body: bytes) -> str:

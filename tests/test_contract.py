@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bsscihub.contract import finite_doc, opt_time, rfc3339
+from bsscihub.contract import finite_doc, masked_url, opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.mqtt.bridge import decode_command
 
@@ -54,3 +54,11 @@ def test_eui64_is_sixteen_lower_case_hex_digits(value: object, expected: str | N
     from bsscihub.contract import eui64
 
     assert eui64(value) == expected
+
+
+def test_masked_url_hides_only_the_password() -> None:
+    assert masked_url("postgresql://hub:s3cr@t@db:5432/hub") == "postgresql://hub:***@db:5432/hub"
+    assert masked_url("mqtts://user:pw@broker:8883") == "mqtts://user:***@broker:8883"
+    assert masked_url("https://hooks.example/x?token=1") == "https://hooks.example/x?token=1"  # no password
+    assert masked_url("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert masked_url("http://[::1") == "http://[::1"  # does not parse: shown as it is

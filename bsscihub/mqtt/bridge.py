@@ -28,7 +28,7 @@ from zope.interface.verify import verifyObject
 
 from bsscihub.bus import Event, PlainJSON
 from bsscihub.config import ConfigError, MQTTConfig
-from bsscihub.contract import rfc3339
+from bsscihub.contract import masked_url, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec, IMQTTLayout, IMQTTLayouts
 from bsscihub.health import ComponentHealth
@@ -88,11 +88,6 @@ except ImportError:  # pragma: no cover - orjson is a dependency; without it, al
     _plain_to_json = to_json  # type: ignore[assignment]  # noqa: F811
 
 
-def _mask(url: str) -> str:
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@", 1) if parts.password else url
-
-
 def settings_from_config(config: MQTTConfig, will: Will | None = None, **overrides: Any) -> MQTTSettings:
     """The client's settings for ``mqtt.*``; a mistake is a ConfigError naming the key."""
     values: dict[str, Any] = {
@@ -118,7 +113,8 @@ def settings_from_config(config: MQTTConfig, will: Will | None = None, **overrid
     try:
         return MQTTSettings.from_url(config.url, **values)
     except ValueError as e:
-        raise ConfigError("mqtt.url", _mask(config.url), str(e).replace(config.url, _mask(config.url))) from None
+        shown = masked_url(config.url)
+        raise ConfigError("mqtt.url", shown, str(e).replace(config.url, shown)) from None
 
 
 def hub_status(state: str, version: str, since: float | None, node: str | None = None) -> bytes:
