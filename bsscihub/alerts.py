@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from bsscihub.bus import Event
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
-from bsscihub.family import EventSpec
+from bsscihub.family import EventSpec, receiver_ids
 from bsscihub.store import Migration
 
 if TYPE_CHECKING:
@@ -208,6 +208,7 @@ class AlertService(Service):
         self.active: dict[tuple[int, str, str, str], Active] = {}
         self._dirty: set[tuple[str, str, str]] = set()
         self._roots = {getattr(f, "topic_root", None) or n: n for n, f in hub.families.items()}
+        self._receivers = receiver_ids(hub.families)
         self._by_family: dict[str, list[Rule]] = {}
         self._wants: dict[str, tuple[bool, bool]] = {}
         self._unsubscribe: Any = None
@@ -336,17 +337,19 @@ class AlertService(Service):
                     target.signal = signal
             self._check(family, target)
         receivers = payload.get("receivers")
-        if receivers.__class__ is list:
-            # The gateways and base stations that heard a device were heard too.
+        named = self._receivers.get(family)
+        if named is not None and receivers.__class__ is list:
+            # The stations or gateways that heard a device were heard too; the family says how they are named.
             for receiver in receivers:
                 if receiver.__class__ is not dict and not isinstance(receiver, Mapping):
                     continue
-                heard, kind = receiver.get("bsEui"), "bs"
-                if heard is None:
-                    heard, kind = receiver.get("gatewayId"), "gw"
-                if not isinstance(heard, str) or not heard:
+                for field, kind in named:
+                    heard = receiver.get(field)
+                    if heard.__class__ is str and heard:
+                        by = (family, kind, heard)
+                        break
+                else:
                     continue
-                by = (family, kind, heard)
                 station = targets.get(by)
                 if station is None:
                     station = targets[by] = Target(*by)

@@ -42,7 +42,7 @@ class IFamily(IPlugin):
     #     Every topic the family publishes under {p}/, for the docs, the tests and the admin UI.
     #
     # Optional interfaces an IFamily may provide as well: IWebRoutes, IMQTTLayouts, ICommandLine,
-    # ICertificateBindings (below).
+    # ICertificateBindings, IReceivers (below).
 
 
 class IWebRoutes(Interface):
@@ -146,6 +146,24 @@ class ICertificateBindings(Interface):
     def certificate_bindings() -> Sequence[Any]:  # type: ignore[misc]
         """The family's bsscihub.pki.BindingKind list (names prefixed with the family's protocol, e.g.
         "bssci.station"); keep the plugin module light and import them inside."""
+
+
+class IReceivers(Interface):
+    """Optionally provided by an IFamily whose events list the stations or gateways that heard a device
+    (`receivers`: a list of objects): how such a receiver names itself, so the core (the alerts) knows it
+    was heard too without knowing the family's words."""
+
+    receiver_ids = Attribute(
+        "Mapping of the field naming a receiver in an event's `receivers` entries to the kind of target it is,"
+        " the kind of the family's own topics for it: e.g. {\"gatewayId\": \"gw\"} for {root}/gw/{gatewayId}/...")
+
+
+def receiver_ids(families: Mapping[str, IFamily]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """(field, kind) pairs naming a receiver in each family's `receivers` lists, for the families that declare them."""
+    return {
+        name: tuple(family.receiver_ids.items()) for name, family in families.items()
+        if IReceivers.providedBy(family)
+    }  # fmt: skip
 
 
 def binding_kinds(families: Mapping[str, IFamily]) -> dict[str, Any]:

@@ -14,8 +14,11 @@ import treq
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web import resource, server
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from bsscihub import audit
+from bsscihub.family import IReceivers, installed_families
 from tests.broker import Mosquitto, free_port
 from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 from tests.test_fleets import _token
@@ -248,7 +251,8 @@ async def test_admin_pages_manage_rules_and_webhooks(tmp_path: Path, mosquitto: 
 # -- every family's kinds, in memory (a Clock for time, a real SQLite store)
 
 
-async def _alert_service(tmp_path: Path, clock: task.Clock, database_url: str) -> tuple[Any, list[Any]]:
+async def _alert_service(tmp_path: Path, clock: task.Clock, database_url: str,
+                         families: dict[str, Any] | None = None) -> tuple[Any, list[Any]]:
     from types import SimpleNamespace
 
     from bsscihub.alerts import MIGRATIONS, AlertService
@@ -266,8 +270,8 @@ async def _alert_service(tmp_path: Path, clock: task.Clock, database_url: str) -
     bus = EventBus()
     published: list[Any] = []
     bus.subscribe(lambda e: published.append(e) if e.family == "alerts" else None)
-    hub = SimpleNamespace(config=config, reactor=clock, store=store, bus=bus, families=installed_families(),
-                          cluster=local_cluster())
+    hub = SimpleNamespace(config=config, reactor=clock, store=store, bus=bus,
+                          families=installed_families() if families is None else families, cluster=local_cluster())
     service = AlertService(hub)
     service.startService()
     await service.when_ready()
@@ -337,6 +341,40 @@ async def test_every_family_kind_goes_offline_and_comes_back(tmp_path: Path, dat
             service.on_event(event)
         await _settled(service)
         assert len(published) == 7 and all(e.payload["state"] == "resolved" for e in published)
+    finally:
+        await service.stopService()
+        await service.hub.store.stop()
+
+
+@implementer(IReceivers)
+class Relays:
+    """A family the core has never heard of: its devices are heard through relays, named `relayId`."""
+
+    name = topic_root = "relays"
+    receiver_ids = {"relayId": "relay"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_receivers_a_device_was_heard_by_are_named_as_their_family_declares(
+        tmp_path: Path, database_url: str) -> None:
+    from bsscihub.bus import Event
+
+    families = {**installed_families(), "relays": Relays()}
+    assert verifyObject(IReceivers, families["relays"])
+    clock = task.Clock()
+    service, _ = await _alert_service(tmp_path, clock, database_url, families)
+    try:
+        for event in (
+            Event("relays", "up", "relays/sensor/s-1/up", {"receivers": [{"relayId": "R7"}, {"relayId": ""}, "R8"]}),
+            # another family's word means nothing here, and a family that declares no receivers has none
+            Event("relays", "up", "relays/sensor/s-2/up", {"receivers": [{"bsEui": "70b3d59cd0000001"}]}),
+            Event("devices", "up", "dev/device/D1/up", {"receivers": [{"gatewayId": "GW9", "relayId": "R9"}]}),
+            Event("ble", "up", "ble/node/112233445566/up", {"receivers": [{"bsEui": "70b3d59cd0000002"}]}),
+        ):
+            service.on_event(event)
+        assert sorted(service.targets) == [
+            ("ble", "node", "112233445566"), ("devices", "device", "D1"),
+            ("relays", "relay", "R7"), ("relays", "sensor", "s-1"), ("relays", "sensor", "s-2")]
     finally:
         await service.stopService()
         await service.hub.store.stop()

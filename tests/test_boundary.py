@@ -19,6 +19,7 @@ from bsscihub.family import (
     ICertificateRevocation,
     ICommandLine,
     IDashboardSummary,
+    IReceivers,
     IRootRoutes,
     IWebExtension,
     IWebRoutes,
@@ -112,9 +113,6 @@ def test_no_family_imports_another_family() -> None:
 BS_EUI_IN_THE_CORE = {
     # the historic migrations: core 2 made the column, core 3 moves it into bindings (bssci.station)
     "store/schema.py": 3,
-    # alert targets: the stations in an uplink's `receivers` (a family's payload read by the core; to be made
-    # generic there, e.g. each family naming its receivers' id field)
-    "alerts.py": 1,
 }
 
 
@@ -144,6 +142,25 @@ def test_a_family_declaring_certificate_bindings_declares_them_as_such(name: str
     assert kinds and all(isinstance(k, BindingKind) for k in kinds)
     # what every installed family declares together: no name, alias, field or URI twice
     assert set(binding_kinds(installed_families())) >= {k.name for k in kinds}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in installed_families().items() if IReceivers.providedBy(f)))
+def test_a_family_naming_its_receivers_names_a_field_of_its_receivers_and_a_kind_of_its_topics(name: str) -> None:
+    family = installed_families()[name]
+    assert verifyObject(IReceivers, family)
+    root = getattr(family, "topic_root", None) or name
+    receiving = [spec.payload for spec in family.events if '"receivers"' in spec.payload]
+    assert receiving, f"{name} names receivers but no event of it lists them"
+    for field, kind in family.receiver_ids.items():
+        assert any(f'"{field}"' in payload.split('"receivers"', 1)[1] for payload in receiving), field
+        assert any(spec.topic.startswith(f"{root}/{kind}/{{{field}}}/") for spec in family.events), (field, kind)
+
+
+def test_the_alerts_know_receivers_only_from_the_families() -> None:
+    # The stations and gateways of mioty and BLE, and nothing of theirs in the core's alerts.
+    assert {n: dict(f.receiver_ids) for n, f in installed_families().items() if IReceivers.providedBy(f)} == {
+        "mioty": {"bsEui": "bs"}, "ble": {"gatewayId": "gw"}}
+    assert not re.search(r"bsEui|gatewayId", (PACKAGE / "alerts.py").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("name", sorted(n for n, f in installed_families().items() if ICommandLine.providedBy(f)))

@@ -10,16 +10,18 @@ from typing import TYPE_CHECKING, Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import CLICommand, EventSpec, ICommandLine, IFamily, IWebRoutes
+from bsscihub.family import CLICommand, EventSpec, ICommandLine, IFamily, IReceivers, IWebRoutes
 from bsscihub.protocols.ble.config import BLEConfig
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
 
 
-@implementer(IPlugin, IFamily, IWebRoutes, ICommandLine)
+@implementer(IPlugin, IFamily, IWebRoutes, ICommandLine, IReceivers)
 class BLEFamily:
     name = "ble"
+    receiver_ids = {"gatewayId": "gw"}
+    """The gateways in readings' `receivers` (ble/gw/{gatewayId}/...)."""
     config_sections = {"ble": BLEConfig}
     events = (
         EventSpec("up", "ble/node/{mac}/up", False,

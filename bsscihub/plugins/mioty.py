@@ -10,16 +10,26 @@ from typing import TYPE_CHECKING, Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from bsscihub.family import EventSpec, ICertificateBindings, ICommandLine, IFamily, IMQTTLayouts, IWebRoutes
+from bsscihub.family import (
+    EventSpec,
+    ICertificateBindings,
+    ICommandLine,
+    IFamily,
+    IMQTTLayouts,
+    IReceivers,
+    IWebRoutes,
+)
 from bsscihub.protocols.bssci.config import BSSCIConfig, MiotyConfig, ScaciConfig
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
 
 
-@implementer(IPlugin, IFamily, IWebRoutes, IMQTTLayouts, ICommandLine, ICertificateBindings)
+@implementer(IPlugin, IFamily, IWebRoutes, IMQTTLayouts, ICommandLine, ICertificateBindings, IReceivers)
 class MiotyFamily:
     name = "mioty"
+    receiver_ids = {"bsEui": "bs"}
+    """The base stations in uplinks', readings' and frames' `receivers` (mioty/bs/{bsEui}/...)."""
     mqtt_layouts = ("seed",)
     """`seed`: the layout of the open service center the hub replaces (protocols/bssci/seed.py)."""
     config_sections = {"bssci": BSSCIConfig, "mioty": MiotyConfig, "scaci": ScaciConfig}
