@@ -77,15 +77,21 @@ async def test_what_one_hub_is_asked_reaches_the_stations_of_the_other(
         # One more, sent: its result reaches the database and hub-2's downlink event.
         queued = await one.service.queue_downlink(EP, "cafe", actor="test")
         assert (await b.expect("dlDataQue"))["queId"] == queued["queId"]
-        op = b.send("dlDataRes", epEui=int(EP, 16), queId=queued["queId"], result="sent", txTime=7, packetCnt=2)
+        op = b.send("dlDataRes", epEui=int(EP, 16), queId=queued["queId"], result="sent", txTime=7, packetCnt=20)
         await b.expect("dlDataResRsp")
         b.send("dlDataResCmp", op)
         assert states(two, queued["queId"])[-1] == "sent"
         assert (await stored(one, queued["queId"], two))["status"] == "sent"
+        # The end point acknowledges it (dlAck in its next uplink) through A on hub-1, which did not send it.
+        a = await one.station("bs-a", A)
+        await heard(one, a, cnt=21, dlAck=True, dlOpen=False)  # each test its own counters: Redis remembers
+        await wait_for(lambda: [e.payload["event"] for e in one.of("downlink")
+                                if e.payload["queId"] == queued["queId"]] == ["queue", "ack"])
+        assert (await stored(one, queued["queId"], two))["acked"] is True
 
         # Detached on hub-1: detPrp on hub-2's station.
         detached = await one.service.detach(EP, actor="test")
-        assert detached["baseStations"] == [B]
+        assert detached["baseStations"] == [A, B]
         assert (await b.expect("detPrp"))["epEui"] == int(EP, 16)
     finally:
         for running in (one, two):

@@ -442,10 +442,21 @@ class Downlinks:
                 del self._last_sent[ep]
                 self._background(self.registry.update_downlink(last[0], self.clock.seconds(), acked=True),
                                  "recording a downlink acknowledgement")
-                self._emit(ep, "downlink", {"queId": last[0], "state": SENT.value, "previous": SENT.value,
-                                            "event": "ack", "bsEui": None, "attempts": None, "reason": None})
+                self._acked(ep, last[0])
+            elif last is None and self.clustered:
+                # Maybe sent through another hub: the database knows.
+                self._background(self._ack_stored(ep, packet_cnt), "recording a downlink acknowledgement")
         if payload["dlOpen"] and ep in self.waiting:
             self.offer(ep)
+
+    def _acked(self, ep: str, que_id: int) -> None:
+        self._emit(ep, "downlink", {"queId": que_id, "state": SENT.value, "previous": SENT.value, "event": "ack",
+                                    "bsEui": None, "attempts": None, "reason": None})
+
+    async def _ack_stored(self, ep: str, packet_cnt: int) -> None:
+        que_id = await self.registry.ack_downlink(ep, packet_cnt - 1, self.clock.seconds())
+        if que_id is not None:
+            self._acked(ep, que_id)
 
     def result(self, session: Session, msg: m.DlDataRes) -> defer.Deferred[None] | None:
         """A station's dlDataRes (sent, expired, invalid); the Deferred fires once it is recorded."""

@@ -684,6 +684,15 @@ class Registry:
             f"UPDATE mioty_downlinks SET {sets}, updated = ? WHERE id = ?{guard}", (*values, now, que_id, *params)
         ))
 
+    async def ack_downlink(self, ep_eui: str, packet_cnt: int, now: float) -> int | None:
+        """Mark the end point's downlink sent with `packet_cnt` acknowledged, if one is and is not yet;
+        returns its queId."""
+        row = await self.store.fetchone(
+            "UPDATE mioty_downlinks SET acked = 1, updated = ? WHERE id = (SELECT id FROM mioty_downlinks"
+            " WHERE ep_eui = ? AND status = 'sent' AND packet_cnt = ? AND acked = 0 ORDER BY id DESC LIMIT 1)"
+            " RETURNING id", (now, ep_eui, packet_cnt))
+        return None if row is None else int(row[0])
+
     async def keep_downlinks(self, node: str, claims: Sequence[tuple[int, str | None]]) -> list[int]:
         """Hub `node` keeps each (queId, keeper) from now on if it is pending and `keeper` (None: nobody)
         still keeps it: one conditional write each, so of two hubs taking one downlink one wins."""
