@@ -175,3 +175,14 @@ async def test_without_redis_each_copy_is_published_alone(two_hubs: tuple[BLEHub
     assert [[g["gatewayId"] for g in r["receivers"]] for r in one.readings()] == [["GW0"], ["GW1"], ["GW2"]]
     warnings = [e for e in logged if "Redis did not take" in e.get("log_format", "")]
     assert [e["count"] for e in warnings] == [1, 2]  # 1, 2, 4, ...: not a line per copy
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_another_hub_forgot_is_gone_within_seconds(two_hubs: tuple[BLEHub, BLEHub]) -> None:
+    one, two = two_hubs
+    one.heard("GW8", -70)
+    await until(lambda: "GW8" in two.service.gateways and MAC in two.service.nodes, timeout=10)
+    assert await one.service.forget_gateway("GW8") and await one.service.forget_node(MAC)
+    await until(lambda: "GW8" not in two.service.gateways and MAC not in two.service.nodes, timeout=10)
+    await two.service._flush_registry()
+    assert await two.hub.store.fetchall("SELECT id FROM ble_gateways") == []

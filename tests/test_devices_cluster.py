@@ -150,3 +150,66 @@ async def test_a_device_heard_by_another_hub_is_not_called_offline(
     finally:
         for running in hubs:
             await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rename_a_removal_and_a_revoked_key_reach_the_other_hub(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    brokers = [MemoryBroker(), MemoryBroker()]
+    clocks = [FollowingClock().start(), FollowingClock().start()]
+    hubs: list[RunningHub] = []
+    try:
+        for n in (0, 1):
+            (tmp_path / f"hub{n}").mkdir()
+            hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], clocks[n],
+                                        database=postgres_url, cluster={"redis": redis_url, "node": f"hub-{n}"}))
+        one, two = hubs
+        registry = two.hub.services["devices"].devices
+
+        async def name_on_two() -> Any:
+            code, doc = await two.api("GET", "/api/v1/devices/d1")
+            return doc["name"] if code == 200 else code
+
+        async def load_on_two(expected: Any) -> None:
+            clocks[1].advance(CLUSTER_LOAD_EVERY + 0.1)  # hub-1's next look at the database
+            await eventually(lambda: _equals(name_on_two, expected), what=f"d1 on hub-1 is {expected!r}",
+                             timeout=10, interval=0.05)
+
+        assert (await one.api("POST", "/api/v1/devices", {"id": "d1", "name": "Boiler"}))[0] == 201
+        await load_on_two("Boiler")
+
+        # A key made on hub-0 works on hub-1; revoked on hub-0, hub-1 refuses it at once (keys are read
+        # from the database on every use, nothing to wait for).
+        code, created = await one.api("POST", "/api/v1/devices/d1/key")
+        assert code == 201
+        post, reading, key = "/api/v1/devices/d1/telemetry", {"type": "t", "value": 1}, created["key"]
+        assert (await two.api("POST", post, reading, {"X-Device-Key": key}, token=None))[0] == 200
+        assert (await one.api("DELETE", "/api/v1/devices/d1/key"))[0] == 204
+        assert (await two.api("POST", post, reading, {"X-Device-Key": key}, token=None))[0] == 401
+
+        # A rename on hub-0: hub-1's API shows the new name after its next look (it kept the old one).
+        assert (await one.api("PATCH", "/api/v1/devices/d1", {"name": "Cellar"}))[0] == 200
+        await load_on_two("Cellar")
+        await two.hub.services["devices"]._flush_registry()  # hub-1's registry write keeps it
+        assert (await one.api("GET", "/api/v1/devices/d1"))[1]["name"] == "Cellar"
+
+        # Removed on hub-0 with a fresh key: the key is refused on hub-1 at once, the device is gone
+        # from hub-1's memory and API after its next look.
+        code, created = await one.api("POST", "/api/v1/devices/d1/key")
+        assert (await two.api("POST", post, reading, {"X-Device-Key": created["key"]}, token=None))[0] == 200
+        assert (await one.api("DELETE", "/api/v1/devices/d1"))[0] == 204
+        assert (await two.api("POST", post, reading, {"X-Device-Key": created["key"]}, token=None))[0] == 401
+        await load_on_two(404)
+        assert "d1" not in registry
+        # hub-0 itself noted what it did, and never applies its own notes
+        [(nodes,)] = await one.hub.store.fetchall("SELECT COUNT(DISTINCT node) FROM registry_changes")
+        assert nodes == 1
+    finally:
+        for running in hubs:
+            await running.stop()
+
+
+async def _equals(read: Any, expected: Any) -> bool:
+    return bool(await read() == expected)

@@ -18,7 +18,7 @@ from tests.conftest import _reset_pg_schema
 from tests.memory_bridge import MemoryBroker
 from tests.redis_server import redis_url
 from tests.test_families import PREFIX, RunningHub, eventually, start_hub
-from tests.test_gate import GATES, registered
+from tests.test_gate import APP_A, GATES, as_app, error, register, registered
 
 __all__ = ["redis_url"]  # fixture
 
@@ -115,6 +115,67 @@ async def test_a_unit_whose_messages_reach_either_hub(tmp_path: Path, postgres_u
         code, ended = await two.api("GET", f"{GATES}/gate-1/commands/{muted['id']}?wait=9")
         assert ended["state"] == "timeout"
         await witnesses[1].when(lambda m: m.topic == STATE and b"offline" in m.payload, timeout=10)
+    finally:
+        for running in hubs:
+            await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_revocations_renames_and_removals_reach_the_other_hub(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    brokers = [MemoryBroker(), MemoryBroker()]
+    hubs: list[RunningHub] = []
+    try:
+        for n in (0, 1):
+            (tmp_path / f"hub{n}").mkdir()
+            hubs.append(await start_hub(
+                tmp_path / f"hub{n}", brokers[n], ["gate"], database=postgres_url,
+                cluster={"redis": redis_url, "node": f"hub-{n}"}, gate={"secret": "one secret for every hub"},
+            ))  # fmt: skip
+        one, two = hubs
+        service = two.hub.services["gate"]
+        unit = await registered(one, "hw-1", "gate-1")
+
+        # Keys and tokens are checked in the database on every use: revoked on hub one, refused on hub two
+        # at once.
+        code, _ = await one.api("POST", f"{GATES}/gate-1/user-tokens", {"user_token": APP_A, "access_level": "user"},
+                                headers={"X-Unit-Key": unit["unit_key"]}, token=None)
+        assert code == 201
+        code, mine = await as_app(two, APP_A, "GET", f"{GATES}/mine")
+        assert [u["controller_id"] for u in mine["items"]] == ["gate-1"]
+        code, _ = await one.api("POST", f"{GATES}/gate-1/user-tokens/revoke", {"user_token": APP_A},
+                                headers={"X-Unit-Key": unit["unit_key"]}, token=None)
+        assert code == 204
+        code, mine = await as_app(two, APP_A, "GET", f"{GATES}/mine")
+        assert (code, mine["items"]) == (200, [])
+        code, doc = await as_app(two, APP_A, "POST", f"{GATES}/gate-1/commands", {"command": "open"})
+        assert (code, error(doc)[0]) == (403, "no_access")
+        code, created = await one.api("POST", f"{GATES}/provisioning-keys", {"name": "van"})
+        assert (await one.api("DELETE", f"{GATES}/provisioning-keys/{created['id']}"))[0] == 204
+        code, doc = await register(two, created["key"], "hw-2", "gate-2")
+        assert (code, error(doc)[0]) == (401, "provisioning_key_revoked")
+
+        # Heard by hub two (its silence timer armed there), renamed on hub one: hub two's API has the new
+        # name at once, its own memory follows within seconds.
+        brokers[1].route("gatetorio/gate-1/status", json.dumps({"state": "closed"}).encode(), False)
+        await eventually(lambda: service._offline_timers, what="hub two's silence timer")
+        [unit_id] = service._offline_timers
+        await eventually(lambda: service._by_controller == {"gate-1": unit_id}, timeout=10, interval=0.05,
+                         what="hub two's look at the units")
+        assert (await one.api("PATCH", f"{GATES}/gate-1", {"controller_id": "gate-9"}))[0] == 200
+        assert (await two.api("GET", f"{GATES}/gate-9"))[0] == 200
+        assert (await two.api("GET", f"{GATES}/gate-1"))[0] == 404
+        await eventually(lambda: service._by_controller == {"gate-9": unit_id}, timeout=10, interval=0.05,
+                         what="hub two's name map")
+
+        # Removed on hub one: its unit key is refused on hub two at once, hub two's timer ends within seconds.
+        assert (await one.api("DELETE", f"{GATES}/gate-9"))[0] == 204
+        code, doc = await register(two, None, "hw-1", "gate-1", unit_key=unit["unit_key"])
+        assert (code, error(doc)[0]) == (401, "invalid_unit_key")
+        await eventually(lambda: not service._offline_timers and not service._by_controller, timeout=10,
+                         interval=0.05, what="hub two forgets the unit")
     finally:
         for running in hubs:
             await running.stop()

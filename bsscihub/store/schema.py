@@ -117,4 +117,20 @@ CORE_MIGRATIONS = [
         CREATE INDEX web_sessions_user ON web_sessions (user_id)
         """,
     ),
+    # Registry edits (renames, removals) a cluster's other hubs re-read: bsscihub.registry_sync.
+    Migration(
+        "registry",
+        1,
+        """
+        CREATE TABLE registry_changes (
+            id {pk},
+            family TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            node TEXT NOT NULL,
+            time {real} NOT NULL
+        );
+        CREATE INDEX registry_changes_time ON registry_changes (family, time)
+        """,
+    ),
 ]

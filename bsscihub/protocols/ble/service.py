@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -23,6 +23,7 @@ from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
 from bsscihub.hub import Hub
 from bsscihub.ingest import Rejected, errback
+from bsscihub.registry_sync import RegistryChanges
 
 # Plausible ranges of the quantities beacons commonly report; other numeric fields are kept as
 # they come, within GENERIC_RANGE, under a name that is safe in SQL rows and JSON paths.
@@ -210,6 +211,7 @@ class BLEService(FamilyService):
         self._pruner = self.looping(self.prune, "pruning old readings")
         self._others = self.looping(self._load_others, "loading the other hubs' registrations")
         self._loaded_at = 0.0
+        self.changes = RegistryChanges(hub, "ble", self._reload)
 
 
     # -- lifecycle
@@ -246,6 +248,29 @@ class BLEService(FamilyService):
         """In a cluster: the gateways and beacons the other hubs registered lately, for this hub's API."""
         since, self._loaded_at = self._loaded_at - CLUSTER_LOAD_MARGIN, self.clock.seconds()
         await self._load_registry(since)
+        await self.changes.poll()
+
+    async def _reload(self, kind: str, keys: Sequence[str]) -> None:
+        """Gateways or beacons another hub of a cluster removed: out of this hub's memory too."""
+        table, column = ("ble_gateways", "id") if kind == "gateway" else ("ble_nodes", "mac")
+        rows = await self.hub.store.fetchall(
+            f"SELECT {column} FROM {table} WHERE {column} IN ({', '.join('?' * len(keys))})", tuple(keys))
+        kept = {key for key, in rows}
+        drop = self._drop_gateway if kind == "gateway" else self._drop_node
+        for key in keys:
+            if key not in kept:
+                drop(key)
+
+    def _drop_gateway(self, gid: str) -> bool:
+        self._dirty_gateways.discard(gid)
+        return self.gateways.pop(gid, None) is not None
+
+    def _drop_node(self, mac: str) -> bool:
+        self._dirty_nodes.discard(mac)
+        window = self.windows.pop(mac, None)
+        if window is not None and window.timer is not None and window.timer.active():
+            window.timer.cancel()
+        return self.nodes.pop(mac, None) is not None
 
     def subscriptions(self) -> Mapping[str, Any]:
         return {topic_filter: self.on_message for topic_filter in self.config.topics}
@@ -475,12 +500,12 @@ class BLEService(FamilyService):
     # -- registry changes (REST and MQTT commands)
 
     async def forget_gateway(self, gid: str) -> bool:
-        if self.gateways.pop(gid, None) is None:
+        if not self._drop_gateway(gid):
             return False
-        self._dirty_gateways.discard(gid)
         if self._inserts:  # its registration may not have landed yet
             await defer.DeferredList(list(self._inserts))
         await self.hub.store.execute("DELETE FROM ble_gateways WHERE id = ?", (gid,))
+        await self.changes.note("gateway", gid)
         # An empty retained message clears the state: subscribers no longer see a gateway that is gone.
         if self.hub.mqtt is not None:
             self.hub.mqtt.publish(self.hub.mqtt.topic(f"ble/gw/{gid}/state"), b"", retain=True).addErrback(
@@ -488,13 +513,8 @@ class BLEService(FamilyService):
         return True
 
     async def forget_node(self, mac: str) -> bool:
-        if self.nodes.pop(mac, None) is None:
+        if not self._drop_node(mac):
             return False
-        self._dirty_nodes.discard(mac)
-        window = self.windows.pop(mac, None)
-        if window is not None and window.timer is not None and window.timer.active():
-            window.timer.cancel()
-
         if self._inserts:  # its registration may not have landed yet
             await defer.DeferredList(list(self._inserts))
 
@@ -503,6 +523,7 @@ class BLEService(FamilyService):
                 cursor.execute(f"DELETE FROM {table} WHERE mac = ?", (mac,))
 
         await self.hub.store.interaction(delete)
+        await self.changes.note("node", mac)
         return True
 
     async def command(self, kind: str, id: str, name: str, payload: Any) -> Mapping[str, Any] | None:

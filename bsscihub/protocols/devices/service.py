@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +28,7 @@ from bsscihub.health import ComponentHealth
 from bsscihub.hub import Hub
 from bsscihub.ingest import Rejected, errback
 from bsscihub.mqtt.dynsec import DynsecError, NoProvisioning, make_client
+from bsscihub.registry_sync import RegistryChanges
 
 TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -164,6 +165,7 @@ class DevicesService(FamilyService):
         self._silence = self.looping(self.check_silence, "marking silent devices offline")
         self._others = self.looping(self._load_others, "loading the other hubs' registrations")
         self._loaded_at = 0.0
+        self.changes = RegistryChanges(hub, "devices", self._reload)
 
     def _make_broker(self) -> Any:
         if self.config.broker_provisioning != "dynsec":
@@ -212,6 +214,21 @@ class DevicesService(FamilyService):
         since, self._loaded_at = self._loaded_at - CLUSTER_LOAD_MARGIN, self.clock.seconds()
         await self._load_registry(since)
         await self._load_open(since)
+        await self.changes.poll()
+
+    async def _reload(self, kind: str, ids: Sequence[str]) -> None:
+        """Devices another hub of a cluster renamed or removed: their names from the database, or gone."""
+        rows = await self.hub.store.fetchall(
+            f"SELECT id, name FROM dev_devices WHERE id IN ({', '.join('?' * len(ids))})", tuple(ids))
+        names = {did: name for did, name in rows}
+        for did in ids:
+            device = self.devices.get(did)
+            if device is None:
+                continue
+            if did in names:
+                device.name = names[did]
+            else:
+                self._drop(did)
 
     async def prepare(self) -> None:
         self._loaded_at = self.clock.seconds()
@@ -447,17 +464,12 @@ class DevicesService(FamilyService):
         if self._inserts:  # its registration may not have landed yet
             await defer.DeferredList(list(self._inserts))
         await self.hub.store.execute("UPDATE dev_devices SET name = ? WHERE id = ?", (name, device_id))
+        await self.changes.note("device", device_id)
 
     async def forget(self, device_id: str) -> None:
         self.get(device_id)
         await self._remove_account(device_id)
-        del self.devices[device_id]
-        self._dirty.discard(device_id)
-        for table in (self.commands, self.offers):
-            for pending in [p for p in table.values() if p.device == device_id]:
-                if pending.timer is not None and pending.timer.active():
-                    pending.timer.cancel()
-                del table[pending.id]
+        self._drop(device_id)
 
         if self._inserts:  # its registration may not have landed yet
             await defer.DeferredList(list(self._inserts))
@@ -468,10 +480,22 @@ class DevicesService(FamilyService):
                 cursor.execute(f"DELETE FROM {table} WHERE {column} = ?", (device_id,))
 
         await self.hub.store.interaction(delete)
+        await self.changes.note("device", device_id)
         # An empty retained message clears the status: subscribers no longer see a device that is gone.
         if self.hub.mqtt is not None:
             self.hub.mqtt.publish(self.hub.mqtt.topic(f"dev/device/{device_id}/status"), b"", retain=True).addErrback(
                 errback(self.log, "devices: clearing the status of {device} failed", device=device_id))
+
+    def _drop(self, device_id: str) -> None:
+        """A removed device out of memory, with the timers of its open commands and offers."""
+        self.devices.pop(device_id, None)
+        self._dirty.discard(device_id)
+        self._key_used.pop(device_id, None)
+        for table in (self.commands, self.offers):
+            for pending in [p for p in table.values() if p.device == device_id]:
+                if pending.timer is not None and pending.timer.active():
+                    pending.timer.cancel()
+                del table[pending.id]
 
     # -- commands
 

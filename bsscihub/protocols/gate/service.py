@@ -11,7 +11,7 @@ import os
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from bsscihub.protocols.gate.registry import (
 )
 from bsscihub.protocols.gate.signed import DOWN, UP, BadURL, URLSigner
 from bsscihub.protocols.gate.tokens import APP, PROVISIONING, SHARE, UNIT, Keyring
+from bsscihub.registry_sync import RegistryChanges
 
 FAMILY = "gate"
 FILES_PATH = "/api/v1/gates/files/"
@@ -108,7 +109,8 @@ class GateService(FamilyService):
         self._queues: dict[int, deque[str]] = {}
         # Registrations, renames and deletions touch the broker and the database: one at a time.
         self._lock = defer.DeferredLock()
-        self._others = self.looping(self._arm_from_store, "loading what the other hubs opened")
+        self._others = self.looping(self._load_others, "loading what the other hubs opened")
+        self.changes = RegistryChanges(hub, "gate", self._reload)
 
     def _make_provisioner(self) -> Any:
         if self.config.broker_provisioning != "dynsec":
@@ -160,6 +162,25 @@ class GateService(FamilyService):
                 queue = self._queues.setdefault(command.unit_id, deque())
                 if command.id not in queue:
                     queue.append(command.id)
+
+    async def _load_others(self) -> None:
+        await self._arm_from_store()
+        await self.changes.poll()
+
+    async def _reload(self, kind: str, ids: Sequence[str]) -> None:
+        """Units another hub of a cluster renamed or removed: this hub's name map, timers and queue follow."""
+        for key in ids:
+            unit_id = int(key)
+            unit = await registry.get_unit(self.hub.store, "id", unit_id)
+            for name in [n for n, i in self._by_controller.items() if i == unit_id]:
+                del self._by_controller[name]
+            if unit is not None:
+                self._by_controller[unit.controller_id] = unit_id
+                continue
+            self._queues.pop(unit_id, None)
+            timer = self._offline_timers.pop(unit_id, None)
+            if timer is not None and timer.active():
+                timer.cancel()
 
     async def drain(self) -> None:
         if self._others.running:
@@ -381,6 +402,7 @@ class GateService(FamilyService):
             except DynsecError as e:
                 raise Refused(503, "broker_unavailable", f"the broker permissions could not be moved: {e}") from None
             renamed = await registry.rename(self.hub.store, unit, new_id, self.now(), actor)
+            await self.changes.note("unit", str(unit.id))
             for fingerprint in await registry.fingerprints_of_unit(self.hub.store, unit.id):
                 await self._app_account(fingerprint, None, strict=False)  # the apps follow the new name
         self._by_controller.pop(controller_id, None)
@@ -417,6 +439,7 @@ class GateService(FamilyService):
             files = await registry.list_files(self.hub.store, unit.id)
             apps = await registry.fingerprints_of_unit(self.hub.store, unit.id)
             await registry.delete_unit(self.hub.store, unit.id)
+            await self.changes.note("unit", str(unit.id))
             for fingerprint in apps:
                 await self._app_account(fingerprint, None, strict=False)
         await threads.deferToThread(self._remove_files, [f.id for f in files])

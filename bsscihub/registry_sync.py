@@ -1,0 +1,70 @@
+"""Registry edits every hub of a cluster must see: a family notes a rename, removal or other admin edit of a
+row it keeps in memory, and each other hub re-reads the rows noted within seconds (one table for all families).
+
+Additions need nothing here (each family loads the rows other hubs registered); an edit is a (kind, key) the
+family re-reads from its tables: present, it takes the new values; gone, it drops it from memory. The table
+is the core's migration `registry` 1 (bsscihub.store.schema).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from bsscihub.hub import Hub
+
+MARGIN = 60.0
+"""How far back each look reaches: rows commit out of order and hubs' clocks differ a little."""
+KEEP = 3600.0
+"""Noted edits older than this are deleted (a hub started later loads the whole registry anyway)."""
+
+Apply = Callable[[str, Sequence[str]], Awaitable[None]]
+"""apply(kind, keys): re-read these rows of the family's registry into memory (dropping those gone)."""
+
+
+class RegistryChanges:
+    """One family's edits: `note` them where they are made, `poll` (every few seconds) where they are not."""
+
+    log = Logger()
+
+    def __init__(self, hub: Hub, family: str, apply: Apply) -> None:
+        self.hub, self.family, self._apply = hub, family, apply
+        self._clock = hub.reactor
+        self._since = self._clock.seconds()
+        self._seen: dict[int, float] = {}
+        self._pruned = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hub.cluster.clustered)
+
+    async def note(self, kind: str, key: str) -> None:
+        """Record that row `key` of `kind` changed here (once it is written). Nothing for one hub."""
+        if self.enabled:
+            await self.hub.store.execute(
+                "INSERT INTO registry_changes (family, kind, key, node, time) VALUES (?, ?, ?, ?, ?)",
+                (self.family, kind, key, self.hub.cluster.node, self._clock.seconds()))
+
+    async def poll(self) -> None:
+        """Apply the edits other hubs noted since the last look, each once."""
+        now = self._clock.seconds()
+        since, self._since = self._since - MARGIN, now
+        rows = await self.hub.store.fetchall(
+            "SELECT id, kind, key, time FROM registry_changes WHERE family = ? AND time >= ? AND node <> ?"
+            " ORDER BY id", (self.family, since, self.hub.cluster.node))
+        fresh = [(int(i), kind, key, float(t)) for i, kind, key, t in rows if int(i) not in self._seen]
+        kinds: dict[str, list[str]] = {}
+        for _, kind, key, _ in fresh:
+            if key not in kinds.setdefault(kind, []):
+                kinds[kind].append(key)
+        for kind, keys in kinds.items():
+            await self._apply(kind, keys)
+        self._seen.update((i, t) for i, _, _, t in fresh)
+        self._seen = {i: t for i, t in self._seen.items() if t >= since - MARGIN}
+        if now - self._pruned >= KEEP / 4:
+            self._pruned = now
+            await self.hub.store.execute(
+                "DELETE FROM registry_changes WHERE family = ? AND time < ?", (self.family, now - KEEP))
