@@ -13,7 +13,6 @@ import json
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -167,7 +166,7 @@ class WebhookService(Service):
         self.config = hub.config.section("webhooks")
         self.clock = hub.reactor
         # In a cluster every hub signs every webhook's events: one key file for all, in the shared keys_dir.
-        self.box = KeyBox(Path(hub.config.keys_dir) / KEY_FILE)
+        self.box = KeyBox.of_hub(hub.config, KEY_FILE)
         self.hooks: dict[int, Webhook] = {}
         self._http = http
         self._writer: Any = None

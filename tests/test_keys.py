@@ -25,6 +25,7 @@ from bsscihub.family import installed_families
 from bsscihub.hub import make_hub
 from bsscihub.keybox import KeyBox, KeyFileError, load_key
 from bsscihub.protocols.bssci.meters import registry_for
+from bsscihub.protocols.gate.tokens import Keyring
 from bsscihub.webhooks import WebhookService, sign
 from tests.conftest import _reset_pg_schema, make_config
 from tests.memory_bridge import MemoryBroker
@@ -87,6 +88,30 @@ def test_a_key_file_that_is_short_or_cannot_be_made_is_named_in_one_line(tmp_pat
     (tmp_path / "plain").write_text("not a directory")
     with pytest.raises(KeyFileError, match=f"^key file {tmp_path}/plain/keys/gate.key: "):
         load_key(tmp_path / "plain" / "keys" / "gate.key")
+
+
+def test_a_key_file_left_in_data_dir_is_not_replaced_by_a_new_one_in_keys_dir(tmp_path: Path) -> None:
+    config = make_config(tmp_path, keys_dir=str(tmp_path / "keys"))
+    config.data_dir.mkdir(parents=True)
+    for name in KEY_FILES:
+        (config.data_dir / name).write_bytes(name[0].encode() * 32)
+    with pytest.raises(KeyFileError, match=f"^key file {tmp_path}/keys/meter-keys.secret does not exist but"
+                                           f" {config.data_dir}/meter-keys.secret does: move it into keys_dir"):
+        KeyBox.of_hub(config, "meter-keys.secret").load()
+    with pytest.raises(KeyFileError, match="keys/gate.key does not exist but .*/var/gate.key does"):
+        Keyring.load("", config.keys_dir, config.data_dir)
+    assert not (tmp_path / "keys").exists()  # nothing made
+    # Moved as told: the old keys, from keys_dir.
+    (tmp_path / "var").rename(tmp_path / "keys")
+    assert Keyring.load("", config.keys_dir, config.data_dir) == Keyring(b"g" * 32)
+    assert load_key(tmp_path / "keys" / "webhook-keys.secret", moved_from=config.data_dir / "webhook-keys.secret") \
+        == b"w" * 32
+    # keys_dir unset: data_dir's own files are the keys.
+    (tmp_path / "single").mkdir()
+    single = make_config(tmp_path / "single")
+    single.data_dir.mkdir()
+    (single.data_dir / "gate.key").write_bytes(b"s" * 32)
+    assert Keyring.load("", single.keys_dir, single.data_dir) == Keyring(b"s" * 32)
 
 
 @pytest_twisted.ensureDeferred

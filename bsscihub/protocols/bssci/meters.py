@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -294,4 +293,4 @@ KEY_FILE = "meter-keys.secret"
 
 def registry_for(hub: Hub) -> MeterRegistry:
     """The hub's meter registry, its keys sealed under keys_dir (the service and the command line share it)."""
-    return MeterRegistry(hub.store, KeyBox(Path(hub.config.keys_dir) / KEY_FILE))
+    return MeterRegistry(hub.store, KeyBox.of_hub(hub.config, KEY_FILE))

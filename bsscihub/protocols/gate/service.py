@@ -132,7 +132,7 @@ class GateService(FamilyService):
     # -- lifecycle
 
     async def prepare(self) -> None:
-        self.keyring = Keyring.load(self.config.secret, Path(self.hub.config.keys_dir))
+        self.keyring = Keyring.load(self.config.secret, Path(self.hub.config.keys_dir), Path(self.hub.config.data_dir))
         self.signer = URLSigner(self.keyring.url_key)
         self.files_dir.mkdir(parents=True, exist_ok=True)
         await self._arm_from_store()

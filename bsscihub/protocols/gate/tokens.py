@@ -56,11 +56,12 @@ class Keyring:
         return hmac.new(self.key, b"signed-url", hashlib.sha256).digest()
 
     @classmethod
-    def load(cls, configured: str, keys_dir: Path) -> Keyring:
-        """`gate.secret` if set, else `keys_dir/gate.key`, made (32 random bytes, mode 0600) if missing.
+    def load(cls, configured: str, keys_dir: Path, data_dir: Path | None = None) -> Keyring:
+        """`gate.secret` if set, else `keys_dir/gate.key`, made (32 random bytes, mode 0600) if missing
+        and not left in `data_dir` (where it was before keys_dir was set).
 
         Back the key file up with the database: without it, every stored hash is useless.
         """
         if configured:
             return cls(hashlib.sha256(configured.encode()).digest())
-        return cls(load_key(keys_dir / KEY_FILE))
+        return cls(load_key(keys_dir / KEY_FILE, moved_from=data_dir / KEY_FILE if data_dir is not None else None))
