@@ -340,16 +340,14 @@ class AlertService(Service):
         named = self._receivers.get(family)
         if named is not None and receivers.__class__ is list:
             # The stations or gateways that heard a device were heard too; the family says how they are named.
+            field, kind = named
             for receiver in receivers:
                 if receiver.__class__ is not dict and not isinstance(receiver, Mapping):
                     continue
-                for field, kind in named:
-                    heard = receiver.get(field)
-                    if heard.__class__ is str and heard:
-                        by = (family, kind, heard)
-                        break
-                else:
+                heard = receiver.get(field)
+                if heard.__class__ is not str or not heard:
                     continue
+                by = (family, kind, heard)
                 station = targets.get(by)
                 if station is None:
                     station = targets[by] = Target(*by)

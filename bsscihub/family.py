@@ -153,15 +153,15 @@ class IReceivers(Interface):
     (`receivers`: a list of objects): how such a receiver names itself, so the core (the alerts) knows it
     was heard too without knowing the family's words."""
 
-    receiver_ids = Attribute(
-        "Mapping of the field naming a receiver in an event's `receivers` entries to the kind of target it is,"
-        " the kind of the family's own topics for it: e.g. {\"gatewayId\": \"gw\"} for {root}/gw/{gatewayId}/...")
+    receiver_id = Attribute(
+        "(field, kind): the field naming a receiver in an event's `receivers` entries and the kind of target it"
+        " is, that of the family's own topics for it: e.g. (\"gatewayId\", \"gw\") for {root}/gw/{gatewayId}/...")
 
 
-def receiver_ids(families: Mapping[str, IFamily]) -> dict[str, tuple[tuple[str, str], ...]]:
-    """(field, kind) pairs naming a receiver in each family's `receivers` lists, for the families that declare them."""
+def receiver_ids(families: Mapping[str, IFamily]) -> dict[str, tuple[str, str]]:
+    """(field, kind) naming a receiver in each family's `receivers` lists, for the families that declare one."""
     return {
-        name: tuple(family.receiver_ids.items()) for name, family in families.items()
+        name: tuple(family.receiver_id) for name, family in families.items()
         if IReceivers.providedBy(family)
     }  # fmt: skip
 

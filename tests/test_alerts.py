@@ -351,7 +351,7 @@ class Relays:
     """A family the core has never heard of: its devices are heard through relays, named `relayId`."""
 
     name = topic_root = "relays"
-    receiver_ids = {"relayId": "relay"}
+    receiver_id = ("relayId", "relay")
 
 
 @pytest_twisted.ensureDeferred

@@ -151,15 +151,15 @@ def test_a_family_naming_its_receivers_names_a_field_of_its_receivers_and_a_kind
     root = getattr(family, "topic_root", None) or name
     receiving = [spec.payload for spec in family.events if '"receivers"' in spec.payload]
     assert receiving, f"{name} names receivers but no event of it lists them"
-    for field, kind in family.receiver_ids.items():
-        assert any(f'"{field}"' in payload.split('"receivers"', 1)[1] for payload in receiving), field
-        assert any(spec.topic.startswith(f"{root}/{kind}/{{{field}}}/") for spec in family.events), (field, kind)
+    field, kind = family.receiver_id
+    assert any(f'"{field}"' in payload.split('"receivers"', 1)[1] for payload in receiving), field
+    assert any(spec.topic.startswith(f"{root}/{kind}/{{{field}}}/") for spec in family.events), (field, kind)
 
 
 def test_the_alerts_know_receivers_only_from_the_families() -> None:
     # The stations and gateways of mioty and BLE, and nothing of theirs in the core's alerts.
-    assert {n: dict(f.receiver_ids) for n, f in installed_families().items() if IReceivers.providedBy(f)} == {
-        "mioty": {"bsEui": "bs"}, "ble": {"gatewayId": "gw"}}
+    assert {n: f.receiver_id for n, f in installed_families().items() if IReceivers.providedBy(f)} == {
+        "mioty": ("bsEui", "bs"), "ble": ("gatewayId", "gw")}
     assert not re.search(r"bsEui|gatewayId", (PACKAGE / "alerts.py").read_text(encoding="utf-8"))
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @implementer(IPlugin, IFamily, IWebRoutes, ICommandLine, IReceivers)
 class BLEFamily:
     name = "ble"
-    receiver_ids = {"gatewayId": "gw"}
+    receiver_id = ("gatewayId", "gw")
     """The gateways in readings' `receivers` (ble/gw/{gatewayId}/...)."""
     config_sections = {"ble": BLEConfig}
     events = (

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 @implementer(IPlugin, IFamily, IWebRoutes, IMQTTLayouts, ICommandLine, ICertificateBindings, IReceivers)
 class MiotyFamily:
     name = "mioty"
-    receiver_ids = {"bsEui": "bs"}
+    receiver_id = ("bsEui", "bs")
     """The base stations in uplinks', readings' and frames' `receivers` (mioty/bs/{bsEui}/...)."""
     mqtt_layouts = ("seed",)
     """`seed`: the layout of the open service center the hub replaces (protocols/bssci/seed.py)."""
