@@ -21,6 +21,7 @@ from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from bsscihub.protocols.ble.service import BLEService
 from tests.conftest import _reset_pg_schema, make_config
+from tests.helpers import until
 from tests.redis_server import redis_url
 
 __all__ = ["redis_url"]  # fixture
@@ -75,13 +76,6 @@ async def two_hubs(tmp_path: Path, postgres_url: str, redis_url: str) -> AsyncIt
             await running.service.stopService()
         await running.hub.cluster.stop()
         await running.hub.store.stop()
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        assert reactor.seconds() < deadline, "condition not met in time"
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 def everywhere(*hubs: BLEHub) -> list[tuple[str, dict[str, Any]]]:

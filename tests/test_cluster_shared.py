@@ -29,6 +29,7 @@ from bsscihub.web.auth import LoginLimiter
 from bsscihub.webhooks import WebhookService, sign
 from tests.broker import free_port
 from tests.conftest import _reset_pg_schema, make_config
+from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
 from tests.test_alerts import Receiver
 from tests.test_web_support import PASSWORD, Harness, fast_hashing
@@ -38,14 +39,6 @@ __all__ = ["redis_url"]  # fixtures
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(condition: Any, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not met in time")
-        await sleep(0.005)
 
 
 @pytest_twisted.async_yield_fixture

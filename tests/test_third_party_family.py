@@ -4,6 +4,7 @@ real broker: its topic, command, REST route, page, CLI command and its own contr
 
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -115,15 +116,14 @@ def test_it_runs_in_the_hub(fresh: Path, tmp_path: Path, mosquitto: Mosquitto, s
         deadline = time.monotonic() + 30
         while not _on(witness, GREETED) and time.monotonic() < deadline:  # until the hub has subscribed
             publish.single("hello/dev-1/in", "{}", qos=1, hostname=mosquitto.host, port=mosquitto.port)
-            time.sleep(0.5)
+            with contextlib.suppress(TimeoutError):  # woken by the greeting, else published again
+                witness.wait_for(lambda m: m.topic == GREETED, timeout=0.5)
         payload = _on(witness, GREETED)[0]
         assert (payload["id"], payload["greeting"]) == ("dev-1", "hi there")
 
         publish.single("hubtest/hello/thing/dev-1/cmd/ping", "{}", qos=1, hostname=mosquitto.host,
                        port=mosquitto.port)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not _on(witness, "hubtest/hello/thing/dev-1/event/cmd_result"):
-            time.sleep(0.1)
+        witness.wait_for(lambda m: m.topic == "hubtest/hello/thing/dev-1/event/cmd_result", timeout=30)
         [result] = _on(witness, "hubtest/hello/thing/dev-1/event/cmd_result")
         assert result == {"pong": "dev-1", "command": "ping", "ok": True, "error": None}
 
