@@ -10,12 +10,14 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from bsscihub.protocols.devices.service import CLUSTER_LOAD_EVERY
+from bsscihub.protocols.devices.service import CLUSTER_LOAD_EVERY, FIRMWARE_PART
 from tests.conftest import _reset_pg_schema
 from tests.memory_bridge import FollowingClock, MemoryBroker
 from tests.redis_server import redis_url
@@ -213,3 +215,77 @@ async def test_a_rename_a_removal_and_a_revoked_key_reach_the_other_hub(
 
 async def _equals(read: Any, expected: Any) -> bool:
     return bool(await read() == expected)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_firmware_image_uploaded_on_one_hub_downloads_from_another(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    brokers = [MemoryBroker(), MemoryBroker()]
+    witness = brokers[0].witness("OTA/#")
+    hubs: list[RunningHub] = []
+    try:
+        for n in (0, 1):
+            (tmp_path / f"hub{n}").mkdir()
+            hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], database=postgres_url,
+                                        cluster={"redis": redis_url, "node": f"hub-{n}"}))
+        one, two = hubs
+        assert (await one.api("POST", "/api/v1/devices", {"id": "d1"}))[0] == 201
+
+        async def offered(firmware_id: int) -> tuple[str, str]:
+            """An offer made on hub-0: its id and download path and query (the device asks whichever hub)."""
+            code, offer = await one.api("POST", "/api/v1/devices/d1/ota", {"firmware": firmware_id})
+            assert code == 202, offer
+            [update] = [json.loads(m.payload) for m in await witness.when(
+                lambda m: m.topic == "OTA/d1/update" and offer["offerId"].encode() in m.payload)]
+            url = urlsplit(update["url"])
+            return offer["offerId"], f"{url.path}?{url.query}"
+
+        async def done(offer_id: str) -> None:
+            """The device reports the update done: the offer ends, and the next one may start."""
+            await brokers[0].device().publish("OTA/d1/response", {"offerId": offer_id, "status": "done"})
+            await eventually(lambda: not one.hub.services["devices"].offers, what="the offer ended")
+
+        async def download(running: RunningHub, path: str) -> tuple[int, bytes]:
+            response = await treq.get(running.base + path)
+            return response.code, await response.content()
+
+        # Several database parts, the last one short.
+        image = bytes(range(256)) * 2500 + b"tail"
+        assert len(image) > 2 * FIRMWARE_PART
+        code, firmware = await one.api("POST", "/api/v1/devices/firmware?name=fw&version=2.0.0", raw=image,
+                                       headers={"Content-Type": "application/octet-stream"})
+        assert code == 201
+        assert not one.hub.services["devices"].firmware_dir.exists(), "no file on the hub that took the upload"
+        offer_id, path = await offered(firmware["id"])
+        code, body = await download(two, path)
+        assert code == 200 and body == image
+        assert (await download(two, path.split("?")[0] + "?token=wrong"))[0] == 404
+        await done(offer_id)
+
+        # An image an earlier version kept as a file in one hub's data_dir goes into the database when that
+        # hub starts (here: its start's step, run again), and then any hub serves it.
+        old = b"\x02" * 1000
+        digest = hashlib.sha256(old).hexdigest()
+        await one.hub.store.execute(
+            "INSERT INTO dev_firmware (name, version, sha256, size, created_at, actor) VALUES (?, ?, ?, ?, ?, ?)",
+            ("old", "1.0.0", digest, len(old), 0.0, "test"))
+        [(old_id,)] = await one.hub.store.fetchall("SELECT id FROM dev_firmware WHERE sha256 = ?", (digest,))
+        offer_id, path = await offered(old_id)
+        assert (await download(one, path))[0] == 404  # on hub-1's disk only: not served yet
+        legacy = two.hub.services["devices"].firmware_dir / f"{digest}.bin"
+        legacy.parent.mkdir()
+        legacy.write_bytes(old)
+        await two.hub.services["devices"]._import_firmware_files()
+        assert not legacy.exists()
+        assert await download(one, path) == (200, old)
+        await done(offer_id)
+
+        # Deleted on hub-1: gone for every hub.
+        assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 204
+        assert await one.hub.store.fetchall("SELECT part FROM dev_firmware_parts WHERE sha256 = ?",
+                                            (firmware["sha256"],)) == []
+    finally:
+        for running in hubs:
+            await running.stop()

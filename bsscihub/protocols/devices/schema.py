@@ -103,4 +103,18 @@ MIGRATIONS = [
         )
         """,
     ),
+    # Firmware images in the database, a part per row, so that every hub of a cluster serves them and
+    # streams them out a part at a time (they were files in one hub's data_dir/firmware).
+    Migration(
+        "devices",
+        4,
+        """
+        CREATE TABLE dev_firmware_parts (
+            sha256 TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            data {blob} NOT NULL,
+            PRIMARY KEY (sha256, part)
+        )
+        """,
+    ),
 ]

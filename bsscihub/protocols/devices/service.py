@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +39,8 @@ CLUSTER_LOAD_EVERY = 5.0
 """Seconds between looks for the devices other hubs of a cluster registered."""
 CLUSTER_LOAD_MARGIN = 60.0
 """How far back each look reaches: registrations are written a little after they happen (group commit)."""
+FIRMWARE_PART = 256 << 10
+"""Bytes of a firmware image per database row: a download is read and sent a part at a time."""
 KEY_SCHEME = "bdk"
 ORG_KEY_SCHEME = "bok"
 # Keys minted before had no prefix of their own (`bdk_<secret>`, the prefix cut from the secret): still read.
@@ -238,6 +240,7 @@ class DevicesService(FamilyService):
                 errback(self.log, "devices: loading the other hubs' registrations stopped"))
         # Commands and offers still open when the hub stopped keep their deadlines.
         await self._load_open()
+        await self._import_firmware_files()
         self._flusher.start(FLUSH_EVERY, now=False)
         self._pruner.start(3600.0, now=True)
         check = max(0.05, min(self.config.offline_after / 4, 15.0))
@@ -835,22 +838,55 @@ class DevicesService(FamilyService):
         if len(data) > self.config.max_firmware:
             raise DeviceError(f"firmware over {self.config.max_firmware} bytes", 413)
         digest = hashlib.sha256(data).hexdigest()
-        path = self.firmware_dir / f"{digest}.bin"
-
-        def write() -> None:
-            self.firmware_dir.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".part")
-            partial.write_bytes(data)
-            partial.replace(path)  # whole or nothing: a device never downloads half an image
-
-        await threads.deferToThread(write)
         now = self.clock.seconds()
-        await self.hub.store.execute(
-            "INSERT INTO dev_firmware (name, version, sha256, size, created_at, actor) VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (sha256) DO NOTHING", (name, version, digest, len(data), now, actor))
+
+        def write(cursor: Any) -> None:
+            # One transaction: the image is listed only once all its parts are in (whole or nothing).
+            self._write_parts(cursor, digest, data)
+            cursor.execute(
+                "INSERT INTO dev_firmware (name, version, sha256, size, created_at, actor) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (sha256) DO NOTHING", (name, version, digest, len(data), now, actor))
+
+        await self.hub.store.interaction(write)
         found = await self.get_firmware_by_hash(digest)
         assert found is not None
         return found
+
+    @staticmethod
+    def _write_parts(cursor: Any, digest: str, data: bytes) -> None:
+        cursor.executemany(
+            "INSERT INTO dev_firmware_parts (sha256, part, data) VALUES (?, ?, ?)"
+            " ON CONFLICT (sha256, part) DO NOTHING",
+            [(digest, n, data[offset:offset + FIRMWARE_PART]) for n, offset in
+             enumerate(range(0, len(data), FIRMWARE_PART))])
+
+    async def firmware_parts(self, firmware: Mapping[str, Any]) -> AsyncIterator[bytes]:
+        """The image of a firmware row, read from the database a part at a time."""
+        for n in range(-(-int(firmware["size"]) // FIRMWARE_PART)):
+            row = await self.hub.store.fetchone(
+                "SELECT data FROM dev_firmware_parts WHERE sha256 = ? AND part = ?", (firmware["sha256"], n))
+            if row is None:
+                raise DeviceError(f"firmware {firmware['id']}: part {n} is missing", 500)
+            yield bytes(row[0])
+
+    async def _import_firmware_files(self) -> None:
+        """Images stored as files in data_dir/firmware by earlier versions go into the database (then the file
+        goes): every hub of a cluster serves them from there. A file whose hash is wrong stays and is logged."""
+        rows = await self.hub.store.fetchall(
+            "SELECT f.sha256 FROM dev_firmware f WHERE NOT EXISTS"
+            " (SELECT 1 FROM dev_firmware_parts p WHERE p.sha256 = f.sha256)")
+        for (digest,) in rows:
+            path = self.firmware_dir / f"{digest}.bin"
+            try:
+                data = await threads.deferToThread(path.read_bytes)
+            except FileNotFoundError:
+                continue  # on another hub's disk, or lost: that hub imports it, or the download is a 404
+            if hashlib.sha256(data).hexdigest() != digest:
+                self.log.warn("devices: firmware file {path} does not match its SHA-256; not imported", path=str(path))
+                continue
+            await self.hub.store.interaction(lambda c, d=digest, b=data: self._write_parts(c, d, b))
+            await threads.deferToThread(path.unlink, True)
+            self.log.info("devices: firmware image {sha256} moved into the database", sha256=digest)
 
     async def get_firmware_by_hash(self, digest: str) -> dict[str, Any] | None:
         row = await self.hub.store.fetchone(
@@ -874,9 +910,12 @@ class DevicesService(FamilyService):
             return False
         if any(o.firmware == firmware_id for o in self.offers.values()):
             raise DeviceError("this firmware is being offered to a device; wait for the update to end", 409)
-        await self.hub.store.execute("DELETE FROM dev_firmware WHERE id = ?", (firmware_id,))
-        path = self.firmware_dir / f"{firmware['sha256']}.bin"
-        await threads.deferToThread(path.unlink, True)
+
+        def delete(cursor: Any) -> None:
+            cursor.execute("DELETE FROM dev_firmware WHERE id = ?", (firmware_id,))
+            cursor.execute("DELETE FROM dev_firmware_parts WHERE sha256 = ?", (firmware["sha256"],))
+
+        await self.hub.store.interaction(delete)
         return True
 
     async def offer(self, device_id: str, firmware_id: int, actor: str) -> dict[str, Any]:
@@ -944,8 +983,10 @@ class DevicesService(FamilyService):
             raise DeviceError(f"update not offered: {e}", 503) from None
         self._ota_event(offer, "offered", 0, "")
 
-    async def firmware_for_offer(self, device_id: str, oid: str, token: str) -> tuple[bytes, str] | None:
-        """The image for an open offer whose token matches (None otherwise: the same answer for every failure)."""
+    async def firmware_for_offer(self, device_id: str, oid: str, token: str
+                                 ) -> tuple[dict[str, Any], str] | None:
+        """The firmware row of an open offer whose token matches, with the download's file name (None otherwise:
+        the same answer for every failure); `firmware_parts` reads its image."""
         # From the database: in a cluster the download may reach another hub than the one that offered it.
         row = await self.hub.store.fetchone(
             f"SELECT token_hash, firmware FROM dev_ota WHERE id = ? AND device = ? AND state IN {OTA_OPEN}",
@@ -955,14 +996,15 @@ class DevicesService(FamilyService):
         firmware = await self.get_firmware(int(row[1]))
         if firmware is None:
             return None
-        path = self.firmware_dir / f"{firmware['sha256']}.bin"
-        try:
-            data = await threads.deferToThread(path.read_bytes)
-        except FileNotFoundError:
-            # a cluster's hubs keep images in their own data_dir unless it is shared
-            self.log.warn("devices: firmware image {path} is not on this hub", path=str(path))
+        [(parts, size)] = await self.hub.store.fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM dev_firmware_parts WHERE sha256 = ?",
+            (firmware["sha256"],))
+        if int(size) != firmware["size"]:
+            # an image an earlier version kept as a file on a hub that has not started this version yet
+            self.log.warn("devices: firmware image {sha256} is not in the database ({parts} parts)",
+                          sha256=firmware["sha256"], parts=int(parts))
             return None
-        return data, f"{firmware['name']}-{firmware['version']}.bin"
+        return firmware, f"{firmware['name']}-{firmware['version']}.bin"
 
     def on_ota_response(self, topic: str, payload: bytes, properties: Any = None) -> Any:
         """`OTA/{id}/response`: {"offerId"?, "status": downloading|installing|done|failed|rejected,
