@@ -73,10 +73,10 @@ def pg_tables(url: str) -> dict[str, tuple[int, ...]]:
     return {name: tuple(int(x) for x in counts) for name, *counts in rows}
 
 
-def pg_indexes(url: str) -> dict[str, int]:
-    """Index entries read in each index of the hub (where a per-uplink read grows with the table, it shows here)."""
-    rows = pg(url, "SELECT indexrelname, idx_tup_read FROM pg_stat_user_indexes")
-    return {name: int(n) for name, n in rows}
+def pg_indexes(url: str) -> dict[str, tuple[int, int]]:
+    """Scans of each index of the hub and entries read in it (where a per-uplink read grows with the table)."""
+    rows = pg(url, "SELECT indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes")
+    return {name: (int(scans), int(reads)) for name, scans, reads in rows}
 
 
 def pg_backends(admin: str, database: str) -> list[int]:
@@ -216,7 +216,8 @@ class Run:
         rows = {k: v - rows0[k] for k, v in pg_rows(self.args.pg, self.database).items()}
         tables = {name: [x - y for x, y in zip(n, tables0.get(name, (0,) * len(TABLE_ROWS)), strict=True)]
                   for name, n in pg_tables(self.url).items()}  # fmt: skip
-        indexes = {name: n - indexes0.get(name, 0) for name, n in pg_indexes(self.url).items()}
+        indexes = {name: (scans - indexes0.get(name, (0, 0))[0], reads - indexes0.get(name, (0, 0))[1])
+                   for name, (scans, reads) in pg_indexes(self.url).items()}  # fmt: skip
         unpublished = pg(self.url, "SELECT count(*) FROM mioty_uplinks WHERE published = 0")[0][0]
         stored = pg(self.url, "SELECT count(DISTINCT (ep_eui, packet_cnt)) FROM mioty_uplinks")[0][0]
         c = summary.get("counters", {})
@@ -251,7 +252,8 @@ class Run:
                                               uplinks),
             "pg_table_rows_per_uplink": {name: {k: per(v, uplinks) for k, v in zip(TABLE_ROWS, n, strict=True)}
                                          for name, n in sorted(tables.items()) if any(n)},
-            "pg_index_reads_per_uplink": {name: per(n, uplinks) for name, n in sorted(indexes.items()) if n},
+            "pg_index_reads_per_uplink": {name: per(n, uplinks) for name, (_, n) in sorted(indexes.items()) if n},
+            "pg_index_scans_per_uplink": {name: per(n, uplinks) for name, (n, _) in sorted(indexes.items()) if n},
             "pg_backends": len(backends),
             "engine_cpu_s": {k: round(v, 3) if v is not None else None for k, v in engine_cpu.items()},
             "cpu_ms_per_uplink": {
