@@ -262,6 +262,8 @@ async def test_a_firmware_image_uploaded_on_one_hub_downloads_from_another(
         code, body = await download(two, path)
         assert code == 200 and body == image
         assert (await download(two, path.split("?")[0] + "?token=wrong"))[0] == 404
+        # offered by hub-0: hub-1 does not delete it under the device
+        assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 409
         await done(offer_id)
 
         # An image an earlier version kept as a file in one hub's data_dir goes into the database when that

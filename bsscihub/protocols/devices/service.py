@@ -908,7 +908,9 @@ class DevicesService(FamilyService):
         firmware = await self.get_firmware(firmware_id)
         if firmware is None:
             return False
-        if any(o.firmware == firmware_id for o in self.offers.values()):
+        # From the database: in a cluster the offer may be another hub's.
+        if await self.hub.store.fetchone(
+                f"SELECT 1 FROM dev_ota WHERE firmware = ? AND state IN {OTA_OPEN}", (firmware_id,)):
             raise DeviceError("this firmware is being offered to a device; wait for the update to end", 409)
 
         def delete(cursor: Any) -> None:
