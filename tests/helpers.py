@@ -23,20 +23,25 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 async def until(condition: Callable[[], Any], what: str = "condition", timeout: float = 15.0,
-                interval: float = 0.005) -> Any:
-    """Let the reactor run until `condition()` (sync, or returning an awaitable) is truthy; return that value."""
+                interval: float | None = None) -> Any:
+    """Let the reactor run until `condition()` (sync, or returning an awaitable) is truthy; return that value.
+
+    A sync check is cheap and looked at every 5 ms; an awaitable one (a query, a request) every 30 ms.
+    """
     from twisted.internet import reactor, task
 
     deadline = reactor.seconds() + timeout
     while True:
         value = condition()
+        pause = 0.005 if interval is None else interval
         if hasattr(value, "__await__"):
             value = await value
+            pause = 0.03 if interval is None else interval
         if value:
             return value
         if reactor.seconds() > deadline:
             raise TimeoutError(f"{what}: not within {timeout} s (last value {value!r})")
-        await task.deferLater(reactor, interval, lambda: None)
+        await task.deferLater(reactor, pause, lambda: None)
 
 
 def wait_until(condition: Callable[[], Any], what: str = "condition", timeout: float = 15.0,
