@@ -138,6 +138,7 @@ async def test_a_station_that_moves_takes_its_downlinks_and_only_one_hub_keeps_t
         # hub-1 heard nothing of the end point for 40 h as far as its memory goes; hub-2 heard it just now
         # (written back): it is not silent, so hub-1 neither warns nor detaches.
         long_ago = reactor.seconds() - 40 * 3600
+        assert one.service.lease.held  # started first: hub-1 judges silence for the cluster
         one.service.started_at = one.service.registry.sensors[EP].last_seen = long_ago
         await one.service.check_lifecycle()
         assert not one.of("inactivity_warning") and not one.of("auto_detach")

@@ -104,6 +104,8 @@ class Sensor:
     # Memory only: the receivers of the last uplink, best SNR first (downlink routing).
     paths: tuple[str, ...] = ()
     warned: bool = False
+    # The hub that wrote this configuration, as sensor_changes read it (None: no hub, e.g. the CLI).
+    writer: str | None = None
 
     def config(self) -> tuple[Any, ...]:
         """What an attachment propagates; two sensors with equal configs need no new attPrp."""
@@ -341,6 +343,8 @@ class Registry:
         """Revoked certificate serials, with the reason: checked on the reactor thread in every handshake."""
         self.sensor_rev = 0
         """Highest sensor config revision seen; later ones came from elsewhere (e.g. `sensors import`)."""
+        self.node: str | None = None
+        """The hub (a cluster) stored with each configuration change it writes; None: no hub (the CLI)."""
         self._dirty: set[str] = set()
         self._uplinks = store.batch_writer(_INSERT_UPLINK)
         self._marks = BatchWriter(store, _MARK_PUBLISHED, clock, delay=MARK_DELAY, max_rows=5000, idempotent=True)
@@ -397,14 +401,14 @@ class Registry:
                 "UPDATE mioty_meta SET value = value + 1 WHERE name = 'sensor_rev' RETURNING value"
             ).fetchone() or (0,)
             c.executemany(
-                f"INSERT INTO mioty_sensors ({_SENSOR_CONFIG_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+                f"INSERT INTO mioty_sensors ({_SENSOR_CONFIG_COLUMNS}, config_node) VALUES ({', '.join('?' * 17)})"
                 " ON CONFLICT (eui) DO UPDATE SET nw_key = excluded.nw_key, short_addr = excluded.short_addr,"
                 " bidi = excluded.bidi, dual_chan = excluded.dual_chan, repetition = excluded.repetition,"
                 " wide_carr_off = excluded.wide_carr_off, long_blk_dist = excluded.long_blk_dist,"
                 " ep_class = excluded.ep_class, sync_burst = excluded.sync_burst, attached = excluded.attached,"
                 " attached_at = excluded.attached_at, attach_cnt = excluded.attach_cnt,"
-                " sn_key = excluded.sn_key, config_rev = excluded.config_rev",
-                [(*new.config_row(), rev) for new, _ in changed],
+                " sn_key = excluded.sn_key, config_rev = excluded.config_rev, config_node = excluded.config_node",
+                [(*new.config_row(), rev, self.node) for new, _ in changed],
             )
             return changed, int(rev)
 
@@ -467,7 +471,8 @@ class Registry:
             (rev,) = c.execute("SELECT value FROM mioty_meta WHERE name = 'sensor_rev'").fetchone() or (0,)
             if rev == since:
                 return [], None, int(rev)
-            rows = c.execute(f"SELECT {_SENSOR_COLUMNS} FROM mioty_sensors WHERE config_rev > ?", (since,)).fetchall()
+            rows = c.execute(f"SELECT {_SENSOR_COLUMNS}, config_node FROM mioty_sensors WHERE config_rev > ?",
+                             (since,)).fetchall()
             # A deletion leaves no row behind: compare the EUIs, only when something changed.
             present = {r[0] for r in c.execute("SELECT eui FROM mioty_sensors").fetchall()}
             return rows, present, int(rev)
@@ -477,6 +482,7 @@ class Registry:
         changed = []
         for row in rows:
             sensor = Sensor.from_row(row)
+            sensor.writer = row[-1]
             cached = self.sensors.get(sensor.eui)
             # This process may have written a newer revision after the read.
             if cached is None or cached.config_rev < sensor.config_rev:
@@ -526,6 +532,14 @@ class Registry:
                 sensor.best_bs, sensor.best_snr, sensor.paths = best_bs, _opt_float(best_snr), ()
                 changed += 1
         return changed
+
+    async def warnings(self) -> dict[str, float]:
+        """When each sensor's silence was last warned about (a cluster's lease holders write it)."""
+        rows = await self.store.fetchall("SELECT eui, warned_at FROM mioty_sensors WHERE warned_at IS NOT NULL")
+        return {eui: float(at) for eui, at in rows}
+
+    async def save_warning(self, eui: str, at: float) -> None:
+        await self.store.execute("UPDATE mioty_sensors SET warned_at = ? WHERE eui = ?", (at, eui))
 
     # -- base stations
 

@@ -147,4 +147,15 @@ MIGRATIONS = [
         # a cluster, changed only by a conditional write. NULL: nobody keeps it (the next to look takes it).
         "ALTER TABLE mioty_downlinks ADD COLUMN node TEXT",
     ),
+    Migration(
+        "mioty",
+        6,
+        # A cluster: when the lease holder last warned about a sensor's silence (a hub taking the lease
+        # over does not warn again about it; NULL: never, or one hub, which keeps that in memory), and
+        # the hub that wrote the configuration last (NULL: no hub, e.g. `sensors import`): it reported it.
+        """
+        ALTER TABLE mioty_sensors ADD COLUMN warned_at {real};
+        ALTER TABLE mioty_sensors ADD COLUMN config_node TEXT
+        """,
+    ),
 ]

@@ -133,6 +133,8 @@ class MiotyService(MiotyActions, FamilyService):
         self.bssci = hub.config.section("bssci")
         self.settings = hub.config.section("mioty")
         self.registry = Registry(hub.store, self.clock)
+        if hub.cluster.clustered:
+            self.registry.node = hub.cluster.node
         self.sessions: dict[str, Session] = {}
         """The current session of each base station, by bsEui (from con until it ends)."""
         self.cluster = hub.cluster
@@ -172,6 +174,8 @@ class MiotyService(MiotyActions, FamilyService):
         self._writes: set[defer.Deferred[Any]] = set()
         self.started_at = self.clock.seconds()
         """A sensor is not silent while the hub was down: silence counts from here at the earliest."""
+        self.lease = self.cluster.lease("mioty", self.clock)
+        """In a cluster its holder alone judges silence and reports the changes the sync picks up."""
         lifecycle = max(0.05, min(60.0, self.settings.inactivity_warning / 4, self.settings.auto_detach / 4))
         self._loops = [
             (self.looping(self.sync, "syncing the sensor registry"), self.settings.flush_interval),
@@ -214,6 +218,7 @@ class MiotyService(MiotyActions, FamilyService):
                 await self.learn_waiting()
             except Exception as e:
                 self.log.warn("the downlinks waiting on the other hubs are not known yet: {problem}", problem=str(e))
+        self.lease.start()
         for loop, interval in self._loops:
             loop.start(interval, now=False)
         tls = self.hub.config.tls
@@ -285,6 +290,7 @@ class MiotyService(MiotyActions, FamilyService):
         await defer.DeferredList(list(self._writes), consumeErrors=True)
         await self.downlink_queue.flush()
         await self.registry.flush()
+        await self.lease.stop()
 
     def _health(self) -> ComponentHealth:
         established = sorted(eui for eui, s in self.sessions.items() if s.state is State.ESTABLISHED)
@@ -690,57 +696,75 @@ class MiotyService(MiotyActions, FamilyService):
     # -- periodic work
 
     async def sync(self) -> None:
-        """Write sensor hot state back; take in sensor changes made by other processes (e.g. `sensors import`)."""
+        """Write sensor hot state back; take in sensor changes made by other processes (e.g. `sensors import`).
+        Every hub propagates them to its own stations. A cluster reports each once: a change made on a
+        hub was reported by that hub, one made outside any hub (or a deletion) by the lease holder."""
         await self.registry.flush_state()
         changed, deleted = await self.registry.sensor_changes()
+        report = self.lease.held
         for sensor in changed:
             old = self.registry.adopt(sensor)
-            self._announce_change(sensor, old, "external")
+            self._announce_change(sensor, old, "external", report and sensor.writer is None)
         for eui in deleted:
             old = self.registry.sensors.pop(eui, None)
             if old is not None and old.attached:
                 self._propagate(False, eui)
-                self._ep_event(eui, "detach", {"source": "external", "removed": True})
+                if report:
+                    self._ep_event(eui, "detach", {"source": "external", "removed": True})
         online = [s.bs_hex for s in self._established()]
         await self.registry.touch_base_stations(online, self.clock.seconds())
 
-    def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str) -> list[str]:
-        """Propagate and report a sensor whose configuration may have changed."""
+    def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str, report: bool = True) -> list[str]:
+        """Propagate a sensor whose configuration may have changed, and report it (unless `report` is false)."""
         if sensor.attached:
             if old is not None and old.attached and old.config() == sensor.config():
                 return []
             targets = self._propagate(True, sensor.eui)
-            self._ep_event(sensor.eui, "attach", {"source": source, "shortAddr": f"{sensor.short_addr:04x}",
-                                                  "bidi": sensor.bidi})
+            if report:
+                self._ep_event(sensor.eui, "attach", {"source": source, "shortAddr": f"{sensor.short_addr:04x}",
+                                                      "bidi": sensor.bidi})
             return targets
         if old is not None and old.attached:
             targets = self._propagate(False, sensor.eui)
-            self._ep_event(sensor.eui, "detach", {"source": source})
+            if report:
+                self._ep_event(sensor.eui, "detach", {"source": source})
             return targets
         return []
 
     async def check_lifecycle(self, now: float | None = None) -> None:
-        """Warn about silent sensors (mioty.inactivity_warning) and detach them (mioty.auto_detach)."""
+        """Warn about silent sensors (mioty.inactivity_warning) and detach them (mioty.auto_detach).
+        In a cluster only the holder of the `mioty` lease does, on what every hub wrote back."""
+        if not self.lease.held:
+            return
         now = self.clock.seconds() if now is None else now
         settings = self.settings
-        if self.cluster.clustered:
+        clustered = self.cluster.clustered
+        if clustered:
             await self._refresh_state()  # silent here is not silent: another hub may hear it
+            warned = await self.registry.warnings()  # what an earlier leader warned about
         for sensor in list(self.registry.sensors.values()):
             if not sensor.attached:
                 continue
-            since = max(sensor.last_seen or sensor.attached_at or sensor.created_at, self.started_at)
+            heard = sensor.last_seen or sensor.attached_at or sensor.created_at
+            if clustered:  # warned about this silence (since its last uplink or attach) by the holder then
+                began = max((t for t in (sensor.last_seen, sensor.attached_at) if t is not None), default=heard)
+                sensor.warned = warned.get(sensor.eui, -math.inf) >= began
+            since = max(heard, self.started_at)
             silent = now - since
             fields = {"lastSeen": None if sensor.last_seen is None else rfc3339(sensor.last_seen),
                       "silentFor": round(silent)}
             if silent >= settings.auto_detach:
                 await self._save_attached(sensor.eui, False)
                 self._propagate(False, sensor.eui)
+                self._propagate_elsewhere(False, sensor.eui)  # a cluster: the other hubs' stations too
                 self._ep_event(sensor.eui, "auto_detach", fields)
                 self.log.info("end point {epEui} detached after {hours:.0f} h without an uplink", epEui=sensor.eui,
                               hours=silent / 3600)
                 await self._audit("hub", "mioty.sensor.auto_detach", sensor.eui, fields, "mioty")
             elif silent >= settings.inactivity_warning and not sensor.warned:
                 sensor.warned = True
+                if clustered:
+                    await self.registry.save_warning(sensor.eui, now)
                 self._ep_event(sensor.eui, "inactivity_warning", fields)
 
     async def prune(self) -> None:
