@@ -5,7 +5,6 @@ Every API operation shows, "Try it out" reaches the hub, and the page breaks no 
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from bsscihub.tap import build_service
-from tests.browser.test_dashboard import ARTIFACTS, CHROMEDRIVER, CHROMIUM, _free_port, _require_browser
+from tests.browser.test_dashboard import ARTIFACTS, _free_port, _require_browser, start_chromium, stop_chromium
 from tests.conftest import make_config
 
 
@@ -35,23 +34,11 @@ def hub(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def browse(url: str) -> dict[str, Any]:
     """Blocking, on a thread: open /api/docs, count the operations, try one, collect the console."""
-    import shutil
-
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     ARTIFACTS.mkdir(exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="bsscihub-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}", "--window-size=1280,900"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver, profile = start_chromium()
     try:
         driver.get(url + "/api/docs")
         wait = WebDriverWait(driver, 20)
@@ -70,8 +57,7 @@ def browse(url: str) -> dict[str, Any]:
         console = [entry["message"] for entry in driver.get_log("browser")]
         return {"title": title, "operations": operations, "status": status, "console": console}
     finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+        stop_chromium(driver, profile)
 
 
 @pytest_twisted.ensureDeferred

@@ -48,6 +48,27 @@ def _require_browser() -> None:
         pytest.skip(reason)
 
 
+def start_chromium() -> tuple[Any, str]:
+    """Headless Chromium through chromedriver with a throwaway profile, its console log kept (blocking)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="bsscihub-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options), profile
+
+
+def stop_chromium(driver: Any, profile: str) -> None:
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
 def _free_port() -> int:
     from tests.broker import free_port
 
@@ -91,21 +112,11 @@ def _sim(config: Path, port: int) -> subprocess.Popen[bytes]:
 
 def browse(url: str, config: Path, bssci_port: int, sensor: dict[str, Any]) -> list[str]:
     """The whole browser session (blocking, on a thread); returns the screenshots saved."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     ARTIFACTS.mkdir(exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="bsscihub-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver, profile = start_chromium()
     saved: list[str] = []
     sim = None
 
@@ -199,8 +210,7 @@ def browse(url: str, config: Path, bssci_port: int, sensor: dict[str, Any]) -> l
                 sim.wait(10)
             except subprocess.TimeoutExpired:
                 sim.kill()
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+        stop_chromium(driver, profile)
     return saved
 
 

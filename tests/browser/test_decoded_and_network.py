@@ -4,8 +4,6 @@ then sees the station's links to the sensor and the meter on the network page, u
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,7 @@ from twisted.internet import threads
 
 from bsscihub import pki
 from bsscihub.protocols.bssci.identity import STATION
-from tests.browser.test_dashboard import ARTIFACTS, CHROMEDRIVER, CHROMIUM, PASSWORD, hub  # noqa: F401
+from tests.browser.test_dashboard import ARTIFACTS, PASSWORD, hub, start_chromium, stop_chromium  # noqa: F401
 from tests.test_meters_hub import vm_station, vm_uplink
 from tests.wmbus_frames import mode5_frame
 
@@ -31,8 +29,6 @@ def climate(temperature_tenths_kelvin: int, humidity: int, pressure_tenths: int)
 
 
 def browse(url: str, port: int, certs: Path) -> list[str]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -53,14 +49,7 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
     time.sleep(1.0)  # past the dedup windows
 
     ARTIFACTS.mkdir(exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="bsscihub-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                "--disable-background-networking", f"--user-data-dir={profile}", "--window-size=1280,900"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver, profile = start_chromium()
     saved: list[str] = []
 
     def wait(condition: Callable[[Any], Any], timeout: float = 15) -> Any:
@@ -106,9 +95,8 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
         console = [entry["message"] for entry in driver.get_log("browser")]
         assert not [m for m in console if "Content Security Policy" in m or "Refused" in m], console
     finally:
-        driver.quit()
         station.close()
-        shutil.rmtree(profile, ignore_errors=True)
+        stop_chromium(driver, profile)
     return saved
 
 

@@ -3,8 +3,6 @@ base station over mutual TLS. Adds a meter with its key, sees its readings and c
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +13,7 @@ from twisted.internet import threads
 
 from bsscihub import pki
 from bsscihub.protocols.bssci.identity import STATION
-from tests.browser.test_dashboard import ARTIFACTS, CHROMEDRIVER, CHROMIUM, PASSWORD, hub  # noqa: F401
+from tests.browser.test_dashboard import ARTIFACTS, PASSWORD, hub, start_chromium, stop_chromium  # noqa: F401
 from tests.test_meters_hub import vm_station, vm_uplink
 from tests.wmbus_frames import KEY, mode5_frame
 
@@ -30,8 +28,6 @@ def reading(volume_litres: int, temperature_tenths: int, acc: int) -> bytes:
 
 
 def browse(url: str, port: int, certs: Path) -> list[str]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -41,14 +37,7 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
     station.connect(BS, "bs-meters")
     station.expect("vm.activateCmp")
     ARTIFACTS.mkdir(exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="bsscihub-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                "--disable-background-networking", f"--user-data-dir={profile}", "--window-size=1280,900"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver, profile = start_chromium()
     saved: list[str] = []
 
     def wait(condition: Callable[[Any], Any], timeout: float = 15) -> Any:
@@ -109,9 +98,8 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
         console = [entry["message"] for entry in driver.get_log("browser")]
         assert not [m for m in console if "Content Security Policy" in m or "Refused" in m], console
     finally:
-        driver.quit()
         station.close()
-        shutil.rmtree(profile, ignore_errors=True)
+        stop_chromium(driver, profile)
     return saved
 
 
