@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 
 from bsscihub.tap import load_hub_config
 from tests.broker import free_port
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = REPO / "deploy" / "entrypoint.sh"
@@ -104,18 +104,21 @@ def container_env(home: Path, web: int) -> dict[str, str]:
 
 
 def wait_serving(process: subprocess.Popen[str], port: int) -> None:
-    deadline = time.monotonic() + 45
-    while time.monotonic() < deadline:
+    def serving() -> bool:
         assert process.poll() is None, process.communicate()[0]
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return
+            return True
         except urllib.error.HTTPError:
-            return  # it answers: it serves
+            return True  # it answers: it serves
         except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the hub did not serve HTTP within 45 s: {process.communicate()[0]}")
+            return False
+
+    try:
+        wait_until(serving, "the hub serving HTTP", timeout=45, interval=0.1)
+    except TimeoutError:
+        process.kill()
+        raise AssertionError(f"the hub did not serve HTTP within 45 s: {process.communicate()[0]}") from None
 
 
 def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
