@@ -742,6 +742,8 @@ class MiotyService(MiotyActions, FamilyService):
         if clustered:
             await self._refresh_state()  # silent here is not silent: another hub may hear it
             warned = await self.registry.warnings()  # what an earlier leader warned about
+            if not self.lease.held:  # lost while reading: the next holder judges
+                return
         for sensor in list(self.registry.sensors.values()):
             if not sensor.attached:
                 continue
