@@ -17,7 +17,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from bsscihub.protocols.devices.service import CLUSTER_LOAD_EVERY, FIRMWARE_PART
+from bsscihub.protocols.devices.service import CLUSTER_LOAD_EVERY, FIRMWARE_BLOBS, FIRMWARE_PART
 from tests.conftest import _reset_pg_schema
 from tests.memory_bridge import FollowingClock, MemoryBroker
 from tests.redis_server import redis_url
@@ -286,8 +286,8 @@ async def test_a_firmware_image_uploaded_on_one_hub_downloads_from_another(
 
         # Deleted on hub-1: gone for every hub.
         assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 204
-        assert await one.hub.store.fetchall("SELECT part FROM dev_firmware_parts WHERE sha256 = ?",
-                                            (firmware["sha256"],)) == []
+        assert await one.hub.store.fetchall("SELECT part FROM blob_parts WHERE owner = ? AND blob_id = ?",
+                                            (FIRMWARE_BLOBS, firmware["sha256"])) == []
     finally:
         for running in hubs:
             await running.stop()

@@ -133,4 +133,18 @@ CORE_MIGRATIONS = [
         CREATE INDEX registry_changes_time ON registry_changes (family, time)
         """,
     ),
+    # The files families keep, a part per row: bsscihub.blobs.
+    Migration(
+        "blobs",
+        1,
+        """
+        CREATE TABLE blob_parts (
+            owner TEXT NOT NULL,
+            blob_id TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            data {blob} NOT NULL,
+            PRIMARY KEY (owner, blob_id, part)
+        )
+        """,
+    ),
 ]

@@ -117,4 +117,15 @@ MIGRATIONS = [
         )
         """,
     ),
+    # The image parts move into the core blob store (bsscihub.blobs, core migration `blobs` 1), which the
+    # gate family's files share: one part logic for every family.
+    Migration(
+        "devices",
+        5,
+        """
+        INSERT INTO blob_parts (owner, blob_id, part, data)
+            SELECT 'devices.firmware', sha256, part, data FROM dev_firmware_parts;
+        DROP TABLE dev_firmware_parts
+        """,
+    ),
 ]

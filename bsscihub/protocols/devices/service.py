@@ -16,10 +16,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from bsscihub import ingest, tokens
+from bsscihub import blobs, ingest, tokens
 from bsscihub.bus import Event
 from bsscihub.contract import finite_doc, opt_time, rfc3339
 from bsscihub.errors import CommandError
@@ -39,8 +39,10 @@ CLUSTER_LOAD_EVERY = 5.0
 """Seconds between looks for the devices other hubs of a cluster registered."""
 CLUSTER_LOAD_MARGIN = 60.0
 """How far back each look reaches: registrations are written a little after they happen (group commit)."""
-FIRMWARE_PART = 256 << 10
+FIRMWARE_PART = blobs.PART
 """Bytes of a firmware image per database row: a download is read and sent a part at a time."""
+FIRMWARE_BLOBS = "devices.firmware"
+"""The images' owner in the core blob store (bsscihub.blobs), each named by its SHA-256."""
 KEY_SCHEME = "bdk"
 ORG_KEY_SCHEME = "bok"
 # Keys minted before had no prefix of their own (`bdk_<secret>`, the prefix cut from the secret): still read.
@@ -842,7 +844,7 @@ class DevicesService(FamilyService):
 
         def write(cursor: Any) -> None:
             # One transaction: the image is listed only once all its parts are in (whole or nothing).
-            self._write_parts(cursor, digest, data)
+            blobs.write(cursor, FIRMWARE_BLOBS, digest, data)
             cursor.execute(
                 "INSERT INTO dev_firmware (name, version, sha256, size, created_at, actor) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (sha256) DO NOTHING", (name, version, digest, len(data), now, actor))
@@ -852,41 +854,22 @@ class DevicesService(FamilyService):
         assert found is not None
         return found
 
-    @staticmethod
-    def _write_parts(cursor: Any, digest: str, data: bytes) -> None:
-        cursor.executemany(
-            "INSERT INTO dev_firmware_parts (sha256, part, data) VALUES (?, ?, ?)"
-            " ON CONFLICT (sha256, part) DO NOTHING",
-            [(digest, n, data[offset:offset + FIRMWARE_PART]) for n, offset in
-             enumerate(range(0, len(data), FIRMWARE_PART))])
-
     async def firmware_parts(self, firmware: Mapping[str, Any]) -> AsyncIterator[bytes]:
         """The image of a firmware row, read from the database a part at a time."""
-        for n in range(-(-int(firmware["size"]) // FIRMWARE_PART)):
-            row = await self.hub.store.fetchone(
-                "SELECT data FROM dev_firmware_parts WHERE sha256 = ? AND part = ?", (firmware["sha256"], n))
-            if row is None:
-                raise DeviceError(f"firmware {firmware['id']}: part {n} is missing", 500)
-            yield bytes(row[0])
+        try:
+            async for part in blobs.read(self.hub.store, FIRMWARE_BLOBS, firmware["sha256"], int(firmware["size"])):
+                yield part
+        except blobs.BlobMissing as e:
+            raise DeviceError(f"firmware {firmware['id']}: {e}", 500) from None
 
     async def _import_firmware_files(self) -> None:
         """Images stored as files in data_dir/firmware by earlier versions go into the database (then the file
         goes): every hub of a cluster serves them from there. A file whose hash is wrong stays and is logged."""
         rows = await self.hub.store.fetchall(
-            "SELECT f.sha256 FROM dev_firmware f WHERE NOT EXISTS"
-            " (SELECT 1 FROM dev_firmware_parts p WHERE p.sha256 = f.sha256)")
-        for (digest,) in rows:
-            path = self.firmware_dir / f"{digest}.bin"
-            try:
-                data = await threads.deferToThread(path.read_bytes)
-            except FileNotFoundError:
-                continue  # on another hub's disk, or lost: that hub imports it, or the download is a 404
-            if hashlib.sha256(data).hexdigest() != digest:
-                self.log.warn("devices: firmware file {path} does not match its SHA-256; not imported", path=str(path))
-                continue
-            await self.hub.store.interaction(lambda c, d=digest, b=data: self._write_parts(c, d, b))
-            await threads.deferToThread(path.unlink, True)
-            self.log.info("devices: firmware image {sha256} moved into the database", sha256=digest)
+            "SELECT f.sha256 FROM dev_firmware f WHERE NOT EXISTS (SELECT 1 FROM blob_parts p"
+            " WHERE p.owner = ? AND p.blob_id = f.sha256)", (FIRMWARE_BLOBS,))
+        await blobs.move_files_in(self.hub.store, FIRMWARE_BLOBS,
+                                  [(d, self.firmware_dir / f"{d}.bin", d) for (d,) in rows], "devices: firmware image")
 
     async def get_firmware_by_hash(self, digest: str) -> dict[str, Any] | None:
         row = await self.hub.store.fetchone(
@@ -915,7 +898,7 @@ class DevicesService(FamilyService):
 
         def delete(cursor: Any) -> None:
             cursor.execute("DELETE FROM dev_firmware WHERE id = ?", (firmware_id,))
-            cursor.execute("DELETE FROM dev_firmware_parts WHERE sha256 = ?", (firmware["sha256"],))
+            blobs.delete(cursor, FIRMWARE_BLOBS, [firmware["sha256"]])
 
         await self.hub.store.interaction(delete)
         return True
@@ -998,10 +981,8 @@ class DevicesService(FamilyService):
         firmware = await self.get_firmware(int(row[1]))
         if firmware is None:
             return None
-        [(parts, size)] = await self.hub.store.fetchall(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM dev_firmware_parts WHERE sha256 = ?",
-            (firmware["sha256"],))
-        if int(size) != firmware["size"]:
+        parts, size = await blobs.stat(self.hub.store, FIRMWARE_BLOBS, firmware["sha256"])
+        if size != firmware["size"]:
             # an image an earlier version kept as a file on a hub that has not started this version yet
             self.log.warn("devices: firmware image {sha256} is not in the database ({parts} parts)",
                           sha256=firmware["sha256"], parts=int(parts))

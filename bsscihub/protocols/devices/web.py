@@ -6,22 +6,17 @@ Devices post telemetry with `X-Device-Key`; operators register devices, send com
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from bsscihub.blobs import StreamedBlob
 from bsscihub.contract import rfc3339
 from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension
 from bsscihub.ingest import IDENTIFIER, OVERSIZED, Rejected
 from bsscihub.protocols.devices.service import DeviceError, DevicesService
 from bsscihub.series import DAY, bucketed, chart_points, series_json, time_range
-from bsscihub.web.dispatch import safe_filename
 from bsscihub.web.errors import ApiError, not_found, running_service, unauthorized
 from bsscihub.web.routing import (
     ANONYMOUS,
@@ -39,44 +34,6 @@ from bsscihub.web.routing import (
     page_route,
 )
 from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
-
-
-class StreamedImage(Resource):
-    """A download written a part at a time as the parts come from the database (the whole image is never held);
-    a request that goes away stops the reading."""
-
-    isLeaf = True
-    log = Logger()
-
-    def __init__(self, parts: AsyncIterator[bytes], size: int, filename: str) -> None:
-        super().__init__()
-        self.parts, self.size, self.filename = parts, size, filename
-
-    def render_GET(self, request: Any) -> Any:
-        request.setHeader(b"content-type", b"application/octet-stream")
-        request.setHeader(b"content-length", str(self.size).encode())
-        request.setHeader(b"content-disposition", f'attachment; filename="{safe_filename(self.filename)}"'.encode())
-        request.setHeader(b"cache-control", b"no-store")
-        gone: list[Any] = []
-        request.notifyFinish().addErrback(gone.append)
-
-        async def send() -> None:
-            try:
-                async for part in self.parts:
-                    if gone:
-                        return
-                    request.write(part)
-            except Exception:
-                self.log.failure("devices: a firmware download failed")
-                if not gone:
-                    request.loseConnection()  # short of its content-length: the device sees it failed
-                return
-            if not gone:
-                request.finish()
-
-        defer.Deferred.fromCoroutine(send())
-        return NOT_DONE_YET
-
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -456,7 +413,7 @@ class DevicesWeb:
         if found is None:
             raise not_found("offer")
         firmware, filename = found
-        return StreamedImage(self.service.firmware_parts(firmware), int(firmware["size"]), filename)
+        return StreamedBlob(self.service.firmware_parts(firmware), int(firmware["size"]), filename)
 
     # -- pages
 
