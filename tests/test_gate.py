@@ -22,7 +22,8 @@ import treq
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from twisted.internet import reactor, task, threads
 
-from bsscihub import audit
+from bsscihub import audit, blobs
+from bsscihub.protocols.gate.service import FILE_BLOBS
 from tests.broker import Mosquitto, Subscriber
 from tests.memory_bridge import FollowingClock, MemoryBroker, MemoryWitness, until
 from tests.test_families import PREFIX, RunningHub, eventually, start_hub
@@ -657,7 +658,9 @@ async def test_files_by_signed_urls(tmp_path: Path) -> None:
         assert code == 201 and json.loads(body)["sha256"] == hashlib.sha256(log).hexdigest()
         code, body = await fetch("PUT", url, log)
         assert (code, json.loads(body)["error"]["code"]) == (409, "already_uploaded")
-        assert (tmp_path / "var" / "gate" / "files" / file_id).read_bytes() == log
+        # In the database (every hub of a cluster serves it), not on this hub's disk.
+        assert await blobs.read_all(running.hub.store, FILE_BLOBS, file_id, len(log)) == log
+        assert not (tmp_path / "var" / "gate" / "files").exists()
 
         # An operator, or an engineer app, gets a download URL; a user-level app does not.
         code, down = await running.api("POST", f"{GATES}/gate-1/files/{file_id}/download-url")
@@ -709,7 +712,8 @@ async def test_files_by_signed_urls(tmp_path: Path) -> None:
 
         # Deleting the unit deletes its files too: its URLs find nothing any more.
         code, _ = await running.api("DELETE", f"{GATES}/gate-1")
-        assert code == 204 and not (tmp_path / "var" / "gate" / "files" / file_id).exists()
+        assert code == 204
+        assert await running.hub.store.fetchall("SELECT blob_id FROM blob_parts WHERE owner = ?", (FILE_BLOBS,)) == []
         code, body = await fetch("GET", by_app["url"])
         assert (code, json.loads(body)["error"]["code"]) == (404, "not_found")
 

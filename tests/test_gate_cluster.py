@@ -6,14 +6,21 @@ will is published whichever hub hears it, and what waited for it is relayed once
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from bsscihub import blobs
+from bsscihub.protocols.gate import registry
+from bsscihub.protocols.gate.registry import FileRecord
 from tests.conftest import _reset_pg_schema
 from tests.memory_bridge import MemoryBroker
 from tests.redis_server import redis_url
@@ -176,6 +183,72 @@ async def test_revocations_renames_and_removals_reach_the_other_hub(
         assert (code, error(doc)[0]) == (401, "invalid_unit_key")
         await eventually(lambda: not service._offline_timers and not service._by_controller, timeout=10,
                          interval=0.05, what="hub two forgets the unit")
+    finally:
+        for running in hubs:
+            await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_uploaded_on_one_hub_downloads_from_another(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    hubs: list[RunningHub] = []
+    try:
+        for n in (0, 1):
+            (tmp_path / f"hub{n}").mkdir()
+            hubs.append(await start_hub(
+                tmp_path / f"hub{n}", MemoryBroker(), ["gate"], database=postgres_url,
+                cluster={"redis": redis_url, "node": f"hub-{n}"}, gate={"secret": "one secret for every hub"},
+            ))  # fmt: skip
+        one, two = hubs
+        unit = await registered(one, "hw-1", "gate-1")
+        as_unit = {"X-Unit-Key": unit["unit_key"]}
+
+        async def fetch(running: RunningHub, method: str, url: str, data: bytes | None = None) -> tuple[int, bytes]:
+            """A signed URL (whichever hub signed it) sent to `running`."""
+            parts = urlsplit(url)
+            response = await treq.request(method, f"{running.base}{parts.path}?{parts.query}", data=data)
+            return response.code, await response.content()
+
+        # Uploaded to hub one (several database parts, the last one short), downloaded from hub two.
+        log = bytes(range(256)) * 2500 + b"tail"
+        assert len(log) > 2 * blobs.PART
+        code, upload = await one.api("POST", f"{GATES}/gate-1/files/upload-url",
+                                     {"name": "gate.log", "size": len(log), "kind": "log"}, headers=as_unit, token=None)
+        assert code == 201
+        assert (await fetch(one, "PUT", upload["url"], log))[0] == 201
+        assert not (tmp_path / "hub0" / "var" / "gate" / "files").exists(), "no file on the hub that took it"
+        file_id = upload["file"]["id"]
+        code, down = await two.api("POST", f"{GATES}/gate-1/files/{file_id}/download-url")
+        assert code == 200
+        assert await fetch(two, "GET", down["url"]) == (200, log)
+        assert await fetch(one, "GET", down["url"]) == (200, log)
+        cookies, _ = await two._login()
+        response = await treq.get(f"{two.base}/gates/gate-1/files/{file_id}", cookies=cookies, allow_redirects=False)
+        assert response.code == 200 and await response.content() == log
+
+        # A file an earlier version kept in one hub's data_dir goes into the database when that hub starts
+        # (here: its start's step, run again); then any hub serves it. One whose hash is wrong stays.
+        service = two.hub.services["gate"]
+        stored_unit = await registry.get_unit(one.hub.store, "controller_id", "gate-1")
+        assert stored_unit is not None
+        old, bad = b"old log\n" * 100, b"tampered"
+        records = [FileRecord(uuid.uuid4().hex, stored_unit.id, "up", "log", name, len(data), len(data),
+                              hashlib.sha256(b"original" if name == "bad.log" else data).hexdigest(), 0.0, "test", 1.0)
+                   for name, data in (("old.log", old), ("bad.log", bad))]
+        for record, data in zip(records, (old, bad), strict=True):
+            await registry.create_file(one.hub.store, record)
+            service.files_dir.mkdir(parents=True, exist_ok=True)
+            (service.files_dir / record.id).write_bytes(data)
+        code, old_down = await one.api("POST", f"{GATES}/gate-1/files/{records[0].id}/download-url")
+        assert code == 200 and (await fetch(one, "GET", old_down["url"]))[0] == 404  # on hub two's disk only
+        await service._move_files_in()
+        assert not (service.files_dir / records[0].id).exists()
+        assert await fetch(one, "GET", old_down["url"]) == (200, old)
+        assert (service.files_dir / records[1].id).read_bytes() == bad
+        code, bad_down = await one.api("POST", f"{GATES}/gate-1/files/{records[1].id}/download-url")
+        assert (await fetch(one, "GET", bad_down["url"]))[0] == 404
     finally:
         for running in hubs:
             await running.stop()

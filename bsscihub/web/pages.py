@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 
 import jinja2
 from markupsafe import Markup
+from twisted.web.resource import IResource
 
 from bsscihub import users
 from bsscihub.web import csrf
@@ -142,8 +143,10 @@ class Pages:
         self.env.globals["pager"] = pager
         self.env.globals["roles"] = users.ROLES
 
-    def render(self, request: Any, principal: Principal | None, result: Any) -> bytes:
+    def render(self, request: Any, principal: Principal | None, result: Any) -> Any:
         request.setHeader(b"cache-control", b"no-store")
+        if IResource.providedBy(result):
+            return result  # renders itself (a download streamed from the database)
         session = principal.session if principal is not None else None
         if isinstance(result, Redirect):
             if session is not None:

@@ -728,7 +728,12 @@ def _file(row: Sequence[Any]) -> FileRecord:
 
 
 async def create_file(store: Store, record: FileRecord) -> None:
-    await store.execute(
+    await store.interaction(insert_file, record)
+
+
+def insert_file(cursor: Cursor, record: FileRecord) -> None:
+    """Within the caller's transaction (with the file's parts, when it comes with them)."""
+    cursor.execute(
         f"INSERT INTO gate_files ({_FILE}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.id, record.unit_id, record.direction, record.kind, record.name, record.max_size, record.size,
          record.sha256, record.created_at, record.created_by, record.stored_at),
@@ -740,12 +745,13 @@ async def get_file(store: Store, file_id: str) -> FileRecord | None:
     return None if row is None else _file(row)
 
 
-async def file_stored(store: Store, file_id: str, size: int, sha256: str, now: float) -> bool:
-    """Mark an upload done; False if it was done already (a URL uploads once)."""
-    return await store.execute(
+def mark_stored(cursor: Cursor, file_id: str, size: int, sha256: str, now: float) -> bool:
+    """Within the caller's transaction (with the file's parts): mark an upload done; False if it was done
+    already (a URL uploads once)."""
+    return cursor.execute(
         "UPDATE gate_files SET size = ?, sha256 = ?, stored_at = ? WHERE id = ? AND stored_at IS NULL",
         (size, sha256, now, file_id),
-    ) > 0
+    ).rowcount > 0
 
 
 async def list_files(store: Store, unit_id: int) -> list[FileRecord]:

@@ -11,16 +11,16 @@ import os
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from bsscihub import ingest
+from bsscihub import blobs, ingest
 from bsscihub.bus import Event
 from bsscihub.contract import finite_doc, rfc3339
 from bsscihub.errors import CommandError
@@ -47,6 +47,8 @@ from bsscihub.registry_sync import RegistryChanges
 
 FAMILY = "gate"
 FILES_PATH = "/api/v1/gates/files/"
+FILE_BLOBS = "gate.files"
+"""The unit files' owner in the core blob store (bsscihub.blobs), each named by its file id."""
 """Where the web layer serves signed file URLs (the service builds the URLs)."""
 
 COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -97,6 +99,7 @@ class GateService(FamilyService):
         self.config = hub.config.section("gate")
         self.clock = hub.reactor
         self.root = self.config.topic_root
+        # Where earlier versions kept the files (one hub's disk): moved into the database on start.
         self.files_dir = Path(hub.config.data_dir) / "gate" / "files"
         self.keyring: Keyring | None = None
         self.signer: URLSigner | None = None
@@ -134,8 +137,8 @@ class GateService(FamilyService):
     async def prepare(self) -> None:
         self.keyring = Keyring.load(self.config.secret, Path(self.hub.config.keys_dir), Path(self.hub.config.data_dir))
         self.signer = URLSigner(self.keyring.url_key)
-        self.files_dir.mkdir(parents=True, exist_ok=True)
         await self._arm_from_store()
+        await self._move_files_in()
         if self.hub.cluster.clustered:
             self._others.start(CLUSTER_LOAD_EVERY, now=False).addErrback(
                 lambda f: self.log.failure("gate: loading what the other hubs opened stopped", f))
@@ -439,10 +442,10 @@ class GateService(FamilyService):
             files = await registry.list_files(self.hub.store, unit.id)
             apps = await registry.fingerprints_of_unit(self.hub.store, unit.id)
             await registry.delete_unit(self.hub.store, unit.id)
+            await self.hub.store.interaction(lambda c: blobs.delete(c, FILE_BLOBS, [f.id for f in files]))
             await self.changes.note("unit", str(unit.id))
             for fingerprint in apps:
                 await self._app_account(fingerprint, None, strict=False)
-        await threads.deferToThread(self._remove_files, [f.id for f in files])
         self._by_controller.pop(unit.controller_id, None)
         self._queues.pop(unit.id, None)
         timer = self._offline_timers.pop(unit.id, None)
@@ -804,8 +807,16 @@ class GateService(FamilyService):
         query = self.signer.query(file_id, direction, expires, max_size)
         return f"{self.config.public_url or base_url}{FILES_PATH}{file_id}?{query}", expires
 
-    def _path(self, file_id: str) -> Path:
-        return self.files_dir / file_id
+    async def _move_files_in(self) -> None:
+        """Files stored in data_dir/gate/files by earlier versions go into the database (then the file goes):
+        every hub of a cluster serves them from there. A file whose hash is wrong stays and is logged."""
+        if not self.files_dir.is_dir():
+            return
+        rows = await self.hub.store.fetchall(
+            "SELECT f.id, f.sha256 FROM gate_files f WHERE f.stored_at IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM blob_parts p WHERE p.owner = ? AND p.blob_id = f.id)", (FILE_BLOBS,))
+        await blobs.move_files_in(self.hub.store, FILE_BLOBS, [(i, self.files_dir / i, d) for i, d in rows],
+                                  "gate: file")
 
     def _check_size(self, size: int) -> None:
         if size > self.config.max_file_size:
@@ -848,8 +859,14 @@ class GateService(FamilyService):
         if size > min(limit, record.max_size):
             raise Refused(413, "too_large", f"{size} bytes; this URL takes at most {min(limit, record.max_size)}")
         content.seek(0)
-        digest = await threads.deferToThread(self._write, file_id, content)
-        if not await registry.file_stored(self.hub.store, file_id, size, digest, self.now()):
+        now = self.now()
+
+        def store(cursor: Any) -> bool:
+            # One transaction: the file is marked stored only with all its parts in (whole or nothing).
+            size, digest = blobs.write_stream(cursor, FILE_BLOBS, file_id, content)
+            return registry.mark_stored(cursor, file_id, size, digest, now)
+
+        if not await self.hub.store.interaction(store):
             raise Refused(409, "already_uploaded", f"file {file_id} was uploaded already; ask for a new URL")
         stored = await registry.get_file(self.hub.store, file_id)
         assert stored is not None
@@ -858,38 +875,30 @@ class GateService(FamilyService):
             self._unit_event(unit, "file_stored", fileId=file_id, kind=stored.kind, name=stored.name, size=size)
         return stored
 
-    def _remove_files(self, file_ids: list[str]) -> None:
-        for file_id in file_ids:
-            self._path(file_id).unlink(missing_ok=True)
+    async def _stored(self, record: FileRecord) -> AsyncIterator[bytes]:
+        """The bytes of a stored file, read from the database a part at a time (404 if they are not there)."""
+        size = int(record.size or 0)
+        if (await blobs.stat(self.hub.store, FILE_BLOBS, record.id))[1] != size:
+            # a file an earlier version kept on a hub that has not started this version yet
+            self.log.warn("gate: file {file_id} is not in the database", file_id=record.id)
+            raise Refused(404, "not_found", f"file {record.id} not found")
+        return blobs.read(self.hub.store, FILE_BLOBS, record.id, size)
 
-    def _write(self, file_id: str, content: Any) -> str:
-        # In a thread: files up to max_file_size should not hold the reactor. Renamed into place so
-        # a reader never sees half a file.
-        digest = hashlib.sha256()
-        partial = self._path(file_id + ".part")
-        with partial.open("wb") as out:
-            while chunk := content.read(1 << 16):
-                digest.update(chunk)
-                out.write(chunk)
-        partial.replace(self._path(file_id))
-        return digest.hexdigest()
-
-    async def read_download(self, file_id: str, args: dict[str, str]) -> tuple[FileRecord, bytes]:
+    async def read_download(self, file_id: str, args: dict[str, str]) -> tuple[FileRecord, AsyncIterator[bytes]]:
         limit = self._verify(file_id, DOWN, args)
         record = await registry.get_file(self.hub.store, file_id)
         if record is None or record.stored_at is None:
             raise Refused(404, "not_found", f"file {file_id} not found")
         if (record.size or 0) > limit:
             raise Refused(403, "bad_signature", "the URL was signed for another version of this file")
-        data = await threads.deferToThread(self._path(file_id).read_bytes)
-        return record, data
+        return record, await self._stored(record)
 
-    async def read_file(self, unit: Unit, file_id: str) -> tuple[FileRecord, bytes]:
+    async def read_file(self, unit: Unit, file_id: str) -> tuple[FileRecord, AsyncIterator[bytes]]:
         """For operators (already authorized): the stored bytes of one of the unit's files."""
         record = await registry.get_file(self.hub.store, file_id)
         if record is None or record.unit_id != unit.id or record.stored_at is None:
             raise Refused(404, "not_found", f"file {file_id} not found on {unit.controller_id}")
-        return record, await threads.deferToThread(self._path(file_id).read_bytes)
+        return record, await self._stored(record)
 
     async def push_config(self, unit: Unit, data: bytes, *, name: str, base_url: str, caller: Caller,
                           via: str) -> tuple[FileRecord, Command]:
@@ -900,10 +909,14 @@ class GateService(FamilyService):
         now = self.now()
         file_id = uuid.uuid4().hex
         digest = hashlib.sha256(data).hexdigest()
-        await threads.deferToThread(self._path(file_id).write_bytes, data)
         record = FileRecord(file_id, unit.id, DOWN, "config", name, len(data), len(data), digest, now, caller.actor,
                             now)
-        await registry.create_file(self.hub.store, record)
+
+        def store(cursor: Any) -> None:
+            blobs.write(cursor, FILE_BLOBS, file_id, data)
+            registry.insert_file(cursor, record)
+
+        await self.hub.store.interaction(store)
         url, expires = self.file_url(base_url, file_id, DOWN, len(data))
         args = {"file_id": file_id, "name": name, "size": len(data), "sha256": digest, "url": url,
                 "url_expires": rfc3339(expires)}

@@ -16,6 +16,7 @@ import attrs
 from zope.interface import implementer
 
 from bsscihub import audit
+from bsscihub.blobs import StreamedBlob
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.family import IDashboardSummary, IWebExtension
 from bsscihub.protocols.gate.config import MAX_FILE_BYTES
@@ -33,7 +34,6 @@ from bsscihub.web.routing import (
     Accepted,
     Call,
     Created,
-    Download,
     NavItem,
     Page,
     Param,
@@ -444,8 +444,8 @@ class GateWeb:
     async def get_file(self, call: Call, ctx: Context) -> Any:
         file_id = call.params["file_id"]
         ctx.actor, ctx.target = f"gate-url:{file_id}", file_id
-        record, data = await self.service.read_download(file_id, _signed_args(call))
-        return Download(data, record.name, "application/octet-stream")
+        record, parts = await self.service.read_download(file_id, _signed_args(call))
+        return StreamedBlob(parts, int(record.size or 0), record.name)
 
     # == REST: operators ======================================================================================
 
@@ -736,5 +736,5 @@ class GateWeb:
     async def file_page(self, call: Call, ctx: Context) -> Any:
         ctx.target = call.params["file_id"]
         unit = await self.service.unit(call.params["controller_id"])
-        record, data = await self.service.read_file(unit, call.params["file_id"])
-        return Download(data, record.name, "application/octet-stream")
+        record, parts = await self.service.read_file(unit, call.params["file_id"])
+        return StreamedBlob(parts, int(record.size or 0), record.name)
