@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,23 @@ async def test_a_blob_is_written_with_its_listing_read_a_part_at_a_time_and_dele
     await store.interaction(blobs.delete, "a", ["x"])
     assert await blobs.stat(store, "a", "x") == (0, 0)
     assert await blobs.read_all(store, "b", "x", 17) == b"another owner's x"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reading_holds_about_a_part_in_memory_not_the_blob(store: Store) -> None:
+    await store.migrate(CORE_MIGRATIONS)
+    size = 32 * blobs.PART  # 8 MiB
+    await store.interaction(blobs.write_stream, "a", "big", io.BytesIO(os.urandom(size)))
+    tracemalloc.start()
+    try:
+        read = 0
+        async for part in blobs.read(store, "a", "big", size):
+            read += len(part)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read == size
+    assert peak < 3 * blobs.PART, f"{peak} bytes held while reading {size}"
 
 
 @pytest_twisted.ensureDeferred
