@@ -30,11 +30,25 @@ UPLINK_COLUMNS = (
     " profile, mode, subpackets, data, format, dl_open, response_exp, dl_ack"
 )
 _INSERT_UPLINK = f"INSERT INTO mioty_uplinks ({UPLINK_COLUMNS}) VALUES {{rows}}"
-_MARK_PUBLISHED = (
-    "UPDATE mioty_uplinks SET published = 1 FROM (VALUES {rows}) AS marked"
-    " WHERE mioty_uplinks.published = 0 AND mioty_uplinks.ep_eui = marked.column1"
-    " AND mioty_uplinks.packet_cnt = marked.column2"
-)
+# Marks an uplink's copies published, per dialect. SQLite probes the partial index per key.
+# PostgreSQL, given 100 keys or more, would read the whole partial index instead (a hash join),
+# and with it every entry of a copy marked since the last vacuum (these updates are never HOT):
+# the LATERAL subquery, kept apart by OFFSET 0, makes it one index probe per key, and the copies
+# found are then updated by their ctid (a copy another hub marked meanwhile has a new ctid and is
+# skipped). Measured in bench/README.md, "Marking uplinks published".
+_MARK_PUBLISHED = {
+    "sqlite": (
+        "UPDATE mioty_uplinks SET published = 1 FROM (VALUES {rows}) AS marked"
+        " WHERE mioty_uplinks.published = 0 AND mioty_uplinks.ep_eui = marked.column1"
+        " AND mioty_uplinks.packet_cnt = marked.column2"
+    ),
+    "postgresql": (
+        "UPDATE mioty_uplinks SET published = 1 WHERE ctid = ANY(ARRAY("
+        "SELECT copy.ctid FROM (VALUES {rows}) AS marked CROSS JOIN LATERAL ("
+        "SELECT ctid FROM mioty_uplinks WHERE published = 0 AND ep_eui = marked.column1"
+        " AND packet_cnt = marked.column2 OFFSET 0) AS copy))"
+    ),
+}
 _SENSOR_COLUMNS = (
     "eui, nw_key, short_addr, bidi, dual_chan, repetition, wide_carr_off, long_blk_dist, ep_class,"
     " sync_burst, attached, attached_at, attach_cnt, last_packet_cnt, last_seen, best_bs, best_snr,"
@@ -347,7 +361,9 @@ class Registry:
         """The hub (a cluster) stored with each configuration change it writes; None: no hub (the CLI)."""
         self._dirty: set[str] = set()
         self._uplinks = store.batch_writer(_INSERT_UPLINK)
-        self._marks = BatchWriter(store, _MARK_PUBLISHED, clock, delay=MARK_DELAY, max_rows=5000, idempotent=True)
+        self._marks = BatchWriter(
+            store, _MARK_PUBLISHED[store.dialect], clock, delay=MARK_DELAY, max_rows=5000, idempotent=True
+        )
 
     # -- loading
 
