@@ -47,9 +47,9 @@ from bsscihub.registry_sync import RegistryChanges
 
 FAMILY = "gate"
 FILES_PATH = "/api/v1/gates/files/"
+"""Where the web layer serves signed file URLs (the service builds the URLs)."""
 FILE_BLOBS = "gate.files"
 """The unit files' owner in the core blob store (bsscihub.blobs), each named by its file id."""
-"""Where the web layer serves signed file URLs (the service builds the URLs)."""
 
 COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 CLUSTER_POLL = 0.5
