@@ -115,7 +115,7 @@ def logged() -> Iterator[list[LogEvent]]:
 
 @pytest.fixture(scope="session")
 def initialised_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One `bsscihub init` per test run (two RSA keys, a password hash, the schema): each `home` copies it."""
+    """One `bsscihub init` per session (per xdist worker): two RSA keys, a password hash, the schema."""
     return init_home(tmp_path_factory.mktemp("initialised"))
 
 
