@@ -56,9 +56,19 @@ class PKI:
     other: tuple[Path, Path]
 
 
+_SHARED: dict[str, PKI] = {}
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    d = tmp_path_factory.mktemp("pki")
+    """Made once per session (per worker) though many modules import this fixture: eight RSA keys. Tests only
+    read these files; what they issue goes into their own directories."""
+    if "pki" not in _SHARED:
+        _SHARED["pki"] = _make_pki(tmp_path_factory.mktemp("pki"))
+    return _SHARED["pki"]
+
+
+def _make_pki(d: Path) -> PKI:
     create_ca(d / "ca.pem", d / "ca.key")
     issue_server_cert(d / "ca.pem", d / "ca.key", d / "hub.pem", d / "hub.key")
     bs = {}
