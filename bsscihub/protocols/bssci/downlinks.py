@@ -181,12 +181,7 @@ class Downlinks:
         dl.state = new
         if new not in PENDING:
             self.ended[new.value] += 1
-            self.pending.pop(dl.que_id, None)
-            of_ep = self.by_ep.get(dl.ep_eui)
-            if of_ep is not None:
-                of_ep.pop(dl.que_id, None)
-                if not of_ep:
-                    del self.by_ep[dl.ep_eui]
+            self._forget(dl)
         if new is not D and new is not A and new is not X:
             dl.holder = None
         if reason is not None or new is D:
