@@ -302,7 +302,7 @@ HUB_SECTIONS: dict[str, type] = {
 """Sections of the hub's own optional parts; kept in HubConfig.sections like the families' ones."""
 
 TOP_LEVEL: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
-    "data_dir": ("var", _str, "where SQLite, the outbox and uploads live"),
+    "data_dir": ("var", _str, "where SQLite, the outbox and (by default) the key files live"),
     "keys_dir": ("", _str, "the key files sealing stored secrets; one directory shared by all hubs of a cluster"
                  " (empty: data_dir)"),
     "database": ("sqlite:///hub.sqlite", _database, "sqlite:///FILE (relative: inside data_dir) or postgresql://..."),
