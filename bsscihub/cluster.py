@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from bsscihub.ratelimit import ILimiter, local_limiter
@@ -198,12 +199,12 @@ class Cluster:
     make_lease: Callable[[str, Any], ILeaderLease] | None = None
     """Builds a leader lease (name, clock): held by one hub at a time. None: always held here."""
 
-    def limiter(self, name: str, clock: Any, *, rate: float, burst: int, max_keys: int = 100_000) -> ILimiter:
+    def limiter(self, name: str, clock: IReactorTime, *, rate: float, burst: int, max_keys: int = 100_000) -> ILimiter:
         """The rate limit `name` (same name on every hub: the same buckets); in memory on one hub."""
         make = self.make_limiter or local_limiter
         return make(name, clock, rate=rate, burst=burst, max_keys=max_keys)
 
-    def lease(self, name: str, clock: Any) -> ILeaderLease:
+    def lease(self, name: str, clock: IReactorTime) -> ILeaderLease:
         """The leader lease `name`: held by exactly one hub of the cluster at a time (always here on one hub)."""
         return self.make_lease(name, clock) if self.make_lease is not None else LocalLease()
 
@@ -264,7 +265,10 @@ class LocalLease:
 
     def stop(self) -> defer.Deferred[None]:
         return defer.succeed(None)
-def shared_windows(cluster: Cluster, name: str, clock: Any, window: float, emit: Callable[[str, list[Any]], None],
+
+
+def shared_windows(cluster: Cluster, name: str, clock: IReactorTime, window: float,
+                   emit: Callable[[str, list[Any]], None],
                    codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> IWindowStore | None:
     """A family's windows shared by the hubs of `cluster` (`name` keeps families apart; codec = (encode,
     decode) a copy as text); None for one hub, which keeps its own windows in memory."""

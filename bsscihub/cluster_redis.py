@@ -14,8 +14,10 @@ import attrs
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bsscihub.bus import Event
@@ -187,7 +189,7 @@ class RedisOwnership:
         if held.newer is not None and held.newer[0] > held.seq and self._held.get(field) is held:
             self._lose(field, held.newer[1])
 
-    def _failed(self, failure: Any, field: str) -> None:
+    def _failed(self, failure: Failure, field: str) -> None:
         # Held here all the same: the station is connected to this hub; others learn it at the next claim.
         self.log.warn("cluster: the claim of {station} did not reach Redis: {problem}", station=field,
                       problem=failure.getErrorMessage())
@@ -251,7 +253,7 @@ class RedisRouter:
 
     log = Logger()
 
-    def __init__(self, node: str, link: RedisLink, ownership: IStationOwnership, clock: Any,
+    def __init__(self, node: str, link: RedisLink, ownership: IStationOwnership, clock: IReactorTime,
                  timeout: float = ROUTE_TIMEOUT) -> None:
         self.node = node
         self.link = link
@@ -464,7 +466,7 @@ class RedisDedup:
 
     log = Logger()
 
-    def __init__(self, link: RedisLink, node: str, clock: Any, window: float, memory: int,
+    def __init__(self, link: RedisLink, node: str, clock: IReactorTime, window: float, memory: int,
                  emit: Callable[..., Any], late: Callable[[Any, Any], None],
                  codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> None:
         self.link, self.node, self.clock, self.window, self.memory = link, node, clock, window, memory
@@ -524,12 +526,12 @@ class RedisDedup:
             for copy in window.copies:
                 self.late(window.key, copy)
 
-    def _unreachable(self, failure: Any, name: str) -> None:
+    def _unreachable(self, failure: Failure, name: str) -> None:
         # The window still closes: its copies are published from here rather than held back.
         self.log.warn("cluster: Redis did not take uplink {uplink} ({problem}); publishing what this hub heard",
                       uplink=name, problem=failure.getErrorMessage())
 
-    def _unreachable_none(self, failure: Any, name: str) -> list[Any]:
+    def _unreachable_none(self, failure: Failure, name: str) -> list[Any]:
         self._unreachable(failure, name)
         return []
 
@@ -616,7 +618,7 @@ class EventRelay:
             return  # not plain JSON: the local stream has it, the others do without
         self.link.publish(EVENTS, text).addErrback(self._failed)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         self._lost += 1
         if self._lost & (self._lost - 1) == 0:  # 1, 2, 4, ...: a Redis outage is not a flood of lines
             self.log.warn("cluster: {count} events not shared with the other hubs: {problem}", count=self._lost,
@@ -632,8 +634,8 @@ class EventRelay:
 
 
 def redis_dedup_factory(cluster: Cluster) -> Callable[..., IDedupStore]:
-    def make(clock: Any, window: float, memory: int, emit: Callable[..., Any], *, late: Callable[[Any, Any], None],
-             codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> IDedupStore:
+    def make(clock: IReactorTime, window: float, memory: int, emit: Callable[..., Any], *,
+             late: Callable[[Any, Any], None], codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> IDedupStore:
         return RedisDedup(cluster.link, cluster.node, clock, window, memory, emit, late, codec)
 
     return make
@@ -665,7 +667,7 @@ class RedisLimiter:
 
     log = Logger()
 
-    def __init__(self, link: RedisLink, name: str, clock: Any, *, rate: float, burst: int,
+    def __init__(self, link: RedisLink, name: str, clock: IReactorTime, *, rate: float, burst: int,
                  max_keys: int = 100_000) -> None:
         self.link, self.name = link, name
         self.local = RateLimiter(clock, rate=rate, burst=burst, max_keys=max_keys)  # checks rate and burst
@@ -691,7 +693,7 @@ class RedisLimiter:
             self.local.spend(key, cost)
         return over
 
-    def _unreachable(self, failure: Any, mode: str, key: Hashable, cost: float) -> float | None:
+    def _unreachable(self, failure: Failure, mode: str, key: Hashable, cost: float) -> float | None:
         self._failed += 1
         if self._failed & (self._failed - 1) == 0:  # 1, 2, 4, ...: an outage is not a flood of lines
             self.log.warn("cluster: rate limit {name} counted on this hub only ({count} times): {problem}",
@@ -746,19 +748,17 @@ class RedisLease:
 
     log = Logger()
 
-    def __init__(self, link: RedisLink, node: str, name: str, clock: Any, ttl: float | None = None) -> None:
+    def __init__(self, link: RedisLink, node: str, name: str, clock: IReactorTime, ttl: float | None = None) -> None:
         self.link, self.node, self.clock, self.ttl = link, node, clock, LEASE_TTL if ttl is None else ttl
         self.key = f"{_PREFIX}lease:{name}"
         self._until = float("-inf")
-        self._loop: Any = None
+        self._loop: LoopingCall | None = None
 
     @property
     def held(self) -> bool:
         return self.clock.seconds() < self._until
 
     def start(self) -> None:
-        from twisted.internet.task import LoopingCall
-
         self._loop = LoopingCall(self._renew)
         self._loop.clock = self.clock
         self._loop.start(self.ttl / 3, now=True).addErrback(
@@ -831,7 +831,7 @@ class RedisWindows:
 
     log = Logger()
 
-    def __init__(self, link: RedisLink, node: str, name: str, clock: Any, window: float,
+    def __init__(self, link: RedisLink, node: str, name: str, clock: IReactorTime, window: float,
                  emit: Callable[[str, list[Any]], None],
                  codec: tuple[Callable[[Any], str], Callable[[str], Any]]) -> None:
         self.link, self.node, self.clock, self.window, self.emit = link, node, clock, window, emit
@@ -859,7 +859,7 @@ class RedisWindows:
         if (answer.decode() if isinstance(answer, bytes) else answer) == "opened":
             self._open[(key, window_id)] = self.clock.callLater(self.window, self._close, key, window_id)
 
-    def _unreachable(self, failure: Any, key: str, copy: Any) -> None:
+    def _unreachable(self, failure: Failure, key: str, copy: Any) -> None:
         # Better published alone than not at all.
         self._lost += 1
         if self._lost & (self._lost - 1) == 0:  # 1, 2, 4, ...: a Redis outage is not a flood of lines
