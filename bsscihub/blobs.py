@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from bsscihub.store import Cursor, Store
 from bsscihub.web.dispatch import safe_filename
@@ -44,7 +45,7 @@ def write(cursor: Cursor, owner: str, blob_id: str, data: bytes) -> None:
                                  for n, offset in enumerate(range(0, len(data), PART))])
 
 
-def write_stream(cursor: Cursor, owner: str, blob_id: str, source: Any, *, sha256: str | None = None
+def write_stream(cursor: Cursor, owner: str, blob_id: str, source: BinaryIO, *, sha256: str | None = None
                  ) -> tuple[int, str]:
     """Within the caller's transaction (on the store's thread): the bytes of a file-like `source`, read a part
     at a time, as the parts of (owner, blob_id); returns (size, SHA-256 hex). With `sha256`, bytes that do not
@@ -63,7 +64,7 @@ def write_stream(cursor: Cursor, owner: str, blob_id: str, source: Any, *, sha25
     return size, digest.hexdigest()
 
 
-def _read_part(source: Any) -> bytes:
+def _read_part(source: BinaryIO) -> bytes:
     # A file-like may return less than asked before its end (a pipe, a socket): fill the part.
     chunks, have = [], 0
     while have < PART:
@@ -137,12 +138,12 @@ class StreamedBlob(Resource):
         super().__init__()
         self.parts, self.size, self.filename = parts, size, filename
 
-    def render_GET(self, request: Any) -> Any:
+    def render_GET(self, request: Request) -> int:
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(self.size).encode())
         request.setHeader(b"content-disposition", f'attachment; filename="{safe_filename(self.filename)}"'.encode())
         request.setHeader(b"cache-control", b"no-store")
-        gone: list[Any] = []
+        gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)
 
         async def send() -> None:
