@@ -100,7 +100,7 @@ async def read(store: Store, owner: str, blob_id: str, size: int) -> AsyncIterat
 
 
 async def read_all(store: Store, owner: str, blob_id: str, size: int) -> bytes:
-    """The whole blob in memory: for small ones only (config files pushed to a unit, tests)."""
+    """The whole blob in memory, for small ones only; the hub itself streams them (`read`), tests compare them."""
     return b"".join([part async for part in read(store, owner, blob_id, size)])
 
 
