@@ -1,7 +1,10 @@
-"""The `bsscihub` command, run as a real subprocess: init, certificates, users, errors, --help."""
+"""The `bsscihub` command, run as a real subprocess: init, certificates, users, errors, --help.
+Commands that start no reactor and open no store (--help, --version, config) call its main() in-process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import stat
 import subprocess
@@ -29,6 +32,32 @@ def bsscihub(
         text=True,
         timeout=120,
     )
+
+
+def bsscihub_in_process(
+    cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """As `bsscihub` above, through `main()` in this process: the same arguments, environment,
+    working directory, exit status and output, without starting an interpreter each time."""
+    from bsscihub.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for key in [k for k in os.environ if k.startswith("BSSCIHUB_")]:
+            del os.environ[key]
+        os.environ.update(env or {})
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse: --help, --version, usage errors
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["bsscihub", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +201,7 @@ SUBCOMMANDS = [
 
 @pytest.mark.parametrize("args", SUBCOMMANDS)
 def test_help_everywhere(tmp_path: Path, args: list[str]) -> None:
-    result = bsscihub(tmp_path, *args, "--help")
+    result = bsscihub_in_process(tmp_path, *args, "--help")
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout
 
@@ -180,7 +209,7 @@ def test_help_everywhere(tmp_path: Path, args: list[str]) -> None:
 def test_version(tmp_path: Path) -> None:
     from bsscihub import __version__
 
-    result = bsscihub(tmp_path, "--version")
+    result = bsscihub_in_process(tmp_path, "--version")
     assert result.returncode == 0
     assert result.stdout == f"bsscihub {__version__}\n"
 
@@ -204,7 +233,7 @@ def test_init_writes_the_sample_configuration_when_there_is_none(tmp_path: Path)
     elsewhere = bsscihub(tmp_path, "init", "--config", "conf/site.yaml")
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert (tmp_path / "conf" / "site.yaml").read_text() == sample
-    assert bsscihub(tmp_path, "config", "sample").stdout == sample
+    assert bsscihub_in_process(tmp_path, "config", "sample").stdout == sample
 
 
 def test_config_check_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
@@ -217,7 +246,7 @@ def test_config_check_prints_the_effective_configuration_with_secrets_masked(tmp
         "BSSCIHUB_MQTT_KEEPALIVE": "045",
         "BSSCIHUB_WEB_LISTEN": "tcp:18080",
     }
-    result = bsscihub(tmp_path, "config", "check", CONFIG, env=env)
+    result = bsscihub_in_process(tmp_path, "config", "check", CONFIG, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"# {CONFIG}: valid.")
     effective = yaml.safe_load(result.stdout)
@@ -235,13 +264,13 @@ def test_config_check_prints_the_effective_configuration_with_secrets_masked(tmp
 def test_config_check_of_a_bad_file_names_the_key_and_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("mqtt:\n  keepalive: often\n")
-    result = bsscihub(tmp_path, "config", "check", str(bad))
+    result = bsscihub_in_process(tmp_path, "config", "check", str(bad))
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "config error: mqtt.keepalive = 'often': expected a positive whole number\n"
-    missing = bsscihub(tmp_path, "config", "check", str(tmp_path / "nope.yaml"))
+    missing = bsscihub_in_process(tmp_path, "config", "check", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "cannot read the file" in missing.stderr
-    env_bad = bsscihub(tmp_path, "config", "check", CONFIG, env={"BSSCIHUB_TLS_LENIENT": "perhaps"})
+    env_bad = bsscihub_in_process(tmp_path, "config", "check", CONFIG, env={"BSSCIHUB_TLS_LENIENT": "perhaps"})
     assert env_bad.returncode == 2
     assert env_bad.stderr == "config error: tls.lenient = 'perhaps': expected true or false\n"
 
