@@ -68,7 +68,7 @@ class IDedupStore(Interface):
 
     def adopt(key: Any) -> defer.Deferred[bool]:
         """Whether this hub publishes an uplink stored but never published (its collecting hub died):
-        True on exactly one hub of a cluster."""
+        True on exactly one hub of a cluster, and on none while the hub that collected it runs."""
 
 
 class IWindowStore(Interface):

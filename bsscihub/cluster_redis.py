@@ -437,12 +437,23 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 'merged'
 """
-# The collector closes the window: the forwarded copies, and from now on every copy is late.
+# The collector closes the window: the forwarded copies, and from now on every copy is late. The mark
+# names the collector: until it expires, only that hub's death makes the uplink an orphan.
 _DEDUP_CLOSE = """
 local copies = redis.call('LRANGE', KEYS[1], 0, -1)
 redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
 return copies
+"""
+# An uplink stored and not marked published is taken by one hub, and only if the hub that collected it
+# (named by the published mark, else the window's lease) is gone: a live collector's mark may just lag.
+_DEDUP_ADOPT = """
+local by = redis.call('GET', KEYS[1]) or redis.call('GET', KEYS[2])
+if by and by ~= '1' then
+  if by == ARGV[1] or redis.call('PUBSUB', 'NUMSUB', ARGV[3] .. by)[2] > 0 then return 0 end
+end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
 """
 ORPHAN_LOCK = 60_000  # ms one hub keeps the right to publish an orphaned uplink
 
@@ -453,7 +464,8 @@ class _Window:
     first: float
     copies: list[Any]
     timer: IDelayedCall | None = None
-    mode: str = "asking"  # then "collect" (this hub publishes), "forward" or "late"
+    mode: str = "asking"  # then "collect" (this hub publishes), "forward", "late" or "alone" (no Redis)
+    due: bool = False  # the window's time is up, Redis has not answered yet
 
 
 @implementer(IDedupStore)
@@ -505,7 +517,7 @@ class RedisDedup:
         window = self._open[name] = _Window(key, copy.received, [copy])
         window.timer = self.clock.callLater(self.window, self._close, name)
         d = self.link.eval(_DEDUP_ADD, self._keys(name), [self.node, self.encode(copy), self.ttl_ms])
-        d.addCallbacks(self._answered, self._unreachable, (name, window), errbackArgs=(name,))
+        d.addCallbacks(self._answered, self._no_answer, (name, window), errbackArgs=(name, window))
         return FIRST
 
     def _answered(self, answer: Any, name: str, window: _Window) -> None:
@@ -525,6 +537,16 @@ class RedisDedup:
             self._remember(name)
             for copy in window.copies:
                 self.late(window.key, copy)
+            return
+        if window.due:
+            self._close(name)
+
+    def _no_answer(self, failure: Any, name: str, window: _Window) -> None:
+        self._unreachable(failure, name)
+        if self._open.get(name) is window:
+            window.mode = "alone"
+            if window.due:
+                self._close(name)
 
     def _unreachable(self, failure: Failure, name: str) -> None:
         # The window still closes: its copies are published from here rather than held back.
@@ -542,19 +564,26 @@ class RedisDedup:
         d.addErrback(self._unreachable, name)
 
     def _close(self, name: str, now: bool = False) -> None:
-        window = self._open.pop(name)
+        window = self._open[name]
+        if window.mode == "asking" and not now:
+            # Whether this hub or another one collects the uplink is Redis's answer: a busy hub runs its
+            # timers before it reads that answer, and publishing without it would publish twice.
+            window.due = True
+            return
+        del self._open[name]
         self._remember(name)
         if window.mode == "forward":
             return  # the collector publishes it
         lease, pub, listed = self._keys(name)
-        if window.mode == "asking" or now:
+        if window.mode in ("asking", "alone") or now:
             if window.mode == "collect":
                 # Stopping: publish what is here now, and tell the others the uplink is out (their copies
                 # are late from here on, and marked with it) so none is adopted and published again.
-                self.link.eval(_DEDUP_CLOSE, [listed, pub], [self.ttl_ms]).addErrback(self._unreachable, name)
+                self.link.eval(_DEDUP_CLOSE, [listed, pub], [self.ttl_ms, self.node]).addErrback(
+                    self._unreachable, name)
             self.emit(window.key, window.copies, window.first)
             return
-        d = self.link.eval(_DEDUP_CLOSE, [listed, pub], [self.ttl_ms])
+        d = self.link.eval(_DEDUP_CLOSE, [listed, pub], [self.ttl_ms, self.node])
         d.addCallback(lambda rows: [self.decode(r.decode() if isinstance(r, bytes) else r) for r in rows or ()])
         d.addErrback(self._unreachable_none, name)
         d.addCallback(lambda remote: self.emit(window.key, [*window.copies, *remote], window.first))
@@ -577,9 +606,11 @@ class RedisDedup:
             self._close(name, now=True)
 
     def adopt(self, key: Any) -> defer.Deferred[bool]:
-        d = self.link.redis.set(f"{_PREFIX}dedup:{self._name(key)}:orphan", self.node, only_if_not_exists=True,
-                                pexpire=ORPHAN_LOCK)
-        d.addCallback(bool)
+        name = self._name(key)
+        lease, pub, _ = self._keys(name)
+        d = self.link.eval(_DEDUP_ADOPT, [pub, lease, f"{_PREFIX}dedup:{name}:orphan"],
+                           [self.node, ORPHAN_LOCK, node_channel("")])
+        d.addCallback(lambda won: int(won) == 1)
         return d
 
 

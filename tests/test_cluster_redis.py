@@ -254,6 +254,81 @@ async def test_an_uplink_its_collector_never_published_is_adopted_by_one_hub(
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_uplink_whose_live_collector_has_not_marked_it_yet_is_not_adopted(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
+) -> None:
+    _reset_pg_schema(postgres_url)
+    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
+    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
+    stopped = False
+    try:
+        # hub-1 collects and publishes the uplink; its published mark lags (a busy database), as under load.
+        one.service.registry.mark_published = lambda ep, packet_cnt: None  # type: ignore[method-assign]
+        a = await one.station("bs-a", A)
+        op = a.uplink(cnt=5)
+        assert (await a.expect("ulDataRsp"))["opId"] == op
+        await wait_for(lambda: len(one.of("uplink")) == 1)
+        await deferLater(reactor, 0.3, lambda: None)  # older than the window: a candidate for the sweep
+        assert len(await two.service.registry.unpublished()) == 1
+        # Its collector runs: no hub publishes it again, hub-1 itself neither.
+        for _ in range(2):
+            assert await two.service.uplinks.adopt_orphans(grace=0) == 0
+            assert await one.service.uplinks.adopt_orphans(grace=0) == 0
+        assert len(one.of("uplink")) == 1 and two.of("uplink") == []
+        # hub-1 goes away before its mark was written: now hub-2 publishes it (at least once after a crash).
+        await one.stop()
+        await one.hub.cluster.stop()
+        stopped = True
+        assert await two.service.uplinks.adopt_orphans(grace=0) == 1
+        await wait_for(lambda: len(two.of("uplink")) == 1)
+        assert two.of("uplink")[0].payload["packetCnt"] == 5
+    finally:
+        for running in (two,) if stopped else (one, two):
+            await running.stop()
+            await running.hub.cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_window_that_closes_before_redis_answered_waits_for_the_answer(redis_url: str) -> None:
+    from collections import namedtuple
+
+    from twisted.internet.task import Clock
+
+    from bsscihub.cluster_redis import RedisDedup
+
+    Copy = namedtuple("Copy", "bs_eui received")
+    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
+    emitted: list[tuple[str, list[str]]] = []
+    clusters = []
+    stores = []
+    busy = Clock()  # hub-2's timers: it runs them before it reads Redis's answer, as a loaded hub does
+    for node, clock in (("hub-1", reactor), ("hub-2", busy)):
+        cluster = redis_cluster(node, redis_url, reactor)
+        await cluster.start()
+        clusters.append(cluster)
+        stores.append(RedisDedup(
+            cluster.link, node, clock, 0.3, 100,
+            lambda key, copies, first, node=node: emitted.append((node, [c.bs_eui for c in copies])),
+            lambda key, copy: None, codec,
+        ))  # fmt: skip
+    one, two = stores
+    try:
+        key = (f"{uuid.uuid4().hex[:16]}", 3)
+        one.add(key, Copy(A, reactor.seconds()))
+        await wait_for(lambda: one._open[one._name(key)].mode == "collect")
+        two.add(key, Copy(B, reactor.seconds()))
+        busy.advance(0.3)  # hub-2's window is up before Redis said who collects
+        assert emitted == []
+        # Redis says hub-1 collects: hub-2 leaves it, hub-1 publishes both copies once.
+        await wait_for(lambda: emitted == [("hub-1", [A, B])])
+        await deferLater(reactor, 0.2, lambda: None)
+        assert emitted == [("hub-1", [A, B])] and two.pending == 0 and one.pending == 0
+    finally:
+        for cluster in clusters:
+            await cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_live_stream_of_each_hub_gets_the_events_of_the_others(hubs: list[Cluster]) -> None:
     from bsscihub.bus import EventBus
 

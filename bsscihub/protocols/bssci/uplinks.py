@@ -296,7 +296,7 @@ class UplinkPipeline:
 
     async def adopt_orphans(self, grace: float = ORPHAN_GRACE) -> int:
         """Cluster: publish the copies stored by any hub and left unpublished longer than the window
-        and `grace` (their collecting hub died, or its broker refused them); one hub takes each."""
+        and `grace` whose collecting hub is gone (while it runs, its mark may just lag); one hub takes each."""
         rows = await self.registry.unpublished(before=self.clock.seconds() - self.window - grace)
         adopted = 0
         for ep, copies in group_copies(rows):
