@@ -541,7 +541,7 @@ class RedisDedup:
         if window.due:
             self._close(name)
 
-    def _no_answer(self, failure: Any, name: str, window: _Window) -> None:
+    def _no_answer(self, failure: Failure, name: str, window: _Window) -> None:
         self._unreachable(failure, name)
         if self._open.get(name) is window:
             window.mode = "alone"
