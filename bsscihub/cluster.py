@@ -1,5 +1,5 @@
-"""The seams a hub cluster replaces: uplink deduplication, station ownership, command routing, rate limits
-and leader leases. Each is one small interface; the local implementations here are one hub's behaviour."""
+"""The seams a hub cluster replaces: uplink deduplication, a family's shared windows, station ownership, command
+routing, rate limits and leader leases. Each is one small interface; the local ones here are one hub's behaviour."""
 
 from __future__ import annotations
 

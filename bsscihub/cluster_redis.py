@@ -1,6 +1,6 @@
 """The cluster parts on Redis, for several hubs sharing one PostgreSQL database: station ownership (the
-newest claim wins everywhere), command routing (pub/sub per node), uplink dedup, live-stream events,
-rate limits counted once for all hubs and leader leases."""
+newest claim wins everywhere), command routing (pub/sub per node), uplink dedup, a family's shared windows,
+live-stream events, rate limits counted once for all hubs and leader leases."""
 
 from __future__ import annotations
 
