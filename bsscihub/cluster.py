@@ -196,7 +196,7 @@ class Cluster:
     """Shares bus events between hubs (`relay(bus, sink) -> stop`); None for one hub."""
     make_limiter: Callable[..., ILimiter] | None = None
     """Builds a rate limit counted once for all hubs: (name, clock, *, rate, burst, max_keys). None: in memory."""
-    make_lease: Callable[[str, Any], ILeaderLease] | None = None
+    make_lease: Callable[[str, IReactorTime], ILeaderLease] | None = None
     """Builds a leader lease (name, clock): held by one hub at a time. None: always held here."""
 
     def limiter(self, name: str, clock: IReactorTime, *, rate: float, burst: int, max_keys: int = 100_000) -> ILimiter:

@@ -424,7 +424,8 @@ def redis_cluster(node: str, url: str, reactor: Any) -> Cluster:
     cluster = Cluster(node=node, ownership=ownership, router=router, clustered=True, link=link)
     cluster.make_dedup = redis_dedup_factory(cluster)
     cluster.relay = EventRelay(node, link)
-    add_limits_and_leases(cluster)
+    cluster.make_limiter = lambda name, clock, **kw: RedisLimiter(link, name, clock, **kw)
+    cluster.make_lease = lambda name, clock: RedisLease(link, node, name, clock)
     return cluster
 
 
@@ -824,11 +825,6 @@ class RedisLease:
                               problem=str(e))
 
 
-def add_limits_and_leases(cluster: Cluster) -> None:
-    """Rate limits and leader leases of `cluster` in its Redis."""
-    link = cluster.link
-    cluster.make_limiter = lambda name, clock, **kw: RedisLimiter(link, name, clock, **kw)
-    cluster.make_lease = lambda name, clock: RedisLease(link, cluster.node, name, clock)
 # One step per copy of a broadcast several sources report (BLE): it joins the window open for the key,
 # unless its source is in that window already (its next broadcast): then, or with no window, it opens one.
 _WINDOW_ADD = """
