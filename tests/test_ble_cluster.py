@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -19,6 +20,7 @@ from bsscihub.bus import Event
 from bsscihub.cluster import IWindowStore
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
+from bsscihub.protocols.ble import service as ble_service
 from bsscihub.protocols.ble.service import BLEService
 from tests.conftest import _reset_pg_schema, make_config
 from tests.helpers import until
@@ -76,6 +78,13 @@ async def two_hubs(tmp_path: Path, postgres_url: str, redis_url: str) -> AsyncIt
             await running.service.stopService()
         await running.hub.cluster.stop()
         await running.hub.store.stop()
+
+
+@pytest.fixture
+def looks_every_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each hub looks at what the others wrote every second instead of every five (set before the hubs
+    start), so a test of that look waits seconds, not several looks' worth; the look itself is the same."""
+    monkeypatch.setattr(ble_service, "CLUSTER_LOAD_EVERY", 1.0)
 
 
 def everywhere(*hubs: BLEHub) -> list[tuple[str, dict[str, Any]]]:
@@ -149,6 +158,7 @@ async def test_a_gateway_heard_by_another_hub_is_not_called_offline(two_hubs: tu
                 timeout=GATEWAY_TIMEOUT * 4)
 
 
+@pytest.mark.usefixtures("looks_every_second")  # before two_hubs starts them
 @pytest_twisted.ensureDeferred
 async def test_what_another_hub_registered_is_known_within_seconds(two_hubs: tuple[BLEHub, BLEHub]) -> None:
     one, two = two_hubs
@@ -171,6 +181,7 @@ async def test_without_redis_each_copy_is_published_alone(two_hubs: tuple[BLEHub
     assert [e["count"] for e in warnings] == [1, 2]  # 1, 2, 4, ...: not a line per copy
 
 
+@pytest.mark.usefixtures("looks_every_second")  # before two_hubs starts them
 @pytest_twisted.ensureDeferred
 async def test_what_another_hub_forgot_is_gone_within_seconds(two_hubs: tuple[BLEHub, BLEHub]) -> None:
     one, two = two_hubs

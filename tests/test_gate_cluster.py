@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -20,6 +21,7 @@ from twisted.internet.task import deferLater
 
 from bsscihub import blobs
 from bsscihub.protocols.gate import registry
+from bsscihub.protocols.gate import service as gate_service
 from bsscihub.protocols.gate.registry import FileRecord
 from tests.conftest import _reset_pg_schema
 from tests.memory_bridge import MemoryBroker
@@ -129,8 +131,11 @@ async def test_a_unit_whose_messages_reach_either_hub(tmp_path: Path, postgres_u
 
 @pytest_twisted.ensureDeferred
 async def test_revocations_renames_and_removals_reach_the_other_hub(
-    tmp_path: Path, postgres_url: str, redis_url: str
+    tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Hub two's memory follows on its periodic look at the database: every second here, not every
+    # five, so the waits below take seconds, not three looks' worth; the look itself is the same.
+    monkeypatch.setattr(gate_service, "CLUSTER_LOAD_EVERY", 1.0)
     _reset_pg_schema(postgres_url)
     brokers = [MemoryBroker(), MemoryBroker()]
     hubs: list[RunningHub] = []
