@@ -18,7 +18,7 @@ from bsscihub.contract import eui64
 from bsscihub.errors import CommandError
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.dedup import uplink_payload
-from bsscihub.protocols.bssci.downlinks import Downlinks, DownlinkState
+from bsscihub.protocols.bssci.downlinks import Downlink, Downlinks, DownlinkState
 from bsscihub.protocols.bssci.registry import BaseStation, ImportCounts, Registry, Sensor, attach_change, rfc3339
 from bsscihub.protocols.bssci.session import OperationFailed, OperationTimedOut, Session, SessionClosed, State
 from bsscihub.protocols.bssci.uplinks import group_copies
@@ -31,7 +31,8 @@ __all__ = ["MiotyActions", "UnknownDevice"]
 
 _MAX_DOWNLINK = 1024
 
-def _outcome(dl: Any) -> dict[str, Any]:
+
+def _outcome(dl: Downlink) -> dict[str, Any]:
     """What queueing a downlink answers, wherever it was dispatched."""
     holder = [dl.holder.bs_hex] if dl.holder is not None else []
     return {"queId": dl.que_id, "status": dl.state.value, "baseStations": holder, "error": dl.error}
@@ -250,7 +251,7 @@ class MiotyActions:
                 dl = self.downlink_queue.pending.get(que_id)
         return await self._revoke_here(sensor.eui, que_id, dl, actor)
 
-    async def _revoke_here(self, ep: str, que_id: Any, dl: Any, actor: str) -> dict[str, Any]:
+    async def _revoke_here(self, ep: str, que_id: Any, dl: Downlink | None, actor: str) -> dict[str, Any]:
         if dl is None or dl.ep_eui != ep:
             raise CommandError(f"no pending downlink {que_id!r} for end point {ep}")
         problems = await self.downlink_queue.revoke(dl, actor)
