@@ -266,10 +266,14 @@ def test_cluster_compose_file_runs_two_hubs_behind_haproxy() -> None:
         assert ["option", "httpchk", "GET", "/health/ready"] in lines
         servers = {words[1]: words[2:] for words in lines if words[0] == "server"}
         assert set(servers) == {"hub1", "hub2"}
+        # The hubs' names resolved again while running: a restarted hub container has a new address.
+        (default,) = [words for words in lines if words[0] == "default-server"]
+        assert default[default.index("resolvers") + 1] == "dns" and "init-addr" in default, default
         for name, words in servers.items():
             assert words[0] == f"{name}:{hubs[name][port]}", words
             if backend == "hubs_bssci":
                 assert words[1:] == ["check", "port", str(hubs[name][1])], words
+    assert ["parse-resolv-conf"] in haproxy["resolvers dns"]  # the engine's DNS, which knows the services
     published = {entry.rsplit(":", 1)[1] for entry in services["haproxy"]["ports"]}
     binds = {words[1].rsplit(":", 1)[1] for name in ("frontend bssci", "frontend web")
              for words in haproxy[name] if words[0] == "bind"}
