@@ -151,3 +151,32 @@ async def test_stop_flushes_pending_batches(database_url: str, tmp_path) -> None
         assert await s2.fetchall("SELECT name FROM things") == [("pending",)]
     finally:
         await s2.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sql_ascii_database_reads_text_as_text(postgres_url: str, tmp_path) -> None:
+    # a SQL_ASCII database makes psycopg return bytes unless the client asks for UTF8:
+    # applied migrations went unrecognised and the second start re-created tables
+    import uuid
+
+    from twisted.internet import reactor
+
+    from bsscihub.store import open_store
+    from tests.conftest import _pg_admin
+
+    name = f"bsscihub_test_ascii_{uuid.uuid4().hex[:12]}"
+    _pg_admin(f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0")
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{name}"
+    try:
+        for expected in (len(CORE_MIGRATIONS + SAMPLE), 0):
+            s = open_store(url, tmp_path / "unused.sqlite", reactor)
+            s.start()
+            try:
+                assert len(await s.migrate(CORE_MIGRATIONS + SAMPLE)) == expected
+                if expected:
+                    await s.execute("INSERT INTO things (name) VALUES (?)", ("Zähler",))
+                assert await s.fetchall("SELECT name FROM things") == [("Zähler",)]
+            finally:
+                await s.stop()
+    finally:
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

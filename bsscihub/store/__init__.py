@@ -163,7 +163,9 @@ class _PostgresBackend:
     def connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = self._psycopg.connect(self.url)
+            # A SQL_ASCII database would hand text back as bytes; UTF8 on the
+            # client makes psycopg decode it (the server then stores it as sent).
+            conn = self._psycopg.connect(self.url, client_encoding="utf8")
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
