@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from bsscihub import __version__
 from bsscihub.config import ConfigError, HubConfig
-from bsscihub.errors import UserFacingError
+from bsscihub.errors import DatabaseUnreachable, UserFacingError
 from bsscihub.family import CLICommand, ICommandLine, IFamily, installed_families
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def run_with_store(config: HubConfig, families: dict[str, Any], work: Callable[[
         try:
             await hub.store.migrate(hub.migrations())
             outcome.append(await work(hub))
-        except UserFacingError as e:
+        except (UserFacingError, DatabaseUnreachable) as e:
             outcome.append(e)  # re-raised below, outside the reactor, as one line
         finally:
             await hub.store.stop()
@@ -392,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bsscihub: {e}", file=sys.stderr)
         return 1
     except UserFacingError as e:
+        print(f"bsscihub: {e}", file=sys.stderr)
+        return 1
+    except DatabaseUnreachable as e:
         print(f"bsscihub: {e}", file=sys.stderr)
         return 1
 

@@ -10,3 +10,10 @@ class UserFacingError(Exception):
 
 class CommandError(UserFacingError):
     """A command (MQTT, REST, CLI) that cannot be carried out; str() is the reason given back."""
+
+
+class DatabaseUnreachable(Exception):
+    """The `database` cannot be opened (missing, refused, login refused); str() is one line naming the setting.
+
+    Not a UserFacingError: while the hub runs, an outage is the server's failure, not the client's.
+    """

@@ -22,7 +22,7 @@ from bsscihub.audit import RefusalLog
 from bsscihub.bus import EventBus
 from bsscihub.cluster import Cluster, local_cluster
 from bsscihub.config import HubConfig
-from bsscihub.errors import UserFacingError
+from bsscihub.errors import DatabaseUnreachable, UserFacingError
 from bsscihub.family import EventSpec, IFamily, IFamilyService
 from bsscihub.health import ComponentHealth, HealthRegistry
 from bsscihub.metrics import register_standard_collectors
@@ -191,7 +191,7 @@ class HubService(MultiService):
         self._settle(True)
 
     def _failed(self, failure: Any) -> None:
-        if failure.check(UserFacingError, CannotListenError):
+        if failure.check(UserFacingError, CannotListenError, DatabaseUnreachable):
             # A setup mistake (missing certificates, port taken): one line, no traceback.
             self.log.critical("hub failed to start: {reason}", reason=failure.getErrorMessage())
         else:

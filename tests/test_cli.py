@@ -432,3 +432,28 @@ def test_init_password_file_and_hostnames(tmp_path: Path) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["hub.example.net"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["192.0.2.7"]
+
+
+def test_init_names_an_unreachable_database_in_one_line(tmp_path: Path) -> None:
+    import socket
+    import uuid
+    from urllib.parse import urlsplit
+
+    from tests.conftest import PG_ADMIN_URL
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    admin = urlsplit(PG_ADMIN_URL)  # trust auth: the password is not checked, only kept out of the output
+    missing = f"{admin.username}:sekret@{admin.hostname}:{admin.port or 5432}/bsscihub_missing_{uuid.uuid4().hex[:8]}"
+    cases = {
+        f"postgresql://hub:sekret@127.0.0.1:{port}/hub": "Connection refused",
+        f"postgresql://{missing}": "does not exist",
+    }
+    for url, reason in cases.items():
+        result = bsscihub(tmp_path, "init", env={"BSSCIHUB_DATABASE": url})
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr  # no traceback
+        assert lines[0].startswith("bsscihub: database = '") and reason in lines[0], lines[0]
+        assert "sekret" not in result.stderr + result.stdout

@@ -19,6 +19,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from bsscihub.contract import masked_url
+from bsscihub.errors import DatabaseUnreachable
+
 T = TypeVar("T")
 
 _DIALECT_TOKENS = {
@@ -165,7 +168,12 @@ class _PostgresBackend:
         if conn is None or conn.closed:
             # A SQL_ASCII database would hand text back as bytes; UTF8 on the
             # client makes psycopg decode it (the server then stores it as sent).
-            conn = self._psycopg.connect(self.url, client_encoding="utf8")
+            try:
+                conn = self._psycopg.connect(self.url, client_encoding="utf8")
+            except self._psycopg.OperationalError as e:
+                # libpq's reason spans lines (a hint below it): one line for the user
+                reason = " ".join(str(e).split())
+                raise DatabaseUnreachable(f"database = {masked_url(self.url)!r}: cannot connect: {reason}") from None
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
