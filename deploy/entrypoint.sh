@@ -7,6 +7,8 @@ set -eu
 
 config=${HUB_CONFIG:-/config/hub.yaml}
 password_file=${HUB_PASSWORD_FILE:-/data/initial-admin-password}
+# How the operator runs a command in this container, for the first start's message (the cluster's hubs set theirs).
+exec_in=${HUB_EXEC:-docker compose exec hub}
 
 if [ "$#" -gt 0 ] && [ "$1" != hub ]; then
     exec "$@"
@@ -23,12 +25,12 @@ printf '%s\n' "$out"
 case $out in
 *"user admin created"*)
     cat <<MSG
-bsscihub: first start. Log in to the web UI (port 8080 of this container; docker-compose.yml
-bsscihub: publishes it on http://127.0.0.1:8080/) as "admin" with the password in $password_file:
-bsscihub:     docker compose exec hub cat $password_file
+bsscihub: first start. Log in to the web UI (port 8080 of this container; the compose files
+bsscihub: publish it on http://127.0.0.1:8080/) as "admin" with the password in $password_file:
+bsscihub:     $exec_in cat $password_file
 bsscihub: then set your own and delete the file:
-bsscihub:     docker compose exec hub bsscihub --config $config user passwd admin
-bsscihub:     docker compose exec hub rm $password_file
+bsscihub:     $exec_in bsscihub --config $config user passwd admin
+bsscihub:     $exec_in rm $password_file
 MSG
     ;;
 esac

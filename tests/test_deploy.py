@@ -73,6 +73,8 @@ def test_compose_file_starts_the_hub_with_mosquitto_and_postgresql() -> None:
     config, _ = load_hub_config(str(REPO / "etc" / "hub.yaml"), {**dockerfile_env(), **env})
     assert config.database == "postgresql://bsscihub:bsscihub@postgres:5432/bsscihub"
     assert config.mqtt.url == "mqtt://mosquitto:1883"
+    # The first start's message names this service through the entry point's default.
+    assert "HUB_EXEC" not in env and "${HUB_EXEC:-docker compose exec hub}" in ENTRYPOINT.read_text()
     assert services["postgres"]["environment"]["POSTGRES_DB"] == "bsscihub"
     assert (REPO / "deploy" / "mosquitto.conf").read_text().count("listener 1883") == 1
 
@@ -134,7 +136,8 @@ def test_entrypoint_initialises_on_first_start_then_runs_the_hub(tmp_path: Path)
     web = free_port()
     env = container_env(tmp_path, web)
 
-    first = run_entrypoint(tmp_path, env=env)
+    # As the cluster's compose file sets it (the single hub's is the entry point's default).
+    first = run_entrypoint(tmp_path, env={**env, "HUB_EXEC": "docker compose -f c.yml exec hub1"})
     wait_serving(first, web)
     probe = {**env, "HUB_HEALTH_URL": f"http://127.0.0.1:{web}/health/live"}
     healthy = subprocess.run([sys.executable, str(HEALTHCHECK)], env=probe, capture_output=True, text=True)
@@ -146,6 +149,8 @@ def test_entrypoint_initialises_on_first_start_then_runs_the_hub(tmp_path: Path)
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
     assert password not in output  # the log says where it is, never what it is
     assert f"as \"admin\" with the password in {password_file}" in output
+    assert f"docker compose -f c.yml exec hub1 cat {password_file}" in output
+    assert "exec hub " not in output
     assert (tmp_path / "config" / "hub.yaml").read_text() == (REPO / "etc" / "hub.yaml").read_text()
     for name in ("ca.pem", "ca.key", "hub.pem", "hub.key"):
         assert (tmp_path / "certs" / name).exists(), name
@@ -246,6 +251,8 @@ def test_cluster_compose_file_runs_two_hubs_behind_haproxy() -> None:
                 assert str(shown) in (value, masked, "***"), (var, shown, value)
         assert config.database.startswith("postgresql://") and config.section("cluster").redis == "redis://redis:6379/0"
         nodes.add(config.section("cluster").node)
+        # The first start's message tells how to reach this hub's container: its own service, this file.
+        assert env["HUB_EXEC"] == f"docker compose -f docker-compose.cluster.yml exec {name}"
         # The key files in a volume both hubs mount (what one seals, the other opens).
         keys[name] = [v.split(":")[0] for v in hub["volumes"] if config.keys_dir.is_relative_to(v.split(":")[1])]
         hubs[name] = (port_of(config.section("bssci").listen), port_of(config.web.listen))
