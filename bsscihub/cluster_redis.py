@@ -438,6 +438,13 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 'merged'
 """
+# A further copy for the collector, unless it closed the window already: then it is late.
+_DEDUP_FORWARD = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
 # The collector closes the window: the forwarded copies, and from now on every copy is late. The mark
 # names the collector: until it expires, only that hub's death makes the uplink an orphan.
 _DEDUP_CLOSE = """
@@ -511,7 +518,7 @@ class RedisDedup:
         if window is not None:
             window.copies.append(copy)
             if window.mode == "forward":
-                self._forward(name, [copy])
+                self._forward(name, window, [copy])
             return MERGED
         if name in self._published:
             return LATE
@@ -529,7 +536,7 @@ class RedisDedup:
             window.mode = "collect"
         elif answer == "merged":
             window.mode = "forward"
-            self._forward(name, window.copies[1:])  # the first went with the question
+            self._forward(name, window, window.copies[1:])  # the first went with the question
         else:
             window.mode = "late"
             del self._open[name]
@@ -558,11 +565,18 @@ class RedisDedup:
         self._unreachable(failure, name)
         return []
 
-    def _forward(self, name: str, copies: list[Any]) -> None:
+    def _forward(self, name: str, window: _Window, copies: list[Any]) -> None:
         if not copies:
             return
-        d = self.link.redis.rpush(self._keys(name)[2], [self.encode(c) for c in copies])
-        d.addErrback(self._unreachable, name)
+        _, pub, listed = self._keys(name)
+        d = self.link.eval(_DEDUP_FORWARD, [listed, pub], [self.ttl_ms, *(self.encode(c) for c in copies)])
+        d.addCallbacks(self._forwarded, self._unreachable, (window, copies), errbackArgs=(name,))
+
+    def _forwarded(self, taken: Any, window: _Window, copies: list[Any]) -> None:
+        if not int(taken):
+            # Too late for the collector's uplink: marked published with it, never adopted and published again.
+            for copy in copies:
+                self.late(window.key, copy)
 
     def _close(self, name: str, now: bool = False) -> None:
         window = self._open[name]

@@ -329,6 +329,49 @@ async def test_a_window_that_closes_before_redis_answered_waits_for_the_answer(r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_copy_forwarded_after_the_collector_closed_is_late(redis_url: str) -> None:
+    from collections import namedtuple
+
+    from twisted.internet.task import Clock
+
+    from bsscihub.cluster_redis import RedisDedup
+
+    Copy = namedtuple("Copy", "bs_eui received")
+    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
+    emitted: list[tuple[str, list[str]]] = []
+    late: list[tuple[str, str]] = []
+    clusters = []
+    stores = []
+    slow = Clock()  # hub-2's window is still open when hub-1 has published
+    for node, clock in (("hub-1", reactor), ("hub-2", slow)):
+        cluster = redis_cluster(node, redis_url, reactor)
+        await cluster.start()
+        clusters.append(cluster)
+        stores.append(RedisDedup(
+            cluster.link, node, clock, 0.3, 100,
+            lambda key, copies, first, node=node: emitted.append((node, [c.bs_eui for c in copies])),
+            lambda key, copy, node=node: late.append((node, copy.bs_eui)), codec,
+        ))  # fmt: skip
+    one, two = stores
+    try:
+        key = (f"{uuid.uuid4().hex[:16]}", 4)
+        one.add(key, Copy(A, reactor.seconds()))
+        await wait_for(lambda: one._open[one._name(key)].mode == "collect")
+        two.add(key, Copy(B, reactor.seconds()))
+        await wait_for(lambda: two._open[two._name(key)].mode == "forward")
+        await wait_for(lambda: emitted == [("hub-1", [A, B])])
+        # Another station's copy reaches hub-2 after hub-1 published: late (marked with the uplink),
+        # not pushed to a list nobody reads and left for the orphan sweep to publish again.
+        two.add(key, Copy("00000000000000cc", reactor.seconds()))
+        await wait_for(lambda: late == [("hub-2", "00000000000000cc")])
+        assert emitted == [("hub-1", [A, B])]
+        assert not await clusters[0].link.redis.exists(f"bsscihub:dedup:{one._name(key)}:copies")
+    finally:
+        for cluster in clusters:
+            await cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_live_stream_of_each_hub_gets_the_events_of_the_others(hubs: list[Cluster]) -> None:
     from bsscihub.bus import EventBus
 
