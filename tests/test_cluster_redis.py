@@ -329,6 +329,34 @@ async def test_a_window_that_closes_before_redis_answered_waits_for_the_answer(r
 
 
 @pytest_twisted.ensureDeferred
+async def test_without_redis_a_window_is_published_by_the_hub_that_heard_it(redis_url: str) -> None:
+    from collections import namedtuple
+
+    from twisted.internet.task import Clock
+
+    from bsscihub.cluster_redis import RedisDedup
+
+    Copy = namedtuple("Copy", "bs_eui received")
+    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
+    emitted: list[list[str]] = []
+    clock = Clock()
+    cluster = redis_cluster("hub-1", redis_url, reactor)
+    await cluster.start()
+    try:
+        store = RedisDedup(cluster.link, "hub-1", clock, 0.3, 100,
+                           lambda key, copies, first: emitted.append([c.bs_eui for c in copies]),
+                           lambda key, copy: None, codec)
+        await cluster.link.redis.disconnect()  # Redis gone: the question fails
+        store.add((f"{uuid.uuid4().hex[:16]}", 1), Copy(A, 0.0))
+        await deferLater(reactor, 0.05, lambda: None)
+        assert emitted == []  # still inside its window
+        clock.advance(0.3)
+        assert emitted == [[A]] and store.pending == 0
+    finally:
+        await cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_copy_forwarded_after_the_collector_closed_is_late(redis_url: str) -> None:
     from collections import namedtuple
 
