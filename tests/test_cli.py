@@ -1,5 +1,6 @@
 """The `bsscihub` command, run as a real subprocess: init, certificates, users, errors, --help.
-Commands that start no reactor and open no store (--help, --version, config) call its main() in-process."""
+Commands that start no reactor and open no store (--help, --version, config, usage errors) call its
+main() in-process."""
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def test_user_add_and_duplicate(initialised: tuple[Path, subprocess.CompletedPro
     duplicate = bsscihub(home, "user", "add", "olga", "--role", "viewer", "--config", CONFIG)
     assert duplicate.returncode == 1
     assert duplicate.stderr == "bsscihub: user 'olga' exists already\n"
-    bad_role = bsscihub(home, "user", "add", "x", "--role", "root", "--config", CONFIG)
+    bad_role = bsscihub_in_process(home, "user", "add", "x", "--role", "root", "--config", CONFIG)
     assert bad_role.returncode == 2 and "invalid choice" in bad_role.stderr
 
 
@@ -305,7 +306,7 @@ def test_user_list_role_disable_enable_and_passwd(tmp_path: Path) -> None:
     assert bsscihub(tmp_path, "user", "enable", "admin", "--config", CONFIG).stdout == "user admin enabled\n"
     missing = bsscihub(tmp_path, "user", "disable", "nobody", "--config", CONFIG)
     assert (missing.returncode, missing.stderr) == (1, "bsscihub: no user 'nobody'\n")
-    bad_role = bsscihub(tmp_path, "user", "role", "vera", "root", "--config", CONFIG)
+    bad_role = bsscihub_in_process(tmp_path, "user", "role", "vera", "root", "--config", CONFIG)
     assert bad_role.returncode == 2 and "invalid choice" in bad_role.stderr
 
     # passwd: from standard input (scripts), or generated and shown once.
