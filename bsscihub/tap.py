@@ -156,9 +156,19 @@ def _exit_zero_on_signals(reactor: Any) -> None:
     service managers and scripts read as a failure; a requested stop is not one.
     """
 
+    from twisted.internet.error import ReactorNotRunning
+
+    def stopping(name: str) -> None:
+        log.info("received {signal}, stopping", signal=name)
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal while stopping
+
     def stop(signum: int, frame: Any) -> None:
-        log.info("received {signal}, stopping", signal=signal.Signals(signum).name)
-        reactor.callFromThread(lambda: reactor.running and reactor.stop())
+        # Runs between any two bytecodes of the reactor thread, maybe inside the log writer or the
+        # reactor's timers: only hand over to the reactor (logging here could re-enter them).
+        reactor.callFromThread(stopping, signal.Signals(signum).name)
 
     # Installed once the reactor runs, so it replaces the reactor's own handlers.
     signal.signal(signal.SIGTERM, stop)
