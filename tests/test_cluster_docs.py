@@ -60,8 +60,8 @@ class Docs:
         assert done.returncode == 0, f"{block}\n{done.stdout}{done.stderr}\n{self.logs()}"
         return done
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.home.glob("*.log"))
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in self.home.glob("*.log"))
 
     def pids(self) -> dict[str, int]:
         return {name: int((self.home / name).read_text()) for name in PIDS if (self.home / name).exists()}
@@ -75,6 +75,21 @@ def alive(pid: int) -> bool:
     # A child of ours that exited stays until reaped; the hubs and HAProxy are not ours (bash started them).
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+def threads_of(pids: dict[str, int]) -> str:
+    """What each thread of the processes waits in (name, state, kernel wait channel): says where a stop hangs."""
+    lines = []
+    for name, pid in pids.items():
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+            try:
+                comm = (task / "comm").read_text().strip()
+                state = (task / "stat").read_text().split(") ", 1)[1][0]
+                wchan = (task / "wchan").read_text().strip()
+            except OSError:
+                continue
+            lines.append(f"{name} thread {task.name} {comm}: {state} {wchan}")
+    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -117,7 +132,9 @@ def test_the_documented_two_hub_cluster_runs_without_containers(
     assert settings.splitlines()[0] == "mkdir -p cluster && cd cluster"
     assert settings_names(settings) == list(ours), "the test sets what the settings block sets"
     bin_dir = Path(sys.executable).parent  # this venv's bsscihub and twistd
-    docs = Docs(cluster_home, clean_env(**ours, PATH=os.pathsep.join([str(bin_dir), "/usr/sbin", os.environ["PATH"]])))
+    # PYTHONFAULTHANDLER: a hub that does not stop is made to show where it waits (below)
+    path = os.pathsep.join([str(bin_dir), "/usr/sbin", os.environ["PATH"]])
+    docs = Docs(cluster_home, clean_env(**ours, PYTHONFAULTHANDLER="1", PATH=path))
 
     out = docs.run(init, timeout=120).stdout
     assert "user admin created; its password is in initial-admin-password" in out
@@ -182,7 +199,14 @@ def test_the_documented_two_hub_cluster_runs_without_containers(
     docs.run(stop, timeout=30)
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in pids.values()):
-        assert time.monotonic() < deadline, f"still running: {[n for n, p in pids.items() if alive(p)]}"
+        stuck = {n: p for n, p in pids.items() if alive(p)}
+        if time.monotonic() > deadline:
+            states = threads_of(stuck)
+            for name, pid in stuck.items():
+                if name != "haproxy.pid":
+                    os.kill(pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: the stacks into its log (not once Python is exiting)
+            time.sleep(2)
+            raise AssertionError(f"still running: {sorted(stuck)}\n{states}\n{docs.logs(tail=20000)}")
         time.sleep(0.1)
     logs = docs.logs()
     assert "Traceback" not in logs, logs
