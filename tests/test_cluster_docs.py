@@ -204,7 +204,7 @@ def test_the_documented_two_hub_cluster_runs_without_containers(
             states = threads_of(stuck)
             for name, pid in stuck.items():
                 if name != "haproxy.pid":
-                    os.kill(pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: the stacks into its log (not once Python is exiting)
+                    os.kill(pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: its stacks, unless exiting
             time.sleep(2)
             raise AssertionError(f"still running: {sorted(stuck)}\n{states}\n{docs.logs(tail=20000)}")
         time.sleep(0.1)
