@@ -208,11 +208,18 @@ class HubService(MultiService):
         self.hub.health.started = False  # not ready while draining: load balancers stop sending
         if self._starting is not None and not self._starting.called:
             await self._starting
-        for child in reversed(list(self)):
-            if child.running:
-                await defer.maybeDeferred(child.stopService)
-        await self.hub.cluster.stop()
-        await self.hub.store.stop()
+        # One part failing to stop must not keep the others running: the store's threads, left
+        # unjoined, would keep the process alive after the reactor has stopped.
+        try:
+            for child in reversed(list(self)):
+                if child.running:
+                    try:
+                        await defer.maybeDeferred(child.stopService)
+                    except Exception:
+                        self.log.failure("stopping {part} failed", part=child.name or type(child).__name__)
+            await self.hub.cluster.stop()
+        finally:
+            await self.hub.store.stop()
         self.log.info("bsscihub stopped")
 
     def stopService(self) -> defer.Deferred[None]:

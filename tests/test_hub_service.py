@@ -150,3 +150,38 @@ async def test_stopping_lets_running_web_calls_finish_before_storage_closes(tmp_
             await service.stopService()
     assert [e.target for e in entries] == ["admin"]  # written before storage closed
     assert errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_part_failing_to_stop_still_stops_the_store_and_the_cluster(tmp_path: Path) -> None:
+    # The store's threads, left running, would keep the process alive after the reactor stopped.
+    from twisted.application.service import Service
+    from twisted.logger import globalLogPublisher
+
+    class Stubborn(Service):
+        name = "stubborn"
+
+        def stopService(self) -> None:
+            Service.stopService(self)
+            raise RuntimeError("cannot stop")
+
+    config = make_config(tmp_path, families=[])
+    service = build_service(config, {}, reactor, on_start_failure=lambda: None)
+    Stubborn().setServiceParent(service)
+    failures: list[Any] = []
+
+    def observe(event: Any) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    service.startService()
+    await service.when_ready()
+    assert store_threads()
+    globalLogPublisher.addObserver(observe)
+    try:
+        await service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not store_threads(), "the store stopped although another part failed to"
+    assert not service.hub.store.running
+    assert [e["part"] for e in failures] == ["stubborn"]

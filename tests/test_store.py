@@ -154,6 +154,28 @@ async def test_stop_flushes_pending_batches(database_url: str, tmp_path) -> None
 
 
 @pytest_twisted.ensureDeferred
+async def test_stop_joins_the_threads_even_when_closing_fails(database_url: str, tmp_path) -> None:
+    # A pool thread left running keeps the process from exiting: a hub that never stops after SIGTERM.
+    from twisted.internet import reactor
+
+    from bsscihub.store import open_store
+
+    s = open_store(database_url, tmp_path / "hub.sqlite", reactor)
+    s.start()
+    pool = s._pool
+    assert pool is not None and pool.started
+
+    def refuse() -> None:
+        raise OSError("the connection broke while closing")
+
+    s._backend.close = refuse  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        await s.stop()
+    assert not s.running, "the store still counts as running"
+    assert pool.joined, "the pool's threads were not joined"
+
+
+@pytest_twisted.ensureDeferred
 async def test_sql_ascii_database_reads_text_as_text(postgres_url: str, tmp_path) -> None:
     # a SQL_ASCII database makes psycopg return bytes unless the client asks for UTF8:
     # applied migrations went unrecognised and the second start re-created tables

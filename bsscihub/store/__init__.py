@@ -216,13 +216,17 @@ class Store:
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        for batcher in self._batchers:
-            await batcher.flush()
-        if self._pool is not None:
-            await self._run(self._backend.close)
-            pool, self._pool = self._pool, None
-            # Joining the threads is quick once they are idle; do it off the reactor.
-            await threads.deferToThread(pool.stop)
+        try:
+            for batcher in self._batchers:
+                await batcher.flush()
+            if self._pool is not None:
+                await self._run(self._backend.close)
+        finally:
+            # Even when a flush or the close failed: the pool's threads would keep the process from exiting.
+            if self._pool is not None:
+                pool, self._pool = self._pool, None
+                # Joining the threads is quick once they are idle; do it off the reactor.
+                await threads.deferToThread(pool.stop)
 
     @property
     def running(self) -> bool:
