@@ -279,6 +279,9 @@ async def test_each_event_is_delivered_once_by_the_hub_that_handled_it_and_hubs_
         await wait_for(lambda: len(one[2]) == 1 and len(two[2]) == 1, what="relayed")  # each has the other's
         rows = await one[0].store.fetchall("SELECT node, event FROM webhook_queue ORDER BY node")
         assert [tuple(r) for r in rows] == [("hub-1", "devices.up"), ("hub-2", "devices.up")]
+        # Each hub has tried its own event and failed (the receiver is away) before the receiver comes up.
+        await wait_for(lambda: one[1].hooks[hook.id].failures >= 1 and two[1].hooks[hook.id].failures >= 1,
+                       what="a failed try on each hub")
         # The receiver comes up: two events, two deliveries (a relayed one is not queued again).
         listening = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(server.Site(receiver))
         await wait_for(lambda: len(receiver.received) >= 2, what="two deliveries")
