@@ -515,11 +515,12 @@ class AlertService(Service):
         if not self._dirty:
             return
         rows = []
-        for key in self._dirty:
+        # In key order: hubs writing the same targets then lock their rows in one order, not into a deadlock.
+        dirty, self._dirty = self._dirty, set()
+        for key in sorted(dirty):
             t = self.targets.get(key)
             if t is not None:
                 rows.append((t.family, t.kind, t.id, t.last_seen, t.reported, t.battery, t.signal))
-        self._dirty = set()
 
         def write(cursor: Any) -> None:
             # One upsert per 128 rows: a hub with many sensors writes them all every round.
@@ -531,7 +532,11 @@ class AlertService(Service):
                 " ELSE alert_targets.last_seen END,"
                 " reported = excluded.reported, battery = excluded.battery, signal = excluded.signal", rows)
 
-        await self.hub.store.interaction(write)
+        try:
+            await self.hub.store.interaction(write)
+        except BaseException:
+            self._dirty |= dirty  # written next round
+            raise
 
     # -- management (REST and pages)
 

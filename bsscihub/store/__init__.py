@@ -5,8 +5,10 @@ Every call runs on the store's own thread pool, so the reactor never waits on th
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +43,7 @@ _DIALECT_TOKENS = {
 
 
 ROWS_PER_STATEMENT = 128
+DEADLOCK_RETRIES = 4  # tries of one transaction that PostgreSQL aborted for a deadlock
 
 
 def row_statements(sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[tuple[str, list[Any]]]:
@@ -180,10 +183,25 @@ class _PostgresBackend:
         return conn
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        conn = self.connection()
-        with conn.transaction():
-            with conn.cursor() as cur:
-                return fn(Cursor(cur, self.dialect), *args)
+        """fn(cursor, *args) in one transaction, run again when PostgreSQL rolled it back for a deadlock.
+
+        Hubs sharing one database can lock the same rows in another order; PostgreSQL then aborts one
+        transaction and its advice is to retry it. Transaction functions touch nothing but the database,
+        so running one again is safe.
+        """
+        errors = self._psycopg.errors
+        attempt = 1
+        while True:
+            conn = self.connection()
+            try:
+                with conn.transaction():
+                    with conn.cursor() as cur:
+                        return fn(Cursor(cur, self.dialect), *args)
+            except (errors.DeadlockDetected, errors.SerializationFailure):
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * attempt)  # on a store thread; apart, not in step again
+                attempt += 1
 
     def close(self) -> None:
         with self._lock:

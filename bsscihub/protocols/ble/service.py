@@ -469,12 +469,13 @@ class BLEService(FamilyService):
         gateways, self._dirty_gateways = self._dirty_gateways, set()
         nodes, self._dirty_nodes = self._dirty_nodes, set()
         gw_rows, node_rows = [], []
-        for gid in gateways:
+        # Sorted: hubs updating the same rows lock them in one order (no deadlock between them).
+        for gid in sorted(gateways):
             g = self.gateways.get(gid)
             if g is not None:
                 gw_rows.append((g.last_seen, g.state, g.since, g.unsaved, gid))
                 g.unsaved = 0
-        for mac in nodes:
+        for mac in sorted(nodes):
             n = self.nodes.get(mac)
             if n is not None:
                 node_rows.append((n.last_seen, n.gateway, n.rssi, n.unsaved, json.dumps(n.values), mac))

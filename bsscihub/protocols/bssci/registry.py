@@ -518,7 +518,7 @@ class Registry:
         euis, self._dirty = self._dirty, set()
         rows = [
             (s.last_packet_cnt, s.last_seen, s.best_bs, s.best_snr, s.eui, s.last_seen)
-            for s in (self.sensors.get(eui) for eui in euis)
+            for s in (self.sensors.get(eui) for eui in sorted(euis))  # one lock order on every hub
             if s is not None
         ]
         try:
@@ -587,7 +587,7 @@ class Registry:
                 bs.last_seen = now
         if euis:
             await self.store.executemany(
-                "UPDATE mioty_base_stations SET last_seen = ? WHERE eui = ?", [(now, eui) for eui in euis]
+                "UPDATE mioty_base_stations SET last_seen = ? WHERE eui = ?", [(now, eui) for eui in sorted(euis)]
             )
 
     async def revoke_certificate(self, serial: int, reason: str, actor: str, now: float) -> None:

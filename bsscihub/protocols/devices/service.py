@@ -1090,7 +1090,7 @@ class DevicesService(FamilyService):
             await defer.DeferredList(list(self._inserts))
         dirty, self._dirty = self._dirty, set()
         rows = []
-        for did in dirty:
+        for did in sorted(dirty):  # one lock order on every hub sharing the database
             d = self.devices.get(did)
             if d is not None:
                 rows.append((d.last_seen, d.status, json.dumps(d.status_detail), d.status_time, d.firmware,
