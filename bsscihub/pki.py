@@ -29,6 +29,7 @@ __all__ = [
     "IssuedCert",
     "PKIError",
     "cert_bindings",
+    "cert_common_name",
     "create_ca",
     "describe_cert",
     "issue_client_cert",
@@ -349,7 +350,7 @@ def describe_cert(path: StrPath, kinds: Iterable[BindingKind] = ()) -> CertInfo:
     return CertInfo(
         subject=cert.subject.rfc4514_string(),
         issuer=cert.issuer.rfc4514_string(),
-        common_name=_common_name(cert),
+        common_name=cert_common_name(cert),
         serial=f"{cert.serial_number:#x}",
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
@@ -516,7 +517,8 @@ def _check_hostname(hostname: str) -> str:
     return hostname
 
 
-def _common_name(cert: x509.Certificate) -> str | None:
+def cert_common_name(cert: x509.Certificate) -> str | None:
+    """The certificate's subject CN (the first, if several); None without one."""
     for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attribute.value
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -11,7 +11,6 @@ from weakref import WeakKeyDictionary
 
 import attrs
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -38,6 +37,7 @@ from zope.interface import implementer
 
 from bsscihub.errors import UserFacingError
 from bsscihub.logs import NoiseLimiter
+from bsscihub.pki import cert_common_name
 
 __all__ = [
     "ConnectionLimits",
@@ -490,7 +490,7 @@ def peer_certificate(transport: object) -> x509.Certificate | None:
 def peer_common_name(transport: object) -> str | None:
     """The CN of the client certificate: the base station's name."""
     cert = peer_certificate(transport)
-    return None if cert is None else _common_name(cert)
+    return None if cert is None else cert_common_name(cert)
 
 
 def format_peer(address: object) -> str:
@@ -534,13 +534,6 @@ def _verify_error_string(errno: int) -> str:
         ).decode()
     except (ImportError, AttributeError):
         return f"X.509 verify error {errno}"
-
-
-def _common_name(cert: x509.Certificate) -> str | None:
-    for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-        value = attribute.value
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    return None
 
 
 def _subject(cert: x509.Certificate) -> str:
