@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
+    from bsscihub.store import Cursor, Store
 
 MARGIN = 60.0
 """How far back each look reaches: rows commit out of order and hubs' clocks differ a little."""
@@ -23,6 +24,27 @@ KEEP = 3600.0
 
 Apply = Callable[[str, Sequence[str]], Awaitable[None]]
 """apply(kind, keys): re-read these rows of the family's registry into memory (dropping those gone)."""
+
+
+def note_change(cursor: Cursor, family: str, kind: str, key: str, node: str, time: float) -> None:
+    """Note an edit of row `key` made on hub `node`, inside the transaction that makes it: whoever sees the
+    edit sees the note (e.g. mioty: a removal reported by the hub that made it is not reported again)."""
+    cursor.execute("INSERT INTO registry_changes (family, kind, key, node, time) VALUES (?, ?, ?, ?, ?)",
+                   (family, kind, key, node, time))
+
+
+async def noted(store: Store, family: str, kind: str, keys: Sequence[str]) -> set[str]:
+    """Which of `keys` a hub noted an edit of (within the notes kept, an hour)."""
+    if not keys:
+        return set()
+    rows = await store.fetchall(
+        f"SELECT DISTINCT key FROM registry_changes WHERE family = ? AND kind = ? AND key IN"
+        f" ({', '.join('?' * len(keys))})", (family, kind, *keys))
+    return {key for key, in rows}
+
+
+def prune_notes(cursor: Cursor, family: str, before: float) -> None:
+    cursor.execute("DELETE FROM registry_changes WHERE family = ? AND time < ?", (family, before))
 
 
 class RegistryChanges:
@@ -44,9 +66,8 @@ class RegistryChanges:
     async def note(self, kind: str, key: str) -> None:
         """Record that row `key` of `kind` changed here (once it is written). Nothing for one hub."""
         if self.enabled:
-            await self.hub.store.execute(
-                "INSERT INTO registry_changes (family, kind, key, node, time) VALUES (?, ?, ?, ?, ?)",
-                (self.family, kind, key, self.hub.cluster.node, self._clock.seconds()))
+            await self.hub.store.interaction(note_change, self.family, kind, key, self.hub.cluster.node,
+                                             self._clock.seconds())
 
     async def poll(self) -> None:
         """Apply the edits other hubs noted since the last look, each once."""
@@ -66,5 +87,4 @@ class RegistryChanges:
         self._seen = {i: t for i, t in self._seen.items() if t >= since - MARGIN}
         if now - self._pruned >= KEEP / 4:
             self._pruned = now
-            await self.hub.store.execute(
-                "DELETE FROM registry_changes WHERE family = ? AND time < ?", (self.family, now - KEEP))
+            await self.hub.store.interaction(prune_notes, self.family, now - KEEP)

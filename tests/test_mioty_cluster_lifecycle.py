@@ -1,6 +1,7 @@
 """Two mioty hubs in one process on a real Redis and PostgreSQL: a silent sensor is warned about and
-auto-detached once for the cluster (by the `mioty` lease holder, taken over when it dies), and a
-`sensors import` made while both run is reported once while both hubs' stations get the attPrp."""
+auto-detached once for the cluster (by the `mioty` lease holder, taken over when it dies), a
+`sensors import` made while both run is reported once while both hubs' stations get the attPrp, and a
+removal on one hub is reported once, by that hub."""
 
 from __future__ import annotations
 
@@ -138,5 +139,39 @@ async def test_a_sensors_import_while_two_hubs_run_is_reported_once_and_reaches_
         prp = await a.expect("attPrp")
         assert (prp["epEui"], prp["shAddr"]) == (int(EP, 16), 0x44)
         assert len([e for r in hubs for e in r.of("attach")]) == 2
+    finally:
+        await _stop(*hubs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sensor_removed_on_one_hub_is_reported_once_though_the_leaders_sync_reads_it_first(
+    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leader, other = await _two_hubs(tmp_path, pki, postgres_url, redis_url)
+    hubs = (leader, other)
+    try:
+        a = await leader.station("bs-a", A)
+        b = await other.station("bs-b", B)
+        await other.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+        await a.expect("attPrp")
+        await b.expect("attPrp")
+        # The leader's sync (every flush_interval) reads the registry between the removal's write and the
+        # removing hub's broadcast: made certain here by letting the broadcast wait for that sync.
+        broadcast = other.service._propagate_everywhere
+
+        async def leader_syncs_first(attach: bool, ep: str) -> list[str]:
+            await leader.service.sync()
+            return await broadcast(attach, ep)
+
+        monkeypatch.setattr(other.service, "_propagate_everywhere", leader_syncs_first)
+        answer = await other.service.remove_sensor(EP, actor="test")
+        assert answer["removed"] is True
+        assert (await a.expect("detPrp"))["epEui"] == int(EP, 16)  # the leader's station is detached all the same
+        assert (await b.expect("detPrp"))["epEui"] == int(EP, 16)
+        for running in hubs:
+            await running.service.sync()
+        detaches = [(r is other, e.payload["source"], e.payload["removed"]) for r in hubs for e in r.of("detach")]
+        assert detaches == [(True, "api", True)], "one detach event, from the hub that removed the sensor"
+        assert EP not in leader.service.registry.sensors
     finally:
         await _stop(*hubs)

@@ -13,6 +13,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bsscihub.contract import opt_time, rfc3339
+from bsscihub.registry_sync import KEEP as NOTES_KEPT
+from bsscihub.registry_sync import note_change, noted, prune_notes
 from bsscihub.store import BatchWriter, Cursor, Store
 
 __all__ = [
@@ -464,9 +466,16 @@ class Registry:
         return None if row is None or row[0] is None else str(row[0])
 
     async def delete_sensor(self, eui: str) -> bool:
+        now = self.clock.seconds()
+
         def delete(c: Cursor) -> int:
             c.execute("UPDATE mioty_meta SET value = value + 1 WHERE name = 'sensor_rev'")
-            return c.execute("DELETE FROM mioty_sensors WHERE eui = ?", (eui,)).rowcount
+            deleted = c.execute("DELETE FROM mioty_sensors WHERE eui = ?", (eui,)).rowcount
+            if deleted and self.node is not None:
+                # A lease holder's sync that sees the row gone sees that this hub removed it (and reports it).
+                note_change(c, "mioty", "sensor", eui, self.node, now)
+                prune_notes(c, "mioty", now - NOTES_KEPT)
+            return deleted
 
         deleted = await self.store.interaction(delete)
         self.sensors.pop(eui, None)
@@ -507,6 +516,10 @@ class Registry:
         if present is not None:
             deleted = {eui for eui, s in self.sensors.items() if eui not in present and s.config_rev <= rev}
         return changed, deleted
+
+    async def removed_by_hubs(self, euis: Sequence[str]) -> set[str]:
+        """Which of these deleted sensors a hub of the cluster removed (that hub reported the removal)."""
+        return await noted(self.store, "mioty", "sensor", euis)
 
     def dirty(self, eui: str) -> None:
         self._dirty.add(eui)

@@ -697,19 +697,21 @@ class MiotyService(MiotyActions, FamilyService):
 
     async def sync(self) -> None:
         """Write sensor hot state back; take in sensor changes made by other processes (e.g. `sensors import`).
-        Every hub propagates them to its own stations. A cluster reports each once: a change made on a
-        hub was reported by that hub, one made outside any hub (or a deletion) by the lease holder."""
+        Every hub propagates them to its own stations. A cluster reports each once: a change or removal made
+        on a hub was reported by that hub, one made outside any hub by the lease holder."""
         await self.registry.flush_state()
         changed, deleted = await self.registry.sensor_changes()
         report = self.lease.held
         for sensor in changed:
             old = self.registry.adopt(sensor)
             self._announce_change(sensor, old, "external", report and sensor.writer is None)
+        # Read before this hub heard the removing hub's broadcast: that hub reports its removal itself.
+        reported = await self.registry.removed_by_hubs(sorted(deleted)) if report and deleted else set()
         for eui in deleted:
             old = self.registry.sensors.pop(eui, None)
             if old is not None and old.attached:
                 self._propagate(False, eui)
-                if report:
+                if report and eui not in reported:
                     self._ep_event(eui, "detach", {"source": "external", "removed": True})
         online = [s.bs_hex for s in self._established()]
         await self.registry.touch_base_stations(online, self.clock.seconds())
