@@ -9,9 +9,20 @@ from typing import Any
 from bsscihub.contract import rfc3339
 from bsscihub.store import Store
 from bsscihub.web.errors import bad_field
+from bsscihub.web.routing import Param
+from bsscihub.web.schema import ANY_OBJECT, TIME, obj
 
 MAX_POINTS = 2000
 DAY = 86400.0
+
+# The query parameters of `time_range` and `bucketed`, and the body `series_json` makes, as routes declare them.
+SINCE = Param("since", {"type": "number", "minimum": 0}, "start, Unix seconds (default: a day before until)",
+              example=0)
+UNTIL = Param("until", {"type": "number", "minimum": 0}, "end, Unix seconds (default: now)", example=4102444800)
+POINTS = Param("points", {"type": "integer", "minimum": 1, "maximum": MAX_POINTS, "default": 300},
+               "at most this many buckets", example=100)
+SERIES = obj({"since": TIME, "until": TIME, "bucket": {"type": "number"},
+              "points": {"type": "array", "items": ANY_OBJECT}}, ("since", "until", "bucket", "points"), closed=False)
 
 
 def time_range(query: dict[str, Any], now: float) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from bsscihub.contract import rfc3339
 from bsscihub.family import IDashboardSummary, IWebExtension
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import BLEService, normalize_mac
-from bsscihub.series import DAY, bucketed, chart_points, series_json, time_range
+from bsscihub.series import DAY, POINTS, SERIES, SINCE, UNTIL, bucketed, chart_points, series_json, time_range
 from bsscihub.web.errors import bad_field, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, PAGING, Call, NavItem, Page, Param, Redirect, api_route, page, page_route
 from bsscihub.web.schema import ANY_OBJECT, OPT_TIME, TIME, obj, page_of, string
@@ -28,11 +28,6 @@ GATEWAY_ID = Param("id", string("gateway id", maxLength=64, pattern=r"^[A-Za-z0-
                    "gateway id", example="GW001")
 MAC = Param("mac", string("MAC address: 12 hex digits, with or without ':' or '-'", maxLength=17,
                           pattern=r"^[0-9A-Fa-f:.\-]{12,17}$"), "beacon MAC address", example="112233445566")
-SINCE = Param("since", {"type": "number", "minimum": 0}, "start, Unix seconds (default: a day before until)",
-              example=0)
-UNTIL = Param("until", {"type": "number", "minimum": 0}, "end, Unix seconds (default: now)", example=4102444800)
-POINTS = Param("points", {"type": "integer", "minimum": 1, "maximum": 2000, "default": 300},
-               "at most this many buckets", example=100)
 QUANTITY = Param("quantity", string("quantity", maxLength=32, pattern=r"^[a-z][a-z0-9_]*$"), "e.g. temperature",
                  required=True, example="temperature")
 SEARCH = Param("q", string("search", maxLength=64), "part of the id or MAC", example="")
@@ -51,9 +46,6 @@ READING = obj({"time": TIME, "values": ANY_OBJECT,
                                                             "rssi": {"type": "integer", "nullable": True}},
                                                            closed=False)}},
               ("time", "values", "receivers"), closed=False)
-SERIES = obj({"since": TIME, "until": TIME, "bucket": {"type": "number"},
-              "points": {"type": "array", "items": ANY_OBJECT}}, ("since", "until", "bucket", "points"),
-             closed=False)
 
 
 def _mac(raw: str) -> str:

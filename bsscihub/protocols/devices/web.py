@@ -16,7 +16,7 @@ from bsscihub.contract import rfc3339
 from bsscihub.family import IDashboardSummary, IRootRoutes, IWebExtension
 from bsscihub.ingest import IDENTIFIER, OVERSIZED, Rejected
 from bsscihub.protocols.devices.service import DeviceError, DevicesService
-from bsscihub.series import DAY, bucketed, chart_points, series_json, time_range
+from bsscihub.series import DAY, POINTS, SERIES, SINCE, UNTIL, bucketed, chart_points, series_json, time_range
 from bsscihub.web.errors import ApiError, not_found, running_service, unauthorized
 from bsscihub.web.routing import (
     ANONYMOUS,
@@ -47,11 +47,6 @@ DEVICE_ID = Param("id", ID_SCHEMA, "device id", example="esp32-01")
 TYPE_SCHEMA = string("telemetry type", maxLength=64, pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")
 TYPE_FILTER = Param("type", TYPE_SCHEMA, "only this telemetry type", example="temperature")
 TYPE_REQUIRED = Param("type", TYPE_SCHEMA, "telemetry type", required=True, example="temperature")
-SINCE = Param("since", {"type": "number", "minimum": 0}, "start, Unix seconds (default: a day before until)",
-              example=0)
-UNTIL = Param("until", {"type": "number", "minimum": 0}, "end, Unix seconds (default: now)", example=4102444800)
-POINTS = Param("points", {"type": "integer", "minimum": 1, "maximum": 2000, "default": 300},
-               "at most this many buckets", example=100)
 LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}, "most values",
               example=10)
 SEARCH = Param("q", string("search", maxLength=64), "part of the id or name", example="")
@@ -86,8 +81,6 @@ OTA_IN = obj({"firmware": {"type": "integer", "minimum": 1}}, ("firmware",))
 FIRMWARE = obj({"id": {"type": "integer"}, "name": {"type": "string"}, "version": {"type": "string"},
                 "sha256": {"type": "string"}, "size": {"type": "integer"}}, ("id", "name", "version", "sha256", "size"),
                closed=False)
-SERIES = obj({"since": TIME, "until": TIME, "bucket": {"type": "number"},
-              "points": {"type": "array", "items": ANY_OBJECT}}, ("since", "until", "bucket", "points"), closed=False)
 
 
 def _not_done(call: Call, back: str, error: str) -> Redirect:
