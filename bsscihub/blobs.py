@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from bsscihub.store import Cursor, Store
-from bsscihub.web.dispatch import safe_filename
+from bsscihub.web.dispatch import attachment
 
 PART = 256 << 10
 """Bytes per database row: what a download holds in memory at a time."""
@@ -141,7 +141,7 @@ class StreamedBlob(Resource):
     def render_GET(self, request: Request) -> int:
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(self.size).encode())
-        request.setHeader(b"content-disposition", f'attachment; filename="{safe_filename(self.filename)}"'.encode())
+        request.setHeader(b"content-disposition", attachment(self.filename))
         request.setHeader(b"cache-control", b"no-store")
         gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)

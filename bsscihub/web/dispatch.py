@@ -95,8 +95,18 @@ def _watch(d: defer.Deferred[Any]) -> defer.Deferred[None]:
     return seen
 
 
-def safe_filename(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "download"
+def attachment(filename: str) -> bytes:
+    """The content-disposition of a download, its name cut down to characters no browser or shell misreads."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[:100] or "download"
+    return f'attachment; filename="{safe}"'.encode()
+
+
+def send_download(request: Any, download: Download) -> bytes:
+    """Answer with `download` as a file (API routes and pages alike)."""
+    request.setResponseCode(download.status)
+    request.setHeader(b"content-type", download.content_type.encode())
+    request.setHeader(b"content-disposition", attachment(download.filename))
+    return download.data
 
 
 
@@ -363,12 +373,7 @@ class Dispatcher:
             request.setResponseCode(204)
             return b""
         if isinstance(result, Download):
-            request.setResponseCode(result.status)
-            request.setHeader(b"content-type", result.content_type.encode())
-            request.setHeader(
-                b"content-disposition", f'attachment; filename="{safe_filename(result.filename)}"'.encode()
-            )
-            return result.data
+            return send_download(request, result)
         if isinstance(result, Text):
             request.setResponseCode(status)
             request.setHeader(b"content-type", result.content_type.encode())

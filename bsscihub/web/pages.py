@@ -19,7 +19,7 @@ from twisted.web.resource import IResource
 
 from bsscihub import users
 from bsscihub.web import csrf
-from bsscihub.web.dispatch import safe_filename
+from bsscihub.web.dispatch import send_download
 from bsscihub.web.errors import ApiError
 from bsscihub.web.routing import (
     ANONYMOUS,
@@ -158,11 +158,7 @@ class Pages:
             request.setHeader(b"location", result.location.encode())
             return b""
         if isinstance(result, Download):
-            request.setResponseCode(result.status)
-            request.setHeader(b"content-type", result.content_type.encode())
-            disposition = f'attachment; filename="{safe_filename(result.filename)}"'
-            request.setHeader(b"content-disposition", disposition.encode())
-            return result.data
+            return send_download(request, result)
         assert isinstance(result, Page), result
         context = {
             "user": principal,
