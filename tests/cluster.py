@@ -1,5 +1,5 @@
-"""What the tests of a cluster of twistd hubs share: HAProxy's path, a hub's readiness, the owner of a
-station in Redis."""
+"""What the tests of a cluster share: hubs of one cluster started on one PostgreSQL database and a private Redis
+(mioty services, whole hubs) and stopped after the test, HAProxy's path, a hub's readiness, a station's owner."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ import json
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest_twisted
+from twisted.internet import reactor
+
+from bsscihub.hub import Hub, make_hub
+from tests.conftest import _reset_pg_schema, make_config
+from tests.memory_bridge import FollowingClock, MemoryBroker
+from tests.test_families import RunningHub, start_hub
+from tests.test_mioty_service import PKI, Running, start
 
 HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/usr/local/sbin")
 
@@ -26,3 +39,115 @@ def owner(redis: str, eui: str) -> str:
     out = subprocess.run(["redis-cli", "-p", port, "-n", "0", "HGET", "bsscihub:owners", f"mioty/{eui}"],
                          capture_output=True, text=True, timeout=5).stdout.strip()
     return str(json.loads(out)["node"]) if out else ""
+
+
+async def clustered_hub(tmp: Path, database: str, redis: str, node: str, families: dict[str, Any],
+                        **sections: Any) -> Hub:
+    """A hub of the cluster in `tmp` (made here), its schema migrated and its shared parts started; no service."""
+    tmp.mkdir()
+    config = make_config(tmp, database=database, cluster={"redis": redis, "node": node}, **sections)
+    hub = make_hub(config, reactor, families)
+    assert hub.cluster.clustered and hub.cluster.node == node
+    hub.store.start()
+    try:
+        await hub.store.migrate(hub.migrations())
+        await hub.cluster.start()
+    except BaseException:
+        await hub.store.stop()  # its threads would keep the test run alive
+        raise
+    return hub
+
+
+async def stop_all(hubs: Any) -> None:
+    """Stops every one of `hubs`, even when one fails to: a hub left running keeps the test run alive."""
+    failed: BaseException | None = None
+    for running in hubs:
+        try:
+            await running.stop()
+        except BaseException as e:
+            failed = failed or e
+    if failed is not None:
+        raise failed
+
+
+@attrs.define
+class MiotyHubs:
+    """Starts mioty services of one cluster in this process (`mioty_hubs`); the fixture stops what still runs."""
+
+    tmp: Path
+    pki: PKI
+    database: str
+    redis: str
+    running: list[Running] = attrs.Factory(list)
+
+    async def start(self, node: str, **sections: Any) -> Running:
+        """The hub `node` in tmp/<node>, with more config sections (scaci …)."""
+        (self.tmp / node).mkdir()
+        running = await start(self.tmp / node, self.pki,
+                              sections={"database": self.database, "cluster": {"redis": self.redis, "node": node},
+                                        **sections})
+        assert running.hub.cluster.clustered and running.hub.cluster.node == node
+        self.running.append(running)
+        return running
+
+    async def two(self, **sections: Any) -> tuple[Running, Running]:
+        """hub-1, then hub-2."""
+        return await self.start("hub-1", **sections), await self.start("hub-2", **sections)
+
+    async def stop(self, *hubs: Running) -> None:
+        """Stops these hubs now (as if they went away)."""
+        for running in hubs:
+            self.running.remove(running)
+        await stop_all(hubs)
+
+
+@pytest_twisted.async_yield_fixture
+async def mioty_hubs(tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str) -> AsyncIterator[MiotyHubs]:
+    """Mioty hubs on an emptied PostgreSQL schema and the module's Redis, started by the test, stopped after it."""
+    _reset_pg_schema(postgres_url)
+    hubs = MiotyHubs(tmp_path, pki, postgres_url, redis_url)
+    yield hubs
+    await hubs.stop(*hubs.running)
+
+
+@attrs.define
+class FamilyHubs:
+    """Starts whole hubs (web, bridge, families) of one cluster, each on its own broker (`family_hubs`)."""
+
+    tmp: Path
+    database: str
+    redis: str
+    running: list[RunningHub] = attrs.Factory(list)
+    made: int = 0
+
+    async def start(self, broker: MemoryBroker, families: list[str], clock: FollowingClock | None = None,
+                    **overrides: Any) -> RunningHub:
+        """The next hub, hub-<n> in tmp/hub<n> (n from 0)."""
+        n, self.made = self.made, self.made + 1
+        (self.tmp / f"hub{n}").mkdir()
+        running = await start_hub(self.tmp / f"hub{n}", broker, families, clock, database=self.database,
+                                  cluster={"redis": self.redis, "node": f"hub-{n}"}, **overrides)
+        self.running.append(running)
+        return running
+
+    async def two(self, brokers: list[MemoryBroker], families: list[str],
+                  clocks: list[FollowingClock] | None = None, **overrides: Any) -> tuple[RunningHub, RunningHub]:
+        """hub-0 on brokers[0], then hub-1 on brokers[1]."""
+        clock = clocks or [None, None]
+        return (await self.start(brokers[0], families, clock[0], **overrides),
+                await self.start(brokers[1], families, clock[1], **overrides))
+
+    async def stop(self, *hubs: RunningHub) -> None:
+        """Stops these hubs now (as if they went away)."""
+        for running in hubs:
+            self.running.remove(running)
+        await stop_all(hubs)
+
+
+@pytest_twisted.async_yield_fixture
+async def family_hubs(tmp_path: Path, postgres_url: str, redis_url: str) -> AsyncIterator[FamilyHubs]:
+    """Whole hubs on an emptied PostgreSQL schema and the module's Redis, started by the test, stopped after it."""
+    _reset_pg_schema(postgres_url)
+    hubs = FamilyHubs(tmp_path, postgres_url, redis_url)
+    yield hubs
+    await hubs.stop(*hubs.running)

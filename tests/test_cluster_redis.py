@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,15 +17,12 @@ from bsscihub.bus import Event
 from bsscihub.cluster import FIRST, Cluster
 from bsscihub.cluster_redis import parse_redis_url, redis_cluster
 from bsscihub.errors import CommandError
-from bsscihub.family import installed_families
-from bsscihub.hub import make_hub
-from bsscihub.protocols.bssci.service import MiotyService
-from tests.conftest import _reset_pg_schema, make_config
+from tests.cluster import MiotyHubs, mioty_hubs
 from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
-from tests.test_mioty_service import EP, PKI, A, B, Running, pki
+from tests.test_mioty_service import EP, A, B, pki
 
-__all__ = ["pki", "redis_url"]  # fixtures
+__all__ = ["mioty_hubs", "pki", "redis_url"]  # fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
@@ -129,165 +125,104 @@ async def test_a_command_for_a_hub_that_is_gone_is_answered_here(hubs: list[Clus
     assert await one.router.route("mioty", BS, "poll_status", None) == "answered on hub-1"
 
 
-async def _start_hub(tmp: Path, pki: PKI, database: str, redis: str, node: str, **sections: Any) -> Running:
-    tmp.mkdir()
-    config = make_config(
-        tmp, families=["mioty"], database=database, cluster={"redis": redis, "node": node},
-        tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
-        mioty={"dedup_window": 0.2}, **sections,
-    )  # fmt: skip
-    hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
-    assert hub.cluster.clustered and hub.cluster.node == node
-    hub.store.start()
-    await hub.store.migrate(hub.migrations())
-    await hub.cluster.start()
-    events: list[Event] = []
-    hub.bus.subscribe(events.append)
-    service = MiotyService(hub)
-    service.drain_wait = 0.2
-    hub.services["mioty"] = service
-    service.startService()
-    await service.when_ready()
-    return Running(hub, service, events, pki)
+@pytest_twisted.ensureDeferred
+async def test_two_hubs_share_their_stations_over_redis_and_postgresql(mioty_hubs: MiotyHubs) -> None:
+    one, two = await mioty_hubs.two()
+    first = await one.station("bs-a", A)
+    await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) == "hub-1")
+    # Asked on hub-2, answered by the station on hub-1.
+    polls = len([m for m in first.seen if m["command"] == "status"])
+    status = await two.service.poll_status(A)
+    assert status["bsEui"] == A and status["code"] == 0
+    assert len([m for m in first.seen if m["command"] == "status"]) > polls
+    # The station connects to hub-2 now: newest wins, hub-1 closes its older connection.
+    second = await two.station("bs-a", A)
+    await first.lost
+    await wait_for(lambda: A not in one.service.sessions)
+    assert one.hub.cluster.ownership.owner("mioty", A) == "hub-2" == two.hub.cluster.ownership.owner("mioty", A)
+    assert A in two.service.sessions and not second.lost.called
+    # A revocation on hub-1 closes the connection held by hub-2.
+    await one.service.revoke_base_station(A, "stolen", actor="test")
+    await second.lost
+    await wait_for(lambda: A not in two.service.sessions)
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_hubs_share_their_stations_over_redis_and_postgresql(
-    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
-    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
-    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
-    try:
-        first = await one.station("bs-a", A)
-        await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) == "hub-1")
-        # Asked on hub-2, answered by the station on hub-1.
-        polls = len([m for m in first.seen if m["command"] == "status"])
-        status = await two.service.poll_status(A)
-        assert status["bsEui"] == A and status["code"] == 0
-        assert len([m for m in first.seen if m["command"] == "status"]) > polls
-        # The station connects to hub-2 now: newest wins, hub-1 closes its older connection.
-        second = await two.station("bs-a", A)
-        await first.lost
-        await wait_for(lambda: A not in one.service.sessions)
-        assert one.hub.cluster.ownership.owner("mioty", A) == "hub-2" == two.hub.cluster.ownership.owner("mioty", A)
-        assert A in two.service.sessions and not second.lost.called
-        # A revocation on hub-1 closes the connection held by hub-2.
-        await one.service.revoke_base_station(A, "stolen", actor="test")
-        await second.lost
-        await wait_for(lambda: A not in two.service.sessions)
-    finally:
-        for running in (one, two):
-            await running.stop()
-            await running.hub.cluster.stop()
+async def test_copies_of_one_uplink_on_two_hubs_are_published_once_with_both_receivers(mioty_hubs: MiotyHubs) -> None:
+    one, two = await mioty_hubs.two()
+    a = await one.station("bs-a", A)
+    b = await two.station("bs-b", B)
+    for cnt in (1, 2, 3):
+        # A hears it first on hub-1 (it collects), B's copy on hub-2 is forwarded to it.
+        op_a = a.uplink(cnt=cnt, snr=3.0)
+        assert (await a.expect("ulDataRsp"))["opId"] == op_a
+        op_b = b.uplink(cnt=cnt, snr=9.0)
+        assert (await b.expect("ulDataRsp"))["opId"] == op_b
+    await wait_for(lambda: len(one.of("uplink")) + len(two.of("uplink")) >= 3)
+    await deferLater(reactor, 0.5, lambda: None)
+    events = one.of("uplink") + two.of("uplink")
+    assert sorted(e.payload["packetCnt"] for e in events) == [1, 2, 3]
+    for event in events:
+        assert [r["bsEui"] for r in event.payload["receivers"]] == [B, A]
+    # Every stored copy is marked published, whichever hub stored it.
+    for _ in range(100):
+        if not await one.service.registry.unpublished():
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert await one.service.registry.unpublished() == []
+    # A late copy on hub-2, after the uplink went out: dropped there, not published again.
+    op_c = b.uplink(cnt=1, snr=1.0)
+    assert (await b.expect("ulDataRsp"))["opId"] == op_c
+    await wait_for(lambda: two.service.counters.late + one.service.counters.late >= 1)
+    assert len(one.of("uplink") + two.of("uplink")) == 3
 
 
 @pytest_twisted.ensureDeferred
-async def test_copies_of_one_uplink_on_two_hubs_are_published_once_with_both_receivers(
-    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
-    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
-    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
-    try:
-        a = await one.station("bs-a", A)
-        b = await two.station("bs-b", B)
-        for cnt in (1, 2, 3):
-            # A hears it first on hub-1 (it collects), B's copy on hub-2 is forwarded to it.
-            op_a = a.uplink(cnt=cnt, snr=3.0)
-            assert (await a.expect("ulDataRsp"))["opId"] == op_a
-            op_b = b.uplink(cnt=cnt, snr=9.0)
-            assert (await b.expect("ulDataRsp"))["opId"] == op_b
-        await wait_for(lambda: len(one.of("uplink")) + len(two.of("uplink")) >= 3)
-        await deferLater(reactor, 0.5, lambda: None)
-        events = one.of("uplink") + two.of("uplink")
-        assert sorted(e.payload["packetCnt"] for e in events) == [1, 2, 3]
-        for event in events:
-            assert [r["bsEui"] for r in event.payload["receivers"]] == [B, A]
-        # Every stored copy is marked published, whichever hub stored it.
-        for _ in range(100):
-            if not await one.service.registry.unpublished():
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        assert await one.service.registry.unpublished() == []
-        # A late copy on hub-2, after the uplink went out: dropped there, not published again.
-        op_c = b.uplink(cnt=1, snr=1.0)
-        assert (await b.expect("ulDataRsp"))["opId"] == op_c
-        await wait_for(lambda: two.service.counters.late + one.service.counters.late >= 1)
-        assert len(one.of("uplink") + two.of("uplink")) == 3
-    finally:
-        for running in (one, two):
-            await running.stop()
-            await running.hub.cluster.stop()
+async def test_an_uplink_its_collector_never_published_is_adopted_by_one_hub(mioty_hubs: MiotyHubs) -> None:
+    one, two = await mioty_hubs.two()
+    # As a hub that died inside the window leaves it: stored (acknowledged), never published.
+    stale = reactor.seconds() - 30
+    await one.service.registry.add_uplink(
+        (EP, 7, A, stale, 1_700_000_000_000_000_007, None, 4.0, -90.0, None, None, None, None, b"\x01\x02", 0,
+         1, 0, 0))  # fmt: skip
+    adopted = await defer.gatherResults([
+        defer.ensureDeferred(one.service.uplinks.adopt_orphans()),
+        defer.ensureDeferred(two.service.uplinks.adopt_orphans()),
+    ])
+    assert sorted(adopted) == [0, 1]
+    await wait_for(lambda: len(one.of("uplink") + two.of("uplink")) == 1)
+    [event] = one.of("uplink") + two.of("uplink")
+    assert event.payload["packetCnt"] == 7 and event.payload["receivers"][0]["bsEui"] == A
+    for _ in range(100):
+        if not await one.service.registry.unpublished():
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert await one.service.registry.unpublished() == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_uplink_its_collector_never_published_is_adopted_by_one_hub(
-    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
-    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
-    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
-    try:
-        # As a hub that died inside the window leaves it: stored (acknowledged), never published.
-        stale = reactor.seconds() - 30
-        await one.service.registry.add_uplink(
-            (EP, 7, A, stale, 1_700_000_000_000_000_007, None, 4.0, -90.0, None, None, None, None, b"\x01\x02", 0,
-             1, 0, 0))  # fmt: skip
-        adopted = await defer.gatherResults([
-            defer.ensureDeferred(one.service.uplinks.adopt_orphans()),
-            defer.ensureDeferred(two.service.uplinks.adopt_orphans()),
-        ])
-        assert sorted(adopted) == [0, 1]
-        await wait_for(lambda: len(one.of("uplink") + two.of("uplink")) == 1)
-        [event] = one.of("uplink") + two.of("uplink")
-        assert event.payload["packetCnt"] == 7 and event.payload["receivers"][0]["bsEui"] == A
-        for _ in range(100):
-            if not await one.service.registry.unpublished():
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        assert await one.service.registry.unpublished() == []
-    finally:
-        for running in (one, two):
-            await running.stop()
-            await running.hub.cluster.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_uplink_whose_live_collector_has_not_marked_it_yet_is_not_adopted(
-    tmp_path: Path, pki: PKI, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
-    one = await _start_hub(tmp_path / "one", pki, postgres_url, redis_url, "hub-1")
-    two = await _start_hub(tmp_path / "two", pki, postgres_url, redis_url, "hub-2")
-    stopped = False
-    try:
-        # hub-1 collects and publishes the uplink; its published mark lags (a busy database), as under load.
-        one.service.registry.mark_published = lambda ep, packet_cnt: None  # type: ignore[method-assign]
-        a = await one.station("bs-a", A)
-        op = a.uplink(cnt=5)
-        assert (await a.expect("ulDataRsp"))["opId"] == op
-        await wait_for(lambda: len(one.of("uplink")) == 1)
-        await deferLater(reactor, 0.3, lambda: None)  # older than the window: a candidate for the sweep
-        assert len(await two.service.registry.unpublished()) == 1
-        # Its collector runs: no hub publishes it again, hub-1 itself neither.
-        for _ in range(2):
-            assert await two.service.uplinks.adopt_orphans(grace=0) == 0
-            assert await one.service.uplinks.adopt_orphans(grace=0) == 0
-        assert len(one.of("uplink")) == 1 and two.of("uplink") == []
-        # hub-1 goes away before its mark was written: now hub-2 publishes it (at least once after a crash).
-        await one.stop()
-        await one.hub.cluster.stop()
-        stopped = True
-        await two.service.uplinks.adopt_orphans(grace=0)  # or hub-2's own sweep, if the test ran slow
-        await wait_for(lambda: len(two.of("uplink")) == 1)
-        await deferLater(reactor, 0.3, lambda: None)
-        assert [e.payload["packetCnt"] for e in two.of("uplink")] == [5]
-        assert two.service.counters.replayed == 1
-    finally:
-        for running in (two,) if stopped else (one, two):
-            await running.stop()
-            await running.hub.cluster.stop()
+async def test_an_uplink_whose_live_collector_has_not_marked_it_yet_is_not_adopted(mioty_hubs: MiotyHubs) -> None:
+    one, two = await mioty_hubs.two()
+    # hub-1 collects and publishes the uplink; its published mark lags (a busy database), as under load.
+    one.service.registry.mark_published = lambda ep, packet_cnt: None  # type: ignore[method-assign]
+    a = await one.station("bs-a", A)
+    op = a.uplink(cnt=5)
+    assert (await a.expect("ulDataRsp"))["opId"] == op
+    await wait_for(lambda: len(one.of("uplink")) == 1)
+    await deferLater(reactor, 0.3, lambda: None)  # older than the window: a candidate for the sweep
+    assert len(await two.service.registry.unpublished()) == 1
+    # Its collector runs: no hub publishes it again, hub-1 itself neither.
+    for _ in range(2):
+        assert await two.service.uplinks.adopt_orphans(grace=0) == 0
+        assert await one.service.uplinks.adopt_orphans(grace=0) == 0
+    assert len(one.of("uplink")) == 1 and two.of("uplink") == []
+    # hub-1 goes away before its mark was written: now hub-2 publishes it (at least once after a crash).
+    await mioty_hubs.stop(one)
+    await two.service.uplinks.adopt_orphans(grace=0)  # or hub-2's own sweep, if the test ran slow
+    await wait_for(lambda: len(two.of("uplink")) == 1)
+    await deferLater(reactor, 0.3, lambda: None)
+    assert [e.payload["packetCnt"] for e in two.of("uplink")] == [5]
+    assert two.service.counters.replayed == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -179,13 +179,20 @@ class Running:
         return station
 
     async def stop(self) -> None:
+        """In the hub's own order: the service, the cluster's shared parts (if any), the store."""
         if self.service.running:
             await self.service.stopService()
-        await self.hub.store.stop()
+        try:
+            await self.hub.cluster.stop()
+        finally:
+            await self.hub.store.stop()
 
 
 async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any] | None = None,
-                mqtt: dict[str, Any] | None = None, cluster: Cluster | None = None, **mioty: Any) -> Running:
+                mqtt: dict[str, Any] | None = None, cluster: Cluster | None = None,
+                sections: dict[str, Any] | None = None, **mioty: Any) -> Running:
+    """A mioty service in this process on the test PKI; `sections` are more config sections (database, cluster,
+    scaci …), `mioty` its own settings."""
     config = make_config(
         tmp_path,
         families=["mioty"],
@@ -193,12 +200,18 @@ async def start(tmp_path: Path, pki: PKI, sink: Any = None, bssci: dict[str, Any
         mioty={"dedup_window": 0.2, **mioty},
         **({"bssci": bssci} if bssci else {}),
         **({"mqtt": mqtt} if mqtt else {}),
+        **(sections or {}),
     )
     hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
     if cluster is not None:
         hub.cluster = cluster
     hub.store.start()
     await hub.store.migrate(hub.migrations())
+    try:
+        await hub.cluster.start()  # a cluster's shared parts answer before any station arrives, as in the hub
+    except BaseException:
+        await hub.store.stop()  # its threads would keep the test run alive
+        raise
     events: list[Event] = []
 
     def record(event: Event) -> Any:

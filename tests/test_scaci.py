@@ -17,16 +17,12 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from bsscihub.family import installed_families
-from bsscihub.hub import make_hub
 from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import Framer, FramingError, encode_frame
 from bsscihub.protocols.bssci.identity import APPLICATION_CENTER
 from bsscihub.protocols.bssci.scaci import MAGIC_AC
-from bsscihub.protocols.bssci.service import MiotyService
 from tests import test_mioty_service
-from tests.conftest import make_config
-from tests.test_mioty_service import EP, KEY, PKI, Running, wait_for
+from tests.test_mioty_service import EP, KEY, PKI, Running, start, wait_for
 
 pki = test_mioty_service.pki  # the fixture: a CA, the hub's and the stations' certificates
 
@@ -69,28 +65,10 @@ class AppCenter(Protocol):
             await deferLater(reactor, 0.005, lambda: None)
 
 
-async def start(tmp_path: Path, pki: PKI) -> Running:
-    config = make_config(
-        tmp_path, families=["mioty"],
-        tls={"ca": str(pki.ca), "ca_key": str(pki.ca_key), "cert": str(pki.hub_cert), "key": str(pki.hub_key)},
-        mioty={"dedup_window": 0.1}, scaci={"listen": "tcp:0:interface=127.0.0.1"},
-    )
-    hub = make_hub(config, reactor, {"mioty": installed_families()["mioty"]})
-    hub.store.start()
-    await hub.store.migrate(hub.migrations())
-    events: list[Any] = []
-    hub.bus.subscribe(events.append)
-    service = MiotyService(hub)
-    service.drain_wait = 0.2
-    hub.services["mioty"] = service
-    service.startService()
-    await service.when_ready()
-    return Running(hub, service, events, pki)
-
-
 @pytest.fixture
 def running(tmp_path: Path, pki: PKI) -> Iterator[Running]:
-    hub = pytest_twisted.blockon(defer.ensureDeferred(start(tmp_path, pki)))
+    scaci = {"scaci": {"listen": "tcp:0:interface=127.0.0.1"}}
+    hub = pytest_twisted.blockon(defer.ensureDeferred(start(tmp_path, pki, sections=scaci, dedup_window=0.1)))
     yield hub
     pytest_twisted.blockon(defer.ensureDeferred(hub.stop()))
 
