@@ -212,12 +212,7 @@ class Committing:
 
 
 def subpackets_json(sub: Subpackets | None) -> dict[str, list[float]] | None:
-    if sub is None:
-        return None
-    value = {"snr": list(sub.snr), "rssi": list(sub.rssi), "frequency": list(sub.frequency)}
-    if sub.phase is not None:
-        value["phase"] = list(sub.phase)
-    return value
+    return None if sub is None else sub.as_lists()
 
 
 def receiver(copy: Copy) -> dict[str, Any]:

@@ -204,6 +204,20 @@ class Subpackets:
     frequency: tuple[float, ...]  # Hz
     phase: tuple[float, ...] | None = None  # degrees
 
+    def as_lists(self) -> dict[str, list[float]]:
+        """The map of lists the wire, the events and the stored copies carry (phase only when measured)."""
+        lists = {"snr": list(self.snr), "rssi": list(self.rssi), "frequency": list(self.frequency)}
+        if self.phase is not None:
+            lists["phase"] = list(self.phase)
+        return lists
+
+    @classmethod
+    def from_lists(cls, lists: Mapping[str, Any]) -> Subpackets:
+        """`as_lists` back, for what the hub stored itself (a peer's map goes through `decode`, which checks it)."""
+        phase = lists.get("phase")
+        return cls(snr=tuple(lists["snr"]), rssi=tuple(lists["rssi"]), frequency=tuple(lists["frequency"]),
+                   phase=None if phase is None else tuple(phase))
+
 
 @attrs.frozen(kw_only=True)
 class Message:
@@ -878,17 +892,6 @@ def _encode_geo(value: tuple[float, float, float]) -> list[float]:
     return [float(v) for v in value]
 
 
-def _encode_subpackets(value: Subpackets) -> dict[str, list[float]]:
-    wire = {
-        "snr": list(value.snr),
-        "rssi": list(value.rssi),
-        "frequency": list(value.frequency),
-    }
-    if value.phase is not None:
-        wire["phase"] = list(value.phase)
-    return wire
-
-
 def _encode_bytes_list(value: tuple[bytes, ...]) -> list[list[int]]:
     return [list(entry) for entry in value]
 
@@ -985,7 +988,7 @@ _KINDS: dict[str, _Kind] = {
     "subpackets": _Kind(
         "a map of equally long number lists snr, rssi, frequency and optional phase",
         _subpackets,
-        _encode_subpackets,
+        Subpackets.as_lists,
     ),
     "result": _Kind(
         "one of 'sent', 'expired', 'invalid'", _one_of("sent", "expired", "invalid")

@@ -54,15 +54,7 @@ def _copy_from_row(row: tuple[Any, ...]) -> tuple[str, Copy]:
     """A stored copy (id + UPLINK_COLUMNS) back as the Copy it was."""
     (_, ep, pc, bs, received, rx_time, rx_duration, snr, rssi, eq_snr, profile, mode, sub, data, fmt, dl_open,
      response_exp, dl_ack) = row  # fmt: skip
-    subpackets = None
-    if sub:
-        value = json.loads(sub)
-        subpackets = m.Subpackets(
-            snr=tuple(value["snr"]),
-            rssi=tuple(value["rssi"]),
-            frequency=tuple(value["frequency"]),
-            phase=tuple(value["phase"]) if "phase" in value else None,
-        )
+    subpackets = m.Subpackets.from_lists(json.loads(sub)) if sub else None
     msg = m.UlData(
         opId=0,
         epEui=int(ep, 16),

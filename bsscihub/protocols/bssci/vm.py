@@ -38,6 +38,7 @@ from bsscihub.protocols.bssci.session import (
     Session,
     SessionClosed,
 )
+from bsscihub.protocols.bssci.uplinks import untrack
 from bsscihub.protocols.wmbus import WMBusError, manufacturer_code, parse_telegram
 
 if TYPE_CHECKING:
@@ -452,7 +453,7 @@ class VariableMac:
         d.addErrback(lambda f: self.log.failure("Variable MAC: {problem}", f, problem=f.getErrorMessage()))
         if not d.called:
             self._work.add(d)
-            d.addBoth(_forget, d, self._work)
+            d.addBoth(untrack, d, self._work)
 
 
 class _Metrics:
@@ -484,20 +485,10 @@ def _maker(cls: type[m.VmActivate] | type[m.VmDeactivate], mac_type: int) -> Cal
     return lambda op: cls(opId=op, macType=mac_type)
 
 
-def _forget(result: Any, d: defer.Deferred[Any], tracked: set[defer.Deferred[Any]]) -> Any:
-    tracked.discard(d)
-    return result
-
-
 def _copy_from_row(row: Iterable[Any]) -> tuple[int, Copy]:
     (frame_id, bs, received, mac_type, data, sys_time, trx_time, freq_off, snr, rssi, eq_snr, sub, carr_space,
      patt_grp, patt_num, crc) = row  # fmt: skip
-    subpackets = None
-    if sub:
-        value = json.loads(sub)
-        subpackets = m.Subpackets(snr=tuple(value["snr"]), rssi=tuple(value["rssi"]),
-                                  frequency=tuple(value["frequency"]),
-                                  phase=tuple(value["phase"]) if "phase" in value else None)
+    subpackets = m.Subpackets.from_lists(json.loads(sub)) if sub else None
     msg = m.VmUlData(opId=0, macType=int(mac_type), userData=bytes(data), sysTime=int(sys_time),
                      trxTime=None if trx_time is None else int(trx_time), freqOff=freq_off, snr=float(snr),
                      rssi=float(rssi), eqSnr=eq_snr, subpackets=subpackets, carrSpace=carr_space, pattGrp=patt_grp,
