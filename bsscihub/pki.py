@@ -343,10 +343,6 @@ def issue_client_cert(
 def describe_cert(path: StrPath, kinds: Iterable[BindingKind] = ()) -> CertInfo:
     """Summarize the first certificate in a PEM file (its bindings as cert_bindings reads them)."""
     cert = _load_cert(Path(path))
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
     return CertInfo(
         subject=cert.subject.rfc4514_string(),
         issuer=cert.issuer.rfc4514_string(),
@@ -355,7 +351,7 @@ def describe_cert(path: StrPath, kinds: Iterable[BindingKind] = ()) -> CertInfo:
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
-        is_ca=is_ca,
+        is_ca=_is_ca(cert),
         bindings=cert_bindings(cert, kinds),
     )
 
@@ -472,11 +468,7 @@ def _load_ca(
         raise PKIError(f"{key_path}: this key type cannot sign certificates")
     if key.public_key() != cert.public_key():
         raise PKIError(f"{key_path} is not the key of the CA certificate {cert_path}")
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
+    if not _is_ca(cert):
         raise PKIError(
             f"{cert_path} is not a CA certificate (basicConstraints CA:true)"
         )
@@ -515,6 +507,13 @@ def _check_hostname(hostname: str) -> str:
     ):
         raise PKIError(f"not a DNS name (use the ASCII/punycode form): {hostname!r}")
     return hostname
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def cert_common_name(cert: x509.Certificate) -> str | None:
