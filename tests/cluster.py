@@ -15,6 +15,7 @@ import attrs
 import pytest_twisted
 from twisted.internet import reactor
 
+from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from tests.conftest import _reset_pg_schema, make_config
 from tests.memory_bridge import FollowingClock, MemoryBroker
@@ -41,12 +42,12 @@ def owner(redis: str, eui: str) -> str:
     return str(json.loads(out)["node"]) if out else ""
 
 
-async def clustered_hub(tmp: Path, database: str, redis: str, node: str, families: dict[str, Any],
-                        **sections: Any) -> Hub:
-    """A hub of the cluster in `tmp` (made here), its schema migrated and its shared parts started; no service."""
+async def clustered_hub(tmp: Path, database: str, redis: str, node: str, families: list[str], **sections: Any) -> Hub:
+    """A hub of the cluster with these families in `tmp` (made here), its schema migrated and its shared parts
+    started; no service yet."""
     tmp.mkdir()
     config = make_config(tmp, database=database, cluster={"redis": redis, "node": node}, **sections)
-    hub = make_hub(config, reactor, families)
+    hub = make_hub(config, reactor, {name: installed_families()[name] for name in families})
     assert hub.cluster.clustered and hub.cluster.node == node
     hub.store.start()
     try:
@@ -56,6 +57,19 @@ async def clustered_hub(tmp: Path, database: str, redis: str, node: str, familie
         await hub.store.stop()  # its threads would keep the test run alive
         raise
     return hub
+
+
+async def stop_hub(hub: Hub, *services: Any) -> None:
+    """In the hub's own order: its services, the cluster's shared parts, the store (even when one fails)."""
+    try:
+        for service in services:
+            if service.running:
+                await service.stopService()
+    finally:
+        try:
+            await hub.cluster.stop()
+        finally:
+            await hub.store.stop()
 
 
 async def stop_all(hubs: Any) -> None:

@@ -18,11 +18,11 @@ from zope.interface.verify import verifyObject
 
 from bsscihub.bus import Event
 from bsscihub.cluster import IWindowStore
-from bsscihub.family import installed_families
-from bsscihub.hub import Hub, make_hub
+from bsscihub.hub import Hub
 from bsscihub.protocols.ble import service as ble_service
 from bsscihub.protocols.ble.service import BLEService
-from tests.conftest import _reset_pg_schema, make_config
+from tests.cluster import clustered_hub, stop_all, stop_hub
+from tests.conftest import _reset_pg_schema
 from tests.helpers import until
 from tests.redis_server import redis_url
 
@@ -48,16 +48,13 @@ class BLEHub:
     def readings(self) -> list[dict[str, Any]]:
         return [dict(e.payload) for e in self.events if e.kind == "up"]
 
+    async def stop(self) -> None:
+        await stop_hub(self.hub, self.service)
+
 
 async def start(tmp: Path, database: str, redis: str, node: str) -> BLEHub:
-    tmp.mkdir()
-    config = make_config(tmp, families=["ble"], database=database, cluster={"redis": redis, "node": node},
-                         ble={"dedup_window": WINDOW, "gateway_timeout": GATEWAY_TIMEOUT})
-    hub = make_hub(config, reactor, {"ble": installed_families()["ble"]})
-    assert hub.cluster.clustered
-    hub.store.start()
-    await hub.store.migrate(hub.migrations())
-    await hub.cluster.start()
+    hub = await clustered_hub(tmp, database, redis, node, ["ble"],
+                              ble={"dedup_window": WINDOW, "gateway_timeout": GATEWAY_TIMEOUT})
     events: list[Event] = []
     hub.bus.subscribe(events.append)
     service = BLEService(hub)
@@ -73,11 +70,7 @@ async def two_hubs(tmp_path: Path, postgres_url: str, redis_url: str) -> AsyncIt
     one = await start(tmp_path / "one", postgres_url, redis_url, "hub-1")
     two = await start(tmp_path / "two", postgres_url, redis_url, "hub-2")
     yield one, two
-    for running in (one, two):
-        if running.service.running:
-            await running.service.stopService()
-        await running.hub.cluster.stop()
-        await running.hub.store.stop()
+    await stop_all((one, two))
 
 
 @pytest.fixture

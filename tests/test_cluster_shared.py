@@ -21,14 +21,14 @@ from bsscihub.alerts import AlertService
 from bsscihub.bus import Event
 from bsscihub.cluster import Cluster
 from bsscihub.cluster_redis import RedisLease, RedisLimiter, redis_cluster
-from bsscihub.family import installed_families
-from bsscihub.hub import Hub, make_hub
+from bsscihub.hub import Hub
 from bsscihub.ingest import RegistrationLimit, Rejected
 from bsscihub.web.app import WebApp
 from bsscihub.web.auth import LoginLimiter
 from bsscihub.webhooks import WebhookService, sign
 from tests.broker import free_port
-from tests.conftest import _reset_pg_schema, make_config
+from tests.cluster import clustered_hub, stop_hub
+from tests.conftest import _reset_pg_schema
 from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
 from tests.test_alerts import Receiver
@@ -161,13 +161,7 @@ async def test_one_hub_holds_a_lease_and_another_takes_it_over_when_it_dies(node
 
 
 async def _alerting_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, AlertService, list[Event]]:
-    tmp.mkdir()
-    config = make_config(tmp, database=database, cluster={"redis": redis, "node": node},
-                         alerts={"check_interval": "200ms"})
-    hub = make_hub(config, reactor, {"devices": installed_families()["devices"]})
-    hub.store.start()
-    await hub.store.migrate(hub.migrations())
-    await hub.cluster.start()
+    hub = await clustered_hub(tmp, database, redis, node, ["devices"], alerts={"check_interval": "200ms"})
     fired: list[Event] = []
     hub.bus.subscribe(lambda e: fired.append(e) if e.family == "alerts" else None)
     service = AlertService(hub)
@@ -225,25 +219,17 @@ async def test_alerts_fire_once_from_one_hub_on_what_every_hub_heard_and_move_wh
         assert total == 3
     finally:
         for hub, service, _ in hubs:
-            await service.stopService()
-            await hub.cluster.stop()
-            await hub.store.stop()
+            await stop_hub(hub, service)
 
 
 # -- webhooks: each event delivered once, by the hub that handled it
 
 
 async def _webhook_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, WebhookService, list[Event]]:
-    tmp.mkdir()
     # Every hub of a cluster signs with the same key file, in the keys_dir they share (docs/cluster.md).
-    config = make_config(tmp, database=database, cluster={"redis": redis, "node": node},
-                         keys_dir=str(tmp.parent / "shared"),
-                         webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s"})
-    config.data_dir.mkdir(parents=True)
-    hub = make_hub(config, reactor, {"devices": installed_families()["devices"]})
-    hub.store.start()
-    await hub.store.migrate(hub.migrations())
-    await hub.cluster.start()
+    hub = await clustered_hub(tmp, database, redis, node, ["devices"], keys_dir=str(tmp.parent / "shared"),
+                              webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s"})
+    hub.config.data_dir.mkdir(parents=True, exist_ok=True)  # where a secret must not be written
     streamed: list[Event] = []
     hub.cluster.relay_events(hub.bus, streamed.append)  # as the live stream does
     service = WebhookService(hub)
@@ -303,9 +289,7 @@ async def test_each_event_is_delivered_once_by_the_hub_that_handled_it_and_hubs_
         assert len(receiver.received) == 2
     finally:
         for hub, service, _ in (one, two):
-            await service.stopService()
-            await hub.cluster.stop()
-            await hub.store.stop()
+            await stop_hub(hub, service)
         if listening is not None:
             await listening.stopListening()
 
@@ -321,12 +305,7 @@ async def test_wrong_passwords_sent_to_two_hubs_add_up_to_one_limit(
     harnesses: list[Harness] = []
     try:
         for node in ("hub-1", "hub-2"):
-            (tmp_path / node).mkdir()
-            config = make_config(tmp_path / node, database=postgres_url, cluster={"redis": redis_url, "node": node})
-            hub = make_hub(config, reactor, {})
-            hub.store.start()
-            await hub.store.migrate(hub.migrations())
-            await hub.cluster.start()
+            hub = await clustered_hub(tmp_path / node, postgres_url, redis_url, node, [])
             harnesses.append(Harness(hub, WebApp(hub, clock=Clock()), Clock()))
         await harnesses[0].hub.cluster.link.redis.flushdb()
         await users.add_user(harnesses[0].hub.store, "admin", "admin", PASSWORD)
@@ -340,5 +319,4 @@ async def test_wrong_passwords_sent_to_two_hubs_add_up_to_one_limit(
     finally:
         for h in harnesses:
             h.web.stop()
-            await h.hub.cluster.stop()
-            await h.hub.store.stop()
+            await stop_hub(h.hub)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,12 +17,12 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from bsscihub.protocols.devices.service import CLUSTER_LOAD_EVERY, FIRMWARE_BLOBS, FIRMWARE_PART
-from tests.conftest import _reset_pg_schema
+from tests.cluster import FamilyHubs, family_hubs
 from tests.memory_bridge import FollowingClock, MemoryBroker
 from tests.redis_server import redis_url
-from tests.test_families import PREFIX, RunningHub, eventually, start_hub
+from tests.test_families import PREFIX, RunningHub, eventually
 
-__all__ = ["redis_url"]  # fixture
+__all__ = ["family_hubs", "redis_url"]  # fixtures
 
 DEV = f"{PREFIX}/dev/device"
 
@@ -33,20 +32,12 @@ def results(witness: Any, kind: str) -> list[dict[str, Any]]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_update_once(
-    tmp_path: Path, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
+async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_update_once(family_hubs: FamilyHubs) -> None:
     brokers = [MemoryBroker(), MemoryBroker()]
     witnesses = [b.witness(f"{PREFIX}/dev/#", "device/+/commands/#", "OTA/#") for b in brokers]
     clocks = [FollowingClock().start(), FollowingClock().start()]
-    hubs = []
-    for n in (0, 1):
-        (tmp_path / f"hub{n}").mkdir()
-        hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], clocks[n], database=postgres_url,
-                                    cluster={"redis": redis_url, "node": f"hub-{n}"},
-                                    devices={"command_timeout": "2s", "ota_timeout": "2s"}))
-    sender, other = hubs
+    sender, other = await family_hubs.two(brokers, ["devices"], clocks,
+                                          devices={"command_timeout": "2s", "ota_timeout": "2s"})
     device = brokers[1].device()  # its messages reach the other hub
     try:
         await brokers[0].device().publish("device/d1/status", b"online")
@@ -92,129 +83,101 @@ async def test_a_devices_answer_on_another_hub_settles_the_command_and_the_updat
         # A command whose hub dies unanswered is timed out by the other hub, which learnt of it.
         code, lost = await sender.api("POST", "/api/v1/devices/d1/commands", {"name": "blink"})
         assert code == 202
-        await sender.stop()
-        hubs.remove(sender)
+        await family_hubs.stop(sender)
         clocks[1].advance(CLUSTER_LOAD_EVERY + 0.1)  # past its deadline too: loaded, it times out at once
         [timed_out] = [json.loads(m.payload) for m in await witnesses[1].when(
             lambda m: m.topic == f"{DEV}/d1/event/command_result" and lost["commandId"].encode() in m.payload)]
         assert (timed_out["command"], timed_out["state"]) == ("blink", "timeout")
     finally:
         device.stop()
-        for running in hubs:
-            await running.stop()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_device_heard_by_another_hub_is_not_called_offline(
-    tmp_path: Path, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
+async def test_a_device_heard_by_another_hub_is_not_called_offline(family_hubs: FamilyHubs) -> None:
     brokers = [MemoryBroker(), MemoryBroker()]
     witnesses = [b.witness(f"{DEV}/+/status") for b in brokers]
-    hubs: list[RunningHub] = []
-    try:
-        for n in (0, 1):
-            (tmp_path / f"hub{n}").mkdir()
-            hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], database=postgres_url,
-                                        cluster={"redis": redis_url, "node": f"hub-{n}"},
-                                        devices={"offline_after": 3.0}))
-        one, two = hubs
-        assert (await one.api("POST", "/api/v1/devices", {"id": "d2", "name": "Cellar"}))[0] == 201
-        await brokers[0].device().publish("device/d1/telemetry/temp", b"21.5")
-        heard_first = reactor.seconds()
-        await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "online")
-        await deferLater(reactor, 2.0, lambda: None)
-        await brokers[1].device().publish("device/d1/telemetry/temp", b"21.6")  # now to the other hub
-        await eventually(lambda: "d1" in two.hub.services["devices"].devices, what="d1 heard by hub-1")
-        await two.hub.services["devices"]._flush_registry()  # the registry write (every 2 s) the others read
-        # 4 s after hub-0 last heard d1 (offline_after 3 s, checked every 0.75 s) but 2 s after hub-1 did:
-        # hub-0 has checked meanwhile and must have seen that hub-1 heard it.
-        await deferLater(reactor, max(0.0, heard_first + 4.0 - reactor.seconds()), lambda: None)
-        said = [json.loads(m.payload)["state"] for w in witnesses for m in w.messages]
-        assert "offline" not in said
-        code, _ = await one.api("PATCH", "/api/v1/devices/d1", {"name": "Boiler room"})
-        assert code == 200
+    one, two = await family_hubs.two(brokers, ["devices"], devices={"offline_after": 3.0})
+    assert (await one.api("POST", "/api/v1/devices", {"id": "d2", "name": "Cellar"}))[0] == 201
+    await brokers[0].device().publish("device/d1/telemetry/temp", b"21.5")
+    heard_first = reactor.seconds()
+    await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "online")
+    await deferLater(reactor, 2.0, lambda: None)
+    await brokers[1].device().publish("device/d1/telemetry/temp", b"21.6")  # now to the other hub
+    await eventually(lambda: "d1" in two.hub.services["devices"].devices, what="d1 heard by hub-1")
+    await two.hub.services["devices"]._flush_registry()  # the registry write (every 2 s) the others read
+    # 4 s after hub-0 last heard d1 (offline_after 3 s, checked every 0.75 s) but 2 s after hub-1 did:
+    # hub-0 has checked meanwhile and must have seen that hub-1 heard it.
+    await deferLater(reactor, max(0.0, heard_first + 4.0 - reactor.seconds()), lambda: None)
+    said = [json.loads(m.payload)["state"] for w in witnesses for m in w.messages]
+    assert "offline" not in said
+    code, _ = await one.api("PATCH", "/api/v1/devices/d1", {"name": "Boiler room"})
+    assert code == 200
 
-        async def name() -> Any:
-            return await one.hub.store.fetchall("SELECT name FROM dev_devices WHERE id = 'd1'")
+    async def name() -> Any:
+        return await one.hub.store.fetchall("SELECT name FROM dev_devices WHERE id = 'd1'")
 
-        async def renamed() -> bool:
-            return await name() == [("Boiler room",)]
+    async def renamed() -> bool:
+        return await name() == [("Boiler room",)]
 
-        await eventually(renamed, what="the rename")
-        await two.hub.services["devices"]._flush_registry()
-        assert await name() == [("Boiler room",)], "hub-1's registry write kept the name set on hub-0"
-        # Silent everywhere: offline.
-        await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "offline", timeout=10)
+    await eventually(renamed, what="the rename")
+    await two.hub.services["devices"]._flush_registry()
+    assert await name() == [("Boiler room",)], "hub-1's registry write kept the name set on hub-0"
+    # Silent everywhere: offline.
+    await witnesses[0].when(lambda m: json.loads(m.payload)["state"] == "offline", timeout=10)
 
-        # A device registered on hub-0 and never heard by hub-1 is known to hub-1's API within seconds.
-        async def known() -> Any:
-            code, doc = await two.api("GET", "/api/v1/devices/d2")
-            return code == 200 and doc["name"] == "Cellar"
+    # A device registered on hub-0 and never heard by hub-1 is known to hub-1's API within seconds.
+    async def known() -> Any:
+        code, doc = await two.api("GET", "/api/v1/devices/d2")
+        return code == 200 and doc["name"] == "Cellar"
 
-        await eventually(known, what="d2 on hub-1", timeout=10)
-    finally:
-        for running in hubs:
-            await running.stop()
+    await eventually(known, what="d2 on hub-1", timeout=10)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_rename_a_removal_and_a_revoked_key_reach_the_other_hub(
-    tmp_path: Path, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
+async def test_a_rename_a_removal_and_a_revoked_key_reach_the_other_hub(family_hubs: FamilyHubs) -> None:
     brokers = [MemoryBroker(), MemoryBroker()]
     clocks = [FollowingClock().start(), FollowingClock().start()]
-    hubs: list[RunningHub] = []
-    try:
-        for n in (0, 1):
-            (tmp_path / f"hub{n}").mkdir()
-            hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], clocks[n],
-                                        database=postgres_url, cluster={"redis": redis_url, "node": f"hub-{n}"}))
-        one, two = hubs
-        registry = two.hub.services["devices"].devices
+    one, two = await family_hubs.two(brokers, ["devices"], clocks)
+    registry = two.hub.services["devices"].devices
 
-        async def name_on_two() -> Any:
-            code, doc = await two.api("GET", "/api/v1/devices/d1")
-            return doc["name"] if code == 200 else code
+    async def name_on_two() -> Any:
+        code, doc = await two.api("GET", "/api/v1/devices/d1")
+        return doc["name"] if code == 200 else code
 
-        async def load_on_two(expected: Any) -> None:
-            clocks[1].advance(CLUSTER_LOAD_EVERY + 0.1)  # hub-1's next look at the database
-            await eventually(lambda: _equals(name_on_two, expected), what=f"d1 on hub-1 is {expected!r}",
-                             timeout=10, interval=0.05)
+    async def load_on_two(expected: Any) -> None:
+        clocks[1].advance(CLUSTER_LOAD_EVERY + 0.1)  # hub-1's next look at the database
+        await eventually(lambda: _equals(name_on_two, expected), what=f"d1 on hub-1 is {expected!r}",
+                         timeout=10, interval=0.05)
 
-        assert (await one.api("POST", "/api/v1/devices", {"id": "d1", "name": "Boiler"}))[0] == 201
-        await load_on_two("Boiler")
+    assert (await one.api("POST", "/api/v1/devices", {"id": "d1", "name": "Boiler"}))[0] == 201
+    await load_on_two("Boiler")
 
-        # A key made on hub-0 works on hub-1; revoked on hub-0, hub-1 refuses it at once (keys are read
-        # from the database on every use, nothing to wait for).
-        code, created = await one.api("POST", "/api/v1/devices/d1/key")
-        assert code == 201
-        post, reading, key = "/api/v1/devices/d1/telemetry", {"type": "t", "value": 1}, created["key"]
-        assert (await two.api("POST", post, reading, {"X-Device-Key": key}, token=None))[0] == 200
-        assert (await one.api("DELETE", "/api/v1/devices/d1/key"))[0] == 204
-        assert (await two.api("POST", post, reading, {"X-Device-Key": key}, token=None))[0] == 401
+    # A key made on hub-0 works on hub-1; revoked on hub-0, hub-1 refuses it at once (keys are read
+    # from the database on every use, nothing to wait for).
+    code, created = await one.api("POST", "/api/v1/devices/d1/key")
+    assert code == 201
+    post, reading, key = "/api/v1/devices/d1/telemetry", {"type": "t", "value": 1}, created["key"]
+    assert (await two.api("POST", post, reading, {"X-Device-Key": key}, token=None))[0] == 200
+    assert (await one.api("DELETE", "/api/v1/devices/d1/key"))[0] == 204
+    assert (await two.api("POST", post, reading, {"X-Device-Key": key}, token=None))[0] == 401
 
-        # A rename on hub-0: hub-1's API shows the new name after its next look (it kept the old one).
-        assert (await one.api("PATCH", "/api/v1/devices/d1", {"name": "Cellar"}))[0] == 200
-        await load_on_two("Cellar")
-        await two.hub.services["devices"]._flush_registry()  # hub-1's registry write keeps it
-        assert (await one.api("GET", "/api/v1/devices/d1"))[1]["name"] == "Cellar"
+    # A rename on hub-0: hub-1's API shows the new name after its next look (it kept the old one).
+    assert (await one.api("PATCH", "/api/v1/devices/d1", {"name": "Cellar"}))[0] == 200
+    await load_on_two("Cellar")
+    await two.hub.services["devices"]._flush_registry()  # hub-1's registry write keeps it
+    assert (await one.api("GET", "/api/v1/devices/d1"))[1]["name"] == "Cellar"
 
-        # Removed on hub-0 with a fresh key: the key is refused on hub-1 at once, the device is gone
-        # from hub-1's memory and API after its next look.
-        code, created = await one.api("POST", "/api/v1/devices/d1/key")
-        assert (await two.api("POST", post, reading, {"X-Device-Key": created["key"]}, token=None))[0] == 200
-        assert (await one.api("DELETE", "/api/v1/devices/d1"))[0] == 204
-        assert (await two.api("POST", post, reading, {"X-Device-Key": created["key"]}, token=None))[0] == 401
-        await load_on_two(404)
-        assert "d1" not in registry
-        # hub-0 itself noted what it did, and never applies its own notes
-        [(nodes,)] = await one.hub.store.fetchall("SELECT COUNT(DISTINCT node) FROM registry_changes")
-        assert nodes == 1
-    finally:
-        for running in hubs:
-            await running.stop()
+    # Removed on hub-0 with a fresh key: the key is refused on hub-1 at once, the device is gone
+    # from hub-1's memory and API after its next look.
+    code, created = await one.api("POST", "/api/v1/devices/d1/key")
+    assert (await two.api("POST", post, reading, {"X-Device-Key": created["key"]}, token=None))[0] == 200
+    assert (await one.api("DELETE", "/api/v1/devices/d1"))[0] == 204
+    assert (await two.api("POST", post, reading, {"X-Device-Key": created["key"]}, token=None))[0] == 401
+    await load_on_two(404)
+    assert "d1" not in registry
+    # hub-0 itself noted what it did, and never applies its own notes
+    [(nodes,)] = await one.hub.store.fetchall("SELECT COUNT(DISTINCT node) FROM registry_changes")
+    assert nodes == 1
 
 
 async def _equals(read: Any, expected: Any) -> bool:
@@ -222,76 +185,64 @@ async def _equals(read: Any, expected: Any) -> bool:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_firmware_image_uploaded_on_one_hub_downloads_from_another(
-    tmp_path: Path, postgres_url: str, redis_url: str
-) -> None:
-    _reset_pg_schema(postgres_url)
+async def test_a_firmware_image_uploaded_on_one_hub_downloads_from_another(family_hubs: FamilyHubs) -> None:
     brokers = [MemoryBroker(), MemoryBroker()]
     witness = brokers[0].witness("OTA/#")
-    hubs: list[RunningHub] = []
-    try:
-        for n in (0, 1):
-            (tmp_path / f"hub{n}").mkdir()
-            hubs.append(await start_hub(tmp_path / f"hub{n}", brokers[n], ["devices"], database=postgres_url,
-                                        cluster={"redis": redis_url, "node": f"hub-{n}"}))
-        one, two = hubs
-        assert (await one.api("POST", "/api/v1/devices", {"id": "d1"}))[0] == 201
+    one, two = await family_hubs.two(brokers, ["devices"])
+    assert (await one.api("POST", "/api/v1/devices", {"id": "d1"}))[0] == 201
 
-        async def offered(firmware_id: int) -> tuple[str, str]:
-            """An offer made on hub-0: its id and download path and query (the device asks whichever hub)."""
-            code, offer = await one.api("POST", "/api/v1/devices/d1/ota", {"firmware": firmware_id})
-            assert code == 202, offer
-            [update] = [json.loads(m.payload) for m in await witness.when(
-                lambda m: m.topic == "OTA/d1/update" and offer["offerId"].encode() in m.payload)]
-            url = urlsplit(update["url"])
-            return offer["offerId"], f"{url.path}?{url.query}"
+    async def offered(firmware_id: int) -> tuple[str, str]:
+        """An offer made on hub-0: its id and download path and query (the device asks whichever hub)."""
+        code, offer = await one.api("POST", "/api/v1/devices/d1/ota", {"firmware": firmware_id})
+        assert code == 202, offer
+        [update] = [json.loads(m.payload) for m in await witness.when(
+            lambda m: m.topic == "OTA/d1/update" and offer["offerId"].encode() in m.payload)]
+        url = urlsplit(update["url"])
+        return offer["offerId"], f"{url.path}?{url.query}"
 
-        async def done(offer_id: str) -> None:
-            """The device reports the update done: the offer ends, and the next one may start."""
-            await brokers[0].device().publish("OTA/d1/response", {"offerId": offer_id, "status": "done"})
-            await eventually(lambda: not one.hub.services["devices"].offers, what="the offer ended")
+    async def done(offer_id: str) -> None:
+        """The device reports the update done: the offer ends, and the next one may start."""
+        await brokers[0].device().publish("OTA/d1/response", {"offerId": offer_id, "status": "done"})
+        await eventually(lambda: not one.hub.services["devices"].offers, what="the offer ended")
 
-        async def download(running: RunningHub, path: str) -> tuple[int, bytes]:
-            response = await treq.get(running.base + path)
-            return response.code, await response.content()
+    async def download(running: RunningHub, path: str) -> tuple[int, bytes]:
+        response = await treq.get(running.base + path)
+        return response.code, await response.content()
 
-        # Several database parts, the last one short.
-        image = bytes(range(256)) * 2500 + b"tail"
-        assert len(image) > 2 * FIRMWARE_PART
-        code, firmware = await one.api("POST", "/api/v1/devices/firmware?name=fw&version=2.0.0", raw=image,
-                                       headers={"Content-Type": "application/octet-stream"})
-        assert code == 201
-        assert not one.hub.services["devices"].firmware_dir.exists(), "no file on the hub that took the upload"
-        offer_id, path = await offered(firmware["id"])
-        code, body = await download(two, path)
-        assert code == 200 and body == image
-        assert (await download(two, path.split("?")[0] + "?token=wrong"))[0] == 404
-        # offered by hub-0: hub-1 does not delete it under the device
-        assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 409
-        await done(offer_id)
+    # Several database parts, the last one short.
+    image = bytes(range(256)) * 2500 + b"tail"
+    assert len(image) > 2 * FIRMWARE_PART
+    code, firmware = await one.api("POST", "/api/v1/devices/firmware?name=fw&version=2.0.0", raw=image,
+                                   headers={"Content-Type": "application/octet-stream"})
+    assert code == 201
+    assert not one.hub.services["devices"].firmware_dir.exists(), "no file on the hub that took the upload"
+    offer_id, path = await offered(firmware["id"])
+    code, body = await download(two, path)
+    assert code == 200 and body == image
+    assert (await download(two, path.split("?")[0] + "?token=wrong"))[0] == 404
+    # offered by hub-0: hub-1 does not delete it under the device
+    assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 409
+    await done(offer_id)
 
-        # An image an earlier version kept as a file in one hub's data_dir goes into the database when that
-        # hub starts (here: its start's step, run again), and then any hub serves it.
-        old = b"\x02" * 1000
-        digest = hashlib.sha256(old).hexdigest()
-        await one.hub.store.execute(
-            "INSERT INTO dev_firmware (name, version, sha256, size, created_at, actor) VALUES (?, ?, ?, ?, ?, ?)",
-            ("old", "1.0.0", digest, len(old), 0.0, "test"))
-        [(old_id,)] = await one.hub.store.fetchall("SELECT id FROM dev_firmware WHERE sha256 = ?", (digest,))
-        offer_id, path = await offered(old_id)
-        assert (await download(one, path))[0] == 404  # on hub-1's disk only: not served yet
-        legacy = two.hub.services["devices"].firmware_dir / f"{digest}.bin"
-        legacy.parent.mkdir()
-        legacy.write_bytes(old)
-        await two.hub.services["devices"]._import_firmware_files()
-        assert not legacy.exists()
-        assert await download(one, path) == (200, old)
-        await done(offer_id)
+    # An image an earlier version kept as a file in one hub's data_dir goes into the database when that
+    # hub starts (here: its start's step, run again), and then any hub serves it.
+    old = b"\x02" * 1000
+    digest = hashlib.sha256(old).hexdigest()
+    await one.hub.store.execute(
+        "INSERT INTO dev_firmware (name, version, sha256, size, created_at, actor) VALUES (?, ?, ?, ?, ?, ?)",
+        ("old", "1.0.0", digest, len(old), 0.0, "test"))
+    [(old_id,)] = await one.hub.store.fetchall("SELECT id FROM dev_firmware WHERE sha256 = ?", (digest,))
+    offer_id, path = await offered(old_id)
+    assert (await download(one, path))[0] == 404  # on hub-1's disk only: not served yet
+    legacy = two.hub.services["devices"].firmware_dir / f"{digest}.bin"
+    legacy.parent.mkdir()
+    legacy.write_bytes(old)
+    await two.hub.services["devices"]._import_firmware_files()
+    assert not legacy.exists()
+    assert await download(one, path) == (200, old)
+    await done(offer_id)
 
-        # Deleted on hub-1: gone for every hub.
-        assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 204
-        assert await one.hub.store.fetchall("SELECT part FROM blob_parts WHERE owner = ? AND blob_id = ?",
-                                            (FIRMWARE_BLOBS, firmware["sha256"])) == []
-    finally:
-        for running in hubs:
-            await running.stop()
+    # Deleted on hub-1: gone for every hub.
+    assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 204
+    assert await one.hub.store.fetchall("SELECT part FROM blob_parts WHERE owner = ? AND blob_id = ?",
+                                        (FIRMWARE_BLOBS, firmware["sha256"])) == []

@@ -27,14 +27,15 @@ from bsscihub.keybox import KeyBox, KeyFileError, load_key
 from bsscihub.protocols.bssci.meters import registry_for
 from bsscihub.protocols.gate.tokens import Keyring
 from bsscihub.webhooks import WebhookService, sign
+from tests.cluster import FamilyHubs, family_hubs
 from tests.conftest import _reset_pg_schema, make_config
 from tests.memory_bridge import MemoryBroker
 from tests.redis_server import redis_url
 from tests.test_alerts import Receiver
-from tests.test_families import RunningHub, eventually, start_hub
+from tests.test_families import RunningHub, eventually
 from tests.test_gate import error, new_key, register
 
-__all__ = ["redis_url"]  # fixture
+__all__ = ["family_hubs", "redis_url"]  # fixtures
 
 KEY_FILES = {"gate.key", "meter-keys.secret", "webhook-keys.secret"}
 
@@ -163,30 +164,25 @@ async def test_a_meter_key_set_on_one_hub_opens_on_another_with_the_same_keys_di
 
 @pytest_twisted.ensureDeferred
 async def test_gate_keys_and_webhook_secrets_made_on_one_hub_work_on_another_with_the_same_keys_dir(
-        tmp_path: Path, postgres_url: str, redis_url: str, logged: list[Any]) -> None:
+        family_hubs: FamilyHubs, tmp_path: Path, logged: list[Any]) -> None:
     """Whole hubs of one cluster (PostgreSQL, Redis), each its data_dir: a provisioning key minted on hub one
     registers a unit on hub two, whose unit key works on hub one; hub two delivers, signed with its secret,
     the events of a webhook made on hub one. A third hub on its own keys (its data_dir) refuses that key."""
-    _reset_pg_schema(postgres_url)
     receiver = Receiver()
     listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(receiver))
-    hubs: list[RunningHub] = []
 
-    async def hub(node: str, **keys: Any) -> RunningHub:
-        (tmp_path / node).mkdir()
-        hubs.append(await start_hub(tmp_path / node, MemoryBroker(), ["gate"], database=postgres_url,
-                                    cluster={"redis": redis_url, "node": node},
-                                    webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s"}, **keys))
-        return hubs[-1]
+    async def hub(**keys: Any) -> RunningHub:
+        return await family_hubs.start(MemoryBroker(), ["gate"],
+                                       webhooks={"retry_min": "100ms", "retry_max": "200ms", "timeout": "2s"}, **keys)
 
     try:
-        one = await hub("hub1", keys_dir=str(tmp_path / "keys"))
+        one = await hub(keys_dir=str(tmp_path / "keys"))
         code, created = await one.api("POST", "/api/v1/webhooks", {
             "name": "crm", "url": f"http://127.0.0.1:{listening.getHost().port}/in", "families": ["gate"],
             "events": ["registered"], "secret": "crm-secret-" + "s" * 20})
         assert code == 201, created
         provisioning = await new_key(one)
-        two = await hub("hub2", keys_dir=str(tmp_path / "keys"))  # loads the webhook at its start
+        two = await hub(keys_dir=str(tmp_path / "keys"))  # loads the webhook at its start
 
         code, unit = await register(two, provisioning, "hw-1", "gate-1")
         assert code == 201, unit
@@ -202,13 +198,11 @@ async def test_gate_keys_and_webhook_secrets_made_on_one_hub_work_on_another_wit
         warned = "keys_dir is this hub's data_dir"
         assert not [e for e in logged if warned in (formatEvent(e) or "")]
 
-        alone = await hub("hub3")  # keys_dir unset: its data_dir, its own gate key
+        alone = await hub()  # keys_dir unset: its data_dir, its own gate key
         code, doc = await register(alone, provisioning, "hw-2", "gate-2")
         assert (code, error(doc)[0]) == (401, "invalid_provisioning_key")
-        assert (tmp_path / "hub3" / "var" / "gate.key").exists()
+        assert (alone.hub.config.data_dir / "gate.key").exists()  # tmp_path/hub2/var: the third hub's own
         [warning] = [formatEvent(e) for e in logged if warned in (formatEvent(e) or "")]
-        assert str(tmp_path / "hub3" / "var") in warning
+        assert str(alone.hub.config.data_dir) in warning
     finally:
-        for running in hubs:
-            await running.stop()
         await listening.stopListening()
