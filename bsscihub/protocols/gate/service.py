@@ -13,7 +13,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
@@ -44,6 +44,9 @@ from bsscihub.protocols.gate.registry import (
 from bsscihub.protocols.gate.signed import DOWN, UP, BadURL, URLSigner
 from bsscihub.protocols.gate.tokens import APP, PROVISIONING, SHARE, UNIT, Keyring
 from bsscihub.registry_sync import RegistryChanges
+
+if TYPE_CHECKING:
+    from bsscihub.mqtt.bridge import MQTTBridge
 
 FAMILY = "gate"
 FILES_PATH = "/api/v1/gates/files/"
@@ -234,10 +237,14 @@ class GateService(FamilyService):
 
     def _publish_device(self, topic: str, payload: Mapping[str, Any], *, acked: bool = False) -> Any:
         """Through the bridge's outbox; `acked`: the Deferred waits for the broker, not only the disk."""
+        mqtt = self._mqtt()
+        return mqtt.publish(topic, json.dumps(payload, separators=(",", ":")).encode(), acked=acked)
+
+    def _mqtt(self) -> MQTTBridge:
+        """The bridge, without which no unit can be reached: 503 when the hub runs without one."""
         if self.hub.mqtt is None:
             raise Refused(503, "mqtt_unavailable", "the hub has no MQTT bridge: nothing can reach the units")
-        data = json.dumps(payload, separators=(",", ":")).encode()
-        return self.hub.mqtt.publish(topic, data, acked=acked)
+        return self.hub.mqtt
 
     def _clear_retained(self, controller_id: str) -> None:
         """After a rename or deletion, nothing stays retained under a name that is free again."""
@@ -538,8 +545,7 @@ class GateService(FamilyService):
             needed = command_level(name)
             if caller.level is None or not level_at_least(caller.level, needed):
                 raise Refused(403, "access_level", f"{name} needs {needed} access; this app has {caller.level}")
-        if self.hub.mqtt is None:
-            raise Refused(503, "mqtt_unavailable", "the hub has no MQTT bridge: nothing can reach the units")
+        mqtt = self._mqtt()
         now = self.now()
         timeout = timeout or self.config.command_timeout
         command = Command(uuid.uuid4().hex, unit.id, name, args if args is not None else {}, caller.actor, via, now,
@@ -548,7 +554,7 @@ class GateService(FamilyService):
         self._arm_timeout(command.id, unit.id, timeout)
         self.log.info("gate command {command} {id} to {controller_id} by {actor}", command=name, id=command.id,
                       controller_id=unit.controller_id, actor=caller.actor)
-        if unit.online and self.hub.mqtt.connected and not self._queues.get(unit.id):
+        if unit.online and mqtt.connected and not self._queues.get(unit.id):
             await self._relay(unit, command)
             return attrs.evolve(command, relayed_at=self.now())
         await self._enqueue(unit, command)
@@ -904,8 +910,7 @@ class GateService(FamilyService):
                           via: str) -> tuple[FileRecord, Command]:
         """Store a config file and tell the unit where to fetch it: a `config_update` command with a signed URL."""
         self._check_size(len(data))
-        if self.hub.mqtt is None:
-            raise Refused(503, "mqtt_unavailable", "the hub has no MQTT bridge: nothing can reach the units")
+        self._mqtt()  # refused before the file is stored: no unit could be told to fetch it
         now = self.now()
         file_id = uuid.uuid4().hex
         digest = hashlib.sha256(data).hexdigest()
