@@ -72,6 +72,11 @@ class SessionStore:
 
     # -- persistence
 
+    def _delete_expired(self, c: Cursor, now: float) -> None:
+        """Both at start and in housekeeping: rows idle or older than a session may live are gone."""
+        c.execute("DELETE FROM web_sessions WHERE last_seen <= ? OR created <= ?",
+                  (now - self.idle, now - self.max_age))
+
     async def load(self) -> int:
         """At start: forget expired sessions in the database, take the live ones (of enabled users)."""
         if self.store is None:
@@ -79,8 +84,7 @@ class SessionStore:
         now = self.clock.seconds()
 
         def run(c: Cursor) -> list[tuple[Any, ...]]:
-            c.execute("DELETE FROM web_sessions WHERE last_seen <= ? OR created <= ?",
-                      (now - self.idle, now - self.max_age))
+            self._delete_expired(c, now)
             return c.execute(
                 "SELECT s.id_hash, s.user_id, u.name, u.role, s.csrf, s.created, s.last_seen, s.source"
                 " FROM web_sessions s JOIN users u ON u.id = s.user_id WHERE u.disabled = 0"
@@ -104,8 +108,7 @@ class SessionStore:
         stored = {key for key, session in self._sessions.items() if session.stored}
 
         def run(c: Cursor) -> list[tuple[Any, ...]]:
-            c.execute("DELETE FROM web_sessions WHERE last_seen <= ? OR created <= ?",
-                      (now - self.idle, now - self.max_age))
+            self._delete_expired(c, now)
             return c.execute("SELECT s.id_hash, u.role, u.disabled FROM web_sessions s"
                              " JOIN users u ON u.id = s.user_id").fetchall()
 
