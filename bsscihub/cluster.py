@@ -1,9 +1,10 @@
 """The seams a hub cluster replaces: uplink deduplication, a family's shared windows, station ownership, command
-routing, rate limits and leader leases. Each is one small interface; the local ones here are one hub's behaviour."""
+routing, rate limits and leader leases (with the fence of their writes). Each is one small interface; the local
+ones here are one hub's behaviour."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ __all__ = [
     "LATE",
     "MERGED",
     "Cluster",
+    "Fence",
     "ICommandRouter",
     "IDedupStore",
     "ILeaderLease",
@@ -28,6 +30,8 @@ __all__ = [
     "LocalOwnership",
     "LocalRouter",
     "NoRoute",
+    "StaleLeader",
+    "leader_write",
     "local_cluster",
     "parse_redis_url",
     "shared_windows",
@@ -206,7 +210,7 @@ class Cluster:
 
     def lease(self, name: str, clock: IReactorTime) -> ILeaderLease:
         """The leader lease `name`: held by exactly one hub of the cluster at a time (always here on one hub)."""
-        return self.make_lease(name, clock) if self.make_lease is not None else LocalLease()
+        return self.make_lease(name, clock) if self.make_lease is not None else LocalLease(name)
 
     def relay_events(self, bus: Any, sink: Callable[[Any], None]) -> Callable[[], None]:
         """Feed `sink` (the live stream) the events the other hubs handle too; returns the stop.
@@ -243,9 +247,17 @@ def parse_redis_url(url: str) -> tuple[str, int, int | None, str | None]:
 
 class ILeaderLease(Interface):
     """Work that one hub of a cluster does for all (alert checks): the lease says whether it is this one.
-    The holder renews it while it runs; when it dies the lease expires and another hub takes it over."""
+    The holder renews it while it runs; when it dies the lease expires and another hub takes it over.
 
+    A hub that stalls (GC, swap, SIGSTOP) may still believe it holds a lease another hub took over: every
+    acquisition gets a higher `token`, and each leader-only write goes through `leader_write`, which the
+    database refuses once a newer holder wrote (`Fence`)."""
+
+    name = Attribute("The lease's name, the same on every hub (str).")
     held = Attribute("True while this hub holds the lease (bool).")
+    token = Attribute(
+        "The fencing token of this hub's current (or last) acquisition (int): each acquisition anywhere in the"
+        " cluster gets a higher one. 0 on one hub: no other leader exists, its writes are not fenced.")
 
     def start() -> None:
         """Try to take the lease now and keep trying (or renewing) until `stop`."""
@@ -253,18 +265,74 @@ class ILeaderLease(Interface):
     def stop() -> defer.Deferred[None]:
         """Give the lease up (another hub may take it at once)."""
 
+    def fenced(newer: int) -> None:
+        """A write of this hub found `newer`, a later holder's token, in the database: this hub no longer
+        holds the lease (until a renewal acquires it again, with a token above `newer`)."""
+
 
 @implementer(ILeaderLease)
 class LocalLease:
     """One hub: it is always the leader."""
 
     held = True
+    token = 0
+
+    def __init__(self, name: str = "local") -> None:
+        self.name = name
 
     def start(self) -> None:
         pass
 
     def stop(self) -> defer.Deferred[None]:
         return defer.succeed(None)
+
+    def fenced(self, newer: int) -> None:
+        """Never called: token 0 is not fenced."""
+
+
+class StaleLeader(Exception):
+    """A leader-only write found a newer holder's token in the database: its transaction was abandoned."""
+
+    def __init__(self, name: str, token: int, newer: int) -> None:
+        super().__init__(f"lease {name}: token {token} is stale, the database has {newer}")
+        self.newer = newer
+
+
+@attrs.frozen
+class Fence:
+    """A leader-only write's claim: lease `name` was held with `token` when the hub decided the write."""
+
+    name: str
+    token: int
+
+    def check(self, cursor: Any) -> None:
+        """The first statement of the write's transaction: records the token as the lease's newest, or raises
+        StaleLeader (the transaction is abandoned) when a newer holder wrote already. The row stays locked until
+        the commit, so a newer holder's write waits for this one and the stale one, after it, fails."""
+        if self.token == 0:
+            return  # one hub (LocalLease): no other leader to fence out
+        cursor.execute(
+            "INSERT INTO lease_fences (name, token) VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+            " SET token = excluded.token WHERE lease_fences.token <= excluded.token", (self.name, self.token))
+        if cursor.rowcount == 0:
+            row = cursor.execute("SELECT token FROM lease_fences WHERE name = ?", (self.name,)).fetchone()
+            raise StaleLeader(self.name, self.token, int(row[0]) if row else 0)
+
+
+async def leader_write(lease: ILeaderLease, write: Callable[[Fence], Awaitable[Any]],
+                       fence: Fence | None = None) -> bool:
+    """Run a leader-only write: `write(fence)` runs one transaction that calls `fence.check` first. True once it
+    committed; False when a newer holder of the lease had written (nothing was written, and `lease.fenced`
+    drops this hub's leadership). `fence` is the claim taken when the write was decided (default: now).
+    What the write entails outside the database (events) goes out only after True."""
+    if fence is None:
+        fence = Fence(lease.name, lease.token)
+    try:
+        await write(fence)
+    except StaleLeader as stale:
+        lease.fenced(stale.newer)
+        return False
+    return True
 
 
 def shared_windows(cluster: Cluster, name: str, clock: IReactorTime, window: float,

@@ -768,14 +768,22 @@ class RedisLimiter:
         return d.addCallback(lambda _: None)
 
 
-# Take the lease if it is free, or renew it if it is this hub's; one step, so two hubs never both hold it.
+# Take the lease if it is free, or renew it if it is this hub's; one step, so two hubs never both hold it. The
+# value is "node#token": each acquisition takes the next token of the lease's counter (KEYS[2], kept without expiry),
+# at least above ARGV[4], the newest token the database refused this hub's writes with (a Redis that lost its data
+# counts again from 1). A holder named by this node with another token is an earlier run of this hub: taken over.
 _LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local mine = ARGV[1] .. '#' .. ARGV[3]
+local current = redis.call('GET', KEYS[1])
+if current == mine and tonumber(ARGV[3]) > tonumber(ARGV[4]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return tonumber(ARGV[3])
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
+if current and string.sub(current, 1, #ARGV[1] + 1) ~= ARGV[1] .. '#' then return 0 end
+if (tonumber(redis.call('GET', KEYS[2])) or 0) < tonumber(ARGV[4]) then redis.call('SET', KEYS[2], ARGV[4]) end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '#' .. token, 'PX', ARGV[2])
+return token
 """
 _LEASE_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -790,13 +798,17 @@ moves to another hub within this time."""
 class RedisLease:
     """A lease in Redis (`SET NX PX`, renewed while held). `held` is only believed until the lease
     would expire counting from when the last renewal was sent, so a hub cut off from Redis stops
-    acting as leader before another one can take over."""
+    acting as leader before another one can take over. Each acquisition gets a higher `token` (the
+    fence of the leader's writes: a hub that stalled past that moment has its writes refused)."""
 
     log = Logger()
 
     def __init__(self, link: RedisLink, node: str, name: str, clock: IReactorTime, ttl: float | None = None) -> None:
-        self.link, self.node, self.clock, self.ttl = link, node, clock, LEASE_TTL if ttl is None else ttl
+        self.link, self.node, self.name, self.clock = link, node, name, clock
+        self.ttl = LEASE_TTL if ttl is None else ttl
         self.key = f"{_PREFIX}lease:{name}"
+        self.token = 0
+        self._refused = 0  # the newest token the database refused a write of this hub's with
         self._until = float("-inf")
         self._loop: LoopingCall | None = None
 
@@ -813,16 +825,30 @@ class RedisLease:
     async def _renew(self) -> None:
         sent = self.clock.seconds()
         try:
-            got = await self.link.eval(_LEASE, [self.key], [self.node, int(self.ttl * 1000)])
+            got = int(await self.link.eval(_LEASE, [self.key, self.key + ":token"],
+                                           [self.node, int(self.ttl * 1000), self.token, self._refused]))
         except Exception as e:
             self._until = float("-inf")
             self.log.warn("cluster: lease {lease} not renewed: {problem}", lease=self.key, problem=str(e))
             return
         was = self.held
+        if got:
+            self.token = got
         # A margin of a tenth for clock drift between this hub and Redis.
-        self._until = sent + self.ttl * 0.9 if int(got) == 1 else float("-inf")
+        self._until = sent + self.ttl * 0.9 if got else float("-inf")
         if self.held != was:
-            self.log.info("cluster: {what} lease {lease}", what="holding" if self.held else "lost", lease=self.key)
+            self.log.info("cluster: {what} lease {lease} (token {token})", what="holding" if self.held else "lost",
+                          lease=self.key, token=self.token)
+
+    def fenced(self, newer: int) -> None:
+        if newer <= self.token:
+            return  # this hub's own later acquisition wrote it: only the write decided before was stale
+        self._refused = max(self._refused, newer)
+        if self.held:
+            self._until = float("-inf")
+            self.log.warn("cluster: lease {lease} lost: the database has token {newer} from a newer holder, this"
+                          " hub's {token} is stale; its write was not made", lease=self.key, newer=newer,
+                          token=self.token)
 
     def stop(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
@@ -833,7 +859,7 @@ class RedisLease:
         if self._until > float("-inf"):
             self._until = float("-inf")
             try:
-                await self.link.eval(_LEASE_RELEASE, [self.key], [self.node])
+                await self.link.eval(_LEASE_RELEASE, [self.key], [f"{self.node}#{self.token}"])
             except Exception as e:
                 self.log.warn("cluster: lease {lease} not given up (it expires): {problem}", lease=self.key,
                               problem=str(e))

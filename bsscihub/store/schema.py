@@ -100,6 +100,18 @@ CORE_MIGRATIONS = [
         CREATE INDEX issued_certs_binding ON issued_certs (binding_kind, binding_subject)
         """,
     ),
+    # The newest fencing token each leader lease wrote with (bsscihub.cluster.Fence): a cluster's stale leader's
+    # writes are refused by the database.
+    Migration(
+        "core",
+        4,
+        """
+        CREATE TABLE lease_fences (
+            name TEXT PRIMARY KEY,
+            token {bigint} NOT NULL
+        )
+        """,
+    ),
     # Admin sessions survive a restart: stored by the SHA-256 of the cookie value (bsscihub.web.sessions).
     # Its own component, so it never competes with a core version number.
     Migration(
