@@ -152,6 +152,20 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
     def service(self) -> Any:
         return _NotFoundMapping(running_service(self.hub, "mioty"))
 
+    async def _known_station(self, call: Call) -> str:
+        """The route's base-station EUI in lower case; 404 when the hub does not know the station."""
+        eui = call.params["eui"].lower()
+        if await self.service.get_base_station(eui) is None:
+            raise not_found(f"base station {eui}")
+        return eui
+
+    async def _known_sensor(self, call: Call) -> str:
+        """The route's sensor EUI in lower case; 404 when the hub does not know the sensor."""
+        eui = call.params["eui"].lower()
+        if await self.service.get_sensor(eui) is None:
+            raise not_found(f"sensor {eui}")
+        return eui
+
     async def certificate_revoked(self, serial: int, reason: str, actor: str) -> None:
         """Called by the web layer when a certificate is revoked: base stations using it are refused."""
         service = cast("MiotyService | None", self.hub.services.get("mioty"))
@@ -199,9 +213,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
     @api_route("POST", "/base-stations/{eui}/status", role="operator", summary="Poll the base station's status now",
                params=(BS,), response=ANY_OBJECT, errors=(404, 409), audit="mioty.bs.status", audit_target="eui")
     async def poll_status(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_base_station(eui) is None:
-            raise not_found(f"base station {eui}")
+        eui = await self._known_station(call)
         result = await self.service.poll_status(eui)
         return result if isinstance(result, dict) else {"bsEui": eui, "requested": True}
 
@@ -210,9 +222,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
                params=(BS,), body=obj({"reason": string("why", maxLength=200)}), body_required=False,
                response=ANY_OBJECT, errors=(404, 409), audit="mioty.bs.revoke", audit_target="eui")
     async def revoke_base_station(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_base_station(eui) is None:
-            raise not_found(f"base station {eui}")
+        eui = await self._known_station(call)
         reason = (call.body or {}).get("reason", "")
         result = await self.service.revoke_base_station(eui, reason, actor=call.actor)
         call.detail = {"reason": reason}
@@ -288,9 +298,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
                params=(EP,), body=ATTACH, response=SENSOR, errors=(404, 409), audit="mioty.sensor.update",
                audit_target="eui")
     async def update_sensor(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui = await self._known_sensor(call)
         body = call.body
         await self.service.attach(eui, body["nwKey"].lower(), body["shortAddr"].lower(), body["bidi"], actor=call.actor)
         call.detail = {"shortAddr": body["shortAddr"].lower(), "bidi": body["bidi"]}
@@ -299,9 +307,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
     @api_route("DELETE", "/sensors/{eui}", role="operator", summary="Detach and remove a sensor", params=(EP,),
                status=204, errors=(404, 409), audit="mioty.sensor.delete", audit_target="eui")
     async def delete_sensor(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui = await self._known_sensor(call)
         remove = getattr(self.service, "remove_sensor", None)
         if remove is not None:
             await remove(eui, actor=call.actor)
@@ -321,9 +327,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
     @api_route("POST", "/sensors/{eui}/detach", role="operator", summary="Detach a sensor", params=(EP,),
                response=SENSOR, errors=(404, 409), audit="mioty.sensor.detach", audit_target="eui")
     async def detach(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui = await self._known_sensor(call)
         await self.service.detach(eui, actor=call.actor)
         return _public(await self.service.get_sensor(eui)) or {"epEui": eui}
 
@@ -333,9 +337,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
                       Param("before", {"type": "number", "minimum": 0}, "only uplinks before this time (epoch s)")),
                response=page_of(ANY_OBJECT))
     async def uplinks(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui = await self._known_sensor(call)
         history = await self.service.uplink_history(eui, call.query["limit"], call.query.get("before"))
         items, _ = _normalize_page(history)
         return page(items, len(items), call.query["limit"], 0)
@@ -344,9 +346,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
                params=(EP,), errors=(404,),
                response=page_of(ANY_OBJECT))
     async def downlinks(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui = await self._known_sensor(call)
         items, _ = _normalize_page(await self.service.downlinks(eui))
         return page(items, len(items), len(items), 0)
 
@@ -365,9 +365,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
                body=DOWNLINK, status=202, response=ANY_OBJECT, errors=(404, 409), audit="mioty.sensor.downlink",
                audit_target="eui")
     async def queue_downlink(self, call: Call) -> Any:
-        eui, body = call.params["eui"].lower(), call.body
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui, body = await self._known_sensor(call), call.body
         result = await self.service.queue_downlink(
             eui, bytes.fromhex(body["data"]), format=body.get("format"), prio=body.get("prio"),
             response_exp=body.get("responseExp"), actor=call.actor,
@@ -380,9 +378,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
                params=(EP, QUE_ID), response=ANY_OBJECT, errors=(404, 409), audit="mioty.sensor.downlink_revoke",
                audit_target="eui")
     async def revoke_downlink(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui = await self._known_sensor(call)
         que_id = call.params["queId"]
         call.detail = {"queId": que_id}
         return await self.service.revoke_downlink(eui, que_id, actor=call.actor)
@@ -392,9 +388,7 @@ class MiotyWeb(MeterRoutes, BlueprintRoutes):
                        " answers arrive as dl_rx_status events",
                params=(EP,), status=202, response=ANY_OBJECT, errors=(404, 409))
     async def query_dl_rx_status(self, call: Call) -> Any:
-        eui = call.params["eui"].lower()
-        if await self.service.get_sensor(eui) is None:
-            raise not_found(f"sensor {eui}")
+        eui = await self._known_sensor(call)
         return Accepted(await self.service.query_dl_rx_status(eui))
 
     @api_route("GET", "/network", role="viewer", summary="Which base stations hear which sensors and meters",
