@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import namedtuple
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock, deferLater
 
 from bsscihub.bus import Event
 from bsscihub.cluster import FIRST, Cluster
-from bsscihub.cluster_redis import parse_redis_url, redis_cluster
+from bsscihub.cluster_redis import RedisDedup, parse_redis_url, redis_cluster
 from bsscihub.errors import CommandError
 from tests.cluster import MiotyHubs, mioty_hubs
 from tests.helpers import until as wait_for
@@ -39,6 +42,37 @@ async def hubs(redis_url: str) -> AsyncIterator[list[Cluster]]:
     await cluster.link.redis.delete(["bsscihub:owners"])  # each test starts with no owners
     yield started
     for cluster in started:
+        await cluster.stop()
+
+
+Copy = namedtuple("Copy", "bs_eui received")
+CODEC = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
+
+
+@attrs.define
+class DedupNodes:
+    """Shared dedup stores of hubs on one Redis, each on a link of its own; what they publish and find late is
+    recorded with their node."""
+
+    redis: str
+    emitted: list[tuple[str, list[str]]] = attrs.Factory(list)
+    late: list[tuple[str, str]] = attrs.Factory(list)
+    clusters: list[Cluster] = attrs.Factory(list)
+
+    async def store(self, node: str, clock: IReactorTime = reactor, window: float = 0.3) -> RedisDedup:
+        cluster = redis_cluster(node, self.redis, reactor)
+        await cluster.start()
+        self.clusters.append(cluster)
+        return RedisDedup(cluster.link, node, clock, window, 100,
+                          lambda key, copies, first: self.emitted.append((node, [c.bs_eui for c in copies])),
+                          lambda key, copy: self.late.append((node, copy.bs_eui)), CODEC)
+
+
+@pytest_twisted.async_yield_fixture
+async def dedup(redis_url: str) -> AsyncIterator[DedupNodes]:
+    nodes = DedupNodes(redis_url)
+    yield nodes
+    for cluster in nodes.clusters:
         await cluster.stop()
 
 
@@ -226,114 +260,49 @@ async def test_an_uplink_whose_live_collector_has_not_marked_it_yet_is_not_adopt
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_window_that_closes_before_redis_answered_waits_for_the_answer(redis_url: str) -> None:
-    from collections import namedtuple
-
-    from twisted.internet.task import Clock
-
-    from bsscihub.cluster_redis import RedisDedup
-
-    Copy = namedtuple("Copy", "bs_eui received")
-    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
-    emitted: list[tuple[str, list[str]]] = []
-    clusters = []
-    stores = []
+async def test_a_window_that_closes_before_redis_answered_waits_for_the_answer(dedup: DedupNodes) -> None:
     busy = Clock()  # hub-2's timers: it runs them before it reads Redis's answer, as a loaded hub does
-    for node, clock in (("hub-1", reactor), ("hub-2", busy)):
-        cluster = redis_cluster(node, redis_url, reactor)
-        await cluster.start()
-        clusters.append(cluster)
-        stores.append(RedisDedup(
-            cluster.link, node, clock, 0.3, 100,
-            lambda key, copies, first, node=node: emitted.append((node, [c.bs_eui for c in copies])),
-            lambda key, copy: None, codec,
-        ))  # fmt: skip
-    one, two = stores
-    try:
-        key = (f"{uuid.uuid4().hex[:16]}", 3)
-        one.add(key, Copy(A, reactor.seconds()))
-        await wait_for(lambda: one._open[one._name(key)].mode == "collect")
-        two.add(key, Copy(B, reactor.seconds()))
-        busy.advance(0.3)  # hub-2's window is up before Redis said who collects
-        assert emitted == []
-        # Redis says hub-1 collects: hub-2 leaves it, hub-1 publishes both copies once.
-        await wait_for(lambda: emitted == [("hub-1", [A, B])])
-        await deferLater(reactor, 0.2, lambda: None)
-        assert emitted == [("hub-1", [A, B])] and two.pending == 0 and one.pending == 0
-    finally:
-        for cluster in clusters:
-            await cluster.stop()
+    one, two = await dedup.store("hub-1"), await dedup.store("hub-2", busy)
+    key = (f"{uuid.uuid4().hex[:16]}", 3)
+    one.add(key, Copy(A, reactor.seconds()))
+    await wait_for(lambda: one._open[one._name(key)].mode == "collect")
+    two.add(key, Copy(B, reactor.seconds()))
+    busy.advance(0.3)  # hub-2's window is up before Redis said who collects
+    assert dedup.emitted == []
+    # Redis says hub-1 collects: hub-2 leaves it, hub-1 publishes both copies once.
+    await wait_for(lambda: dedup.emitted == [("hub-1", [A, B])])
+    await deferLater(reactor, 0.2, lambda: None)
+    assert dedup.emitted == [("hub-1", [A, B])] and two.pending == 0 and one.pending == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_without_redis_a_window_is_published_by_the_hub_that_heard_it(redis_url: str) -> None:
-    from collections import namedtuple
-
-    from twisted.internet.task import Clock
-
-    from bsscihub.cluster_redis import RedisDedup
-
-    Copy = namedtuple("Copy", "bs_eui received")
-    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
-    emitted: list[list[str]] = []
+async def test_without_redis_a_window_is_published_by_the_hub_that_heard_it(dedup: DedupNodes) -> None:
     clock = Clock()
-    cluster = redis_cluster("hub-1", redis_url, reactor)
-    await cluster.start()
-    try:
-        store = RedisDedup(cluster.link, "hub-1", clock, 0.3, 100,
-                           lambda key, copies, first: emitted.append([c.bs_eui for c in copies]),
-                           lambda key, copy: None, codec)
-        await cluster.link.redis.disconnect()  # Redis gone: the question fails
-        store.add((f"{uuid.uuid4().hex[:16]}", 1), Copy(A, 0.0))
-        await deferLater(reactor, 0.05, lambda: None)
-        assert emitted == []  # still inside its window
-        clock.advance(0.3)
-        assert emitted == [[A]] and store.pending == 0
-    finally:
-        await cluster.stop()
+    store = await dedup.store("hub-1", clock)
+    await store.link.redis.disconnect()  # Redis gone: the question fails
+    store.add((f"{uuid.uuid4().hex[:16]}", 1), Copy(A, 0.0))
+    await deferLater(reactor, 0.05, lambda: None)
+    assert dedup.emitted == []  # still inside its window
+    clock.advance(0.3)
+    assert dedup.emitted == [("hub-1", [A])] and store.pending == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_copy_forwarded_after_the_collector_closed_is_late(redis_url: str) -> None:
-    from collections import namedtuple
-
-    from twisted.internet.task import Clock
-
-    from bsscihub.cluster_redis import RedisDedup
-
-    Copy = namedtuple("Copy", "bs_eui received")
-    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
-    emitted: list[tuple[str, list[str]]] = []
-    late: list[tuple[str, str]] = []
-    clusters = []
-    stores = []
+async def test_a_copy_forwarded_after_the_collector_closed_is_late(dedup: DedupNodes) -> None:
     slow = Clock()  # hub-2's window is still open when hub-1 has published
-    for node, clock in (("hub-1", reactor), ("hub-2", slow)):
-        cluster = redis_cluster(node, redis_url, reactor)
-        await cluster.start()
-        clusters.append(cluster)
-        stores.append(RedisDedup(
-            cluster.link, node, clock, 0.3, 100,
-            lambda key, copies, first, node=node: emitted.append((node, [c.bs_eui for c in copies])),
-            lambda key, copy, node=node: late.append((node, copy.bs_eui)), codec,
-        ))  # fmt: skip
-    one, two = stores
-    try:
-        key = (f"{uuid.uuid4().hex[:16]}", 4)
-        one.add(key, Copy(A, reactor.seconds()))
-        await wait_for(lambda: one._open[one._name(key)].mode == "collect")
-        two.add(key, Copy(B, reactor.seconds()))
-        await wait_for(lambda: two._open[two._name(key)].mode == "forward")
-        await wait_for(lambda: emitted == [("hub-1", [A, B])])
-        # Another station's copy reaches hub-2 after hub-1 published: late (marked with the uplink),
-        # not pushed to a list nobody reads and left for the orphan sweep to publish again.
-        two.add(key, Copy("00000000000000cc", reactor.seconds()))
-        await wait_for(lambda: late == [("hub-2", "00000000000000cc")])
-        assert emitted == [("hub-1", [A, B])]
-        assert not await clusters[0].link.redis.exists(f"bsscihub:dedup:{one._name(key)}:copies")
-    finally:
-        for cluster in clusters:
-            await cluster.stop()
+    one, two = await dedup.store("hub-1"), await dedup.store("hub-2", slow)
+    key = (f"{uuid.uuid4().hex[:16]}", 4)
+    one.add(key, Copy(A, reactor.seconds()))
+    await wait_for(lambda: one._open[one._name(key)].mode == "collect")
+    two.add(key, Copy(B, reactor.seconds()))
+    await wait_for(lambda: two._open[two._name(key)].mode == "forward")
+    await wait_for(lambda: dedup.emitted == [("hub-1", [A, B])])
+    # Another station's copy reaches hub-2 after hub-1 published: late (marked with the uplink),
+    # not pushed to a list nobody reads and left for the orphan sweep to publish again.
+    two.add(key, Copy("00000000000000cc", reactor.seconds()))
+    await wait_for(lambda: dedup.late == [("hub-2", "00000000000000cc")])
+    assert dedup.emitted == [("hub-1", [A, B])]
+    assert not await one.link.redis.exists(f"bsscihub:dedup:{one._name(key)}:copies")
 
 
 @pytest_twisted.ensureDeferred
@@ -359,42 +328,20 @@ async def test_the_live_stream_of_each_hub_gets_the_events_of_the_others(hubs: l
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_hub_stopping_inside_a_window_publishes_once_and_later_copies_are_late(redis_url: str) -> None:
-    from collections import namedtuple
-
-    from bsscihub.cluster_redis import RedisDedup
-
-    Copy = namedtuple("Copy", "bs_eui received")
-    codec = (lambda c: json.dumps(list(c)), lambda text: Copy(*json.loads(text)))
-    emitted: list[tuple[str, list[str]]] = []
-    late: list[tuple[str, str]] = []
-    stores = []
-    clusters = []
-    for node in ("hub-1", "hub-2", "hub-3"):
-        cluster = redis_cluster(node, redis_url, reactor)
-        await cluster.start()
-        clusters.append(cluster)
-        stores.append(RedisDedup(
-            cluster.link, node, reactor, 0.5, 100,
-            lambda key, copies, first, node=node: emitted.append((node, [c.bs_eui for c in copies])),
-            lambda key, copy, node=node: late.append((node, copy.bs_eui)), codec,
-        ))  # fmt: skip
-    try:
-        key = (f"{uuid.uuid4().hex[:16]}", 9)
-        assert stores[0].add(key, Copy(A, reactor.seconds())) == FIRST
-        await wait_for(lambda: stores[0]._open[stores[0]._name(key)].mode == "collect")
-        stores[1].add(key, Copy(B, reactor.seconds()))
-        await wait_for(lambda: stores[1]._open[stores[1]._name(key)].mode == "forward")
-        stores[0].flush()  # hub-1 stops inside the window
-        assert emitted == [("hub-1", [A])]
-        await deferLater(reactor, 0.7, lambda: None)  # hub-2's window closes: it forwarded, it does not publish
-        assert emitted == [("hub-1", [A])]
-        stores[2].add(key, Copy("00000000000000cc", reactor.seconds()))
-        await wait_for(lambda: late == [("hub-3", "00000000000000cc")])
-        assert emitted == [("hub-1", [A])]
-    finally:
-        for cluster in clusters:
-            await cluster.stop()
+async def test_a_hub_stopping_inside_a_window_publishes_once_and_later_copies_are_late(dedup: DedupNodes) -> None:
+    stores = [await dedup.store(node, window=0.5) for node in ("hub-1", "hub-2", "hub-3")]
+    key = (f"{uuid.uuid4().hex[:16]}", 9)
+    assert stores[0].add(key, Copy(A, reactor.seconds())) == FIRST
+    await wait_for(lambda: stores[0]._open[stores[0]._name(key)].mode == "collect")
+    stores[1].add(key, Copy(B, reactor.seconds()))
+    await wait_for(lambda: stores[1]._open[stores[1]._name(key)].mode == "forward")
+    stores[0].flush()  # hub-1 stops inside the window
+    assert dedup.emitted == [("hub-1", [A])]
+    await deferLater(reactor, 0.7, lambda: None)  # hub-2's window closes: it forwarded, it does not publish
+    assert dedup.emitted == [("hub-1", [A])]
+    stores[2].add(key, Copy("00000000000000cc", reactor.seconds()))
+    await wait_for(lambda: dedup.late == [("hub-3", "00000000000000cc")])
+    assert dedup.emitted == [("hub-1", [A])]
 
 
 @pytest_twisted.ensureDeferred
