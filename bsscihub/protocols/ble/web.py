@@ -14,7 +14,7 @@ from zope.interface import implementer
 from bsscihub.contract import rfc3339
 from bsscihub.family import IDashboardSummary, IWebExtension
 from bsscihub.ingest import Rejected
-from bsscihub.protocols.ble.service import BLEService, normalize_mac
+from bsscihub.protocols.ble.service import BLEService, Gateway, Node, normalize_mac
 from bsscihub.series import DAY, POINTS, SERIES, SINCE, UNTIL, bucketed, chart_points, series_json, time_range
 from bsscihub.web.errors import bad_field, not_found, running_service
 from bsscihub.web.routing import NO_CONTENT, PAGING, Call, NavItem, Page, Param, Redirect, api_route, page, page_route
@@ -81,6 +81,20 @@ class BLEWeb:
     def _range(self, query: dict[str, Any]) -> tuple[float, float]:
         return time_range(query, self.hub.reactor.seconds())
 
+    def _gateway(self, call: Call) -> Gateway:
+        """The route's gateway; 404 for one the hub does not know."""
+        gateway = self.service.gateways.get(call.params["id"])
+        if gateway is None:
+            raise not_found(f"gateway {call.params['id']}")
+        return gateway
+
+    def _node(self, call: Call) -> Node:
+        """The route's beacon, by its MAC in any accepted spelling; 404 for one the hub has not heard."""
+        node = self.service.nodes.get(_mac(call.params["mac"]))
+        if node is None:
+            raise not_found(f"node {call.params['mac']}")
+        return node
+
     # -- API: gateways
 
     @api_route("GET", "/gateways", role="viewer", summary="BLE gateways, most recently heard first", tag="ble",
@@ -95,9 +109,7 @@ class BLEWeb:
     @api_route("GET", "/gateways/{id}", role="viewer", summary="One BLE gateway and the beacons nearest to it",
                tag="ble", params=(GATEWAY_ID,), response=GATEWAY, errors=(404,))
     def get_gateway(self, call: Call) -> Any:
-        gateway = self.service.gateways.get(call.params["id"])
-        if gateway is None:
-            raise not_found(f"gateway {call.params['id']}")
+        gateway = self._gateway(call)
         nearest = sorted(n.mac for n in self.service.nodes.values() if n.gateway == gateway.id)
         return {**gateway.to_json(), "nearestNodes": nearest}
 
@@ -123,11 +135,7 @@ class BLEWeb:
     @api_route("GET", "/nodes/{mac}", role="viewer", summary="One BLE beacon node with its latest values",
                tag="ble", params=(MAC,), response=NODE, errors=(404,))
     def get_node(self, call: Call) -> Any:
-        mac = _mac(call.params["mac"])
-        node = self.service.nodes.get(mac)
-        if node is None:
-            raise not_found(f"node {call.params['mac']}")
-        return node.to_json()
+        return self._node(call).to_json()
 
     @api_route("DELETE", "/nodes/{mac}", role="operator", summary="Forget a BLE node and its readings", tag="ble",
                params=(MAC,), status=204, errors=(404,), audit="ble.node.forget", audit_target="mac")
@@ -140,9 +148,7 @@ class BLEWeb:
                " first, each with every gateway that heard it (nearest first)", tag="ble", params=(MAC,),
                query=(SINCE, UNTIL, LIMIT), response=page_of(READING), errors=(404,))
     async def readings(self, call: Call) -> Any:
-        mac = _mac(call.params["mac"])
-        if mac not in self.service.nodes:
-            raise not_found(f"node {call.params['mac']}")
+        mac = self._node(call).mac
         since, until = self._range(call.query)
         rows = await self.hub.store.fetchall(
             "SELECT time, data, receivers FROM ble_readings WHERE mac = ? AND time >= ? AND time < ?"
@@ -155,9 +161,7 @@ class BLEWeb:
                " averaged into at most `points` buckets (for charts)", tag="ble", params=(MAC,),
                query=(QUANTITY, SINCE, UNTIL, POINTS), response=SERIES, errors=(404,))
     async def series(self, call: Call) -> Any:
-        mac = _mac(call.params["mac"])
-        if mac not in self.service.nodes:
-            raise not_found(f"node {call.params['mac']}")
+        mac = self._node(call).mac
         since, until = self._range(call.query)
         result = await bucketed(self.hub.store, "ble_samples", "mac = ? AND quantity = ?",
                                 (mac, call.query["quantity"]), since, until, call.query["points"])
@@ -182,9 +186,7 @@ class BLEWeb:
     @page_route("GET", "/gateways/{id}", role="viewer", summary="A BLE gateway", params=(GATEWAY_ID,))
     def gateway_page(self, call: Call) -> Any:
         service = self.service
-        gateway = service.gateways.get(call.params["id"])
-        if gateway is None:
-            raise not_found(f"gateway {call.params['id']}")
+        gateway = self._gateway(call)
         nodes = [n.to_json() for n in sorted((n for n in service.nodes.values() if n.gateway == gateway.id),
                                              key=lambda n: -n.last_seen)]
         return Page("ble/gateway.html", {"title": f"Gateway {gateway.id}", "gateway": gateway.to_json(),
@@ -198,10 +200,8 @@ class BLEWeb:
 
     @page_route("GET", "/nodes/{mac}", role="viewer", summary="A BLE beacon with charts", params=(MAC,))
     async def node_page(self, call: Call) -> Any:
-        mac = _mac(call.params["mac"])
-        node = self.service.nodes.get(mac)
-        if node is None:
-            raise not_found(f"node {call.params['mac']}")
+        node = self._node(call)
+        mac = node.mac
         until = self.hub.reactor.seconds()
         charts = []
         for quantity in sorted(node.values):
