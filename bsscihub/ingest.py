@@ -261,8 +261,7 @@ class RegistrationLimit:
     def check(self, source: str, count: int, what: str) -> None:
         """Raise Rejected unless one more entry may be created now (`count`: how many exist)."""
         if self.cap and count >= self.cap:
-            raise Rejected(REGISTRATION_LIMIT, f"{what}: the registry is full ({self.cap}); raise the cap or"
-                           " register by hand", source=source)
+            raise self.full(source, what)
         if self._rate is None:
             return
         until = self._refused.get(source)
@@ -274,6 +273,11 @@ class RegistrationLimit:
         self._rate.take(source).addCallback(self._answered, source, answer)
         if answer and answer[0] is not None:
             raise self._too_many(what, source)
+
+    def full(self, source: str, what: str) -> Rejected:
+        """The refusal when the registry holds `cap` entries (in a cluster: counted over every hub)."""
+        return Rejected(REGISTRATION_LIMIT, f"{what}: the registry is full ({self.cap}); raise the cap or"
+                        " register by hand", source=source)
 
     def _answered(self, wait: float | None, source: str, answer: list[float | None]) -> None:
         answer.append(wait)

@@ -1,17 +1,21 @@
 """Registry edits every hub of a cluster must see: a family notes a rename, removal or other admin edit of a
 row it keeps in memory, and each other hub re-reads the rows noted within seconds (one table for all families).
 
-Additions need nothing here (each family loads the rows other hubs registered); an edit is a (kind, key) the
-family re-reads from its tables: present, it takes the new values; gone, it drops it from memory. The table
-is the core's migration `registry` 1 (bsscihub.store.schema).
+Additions go through SharedRegistry: the database decides which hub's insert made a row (that hub announces it)
+and keeps a capped table within its cap for the whole cluster; each family loads the rows other hubs registered.
+An edit is a (kind, key) the family re-reads from its tables: present, it takes the new values; gone, it drops
+it from memory. The table is the core's migration `registry` 1 (bsscihub.store.schema).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -88,3 +92,59 @@ class RegistryChanges:
         if now - self._pruned >= KEEP / 4:
             self._pruned = now
             await self.hub.store.interaction(prune_notes, self.family, now - KEEP)
+
+
+class RegistryFull(Exception):
+    """The table holds `cap` rows already, counted over every hub of the cluster."""
+
+
+class SharedRegistry:
+    """New rows of one registry table of a cluster, decided by the shared database.
+
+    `insert` fires None when this hub's insert made the row (so this hub announces it), or the row another hub
+    made (adopted silently), or fails with RegistryFull. With a cap, the count and the insert are one
+    transaction, under a PostgreSQL advisory lock per table: hubs registering at once count one after the
+    other, each seeing the rows the one before it added. Inserts of one key wait for the one in flight here.
+    """
+
+    def __init__(self, store: Store, table: str, key: str, columns: Sequence[str], cap: int,
+                 stored: Sequence[str] | None = None) -> None:
+        self._store, self.table, self.cap = store, table, cap
+        self._insert = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+                        f" ON CONFLICT ({key}) DO NOTHING")
+        self._select = f"SELECT {', '.join(stored or columns)} FROM {table} WHERE {key} = ?"
+        self._lock = zlib.crc32(f"bsscihub registry {table}".encode())
+        self._pending: dict[str, list[defer.Deferred[Any]]] = {}
+
+    def registering(self, key: str) -> bool:
+        return key in self._pending
+
+    def insert(self, key: str, row: Sequence[Any], *, capped: bool = True) -> defer.Deferred[tuple[Any, ...] | None]:
+        waiting: defer.Deferred[tuple[Any, ...] | None] = defer.Deferred()
+        if key in self._pending:
+            self._pending[key].append(waiting)
+            return waiting
+        self._pending[key] = [waiting]
+        self._store.interaction(self._decide, key, tuple(row), capped).addBoth(self._decided, key)
+        return waiting
+
+    def _decide(self, cursor: Cursor, key: str, row: tuple[Any, ...], capped: bool) -> tuple[Any, ...] | None:
+        if capped and self.cap:
+            if self._store.dialect == "postgresql":
+                cursor.execute("SELECT pg_advisory_xact_lock(CAST(? AS BIGINT))", (self._lock,))
+            stored = cursor.execute(self._select, (key,)).fetchone()
+            if stored is not None:
+                return stored
+            (count,) = cursor.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone() or (0,)
+            if count >= self.cap:
+                raise RegistryFull(f"{self.table} holds {count} rows, the cap is {self.cap}")
+        if cursor.execute(self._insert, row).rowcount:
+            return None
+        return cursor.execute(self._select, (key,)).fetchone()
+
+    def _decided(self, result: Any, key: str) -> None:
+        for waiting in self._pending.pop(key):
+            if isinstance(result, Failure):
+                waiting.errback(result)
+            else:
+                waiting.callback(result)

@@ -479,7 +479,7 @@ async def test_stopping_flushes_pending_registry_changes(tmp_path: Path) -> None
     broker = MemoryBroker()
     running = await start_hub(tmp_path, broker, ["devices"])
     service = running.hub.services["devices"]
-    service.register("flush-me")
+    await service.register("flush-me")
     service.rename("flush-me", "renamed just before stop")
     await task.deferLater(reactor, 0.05, lambda: None)
     await running.stop()

@@ -246,3 +246,49 @@ async def test_a_firmware_image_uploaded_on_one_hub_downloads_from_another(famil
     assert (await two.api("DELETE", f"/api/v1/devices/firmware/{firmware['id']}"))[0] == 204
     assert await one.hub.store.fetchall("SELECT part FROM blob_parts WHERE owner = ? AND blob_id = ?",
                                         (FIRMWARE_BLOBS, firmware["sha256"])) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_hubs_registering_at_once_stay_within_one_cap_and_announce_each_device_once(
+    family_hubs: FamilyHubs
+) -> None:
+    brokers = [MemoryBroker(), MemoryBroker()]
+    witnesses = [b.witness(f"{DEV}/+/event/registered", f"{DEV}/+/up") for b in brokers]
+    hubs = one, two = await family_hubs.two(brokers, ["devices"],
+                                            devices={"max_devices": 4, "registrations_per_minute": 0})
+    devices = [broker.device() for broker in brokers]
+
+    def settled(messages: int) -> bool:
+        published = sum(1 for w in witnesses for m in w.messages if m.topic.endswith("/up"))
+        return published + sum(h.rejected("devices", "registration_limit") for h in hubs) == messages
+
+    def announced() -> list[str]:
+        return sorted(m.topic.split("/")[-3] for w in witnesses for m in w.messages
+                      if m.topic.endswith("/event/registered"))
+
+    # A device first heard by both hubs at once: one hub's insert makes its row, that hub announces it.
+    for device in devices:
+        await device.publish("device/both/telemetry/temp", b"20")
+    await eventually(lambda: settled(2), what="both messages taken")
+    assert announced() == ["both"]
+    assert all("both" in h.hub.services["devices"].devices for h in hubs)
+
+    # Six more at once, three to each hub: the cap (4) is the cluster's.
+    for n in range(6):
+        await devices[n % 2].publish(f"device/d{n}/telemetry/temp", b"21")
+    await eventually(lambda: settled(8), what="every message taken or refused")
+    [(rows,)] = await one.hub.store.fetchall("SELECT COUNT(*) FROM dev_devices")
+    assert rows == 4
+    assert len(announced()) == 4 and len(set(announced())) == 4, announced()
+    assert sum(h.rejected("devices", "registration_limit") for h in hubs) == 3
+
+    # The REST answers are those of one hub: a device another hub registered is taken (409), whether or not
+    # this hub loaded it yet; a device registering itself into a full registry is refused (429).
+    [(by, theirs)] = [(n, m.topic.split("/")[-3]) for n, w in enumerate(witnesses) for m in w.messages
+                      if m.topic.endswith("/event/registered") and b"both" not in m.payload][:1]
+    assert (await hubs[1 - by].api("POST", "/api/v1/devices", {"id": theirs}))[0] == 409
+    code, created = await one.api("POST", "/api/v1/devices/org-keys", {"name": "installers"})
+    assert code == 201
+    code, refused = await two.api("POST", "/api/v1/devices/register", {"device_id": "late"},
+                                  {"X-Org-Key": created["key"]}, token=None)
+    assert (code, refused["error"]["code"]) == (429, "registration_limit"), refused

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +28,7 @@ from bsscihub.health import ComponentHealth
 from bsscihub.hub import Hub
 from bsscihub.ingest import Rejected, errback
 from bsscihub.mqtt.dynsec import DynsecError, NoProvisioning, make_client
-from bsscihub.registry_sync import RegistryChanges
+from bsscihub.registry_sync import RegistryChanges, RegistryFull, SharedRegistry
 
 TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -58,6 +58,8 @@ OTA_ALIASES = {"success": "done", "succeeded": "done", "ok": "done", "completed"
 CHECKSUM = re.compile(r"^[A-Za-z0-9:+/=_-]{8,160}$")
 OTA_FINAL = ("done", "failed", "rejected", "timeout")
 OTA_OPEN = "('offered', 'downloading', 'installing')"
+DEVICE_COLUMNS = ("id, name, first_seen, last_seen, registered_via, status, status_detail, status_time, firmware,"
+                  " messages")
 
 
 class DeviceError(CommandError):
@@ -163,6 +165,11 @@ class DevicesService(FamilyService):
         self._limit = ingest.RegistrationLimit(self.clock, self.config.max_devices,
                                                self.config.registrations_per_minute,
                                                limiter=hub.cluster.limiter, name="devices.registrations")
+        # In a cluster the shared database decides on each new device: within the cap for all hubs, and
+        # announced by the hub whose insert made the row.
+        self.shared = SharedRegistry(
+            hub.store, "dev_devices", "id", ("id", "name", "first_seen", "registered_via"), self.config.max_devices,
+            DEVICE_COLUMNS.split(", ")) if hub.cluster.clustered else None
         self.broker: Any = self._make_broker()
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._pruner = self.looping(self.prune, "pruning old telemetry")
@@ -182,13 +189,18 @@ class DevicesService(FamilyService):
     async def _load_registry(self, since: float | None = None) -> None:
         """The registry's rows this hub does not hold yet (all, or those first seen since `since`)."""
         rows = await self.hub.store.fetchall(
-            "SELECT id, name, first_seen, last_seen, registered_via, status, status_detail, status_time, firmware,"
-            " messages FROM dev_devices" + ("" if since is None else " WHERE first_seen >= ?"),
+            f"SELECT {DEVICE_COLUMNS} FROM dev_devices" + ("" if since is None else " WHERE first_seen >= ?"),
             () if since is None else (since,))
-        for did, name, first, last, via, status, detail, status_time, firmware, messages in rows:
-            if did not in self.devices:
-                self.devices[did] = Device(did, float(first), via, name, last, status, json.loads(detail),
-                                           status_time, firmware, int(messages))
+        for row in rows:
+            if row[0] not in self.devices:
+                self._adopt(row)
+
+    def _adopt(self, row: Sequence[Any]) -> Device:
+        """A device as stored (DEVICE_COLUMNS) into memory."""
+        did, name, first, last, via, status, detail, status_time, firmware, messages = row
+        device = self.devices[did] = Device(did, float(first), via, name, last, status, json.loads(detail),
+                                            status_time, firmware, int(messages))
+        return device
 
     async def _load_open(self, since: float | None = None) -> None:
         """Commands and offers open in the database and not held here (all, or those made since `since`),
@@ -276,7 +288,7 @@ class DevicesService(FamilyService):
 
     # -- ingress
 
-    def on_sensor_data(self, topic: str, payload: bytes, properties: Any = None) -> None:
+    def on_sensor_data(self, topic: str, payload: bytes, properties: Any = None) -> defer.Deferred[None] | None:
         """`SensorData/...`: {"device_id", "type", "value", "time"?}."""
         doc = ingest.json_object(payload, self.config.max_payload)
         device_id = ingest.identifier(doc, "device_id")
@@ -287,9 +299,10 @@ class DevicesService(FamilyService):
         with _from_device(device_id):
             kind = check_type(ingest.require(doc, "type"))
             value, when = self._reading(doc)
-        self.record(device_id, kind, value, when, "mqtt", topic)  # type: ignore[arg-type]
+        return self._once_known(device_id, topic, lambda: self.record(
+            device_id, kind, value, when, "mqtt", topic))  # type: ignore[arg-type]
 
-    def on_telemetry(self, topic: str, payload: bytes, properties: Any = None) -> None:
+    def on_telemetry(self, topic: str, payload: bytes, properties: Any = None) -> defer.Deferred[None] | None:
         """`device/{id}/telemetry/{type}`: a JSON number, or {"value", "time"?}."""
         levels = topic.split("/")
         device_id = self._topic_device(levels[1], topic)
@@ -299,18 +312,23 @@ class DevicesService(FamilyService):
             if not isinstance(doc, dict):
                 doc = {"value": doc}
             value, when = self._reading(doc)
-        self.record(device_id, kind, value, when, "mqtt", topic)  # type: ignore[arg-type]
+        return self._once_known(device_id, topic, lambda: self.record(
+            device_id, kind, value, when, "mqtt", topic))  # type: ignore[arg-type]
 
     def _reading(self, doc: Mapping[str, Any]) -> tuple[float | None, float]:
         """A telemetry document's value and the time it was measured (now when the device sends none)."""
         return ingest.number(doc, "value", *VALUE_RANGE), ingest.device_time(doc, "time", self.clock.seconds())
 
-    def on_status(self, topic: str, payload: bytes, properties: Any = None) -> None:
+    def on_status(self, topic: str, payload: bytes, properties: Any = None) -> defer.Deferred[None] | None:
         """`device/{id}/status`: a JSON object ({"state"|"status", ...}), a JSON string, or a bare word
         such as `online` / `offline` (what most devices set as their MQTT will)."""
         device_id = self._topic_device(topic.split("/")[1], topic)
         with _from_device(device_id):
             state, detail = self._parse_status(payload)
+            return self._once_known(device_id, topic, lambda: self._status(device_id, state, detail, topic))
+
+    def _status(self, device_id: str, state: str, detail: dict[str, Any], topic: str) -> None:
+        with _from_device(device_id):
             device = self._seen(device_id, "mqtt", topic, status=False)
         now = self.clock.seconds()
         device.status, device.status_detail, device.status_time = state, detail, now
@@ -419,7 +437,41 @@ class DevicesService(FamilyService):
                       seconds=self.config.offline_after)
         self._status_event(device)
 
+    def _once_known(self, device_id: str, topic: str, step: Callable[[], None]) -> defer.Deferred[None] | None:
+        """step() now; in a cluster, a message from a device this hub does not know runs it once the shared
+        database decided on registering the device (messages of a device being registered wait as well)."""
+        if self.shared is None or device_id in self.devices:
+            step()
+            return None
+        if not self.shared.registering(device_id):
+            self._may_register(device_id, "mqtt", topic)
+        decided = self.shared.insert(device_id, (device_id, "", self.clock.seconds(), "mqtt")).addCallbacks(
+            self._decided, self._refused, (device_id, "mqtt"), errbackArgs=(device_id, topic))
+        return decided.addCallback(lambda _: step())
+
+    def _decided(self, stored: tuple[Any, ...] | None, device_id: str, via: str, name: str = "") -> Device:
+        """A new device once the shared database decided: this hub's (announced) or another hub's (adopted)."""
+        device = self.devices.get(device_id)
+        if device is not None:  # an earlier message's decision, or the others' rows loaded meanwhile
+            return device
+        if stored is not None:
+            return self._adopt(stored)
+        return self._registered(device_id, via, name, self.clock.seconds())
+
+    def _refused(self, failure: Any, device_id: str, topic: str) -> None:
+        failure.trap(RegistryFull)
+        raise self._limit.full(self._source("mqtt", topic), f"new device {device_id}")
+
+    def _source(self, via: str, topic: str) -> str:
+        # Per ingress path: which broker client sent a message is not known to a subscriber.
+        return via if via != "mqtt" else "mqtt:" + topic.split("/")[0]
+
     def _auto_register(self, device_id: str, via: str, topic: str) -> Device:
+        self._may_register(device_id, via, topic)
+        return self._register(device_id, via)
+
+    def _may_register(self, device_id: str, via: str, topic: str) -> None:
+        """Raise Rejected unless a message may register this device (devices.auto_register, the limits)."""
         if not self.config.auto_register:
             # One event per device per minute: a flood from an unknown device must not flood subscribers.
             if self.ingest.reject_log.allow("event:" + device_id):
@@ -428,15 +480,30 @@ class DevicesService(FamilyService):
                     "time": rfc3339(self.clock.seconds())})
             raise Rejected(ingest.UNKNOWN_DEVICE, "unknown device and devices.auto_register is off",
                            source=device_id)
-        # Per ingress path: which broker client sent a message is not known to a subscriber.
-        source = via if via != "mqtt" else "mqtt:" + topic.split("/")[0]
-        self._limit.check(source, len(self.devices), f"new device {device_id}")
-        return self._register(device_id, via)
+        self._limit.check(self._source(via, topic), len(self.devices), f"new device {device_id}")
 
     def _register(self, device_id: str, via: str, name: str = "") -> Device:
+        """One hub: a new device, its row group-committed."""
         now = self.clock.seconds()
-        device = self.devices[device_id] = Device(device_id, now, via, name)
         self._insert((device_id, name, now, via))
+        return self._registered(device_id, via, name, now)
+
+    async def _register_shared(self, device_id: str, via: str, name: str, capped: bool, source: str) -> Device:
+        """A cluster: a new device if the shared database takes it; else 409 (another hub has it) or 429 (full)."""
+        assert self.shared is not None
+        try:
+            stored = await self.shared.insert(device_id, (device_id, name, self.clock.seconds(), via), capped=capped)
+        except RegistryFull:
+            raise DeviceError(self._limit.full(source, f"new device {device_id}").detail, 429,
+                              "registration_limit") from None
+        if stored is not None or device_id in self.devices:
+            if device_id not in self.devices:
+                self._adopt(stored)  # type: ignore[arg-type]
+            raise DeviceError(f"device {device_id} is already registered", 409)
+        return self._registered(device_id, via, name, self.clock.seconds())
+
+    def _registered(self, device_id: str, via: str, name: str, now: float) -> Device:
+        device = self.devices[device_id] = Device(device_id, now, via, name)
         self.log.info("device {device} registered via {via}", device=device_id, via=via)
         self.emit("registered", f"dev/device/{device_id}/event/registered",
                   {"deviceId": device_id, "via": via, "time": rfc3339(now)})
@@ -444,8 +511,10 @@ class DevicesService(FamilyService):
 
     # -- registry (REST)
 
-    def register(self, device_id: str, name: str = "") -> Device:
+    async def register(self, device_id: str, name: str = "") -> Device:
         self.check_new_id(device_id)
+        if self.shared is not None:  # no cap: an operator's registration
+            return await self._register_shared(device_id, "api", name, False, "api")
         return self._register(device_id, "api", name)
 
     def get(self, device_id: str) -> Device:
@@ -727,7 +796,10 @@ class DevicesService(FamilyService):
             self._limit.check(f"org-key:{prefix}", len(self.devices), f"new device {device_id}")
         except Rejected as e:
             raise DeviceError(e.detail, 429, "registration_limit") from None
-        self._register(device_id, "org-key", name)
+        if self.shared is not None:
+            await self._register_shared(device_id, "org-key", name, True, f"org-key:{prefix}")
+        else:
+            self._register(device_id, "org-key", name)
         try:
             created = await self.create_key(device_id)
         except DeviceError:

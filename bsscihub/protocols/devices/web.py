@@ -172,9 +172,9 @@ class DevicesWeb:
     @api_route("POST", "", role="operator", summary="Register a device (needed when devices.auto_register is off)",
                tag="devices", body=REGISTER, body_example={"id": "esp32-01", "name": "Boiler room"}, status=201,
                response=DEVICE, errors=(409,), audit="devices.register")
-    def register(self, call: Call) -> Any:
+    async def register(self, call: Call) -> Any:
         try:
-            device = self.service.register(call.body["id"], call.body.get("name", ""))
+            device = await self.service.register(call.body["id"], call.body.get("name", ""))
         except DeviceError as e:
             raise _api_error(e) from None
         call.target = device.id
@@ -422,12 +422,12 @@ class DevicesWeb:
         })
 
     @page_route("POST", "", role="operator", summary="Register a device", audit="devices.register")
-    def register_page(self, call: Call) -> Any:
+    async def register_page(self, call: Call) -> Any:
         device_id = str(call.body.get("id", "")).strip()
         try:
             if not IDENTIFIER.match(device_id):
                 raise DeviceError("device id: expected 1-64 letters, digits, '_', '.', ':', '-'", 400)
-            self.service.register(device_id, str(call.body.get("name", "")).strip()[:100])
+            await self.service.register(device_id, str(call.body.get("name", "")).strip()[:100])
         except DeviceError as e:
             return _not_done(call, "/devices", str(e))
         call.target = device_id
