@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bsscihub.bus import Event
+from bsscihub.cluster import Fence, leader_write
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec, receiver_ids
@@ -430,20 +431,30 @@ class AlertService(Service):
                 "time": rfc3339(now)}
 
     async def _transition(self, rule: Rule, target: Target, firing: bool, value: float | None, now: float) -> None:
+        fence = Fence(self.lease.name, self.lease.token)  # the leadership this transition was decided under
         body = self.payload(rule, target, firing, value, now)
         topic = f"alerts/{target.family}/{target.kind}/{target.id}/{body['condition']}"
-        # Published (durably, through the outbox) before the state is stored: a crash between
-        # the two repeats the alert once rather than losing it.
-        await self.hub.bus.publish(Event("alerts", "alert", topic, body))
+        event = Event("alerts", "alert", topic, body)
+        if not fence.token:
+            # One hub: published (durably, through the outbox) before the state is stored, so a crash between
+            # the two repeats the alert once rather than losing it.
+            await self.hub.bus.publish(event)
+        # A cluster: stored first, fenced, so a hub that still believes it leads after another took over stores
+        # and publishes nothing; a crash between the two loses this alert (its state says it went out).
+        if not await leader_write(self.lease, lambda claim: self.hub.store.interaction(
+                self._store_transition, claim, rule, target, firing, value, now), fence):
+            return  # the next round reads the states the newer leader stored
+        if fence.token:
+            await self.hub.bus.publish(event)
         if firing:
             self.log.info("alert {condition} firing for {family}/{kind}/{id} (rule {rule})",
                           condition=body["condition"], family=target.family, kind=target.kind, id=target.id,
                           rule=rule.name)
-        await self.hub.store.interaction(self._store_transition, rule, target, firing, value, now)
 
     @staticmethod
-    def _store_transition(cursor: Any, rule: Rule, target: Target, firing: bool, value: float | None,
+    def _store_transition(cursor: Any, fence: Fence, rule: Rule, target: Target, firing: bool, value: float | None,
                           now: float) -> None:
+        fence.check(cursor)
         key = (rule.id, target.family, target.kind, target.id)
         cursor.execute("DELETE FROM alert_states WHERE rule_id = ? AND family = ? AND kind = ? AND target = ?", key)
         if firing:

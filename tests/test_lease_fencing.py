@@ -3,33 +3,34 @@ hub that still believes it leads after another took the lease over (a stall) has
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.logger import LogEvent, formatEvent
 
+from bsscihub import cluster_redis
+from bsscihub.alerts import AlertService
+from bsscihub.bus import Event
 from bsscihub.cluster import Cluster, Fence, StaleLeader, leader_write
-from bsscihub.cluster_redis import RedisLease, redis_cluster
+from bsscihub.cluster_redis import RedisLease
+from bsscihub.family import installed_families
+from bsscihub.hub import Hub, make_hub
 from bsscihub.store import Store
 from bsscihub.store.schema import CORE_MIGRATIONS
+from tests.cluster import MiotyHubs, clustered_hub, mioty_hubs, stop_hub
+from tests.conftest import _reset_pg_schema
+from tests.helpers import until
 from tests.redis_server import redis_url
+from tests.test_cluster_shared import nodes
+from tests.test_mioty_cluster_lifecycle import HOUR, _two_hubs
+from tests.test_mioty_service import EP, KEY, A, B, pki
 
-__all__ = ["redis_url"]  # fixtures
+__all__ = ["mioty_hubs", "nodes", "pki", "redis_url"]  # fixtures
 
-
-@pytest_twisted.async_yield_fixture
-async def nodes(redis_url: str) -> AsyncIterator[list[Cluster]]:
-    started: list[Cluster] = []
-    for node in ("hub-1", "hub-2"):
-        cluster = redis_cluster(node, redis_url, reactor)
-        await cluster.start()
-        started.append(cluster)
-    await started[0].link.redis.flushdb()
-    yield started
-    for cluster in started:
-        await cluster.stop()
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
 
 async def _take_over(stale: RedisLease, newer: RedisLease) -> None:
@@ -41,6 +42,10 @@ async def _take_over(stale: RedisLease, newer: RedisLease) -> None:
     await newer._renew()
     assert stale.held and newer.held  # two leaders for a moment: what the fence is for
     assert newer.token > stale.token
+
+
+def _lines(logged: list[LogEvent], text: str) -> list[str]:
+    return [line for line in (formatEvent(e) or "" for e in logged) if text in line]
 
 
 @pytest_twisted.ensureDeferred
@@ -117,3 +122,131 @@ async def test_a_lease_counted_from_1_again_by_a_redis_that_lost_its_data_gets_a
     assert await leader_write(lease, write)
     assert await store.fetchall("SELECT token FROM lease_fences WHERE name = 'test'") == [(3,)]
     await lease.stop()
+
+
+# -- alerts
+
+
+async def _alerting_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, AlertService, list[Event]]:
+    # No check rounds during the test: it drives the evaluations itself.
+    hub = await clustered_hub(tmp, database, redis, node, ["devices"], alerts={"check_interval": "1h"})
+    fired: list[Event] = []
+    hub.bus.subscribe(lambda e: fired.append(e) if e.family == "alerts" else None)
+    service = AlertService(hub)
+    service.startService()
+    await service.when_ready()
+    return hub, service, fired
+
+
+def _battery(device: str, level: float) -> Event:
+    return Event("devices", "up", f"dev/device/{device}/up", {"deviceId": device, "battery": level})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_alerts_leader_stores_and_publishes_no_transition_and_the_new_one_does(
+        tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        logged: list[LogEvent]) -> None:
+    monkeypatch.setattr(cluster_redis, "LEASE_TTL", 60.0)  # the stalled hub believes it leads for the whole test
+    _reset_pg_schema(postgres_url)
+    hubs = []
+    try:
+        hubs.append(await _alerting_hub(tmp_path / "hub-1", postgres_url, redis_url, "hub-1"))
+        stale_hub, stale, stale_fired = hubs[0]
+        await until(lambda: stale.lease.held, "hub-1 holds the alerts lease")
+        await stale.add_rule({"name": "battery", "family": "devices", "kind": "device", "condition": "battery_below",
+                              "threshold": 20}, "tests")
+        hubs.append(await _alerting_hub(tmp_path / "hub-2", postgres_url, redis_url, "hub-2"))
+        new_hub, new, new_fired = hubs[1]
+        await _take_over(stale.lease, new.lease)
+
+        # The new leader stores and publishes its transition (its token goes into the fence).
+        await new_hub.bus.publish(_battery("Device001", 10))
+        await until(lambda: new_fired, "the new leader's alert")
+        assert [(e.topic, e.payload["state"]) for e in new_fired] == [("alerts/devices/device/Device001/battery_low",
+                                                                      "firing")]
+        # The stalled hub wakes up and judges Device002 low: the database refuses its write, nothing goes out.
+        await stale_hub.bus.publish(_battery("Device002", 5))
+        assert stale._pending  # its transition, under way
+        await until(lambda: not stale._pending, "the stale leader's write settles")
+        assert stale_fired == []
+        store = new_hub.store
+        assert await store.fetchall("SELECT target FROM alert_states") == [("Device001",)]
+        assert await store.fetchall("SELECT target, state FROM alert_history") == [("Device001", "firing")]
+        assert not stale.lease.held
+        assert len(_lines(logged, "is stale; its write was not made")) == 1
+        # Its next renewal finds the lease taken: it stays a follower.
+        await stale.lease._renew()
+        assert not stale.lease.held and new.lease.held
+
+        # The new leader judges Device002 as usual.
+        await new_hub.bus.publish(_battery("Device002", 5))
+        await until(lambda: len(new_fired) == 2, "the new leader's second alert")
+        assert sorted(row[0] for row in await store.fetchall("SELECT target FROM alert_states")) == [
+            "Device001", "Device002"]
+        assert stale_fired == []
+    finally:
+        for hub, service, _ in hubs:
+            await stop_hub(hub, service)
+
+
+# -- mioty
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_mioty_leader_cannot_detach_a_silent_sensor_and_the_new_one_can(
+        mioty_hubs: MiotyHubs, monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]) -> None:
+    monkeypatch.setattr(cluster_redis, "LEASE_TTL", 60.0)
+    stale, new = await _two_hubs(mioty_hubs)
+    hubs = (stale, new)
+    a = await stale.station("bs-a", A)
+    b = await new.station("bs-b", B)
+    await stale.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+    await a.expect("attPrp")
+    await b.expect("attPrp")
+    await _take_over(stale.service.lease, new.service.lease)
+
+    # The new leader warns about 37 h of silence (a fenced write: its token is the database's newest).
+    await new.service.check_lifecycle(reactor.seconds() + 37 * HOUR)
+    assert len(new.of("inactivity_warning")) == 1
+    # The stalled hub wakes up and judges 73 h of silence: its auto-detach is refused, nothing goes out.
+    await stale.service.check_lifecycle(reactor.seconds() + 73 * HOUR)
+    assert [len(r.of(kind)) for r in hubs for kind in ("inactivity_warning", "auto_detach")] == [0, 0, 1, 0]
+    stored = await new.hub.store.fetchone("SELECT attached FROM mioty_sensors WHERE eui = ?", (EP,))
+    assert stored is not None and stored[0]
+    assert stale.service.registry.sensors[EP].attached
+    assert not stale.service.lease.held
+    assert len(_lines(logged, "is stale; its write was not made")) == 1
+
+    # The new leader detaches it: stored, reported once, a detPrp on both hubs' stations.
+    await new.service.check_lifecycle(reactor.seconds() + 73 * HOUR)
+    assert [len(r.of("auto_detach")) for r in hubs] == [0, 1]
+    stored = await new.hub.store.fetchone("SELECT attached FROM mioty_sensors WHERE eui = ?", (EP,))
+    assert stored is not None and not stored[0]
+    assert (await b.expect("detPrp"))["epEui"] == int(EP, 16)
+    assert (await a.expect("detPrp"))["epEui"] == int(EP, 16)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_mioty_leader_does_not_report_an_outside_change_the_new_one_reported(
+        mioty_hubs: MiotyHubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsscihub.protocols.bssci import endpoints
+
+    monkeypatch.setattr(cluster_redis, "LEASE_TTL", 60.0)
+    stale, new = await _two_hubs(mioty_hubs)
+    a = await stale.station("bs-a", A)
+    await _take_over(stale.service.lease, new.service.lease)
+    # `bsscihub sensors import` in another process while the two hubs both believe they lead.
+    cli = make_hub(stale.hub.config, reactor, {"mioty": installed_families()["mioty"]})
+    cli.store.start()
+    try:
+        doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False}]
+        assert (await endpoints.import_endpoints(cli, doc))["created"] == 1
+    finally:
+        await cli.store.stop()
+    await new.service.sync()
+    assert [e.payload["epEui"] for e in new.of("attach")] == [EP]
+    # The stalled hub's sync still brings the change to its stations, and reports nothing.
+    await stale.service.sync()
+    assert (await a.expect("attPrp"))["epEui"] == int(EP, 16)
+    assert stale.of("attach") == []
+    assert not stale.service.lease.held

@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from bsscihub.cluster import Fence
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.registry_sync import KEEP as NOTES_KEPT
 from bsscihub.registry_sync import note_change, noted, prune_notes
@@ -387,16 +388,19 @@ class Registry:
     # -- sensors
 
     async def save_sensors(
-        self, changes: Mapping[str, Callable[[Sensor | None], Sensor]]
+        self, changes: Mapping[str, Callable[[Sensor | None], Sensor]], fence: Fence | None = None
     ) -> tuple[ImportCounts, list[tuple[Sensor, Sensor | None]]]:
         """Insert or update sensors in one transaction: `changes[eui](stored or None)` returns the
         wanted sensor (a pure function: it runs on the database thread, given the stored row).
+        A leader-only write passes its `fence`: checked first (StaleLeader: nothing written).
 
         Only changed rows are written, with a new config revision; hot state (last seen, packet
         counter, best path) is never overwritten. Returns the counts and (new, old) per change.
         """
 
         def write(c: Cursor) -> tuple[list[tuple[Sensor, Sensor | None]], int]:
+            if fence is not None:
+                fence.check(c)
             existing: dict[str, Sensor] = {}
             euis = list(changes)
             for start in range(0, len(euis), 500):
@@ -567,8 +571,14 @@ class Registry:
         rows = await self.store.fetchall("SELECT eui, warned_at FROM mioty_sensors WHERE warned_at IS NOT NULL")
         return {eui: float(at) for eui, at in rows}
 
-    async def save_warning(self, eui: str, at: float) -> None:
-        await self.store.execute("UPDATE mioty_sensors SET warned_at = ? WHERE eui = ?", (at, eui))
+    async def save_warning(self, eui: str, at: float, fence: Fence) -> None:
+        """A lease holder warned about a silence (fenced: not written by one another hub took over from)."""
+
+        def write(c: Cursor) -> None:
+            fence.check(c)
+            c.execute("UPDATE mioty_sensors SET warned_at = ? WHERE eui = ?", (at, eui))
+
+        await self.store.interaction(write)
 
     # -- base stations
 

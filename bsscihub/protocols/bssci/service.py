@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from bsscihub import audit
 from bsscihub.bus import Event
-from bsscihub.cluster import IDedupStore
+from bsscihub.cluster import Fence, IDedupStore, leader_write
 from bsscihub.contract import finite_doc
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
@@ -702,9 +702,11 @@ class MiotyService(MiotyActions, FamilyService):
         await self.registry.flush_state()
         changed, deleted = await self.registry.sensor_changes()
         report = self.lease.held
+        fence = Fence(self.lease.name, self.lease.token)
+        reports: list[tuple[str, str, dict[str, Any]]] = []  # published once the fence took this hub's token
         for sensor in changed:
             old = self.registry.adopt(sensor)
-            self._announce_change(sensor, old, "external", report and sensor.writer is None)
+            self._announce_change(sensor, old, "external", report and sensor.writer is None, reports)
         # Read before this hub heard the removing hub's broadcast: that hub reports its removal itself.
         reported = await self.registry.removed_by_hubs(sorted(deleted)) if report and deleted else set()
         for eui in deleted:
@@ -712,32 +714,42 @@ class MiotyService(MiotyActions, FamilyService):
             if old is not None and old.attached:
                 self._propagate(False, eui)
                 if report and eui not in reported:
-                    self._ep_event(eui, "detach", {"source": "external", "removed": True})
+                    reports.append((eui, "detach", {"source": "external", "removed": True}))
+        # Not from a hub that still believes it leads after another took the lease over.
+        if reports and await leader_write(self.lease, lambda claim: self.hub.store.interaction(claim.check), fence):
+            for eui, kind, fields in reports:
+                self._ep_event(eui, kind, fields)
         online = [s.bs_hex for s in self._established()]
         await self.registry.touch_base_stations(online, self.clock.seconds())
 
-    def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str, report: bool = True) -> list[str]:
-        """Propagate a sensor whose configuration may have changed, and report it (unless `report` is false)."""
+    def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str, report: bool = True,
+                         reports: list[tuple[str, str, dict[str, Any]]] | None = None) -> list[str]:
+        """Propagate a sensor whose configuration may have changed, and report it (unless `report` is false;
+        into `reports` as (eui, kind, fields), if given, for the caller to publish)."""
+        event: tuple[str, str, dict[str, Any]] | None = None
+        targets: list[str] = []
         if sensor.attached:
             if old is not None and old.attached and old.config() == sensor.config():
                 return []
             targets = self._propagate(True, sensor.eui)
-            if report:
-                self._ep_event(sensor.eui, "attach", {"source": source, "shortAddr": f"{sensor.short_addr:04x}",
-                                                      "bidi": sensor.bidi})
-            return targets
-        if old is not None and old.attached:
+            event = (sensor.eui, "attach", {"source": source, "shortAddr": f"{sensor.short_addr:04x}",
+                                            "bidi": sensor.bidi})
+        elif old is not None and old.attached:
             targets = self._propagate(False, sensor.eui)
-            if report:
-                self._ep_event(sensor.eui, "detach", {"source": source})
-            return targets
-        return []
+            event = (sensor.eui, "detach", {"source": source})
+        if report and event is not None:
+            if reports is not None:
+                reports.append(event)
+            else:
+                self._ep_event(*event)
+        return targets
 
     async def check_lifecycle(self, now: float | None = None) -> None:
         """Warn about silent sensors (mioty.inactivity_warning) and detach them (mioty.auto_detach).
         In a cluster only the holder of the `mioty` lease does, on what every hub wrote back."""
         if not self.lease.held:
             return
+        fence = Fence(self.lease.name, self.lease.token)  # what is written below was judged under this leadership
         now = self.clock.seconds() if now is None else now
         settings = self.settings
         clustered = self.cluster.clustered
@@ -758,7 +770,8 @@ class MiotyService(MiotyActions, FamilyService):
             fields = {"lastSeen": None if sensor.last_seen is None else rfc3339(sensor.last_seen),
                       "silentFor": round(silent)}
             if silent >= settings.auto_detach:
-                await self._save_attached(sensor.eui, False)
+                if not await leader_write(self.lease, partial(self._save_attached, sensor.eui, False), fence):
+                    return  # a newer leader judges from now on
                 self._propagate(False, sensor.eui)
                 self._propagate_elsewhere(False, sensor.eui)  # a cluster: the other hubs' stations too
                 self._ep_event(sensor.eui, "auto_detach", fields)
@@ -766,9 +779,10 @@ class MiotyService(MiotyActions, FamilyService):
                               hours=silent / 3600)
                 await self._audit("hub", "mioty.sensor.auto_detach", sensor.eui, fields, "mioty")
             elif silent >= settings.inactivity_warning and not sensor.warned:
+                if clustered and not await leader_write(
+                        self.lease, partial(self.registry.save_warning, sensor.eui, now), fence):
+                    return
                 sensor.warned = True
-                if clustered:
-                    await self.registry.save_warning(sensor.eui, now)
                 self._ep_event(sensor.eui, "inactivity_warning", fields)
 
     async def prune(self) -> None:
@@ -777,7 +791,8 @@ class MiotyService(MiotyActions, FamilyService):
         if deleted:
             self.log.info("pruned {count} uplink copies older than the retention", count=deleted)
 
-    async def _save_attached(self, eui: str, attached: bool) -> Sensor:
+    async def _save_attached(self, eui: str, attached: bool, fence: Fence | None = None) -> Sensor:
+        """Attach or detach a sensor in the database; a leader's write passes its `fence` (checked there)."""
         now = self.clock.seconds()
         cached = self.registry.sensors[eui]
 
@@ -788,5 +803,5 @@ class MiotyService(MiotyActions, FamilyService):
                                 attached_at=base.attached_at if base.attached or not attached else now,
                                 sn_key=base.sn_key if attached else None)
 
-        await self.registry.save_sensors({eui: make})
+        await self.registry.save_sensors({eui: make}, fence)
         return self.registry.sensors[eui]
