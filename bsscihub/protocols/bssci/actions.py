@@ -18,7 +18,7 @@ from bsscihub.contract import eui64
 from bsscihub.errors import CommandError
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.dedup import uplink_payload
-from bsscihub.protocols.bssci.downlinks import Downlink, Downlinks, DownlinkState
+from bsscihub.protocols.bssci.downlinks import Downlink, Downlinks, DownlinkState, hex_or_bytes
 from bsscihub.protocols.bssci.registry import BaseStation, ImportCounts, Registry, Sensor, attach_change, rfc3339
 from bsscihub.protocols.bssci.session import OperationFailed, OperationTimedOut, Session, SessionClosed, State
 from bsscihub.protocols.bssci.uplinks import group_copies
@@ -186,11 +186,7 @@ class MiotyActions:
         station's report comes as a dl_result event. Returns {"epEui", "queId", "status" (queued,
         dispatched or accepted), "baseStations" (the station holding it, if any)}."""
         sensor = self._known_sensor(ep_eui)
-        if isinstance(data, str):
-            try:
-                data = bytes.fromhex(data)
-            except ValueError:
-                raise CommandError("data must be hexadecimal digits, two per byte") from None
+        data = hex_or_bytes(data)
         if not isinstance(data, bytes) or len(data) > _MAX_DOWNLINK:
             raise CommandError(f"data must be at most {_MAX_DOWNLINK} bytes")
         if format is not None and (type(format) is not int or not 0 <= format <= 255):

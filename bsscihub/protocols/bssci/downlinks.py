@@ -15,12 +15,24 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bsscihub.errors import CommandError
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.registry import Registry
 from bsscihub.protocols.bssci.session import OperationFailed, Session, State
 from bsscihub.protocols.bssci.uplinks import untrack
 
-__all__ = ["TRANSITIONS", "Downlink", "DownlinkState", "Downlinks"]
+__all__ = ["TRANSITIONS", "Downlink", "DownlinkState", "Downlinks", "hex_or_bytes"]
+
+
+def hex_or_bytes(data: Any) -> Any:
+    """A caller's downlink data (sensor or meter): hex text as bytes, CommandError when it is not hex;
+    anything else as given, for the caller's own type and size check."""
+    if isinstance(data, str):
+        try:
+            return bytes.fromhex(data)
+        except ValueError:
+            raise CommandError("data must be hexadecimal digits, two per byte") from None
+    return data
 
 
 class DownlinkState(enum.Enum):

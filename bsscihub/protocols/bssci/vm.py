@@ -27,6 +27,7 @@ from bsscihub.protocols.bssci.dedup import (
     Deduplicator,
     subpackets_json,
 )
+from bsscihub.protocols.bssci.downlinks import hex_or_bytes
 from bsscihub.protocols.bssci.meters import Meter, meter_key, parse_aes_key, registry_for
 from bsscihub.protocols.bssci.registry import rfc3339
 from bsscihub.protocols.bssci.session import (
@@ -342,11 +343,7 @@ class VariableMac:
         """Queue a frame for the meter: it goes out as vm.dlData through the base station that hears the
         meter's next uplink, timed against that uplink; the outcome comes as a dl_result event."""
         found = await self._known(meter)
-        if isinstance(data, str):
-            try:
-                data = bytes.fromhex(data)
-            except ValueError:
-                raise CommandError("data must be hexadecimal digits, two per byte") from None
+        data = hex_or_bytes(data)
         if not isinstance(data, bytes) or not 1 <= len(data) <= _MAX_DOWNLINK:
             raise CommandError(f"data must be 1 to {_MAX_DOWNLINK} bytes")
         queue = self._downlinks.setdefault(found.id, [])
