@@ -14,7 +14,14 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from bsscihub.tap import build_service
-from tests.browser.test_dashboard import ARTIFACTS, _free_port, _require_browser, start_chromium, stop_chromium
+from tests.browser.test_dashboard import (
+    ARTIFACTS,
+    _free_port,
+    _require_browser,
+    refused_by_csp,
+    start_chromium,
+    stop_chromium,
+)
 from tests.conftest import make_config
 
 
@@ -66,5 +73,5 @@ async def test_swagger_ui_renders_every_operation_under_the_csp(hub: dict[str, A
     assert seen["title"].startswith("bsscihub API")
     assert seen["operations"] == hub["operations"]
     assert seen["status"].strip() == "200"
-    violations = [m for m in seen["console"] if "Content Security Policy" in m or "Refused" in m]
+    violations = refused_by_csp(seen["console"])
     assert not violations, violations

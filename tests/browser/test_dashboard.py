@@ -69,6 +69,35 @@ def stop_chromium(driver: Any, profile: str) -> None:
     shutil.rmtree(profile, ignore_errors=True)
 
 
+def log_in(driver: Any, url: str) -> None:
+    """On the login page: signs in as admin and waits for the dashboard (blocking)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.ID, "username").send_keys("admin")
+    driver.find_element(By.ID, "password").send_keys(PASSWORD)
+    driver.find_element(By.ID, "login").click()
+    WebDriverWait(driver, 15).until(lambda d: d.current_url == url + "/")
+
+
+def painted(driver: Any, canvas: str) -> bool:
+    """Whether the canvas with this id has a pixel that is not transparent: a chart was drawn on it."""
+    return bool(driver.execute_script(
+        "var c = document.getElementById(arguments[0]);"
+        "var d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "for (var i = 3; i < d.length; i += 4) { if (d[i] !== 0) return true; } return false;", canvas))
+
+
+def console_of(driver: Any) -> list[str]:
+    """What the pages wrote to the browser's console (since the last call)."""
+    return [entry["message"] for entry in driver.get_log("browser")]
+
+
+def refused_by_csp(console: list[str]) -> list[str]:
+    """The console's lines saying the Content Security Policy refused something."""
+    return [m for m in console if "Content Security Policy" in m or "Refused" in m]
+
+
 def _free_port() -> int:
     from tests.broker import free_port
 
@@ -146,10 +175,7 @@ def browse(url: str, config: Path, bssci_port: int, sensor: dict[str, Any]) -> l
         visit("/")
         wait(lambda d: d.current_url.startswith(url + "/login"))
         shot("01-login", full=False)
-        driver.find_element(By.ID, "username").send_keys("admin")
-        driver.find_element(By.ID, "password").send_keys(PASSWORD)
-        driver.find_element(By.ID, "login").click()
-        wait(lambda d: d.current_url == url + "/")
+        log_in(driver, url)
 
         visit("/mioty/sensors")
         driver.find_element(By.ID, "sensor-eui").send_keys(eui)
@@ -195,8 +221,8 @@ def browse(url: str, config: Path, bssci_port: int, sensor: dict[str, Any]) -> l
         overflow = driver.execute_script("return document.documentElement.scrollWidth")
         assert overflow <= 390, overflow
 
-        console = [entry["message"] for entry in driver.get_log("browser")]
-        assert not [m for m in console if "Content Security Policy" in m or "Refused" in m], console
+        console = console_of(driver)
+        assert not refused_by_csp(console), console
 
         driver.set_window_size(1280, 900)
         driver.find_element(By.ID, "logout").click()

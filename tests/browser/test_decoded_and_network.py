@@ -14,9 +14,20 @@ from twisted.internet import threads
 
 from bsscihub import pki
 from bsscihub.protocols.bssci.identity import STATION
-from tests.browser.test_dashboard import ARTIFACTS, PASSWORD, hub, start_chromium, stop_chromium  # noqa: F401
+from tests.browser.test_dashboard import (
+    ARTIFACTS,
+    console_of,
+    hub,
+    log_in,
+    painted,
+    refused_by_csp,
+    start_chromium,
+    stop_chromium,
+)
 from tests.test_meters_hub import vm_station, vm_uplink
 from tests.wmbus_frames import mode5_frame
+
+__all__ = ["hub"]  # fixture
 
 BS = "70b3d59cd00000d4"
 EP = "0011223344556677"
@@ -55,18 +66,9 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
     def wait(condition: Callable[[Any], Any], timeout: float = 15) -> Any:
         return WebDriverWait(driver, timeout).until(condition)
 
-    def drawn() -> bool:
-        return bool(driver.execute_script(
-            "var c = document.getElementById('signal-chart');"
-            "var d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-            "for (var i = 3; i < d.length; i += 4) { if (d[i] !== 0) return true; } return false;"))
-
     try:
         driver.get(url + "/login")
-        driver.find_element(By.ID, "username").send_keys("admin")
-        driver.find_element(By.ID, "password").send_keys(PASSWORD)
-        driver.find_element(By.ID, "login").click()
-        wait(lambda d: d.current_url == url + "/")
+        log_in(driver, url)
 
         driver.get(f"{url}/mioty/sensors/{EP}")
         values = driver.find_element(By.ID, "decoded-values").text
@@ -76,7 +78,7 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
         field.select_by_value("humidity")
         wait(lambda d: d.current_url.endswith("?field=humidity"))
         points = driver.execute_script("return JSON.parse(document.getElementById('signal-chart').dataset.points)")
-        assert [p["v"] for p in points] == [[40], [42], [45]] and drawn()
+        assert [p["v"] for p in points] == [[40], [42], [45]] and painted(driver, "signal-chart")
         saved.append("30-sensor-decoded.png")
         driver.save_screenshot(str(ARTIFACTS / saved[-1]))
 
@@ -92,8 +94,8 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
         assert driver.find_elements(By.CSS_SELECTOR, f'#network-table tr[data-device="{EP}"]')
         saved.append("31-network.png")
         driver.save_screenshot(str(ARTIFACTS / saved[-1]))
-        console = [entry["message"] for entry in driver.get_log("browser")]
-        assert not [m for m in console if "Content Security Policy" in m or "Refused" in m], console
+        console = console_of(driver)
+        assert not refused_by_csp(console), console
     finally:
         station.close()
         stop_chromium(driver, profile)

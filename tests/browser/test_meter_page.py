@@ -13,9 +13,20 @@ from twisted.internet import threads
 
 from bsscihub import pki
 from bsscihub.protocols.bssci.identity import STATION
-from tests.browser.test_dashboard import ARTIFACTS, PASSWORD, hub, start_chromium, stop_chromium  # noqa: F401
+from tests.browser.test_dashboard import (
+    ARTIFACTS,
+    console_of,
+    hub,
+    log_in,
+    painted,
+    refused_by_csp,
+    start_chromium,
+    stop_chromium,
+)
 from tests.test_meters_hub import vm_station, vm_uplink
 from tests.wmbus_frames import KEY, mode5_frame
+
+__all__ = ["hub"]  # fixture
 
 BS = "70b3d59cd00000c3"
 METER = "dme-12345678"
@@ -46,18 +57,9 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
     def rows() -> int:
         return len(driver.find_elements(By.CSS_SELECTOR, "[data-stream] tbody tr"))
 
-    def drawn() -> bool:
-        return bool(driver.execute_script(
-            "var c = document.getElementById('meter-chart');"
-            "var d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-            "for (var i = 3; i < d.length; i += 4) { if (d[i] !== 0) return true; } return false;"))
-
     try:
         driver.get(url + "/login")
-        driver.find_element(By.ID, "username").send_keys("admin")
-        driver.find_element(By.ID, "password").send_keys(PASSWORD)
-        driver.find_element(By.ID, "login").click()
-        wait(lambda d: d.current_url == url + "/")
+        log_in(driver, url)
 
         driver.get(url + "/mioty/meters")
         assert "No meters yet" in driver.page_source
@@ -76,7 +78,7 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
         field = Select(driver.find_element(By.NAME, "field"))
         assert field.first_selected_option.get_attribute("value") == "volume"
         assert "2.25" in driver.find_element(By.CSS_SELECTOR, "[data-stream] tbody tr").text
-        assert drawn()
+        assert painted(driver, "meter-chart")
         saved.append("20-meter.png")
         driver.save_screenshot(str(ARTIFACTS / saved[-1]))
 
@@ -84,7 +86,7 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
         field.select_by_value("flow_temperature")
         wait(lambda d: d.current_url.endswith("?field=flow_temperature"))
         points = driver.execute_script("return JSON.parse(document.getElementById('meter-chart').dataset.points)")
-        assert [p["v"] for p in points] == [[20.1], [21.5], [19.8]] and drawn()
+        assert [p["v"] for p in points] == [[20.1], [21.5], [19.8]] and painted(driver, "meter-chart")
         # A new frame shows up live, without reloading.
         wait(lambda d: d.find_element(By.ID, "live-state").get_attribute("data-state") == "live")
         vm_uplink(station, reading(3000, 222, acc=9), snr=6.0, sys_time=time.time_ns())
@@ -95,8 +97,8 @@ def browse(url: str, port: int, certs: Path) -> list[str]:
 
         driver.get(url + "/mioty/meters")
         assert METER in driver.find_element(By.CSS_SELECTOR, "table").text
-        console = [entry["message"] for entry in driver.get_log("browser")]
-        assert not [m for m in console if "Content Security Policy" in m or "Refused" in m], console
+        console = console_of(driver)
+        assert not refused_by_csp(console), console
     finally:
         station.close()
         stop_chromium(driver, profile)
