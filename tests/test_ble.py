@@ -14,8 +14,19 @@ import pytest_twisted
 from bsscihub.ingest import Rejected
 from bsscihub.protocols.ble.service import normalize_mac, parse_sighting
 from tests.broker import Mosquitto
-from tests.memory_bridge import FollowingClock, MemoryBroker
-from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
+from tests.memory_bridge import FollowingClock
+from tests.test_families import (
+    PREFIX,
+    RFC3339,
+    DeviceClient,
+    MemoryHub,
+    eventually,
+    memory_hub,
+    payloads,
+    start_hub,
+)
+
+__all__ = ["memory_hub"]  # fixture
 
 MAC = "112233445566"
 UP = f"{PREFIX}/ble/node/{MAC}/up"
@@ -115,153 +126,134 @@ async def test_earlier_platforms_gateways_end_to_end(tmp_path: Path, mosquitto: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_gateways_and_beacons_end_to_end(tmp_path: Path) -> None:
-    broker = MemoryBroker()
-    witness = broker.witness(f"{PREFIX}/ble/#")
+async def test_gateways_and_beacons_end_to_end(memory_hub: MemoryHub) -> None:
     clock = FollowingClock().start()  # moved ahead where the test would wait for the dedup window or silence
-    running = await start_hub(tmp_path, broker, ["ble"], clock, ble={"dedup_window": "1s", "gateway_timeout": "3s"})
-    gateway = broker.device()
-    try:
-        # One broadcast heard by two gateways (MACs written differently): one reading, nearest first.
-        await gateway.publish("BLEGatewayData/GW001", reading("GW001", -71, temperature=22, humidity=65))
-        await gateway.publish("BLEGatewayData/GW002", reading("GW002", -60, mac="11-22-33-44-55-66", temperature=22,
-                                                              humidity=65))
-        [up] = [m.payload for m in await witness.when(lambda m: m.topic == UP)]
-        clock.advance(1.1)  # a late copy would make a second reading by now
-        [first] = payloads(witness, UP)
-        assert first["receivers"] == [{"gatewayId": "GW002", "rssi": -60}, {"gatewayId": "GW001", "rssi": -71}]
-        assert (first["mac"], first["gatewayId"], first["rssi"]) == ("11:22:33:44:55:66", "GW002", -60)
-        assert first["values"] == {"temperature": 22.0, "humidity": 65.0}
+    running, witness, gateway = await memory_hub(["ble"], [f"{PREFIX}/ble/#"], clock,
+                                                 ble={"dedup_window": "1s", "gateway_timeout": "3s"})
+    # One broadcast heard by two gateways (MACs written differently): one reading, nearest first.
+    await gateway.publish("BLEGatewayData/GW001", reading("GW001", -71, temperature=22, humidity=65))
+    await gateway.publish("BLEGatewayData/GW002", reading("GW002", -60, mac="11-22-33-44-55-66", temperature=22,
+                                                          humidity=65))
+    [up] = [m.payload for m in await witness.when(lambda m: m.topic == UP)]
+    clock.advance(1.1)  # a late copy would make a second reading by now
+    [first] = payloads(witness, UP)
+    assert first["receivers"] == [{"gatewayId": "GW002", "rssi": -60}, {"gatewayId": "GW001", "rssi": -71}]
+    assert (first["mac"], first["gatewayId"], first["rssi"]) == ("11:22:33:44:55:66", "GW002", -60)
+    assert first["values"] == {"temperature": 22.0, "humidity": 65.0}
 
-        # The next broadcast, heard by one gateway only; the same gateway again starts a new reading at once.
-        await gateway.publish("BLEGatewayData", reading("GW001", -70, temperature=23, humidity=64))
-        await gateway.publish("BLEGatewayData", reading("GW001", -69, temperature=24, humidity=64))
-        await witness.when(lambda m: m.topic == UP, count=3)
-        assert [p["values"]["temperature"] for p in payloads(witness, UP)] == [22.0, 23.0, 24.0]
+    # The next broadcast, heard by one gateway only; the same gateway again starts a new reading at once.
+    await gateway.publish("BLEGatewayData", reading("GW001", -70, temperature=23, humidity=64))
+    await gateway.publish("BLEGatewayData", reading("GW001", -69, temperature=24, humidity=64))
+    await witness.when(lambda m: m.topic == UP, count=3)
+    assert [p["values"]["temperature"] for p in payloads(witness, UP)] == [22.0, 23.0, 24.0]
 
-        registered = [m.topic for m in witness.messages if m.topic.endswith("/event/registered")]
-        assert sorted(registered) == sorted([f"{PREFIX}/ble/gw/GW001/event/registered",
-                                             f"{PREFIX}/ble/gw/GW002/event/registered",
-                                             f"{PREFIX}/ble/node/{MAC}/event/registered"])
-        online = payloads(witness, f"{PREFIX}/ble/gw/GW001/state")
-        assert online[0]["state"] == "online"
-        assert [m.retain for m in witness.messages if m.topic == f"{PREFIX}/ble/gw/GW001/state"][0] is True
+    registered = [m.topic for m in witness.messages if m.topic.endswith("/event/registered")]
+    assert sorted(registered) == sorted([f"{PREFIX}/ble/gw/GW001/event/registered",
+                                         f"{PREFIX}/ble/gw/GW002/event/registered",
+                                         f"{PREFIX}/ble/node/{MAC}/event/registered"])
+    online = payloads(witness, f"{PREFIX}/ble/gw/GW001/state")
+    assert online[0]["state"] == "online"
+    assert [m.retain for m in witness.messages if m.topic == f"{PREFIX}/ble/gw/GW001/state"][0] is True
 
-        # Stored: a time series per quantity, and the readings with their receivers.
-        hub = running.hub
-        await eventually(lambda: running.hub.services["ble"].readings_stored >= 3, what="readings stored")
-        rows = await hub.store.fetchall(
-            "SELECT quantity, value FROM ble_samples WHERE mac = ? ORDER BY time, quantity", (MAC,))
-        assert rows == [("humidity", 65.0), ("temperature", 22.0), ("humidity", 64.0), ("temperature", 23.0),
-                        ("humidity", 64.0), ("temperature", 24.0)]
+    # Stored: a time series per quantity, and the readings with their receivers.
+    hub = running.hub
+    await eventually(lambda: running.hub.services["ble"].readings_stored >= 3, what="readings stored")
+    rows = await hub.store.fetchall(
+        "SELECT quantity, value FROM ble_samples WHERE mac = ? ORDER BY time, quantity", (MAC,))
+    assert rows == [("humidity", 65.0), ("temperature", 22.0), ("humidity", 64.0), ("temperature", 23.0),
+                    ("humidity", 64.0), ("temperature", 24.0)]
 
-        # The REST view.
-        code, gateways = await running.api("GET", "/api/v1/ble/gateways")
-        assert code == 200 and gateways["total"] == 2
-        assert [g["gatewayId"] for g in gateways["items"]] == ["GW001", "GW002"], "most recently heard first"
-        assert gateways["items"][0]["state"] == "online" and gateways["items"][0]["messages"] == 3
-        code, node = await running.api("GET", "/api/v1/ble/nodes/11:22:33:44:55:66")
-        assert code == 200
-        assert (node["values"], node["readings"], node["gatewayId"]) == ({"temperature": 24.0, "humidity": 64.0}, 3,
-                                                                          "GW001")
-        code, readings = await running.api("GET", f"/api/v1/ble/nodes/{MAC}/readings")
-        assert [len(r["receivers"]) for r in readings["items"]] == [1, 1, 2]
-        code, series = await running.api("GET", f"/api/v1/ble/nodes/{MAC}/series?quantity=temperature&points=1"
-                                                f"&since={hub.reactor.seconds() - 60}")
-        assert code == 200 and series["bucket"] >= 60
-        assert [(p["avg"], p["min"], p["max"], p["count"]) for p in series["points"]] == [(23.0, 22.0, 24.0, 3)]
-        assert (await running.api("GET", "/api/v1/ble/nodes/aabbccddeeff"))[0] == 404
-        assert (await running.api("GET", "/api/v1/ble/nodes/nonsense"))[0] == 400
-        assert (await running.api("GET", "/api/v1/ble/gateways", token=None))[0] == 401
+    # The REST view.
+    code, gateways = await running.api("GET", "/api/v1/ble/gateways")
+    assert code == 200 and gateways["total"] == 2
+    assert [g["gatewayId"] for g in gateways["items"]] == ["GW001", "GW002"], "most recently heard first"
+    assert gateways["items"][0]["state"] == "online" and gateways["items"][0]["messages"] == 3
+    code, node = await running.api("GET", "/api/v1/ble/nodes/11:22:33:44:55:66")
+    assert code == 200
+    assert (node["values"], node["readings"], node["gatewayId"]) == ({"temperature": 24.0, "humidity": 64.0}, 3,
+                                                                      "GW001")
+    code, readings = await running.api("GET", f"/api/v1/ble/nodes/{MAC}/readings")
+    assert [len(r["receivers"]) for r in readings["items"]] == [1, 1, 2]
+    code, series = await running.api("GET", f"/api/v1/ble/nodes/{MAC}/series?quantity=temperature&points=1"
+                                            f"&since={hub.reactor.seconds() - 60}")
+    assert code == 200 and series["bucket"] >= 60
+    assert [(p["avg"], p["min"], p["max"], p["count"]) for p in series["points"]] == [(23.0, 22.0, 24.0, 3)]
+    assert (await running.api("GET", "/api/v1/ble/nodes/aabbccddeeff"))[0] == 404
+    assert (await running.api("GET", "/api/v1/ble/nodes/nonsense"))[0] == 400
+    assert (await running.api("GET", "/api/v1/ble/gateways", token=None))[0] == 401
 
-        # The admin pages.
-        code, html = await running.page("/ble")
-        assert code == 200 and "GW001" in html and "11:22:33:44:55:66" in html
-        code, html = await running.page(f"/ble/nodes/{MAC}")
-        assert code == 200 and 'id="chart-temperature"' in html and "GW002" in html
-        code, html = await running.page("/ble/gateways/GW001")
-        assert code == 200 and "11:22:33:44:55:66" in html
+    # The admin pages.
+    code, html = await running.page("/ble")
+    assert code == 200 and "GW001" in html and "11:22:33:44:55:66" in html
+    code, html = await running.page(f"/ble/nodes/{MAC}")
+    assert code == 200 and 'id="chart-temperature"' in html and "GW002" in html
+    code, html = await running.page("/ble/gateways/GW001")
+    assert code == 200 and "11:22:33:44:55:66" in html
 
-        # Silence: both gateways go offline, with a retained state event each.
-        clock.advance(4)
-        for gid in ("GW001", "GW002"):
-            await witness.when(lambda m, g=gid: m.topic == f"{PREFIX}/ble/gw/{g}/state" and b'"offline"' in m.payload,
-                               timeout=10)
-        code, gw = await running.api("GET", "/api/v1/ble/gateways/GW002")
-        assert gw["state"] == "offline" and gw["nearestNodes"] == []
-        # ... and back online when heard again.
-        await gateway.publish("BLEGatewayData", reading("GW002", -50))
-        await witness.when(lambda m: m.topic == f"{PREFIX}/ble/gw/GW002/state" and b'"online"' in m.payload,
-                           count=2)
+    # Silence: both gateways go offline, with a retained state event each.
+    clock.advance(4)
+    for gid in ("GW001", "GW002"):
+        await witness.when(lambda m, g=gid: m.topic == f"{PREFIX}/ble/gw/{g}/state" and b'"offline"' in m.payload,
+                           timeout=10)
+    code, gw = await running.api("GET", "/api/v1/ble/gateways/GW002")
+    assert gw["state"] == "offline" and gw["nearestNodes"] == []
+    # ... and back online when heard again.
+    await gateway.publish("BLEGatewayData", reading("GW002", -50))
+    await witness.when(lambda m: m.topic == f"{PREFIX}/ble/gw/GW002/state" and b'"online"' in m.payload,
+                       count=2)
 
-        # Forgetting a gateway clears its retained state.
-        assert (await running.api("DELETE", "/api/v1/ble/gateways/GW001"))[0] == 204
-        await witness.when(lambda m: m.topic == f"{PREFIX}/ble/gw/GW001/state" and m.payload == b"" and m.retain)
-        assert (await running.api("GET", "/api/v1/ble/gateways/GW001"))[0] == 404
+    # Forgetting a gateway clears its retained state.
+    assert (await running.api("DELETE", "/api/v1/ble/gateways/GW001"))[0] == 204
+    await witness.when(lambda m: m.topic == f"{PREFIX}/ble/gw/GW001/state" and m.payload == b"" and m.retain)
+    assert (await running.api("GET", "/api/v1/ble/gateways/GW001"))[0] == 404
 
-        # A command over MQTT: forget the node.
-        await gateway.publish(f"{PREFIX}/ble/node/{MAC}/cmd/forget", {})
-        [result] = [m.payload for m in await witness.when(lambda m: m.topic.endswith(f"{MAC}/event/cmd_result"))]
-        assert b'"ok":true' in result.replace(b" ", b"")
-        assert (await running.api("GET", f"/api/v1/ble/nodes/{MAC}"))[0] == 404
-    finally:
-        gateway.stop()
-        await running.stop()
+    # A command over MQTT: forget the node.
+    await gateway.publish(f"{PREFIX}/ble/node/{MAC}/cmd/forget", {})
+    [result] = [m.payload for m in await witness.when(lambda m: m.topic.endswith(f"{MAC}/event/cmd_result"))]
+    assert b'"ok":true' in result.replace(b" ", b"")
+    assert (await running.api("GET", f"/api/v1/ble/nodes/{MAC}"))[0] == 404
 
 
 @pytest_twisted.ensureDeferred
-async def test_bad_gateway_input_is_counted_and_dropped(tmp_path: Path) -> None:
-    broker = MemoryBroker()
-    witness = broker.witness(f"{PREFIX}/ble/#")
-    running = await start_hub(tmp_path, broker, ["ble"], ble={"dedup_window": "50ms", "max_payload": 512})
-    gateway = broker.device()
-    try:
-        bad = [
-            b"{not json",
-            b"\xff\xfe",
-            reading("GW001", -70) | {"mac": None},
-            {"gateway_id": "GW001", "rssi": -70},
-            reading("GW001", "loud"),  # type: ignore[arg-type]
-            reading("GW001", -70, humidity=150),
-            {"gateway_id": "GW001", "mac": MAC, "rssi": -70, "padding": "x" * 600},
-            [reading("GW001", -70, mac="aa:bb:cc:dd:ee:01", temperature=21), reading("GW001", 5, mac="aa:bb")],
-        ]
-        for message in bad:
-            await gateway.publish("BLEGatewayData", message)
-        await gateway.publish("BLEGatewayData", reading("GW001", -80, mac="aa:bb:cc:dd:ee:02", temperature=20))
-        # Nothing stops later messages: the good entry of the batch and the last message both arrive.
-        await witness.when(lambda m: m.topic == f"{PREFIX}/ble/node/aabbccddee02/up")
-        assert payloads(witness, f"{PREFIX}/ble/node/aabbccddee01/up")[0]["values"] == {"temperature": 21.0}
-        assert not any(m.topic == UP for m in witness.messages)
-        assert {reason: running.rejected("ble", reason) for reason in
-                ("not_json", "missing_field", "wrong_type", "implausible", "oversized")} == {
-            "not_json": 2, "missing_field": 2, "wrong_type": 1, "implausible": 2, "oversized": 1}
-        assert running.rejected("ble", "internal") == 0
-        # Every rejection came from GW001 or its topic: logged once, the rest counted silently.
-        assert running.hub.services["ble"].ingest.reject_log.lines == 2
-    finally:
-        gateway.stop()
-        await running.stop()
+async def test_bad_gateway_input_is_counted_and_dropped(memory_hub: MemoryHub) -> None:
+    running, witness, gateway = await memory_hub(["ble"], [f"{PREFIX}/ble/#"],
+                                                 ble={"dedup_window": "50ms", "max_payload": 512})
+    bad = [
+        b"{not json",
+        b"\xff\xfe",
+        reading("GW001", -70) | {"mac": None},
+        {"gateway_id": "GW001", "rssi": -70},
+        reading("GW001", "loud"),  # type: ignore[arg-type]
+        reading("GW001", -70, humidity=150),
+        {"gateway_id": "GW001", "mac": MAC, "rssi": -70, "padding": "x" * 600},
+        [reading("GW001", -70, mac="aa:bb:cc:dd:ee:01", temperature=21), reading("GW001", 5, mac="aa:bb")],
+    ]
+    for message in bad:
+        await gateway.publish("BLEGatewayData", message)
+    await gateway.publish("BLEGatewayData", reading("GW001", -80, mac="aa:bb:cc:dd:ee:02", temperature=20))
+    # Nothing stops later messages: the good entry of the batch and the last message both arrive.
+    await witness.when(lambda m: m.topic == f"{PREFIX}/ble/node/aabbccddee02/up")
+    assert payloads(witness, f"{PREFIX}/ble/node/aabbccddee01/up")[0]["values"] == {"temperature": 21.0}
+    assert not any(m.topic == UP for m in witness.messages)
+    assert {reason: running.rejected("ble", reason) for reason in
+            ("not_json", "missing_field", "wrong_type", "implausible", "oversized")} == {
+        "not_json": 2, "missing_field": 2, "wrong_type": 1, "implausible": 2, "oversized": 1}
+    assert running.rejected("ble", "internal") == 0
+    # Every rejection came from GW001 or its topic: logged once, the rest counted silently.
+    assert running.hub.services["ble"].ingest.reject_log.lines == 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_registration_on_first_sight_is_bounded(tmp_path: Path) -> None:
+async def test_registration_on_first_sight_is_bounded(memory_hub: MemoryHub) -> None:
     """A gateway inventing MACs cannot grow the registry without end: a cap on beacons, a rate per gateway."""
-    broker = MemoryBroker()
-    witness = broker.witness(f"{PREFIX}/ble/#")
-    running = await start_hub(tmp_path, broker, ["ble"], ble={
+    running, witness, gateway = await memory_hub(["ble"], [f"{PREFIX}/ble/#"], ble={
         "dedup_window": "50ms", "max_nodes": 3, "registrations_per_minute": 2, "max_gateways": 1})
-    gateway = broker.device()
-    try:
-        macs = [f"aa:bb:cc:dd:ee:0{i}" for i in range(4)]
-        for mac in macs[:3]:  # GW1's third new beacon this minute is one too many
-            await gateway.publish("BLEGatewayData", reading("GW1", -70, mac=mac, temperature=20))
-        await gateway.publish("BLEGatewayData", reading("GW2", -70, mac=macs[2], temperature=20))  # one gateway only
-        await gateway.publish("BLEGatewayData", reading("GW1", -60, mac=macs[0], temperature=21))  # known: fine
-        await witness.when(lambda m: m.topic == f"{PREFIX}/ble/node/aabbccddee00/up", count=2)
-        service = running.hub.services["ble"]
-        assert set(service.nodes) == {"aabbccddee00", "aabbccddee01"} and set(service.gateways) == {"GW1"}
-        assert running.rejected("ble", "registration_limit") == 2
-    finally:
-        gateway.stop()
-        await running.stop()
+    macs = [f"aa:bb:cc:dd:ee:0{i}" for i in range(4)]
+    for mac in macs[:3]:  # GW1's third new beacon this minute is one too many
+        await gateway.publish("BLEGatewayData", reading("GW1", -70, mac=mac, temperature=20))
+    await gateway.publish("BLEGatewayData", reading("GW2", -70, mac=macs[2], temperature=20))  # one gateway only
+    await gateway.publish("BLEGatewayData", reading("GW1", -60, mac=macs[0], temperature=21))  # known: fine
+    await witness.when(lambda m: m.topic == f"{PREFIX}/ble/node/aabbccddee00/up", count=2)
+    service = running.hub.services["ble"]
+    assert set(service.nodes) == {"aabbccddee00", "aabbccddee01"} and set(service.gateways) == {"GW1"}
+    assert running.rejected("ble", "registration_limit") == 2

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from bsscihub.web import auth
 from tests.broker import Mosquitto, Subscriber
 from tests.conftest import make_config
 from tests.helpers import until as eventually
-from tests.memory_bridge import ClockedReactor, FollowingClock, MemoryBroker, MemoryWitness
+from tests.memory_bridge import ClockedReactor, FollowingClock, MemoryBroker, MemoryDevice, MemoryWitness
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "hubtest"
@@ -149,6 +150,29 @@ async def start_hub(tmp_path: Path, broker: Mosquitto | MemoryBroker, names: lis
         await service.stopService()
         raise
     return RunningHub(hub, service, f"http://127.0.0.1:{port.getHost().port}", token, clock=clock)
+
+
+MemoryHub = Callable[..., Awaitable[tuple[RunningHub, MemoryWitness, MemoryDevice]]]
+
+
+@pytest_twisted.async_yield_fixture
+async def memory_hub(tmp_path: Path) -> AsyncIterator[MemoryHub]:
+    """start(names, topics, clock=None, **overrides): a whole hub (start_hub) on a MemoryBroker of its own, a
+    witness of `topics` there before the hub starts, and a device publishing to it; stopped after the test."""
+    started: list[tuple[RunningHub, MemoryDevice]] = []
+
+    async def start(names: list[str], topics: list[str], clock: FollowingClock | None = None,
+                    **overrides: Any) -> tuple[RunningHub, MemoryWitness, MemoryDevice]:
+        broker = MemoryBroker()
+        witness = broker.witness(*topics)
+        running = await start_hub(tmp_path, broker, names, clock, **overrides)
+        started.append((running, broker.device()))
+        return running, witness, started[-1][1]
+
+    yield start
+    for running, device in started:
+        device.stop()
+        await running.stop()
 
 
 def payloads(subscriber: Subscriber | MemoryWitness, topic: str) -> list[Any]:
