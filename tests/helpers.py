@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bsscihub.pki import IssuedCert, issue_client_cert
+from bsscihub.protocols.bssci.identity import STATION
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "etc" / "hub.yaml")
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -80,6 +83,19 @@ def init_home(directory: Path) -> Path:
     password = init.stdout.split("its password (shown only now): ", 1)[1].split()[0]
     (directory / "admin-password").write_text(password)
     return directory
+
+
+def hub_cli(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`bsscihub ARGS` on the hub of `home` (its data directory, the mioty family), as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "bsscihub.cli", *args, "--config", CONFIG], cwd=home, input=stdin,
+                          env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
+                          capture_output=True, text=True, timeout=60)
+
+
+def station_cert(home: Path, name: str, eui: str) -> IssuedCert:
+    """Base station `name`'s client certificate bound to `eui`, from the CA `bsscihub init` made in `home`."""
+    certs = home / "certs"
+    return issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", binding=STATION.bind(eui))
 
 
 def get_health(port: int, path: str = "/health", token: str | None = None) -> tuple[int, dict[str, Any]]:

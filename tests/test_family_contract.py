@@ -247,7 +247,7 @@ async def test_gate_publishes_what_it_declares(tmp_path: Path) -> None:
 async def test_mioty_publishes_what_it_declares(tmp_path: Path, pki: PKI) -> None:
     from bsscihub.protocols.bssci.crypto import attach_signature
     from tests.test_mioty_field import EP_INT, att
-    from tests.test_mioty_service import EP, KEY, A, B, Running, heard, wait_for
+    from tests.test_mioty_service import EP, KEY, A, B, Running, attached_and_heard, wait_for
     from tests.test_mioty_vm import METER, VmStation, connect
     from tests.wmbus_frames import mode5_frame
 
@@ -260,10 +260,7 @@ async def test_mioty_publishes_what_it_declares(tmp_path: Path, pki: PKI) -> Non
     running = Running(hub, service, witness.events, pki)
     try:
         # End points: attach, uplink, downlink and its result, reception status, a refused attach, detach.
-        await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-        b = await running.station("bs-b", B)  # state, and status (polled on connection)
-        await b.expect("attPrp")
-        await heard(running, b)
+        b = await attached_and_heard(running)  # state, and status (polled on connection)
         queued = await service.queue_downlink(EP, b"\xca\xfe", actor="test")
         await b.expect("dlDataQue")
         op = b.send("dlDataRes", epEui=EP_INT, queId=queued["queId"], result="sent", txTime=7, packetCnt=2)

@@ -4,8 +4,6 @@ out on a real Mosquitto as a water meter; a frame built with a known key, set fr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -16,12 +14,10 @@ import msgpack
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import Framer
-from bsscihub.protocols.bssci.identity import STATION
 from tests.broker import Mosquitto, Received, Subscriber, free_port
 from tests.captures import load_capture
-from tests.helpers import CONFIG, clean_env, kill, login_token, start_hub
+from tests.helpers import hub_cli, kill, login_token, start_hub, station_cert
 from tests.test_mioty_crash import Station
 from tests.wmbus_frames import KEY, WATER_VALUES, mode5_frame
 
@@ -70,12 +66,6 @@ def reading_of(meter: str) -> Callable[[Received], bool]:
     return lambda m: m.topic == f"bsscihub/mioty/meter/{meter}/reading"
 
 
-def cli(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bsscihub.cli", *args, "--config", CONFIG], cwd=home, input=stdin,
-                          env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
-                          capture_output=True, text=True, timeout=60)
-
-
 def test_the_diehl_capture_and_a_frame_with_a_known_key_come_out_on_mqtt(
     home: Path,
     log: Path,
@@ -83,13 +73,12 @@ def test_the_diehl_capture_and_a_frame_with_a_known_key_come_out_on_mqtt(
     subscriber_factory: Callable[..., Subscriber],
 ) -> None:
     certs = home / "certs"
-    issued = {eui: issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", binding=STATION.bind(eui))
-              for name, eui in (("bs-a", A), ("bs-b", B))}  # fmt: skip
+    issued = {eui: station_cert(home, name, eui) for name, eui in (("bs-a", A), ("bs-b", B))}
     # The operator enters the key of the meter whose frame we build, before the hub ever heard it.
-    entered = cli(home, "meters", "key", BUILT.upper(), stdin=KEY.hex() + "\n")
+    entered = hub_cli(home, "meters", "key", BUILT.upper(), stdin=KEY.hex() + "\n")
     assert entered.returncode == 0 and f"meter {BUILT}: key set" in entered.stdout, entered.stderr
     assert KEY.hex() not in entered.stdout + entered.stderr
-    refused = cli(home, "meters", "key", BUILT, stdin="not a key\n")
+    refused = hub_cli(home, "meters", "key", BUILT, stdin="not a key\n")
     assert refused.returncode == 1 and "32 hexadecimal digits" in refused.stderr and "not a key" not in refused.stderr
     broker = mosquitto_factory()
     witness = subscriber_factory(broker, "bsscihub/#")

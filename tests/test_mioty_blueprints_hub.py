@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,22 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bsscihub.pki import issue_client_cert
-from bsscihub.protocols.bssci.identity import STATION
 from tests.broker import Mosquitto, Received, Subscriber, free_port
-from tests.helpers import CONFIG, clean_env, kill, login_token, start_hub
+from tests.helpers import hub_cli, kill, login_token, start_hub, station_cert
 from tests.test_mioty_crash import Station, metric
 
 DATA = Path(__file__).parent / "data" / "blueprints"
 EP = "0011223344556677"
 A = "70b3d59cd00000a1"
 CLIMATE, METER = "70b3d5677000a001", "70b3d5677000a003"
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bsscihub.cli", *args, "--config", CONFIG], cwd=home,
-                          env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
-                          capture_output=True, text=True, timeout=60)
 
 
 def api(web: int, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -65,16 +55,16 @@ def test_blueprint_decoded_values_in_the_uplink_event_and_rest(
     subscriber_factory: Callable[..., Subscriber],
 ) -> None:
     certs = home / "certs"
-    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", binding=STATION.bind(A))
+    issued = station_cert(home, "bs-a", A)
     # The command line imports two blueprints; a broken file is refused with the place of the problem.
-    imported = cli(home, "blueprints", "import", str(DATA / "climate.json"), str(DATA / "door-flags.json"))
+    imported = hub_cli(home, "blueprints", "import", str(DATA / "climate.json"), str(DATA / "door-flags.json"))
     assert imported.returncode == 0, imported.stderr
     assert f"blueprint {CLIMATE} (Indoor climate sensor), formats 0, 192" in imported.stdout
     broken = home / "broken.json"
     doc = json.loads((DATA / "climate.json").read_text())
     doc["component"]["pressure"]["func"] = "$ / "
     broken.write_text(json.dumps(doc))
-    refused = cli(home, "blueprints", "import", str(broken))
+    refused = hub_cli(home, "blueprints", "import", str(broken))
     assert refused.returncode == 1 and "pressure" in refused.stderr and "ends too early" in refused.stderr
     broker = mosquitto_factory()
     witness = subscriber_factory(broker, "bsscihub/#")
@@ -121,7 +111,7 @@ def test_blueprint_decoded_values_in_the_uplink_event_and_rest(
         assert by_cnt[1]["decoded"]["pressure"] == {"value": 1013.2, "unit": "hPa"}
         assert "decodeError" in by_cnt[2]
         # A type assigned from the command line reaches the running hub; float and signed little-endian fields.
-        assert cli(home, "blueprints", "assign", EP, METER).returncode == 0
+        assert hub_cli(home, "blueprints", "assign", EP, METER).returncode == 0
         frame = ((7).to_bytes(4, "little") + (1500).to_bytes(4, "little") + (-20).to_bytes(2, "little", signed=True)
                  + struct.pack("<f", -3.25) + bytes.fromhex("0a0b0c0d") + bytes([0x02]))
         # The hub looks for changes every 5 s: uplinks until one is decoded with the new type
@@ -141,7 +131,7 @@ def test_blueprint_decoded_values_in_the_uplink_event_and_rest(
         published = [json.loads(m.payload) for m in witness.messages if up_of(EP)(m)]
         failed = sum(1 for up in published if "decodeError" in up)  # 2, and those before the new type was seen
         assert metric(web, 'bsscihub_mioty_blueprint_decodes_total{outcome="failed"}') == failed >= 1
-        listed_cli = cli(home, "blueprints", "list")
+        listed_cli = hub_cli(home, "blueprints", "list")
         assert re.search(rf"{METER}\t.*sensors: 1", listed_cli.stdout), listed_cli.stdout
     finally:
         if station is not None:

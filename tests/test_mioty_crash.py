@@ -8,19 +8,15 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bsscihub.pki import issue_client_cert
 from bsscihub.protocols.bssci.framing import MAGIC, Framer, encode_frame
-from bsscihub.protocols.bssci.identity import STATION
 from tests.broker import Mosquitto, Received, Subscriber, free_port
-from tests.helpers import CONFIG, clean_env, kill, start_hub
+from tests.helpers import hub_cli, kill, start_hub, station_cert
 
 EP = "0011223344556677"
 KEY = "000102030405060708090a0b0c0d0e0f"
@@ -124,6 +120,14 @@ def offline(message: Received) -> bool:
     return message.topic == "bsscihub/hub/status" and doc(message)["state"] == "offline"
 
 
+def import_sensor(home: Path, bidi: bool) -> None:
+    """EP and its key into the hub's database with `bsscihub sensors import`, as an operator does before a start."""
+    endpoints = home / "endpoints.json"
+    endpoints.write_text(json.dumps([{"eui": EP, "nwKey": KEY, "shortAddr": "1a2b", "bidi": bidi}]))
+    imported = hub_cli(home, "sensors", "import", str(endpoints))
+    assert imported.returncode == 0, imported.stderr
+
+
 def test_acknowledged_uplinks_survive_kill_9_and_are_published_once_after_the_restart(
     home: Path,
     log: Path,
@@ -133,19 +137,9 @@ def test_acknowledged_uplinks_survive_kill_9_and_are_published_once_after_the_re
     certs = home / "certs"
     stations: dict[str, tuple[str, Path, Path]] = {}  # bsEui -> (name, certificate, key)
     for name, eui in (("bs-a", A), ("bs-b", B)):
-        issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", name, home / "bs", binding=STATION.bind(eui))
+        issued = station_cert(home, name, eui)
         stations[eui] = (name, issued.cert_path, issued.key_path)
-    endpoints = home / "endpoints.json"
-    endpoints.write_text(json.dumps([{"eui": EP, "nwKey": KEY, "shortAddr": "1a2b", "bidi": False}]))
-    imported = subprocess.run(
-        [sys.executable, "-m", "bsscihub.cli", "sensors", "import", str(endpoints), "--config", CONFIG],
-        cwd=home,
-        env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert imported.returncode == 0, imported.stderr
+    import_sensor(home, bidi=False)
     broker = mosquitto_factory()
     witness = subscriber_factory(broker, "bsscihub/#")
     web, bssci = free_port(), free_port()
@@ -222,15 +216,8 @@ def test_downlinks_survive_kill_9_what_was_reported_sent_stays_sent_the_rest_goe
     from paho.mqtt import publish
 
     certs = home / "certs"
-    issued = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", binding=STATION.bind(A))
-    endpoints = home / "endpoints.json"
-    endpoints.write_text(json.dumps([{"eui": EP, "nwKey": KEY, "shortAddr": "1a2b", "bidi": True}]))
-    imported = subprocess.run(
-        [sys.executable, "-m", "bsscihub.cli", "sensors", "import", str(endpoints), "--config", CONFIG],
-        cwd=home, env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert imported.returncode == 0, imported.stderr
+    issued = station_cert(home, "bs-a", A)
+    import_sensor(home, bidi=True)
     broker = mosquitto_factory()
     witness = subscriber_factory(broker, "bsscihub/#")
     web, bssci = free_port(), free_port()

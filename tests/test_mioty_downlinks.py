@@ -23,6 +23,7 @@ from tests.test_mioty_service import (
     B,
     Running,
     Station,
+    attached_and_heard,
     heard,
     logged,
     pki,
@@ -72,10 +73,7 @@ def after(station: Station, first: str, then: str) -> None:
 @pytest_twisted.ensureDeferred
 async def test_an_accepted_downlink_is_queued_again_when_its_station_reconnects(running: Running) -> None:
     service = running.service
-    await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    b = await running.station("bs-b", B)
-    await b.expect("attPrp")
-    await heard(running, b)
+    b = await attached_and_heard(running)
     queued = await service.queue_downlink(EP, b"\xca\xfe", actor="test")
     que_id = queued["queId"]
     assert (queued["status"], queued["baseStations"]) == ("accepted", [B])
@@ -117,10 +115,7 @@ async def test_an_att_prp_for_the_end_point_makes_its_station_forget_and_the_hub
     running: Running,
 ) -> None:
     service = running.service
-    await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    b = await running.station("bs-b", B)
-    await b.expect("attPrp")
-    await heard(running, b)
+    b = await attached_and_heard(running)
     que_id = (await service.queue_downlink(EP, b"\x01", actor="test"))["queId"]
     await b.expect("dlDataQue")
     # A new configuration is propagated: the station drops the end point's downlinks with it.
@@ -186,10 +181,7 @@ async def test_an_unreported_downlink_expires_with_dl_data_rev_and_an_error_answ
     running = await start(tmp_path, pki, downlink_ttl=1.0)
     try:
         service = running.service
-        await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-        b = await running.station("bs-b", B)
-        await b.expect("attPrp")
-        await heard(running, b)
+        b = await attached_and_heard(running)
         answered = (await service.queue_downlink(EP, b"\x01", actor="test"))["queId"]
         await b.expect("dlDataQue")
         # Held, never reported: after downlink_ttl the station gets dlDataRev; it takes it: expired.
@@ -287,10 +279,7 @@ async def test_a_station_that_resumes_its_session_gets_what_was_queued_meanwhile
 @pytest_twisted.ensureDeferred
 async def test_detaching_the_end_point_ends_its_pending_downlinks_as_revoked(running: Running) -> None:
     service = running.service
-    await service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    b = await running.station("bs-b", B)
-    await b.expect("attPrp")
-    await heard(running, b)
+    b = await attached_and_heard(running)
     held = (await service.queue_downlink(EP, b"\x01", actor="test"))["queId"]
     await b.expect("dlDataQue")
     b.transport.loseConnection()

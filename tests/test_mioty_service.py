@@ -237,6 +237,15 @@ async def heard(running: Running, station: Station, cnt: int = 1, **fields: Any)
     await wait_for(lambda: len(running.of("uplink")) > uplinks)
 
 
+async def attached_and_heard(running: Running, name: str = "bs-b", eui: str = B) -> Station:
+    """EP attached (bidirectional) and heard through the station `name`: that station serves its downlinks."""
+    await running.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+    station = await running.station(name, eui)
+    await station.expect("attPrp")
+    await heard(running, station)
+    return station
+
+
 @pytest.fixture
 def running(tmp_path: Path, pki: PKI) -> Iterator[Running]:
     hub = pytest_twisted.blockon(defer.ensureDeferred(start(tmp_path, pki)))

@@ -4,18 +4,14 @@ registers an end point over mutual TLS, receives its uplink from a base station 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bsscihub.pki import issue_client_cert
-from bsscihub.protocols.bssci.identity import STATION
 from bsscihub.protocols.bssci.scaci import MAGIC_AC
 from tests.broker import Mosquitto, free_port
-from tests.helpers import CONFIG, clean_env, kill, start_hub
+from tests.helpers import hub_cli, kill, start_hub, station_cert
 from tests.test_mioty_crash import Station
 
 EP = "0011223344556677"
@@ -36,12 +32,9 @@ class AppCenter(Station):
 def test_application_center_against_twistd(home: Path, log: Path,
                                            mosquitto_factory: Callable[..., Mosquitto]) -> None:
     certs = home / "certs"
-    issued = subprocess.run(
-        [sys.executable, "-m", "bsscihub.cli", "certs", "issue-ac", "ac-main", "--out", "ac", "--config", CONFIG],
-        cwd=home, env=clean_env(BSSCIHUB_DATA_DIR=str(home / "data"), BSSCIHUB_FAMILIES="[mioty]"),
-        capture_output=True, text=True, timeout=60)
+    issued = hub_cli(home, "certs", "issue-ac", "ac-main", "--out", "ac")
     assert issued.returncode == 0, issued.stderr
-    station_cert = issue_client_cert(certs / "ca.pem", certs / "ca.key", "bs-a", home / "bs", binding=STATION.bind(A))
+    issued_bs = station_cert(home, "bs-a", A)
     broker = mosquitto_factory()
     web, bssci, scaci = free_port(), free_port(), free_port()
     hub = start_hub(home, log, web, bssci, broker, BSSCIHUB_SCACI_LISTEN=f"tcp:{scaci}:interface=127.0.0.1")
@@ -51,7 +44,7 @@ def test_application_center_against_twistd(home: Path, log: Path,
         ac.send("con", 0, version="1.0.0", acEui=0x70B3D5FFFE000001, snAcUuid=list(os.urandom(16)))
         assert ac.expect("conRsp", 0)["snResume"] is False
         ac.send("conCmp", 0)
-        station = Station(bssci, station_cert.cert_path, station_cert.key_path, certs / "ca.pem")
+        station = Station(bssci, issued_bs.cert_path, issued_bs.key_path, certs / "ca.pem")
         station.connect(A, "bs-a")
         op = ac.send("reg", epEui=int(EP, 16), nwkKey=list(range(16)), shAddr=0x1A2B, bidi=True)
         ac.expect("regRsp", op)
