@@ -11,12 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bsscihub.protocols.bssci.sim._plan import WorkerPlan
-from bsscihub.protocols.bssci.sim._run import TICK, Run
+from bsscihub.protocols.bssci.sim._run import RECONNECT_DELAY, TICK, Run
 from bsscihub.protocols.bssci.sim._session import BaseStation
 
 __all__ = ["client_context", "run_worker"]
-
-RECONNECT_DELAY = 1.0  # s, as a base station waits before dialling again
 
 
 def client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
@@ -68,8 +66,7 @@ async def _keep_connected(run: Run, station: BaseStation, context: ssl.SSLContex
                 ssl_handshake_timeout=opts.connect_timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError) as e:
-            run.counters.connect_failures += 1
-            run.counters.anomalies[f"connect failed: {type(e).__name__}: {str(e)[:80]}"] += 1
+            run.connect_failed(e)
             await asyncio.sleep(RECONNECT_DELAY)
             continue
         await connection.closed

@@ -12,9 +12,10 @@ from bsscihub.protocols.bssci.sim._plan import WorkerPlan, bs_eui, sensor_eui
 from bsscihub.protocols.bssci.sim._session import BaseStation, Uplink, ul_template
 from bsscihub.protocols.bssci.sim._stats import Counters, Histogram
 
-__all__ = ["Run", "TICK"]
+__all__ = ["RECONNECT_DELAY", "Run", "TICK"]
 
 TICK = 0.005  # s between generator ticks: 200 small batches per second, no bursts
+RECONNECT_DELAY = 1.0  # s, as a base station waits before dialling again
 # Copies waiting per base station beyond its window; past this the offered
 # rate is not being served, and further copies are skipped (and counted).
 MAX_QUEUE = 1000
@@ -142,6 +143,11 @@ class Run:
         self.att_prp_done += 1
 
     # --- called by the drivers ---------------------------------------------------
+
+    def connect_failed(self, error: BaseException) -> None:
+        """A dial that failed (the driver retries after RECONNECT_DELAY); counted the same on every stack."""
+        self.counters.connect_failures += 1
+        self.counters.anomalies[f"connect failed: {type(error).__name__}: {str(error)[:80]}"] += 1
 
     def station_lost(self, station: BaseStation, *, by_us: bool) -> None:
         if station.ready:

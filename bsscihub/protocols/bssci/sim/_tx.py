@@ -16,12 +16,10 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 
 from bsscihub.protocols.bssci.sim._plan import WorkerPlan
-from bsscihub.protocols.bssci.sim._run import TICK, Run
+from bsscihub.protocols.bssci.sim._run import RECONNECT_DELAY, TICK, Run
 from bsscihub.protocols.bssci.sim._session import BaseStation
 
 __all__ = ["run_worker"]
-
-RECONNECT_DELAY = 1.0
 
 
 class _Connection(Protocol):
@@ -59,8 +57,7 @@ async def _keep_connected(reactor: Any, run: Run, station: BaseStation, options:
         try:
             await connectProtocol(endpoint, connection)
         except Exception as e:  # noqa: BLE001 - any failure to connect is counted, then retried
-            run.counters.connect_failures += 1
-            run.counters.anomalies[f"connect failed: {type(e).__name__}: {str(e)[:80]}"] += 1
+            run.connect_failed(e)
             await task.deferLater(reactor, RECONNECT_DELAY)
             continue
         await connection.closed
