@@ -4,12 +4,13 @@ over-the-air attach and detach, geolocation without a fix, session resume."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
@@ -238,107 +239,110 @@ def prps(station: Station) -> list[dict[str, Any]]:
 EPS = [f"00112233445566{i:02x}" for i in range(1, 5)]
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_station_back_within_the_resume_window_resumes_its_session(tmp_path: Path, pki: PKI) -> None:
-    hub = await start(tmp_path, pki, bssci={"resume_window": 60})
-    try:
-        for ep in EPS[:3]:
-            await hub.service.attach(ep, KEY, 0x0100, True)
-        uuid = os.urandom(16)
-        a = await connect(hub, "bs-a", A, uuid)
-        first_sc_uuid = a.con_rsp["snScUuid"]  # type: ignore[attr-defined]
-        await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
-        first = prps(a)
-        assert sorted(p["epEui"] for p in first) == sorted(int(ep, 16) for ep in EPS[:3])
-        a.uplink(EPS[1], cnt=1)
-        a.uplink(cnt=2)
-        await a.expect("ulDataRsp")
-        await a.expect("ulDataRsp")
-        await wait_for(lambda: hub.of("uplink"))
-        # A downlink the station accepted and still holds when the network breaks ...
-        queued = await hub.service.queue_downlink(EPS[1], "abcd")
-        assert (await a.expect("dlDataQue"))["queId"] == queued["queId"]
-        await wait_for(lambda: hub.service.downlink_queue.pending[queued["queId"]].state.value == "accepted")
-        # ... one propagation it never answers ...
-        a.quiet = True
-        await hub.service.attach(EPS[3], KEY, 0x0104, True)
-        unanswered = await a.expect("attPrp")
-        a.transport.abortConnection()  # type: ignore[union-attr]
-        await a.lost
-        await wait_for(lambda: A not in hub.service.sessions)
-        # ... and one change while it is away.
-        await hub.service.detach(EPS[0])
+@pytest.fixture
+def hub(tmp_path: Path, pki: PKI) -> Iterator[Running]:
+    """A hub that keeps the session of a station whose connection broke for a minute (bssci.resume_window)."""
+    running = pytest_twisted.blockon(defer.ensureDeferred(start(tmp_path, pki, bssci={"resume_window": 60})))
+    yield running
+    pytest_twisted.blockon(defer.ensureDeferred(running.stop()))
 
-        b = await connect(hub, "bs-a", A, uuid, resume_ops=(2, unanswered["opId"]), expect_resume=True)
-        b.next_op = 3
-        assert b.con_rsp["snScUuid"] == first_sc_uuid  # type: ignore[attr-defined]
-        await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
-        again = prps(b)
-        # Only the unfinished attPrp and the missed detPrp, not every attachment again; opIds continue.
-        assert [(p["command"], p["epEui"]) for p in again] == [("attPrp", int(EPS[3], 16)),
-                                                               ("detPrp", int(EPS[0], 16))]
-        assert [p["opId"] for p in again] == [unanswered["opId"] - 1, unanswered["opId"] - 2]
-        # It still holds the downlink: not sent again, and its report is taken.
-        held = hub.service.downlink_queue.pending[queued["queId"]]
-        assert held.state.value == "accepted" and held.holder is hub.service.sessions[A]
-        b.uplink(EPS[1], cnt=2)  # its downlink window: nothing to hand the station again
-        await b.expect("ulDataRsp")
-        await wait_for(lambda: len(hub.of("uplink")) == 2)
-        assert not [msg for msg in b.inbox if msg["command"] == "dlDataQue"]
-        b.next_op = 4
-        b.send("dlDataRes", epEui=int(EPS[1], 16), queId=queued["queId"], result="sent", txTime=5, packetCnt=2)
-        await b.expect("dlDataResRsp")
-        [entry] = (await hub.service.downlinks(EPS[1]))["items"]
-        assert entry["status"] == "sent" and entry["resultBs"] == A
-        # The station's own counter continued: opId 2 was used before the break.
-        b.next_op = 2
-        b.uplink(cnt=3)
-        assert "does not increase" in (await b.expect("error"))["message"]
-        b.send("errorAck", 2)
-        b.next_op = 5
-        b.uplink(cnt=4)
-        await b.expect("ulDataRsp")
-        assert hub.service.counters.resumed == 1
-    finally:
-        await hub.stop()
+
+async def connected_with(hub: Running, attached: list[str]) -> tuple[bytes, Quiet]:
+    """`attached` end points attached, then bs-a connected with a new session (its snBsUuid returned), every
+    attPrp answered."""
+    for ep in attached:
+        await hub.service.attach(ep, KEY, 0x0100, True)
+    uuid = os.urandom(16)
+    a = await connect(hub, "bs-a", A, uuid)
+    await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
+    return uuid, a
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_station_refusing_the_resume_gets_a_fresh_session(tmp_path: Path, pki: PKI) -> None:
-    hub = await start(tmp_path, pki, bssci={"resume_window": 60})
-    try:
-        for ep in EPS:
-            await hub.service.attach(ep, KEY, 0x0100, True)
-        uuid = os.urandom(16)
-        a = await connect(hub, "bs-a", A, uuid)
-        first_sc_uuid = a.con_rsp["snScUuid"]  # type: ignore[attr-defined]
-        await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
-        a.transport.loseConnection()  # type: ignore[union-attr]
-        await a.lost
-        await wait_for(lambda: A not in hub.service.sessions)
+async def test_a_station_back_within_the_resume_window_resumes_its_session(hub: Running) -> None:
+    uuid, a = await connected_with(hub, EPS[:3])
+    first_sc_uuid = a.con_rsp["snScUuid"]  # type: ignore[attr-defined]
+    first = prps(a)
+    assert sorted(p["epEui"] for p in first) == sorted(int(ep, 16) for ep in EPS[:3])
+    a.uplink(EPS[1], cnt=1)
+    a.uplink(cnt=2)
+    await a.expect("ulDataRsp")
+    await a.expect("ulDataRsp")
+    await wait_for(lambda: hub.of("uplink"))
+    # A downlink the station accepted and still holds when the network breaks ...
+    queued = await hub.service.queue_downlink(EPS[1], "abcd")
+    assert (await a.expect("dlDataQue"))["queId"] == queued["queId"]
+    await wait_for(lambda: hub.service.downlink_queue.pending[queued["queId"]].state.value == "accepted")
+    # ... one propagation it never answers ...
+    a.quiet = True
+    await hub.service.attach(EPS[3], KEY, 0x0104, True)
+    unanswered = await a.expect("attPrp")
+    a.transport.abortConnection()  # type: ignore[union-attr]
+    await a.lost
+    await wait_for(lambda: A not in hub.service.sessions)
+    # ... and one change while it is away.
+    await hub.service.detach(EPS[0])
 
-        # Offered a resume it cannot take, the station answers error and asks again on the same connection.
-        b = await connect_refusing(hub, uuid)
-        rsp = await b.expect("conRsp")
-        assert rsp["snResume"] is False and rsp["snScUuid"] != first_sc_uuid and bytes(rsp["snScUuid"]) != uuid
-        b.send("conCmp", 0)
-        await wait_for(lambda: hub.service.sessions[A].established_at is not None
-                       and hub.service.sessions[A].propagation_pending == 0)
-        fresh = prps(b)
-        # A fresh session: SC opIds from -1, every attachment propagated.
-        assert sorted(p["epEui"] for p in fresh) == sorted(int(ep, 16) for ep in EPS)
-        assert sorted(p["opId"] for p in fresh)[-1] == -1
-        assert hub.service.counters.resumed == 0
-        b.transport.loseConnection()  # type: ignore[union-attr]
-        await b.lost
-        await wait_for(lambda: A not in hub.service.sessions)
+    b = await connect(hub, "bs-a", A, uuid, resume_ops=(2, unanswered["opId"]), expect_resume=True)
+    b.next_op = 3
+    assert b.con_rsp["snScUuid"] == first_sc_uuid  # type: ignore[attr-defined]
+    await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
+    again = prps(b)
+    # Only the unfinished attPrp and the missed detPrp, not every attachment again; opIds continue.
+    assert [(p["command"], p["epEui"]) for p in again] == [("attPrp", int(EPS[3], 16)),
+                                                           ("detPrp", int(EPS[0], 16))]
+    assert [p["opId"] for p in again] == [unanswered["opId"] - 1, unanswered["opId"] - 2]
+    # It still holds the downlink: not sent again, and its report is taken.
+    held = hub.service.downlink_queue.pending[queued["queId"]]
+    assert held.state.value == "accepted" and held.holder is hub.service.sessions[A]
+    b.uplink(EPS[1], cnt=2)  # its downlink window: nothing to hand the station again
+    await b.expect("ulDataRsp")
+    await wait_for(lambda: len(hub.of("uplink")) == 2)
+    assert not [msg for msg in b.inbox if msg["command"] == "dlDataQue"]
+    b.next_op = 4
+    b.send("dlDataRes", epEui=int(EPS[1], 16), queId=queued["queId"], result="sent", txTime=5, packetCnt=2)
+    await b.expect("dlDataResRsp")
+    [entry] = (await hub.service.downlinks(EPS[1]))["items"]
+    assert entry["status"] == "sent" and entry["resultBs"] == A
+    # The station's own counter continued: opId 2 was used before the break.
+    b.next_op = 2
+    b.uplink(cnt=3)
+    assert "does not increase" in (await b.expect("error"))["message"]
+    b.send("errorAck", 2)
+    b.next_op = 5
+    b.uplink(cnt=4)
+    await b.expect("ulDataRsp")
+    assert hub.service.counters.resumed == 1
 
-        # Refusing and closing: the next connection is fresh without asking.
-        c = await connect_refusing(hub, uuid, close=True)
-        await c.lost
-        await connect(hub, "bs-a", A, uuid, expect_resume=False)
-    finally:
-        await hub.stop()
+
+@pytest_twisted.ensureDeferred
+async def test_a_station_refusing_the_resume_gets_a_fresh_session(hub: Running) -> None:
+    uuid, a = await connected_with(hub, EPS)
+    first_sc_uuid = a.con_rsp["snScUuid"]  # type: ignore[attr-defined]
+    a.transport.loseConnection()  # type: ignore[union-attr]
+    await a.lost
+    await wait_for(lambda: A not in hub.service.sessions)
+
+    # Offered a resume it cannot take, the station answers error and asks again on the same connection.
+    b = await connect_refusing(hub, uuid)
+    rsp = await b.expect("conRsp")
+    assert rsp["snResume"] is False and rsp["snScUuid"] != first_sc_uuid and bytes(rsp["snScUuid"]) != uuid
+    b.send("conCmp", 0)
+    await wait_for(lambda: hub.service.sessions[A].established_at is not None
+                   and hub.service.sessions[A].propagation_pending == 0)
+    fresh = prps(b)
+    # A fresh session: SC opIds from -1, every attachment propagated.
+    assert sorted(p["epEui"] for p in fresh) == sorted(int(ep, 16) for ep in EPS)
+    assert sorted(p["opId"] for p in fresh)[-1] == -1
+    assert hub.service.counters.resumed == 0
+    b.transport.loseConnection()  # type: ignore[union-attr]
+    await b.lost
+    await wait_for(lambda: A not in hub.service.sessions)
+
+    # Refusing and closing: the next connection is fresh without asking.
+    c = await connect_refusing(hub, uuid, close=True)
+    await c.lost
+    await connect(hub, "bs-a", A, uuid, expect_resume=False)
 
 
 async def connect_refusing(running: Running, uuid: bytes, close: bool = False) -> Quiet:
@@ -456,22 +460,14 @@ async def test_lenient_and_strict_over_mutual_tls(running: Running) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_station_reconnecting_before_the_hub_saw_the_break_resumes_too(tmp_path: Path, pki: PKI) -> None:
-    hub = await start(tmp_path, pki, bssci={"resume_window": 60})
-    try:
-        for ep in EPS[:2]:
-            await hub.service.attach(ep, KEY, 0x0100, True)
-        uuid = os.urandom(16)
-        a = await connect(hub, "bs-a", A, uuid)
-        await wait_for(lambda: hub.service.sessions[A].propagation_pending == 0)
-        lowest = min(msg["opId"] for msg in a.seen if msg["opId"] < 0)
-        first_uuid = a.con_rsp["snScUuid"]  # type: ignore[attr-defined]
-        # The old connection is still open at the hub (a silent break): the new one takes over and resumes.
-        b = await connect(hub, "bs-a", A, uuid, expect_resume=True)
-        await a.lost
-        assert b.con_rsp["snScUuid"] == first_uuid  # type: ignore[attr-defined]
-        await deferLater(reactor, 0.2, lambda: None)
-        assert not prps(b)  # nothing was unfinished: no attPrp again
-        assert all(msg["opId"] < lowest for msg in b.seen if msg["opId"] < 0)  # SC opIds continue
-    finally:
-        await hub.stop()
+async def test_a_station_reconnecting_before_the_hub_saw_the_break_resumes_too(hub: Running) -> None:
+    uuid, a = await connected_with(hub, EPS[:2])
+    lowest = min(msg["opId"] for msg in a.seen if msg["opId"] < 0)
+    first_uuid = a.con_rsp["snScUuid"]  # type: ignore[attr-defined]
+    # The old connection is still open at the hub (a silent break): the new one takes over and resumes.
+    b = await connect(hub, "bs-a", A, uuid, expect_resume=True)
+    await a.lost
+    assert b.con_rsp["snScUuid"] == first_uuid  # type: ignore[attr-defined]
+    await deferLater(reactor, 0.2, lambda: None)
+    assert not prps(b)  # nothing was unfinished: no attPrp again
+    assert all(msg["opId"] < lowest for msg in b.seen if msg["opId"] < 0)  # SC opIds continue
