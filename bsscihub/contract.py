@@ -119,6 +119,12 @@ class Shape:
     open: bool = False
     """Written with `...`: other keys may follow (the fields of an event's kind)."""
 
+    def mismatch(self, keys: Iterable[str]) -> tuple[list[str], list[str]]:
+        """The required keys a payload with `keys` lacks, and the keys it has that the shape does not name."""
+        present = set(keys)
+        extra = [] if self.open else sorted(present - self.required - self.optional)
+        return sorted(self.required - present), extra
+
 
 def shape_of(text: str) -> Shape | None:
     """The keys of a payload written as the docs and EventSpecs write it, e.g.
@@ -174,11 +180,11 @@ def event_problems(event: Event, specs: Iterable[EventSpec]) -> list[str]:
             problems.append(f"{event.topic}: retain {event.retain}, declared {spec.retained}")
         shape = shape_of(spec.payload)
         if shape is not None:
-            keys = set(event.payload)
-            if missing := shape.required - keys:
-                problems.append(f"{event.topic}: missing {sorted(missing)}")
-            if not shape.open and (extra := keys - shape.required - shape.optional):
-                problems.append(f"{event.topic}: undeclared {sorted(extra)}")
+            missing, extra = shape.mismatch(event.payload)
+            if missing:
+                problems.append(f"{event.topic}: missing {missing}")
+            if extra:
+                problems.append(f"{event.topic}: undeclared {extra}")
         problems += time_problems(event.topic, event.payload)
         if not problems:
             return []

@@ -53,11 +53,11 @@ def doc_problems(event: Event, rows: dict[str, list[DocRow]] | None = None) -> l
         shape = shape_of(row.payload)
         if shape is None:
             continue
-        keys = set(event.payload)
-        if missing := shape.required - keys:
-            problems.append(f"{row.file}: {event.topic} lacks documented {sorted(missing)}")
-        if not shape.open and (extra := keys - shape.required - shape.optional):
-            problems.append(f"{row.file}: {event.topic} has undocumented {sorted(extra)}")
+        missing, extra = shape.mismatch(event.payload)
+        if missing:
+            problems.append(f"{row.file}: {event.topic} lacks documented {missing}")
+        if extra:
+            problems.append(f"{row.file}: {event.topic} has undocumented {extra}")
     return problems
 
 
