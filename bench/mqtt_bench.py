@@ -27,46 +27,17 @@ from bsscihub.hub import make_hub  # noqa: E402
 from bsscihub.mqtt.bridge import MQTTBridge, to_json  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
 from tests.conftest import make_config  # noqa: E402
+from tests.test_mqtt_bridge import EP, uplink_payload  # noqa: E402
 
-EP = "0011223344556677"
 TOPIC = f"bsscihub/mioty/ep/{EP}/up"
 
 
 def uplink(n: int) -> dict[str, Any]:
-    """An uplink as the contract publishes it (about 450 bytes of JSON)."""
-    return {
-        "epEui": EP,
-        "packetCnt": n,
-        "rxTime": 1_755_708_639_613_188_798 + n,
-        "time": "2025-08-20T16:50:39.613Z",
-        "data": "0253016106220403",
-        "format": 0,
-        "dlOpen": False,
-        "responseExp": False,
-        "dlAck": False,
-        "receivers": [
-            {
-                "bsEui": "70b3d59cd0000001",
-                "snr": 22.88,
-                "rssi": -71.39,
-                "eqSnr": 20.1,
-                "rxTime": 1_755_708_639_613_188_798,
-                "profile": "eu1",
-                "mode": 0,
-                "subpackets": None,
-            },
-            {
-                "bsEui": "70b3d59cd0000002",
-                "snr": 9.5,
-                "rssi": -98.0,
-                "eqSnr": 8.0,
-                "rxTime": 1_755_708_639_613_190_001,
-                "profile": "eu1",
-                "mode": 0,
-                "subpackets": None,
-            },
-        ],
-    }
+    """An uplink as the contract publishes it (about 450 bytes of JSON): the MQTT bridge tests' own, numbered, with
+    no subpackets and a longer payload (the same bytes every earlier run of this benchmark published)."""
+    base = uplink_payload(n)
+    return {**base, "rxTime": base["rxTime"] + n, "data": "0253016106220403",
+            "receivers": [{**receiver, "subpackets": None} for receiver in base["receivers"]]}
 
 
 def bare_paho(broker: Mosquitto, payloads: list[bytes]) -> float:
