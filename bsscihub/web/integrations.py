@@ -291,9 +291,12 @@ class WebhooksWeb:
 
     @page_route("GET", "/webhooks", role="operator", summary="Webhooks and their delivery status")
     def hooks_page(self, call: Call) -> Any:
+        return self._hooks_page(secret=None)
+
+    def _hooks_page(self, **extra: Any) -> Page:
         hooks = [h.to_json() for h in sorted(self.service.hooks.values(), key=lambda h: h.id)]
         return Page("webhooks.html", {"title": "Webhooks", "hooks": hooks,
-                                      "families": [*sorted(self.hub.families), "alerts"], "secret": None})
+                                      "families": [*sorted(self.hub.families), "alerts"], **extra})
 
     @page_route("POST", "/webhooks", role="operator", summary="Add a webhook")
     async def add_hook_page(self, call: Call) -> Any:
@@ -307,11 +310,8 @@ class WebhooksWeb:
             created = await call.invoke("add_hook", body=body)
         except ApiError as e:
             return Redirect("/webhooks", error=e.message)
-        hooks = [h.to_json() for h in sorted(self.service.hooks.values(), key=lambda h: h.id)]
         # The secret is shown on this one answer only.
-        return Page("webhooks.html", {"title": "Webhooks", "hooks": hooks,
-                                      "families": [*sorted(self.hub.families), "alerts"],
-                                      "secret": created.value["secret"], "created": created.value["webhook"]})
+        return self._hooks_page(secret=created.value["secret"], created=created.value["webhook"])
 
     @page_route("POST", "/webhooks/{id}/delete", role="operator", summary="Delete a webhook", params=(HOOK_ID,))
     async def delete_hook_page(self, call: Call) -> Any:
