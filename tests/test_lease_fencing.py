@@ -16,8 +16,7 @@ from bsscihub.alerts import AlertService
 from bsscihub.bus import Event
 from bsscihub.cluster import Cluster, Fence, StaleLeader, leader_write
 from bsscihub.cluster_redis import RedisLease
-from bsscihub.family import installed_families
-from bsscihub.hub import Hub, make_hub
+from bsscihub.hub import Hub
 from bsscihub.store import Store
 from bsscihub.store.schema import CORE_MIGRATIONS
 from tests.cluster import MiotyHubs, clustered_hub, mioty_hubs, stop_hub
@@ -25,8 +24,8 @@ from tests.conftest import _reset_pg_schema
 from tests.helpers import until
 from tests.redis_server import redis_url
 from tests.test_cluster_shared import nodes
-from tests.test_mioty_cluster_lifecycle import HOUR, _two_hubs
-from tests.test_mioty_service import EP, KEY, A, B, pki
+from tests.test_mioty_cluster_lifecycle import HOUR, _stations_with_ep, _two_hubs
+from tests.test_mioty_service import EP, KEY, A, imported_elsewhere, pki
 
 __all__ = ["mioty_hubs", "nodes", "pki", "redis_url"]  # fixtures
 
@@ -198,11 +197,7 @@ async def test_a_stale_mioty_leader_cannot_detach_a_silent_sensor_and_the_new_on
     monkeypatch.setattr(cluster_redis, "LEASE_TTL", 60.0)
     stale, new = await _two_hubs(mioty_hubs)
     hubs = (stale, new)
-    a = await stale.station("bs-a", A)
-    b = await new.station("bs-b", B)
-    await stale.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    await a.expect("attPrp")
-    await b.expect("attPrp")
+    a, b = await _stations_with_ep(stale, new, attached_on=stale)
     await _take_over(stale.service.lease, new.service.lease)
 
     # The new leader warns about 37 h of silence (a fenced write: its token is the database's newest).
@@ -229,20 +224,14 @@ async def test_a_stale_mioty_leader_cannot_detach_a_silent_sensor_and_the_new_on
 @pytest_twisted.ensureDeferred
 async def test_a_stale_mioty_leader_does_not_report_an_outside_change_the_new_one_reported(
         mioty_hubs: MiotyHubs, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bsscihub.protocols.bssci import endpoints
 
     monkeypatch.setattr(cluster_redis, "LEASE_TTL", 60.0)
     stale, new = await _two_hubs(mioty_hubs)
     a = await stale.station("bs-a", A)
     await _take_over(stale.service.lease, new.service.lease)
     # `bsscihub sensors import` in another process while the two hubs both believe they lead.
-    cli = make_hub(stale.hub.config, reactor, {"mioty": installed_families()["mioty"]})
-    cli.store.start()
-    try:
-        doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False}]
-        assert (await endpoints.import_endpoints(cli, doc))["created"] == 1
-    finally:
-        await cli.store.stop()
+    doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False}]
+    assert (await imported_elsewhere(stale, doc))["created"] == 1
     await new.service.sync()
     assert [e.payload["epEui"] for e in new.of("attach")] == [EP]
     # The stalled hub's sync still brings the change to its stations, and reports nothing.

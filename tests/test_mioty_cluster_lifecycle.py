@@ -10,12 +10,10 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from bsscihub import cluster_redis
-from bsscihub.family import installed_families
-from bsscihub.hub import make_hub
 from bsscihub.protocols.bssci.registry import attach_change
 from tests.cluster import MiotyHubs, mioty_hubs
 from tests.redis_server import redis_url
-from tests.test_mioty_service import EP, KEY, A, B, Running, heard, pki, wait_for
+from tests.test_mioty_service import EP, KEY, A, B, Running, Station, heard, imported_elsewhere, pki, wait_for
 
 __all__ = ["mioty_hubs", "pki", "redis_url"]  # fixtures
 
@@ -31,6 +29,16 @@ async def _two_hubs(mioty_hubs: MiotyHubs) -> tuple[Running, Running]:
     return (one, two) if one.service.lease.held else (two, one)
 
 
+async def _stations_with_ep(leader: Running, other: Running, attached_on: Running) -> tuple[Station, Station]:
+    """bs-a on the leader, bs-b on the other hub, and EP attached on `attached_on`: both stations got its attPrp."""
+    a = await leader.station("bs-a", A)
+    b = await other.station("bs-b", B)
+    await attached_on.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
+    await a.expect("attPrp")
+    await b.expect("attPrp")
+    return a, b
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_silent_sensor_is_warned_about_and_detached_once_and_a_new_leader_takes_over(
     mioty_hubs: MiotyHubs, monkeypatch: pytest.MonkeyPatch
@@ -38,11 +46,7 @@ async def test_a_silent_sensor_is_warned_about_and_detached_once_and_a_new_leade
     monkeypatch.setattr(cluster_redis, "LEASE_TTL", 1.5)
     leader, other = await _two_hubs(mioty_hubs)
     hubs = (leader, other)
-    a = await leader.station("bs-a", A)
-    b = await other.station("bs-b", B)
-    await leader.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    await a.expect("attPrp")
-    await b.expect("attPrp")
+    a, b = await _stations_with_ep(leader, other, attached_on=leader)
     # Only the other hub hears the end point (and writes it back); the leader's memory says it
     # heard nothing for 40 h: it reads what the other wrote before judging, so nothing is silent.
     await heard(other, b, cnt=301)
@@ -88,22 +92,16 @@ async def test_a_silent_sensor_is_warned_about_and_detached_once_and_a_new_leade
 async def test_a_sensors_import_while_two_hubs_run_is_reported_once_and_reaches_every_station(
     mioty_hubs: MiotyHubs
 ) -> None:
-    from bsscihub.protocols.bssci import endpoints
 
     leader, other = await _two_hubs(mioty_hubs)
     hubs = (leader, other)
     a = await leader.station("bs-a", A)
     b = await other.station("bs-b", B)
     # `bsscihub sensors import` in another process: same database, no hub of the cluster.
-    cli = make_hub(leader.hub.config, reactor, {"mioty": installed_families()["mioty"]})
-    cli.store.start()
     second = "0011223344556678"
-    try:
-        doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False},
-               {"eui": second, "nwKey": KEY.hex(), "shortAddr": "0043", "bidi": True}]
-        assert (await endpoints.import_endpoints(cli, doc))["created"] == 2
-    finally:
-        await cli.store.stop()
+    doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False},
+           {"eui": second, "nwKey": KEY.hex(), "shortAddr": "0043", "bidi": True}]
+    assert (await imported_elsewhere(leader, doc))["created"] == 2
     for running in hubs:
         await running.service.sync()  # what each hub's flush_interval timer runs
     for station in (a, b):
@@ -132,11 +130,7 @@ async def test_a_sensor_removed_on_one_hub_is_reported_once_though_the_leaders_s
 ) -> None:
     leader, other = await _two_hubs(mioty_hubs)
     hubs = (leader, other)
-    a = await leader.station("bs-a", A)
-    b = await other.station("bs-b", B)
-    await other.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    await a.expect("attPrp")
-    await b.expect("attPrp")
+    a, b = await _stations_with_ep(leader, other, attached_on=other)
     # The leader's sync (every flush_interval) reads the registry between the removal's write and the
     # removing hub's broadcast: made certain here by letting the broadcast wait for that sync.
     broadcast = other.service._propagate_everywhere

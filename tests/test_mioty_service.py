@@ -237,6 +237,18 @@ async def heard(running: Running, station: Station, cnt: int = 1, **fields: Any)
     await wait_for(lambda: len(running.of("uplink")) > uplinks)
 
 
+async def imported_elsewhere(running: Running, doc: list[dict[str, Any]]) -> dict[str, Any]:
+    """`bsscihub sensors import` of `doc` in another process (the same database, no service running); its answer."""
+    from bsscihub.protocols.bssci import endpoints
+
+    cli = make_hub(running.hub.config, reactor, {"mioty": installed_families()["mioty"]})
+    cli.store.start()
+    try:
+        return await endpoints.import_endpoints(cli, doc)
+    finally:
+        await cli.store.stop()
+
+
 async def attached_and_heard(running: Running, name: str = "bs-b", eui: str = B) -> Station:
     """EP attached (bidirectional) and heard through the station `name`: that station serves its downlinks."""
     await running.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
@@ -745,14 +757,8 @@ async def test_sensors_imported_elsewhere_or_here_reach_connected_stations(runni
     from bsscihub.protocols.bssci import endpoints
 
     a = await running.station("bs-a", A)
-    # `bsscihub sensors import` in another process: same database, no running service.
-    cli = make_hub(running.hub.config, reactor, {"mioty": installed_families()["mioty"]})
-    cli.store.start()
-    try:
-        doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False}]
-        assert (await endpoints.import_endpoints(cli, doc))["created"] == 1
-    finally:
-        await cli.store.stop()
+    doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False}]
+    assert (await imported_elsewhere(running, doc))["created"] == 1
     assert a.seen[-1]["command"] != "attPrp"
     await running.service.sync()  # what the flush_interval timer runs
     prp = await a.expect("attPrp")
