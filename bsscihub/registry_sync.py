@@ -119,6 +119,13 @@ class SharedRegistry:
     def registering(self, key: str) -> bool:
         return key in self._pending
 
+    async def settled(self) -> None:
+        """Once no insert is in flight (a family's stop: what waits for one is taken before the last write)."""
+        while self._pending:
+            waiting: defer.Deferred[Any] = defer.Deferred()
+            self._pending[next(iter(self._pending))].append(waiting)
+            await defer.DeferredList([waiting], consumeErrors=True)
+
     def insert(self, key: str, row: Sequence[Any], *, capped: bool = True) -> defer.Deferred[tuple[Any, ...] | None]:
         waiting: defer.Deferred[tuple[Any, ...] | None] = defer.Deferred()
         if key in self._pending:

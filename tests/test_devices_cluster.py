@@ -1,8 +1,9 @@
 """Generic devices in a cluster: the broker hands a device's answer to any hub (shared subscription), so a
 command result or an update report reaching another hub than the one that sent the command is taken from
 the shared PostgreSQL database, once, and the sender's timer does not overturn it; a device heard by
-another hub is not called offline, nor renamed back by that hub's registry write. Two hubs, each on a
-broker in memory (standing for the shared subscription's choice), one database."""
+another hub is not called offline, nor renamed back by that hub's registry write; hubs registering new
+devices at once stay within one cap and announce each once. Two hubs, each on a broker in memory (standing
+for the shared subscription's choice), one database."""
 
 from __future__ import annotations
 

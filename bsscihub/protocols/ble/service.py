@@ -23,7 +23,7 @@ from bsscihub.errors import CommandError
 from bsscihub.family import FamilyService
 from bsscihub.hub import Hub
 from bsscihub.ingest import Rejected, errback
-from bsscihub.registry_sync import RegistryChanges
+from bsscihub.registry_sync import RegistryChanges, RegistryFull, SharedRegistry
 
 # Plausible ranges of the quantities beacons commonly report; other numeric fields are kept as
 # they come, within GENERIC_RANGE, under a name that is safe in SQL rows and JSON paths.
@@ -47,6 +47,8 @@ CLUSTER_LOAD_EVERY = 5.0
 """Seconds between looks for the gateways and beacons other hubs of a cluster registered."""
 CLUSTER_LOAD_MARGIN = 60.0
 """How far back each look reaches: registrations are written a little after they happen (group commit)."""
+GATEWAY_COLUMNS = ("id", "first_seen", "last_seen", "state", "since", "messages")
+NODE_COLUMNS = ("mac", "first_seen", "last_seen", "gateway", "rssi", "readings", "last_values")
 
 
 def normalize_mac(value: Any) -> str:
@@ -168,6 +170,10 @@ class Window:
     timer: Any = None
 
 
+def _registering(shared: SharedRegistry | None, key: str) -> bool:
+    return shared is not None and shared.registering(key)
+
+
 class BLEService(FamilyService):
     """Subscribes to the gateways' topics; registers gateways and nodes; stores and publishes readings."""
 
@@ -206,6 +212,15 @@ class BLEService(FamilyService):
         self._node_limit = ingest.RegistrationLimit(
             self.clock, self.config.max_nodes, self.config.registrations_per_minute,
             limiter=hub.cluster.limiter, name="ble.nodes")
+        # In a cluster the shared database decides on each new gateway and beacon: within the caps for all hubs,
+        # and announced by the hub whose insert made the row.
+        self.shared_gateways: SharedRegistry | None = None
+        self.shared_nodes: SharedRegistry | None = None
+        if hub.cluster.clustered:
+            self.shared_gateways = SharedRegistry(hub.store, "ble_gateways", "id", GATEWAY_COLUMNS[:5],
+                                                  self.config.max_gateways, GATEWAY_COLUMNS)
+            self.shared_nodes = SharedRegistry(hub.store, "ble_nodes", "mac", NODE_COLUMNS[:5], self.config.max_nodes,
+                                               NODE_COLUMNS)
         self._flusher = self.looping(self._flush_registry, "writing the registry")
         self._checker = self.looping(self.check_gateways, "checking gateways")
         self._pruner = self.looping(self.prune, "pruning old readings")
@@ -232,17 +247,24 @@ class BLEService(FamilyService):
     async def _load_registry(self, since: float | None = None) -> None:
         """The registry's rows this hub does not hold yet (all, or those first seen since `since`)."""
         where, params = ("", ()) if since is None else (" WHERE first_seen >= ?", (since,))
-        rows = await self.hub.store.fetchall(
-            "SELECT id, first_seen, last_seen, state, since, messages FROM ble_gateways" + where, params)
-        for gid, first, last, state, since_, messages in rows:
-            if gid not in self.gateways:
-                self.gateways[gid] = Gateway(gid, float(first), float(last), state, float(since_), int(messages))
-        rows = await self.hub.store.fetchall(
-            "SELECT mac, first_seen, last_seen, gateway, rssi, readings, last_values FROM ble_nodes" + where, params)
-        for mac, first, last, gateway, rssi, readings, values in rows:
-            if mac not in self.nodes:
-                self.nodes[mac] = Node(mac, float(first), float(last), gateway, rssi, int(readings),
-                                       json.loads(values))
+        rows = await self.hub.store.fetchall(f"SELECT {', '.join(GATEWAY_COLUMNS)} FROM ble_gateways" + where, params)
+        for row in rows:
+            if row[0] not in self.gateways:
+                self._adopt_gateway(row)
+        rows = await self.hub.store.fetchall(f"SELECT {', '.join(NODE_COLUMNS)} FROM ble_nodes" + where, params)
+        for row in rows:
+            if row[0] not in self.nodes:
+                self._adopt_node(row)
+
+    def _adopt_gateway(self, row: Sequence[Any]) -> None:
+        """A gateway as stored (GATEWAY_COLUMNS) into memory."""
+        gid, first, last, state, since, messages = row
+        self.gateways[gid] = Gateway(gid, float(first), float(last), state, float(since), int(messages))
+
+    def _adopt_node(self, row: Sequence[Any]) -> None:
+        """A beacon as stored (NODE_COLUMNS) into memory."""
+        mac, first, last, gateway, rssi, readings, values = row
+        self.nodes[mac] = Node(mac, float(first), float(last), gateway, rssi, int(readings), json.loads(values))
 
     async def _load_others(self) -> None:
         """In a cluster: the gateways and beacons the other hubs registered lately, for this hub's API."""
@@ -279,6 +301,9 @@ class BLEService(FamilyService):
         for loop in (self._flusher, self._checker, self._pruner, self._others):
             if loop.running:
                 loop.stop()
+        for shared in (self.shared_gateways, self.shared_nodes):
+            if shared is not None:
+                await shared.settled()
         for mac in list(self.windows):
             self._close_window(mac)
         if self.shared is not None:
@@ -287,9 +312,10 @@ class BLEService(FamilyService):
 
     # -- ingress
 
-    def on_message(self, topic: str, payload: bytes, properties: Any = None) -> None:
+    def on_message(self, topic: str, payload: bytes, properties: Any = None) -> defer.Deferred[None] | None:
         doc = ingest.parse_json(payload, self.config.max_payload)
         items = doc if isinstance(doc, list) else [doc]
+        waiting: list[defer.Deferred[None]] = []
         if len(items) > MAX_BATCH:
             raise Rejected(ingest.IMPLAUSIBLE, f"{len(items)} readings in one message, more than {MAX_BATCH}")
         levels = topic.split("/")
@@ -304,15 +330,71 @@ class BLEService(FamilyService):
                     e.source = item["gateway_id"][:64]
                 self.ingest.rejected(e, topic)
                 continue
+            if self.shared_nodes is not None and (sighting.gateway not in self.gateways
+                                                  or sighting.mac not in self.nodes):
+                waiting.append(defer.Deferred.fromCoroutine(self._sighted_once_registered(sighting, topic)))
+                continue
             self.sighted(sighting)
             self.ingest.accepted()
+        return defer.gatherResults(waiting, consumeErrors=True).addCallback(lambda _: None) if waiting else None
 
     def _check_registration(self, s: Sighting, topic_root: str) -> None:
-        """Before anything changes: may this sighting register a gateway or a beacon?"""
-        if s.gateway not in self.gateways:
-            self._gateway_limit.check(f"topic:{topic_root}", len(self.gateways), f"new gateway {s.gateway}")
-        if s.mac not in self.nodes:
+        """Before anything changes: may this sighting register a gateway or a beacon? (A gateway or beacon being
+        registered in a cluster was checked for the sighting that started it.)"""
+        if s.gateway not in self.gateways and not _registering(self.shared_gateways, s.gateway):
+            self._gateway_limit.check(self._gateway_source(topic_root), len(self.gateways), f"new gateway {s.gateway}")
+        if s.mac not in self.nodes and not _registering(self.shared_nodes, s.mac):
             self._node_limit.check(s.gateway, len(self.nodes), f"new beacon {mac_text(s.mac)}")
+
+    @staticmethod
+    def _gateway_source(topic_root: str) -> str:
+        return f"topic:{topic_root}"
+
+    async def _sighted_once_registered(self, s: Sighting, topic: str) -> None:
+        """A cluster: a sighting of a gateway or beacon this hub does not know, taken once the shared database
+        decided on registering it (the gateway first); sightings of one being registered wait for that decision."""
+        assert self.shared_gateways is not None and self.shared_nodes is not None
+        try:
+            if s.gateway not in self.gateways:
+                now = self.clock.seconds()
+                try:
+                    stored = await self.shared_gateways.insert(s.gateway, (s.gateway, now, now, "online", now))
+                except RegistryFull:
+                    raise self._gateway_limit.full(self._gateway_source(topic.split("/")[0]),
+                                                   f"new gateway {s.gateway}") from None
+                self._gateway_decided(s.gateway, stored, now)
+            if s.mac not in self.nodes:
+                now = self.clock.seconds()
+                try:
+                    stored = await self.shared_nodes.insert(s.mac, (s.mac, now, now, s.gateway, s.rssi))
+                except RegistryFull:
+                    raise self._node_limit.full(s.gateway, f"new beacon {mac_text(s.mac)}") from None
+                self._node_decided(s, stored, now)
+        except Rejected as e:
+            self.ingest.rejected(e, topic)
+            return
+        self.sighted(s)
+        self.ingest.accepted()
+
+    def _gateway_decided(self, gid: str, stored: tuple[Any, ...] | None, now: float) -> None:
+        """This hub's new gateway (announced) or another hub's (taken silently)."""
+        if gid in self.gateways:  # decided for an earlier sighting, or loaded meanwhile
+            return
+        if stored is not None:
+            self._adopt_gateway(stored)
+            return
+        gateway = self.gateways[gid] = Gateway(gid, now, now, "online", now)
+        self._gateway_announce(gateway)
+
+    def _node_decided(self, s: Sighting, stored: tuple[Any, ...] | None, now: float) -> None:
+        """This hub's new beacon (announced) or another hub's (taken silently)."""
+        if s.mac in self.nodes:
+            return
+        if stored is not None:
+            self._adopt_node(stored)
+            return
+        self.nodes[s.mac] = Node(s.mac, now, now, s.gateway, s.rssi)
+        self._node_announce(s, now)
 
     def sighted(self, s: Sighting) -> None:
         now = self.clock.seconds()
@@ -320,8 +402,7 @@ class BLEService(FamilyService):
         if s.mac not in self.nodes:
             self.nodes[s.mac] = Node(s.mac, now, now, s.gateway, s.rssi)
             self._write(self._new_nodes, (s.mac, now, now, s.gateway, s.rssi))
-            self.emit("node_registered", f"ble/node/{s.mac}/event/registered",
-                      {"mac": mac_text(s.mac), "gatewayId": s.gateway, "time": rfc3339(now)})
+            self._node_announce(s, now)
         if self.shared is not None:
             # the other hubs hold the other gateways' copies: one hub collects them all
             self.shared.add(s.mac, s.gateway, Copy(now, s.gateway, s.rssi, s.values, s.invalid))
@@ -347,9 +428,7 @@ class BLEService(FamilyService):
         if gateway is None:
             gateway = self.gateways[gid] = Gateway(gid, now, now, "online", now)
             self._write(self._new_gateways, (gid, now, now, "online", now))
-            self.emit("gateway_registered", f"ble/gw/{gid}/event/registered",
-                      {"gatewayId": gid, "time": rfc3339(now)})
-            self._gateway_state(gateway)
+            self._gateway_announce(gateway)
         elif gateway.state != "online":
             gateway.state, gateway.since = "online", now
             self._gateway_state(gateway)
@@ -357,6 +436,15 @@ class BLEService(FamilyService):
         gateway.messages += 1
         gateway.unsaved += 1
         self._dirty_gateways.add(gid)
+
+    def _gateway_announce(self, gateway: Gateway) -> None:
+        self.emit("gateway_registered", f"ble/gw/{gateway.id}/event/registered",
+                  {"gatewayId": gateway.id, "time": rfc3339(gateway.first_seen)})
+        self._gateway_state(gateway)
+
+    def _node_announce(self, s: Sighting, now: float) -> None:
+        self.emit("node_registered", f"ble/node/{s.mac}/event/registered",
+                  {"mac": mac_text(s.mac), "gatewayId": s.gateway, "time": rfc3339(now)})
 
     def _shared_closed(self, mac: str, copies: list[Copy]) -> None:
         """A window collected across the hubs, copies in arrival order."""

@@ -272,6 +272,8 @@ class DevicesService(FamilyService):
         for pending in (*self.commands.values(), *self.offers.values()):
             if pending.timer is not None and pending.timer.active():
                 pending.timer.cancel()
+        if self.shared is not None:
+            await self.shared.settled()
         await self._flush_registry()
         if self._renames:
             await defer.DeferredList(list(self._renames))
