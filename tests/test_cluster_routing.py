@@ -15,7 +15,7 @@ from twisted.internet.task import deferLater
 
 from tests.cluster import MiotyHubs, mioty_hubs
 from tests.redis_server import redis_url
-from tests.test_mioty_service import EP, KEY, PKI, A, B, Running, Station, heard, pki, wait_for
+from tests.test_mioty_service import EP, KEY, PKI, A, B, Running, Station, attached_and_heard, heard, pki, wait_for
 
 __all__ = ["mioty_hubs", "pki", "redis_url"]  # fixtures
 
@@ -35,6 +35,18 @@ async def stored(running: Running, que_id: int, keeper: Running) -> dict[str, An
     entry = await running.service.downlink(EP, que_id)
     assert entry is not None
     return entry
+
+
+async def waiting_downlink(keeper: Running, other: Running, name: str, eui: str, cnt: int) -> dict[str, Any]:
+    """EP attached on `keeper` and heard through its station `name`, which goes away (`other` sees nobody hold
+    it); a downlink then queued on `keeper` waits there: its answer."""
+    station = await attached_and_heard(keeper, name, eui, cnt=cnt)
+    station.transport.loseConnection()
+    await station.lost
+    await wait_for(lambda: other.hub.cluster.ownership.owner("mioty", eui) is None)
+    queued = await keeper.service.queue_downlink(EP, "beef", actor="test")
+    assert queued["status"] == "queued"  # its serving station is away: the hub keeps it
+    return queued
 
 
 @pytest_twisted.ensureDeferred
@@ -133,14 +145,7 @@ async def test_a_station_that_moves_takes_its_downlinks_and_only_one_hub_keeps_t
 @pytest_twisted.ensureDeferred
 async def test_a_downlink_whose_hub_is_gone_is_adopted_and_sent_when_its_station_comes(mioty_hubs: MiotyHubs) -> None:
     one, two = await mioty_hubs.two()
-    await two.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    b = await two.station("bs-b", B)
-    await heard(two, b, cnt=3)
-    b.transport.loseConnection()
-    await b.lost
-    await wait_for(lambda: one.hub.cluster.ownership.owner("mioty", B) is None)
-    queued = await two.service.queue_downlink(EP, "beef", actor="test")
-    assert queued["status"] == "queued"  # B is away: hub-2 keeps it
+    queued = await waiting_downlink(two, one, "bs-b", B, cnt=3)  # B is away: hub-2 keeps it
     # hub-2 goes away for good with the downlink; hub-1 adopts it (its sweep runs every 2 s).
     await mioty_hubs.stop(two)
     await wait_for(lambda: queued["queId"] in one.service.downlink_queue.pending)
@@ -154,14 +159,7 @@ async def test_a_downlink_whose_hub_is_gone_is_adopted_and_sent_when_its_station
 @pytest_twisted.ensureDeferred
 async def test_a_waiting_downlink_follows_its_end_point_to_a_station_on_another_hub(mioty_hubs: MiotyHubs) -> None:
     one, two = await mioty_hubs.two()
-    await one.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    a = await one.station("bs-a", A)
-    await heard(one, a, cnt=4)
-    a.transport.loseConnection()
-    await a.lost
-    await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) is None)
-    queued = await one.service.queue_downlink(EP, "beef", actor="test")
-    assert queued["status"] == "queued"  # A, its serving station, is away: hub-1 keeps it
+    queued = await waiting_downlink(one, two, "bs-a", A, cnt=4)  # A, its serving station, is away: hub-1 keeps it
     # The end point is heard through B on hub-2 from now on (written back as every flush_interval), with
     # no downlink window opened.
     b = await two.station("bs-b", B)
@@ -181,15 +179,8 @@ async def test_a_dlopen_uplink_on_another_hub_sends_the_waiting_downlink_through
     mioty_hubs: MiotyHubs
 ) -> None:
     one, two = await mioty_hubs.two()
-    await one.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
-    a = await one.station("bs-a", A)
-    await heard(one, a, cnt=6)
-    a.transport.loseConnection()
-    await a.lost
-    await wait_for(lambda: two.hub.cluster.ownership.owner("mioty", A) is None)
-    queued = await one.service.queue_downlink(EP, "beef", actor="test")
-    assert queued["status"] == "queued"  # A is away: hub-1 keeps it, and hub-2 learns that it waits
-    await wait_for(lambda: two.service.remote_waiting.get(EP) == "hub-1")
+    queued = await waiting_downlink(one, two, "bs-a", A, cnt=6)  # A is away: hub-1 keeps it
+    await wait_for(lambda: two.service.remote_waiting.get(EP) == "hub-1")  # and hub-2 learns that it waits
     # A hub started later learns it too.
     three = await mioty_hubs.start("hub-3")
     assert three.service.remote_waiting == {EP: "hub-1"}

@@ -249,12 +249,12 @@ async def imported_elsewhere(running: Running, doc: list[dict[str, Any]]) -> dic
         await cli.store.stop()
 
 
-async def attached_and_heard(running: Running, name: str = "bs-b", eui: str = B) -> Station:
+async def attached_and_heard(running: Running, name: str = "bs-b", eui: str = B, cnt: int = 1) -> Station:
     """EP attached (bidirectional) and heard through the station `name`: that station serves its downlinks."""
     await running.service.attach(EP, KEY.hex(), "1a2b", True, actor="test")
     station = await running.station(name, eui)
     await station.expect("attPrp")
-    await heard(running, station)
+    await heard(running, station, cnt=cnt)
     return station
 
 
