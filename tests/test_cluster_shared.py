@@ -160,8 +160,10 @@ async def test_one_hub_holds_a_lease_and_another_takes_it_over_when_it_dies(node
 # -- alerts: evaluated by one hub from the shared database
 
 
-async def _alerting_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, AlertService, list[Event]]:
-    hub = await clustered_hub(tmp, database, redis, node, ["devices"], alerts={"check_interval": "200ms"})
+async def alerting_hub(tmp: Path, database: str, redis: str, node: str,
+                       check_interval: str = "200ms") -> tuple[Hub, AlertService, list[Event]]:
+    """A hub of the cluster with the alerts running (every `check_interval`) and the alert events it published."""
+    hub = await clustered_hub(tmp, database, redis, node, ["devices"], alerts={"check_interval": check_interval})
     fired: list[Event] = []
     hub.bus.subscribe(lambda e: fired.append(e) if e.family == "alerts" else None)
     service = AlertService(hub)
@@ -179,7 +181,7 @@ async def test_alerts_fire_once_from_one_hub_on_what_every_hub_heard_and_move_wh
         tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster_redis, "LEASE_TTL", 1.5)
     _reset_pg_schema(postgres_url)
-    hubs = [await _alerting_hub(tmp_path / node, postgres_url, redis_url, node) for node in ("hub-1", "hub-2")]
+    hubs = [await alerting_hub(tmp_path / node, postgres_url, redis_url, node) for node in ("hub-1", "hub-2")]
     try:
         await wait_for(lambda: any(service.lease.held for _, service, _ in hubs))
         await sleep(0.3)

@@ -12,18 +12,16 @@ from twisted.internet import reactor
 from twisted.logger import LogEvent, formatEvent
 
 from bsscihub import cluster_redis
-from bsscihub.alerts import AlertService
 from bsscihub.bus import Event
 from bsscihub.cluster import Cluster, Fence, StaleLeader, leader_write
 from bsscihub.cluster_redis import RedisLease
-from bsscihub.hub import Hub
 from bsscihub.store import Store
 from bsscihub.store.schema import CORE_MIGRATIONS
-from tests.cluster import MiotyHubs, clustered_hub, mioty_hubs, stop_hub
+from tests.cluster import MiotyHubs, mioty_hubs, stop_hub
 from tests.conftest import _reset_pg_schema
 from tests.helpers import until
 from tests.redis_server import redis_url
-from tests.test_cluster_shared import nodes
+from tests.test_cluster_shared import alerting_hub, nodes
 from tests.test_mioty_cluster_lifecycle import HOUR, _stations_with_ep, _two_hubs
 from tests.test_mioty_service import EP, KEY, A, imported_elsewhere, pki
 
@@ -126,15 +124,7 @@ async def test_a_lease_counted_from_1_again_by_a_redis_that_lost_its_data_gets_a
 # -- alerts
 
 
-async def _alerting_hub(tmp: Path, database: str, redis: str, node: str) -> tuple[Hub, AlertService, list[Event]]:
-    # No check rounds during the test: it drives the evaluations itself.
-    hub = await clustered_hub(tmp, database, redis, node, ["devices"], alerts={"check_interval": "1h"})
-    fired: list[Event] = []
-    hub.bus.subscribe(lambda e: fired.append(e) if e.family == "alerts" else None)
-    service = AlertService(hub)
-    service.startService()
-    await service.when_ready()
-    return hub, service, fired
+NO_ROUNDS = "1h"  # the alerts' check interval: no rounds during a test, it drives the evaluations itself
 
 
 def _battery(device: str, level: float) -> Event:
@@ -149,12 +139,12 @@ async def test_a_stale_alerts_leader_stores_and_publishes_no_transition_and_the_
     _reset_pg_schema(postgres_url)
     hubs = []
     try:
-        hubs.append(await _alerting_hub(tmp_path / "hub-1", postgres_url, redis_url, "hub-1"))
+        hubs.append(await alerting_hub(tmp_path / "hub-1", postgres_url, redis_url, "hub-1", NO_ROUNDS))
         stale_hub, stale, stale_fired = hubs[0]
         await until(lambda: stale.lease.held, "hub-1 holds the alerts lease")
         await stale.add_rule({"name": "battery", "family": "devices", "kind": "device", "condition": "battery_below",
                               "threshold": 20}, "tests")
-        hubs.append(await _alerting_hub(tmp_path / "hub-2", postgres_url, redis_url, "hub-2"))
+        hubs.append(await alerting_hub(tmp_path / "hub-2", postgres_url, redis_url, "hub-2", NO_ROUNDS))
         new_hub, new, new_fired = hubs[1]
         await _take_over(stale.lease, new.lease)
 
