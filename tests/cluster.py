@@ -15,6 +15,8 @@ import attrs
 import pytest_twisted
 from twisted.internet import reactor
 
+from bsscihub.cluster import Cluster
+from bsscihub.cluster_redis import redis_cluster
 from bsscihub.family import installed_families
 from bsscihub.hub import Hub, make_hub
 from tests.conftest import _reset_pg_schema, make_config
@@ -40,6 +42,19 @@ def owner(redis: str, eui: str) -> str:
     out = subprocess.run(["redis-cli", "-p", port, "-n", "0", "HGET", "bsscihub:owners", f"mioty/{eui}"],
                          capture_output=True, text=True, timeout=5).stdout.strip()
     return str(json.loads(out)["node"]) if out else ""
+
+
+@pytest_twisted.async_yield_fixture
+async def nodes(redis_url: str) -> AsyncIterator[list[Cluster]]:
+    """The shared parts (Redis link, ownership, router …) of hub-1 and hub-2, on the module's Redis emptied first."""
+    started: list[Cluster] = []
+    for node in ("hub-1", "hub-2"):
+        cluster = redis_cluster(node, redis_url, reactor)
+        await cluster.start()
+        started.append(cluster)
+    await started[0].link.redis.flushdb()  # no owners, counts or leases of an earlier test
+    yield started
+    await stop_all(started)
 
 
 async def clustered_hub(tmp: Path, database: str, redis: str, node: str, families: list[str], **sections: Any) -> Hub:

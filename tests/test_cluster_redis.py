@@ -20,29 +20,16 @@ from bsscihub.bus import Event
 from bsscihub.cluster import FIRST, Cluster
 from bsscihub.cluster_redis import RedisDedup, parse_redis_url, redis_cluster
 from bsscihub.errors import CommandError
-from tests.cluster import MiotyHubs, mioty_hubs
+from tests.cluster import MiotyHubs, mioty_hubs, nodes
 from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
 from tests.test_mioty_service import EP, A, B, pki
 
-__all__ = ["mioty_hubs", "pki", "redis_url"]  # fixtures
+__all__ = ["mioty_hubs", "nodes", "pki", "redis_url"]  # fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
 BS = A
-
-
-@pytest_twisted.async_yield_fixture
-async def hubs(redis_url: str) -> AsyncIterator[list[Cluster]]:
-    started: list[Cluster] = []
-    for node in ("hub-1", "hub-2"):
-        cluster = redis_cluster(node, redis_url, reactor)
-        await cluster.start()
-        started.append(cluster)
-    await cluster.link.redis.delete(["bsscihub:owners"])  # each test starts with no owners
-    yield started
-    for cluster in started:
-        await cluster.stop()
 
 
 Copy = namedtuple("Copy", "bs_eui received")
@@ -85,8 +72,8 @@ def test_redis_urls_are_checked() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_newest_claim_wins_on_every_hub(hubs: list[Cluster]) -> None:
-    one, two = hubs
+async def test_the_newest_claim_wins_on_every_hub(nodes: list[Cluster]) -> None:
+    one, two = nodes
     lost: list[tuple[str, str]] = []
     one.ownership.claim("mioty", BS, lambda node: lost.append(("hub-1", node)))
     await wait_for(lambda: two.ownership.owner("mioty", BS) == "hub-1")
@@ -104,9 +91,9 @@ async def test_the_newest_claim_wins_on_every_hub(hubs: list[Cluster]) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_hub_started_later_knows_the_owners(hubs: list[Cluster], redis_url: str) -> None:
-    hubs[0].ownership.claim("mioty", BS, lambda node: None)
-    await wait_for(lambda: hubs[1].ownership.owner("mioty", BS) == "hub-1")
+async def test_a_hub_started_later_knows_the_owners(nodes: list[Cluster], redis_url: str) -> None:
+    nodes[0].ownership.claim("mioty", BS, lambda node: None)
+    await wait_for(lambda: nodes[1].ownership.owner("mioty", BS) == "hub-1")
     late = redis_cluster("hub-3", redis_url, reactor)
     await late.start()
     try:
@@ -116,8 +103,8 @@ async def test_a_hub_started_later_knows_the_owners(hubs: list[Cluster], redis_u
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_station_command_runs_on_the_hub_that_holds_the_station(hubs: list[Cluster]) -> None:
-    one, two = hubs
+async def test_a_station_command_runs_on_the_hub_that_holds_the_station(nodes: list[Cluster]) -> None:
+    one, two = nodes
     ran: list[tuple[str, str, str, Any]] = []
 
     def handler(node: str) -> Any:
@@ -144,8 +131,8 @@ async def test_a_station_command_runs_on_the_hub_that_holds_the_station(hubs: li
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_command_for_a_hub_that_is_gone_is_answered_here(hubs: list[Cluster], redis_url: str) -> None:
-    one = hubs[0]
+async def test_a_command_for_a_hub_that_is_gone_is_answered_here(nodes: list[Cluster], redis_url: str) -> None:
+    one = nodes[0]
 
     async def here(station: str, name: str, args: Any) -> str:
         return "answered on hub-1"
@@ -306,13 +293,13 @@ async def test_a_copy_forwarded_after_the_collector_closed_is_late(dedup: DedupN
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_live_stream_of_each_hub_gets_the_events_of_the_others(hubs: list[Cluster]) -> None:
+async def test_the_live_stream_of_each_hub_gets_the_events_of_the_others(nodes: list[Cluster]) -> None:
     from bsscihub.bus import EventBus
 
-    one, two = hubs
+    one, two = nodes
     buses = [EventBus(), EventBus()]
     seen: list[list[Event]] = [[], []]
-    stops = [cluster.relay_events(bus, into.append) for cluster, bus, into in zip(hubs, buses, seen, strict=True)]
+    stops = [cluster.relay_events(bus, into.append) for cluster, bus, into in zip(nodes, buses, seen, strict=True)]
     await buses[0].publish(Event("mioty", "uplink", f"mioty/ep/{EP}/up", {"packetCnt": 1, "data": "01"}))
     await buses[1].publish(Event("ble", "reading", "ble/node/aa/reading", {"rssi": None}, retain=True))
     await wait_for(lambda: len(seen[0]) == 1 and len(seen[1]) == 1)
@@ -345,8 +332,8 @@ async def test_a_hub_stopping_inside_a_window_publishes_once_and_later_copies_ar
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_command_for_one_hub_or_every_hub_and_who_is_alive(hubs: list[Cluster], redis_url: str) -> None:
-    one, two = hubs
+async def test_a_command_for_one_hub_or_every_hub_and_who_is_alive(nodes: list[Cluster], redis_url: str) -> None:
+    one, two = nodes
     three = redis_cluster("hub-3", redis_url, reactor)
     await three.start()
     ran: list[tuple[str, str, str, Any]] = []
@@ -390,8 +377,8 @@ async def test_a_command_for_one_hub_or_every_hub_and_who_is_alive(hubs: list[Cl
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_hub_hears_every_claim(hubs: list[Cluster]) -> None:
-    one, two = hubs
+async def test_every_hub_hears_every_claim(nodes: list[Cluster]) -> None:
+    one, two = nodes
     heard: list[tuple[str, str, str, str]] = []
     one.ownership.watch(lambda family, station, node: heard.append(("hub-1", family, station, node)))
     two.ownership.watch(lambda family, station, node: heard.append(("hub-2", family, station, node)))

@@ -5,7 +5,6 @@ one hub, webhook events delivered once by the hub that handled them."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +26,18 @@ from bsscihub.web.app import WebApp
 from bsscihub.web.auth import LoginLimiter
 from bsscihub.webhooks import WebhookService, sign
 from tests.broker import free_port
-from tests.cluster import clustered_hub, stop_hub
+from tests.cluster import clustered_hub, nodes, stop_hub
 from tests.conftest import _reset_pg_schema
 from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
 from tests.test_alerts import Receiver
 from tests.test_web_support import PASSWORD, Harness, fast_hashing
 
-__all__ = ["redis_url"]  # fixtures
+__all__ = ["nodes", "redis_url"]  # fixtures
 
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
-
-
-@pytest_twisted.async_yield_fixture
-async def nodes(redis_url: str) -> AsyncIterator[list[Cluster]]:
-    started: list[Cluster] = []
-    for node in ("hub-1", "hub-2"):
-        cluster = redis_cluster(node, redis_url, reactor)
-        await cluster.start()
-        started.append(cluster)
-    await started[0].link.redis.flushdb()
-    yield started
-    for cluster in started:
-        await cluster.stop()
 
 
 @pytest_twisted.ensureDeferred

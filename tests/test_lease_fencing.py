@@ -17,11 +17,11 @@ from bsscihub.cluster import Cluster, Fence, StaleLeader, leader_write
 from bsscihub.cluster_redis import RedisLease
 from bsscihub.store import Store
 from bsscihub.store.schema import CORE_MIGRATIONS
-from tests.cluster import MiotyHubs, mioty_hubs, stop_hub
+from tests.cluster import MiotyHubs, mioty_hubs, nodes, stop_hub
 from tests.conftest import _reset_pg_schema
 from tests.helpers import until
 from tests.redis_server import redis_url
-from tests.test_cluster_shared import alerting_hub, nodes
+from tests.test_cluster_shared import alerting_hub
 from tests.test_mioty_cluster_lifecycle import HOUR, _stations_with_ep, _two_hubs
 from tests.test_mioty_service import EP, KEY, A, imported_elsewhere, pki
 
