@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from bsscihub.config import HubConfig, load_config
 from bsscihub.family import all_config_sections, installed_families
 from bsscihub.store import Store, open_store
-from tests.helpers import init_home
+from tests.helpers import init_home, log_events
 
 pytest_plugins = ["tests.broker"]
 
@@ -107,10 +107,8 @@ def store(database_url: str, tmp_path: Path) -> Iterator[Store]:
 @pytest.fixture
 def logged() -> Iterator[list[LogEvent]]:
     """Every twisted.logger event emitted during the test."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
+    with log_events() as events:
+        yield events
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """What the tests share, once: waiting until a condition holds (letting the reactor run, or blocking a thread),
-and the hub under twistd as a user runs it (a directory after `bsscihub init`, started until /health, killed)."""
+what is logged meanwhile, and the hub under twistd as a user runs it (`bsscihub init`, started until /health)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from bsscihub.pki import IssuedCert, issue_client_cert
 from bsscihub.protocols.bssci.identity import STATION
@@ -58,6 +61,42 @@ def wait_until(condition: Callable[[], Any], what: str = "condition", timeout: f
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout} s (last value {value!r})")
         time.sleep(interval)
+
+
+# -- what is logged
+
+
+@contextmanager
+def observing(*observers: Callable[[LogEvent], None]) -> Iterator[None]:
+    """`observers` get every twisted.logger event while inside; removed however the block ends."""
+    for observer in observers:
+        globalLogPublisher.addObserver(observer)
+    try:
+        yield
+    finally:
+        for observer in observers:
+            globalLogPublisher.removeObserver(observer)
+
+
+@contextmanager
+def log_events(keep: Callable[[LogEvent], Any] = lambda event: True) -> Iterator[list[LogEvent]]:
+    """The events logged while inside that `keep` accepts (every one by default)."""
+    events: list[LogEvent] = []
+    with observing(lambda event: events.append(event) if keep(event) else None):
+        yield events
+
+
+@contextmanager
+def log_lines(namespace: str) -> Iterator[list[str]]:
+    """What the loggers under `namespace` log while inside, as text (formatted as it is logged)."""
+    lines: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace", "").startswith(namespace):
+            lines.append(str(formatEvent(event)))
+
+    with observing(observe):
+        yield lines
 
 
 # -- the hub under twistd

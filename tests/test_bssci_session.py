@@ -15,8 +15,8 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
-from zope.interface import implementer, provider
+from twisted.logger import formatEvent
+from zope.interface import implementer
 
 from bsscihub.protocols.bssci import messages as m
 from bsscihub.protocols.bssci.framing import Framer, encode_frame
@@ -40,6 +40,7 @@ from bsscihub.protocols.bssci.session import (
     verify_attach_signature,
 )
 from tests.captures import load_capture
+from tests.helpers import log_events, log_lines
 
 PEER = IPv4Address("TCP", "10.0.0.5", 43122)
 BS_EUI = 0x00073200007767F3
@@ -195,16 +196,8 @@ def bs(center: Center, clock: Clock) -> BS:
 
 @pytest.fixture
 def logged() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace", "").startswith("bsscihub.protocols.bssci"):
-            lines.append(str(formatEvent(event)))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
+    with log_lines("bsscihub.protocols.bssci") as lines:
+        yield lines
 
 
 def errors(out: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
@@ -755,16 +748,8 @@ _FIELDS = ["opId", "epEui", "bsEui", "version", "snBsUuid", "bidi", "userData", 
 @given(st.lists(st.tuples(st.sampled_from(sorted(m.MESSAGE_CLASSES) + ["vm.x", ""]),
                           st.dictionaries(st.sampled_from(_FIELDS), _FIELD_VALUES, max_size=8)), max_size=12))
 def test_arbitrary_messages_never_raise_out_of_the_protocol(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    failures: list[LogEvent] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            failures.append(event)
-
     center, clock = Center(), Clock()
-    globalLogPublisher.addObserver(observe)
-    try:
+    with log_events(lambda event: "log_failure" in event) as failures:
         bs = BS(center, clock)
         bs.connect()
         for command, fields in messages:
@@ -773,8 +758,6 @@ def test_arbitrary_messages_never_raise_out_of_the_protocol(messages: list[tuple
                 if not d.called:
                     d.callback(None)
             clock.advance(7)
-    finally:
-        globalLogPublisher.removeObserver(observe)
     # Nothing failed inside a callback either (that would be logged, not raised).
     assert [str(formatEvent(e)) for e in failures] == []
 

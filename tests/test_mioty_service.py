@@ -17,9 +17,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrap
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import provider
 
 from bsscihub.bus import Event
 from bsscihub.cluster import Cluster
@@ -32,6 +30,7 @@ from bsscihub.protocols.bssci.framing import Framer, encode_frame
 from bsscihub.protocols.bssci.identity import APPLICATION_CENTER, STATION
 from bsscihub.protocols.bssci.service import MiotyService, UnknownDevice
 from tests.conftest import make_config
+from tests.helpers import log_lines
 from tests.helpers import until as wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
@@ -83,16 +82,8 @@ def _make_pki(d: Path) -> PKI:
 
 @pytest.fixture
 def logged() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace", "").startswith("bsscihub"):
-            lines.append(str(formatEvent(event)))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
+    with log_lines("bsscihub") as lines:
+        yield lines
 
 
 class Station(Protocol):

@@ -26,16 +26,14 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import (
-    ILogObserver,
     LogEvent,
     LogLevel,
     formatEvent,
-    globalLogPublisher,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
-from zope.interface import implementer, provider
+from zope.interface import implementer
 
 from bsscihub.pki import create_ca, issue_client_cert, issue_server_cert
 from bsscihub.tls import (
@@ -48,6 +46,7 @@ from bsscihub.tls import (
     peer_common_name,
     server_context_factory,
 )
+from tests.helpers import log_events
 
 BS_ADDRESS = IPv4Address("TCP", "10.0.0.5", 43122)
 HUB_ADDRESS = IPv4Address("TCP", "10.0.0.1", 16017)
@@ -147,16 +146,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 @pytest.fixture
 def events() -> Iterator[list[LogEvent]]:
     """Events logged by bsscihub.tls during one test."""
-    captured: list[LogEvent] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace", "").startswith("bsscihub.tls"):
-            captured.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield captured
-    globalLogPublisher.removeObserver(observe)
+    with log_events(lambda event: event.get("log_namespace", "").startswith("bsscihub.tls")) as captured:
+        yield captured
 
 
 def lines(events: list[LogEvent], level: LogLevel | None = None) -> list[str]:

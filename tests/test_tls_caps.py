@@ -16,11 +16,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wra
 from twisted.internet.interfaces import IHandshakeListener, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from bsscihub.tls import ConnectionLimits, MutualTLSEndpoint
-from tests.helpers import until
+from tests.helpers import log_lines, until
 from tests.test_tls import PKI, pki  # noqa: F401 - the module-scoped PKI fixture
 
 
@@ -52,15 +51,8 @@ class Station(Protocol):
 
 @pytest.fixture
 def tls_lines() -> Iterator[list[str]]:
-    captured: list[str] = []
-
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace", "").startswith("bsscihub.tls"):
-            captured.append(str(formatEvent(event)))
-
-    globalLogPublisher.addObserver(observe)
-    yield captured
-    globalLogPublisher.removeObserver(observe)
+    with log_lines("bsscihub.tls") as lines:
+        yield lines
 
 
 async def settle(seconds: float = 0.3) -> None:

@@ -12,11 +12,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel
 
 from bsscihub.logs import make_observer
 from bsscihub.tap import build_service
 from tests.conftest import make_config
+from tests.helpers import observing
 
 
 @pytest.fixture
@@ -33,11 +34,8 @@ def captured() -> Iterator[tuple[list[LogEvent], list[str]]]:
             pass
 
     observer = make_observer("debug", "text", Sink())  # type: ignore[arg-type]
-    globalLogPublisher.addObserver(events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events, text
-    globalLogPublisher.removeObserver(observer)
-    globalLogPublisher.removeObserver(events.append)
+    with observing(events.append, observer):
+        yield events, text
 
 
 def exchange(port: int, data: bytes, *, close_early: bool = False) -> bytes:
