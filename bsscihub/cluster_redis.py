@@ -837,8 +837,8 @@ class RedisLease:
         # A margin of a tenth for clock drift between this hub and Redis.
         self._until = sent + self.ttl * 0.9 if got else float("-inf")
         if self.held != was:
-            self.log.info("cluster: {what} lease {lease} (token {token})", what="holding" if self.held else "lost",
-                          lease=self.key, token=self.token)
+            self.log.info("cluster: {what} lease {lease} (fence {fence})", what="holding" if self.held else "lost",
+                          lease=self.key, fence=self.token)
 
     def fenced(self, newer: int) -> None:
         if newer <= self.token:
@@ -847,8 +847,8 @@ class RedisLease:
         if self.held:
             self._until = float("-inf")
             self.log.warn("cluster: lease {lease} lost: the database has token {newer} from a newer holder, this"
-                          " hub's {token} is stale; its write was not made", lease=self.key, newer=newer,
-                          token=self.token)
+                          " hub's {fence} is stale; its write was not made", lease=self.key, newer=newer,
+                          fence=self.token)
 
     def stop(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
