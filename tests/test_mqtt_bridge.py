@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,13 +30,14 @@ from zope.interface import implementer
 
 from bsscihub import pki
 from bsscihub.bus import Event
+from bsscihub.cluster import Cluster, LocalOwnership, LocalRouter
 from bsscihub.errors import CommandError
 from bsscihub.family import IMQTTLayout, IMQTTLayouts
 from bsscihub.hub import make_hub
 from bsscihub.mqtt.bridge import MQTTBridge, decode_command, install
 from tests.broker import BrokerTLS, Mosquitto, Received, Subscriber
 from tests.conftest import make_config
-from tests.helpers import until
+from tests.helpers import clean_env, until
 from tests.memory_bridge import MemoryBroker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +45,11 @@ EP = "0011223344556677"
 BS = "70b3d59cd0000001"
 BS2 = "70b3d59cd0000002"
 FAST = {"backoff_min": 0.05, "backoff_max": 0.2, "connect_timeout": 2.0}
+
+
+def clustered(node: str) -> Cluster:
+    """A hub's part in a cluster as its bridge sees it (shared subscriptions, no session), without Redis."""
+    return Cluster(node=node, ownership=LocalOwnership(node), router=LocalRouter(), clustered=True)
 
 
 # -- the contract's events, as the mioty family emits them ------------------------------
@@ -203,6 +208,7 @@ def bridges(tmp_path: Path) -> Iterator[Callable[..., MQTTBridge]]:
             bridge = MQTTBridge(hub, settings_overrides=FAST, client_factory=broker.client_factory)
         else:
             bridge = MQTTBridge(hub, settings_overrides=FAST)
+        hub.mqtt = bridge  # as the hub has it
         made.append(bridge)
         bridge.startService()
         return bridge
@@ -410,20 +416,14 @@ async def test_in_a_cluster_each_command_and_device_message_is_handled_by_one_hu
     bridges: Callable[..., MQTTBridge],
     commander: Callable[..., Commander],
 ) -> None:
-    from bsscihub.cluster import Cluster, LocalOwnership, LocalRouter
-
-    made = []
-    for node in ("hub1", "hub2"):
-        cluster = Cluster(node=node, ownership=LocalOwnership(node), router=LocalRouter(), clustered=True)
-        made.append(bridges(mosquitto, client_id="bsscihub", cluster=cluster))
-    one, two = made
+    one, two = (bridges(mosquitto, client_id="bsscihub", cluster=clustered(node)) for node in ("hub1", "hub2"))
     # One client id in the shared configuration, a session of its own per hub.
     assert (one.client.settings.client_id, two.client.settings.client_id) == ("bsscihub-hub1", "bsscihub-hub2")
     ingested: list[tuple[str, str]] = []
     for bridge, node in ((one, "hub1"), (two, "hub2")):
         bridge.subscribe("devices/+/data", lambda topic, payload, properties, node=node: ingested.append((node, topic)))
     await until(lambda: one.connected and two.connected)
-    for bridge in made:
+    for bridge in (one, two):
         await until(lambda bridge=bridge: mosquitto.subscriptions(bridge.client.settings.client_id,
                                                                   "$share/bsscihub/bsscihub/+/+/+/cmd/+") >= 1)
         await until(lambda bridge=bridge: mosquitto.subscriptions(bridge.client.settings.client_id,
@@ -573,10 +573,10 @@ async def test_device_topics_are_subscribed_again_after_every_reconnect(
 # -- outages -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("clustered", [False, True], ids=["one hub", "a cluster's hub (no session)"])
+@pytest.mark.parametrize("in_cluster", [False, True], ids=["one hub", "a cluster's hub (no session)"])
 @pytest_twisted.ensureDeferred
 async def test_broker_stopped_during_a_stream_of_uplinks_loses_none(
-    clustered: bool,
+    in_cluster: bool,
     mosquitto_factory: Callable[..., Mosquitto],
     subscriber_factory: Callable[..., Subscriber],
     bridges: Callable[..., MQTTBridge],
@@ -585,14 +585,11 @@ async def test_broker_stopped_during_a_stream_of_uplinks_loses_none(
     # acknowledged messages it had not yet handed to a subscriber; with persistence (as in
     # production) it keeps them for a subscriber's session over the restart, without it
     # they are gone from the broker and the witness would blame the hub.
-    from bsscihub.cluster import Cluster, LocalOwnership, LocalRouter
-
     mosquitto = mosquitto_factory(persistence=True)
     before = subscriber_factory(mosquitto, "bsscihub/mioty/#", persistent=True)
     # A cluster's hub keeps no MQTT session: the outbox alone makes publishing lose nothing.
-    cluster = Cluster(node="hub1", ownership=LocalOwnership("hub1"), router=LocalRouter(), clustered=True)
-    bridge = bridges(mosquitto, cluster=cluster if clustered else None)
-    assert bridge.settings.session_expiry == (0 if clustered else 3600)
+    bridge = bridges(mosquitto, cluster=clustered("hub1") if in_cluster else None)
+    assert bridge.settings.session_expiry == (0 if in_cluster else 3600)
     await until(lambda: bridge.connected)
     total, outage_at, back_at = 900, 300, 600
     for n in range(total):
@@ -687,13 +684,8 @@ async def test_hub_killed_hard_with_a_full_outbox_loses_nothing(
     broker.stop()  # the broker is away while the hub takes uplinks
     script = tmp_path / "hub.py"
     script.write_text(KILLED_HUB)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BSSCIHUB_")}
-    env.update(
-        PYTHONPATH=str(REPO),
-        BSSCIHUB_DATA_DIR=str(tmp_path / "var"),
-        BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
-        BSSCIHUB_MQTT_CLIENT_ID="killed-hub",
-    )
+    env = clean_env(PYTHONPATH=str(REPO), BSSCIHUB_DATA_DIR=str(tmp_path / "var"),
+                    BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}", BSSCIHUB_MQTT_CLIENT_ID="killed-hub")
     count = 2000
     first = run_hub(script, env, "publish", str(count))
     try:

@@ -4,7 +4,6 @@ and commands and device messages shared by the live hubs only, when one hub is k
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,12 +16,12 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from bsscihub.cluster import Cluster, LocalOwnership, LocalRouter
-from bsscihub.hub import make_hub
 from bsscihub.mqtt.bridge import MQTTBridge
 from tests.broker import Mosquitto, Subscriber
-from tests.conftest import make_config
-from tests.test_mqtt_bridge import EP, FAST, Commander, FakeMioty, until
+from tests.helpers import clean_env
+from tests.test_mqtt_bridge import EP, Commander, bridges, clustered, until
+
+__all__ = ["bridges"]  # fixture
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = "bsscihub/+/+/+/cmd/+"
@@ -47,35 +46,15 @@ reactor.run()
 """
 
 
-def clustered(node: str) -> Cluster:
-    return Cluster(node=node, ownership=LocalOwnership(node), router=LocalRouter(), clustered=True)
-
-
 def doc(payload: bytes) -> Any:
     return json.loads(payload)
 
 
 @pytest.fixture
-def cluster_bridge(tmp_path: Path) -> Iterator[Callable[..., MQTTBridge]]:
+def cluster_bridge(bridges: Callable[..., MQTTBridge]) -> Callable[..., MQTTBridge]:
     """make(broker, node) -> a started bridge of a clustered hub (client id `bsscihub`); stopped at teardown."""
-    made: list[MQTTBridge] = []
-
-    def make(broker: Mosquitto, node: str, protocol: str = "5") -> MQTTBridge:
-        directory = tmp_path / node
-        directory.mkdir()
-        values = {"url": f"mqtt://127.0.0.1:{broker.port}", "client_id": "bsscihub", "protocol": protocol}
-        hub = make_hub(make_config(directory, families=[], mqtt=values), reactor, {})
-        hub.cluster = clustered(node)
-        hub.commands["mioty"] = FakeMioty()
-        bridge = hub.mqtt = MQTTBridge(hub, settings_overrides=FAST)
-        made.append(bridge)
-        bridge.startService()
-        return bridge
-
-    yield make
-    for bridge in made:
-        if bridge.running:
-            pytest_twisted.blockon(bridge.stopService())
+    return lambda broker, node, protocol="5": bridges(broker, client_id="bsscihub", protocol=protocol,
+                                                      cluster=clustered(node))
 
 
 @pytest.fixture
@@ -86,14 +65,9 @@ def killable_hub(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]
     script.write_text(CLUSTER_HUB)
 
     def start(broker: Mosquitto, node: str, protocol: str = "5") -> subprocess.Popen[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BSSCIHUB_")}
-        env.update(
-            PYTHONPATH=str(REPO),
-            BSSCIHUB_DATA_DIR=str(tmp_path / f"var-{node}"),
-            BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
-            BSSCIHUB_MQTT_CLIENT_ID="bsscihub",
-            BSSCIHUB_MQTT_PROTOCOL=protocol,
-        )
+        env = clean_env(PYTHONPATH=str(REPO), BSSCIHUB_DATA_DIR=str(tmp_path / f"var-{node}"),
+                        BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}", BSSCIHUB_MQTT_CLIENT_ID="bsscihub",
+                        BSSCIHUB_MQTT_PROTOCOL=protocol)
         process = subprocess.Popen([sys.executable, str(script), node], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
         started.append(process)
