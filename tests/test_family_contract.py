@@ -290,3 +290,54 @@ async def test_mioty_publishes_what_it_declares(tmp_path: Path, pki: PKI) -> Non
     assert witness.problems == []
     assert [e.payload["ok"] for e in witness.events if e.kind == "cmd_result"] == [True]
     assert {(e.kind, e.topic.split("/")[1]) for e in witness.events} >= {("dl_result", "ep"), ("dl_result", "meter")}
+
+
+# -- README.rst's own table of what the hub publishes, and a decoded uplink
+
+
+def readme_topic_rows() -> list[tuple[str, bool, str]]:
+    """(topic without {p}/, retained, payload cell) of each row of README.rst's "Published by the hub" table."""
+    readme = (Path(__file__).resolve().parents[1] / "README.rst").read_text(encoding="utf-8")
+    table = readme.split("Published by the hub:", 1)[1].split("\n\n", 2)[1]
+    rows: list[list[Any]] = []
+    for line in table.splitlines():
+        row = re.match(r"``\{p\}/(\S+)``\s+(yes|no)\s+(.*)$", line)
+        if row:
+            rows.append([row.group(1), row.group(2) == "yes", row.group(3)])
+        elif rows and line.startswith(" "):
+            rows[-1][2] += " " + line.strip()
+    return [(topic, retained, cell) for topic, retained, cell in rows]
+
+
+def test_the_readme_topic_table_says_what_the_specs_declare() -> None:
+    rows = readme_topic_rows()
+    assert len(rows) >= 15, "README.rst's topic table was not found"
+    for topic, retained, cell in rows:
+        specs = [s for _, s in SPECS if topic_pattern(topic).match(s.topic) or s.topic == topic]
+        assert specs, f"README.rst: {topic} is declared by no EventSpec"
+        assert {s.retained for s in specs} == {retained}, f"README.rst: {topic} retained {retained}"
+        literal = re.search(r"``(\{.*?\})``", cell)
+        shapes = [shape for shape in map(shape_of, (s.payload for s in specs)) if shape is not None]
+        if literal and shapes:
+            documented = shape_of(literal.group(1))
+            assert documented is not None
+            declared = set().union(*(shape.required | shape.optional for shape in shapes))
+            assert documented.required | documented.optional <= declared, (
+                f"README.rst: {topic} names {sorted((documented.required | documented.optional) - declared)}")
+        if topic.endswith("/{kind}"):
+            named = set(re.findall(r"``(\w+)``", cell))
+            kinds = {s.topic.rsplit("/", 1)[1] for s in specs if not s.payload.startswith(BRIDGE_ANSWERED)}
+            assert kinds <= named, f"README.rst: {topic} does not name the kinds {sorted(kinds - named)}"
+    published = [s for _, s in SPECS if not s.payload.startswith(BRIDGE_ANSWERED)]  # cmd_result: "Commands"
+    unlisted = [s.topic for s in published if not any(topic_pattern(t).match(s.topic) for t, _, _ in rows)]
+    assert not unlisted, f"published and not in README.rst's topic table: {unlisted}"
+
+
+def test_an_uplink_decoded_with_a_blueprint_is_what_the_spec_declares() -> None:
+    """README, "Decoded sensor payloads": the uplink keeps its fields and gains typeEui with decoded or decodeError."""
+    plain = dict(EXAMPLES)["mioty/ep/{epEui}/up"]
+    specs = FAMILIES["mioty"].events
+    for gained in ({"typeEui": "70b3d5677000a001", "decoded": {"temperature": {"value": 24.95, "unit": "°C"}}},
+                   {"typeEui": "70b3d5677000a001", "decodeError": "too short"}):
+        event = Event("mioty", "uplink", "mioty/ep/0011223344556677/up", {**plain, **gained})
+        assert violations(event, specs) == []

@@ -36,7 +36,8 @@ class MiotyFamily:
     events = (
         EventSpec("uplink", "mioty/ep/{epEui}/up", False,
                   '{"epEui", "packetCnt", "rxTime", "time", "data", "format", "dlOpen", "responseExp", "dlAck", '
-                  '"receivers": [{"bsEui", "snr", "rssi", "eqSnr", "rxTime", "profile", "mode", "subpackets"}]}'),
+                  '"receivers": [{"bsEui", "snr", "rssi", "eqSnr", "rxTime", "profile", "mode", "subpackets"}], '
+                  '"typeEui"?, "decoded"?, "decodeError"?} (the last three for a sensor with a Type EUI)'),
         *(EventSpec(kind, f"mioty/ep/{{epEui}}/event/{kind}", False, '{"epEui", "time", ...} (the fields of its kind)')
           for kind in ("attach", "detach", "att_rejected", "downlink", "dl_result", "dl_rx_status",
                        "inactivity_warning", "auto_detach")),
