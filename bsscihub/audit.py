@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from bsscihub.contract import rfc3339
 from bsscihub.ratelimit import ILimiter, local_limiter
-from bsscihub.store import Cursor, Store
+from bsscihub.store import Cursor, Store, page
 
 
 @attrs.frozen
@@ -101,14 +101,10 @@ async def query(
     sql_where = " AND ".join(where)
 
     def run(c: Cursor) -> tuple[list[AuditEntry], int]:
-        total = c.execute(f"SELECT COUNT(*) FROM audit_log WHERE {sql_where}", params).fetchone()
-        rows = c.execute(
-            "SELECT id, time, actor, action, target, detail, source FROM audit_log"
-            f" WHERE {sql_where} ORDER BY time DESC, id DESC LIMIT ? OFFSET ?",
-            [*params, limit, offset],
-        ).fetchall()
+        total, rows = page(c, "id, time, actor, action, target, detail, source", "audit_log", sql_where, params,
+                           "time DESC, id DESC", limit, offset)
         entries = [AuditEntry(int(r[0]), float(r[1]), r[2], r[3], r[4], _detail(r[5]), r[6]) for r in rows]
-        return entries, int(total[0]) if total else 0
+        return entries, total
 
     return await store.interaction(run)
 

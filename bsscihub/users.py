@@ -17,7 +17,7 @@ from twisted.internet import threads
 
 from bsscihub.contract import opt_time
 from bsscihub.errors import UserFacingError
-from bsscihub.store import Cursor, Store
+from bsscihub.store import Cursor, Store, page
 
 ROLES = ("admin", "operator", "viewer")
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -175,12 +175,8 @@ async def list_users(
     sql_where = " AND ".join(where)
 
     def query(c: Cursor) -> tuple[list[User], int]:
-        total = c.execute(f"SELECT COUNT(*) FROM users WHERE {sql_where}", params).fetchone()
-        rows = c.execute(
-            f"SELECT {_COLUMNS} FROM users WHERE {sql_where} ORDER BY name LIMIT ? OFFSET ?",
-            [*params, limit, offset],
-        ).fetchall()
-        return [_user(r) for r in rows], int(total[0]) if total else 0
+        total, rows = page(c, _COLUMNS, "users", sql_where, params, "name", limit, offset)
+        return [_user(r) for r in rows], total
 
     return await store.interaction(query)
 

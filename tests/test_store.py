@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from bsscihub.store import Cursor, Migration, Store
+from bsscihub.store import Cursor, Migration, Store, page
 from bsscihub.store.schema import CORE_MIGRATIONS
 
 SAMPLE = [
@@ -52,6 +52,15 @@ async def test_interaction_is_one_transaction(store: Store) -> None:
     with pytest.raises(RuntimeError):
         await store.interaction(fails)
     assert await store.fetchall("SELECT name FROM things") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_counts_every_match_and_returns_one_page_in_order(store: Store) -> None:
+    await store.migrate(SAMPLE)
+    await store.executemany("INSERT INTO things (name, n) VALUES (?, ?)", [(f"t{i}", i % 3) for i in range(10)])
+    total, rows = await store.interaction(page, "name", "things", "n = ?", (1,), "name DESC", 2, 1)
+    assert total == 3  # t1, t4, t7: the count ignores the page
+    assert rows == [("t4",), ("t1",)]
 
 
 @pytest_twisted.ensureDeferred

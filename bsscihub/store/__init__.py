@@ -116,6 +116,21 @@ class Cursor:
         return int(self._cursor.rowcount)
 
 
+def page(cursor: Cursor, columns: str, source: str, where: str, params: Sequence[Any], order: str, limit: int,
+         offset: int, *, counted: str | None = None) -> tuple[int, list[tuple[Any, ...]]]:
+    """How many rows of `source` match `where`, and the page of them at `offset` in `order` (call it inside one
+    transaction, so both agree).
+
+    Every SQL fragment is the caller's own text; whatever came from a user goes in `params` only. `counted` is
+    the source to count in when `source` joins tables that add no rows (default: `source`).
+    """
+    row = cursor.execute(f"SELECT COUNT(*) FROM {counted or source} WHERE {where}", params).fetchone()
+    rows = cursor.execute(
+        f"SELECT {columns} FROM {source} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?", [*params, limit, offset]
+    ).fetchall()
+    return (int(row[0]) if row else 0), rows
+
+
 class _SQLiteBackend:
     dialect = "sqlite"
     threads = 1  # one writer; SQLite serialises writes anyway

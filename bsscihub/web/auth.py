@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from bsscihub import tokens
 from bsscihub.contract import opt_time
 from bsscihub.ratelimit import ILimiter, local_limiter
-from bsscihub.store import Cursor, Store
+from bsscihub.store import Cursor, Store, page
 from bsscihub.users import RANK, User
 from bsscihub.web.errors import unauthorized
 from bsscihub.web.proxy import client_of
@@ -123,13 +123,9 @@ async def list_keys(
     sql_where = " AND ".join(where)
 
     def run(c: Cursor) -> tuple[list[ApiKey], int]:
-        total = c.execute(f"SELECT COUNT(*) FROM api_keys k WHERE {sql_where}", params).fetchone()
-        rows = c.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id"
-            f" WHERE {sql_where} ORDER BY k.created_at DESC, k.id DESC LIMIT ? OFFSET ?",
-            [*params, limit, offset],
-        ).fetchall()
-        return [_key(r) for r in rows], int(total[0]) if total else 0
+        total, rows = page(c, _KEY_COLUMNS, "api_keys k JOIN users u ON u.id = k.user_id", sql_where, params,
+                           "k.created_at DESC, k.id DESC", limit, offset, counted="api_keys k")
+        return [_key(r) for r in rows], total
 
     return await store.interaction(run)
 

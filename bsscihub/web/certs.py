@@ -21,7 +21,7 @@ from bsscihub import pki
 from bsscihub.config import HubConfig
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.pki import Binding, BindingKind
-from bsscihub.store import Cursor, Store
+from bsscihub.store import Cursor, Store, page
 from bsscihub.web.errors import ApiError, bad_field, conflict
 from bsscihub.web.routing import BoundRoute
 from bsscihub.web.schema import string
@@ -209,14 +209,10 @@ async def list_issued(store: Store, kinds: Mapping[str, BindingKind], *, q: str 
         params = [pattern, pattern, pattern]
 
     def run(c: Cursor) -> tuple[list[dict[str, Any]], int]:
-        total = c.execute(f"SELECT COUNT(*) FROM issued_certs i WHERE {where}", params).fetchone()
-        rows = c.execute(
-            "SELECT i.serial, i.name, i.binding_kind, i.binding_subject, i.not_after, i.issued_at, i.actor,"
-            " r.revoked_at, r.reason"
-            f" FROM issued_certs i LEFT JOIN revoked_certs r ON r.serial = i.serial WHERE {where}"
-            " ORDER BY i.issued_at DESC LIMIT ? OFFSET ?",
-            [*params, limit, offset],
-        ).fetchall()
+        total, rows = page(
+            c, "i.serial, i.name, i.binding_kind, i.binding_subject, i.not_after, i.issued_at, i.actor,"
+            " r.revoked_at, r.reason", "issued_certs i LEFT JOIN revoked_certs r ON r.serial = i.serial", where,
+            params, "i.issued_at DESC", limit, offset, counted="issued_certs i")
         items = [
             {
                 "serial": r[0], "name": r[1], **_binding_json(kinds, r[2], r[3]),
@@ -225,20 +221,17 @@ async def list_issued(store: Store, kinds: Mapping[str, BindingKind], *, q: str 
             }
             for r in rows
         ]
-        return items, int(total[0]) if total else 0
+        return items, total
 
     return await store.interaction(run)
 
 
 async def list_revoked(store: Store, *, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
     def run(c: Cursor) -> tuple[list[dict[str, Any]], int]:
-        total = c.execute("SELECT COUNT(*) FROM revoked_certs").fetchone()
-        rows = c.execute(
-            "SELECT serial, reason, revoked_at, actor FROM revoked_certs ORDER BY revoked_at DESC LIMIT ? OFFSET ?",
-            (limit, offset),
-        ).fetchall()
+        total, rows = page(c, "serial, reason, revoked_at, actor", "revoked_certs", "1 = 1", (), "revoked_at DESC",
+                           limit, offset)
         items = [{"serial": r[0], "reason": r[1], "revokedAt": rfc3339(float(r[2])), "revokedBy": r[3]} for r in rows]
-        return items, int(total[0]) if total else 0
+        return items, total
 
     return await store.interaction(run)
 

@@ -13,7 +13,7 @@ import attrs
 
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
-from bsscihub.store import Cursor, Store
+from bsscihub.store import Cursor, Store, page
 
 LEVELS = ("user", "engineer")
 """App access levels, lowest first: each includes what the lower ones may do."""
@@ -101,12 +101,8 @@ async def list_units(store: Store, *, q: str = "", limit: int = 50, offset: int 
         params = [pattern, pattern]
 
     def run(c: Cursor) -> tuple[list[Unit], int]:
-        total = c.execute(f"SELECT COUNT(*) FROM gate_units WHERE {where}", params).fetchone()
-        rows = c.execute(
-            f"SELECT {_UNIT} FROM gate_units WHERE {where} ORDER BY controller_id LIMIT ? OFFSET ?",
-            [*params, limit, offset],
-        ).fetchall()
-        return [_unit(r) for r in rows], int(total[0]) if total else 0
+        total, rows = page(c, _UNIT, "gate_units", where, params, "controller_id", limit, offset)
+        return [_unit(r) for r in rows], total
 
     return await store.interaction(run)
 
@@ -282,12 +278,8 @@ async def set_offline(store: Store, unit_id: int, heard_before: float | None = N
 
 async def status_history(store: Store, unit_id: int, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
     def run(c: Cursor) -> tuple[list[dict[str, Any]], int]:
-        total = c.execute("SELECT COUNT(*) FROM gate_status WHERE unit_id = ?", (unit_id,)).fetchone()
-        rows = c.execute(
-            "SELECT time, payload FROM gate_status WHERE unit_id = ? ORDER BY id DESC LIMIT ? OFFSET ?",
-            (unit_id, limit, offset),
-        ).fetchall()
-        return [{"time": rfc3339(float(r[0])), "status": json.loads(r[1])} for r in rows], int(total[0]) if total else 0
+        total, rows = page(c, "time, payload", "gate_status", "unit_id = ?", (unit_id,), "id DESC", limit, offset)
+        return [{"time": rfc3339(float(r[0])), "status": json.loads(r[1])} for r in rows], total
 
     return await store.interaction(run)
 
@@ -682,12 +674,9 @@ async def pending_commands(store: Store) -> list[Command]:
 
 async def list_commands(store: Store, unit_id: int, limit: int, offset: int) -> tuple[list[Command], int]:
     def run(c: Cursor) -> tuple[list[Command], int]:
-        total = c.execute("SELECT COUNT(*) FROM gate_commands WHERE unit_id = ?", (unit_id,)).fetchone()
-        rows = c.execute(
-            f"SELECT {_COMMAND} FROM gate_commands WHERE unit_id = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
-            (unit_id, limit, offset),
-        ).fetchall()
-        return [_command(r) for r in rows], int(total[0]) if total else 0
+        total, rows = page(c, _COMMAND, "gate_commands", "unit_id = ?", (unit_id,), "created_at DESC, id", limit,
+                           offset)
+        return [_command(r) for r in rows], total
 
     return await store.interaction(run)
 
