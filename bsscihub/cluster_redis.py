@@ -31,7 +31,7 @@ from bsscihub.cluster import (
     ILeaderLease,
     IStationOwnership,
     IWindowStore,
-    NoRoute,
+    LocalRouter,
     StationHandler,
     parse_redis_url,
 )
@@ -260,20 +260,15 @@ class RedisRouter:
         self.ownership = ownership
         self.clock = clock
         self.timeout = timeout
-        self._handlers: dict[str, StationHandler] = {}
+        self._local = LocalRouter()  # what runs here: the families' handlers, as on a single hub
+        self._here = self._local.route
         self._waiting: dict[str, tuple[defer.Deferred[Any], IDelayedCall]] = {}
         self._gathering: dict[str, _Gathering] = {}
         link.on(node_channel(node), self._message)
         link.on(EVERY_HUB, self._every_hub)
 
     def register(self, family: str, handler: StationHandler) -> None:
-        self._handlers[family] = handler
-
-    def _here(self, family: str, station: str, name: str, args: Any) -> defer.Deferred[Any]:
-        handler = self._handlers.get(family)
-        if handler is None:
-            return defer.fail(NoRoute(f"no {family} handler for station commands on this hub"))
-        return defer.ensureDeferred(handler(station, name, args))
+        self._local.register(family, handler)
 
     def route(self, family: str, station: str, name: str, args: Any) -> defer.Deferred[Any]:
         owner = self.ownership.owner(family, station)
