@@ -9,17 +9,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from bsscihub.bus import Event
 from bsscihub.cluster import Fence, leader_write
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec, receiver_ids
+from bsscihub.lifecycle import AsyncService
 from bsscihub.store import Migration
 
 if TYPE_CHECKING:
@@ -187,7 +186,7 @@ def check_rule(body: Mapping[str, Any], families: Mapping[str, str]) -> dict[str
     return dict(body)
 
 
-class AlertService(Service):
+class AlertService(AsyncService):
     """Keeps targets and alert states in memory (the database holds the same), evaluates rules on each
     event and every `check_interval`, and publishes each transition on the bus as an `alerts` event.
 
@@ -214,7 +213,6 @@ class AlertService(Service):
         self._wants: dict[str, tuple[bool, bool]] = {}
         self._unsubscribe: Any = None
         self._loop: LoopingCall | None = None
-        self._ready: defer.Deferred[None] | None = None
         self._pending: set[defer.Deferred[Any]] = set()
         self._last_purge = 0.0
         self._changes = 0  # transitions made here: states read back from before one are stale
@@ -222,21 +220,9 @@ class AlertService(Service):
 
     # -- lifecycle
 
-    def when_ready(self) -> defer.Deferred[None]:
-        """Fires once rules, targets and states are loaded (fails as the loading failed)."""
-        assert self._ready is not None
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def settle(result: Any) -> None:
-            d.errback(result) if isinstance(result, Failure) else d.callback(None)
-
-        self._ready.addBoth(settle)
-        return d
-
     def startService(self) -> None:
-        super().startService()
         self.started_at = self.clock.seconds()
-        self._ready = defer.Deferred.fromCoroutine(self._start())
+        super().startService()  # when_ready fires once rules, targets and states are loaded
 
     async def _start(self) -> None:
         store = self.hub.store
@@ -259,10 +245,6 @@ class AlertService(Service):
         self._loop.clock = self.clock
         self._loop.start(self.config.check_interval, now=False).addErrback(
             lambda f: self.log.failure("alert checks stopped", f))
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         if self._ready is not None and not self._ready.called:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,6 +25,7 @@ from bsscihub.bus import Event
 from bsscihub.contract import masked_url, opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.keybox import KeyBox
+from bsscihub.lifecycle import AsyncService
 from bsscihub.store import Migration
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class _Delivered(Exception):
     pass
 
 
-class WebhookService(Service):
+class WebhookService(AsyncService):
     """Queues matching events (committed before the bus acknowledges them) and runs one delivery loop per webhook."""
 
     log = Logger()
@@ -173,7 +173,6 @@ class WebhookService(Service):
         self._loops: dict[int, defer.Deferred[None]] = {}
         self._wake: dict[int, defer.Deferred[None]] = {}
         self._unsubscribe: Any = None
-        self._ready: defer.Deferred[None] | None = None
         self._stopping = False
         # In a cluster each hub delivers the events it queued, under its node name (required: it survives
         # a restart, so a hub delivers after it what it queued before it).
@@ -191,20 +190,9 @@ class WebhookService(Service):
 
     # -- lifecycle
 
-    def when_ready(self) -> defer.Deferred[None]:
-        assert self._ready is not None
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def settle(result: Any) -> None:
-            d.errback(result) if isinstance(result, Failure) else d.callback(None)
-
-        self._ready.addBoth(settle)
-        return d
-
     def startService(self) -> None:
-        super().startService()
         self._stopping = False
-        self._ready = defer.Deferred.fromCoroutine(self._start())
+        super().startService()
 
     async def _start(self) -> None:
         self.box.load()  # a key file that cannot be read or made stops the start, naming it
@@ -228,10 +216,6 @@ class WebhookService(Service):
             self._sync = task.LoopingCall(self._synced)
             self._sync.clock = self.clock
             self._sync.start(self.sync_interval, now=False)
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         self._stopping = True

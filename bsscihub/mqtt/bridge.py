@@ -18,7 +18,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -32,6 +31,7 @@ from bsscihub.contract import masked_url, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec, IMQTTLayout, IMQTTLayouts
 from bsscihub.health import ComponentHealth
+from bsscihub.lifecycle import AsyncStop
 from bsscihub.mqtt.client import MQTTSettings, ReactorMQTTClient, Will
 from bsscihub.mqtt.outbox import Outbox, check_topic
 
@@ -183,7 +183,7 @@ def _json_type(value: Any) -> str:
     return "an array"
 
 
-class MQTTBridge(Service):
+class MQTTBridge(AsyncStop):
     """The hub's MQTT side: bus -> outbox -> broker, and broker -> commands and device handlers.
 
     Families use `subscribe` and `publish` (device-side topics, absolute) and `topic` (to
@@ -365,10 +365,6 @@ class MQTTBridge(Service):
             failure,
             path=str(self.outbox.path),
         )
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         if self._unsubscribe_bus is not None:
