@@ -4,11 +4,15 @@ center, then whole runs over real mutual TLS against the ceiling server and a fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from bsscihub.protocols.bssci.sim._session import BaseStation
 from bsscihub.protocols.bssci.sim._stats import Counters, Histogram
 from bsscihub.protocols.bssci.sim._worker import run_plan
 from bsscihub.tls import MutualTLSEndpoint, server_context_factory
+from tests.helpers import kill, until
 
 reactor: Any = _reactor
 ROOT = Path(__file__).resolve().parent.parent
@@ -634,10 +639,9 @@ async def test_sim_answers_a_service_center_over_tls(pki: PKI) -> None:
     assert set(heard.values()) == {3} and c.ul_skipped == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_sim_sends_a_downlink_queued_on_the_hub(pki: PKI, tmp_path: Path) -> None:
-    """The hub's own service center queues a downlink; a simulated station sends it with the
-    sensor's next uplink, and the hub records it as sent."""
+@contextlib.asynccontextmanager
+async def _mioty_service(pki: PKI, tmp_path: Path) -> AsyncIterator[Any]:
+    """A hub's mioty service center on a free port, in this reactor, trusting the stations of `pki`."""
     from bsscihub.family import installed_families
     from bsscihub.hub import make_hub
     from bsscihub.protocols.bssci.service import MiotyService
@@ -651,8 +655,20 @@ async def test_sim_sends_a_downlink_queued_on_the_hub(pki: PKI, tmp_path: Path) 
     service = MiotyService(hub)
     hub.services["mioty"] = service
     service.startService()
-    await service.when_ready()
     try:
+        await service.when_ready()
+        yield service
+    finally:
+        if service.running:
+            await service.stopService()
+        await hub.store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sim_sends_a_downlink_queued_on_the_hub(pki: PKI, tmp_path: Path) -> None:
+    """The hub's own service center queues a downlink; a simulated station sends it with the
+    sensor's next uplink, and the hub records it as sent."""
+    async with _mioty_service(pki, tmp_path) as service:
         [sensor] = endpoints(1, bidi=True)
         ep = sensor["eui"]
         await service.attach(ep, sensor["nwKey"], sensor["shortAddr"], True, actor="test")
@@ -676,10 +692,6 @@ async def test_sim_sends_a_downlink_queued_on_the_hub(pki: PKI, tmp_path: Path) 
             if entry["status"] != "accepted":
                 break
             await deferLater(reactor, 0.01, lambda: None)
-    finally:
-        if service.running:
-            await service.stopService()
-        await hub.store.stop()
     assert entry["queId"] == queued["queId"] and entry["status"] == "sent"
     assert entry["resultBs"] in queued["baseStations"] and entry["packetCnt"] >= 1
     c = Counters.from_dict(summary["counters"])
@@ -687,9 +699,39 @@ async def test_sim_sends_a_downlink_queued_on_the_hub(pki: PKI, tmp_path: Path) 
     assert not c.anomalies and c.errors_received == 0
 
 
+@pytest.mark.parametrize(("stack", "processes"), [("twisted", 1), ("asyncio", 1), ("twisted", 2)])
+@pytest_twisted.ensureDeferred
+async def test_sigterm_ends_the_sim_cli_with_its_summary(stack: str, processes: int, pki: PKI, tmp_path: Path) -> None:
+    """SIGTERM (a service manager's stop, `kill`) ends a `bsscihub sim` against a hub as Ctrl-C does: the
+    stations drain and close, the summary is printed and the status is 0 (twisted crashed, asyncio died)."""
+    async with _mioty_service(pki, tmp_path) as service:
+        env = {**os.environ, "BSSCIHUB_TLS_CA": str(pki.ca), "BSSCIHUB_TLS_CA_KEY": str(pki.ca_key)}
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "bsscihub.cli", "sim", "--stack", stack, "--processes", str(processes),
+             "--port", str(service.port.getHost().port), "--base-stations", "2", "--sensors", "4", "--rate", "20",
+             "--duration", "0", "--json", "--quiet", "--cert-dir", str(tmp_path / "certs")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        )
+        try:
+            def connected() -> bool:  # conCmp received: the simulator has counted the station connected
+                sessions = list(service.sessions.values())
+                return len(sessions) == 2 and all(s.established_at is not None for s in sessions)
+
+            await until(lambda: connected() or sim.poll() is not None, "both stations connected", timeout=90)
+            assert sim.poll() is None, sim.communicate()[1]
+            sim.send_signal(signal.SIGTERM)
+            out, err = await deferToThread(sim.communicate, timeout=90)
+        finally:
+            kill(sim)
+        await until(lambda: not service.sessions, "the stations closed their connections", timeout=30)
+    assert sim.returncode == 0, err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["counters"]["connects"] == 2 and summary["counters"]["disconnects"] == 0
+
+
 def test_sim_cli_runs_against_the_ceiling_in_another_process(pki: PKI, tmp_path: Path) -> None:
     """The real command line end to end: ceiling and sim as two processes, JSON out."""
-    import subprocess
 
     port_file = tmp_path / "port"
     server = subprocess.Popen(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
@@ -271,12 +272,14 @@ def _simulate(options: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def _in_process(plan: Any, aggregator: Any) -> dict[str, Any]:
     from bsscihub.protocols.bssci.sim import _worker
+    from bsscihub.protocols.bssci.sim._run import STOP_SIGNALS
 
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
-        return _worker.run_plan(plan, aggregator.add, stop_on_sigint=True)
+        return _worker.run_plan(plan, aggregator.add, stop_on_signals=True)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _in_workers(options: Any, aggregator: Any) -> list[dict[str, Any]]:
@@ -292,6 +295,8 @@ def _in_workers(options: Any, aggregator: Any) -> list[dict[str, Any]]:
     workers = [context.Process(target=_worker.main, args=(plan, queue), daemon=True) for plan in plans]
     # Ctrl-C reaches the whole process group: the workers drain and report; we wait.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGTERM reaches this process alone: it passes a Ctrl-C on to each worker.
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: _interrupt(workers))
     try:
         for w in workers:
             w.start()
@@ -316,9 +321,16 @@ def _in_workers(options: Any, aggregator: Any) -> list[dict[str, Any]]:
         return [summaries[i] for i in sorted(summaries)]
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         for w in workers:
             if w.is_alive():
                 w.terminate()
+
+
+def _interrupt(workers: list[Any]) -> None:
+    for w in workers:
+        if w.pid is not None and w.is_alive():
+            os.kill(w.pid, signal.SIGINT)
 
 
 def _describe(summary: dict[str, Any]) -> str:

@@ -4,14 +4,13 @@ Measured cheaper per operation than Twisted with pyOpenSSL on the client side (s
 from __future__ import annotations
 
 import asyncio
-import signal
 import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from bsscihub.protocols.bssci.sim._plan import WorkerPlan
-from bsscihub.protocols.bssci.sim._run import RECONNECT_DELAY, TICK, Run
+from bsscihub.protocols.bssci.sim._run import RECONNECT_DELAY, STOP_SIGNALS, TICK, Run
 from bsscihub.protocols.bssci.sim._session import BaseStation
 
 __all__ = ["client_context", "run_worker"]
@@ -75,12 +74,13 @@ async def _keep_connected(run: Run, station: BaseStation, context: ssl.SSLContex
 
 
 async def _main(
-    plan: WorkerPlan, report: Callable[[dict[str, Any]], None] | None, stop_on_sigint: bool
+    plan: WorkerPlan, report: Callable[[dict[str, Any]], None] | None, stop_on_signals: bool
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     run = Run(plan, call_soon=loop.call_soon, report=report)
-    if stop_on_sigint:
-        loop.add_signal_handler(signal.SIGINT, run.stop)
+    if stop_on_signals:
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, run.stop)
     opts = plan.options
     contexts = [client_context(opts.ca, *opts.certs[station.index]) for station in run.stations]
     await asyncio.sleep(max(0.0, plan.start_at - time.time()))
@@ -103,7 +103,7 @@ def run_worker(
     plan: WorkerPlan,
     report: Callable[[dict[str, Any]], None] | None = None,
     *,
-    stop_on_sigint: bool = False,
+    stop_on_signals: bool = False,
 ) -> dict[str, Any]:
     """Run one worker's share to the end on a fresh asyncio loop; returns its summary."""
-    return asyncio.run(_main(plan, report, stop_on_sigint))
+    return asyncio.run(_main(plan, report, stop_on_signals))

@@ -4,6 +4,7 @@ generator (open loop at a rate, or closed loop on the windows), the phases and t
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,10 +13,12 @@ from bsscihub.protocols.bssci.sim._plan import WorkerPlan, bs_eui, sensor_eui
 from bsscihub.protocols.bssci.sim._session import BaseStation, Uplink, ul_template
 from bsscihub.protocols.bssci.sim._stats import Counters, Histogram
 
-__all__ = ["RECONNECT_DELAY", "Run", "TICK"]
+__all__ = ["RECONNECT_DELAY", "Run", "STOP_SIGNALS", "TICK"]
 
 TICK = 0.005  # s between generator ticks: 200 small batches per second, no bursts
 RECONNECT_DELAY = 1.0  # s, as a base station waits before dialling again
+# What ends a run early, drained and with its summary: Ctrl-C, and the stop of a service manager or `kill`.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Copies waiting per base station beyond its window; past this the offered
 # rate is not being served, and further copies are skipped (and counted).
 MAX_QUEUE = 1000
@@ -187,7 +190,7 @@ class Run:
             self._emit_second(second)
 
     def stop(self) -> None:
-        """End early (Ctrl-C): the window closes now, the copies still out drain."""
+        """End early (STOP_SIGNALS): the window closes now, the copies still out drain."""
         if self._generating():
             self._enter("drain", self._wall())
 

@@ -16,7 +16,7 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 
 from bsscihub.protocols.bssci.sim._plan import WorkerPlan
-from bsscihub.protocols.bssci.sim._run import RECONNECT_DELAY, TICK, Run
+from bsscihub.protocols.bssci.sim._run import RECONNECT_DELAY, STOP_SIGNALS, TICK, Run
 from bsscihub.protocols.bssci.sim._session import BaseStation
 
 __all__ = ["run_worker"]
@@ -65,13 +65,20 @@ async def _keep_connected(reactor: Any, run: Run, station: BaseStation, options:
             await task.deferLater(reactor, RECONNECT_DELAY)
 
 
+def _stop_on_signals(reactor: Any, run: Run) -> None:
+    """Instead of the reactor's handlers, which would stop it before there is a summary."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda *_: reactor.callFromThread(run.stop))
+
+
 async def _main(
-    reactor: Any, plan: WorkerPlan, report: Callable[[dict[str, Any]], None] | None, stop_on_sigint: bool
+    reactor: Any, plan: WorkerPlan, report: Callable[[dict[str, Any]], None] | None, stop_on_signals: bool
 ) -> dict[str, Any]:
     run = Run(plan, call_soon=lambda f: reactor.callLater(0, f), report=report)
-    if stop_on_sigint:
-        # Replaces the reactor's own handler, which would stop it without a summary.
-        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(run.stop))
+    if stop_on_signals:
+        _stop_on_signals(reactor, run)
+        # The reactor puts its own SIGTERM handler in place as it starts: this one goes back after it.
+        reactor.callWhenRunning(_stop_on_signals, reactor, run)
     opts = plan.options
     ca = Certificate.loadPEM(Path(opts.ca).read_bytes())
     tls = []
@@ -95,13 +102,13 @@ def run_worker(
     plan: WorkerPlan,
     report: Callable[[dict[str, Any]], None] | None = None,
     *,
-    stop_on_sigint: bool = False,
+    stop_on_signals: bool = False,
 ) -> dict[str, Any]:
     """Run one worker's share on the global reactor (so: once per process); returns its summary."""
     result: list[dict[str, Any]] = []
 
     async def main(reactor: Any) -> None:
-        result.append(await _main(reactor, plan, report, stop_on_sigint))
+        result.append(await _main(reactor, plan, report, stop_on_signals))
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))

@@ -15,16 +15,16 @@ def run_plan(
     plan: WorkerPlan,
     report: Callable[[dict[str, Any]], None] | None = None,
     *,
-    stop_on_sigint: bool = False,
+    stop_on_signals: bool = False,
 ) -> dict[str, Any]:
     if plan.options.stack == "twisted":
         from bsscihub.protocols.bssci.sim._tx import run_worker
     else:
         from bsscihub.protocols.bssci.sim._aio import run_worker  # type: ignore[assignment]
-    return run_worker(plan, report, stop_on_sigint=stop_on_sigint)
+    return run_worker(plan, report, stop_on_signals=stop_on_signals)
 
 
 def main(plan: WorkerPlan, queue: Any) -> None:
     """A spawned worker process: everything goes back to the parent through `queue`."""
-    summary = run_plan(plan, lambda second: queue.put(("second", plan.worker, second)), stop_on_sigint=True)
+    summary = run_plan(plan, lambda second: queue.put(("second", plan.worker, second)), stop_on_signals=True)
     queue.put(("summary", plan.worker, summary))
