@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import paho.mqtt.client as paho
+import pytest
 import pytest_twisted
 import treq
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -808,3 +809,33 @@ async def test_admin_pages_and_openapi(tmp_path: Path) -> None:
 async def _command_states(running: RunningHub, controller_id: str, states: list[str]) -> bool:
     code, doc = await running.api("GET", f"{GATES}/{controller_id}/commands")
     return [c["state"] for c in doc["items"]] == states
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_is_refused_503_when_the_hub_has_no_mqtt_bridge(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an MQTT bridge nothing can reach a unit: a command is refused (503 mqtt_unavailable), not stored."""
+    from bsscihub.family import installed_families
+    from tests.test_web_support import build_harness, fast_hashing
+
+    fast_hashing(monkeypatch)
+    h = await build_harness(tmp_path, families=("gate",))  # the parts of a hub, no bridge among them
+    service = h.hub.services["gate"] = installed_families()["gate"].make_service(h.hub)
+    service.startService()
+    try:
+        await service.when_ready()
+        assert h.hub.mqtt is None
+        reply = await h.request("POST", f"{GATES}/provisioning-keys", role="admin", json_body={"name": "installer"})
+        assert reply.code == 201, reply.body
+        reply = await h.request("POST", f"{GATES}/register", headers={"X-Provisioning-Key": reply.json()["key"]},
+                                json_body={"hardware_id": "hw-1", "controller_id": "gate-1",
+                                           "firmware_version": "1.0.0"})
+        assert reply.code in (200, 201), reply.body
+        reply = await h.request("POST", f"{GATES}/gate-1/commands", role="admin", json_body={"command": "open"})
+        assert (reply.code, reply.error["code"]) == (503, "mqtt_unavailable")
+        listed = await h.request("GET", f"{GATES}/gate-1/commands", role="admin")
+        assert listed.json()["total"] == 0
+    finally:
+        await service.stopService()
+        h.web.stop()
+        await h.hub.store.stop()

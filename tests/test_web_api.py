@@ -362,6 +362,29 @@ async def test_mioty_routes_answer_503_without_the_service(harness: Harness) -> 
 # -- certificates
 
 
+@pytest.mark.parametrize(("filename", "sent"), [
+    ("bs-roof.zip", "bs-roof.zip"),
+    ('a"b.csv', "a_b.csv"),  # a quote would end the header's quoted name early
+    ("x\r\nSet-Cookie: s=1.csv", "x__Set-Cookie__s_1.csv"),  # no header of the sender's own
+    ("m\u00e4rz \u6771.csv", "m_rz__.csv"),  # outside ASCII: read differently by each browser
+    ("../../etc/passwd", ".._.._etc_passwd"),
+    ("", "download"),
+    ("n" * 150 + ".csv", "n" * 100),
+])
+def test_a_download_is_named_only_with_characters_no_browser_or_shell_misreads(filename: str, sent: str) -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from bsscihub.web.dispatch import send_download
+    from bsscihub.web.routing import Download
+
+    request = DummyRequest([b""])
+    body = send_download(request, Download(b"data", filename, "text/csv", status=201))
+    assert (body, request.responseCode) == (b"data", 201)
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"text/csv"]
+    assert request.responseHeaders.getRawHeaders(b"content-disposition") == [
+        f'attachment; filename="{sent}"'.encode()]
+
+
 @pytest_twisted.ensureDeferred
 async def test_certificates_issue_list_revoke(harness: Harness) -> None:
     h = harness
