@@ -19,7 +19,7 @@ from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec, receiver_ids
 from bsscihub.lifecycle import AsyncService
-from bsscihub.store import Migration
+from bsscihub.store import Migration, page
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -611,10 +611,9 @@ class AlertService(AsyncService):
         return sorted(out, key=lambda a: a["since"], reverse=True)
 
     async def history(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        rows = await self.hub.store.fetchall(
-            "SELECT time, rule_id, rule_name, family, kind, target, condition, state, value FROM alert_history"
-            " ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
-        total = await self.hub.store.fetchone("SELECT COUNT(*) FROM alert_history")
+        total, rows = await self.hub.store.interaction(
+            page, "time, rule_id, rule_name, family, kind, target, condition, state, value", "alert_history", "1 = 1",
+            (), "id DESC", limit, offset)
         items = [{"time": rfc3339(float(t)), "ruleId": int(r), "rule": n, "family": f, "kind": k, "id": i,
                   "condition": c, "state": s, "value": v} for t, r, n, f, k, i, c, s, v in rows]
-        return items, int(total[0]) if total else 0
+        return items, total
