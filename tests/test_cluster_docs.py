@@ -21,8 +21,8 @@ import pytest
 from tests.broker import Mosquitto, Subscriber, free_port
 from tests.cluster import HAPROXY, ready
 from tests.conftest import _reset_pg_schema
+from tests.helpers import clean_env, wait_until
 from tests.redis_server import redis_url
-from tests.test_twistd import clean_env
 
 __all__ = ["redis_url"]  # fixture
 
@@ -154,10 +154,8 @@ def test_the_documented_two_hub_cluster_runs_without_containers(
     witness = subscriber_factory(mosquitto, "bsscihub/mioty/ep/+/up")
     docs.run(haproxy, timeout=30)
     assert set(docs.pids()) == set(PIDS)
-    deadline = time.monotonic() + 10
-    while not ready(int(ours["FRONT_WEB"])):  # HAProxy's first health checks
-        assert time.monotonic() < deadline, "HAProxy does not serve the web"
-        time.sleep(0.2)
+    wait_until(lambda: ready(int(ours["FRONT_WEB"])), "HAProxy serving the web (its first health checks)",
+               timeout=10, interval=0.2)
 
     summary = docs.run(sim, timeout=120).stdout
     totals = re.search(r"totals: ([\d,]+) ulData completed, ([\d,]+) unique uplinks acknowledged", summary)

@@ -23,7 +23,7 @@ from bsscihub.errors import CommandError
 from tests.cluster import MiotyHubs, mioty_hubs, nodes
 from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
-from tests.test_mioty_service import EP, A, B, pki
+from tests.test_mioty_service import EP, A, B, Running, pki
 
 __all__ = ["mioty_hubs", "nodes", "pki", "redis_url"]  # fixtures
 
@@ -146,6 +146,16 @@ async def test_a_command_for_a_hub_that_is_gone_is_answered_here(nodes: list[Clu
     assert await one.router.route("mioty", BS, "poll_status", None) == "answered on hub-1"
 
 
+async def all_marked_published(running: Running) -> None:
+    """Every stored copy of an uplink is marked published, whichever hub stored it (soon: the marks are written
+    after the publish)."""
+
+    async def none_left() -> bool:
+        return await running.service.registry.unpublished() == []
+
+    await wait_for(none_left, "every stored uplink marked published")
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_hubs_share_their_stations_over_redis_and_postgresql(mioty_hubs: MiotyHubs) -> None:
     one, two = await mioty_hubs.two()
@@ -186,11 +196,7 @@ async def test_copies_of_one_uplink_on_two_hubs_are_published_once_with_both_rec
     for event in events:
         assert [r["bsEui"] for r in event.payload["receivers"]] == [B, A]
     # Every stored copy is marked published, whichever hub stored it.
-    for _ in range(100):
-        if not await one.service.registry.unpublished():
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    assert await one.service.registry.unpublished() == []
+    await all_marked_published(one)
     # A late copy on hub-2, after the uplink went out: dropped there, not published again.
     op_c = b.uplink(cnt=1, snr=1.0)
     assert (await b.expect("ulDataRsp"))["opId"] == op_c
@@ -214,11 +220,7 @@ async def test_an_uplink_its_collector_never_published_is_adopted_by_one_hub(mio
     await wait_for(lambda: len(one.of("uplink") + two.of("uplink")) == 1)
     [event] = one.of("uplink") + two.of("uplink")
     assert event.payload["packetCnt"] == 7 and event.payload["receivers"][0]["bsEui"] == A
-    for _ in range(100):
-        if not await one.service.registry.unpublished():
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    assert await one.service.registry.unpublished() == []
+    await all_marked_published(one)
 
 
 @pytest_twisted.ensureDeferred
