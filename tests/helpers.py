@@ -156,8 +156,10 @@ def login_token(port: int, home: Path) -> str:
         return str(json.load(r)["token"])
 
 
-def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Any, **env: str) -> subprocess.Popen[bytes]:
-    """twistd -n bsscihub (mioty) with its output in `log`, returned once /health says every component is up."""
+def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Any, *, timeout: float = 15.0,
+              **env: str) -> subprocess.Popen[bytes]:
+    """twistd -n bsscihub (mioty) with its output in `log`, returned once /health says every component is up
+    (within `timeout` seconds)."""
     with log.open("ab") as out:
         process = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG],
@@ -183,7 +185,7 @@ def start_hub(home: Path, log: Path, web: int, bssci: int, broker: Any, **env: s
             return False
 
     try:
-        wait_until(healthy, "the hub serving /health with every component up")
+        wait_until(healthy, "the hub serving /health with every component up", timeout=timeout)
     except BaseException:
         process.kill()
         process.wait()

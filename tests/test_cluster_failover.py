@@ -27,7 +27,7 @@ from tests.broker import Mosquitto, Subscriber, free_port
 from tests.cluster import HAPROXY, owner
 from tests.cluster import ready as _ready
 from tests.conftest import _reset_pg_schema
-from tests.helpers import CONFIG, TWISTD, clean_env
+from tests.helpers import clean_env, start_hub
 from tests.redis_server import redis_url
 from tests.test_mioty_service import EP, PKI, A, B, Station, pki
 
@@ -51,24 +51,14 @@ class Hubs:
         bssci, web = free_port(), free_port()
         home = self.tmp / node
         home.mkdir()
-        env = clean_env(
+        self.procs[node] = start_hub(
+            home, home / "hub.log", web, bssci, self.broker, timeout=40,
             BSSCIHUB_DATABASE=self.database, BSSCIHUB_CLUSTER_REDIS=self.redis, BSSCIHUB_CLUSTER_NODE=node,
-            BSSCIHUB_FAMILIES="mioty", BSSCIHUB_DATA_DIR=str(home / "data"),
-            BSSCIHUB_WEB_LISTEN=f"tcp:{web}:interface=127.0.0.1",
-            BSSCIHUB_BSSCI_LISTEN=f"tcp:{bssci}:interface=127.0.0.1",
-            BSSCIHUB_MQTT_URL=f"mqtt://127.0.0.1:{self.broker.port}", BSSCIHUB_MIOTY_DEDUP_WINDOW="0.3",
+            BSSCIHUB_MIOTY_DEDUP_WINDOW="0.3",
             BSSCIHUB_TLS_CA=str(self.pki.ca), BSSCIHUB_TLS_CA_KEY=str(self.pki.ca_key),
             BSSCIHUB_TLS_CERT=str(self.pki.hub_cert), BSSCIHUB_TLS_KEY=str(self.pki.hub_key),
         )  # fmt: skip
-        log = (home / "hub.log").open("wb")
-        self.procs[node] = subprocess.Popen([*TWISTD, "-n", "--pidfile=", "bsscihub", "--config", CONFIG], env=env,
-                                            cwd=home, stdout=log, stderr=subprocess.STDOUT)
         self.ports[node] = (bssci, web)
-        deadline = time.monotonic() + 40
-        while not _ready(web):
-            assert self.procs[node].poll() is None, (home / "hub.log").read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "hub not ready in 40 s"
-            time.sleep(0.1)
 
     def start_haproxy(self) -> None:
         assert HAPROXY is not None
