@@ -16,18 +16,16 @@ import pytest
 import pytest_twisted
 from cryptography import x509
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "etc" / "hub.yaml")
+from tests.helpers import CONFIG, REPO, clean_env
 
 
 def bsscihub(
     cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BSSCIHUB_")}
     return subprocess.run(
         [sys.executable, "-m", "bsscihub.cli", *args],
         cwd=cwd,
-        env={**clean, **(env or {})},
+        env=clean_env(**(env or {})),
         input=stdin,
         capture_output=True,
         text=True,
