@@ -710,7 +710,7 @@ async def test_sigterm_ends_the_sim_cli_with_its_summary(stack: str, processes: 
             [sys.executable, "-m", "bsscihub.cli", "sim", "--stack", stack, "--processes", str(processes),
              "--port", str(service.port.getHost().port), "--base-stations", "2", "--sensors", "4", "--rate", "20",
              "--duration", "0", "--json", "--quiet", "--cert-dir", str(tmp_path / "certs")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True,
         )
         try:
             def connected() -> bool:  # conCmp received: the simulator has counted the station connected
@@ -723,6 +723,8 @@ async def test_sigterm_ends_the_sim_cli_with_its_summary(stack: str, processes: 
             out, err = await deferToThread(sim.communicate, timeout=90)
         finally:
             kill(sim)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sim.pid, signal.SIGKILL)  # workers a failed stop left behind
         await until(lambda: not service.sessions, "the stations closed their connections", timeout=30)
     assert sim.returncode == 0, err
     assert "Traceback" not in err

@@ -296,12 +296,18 @@ def _in_workers(options: Any, aggregator: Any) -> list[dict[str, Any]]:
     # Ctrl-C reaches the whole process group: the workers drain and report; we wait.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A SIGTERM reaches this process alone: it passes a Ctrl-C on to each worker.
-    previous_term = signal.signal(signal.SIGTERM, lambda *_: _interrupt(workers))
+    terminated: list[int] = []
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, _: terminated.append(signum))
     try:
         for w in workers:
             w.start()
         summaries: dict[int, dict[str, Any]] = {}
+        told = float("-inf")
         while len(summaries) < len(workers):
+            if terminated and time.monotonic() - told >= 1.0:
+                # Each second again: a worker still starting up ignores it (SIGINT ignored until its run starts).
+                told = time.monotonic()
+                _interrupt([w for i, w in enumerate(workers) if i not in summaries])
             try:
                 kind, worker, payload = queue.get(timeout=1.0)
             except Exception:  # queue.Empty
@@ -328,6 +334,7 @@ def _in_workers(options: Any, aggregator: Any) -> list[dict[str, Any]]:
 
 
 def _interrupt(workers: list[Any]) -> None:
+    """Ctrl-C for each worker still running: it drains and reports its summary."""
     for w in workers:
         if w.pid is not None and w.is_alive():
             os.kill(w.pid, signal.SIGINT)

@@ -3,6 +3,7 @@ spawned one that reports per-second counts and its summary through a queue."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -27,4 +28,5 @@ def run_plan(
 def main(plan: WorkerPlan, queue: Any) -> None:
     """A spawned worker process: everything goes back to the parent through `queue`."""
     summary = run_plan(plan, lambda second: queue.put(("second", plan.worker, second)), stop_on_signals=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # run over: a late Ctrl-C must not cut the report
     queue.put(("summary", plan.worker, summary))
