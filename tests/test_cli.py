@@ -11,12 +11,13 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from cryptography import x509
 
-from tests.helpers import CONFIG, REPO, clean_env
+from tests.helpers import CONFIG, REPO, clean_env, until
 
 
 def bsscihub(
@@ -338,7 +339,7 @@ async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
 ) -> None:
     """The CLI works on the database the hub uses: a log-in, a bearer token, an API key and an open session
     all stop working (the session at the hub's next housekeeping round), and a role change reaches sessions."""
-    from twisted.internet import reactor, task, threads
+    from twisted.internet import threads
 
     from bsscihub.web.auth import KEY_CACHE_TTL
     from tests.test_web_support import PASSWORD, build_harness, fast_hashing
@@ -371,10 +372,11 @@ async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
         # The open session ends at the hub's next housekeeping round; another user's stays.
         h.web.start()
         h.clock.advance(h.web.refusals.interval)
-        for _ in range(500):
-            if (await h.request("GET", "/api/v1/dashboard", cookies=cookies)).code == 401:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
+
+        async def answers(path: str, jar: Any, code: int) -> bool:
+            return bool((await h.request("GET", path, cookies=jar)).code == code)
+
+        await until(lambda: answers("/api/v1/dashboard", cookies, 401), "the disabled user's session ended")
         assert (await h.request("GET", "/api/v1/dashboard", cookies=cookies)).code == 401
         assert (await h.request("GET", "/api/v1/dashboard", cookies=admin_cookies)).code == 200
 
@@ -392,10 +394,7 @@ async def test_user_disabled_from_the_cli_is_refused_by_the_running_web_app(
         )
         assert run.returncode == 0, run.stderr
         h.clock.advance(h.web.refusals.interval)
-        for _ in range(500):
-            if (await h.request("GET", "/api/v1/users", cookies=admin_cookies)).code == 403:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: answers("/api/v1/users", admin_cookies, 403), "the session has the viewer role")
         assert (await h.request("GET", "/api/v1/users", cookies=admin_cookies)).code == 403
         assert (await h.request("GET", "/api/v1/dashboard", cookies=admin_cookies)).code == 200
 
