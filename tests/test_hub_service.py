@@ -20,6 +20,7 @@ from bsscihub.hub import make_hub
 from bsscihub.tap import build_service
 from bsscihub.web.app import WebApp
 from tests.conftest import make_config
+from tests.helpers import until
 
 
 def store_threads() -> list[threading.Thread]:
@@ -133,10 +134,7 @@ async def test_stopping_lets_running_web_calls_finish_before_storage_closes(tmp_
                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(request)  # and hang up: the call runs on (a password check takes a while)
-        for _ in range(200):
-            if web.web.api.in_flight:
-                break
-            await deferLater(reactor, 0.005, lambda: None)
+        await until(lambda: web.web.api.in_flight, "the log-in call under way")
         assert web.web.api.in_flight
         await service.stopService()  # while the call still runs
         assert not web.web.api.in_flight
