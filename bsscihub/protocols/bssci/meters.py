@@ -12,7 +12,7 @@ import attrs
 from bsscihub.errors import CommandError
 from bsscihub.keybox import KeyBox
 from bsscihub.protocols.bssci.registry import rfc3339
-from bsscihub.store import Migration, Store
+from bsscihub.store import Migration, Store, page
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -209,12 +209,10 @@ class MeterRegistry:
 
     async def find(self, needle: str = "", limit: int = 100, offset: int = 0) -> tuple[list[Meter], int]:
         pattern = f"%{needle.lower()}%"
-        rows = await self.store.fetchall(
-            f"SELECT {_METER_COLUMNS} FROM mioty_meters WHERE id LIKE ? OR lower(coalesce(name, '')) LIKE ?"
-            " ORDER BY id LIMIT ? OFFSET ?", (pattern, pattern, limit, offset))
-        total = await self.store.fetchone(
-            "SELECT count(*) FROM mioty_meters WHERE id LIKE ? OR lower(coalesce(name, '')) LIKE ?", (pattern, pattern))
-        return [Meter.from_row(r) for r in rows], int(total[0]) if total else 0
+        total, rows = await self.store.interaction(
+            page, _METER_COLUMNS, "mioty_meters", "id LIKE ? OR lower(coalesce(name, '')) LIKE ?", (pattern, pattern),
+            "id", limit, offset)
+        return [Meter.from_row(r) for r in rows], total
 
     async def save(self, meter: Meter) -> None:
         columns = _METER_COLUMNS.split(", ")
