@@ -14,7 +14,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from bsscihub.bus import Event
-from bsscihub.cluster import Fence, leader_write
+from bsscihub.cluster import Fence, HeldEvent, LeaseEvents, leader_write
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec, receiver_ids
@@ -203,6 +203,7 @@ class AlertService(AsyncService):
         self.clock = hub.reactor
         self.clustered = hub.cluster.clustered
         self.lease = hub.cluster.lease("alerts", self.clock)
+        self.lease_events = LeaseEvents(self.lease, hub.store, hub.bus, self.clock)  # a cluster's transitions
         self.rules: dict[int, Rule] = {}
         self.targets: dict[tuple[str, str, str], Target] = {}
         self.active: dict[tuple[int, str, str, str], Active] = {}
@@ -422,12 +423,16 @@ class AlertService(AsyncService):
             # the two repeats the alert once rather than losing it.
             await self.hub.bus.publish(event)
         # A cluster: stored first, fenced, so a hub that still believes it leads after another took over stores
-        # and publishes nothing; a crash between the two loses this alert (its state says it went out).
+        # and publishes nothing; the event is kept with it until announced, so a crash between the two leaves it
+        # to the next holder rather than losing it.
+        held = self.lease_events.hold(event) if fence.token else None
         if not await leader_write(self.lease, lambda claim: self.hub.store.interaction(
-                self._store_transition, claim, rule, target, firing, value, now), fence):
+                self._store_transition, claim, rule, target, firing, value, now, held), fence):
+            if held is not None:
+                self.lease_events.drop(held)
             return  # the next round reads the states the newer leader stored
-        if fence.token:
-            await self.hub.bus.publish(event)
+        if held is not None:
+            await self.lease_events.announce(held)
         if firing:
             self.log.info("alert {condition} firing for {family}/{kind}/{id} (rule {rule})",
                           condition=body["condition"], family=target.family, kind=target.kind, id=target.id,
@@ -435,7 +440,7 @@ class AlertService(AsyncService):
 
     @staticmethod
     def _store_transition(cursor: Any, fence: Fence, rule: Rule, target: Target, firing: bool, value: float | None,
-                          now: float) -> None:
+                          now: float, held: HeldEvent | None = None) -> None:
         fence.check(cursor)
         key = (rule.id, target.family, target.kind, target.id)
         cursor.execute("DELETE FROM alert_states WHERE rule_id = ? AND family = ? AND kind = ? AND target = ?", key)
@@ -447,6 +452,8 @@ class AlertService(AsyncService):
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (now, rule.id, rule.name, target.family, target.kind, target.id, rule.condition,
              "firing" if firing else "resolved", value))
+        if held is not None:
+            held.keep(cursor)
 
     async def _tick(self) -> None:
         try:
@@ -458,6 +465,7 @@ class AlertService(AsyncService):
     async def _check_silences(self) -> None:
         if self.clustered:
             await self._share()
+            await self.lease_events.announce_left()  # what a holder that died stored and did not publish
         now = self.clock.seconds()
         if self.lease.held:
             for rules in self._by_family.values():

@@ -1,9 +1,11 @@
 """The seams a hub cluster replaces: uplink deduplication, a family's shared windows, station ownership, command
-routing, rate limits and leader leases (with the fence of their writes). Each is one small interface; the local
-ones here are one hub's behaviour."""
+routing, rate limits and leader leases (with the fence of their writes and the events those keep). Each is one small
+interface; the local ones here are one hub's behaviour."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,8 +13,10 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from bsscihub.bus import Event
 from bsscihub.ratelimit import ILimiter, local_limiter
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "IDedupStore",
     "ILeaderLease",
     "IStationOwnership",
+    "LeaseEvents",
     "IWindowStore",
     "LocalLease",
     "LocalOwnership",
@@ -333,6 +338,87 @@ async def leader_write(lease: ILeaderLease, write: Callable[[Fence], Awaitable[A
         lease.fenced(stale.newer)
         return False
     return True
+
+
+ANNOUNCE_GRACE = 10.0
+"""Seconds a kept event waits before a lease holder announces it in the stead of the hub that wrote it: that hub's own
+announcement (right after its commit) has come by then, unless the hub died."""
+
+
+@attrs.frozen
+class HeldEvent:
+    """An event a leader-only write entails, kept in `lease_events` by that write's transaction until announced."""
+
+    key: str
+    lease: str
+    time: float
+    event: Event
+
+    def keep(self, cursor: Any) -> None:
+        """In the fenced transaction, after its write: the event is stored as not yet announced."""
+        event = self.event
+        cursor.execute("INSERT INTO lease_events (key, lease, time, family, kind, topic, payload, retain)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (self.key, self.lease, self.time, event.family, event.kind, event.topic,
+                        json.dumps(event.payload), int(event.retain)))
+
+
+class LeaseEvents:
+    """At-least-once for the events of a cluster's lease holder (the outbox way): each is kept in the database by the
+    fenced write it follows from and dropped once the bus (the MQTT bridge's outbox, the webhooks) took it. A holder
+    that died in between leaves it there; the lease's holder announces what is older than `grace` every round."""
+
+    log = Logger()
+
+    def __init__(self, lease: ILeaderLease, store: Any, bus: Any, clock: IReactorTime,
+                 grace: float = ANNOUNCE_GRACE) -> None:
+        self.lease, self.store, self.bus, self.clock, self.grace = lease, store, bus, clock, grace
+        self._under_way: set[str] = set()  # kept here and being announced here: never announced twice by this hub
+
+    def hold(self, event: Event) -> HeldEvent:
+        """The event of a write about to be made: `keep` it in that write's transaction, then `announce` or `drop`."""
+        held = HeldEvent(uuid.uuid4().hex, self.lease.name, self.clock.seconds(), event)
+        self._under_way.add(held.key)
+        return held
+
+    def drop(self, held: HeldEvent) -> None:
+        """Its write was refused (a newer holder wrote): nothing was kept, nothing goes out."""
+        self._under_way.discard(held.key)
+
+    async def announce(self, held: HeldEvent) -> None:
+        """Publish a kept event once its write committed; it is no longer kept once the bus took it."""
+        try:
+            await self._publish(held.key, held.event)
+        finally:
+            self._under_way.discard(held.key)
+
+    async def _publish(self, key: str, event: Event) -> None:
+        await self.bus.publish(event)
+        await self.store.execute("DELETE FROM lease_events WHERE key = ?", (key,))
+
+    async def announce_left(self) -> int:
+        """The holder's round: publish the events kept longer than `grace` (their hub died before announcing them),
+        oldest first, each then dropped. Returns how many."""
+        if not self.lease.held:
+            return 0
+        rows = await self.store.fetchall(
+            "SELECT key, family, kind, topic, payload, retain FROM lease_events WHERE lease = ? AND time < ?"
+            " ORDER BY time, key", (self.lease.name, self.clock.seconds() - self.grace))
+        announced = 0
+        for key, family, kind, topic, payload, retain in rows:
+            if key in self._under_way or not self.lease.held:
+                continue
+            try:
+                await self._publish(key, Event(family, kind, topic, json.loads(payload), bool(retain)))
+            except Exception:
+                # Kept: the next round tries again (the holder's other work of this round goes on).
+                self.log.failure("lease {lease}: announcing a kept {topic} failed", lease=self.lease.name, topic=topic)
+                break
+            announced += 1
+        if announced:
+            self.log.info("lease {lease}: announced {count} events its holder had stored and not announced",
+                          lease=self.lease.name, count=announced)
+        return announced
 
 
 def shared_windows(cluster: Cluster, name: str, clock: IReactorTime, window: float,

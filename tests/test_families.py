@@ -254,7 +254,8 @@ async def test_a_disabled_family_gets_no_service_tables_or_routes(tmp_path: Path
     service = build_service(config, enabled_families(installed_families(), ("ble",)), reactor)
     hub = service.hub
     assert set(hub.services) == {"ble"}
-    assert {m.component for m in hub.migrations()} == {"core", "registry", "blobs", "web", "alerts", "webhooks", "ble"}
+    assert {m.component for m in hub.migrations()} == {"core", "registry", "blobs", "web", "lease_events", "alerts",
+                                                          "webhooks", "ble"}
     web = service.getServiceNamed("web").web
     paths = {b.route.path for b in web.routes}
     assert "/api/v1/ble/gateways" in paths

@@ -388,11 +388,13 @@ class Registry:
     # -- sensors
 
     async def save_sensors(
-        self, changes: Mapping[str, Callable[[Sensor | None], Sensor]], fence: Fence | None = None
+        self, changes: Mapping[str, Callable[[Sensor | None], Sensor]], fence: Fence | None = None,
+        keep: Callable[[Cursor], None] | None = None,
     ) -> tuple[ImportCounts, list[tuple[Sensor, Sensor | None]]]:
         """Insert or update sensors in one transaction: `changes[eui](stored or None)` returns the
         wanted sensor (a pure function: it runs on the database thread, given the stored row).
-        A leader-only write passes its `fence`: checked first (StaleLeader: nothing written).
+        A leader-only write passes its `fence`: checked first (StaleLeader: nothing written), and may `keep(cursor)`
+        more in the same transaction (the event it entails).
 
         Only changed rows are written, with a new config revision; hot state (last seen, packet
         counter, best path) is never overwritten. Returns the counts and (new, old) per change.
@@ -401,6 +403,8 @@ class Registry:
         def write(c: Cursor) -> tuple[list[tuple[Sensor, Sensor | None]], int]:
             if fence is not None:
                 fence.check(c)
+            if keep is not None:
+                keep(c)
             existing: dict[str, Sensor] = {}
             euis = list(changes)
             for start in range(0, len(euis), 500):
@@ -571,12 +575,14 @@ class Registry:
         rows = await self.store.fetchall("SELECT eui, warned_at FROM mioty_sensors WHERE warned_at IS NOT NULL")
         return {eui: float(at) for eui, at in rows}
 
-    async def save_warning(self, eui: str, at: float, fence: Fence) -> None:
-        """A lease holder warned about a silence (fenced: not written by one another hub took over from)."""
+    async def save_warning(self, eui: str, at: float, fence: Fence, *, keep: Callable[[Cursor], None]) -> None:
+        """A lease holder warned about a silence (fenced: not written by one another hub took over from); `keep(cursor)`
+        stores the warning's event in the same transaction."""
 
         def write(c: Cursor) -> None:
             fence.check(c)
             c.execute("UPDATE mioty_sensors SET warned_at = ? WHERE eui = ?", (at, eui))
+            keep(c)
 
         await self.store.interaction(write)
 

@@ -4,7 +4,7 @@ It is the sessions' IServiceCenter; uplinks go through uplinks.UplinkPipeline, R
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from bsscihub import audit
 from bsscihub.bus import Event
-from bsscihub.cluster import Fence, IDedupStore, leader_write
+from bsscihub.cluster import Fence, HeldEvent, IDedupStore, LeaseEvents, leader_write
 from bsscihub.contract import finite_doc
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
@@ -176,6 +176,8 @@ class MiotyService(MiotyActions, FamilyService):
         """A sensor is not silent while the hub was down: silence counts from here at the earliest."""
         self.lease = self.cluster.lease("mioty", self.clock)
         """In a cluster its holder alone judges silence and reports the changes the sync picks up."""
+        self.lease_events = LeaseEvents(self.lease, hub.store, hub.bus, self.clock)
+        """A cluster: the holder's warnings and auto-detaches, kept with their write until announced."""
         lifecycle = max(0.05, min(60.0, self.settings.inactivity_warning / 4, self.settings.auto_detach / 4))
         self._loops = [
             (self.looping(self.sync, "syncing the sensor registry"), self.settings.flush_interval),
@@ -656,6 +658,14 @@ class MiotyService(MiotyActions, FamilyService):
         payload = {"epEui": ep, **fields, "time": rfc3339(self.clock.seconds())}
         return self._event(kind, f"mioty/ep/{ep}/event/{kind}", payload)
 
+    def _held_ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> HeldEvent:
+        """A lease holder's end point event, to keep in its fenced write and announce after it (`_announce`)."""
+        payload = {"epEui": ep, **fields, "time": rfc3339(self.clock.seconds())}
+        return self.lease_events.hold(Event("mioty", kind, f"mioty/ep/{ep}/event/{kind}", payload))
+
+    def _announce(self, held: HeldEvent) -> None:
+        self._background(self.lease_events.announce(held), f"announcing {held.event.topic}")
+
     def _publish_state(self, bs: BaseStation) -> None:
         self._event("state", f"mioty/bs/{bs.eui}/state", bs.state_payload(), retain=True)
 
@@ -721,6 +731,8 @@ class MiotyService(MiotyActions, FamilyService):
                 self._ep_event(eui, kind, fields)
         online = [s.bs_hex for s in self._established()]
         await self.registry.touch_base_stations(online, self.clock.seconds())
+        if self.cluster.clustered:  # the holder announces the warnings and auto-detaches a dead holder stored only
+            await self.lease_events.announce_left()
 
     def _announce_change(self, sensor: Sensor, old: Sensor | None, source: str, report: bool = True,
                          reports: list[tuple[str, str, dict[str, Any]]] | None = None) -> list[str]:
@@ -770,20 +782,34 @@ class MiotyService(MiotyActions, FamilyService):
             fields = {"lastSeen": None if sensor.last_seen is None else rfc3339(sensor.last_seen),
                       "silentFor": round(silent)}
             if silent >= settings.auto_detach:
-                if not await leader_write(self.lease, partial(self._save_attached, sensor.eui, False), fence):
+                # A cluster keeps the event with the write: a holder dying before announcing it leaves it to the next.
+                held = self._held_ep_event(sensor.eui, "auto_detach", fields) if clustered else None
+                if not await leader_write(self.lease, partial(self._save_attached, sensor.eui, False,
+                                                              keep=held.keep if held else None), fence):
+                    if held is not None:
+                        self.lease_events.drop(held)
                     return  # a newer leader judges from now on
                 self._propagate(False, sensor.eui)
                 self._propagate_elsewhere(False, sensor.eui)  # a cluster: the other hubs' stations too
-                self._ep_event(sensor.eui, "auto_detach", fields)
+                if held is not None:
+                    self._announce(held)
+                else:
+                    self._ep_event(sensor.eui, "auto_detach", fields)
                 self.log.info("end point {epEui} detached after {hours:.0f} h without an uplink", epEui=sensor.eui,
                               hours=silent / 3600)
                 await self._audit("hub", "mioty.sensor.auto_detach", sensor.eui, fields, "mioty")
             elif silent >= settings.inactivity_warning and not sensor.warned:
-                if clustered and not await leader_write(
-                        self.lease, partial(self.registry.save_warning, sensor.eui, now), fence):
+                if not clustered:
+                    sensor.warned = True
+                    self._ep_event(sensor.eui, "inactivity_warning", fields)
+                    continue
+                held = self._held_ep_event(sensor.eui, "inactivity_warning", fields)
+                if not await leader_write(self.lease, partial(self.registry.save_warning, sensor.eui, now,
+                                                              keep=held.keep), fence):
+                    self.lease_events.drop(held)
                     return
                 sensor.warned = True
-                self._ep_event(sensor.eui, "inactivity_warning", fields)
+                self._announce(held)
 
     async def prune(self) -> None:
         """Delete uplink history older than mioty.uplink_retention (never unpublished copies)."""
@@ -791,8 +817,10 @@ class MiotyService(MiotyActions, FamilyService):
         if deleted:
             self.log.info("pruned {count} uplink copies older than the retention", count=deleted)
 
-    async def _save_attached(self, eui: str, attached: bool, fence: Fence | None = None) -> Sensor:
-        """Attach or detach a sensor in the database; a leader's write passes its `fence` (checked there)."""
+    async def _save_attached(self, eui: str, attached: bool, fence: Fence | None = None, *,
+                             keep: Callable[[Any], None] | None = None) -> Sensor:
+        """Attach or detach a sensor in the database; a leader's write passes its `fence` (checked there) and
+        `keep(cursor)`, what else its transaction stores (the event it entails)."""
         now = self.clock.seconds()
         cached = self.registry.sensors[eui]
 
@@ -803,5 +831,5 @@ class MiotyService(MiotyActions, FamilyService):
                                 attached_at=base.attached_at if base.attached or not attached else now,
                                 sn_key=base.sn_key if attached else None)
 
-        await self.registry.save_sensors({eui: make}, fence)
+        await self.registry.save_sensors({eui: make}, fence, keep)
         return self.registry.sensors[eui]
