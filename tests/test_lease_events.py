@@ -20,7 +20,7 @@ from tests.redis_server import redis_url
 from tests.test_cluster_shared import alerting_hub
 from tests.test_lease_fencing import _battery
 from tests.test_mioty_cluster_lifecycle import HOUR, _stations_with_ep, _two_hubs
-from tests.test_mioty_service import EP, pki
+from tests.test_mioty_service import EP, KEY, A, B, imported_elsewhere, pki
 
 __all__ = ["mioty_hubs", "pki", "redis_url"]  # fixtures
 
@@ -135,3 +135,31 @@ async def test_a_mioty_event_its_holder_stored_and_did_not_publish_goes_out_once
     await other.service.check_lifecycle(reactor.seconds() + silence + HOUR)
     assert len(other.of(kind)) == 1
     assert len([e for e in other.events if e.kind in ("inactivity_warning", "auto_detach")]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_outside_change_its_holder_stored_a_report_of_and_did_not_publish_is_reported_once_by_the_next(
+        mioty_hubs: MiotyHubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster_redis, "LEASE_TTL", 1.5)
+    leader, other = await _two_hubs(mioty_hubs)
+    a = await leader.station("bs-a", A)
+    b = await other.station("bs-b", B)
+    attempted = dies_before_publishing(leader.hub, "attach")
+    # `bsscihub sensors import` in another process; the holder's sync reports it, and it dies before publishing.
+    doc = [{"eui": EP, "nwKey": KEY.hex(), "shortAddr": "0042", "bidi": False}]
+    assert (await imported_elsewhere(leader, doc))["created"] == 1
+    await leader.service.sync()
+    await until(lambda: attempted and not leader.service._writes, "the holder's report stored")
+    assert (await a.expect("attPrp"))["epEui"] == int(EP, 16)
+    await other.service.sync()  # its 5 s sync: it takes the change in and leaves the report to the holder
+    assert (await b.expect("attPrp"))["epEui"] == int(EP, 16)
+    assert other.of("attach") == []
+    await mioty_hubs.stop(leader)
+
+    await until(lambda: other.of("attach"), "the new holder reports the change", timeout=TAKEN_OVER)
+    [left] = attempted
+    assert [(e.topic, e.payload) for e in other.of("attach")] == [(left.topic, left.payload)]
+    assert left.payload["source"] == "external"
+    await until(lambda: _none_kept(other.hub), "the new holder no longer keeps it")
+    await other.service.sync()
+    assert len(other.of("attach")) == 1

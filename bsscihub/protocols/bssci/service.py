@@ -726,7 +726,22 @@ class MiotyService(MiotyActions, FamilyService):
                 if report and eui not in reported:
                     reports.append((eui, "detach", {"source": "external", "removed": True}))
         # Not from a hub that still believes it leads after another took the lease over.
-        if reports and await leader_write(self.lease, lambda claim: self.hub.store.interaction(claim.check), fence):
+        if reports and self.cluster.clustered:
+            # Kept with the fence's write: a holder dying before announcing them leaves them to the next.
+            held = [self._held_ep_event(eui, kind, fields) for eui, kind, fields in reports]
+
+            def keep(cursor: Any, claim: Fence) -> None:
+                claim.check(cursor)
+                for event in held:
+                    event.keep(cursor)
+
+            written = await leader_write(self.lease, lambda claim: self.hub.store.interaction(keep, claim), fence)
+            for event in held:
+                if written:
+                    self._announce(event)
+                else:
+                    self.lease_events.drop(event)
+        elif reports:  # one hub: nobody else leads
             for eui, kind, fields in reports:
                 self._ep_event(eui, kind, fields)
         online = [s.bs_hex for s in self._established()]
