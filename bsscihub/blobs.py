@@ -49,7 +49,10 @@ def write_stream(cursor: Cursor, owner: str, blob_id: str, source: BinaryIO, *, 
                  ) -> tuple[int, str]:
     """Within the caller's transaction (on the store's thread): the bytes of a file-like `source`, read a part
     at a time, as the parts of (owner, blob_id); returns (size, SHA-256 hex). With `sha256`, bytes that do not
-    match raise BlobMismatch, which rolls the transaction back."""
+    match raise BlobMismatch, which rolls the transaction back. A seekable `source` is read from its start: the
+    store runs a transaction PostgreSQL aborted for a deadlock again, and the run before had read it."""
+    if source.seekable():
+        source.seek(0)
     digest = hashlib.sha256()
     size = n = 0
     while True:

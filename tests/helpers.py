@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -97,6 +98,20 @@ def log_lines(namespace: str) -> Iterator[list[str]]:
 
     with observing(observe):
         yield lines
+
+
+# -- a shared database
+
+
+def cross_locks(cursor: Any, runs: list[int], both_hold_one: threading.Barrier, first: int, second: int) -> None:
+    """In a transaction: add 1 to row `first` of `things` (id, n), then to row `second`. Two of them on two
+    connections, (1, 2) and (2, 1), each hold one row on their first run and want the other's: PostgreSQL aborts
+    one for a deadlock (the store runs it again, `runs` counts each run by its `first`)."""
+    runs.append(first)
+    cursor.execute("UPDATE things SET n = n + 1 WHERE id = ?", (first,))
+    if runs.count(first) == 1:
+        both_hold_one.wait()
+    cursor.execute("UPDATE things SET n = n + 1 WHERE id = ?", (second,))
 
 
 # -- the hub under twistd

@@ -223,6 +223,7 @@ async def test_a_transaction_postgresql_aborts_for_a_deadlock_runs_again(postgre
 
     from bsscihub.store import open_store
     from tests.conftest import _reset_pg_schema
+    from tests.helpers import cross_locks
 
     _reset_pg_schema(postgres_url)
     hubs = [open_store(postgres_url, tmp_path / "unused.sqlite", reactor) for _ in range(2)]
@@ -231,18 +232,10 @@ async def test_a_transaction_postgresql_aborts_for_a_deadlock_runs_again(postgre
     try:
         await hubs[0].migrate(SAMPLE)
         await hubs[0].execute_rows("INSERT INTO things (id, name, n) VALUES {rows}", [(1, "a", 0), (2, "b", 0)])
-        first_locks = threading.Barrier(2, timeout=10)
+        both_hold_one = threading.Barrier(2, timeout=10)
         runs: list[int] = []
-
-        def crossing(c: Cursor, first: int, second: int) -> None:
-            runs.append(first)
-            c.execute("UPDATE things SET n = n + 1 WHERE id = ?", (first,))
-            if runs.count(first) == 1:  # the first run: both hold one row, then each wants the other's
-                first_locks.wait()
-            c.execute("UPDATE things SET n = n + 1 WHERE id = ?", (second,))
-
-        await defer.gatherResults([hubs[0].interaction(crossing, 1, 2), hubs[1].interaction(crossing, 2, 1)],
-                                  consumeErrors=True)
+        await defer.gatherResults([hubs[i].interaction(cross_locks, runs, both_hold_one, *rows)
+                                   for i, rows in enumerate([(1, 2), (2, 1)])], consumeErrors=True)
         assert len(runs) == 3, "one of the two transactions was aborted and run again"
         assert await hubs[0].fetchall("SELECT id, n FROM things ORDER BY id") == [(1, 2), (2, 2)]
     finally:
