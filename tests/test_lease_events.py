@@ -9,10 +9,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
 
 from bsscihub import cluster_redis
-from bsscihub.bus import Event
+from bsscihub.bus import Event, EventBus
+from bsscihub.cluster import ANNOUNCE_GRACE, LeaseEvents, LocalLease
 from bsscihub.hub import Hub
+from bsscihub.store import Store
+from bsscihub.store.schema import CORE_MIGRATIONS
 from tests.cluster import MiotyHubs, mioty_hubs, stop_hub
 from tests.conftest import _reset_pg_schema
 from tests.helpers import until
@@ -53,6 +57,41 @@ async def _kept(hub: Hub) -> int:
 
 async def _none_kept(hub: Hub) -> bool:
     return await _kept(hub) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_event_is_announced_by_the_holder_after_the_grace_and_once_and_never_while_under_way(
+        store: Store) -> None:
+    await store.migrate(CORE_MIGRATIONS)
+    bus, clock, published = EventBus(), Clock(), []
+    bus.subscribe(published.append)
+    clock.advance(1000.0)
+    dead = LeaseEvents(LocalLease("alerts"), store, EventBus(), clock)  # another hub: its bus gets nothing out
+    lease = LocalLease("alerts")
+    holder = LeaseEvents(lease, store, bus, clock)
+    left = Event("alerts", "alert", "alerts/devices/device/D1/offline", {"id": "D1", "value": 1.5, "since": None})
+    await store.interaction(dead.hold(left).keep)
+    other = Event("mioty", "inactivity_warning", "mioty/ep/01/event/inactivity_warning", {"epEui": "01"})
+    await store.interaction(LeaseEvents(LocalLease("mioty"), store, bus, clock).hold(other).keep)
+
+    clock.advance(ANNOUNCE_GRACE - 0.5)
+    assert await holder.announce_left() == 0  # its hub may still be announcing it
+    lease.held = False
+    clock.advance(1.0)
+    assert await holder.announce_left() == 0  # not the holder
+    lease.held = True
+    assert await holder.announce_left() == 1
+    assert published == [left]  # the other lease's event is its holder's to announce
+    assert await holder.announce_left() == 0
+
+    # The holder's own event, under way: never announced from the table meanwhile, however long it takes.
+    mine = holder.hold(Event("alerts", "alert", "alerts/devices/device/D2/offline", {"id": "D2"}))
+    await store.interaction(mine.keep)
+    clock.advance(ANNOUNCE_GRACE * 3)
+    assert await holder.announce_left() == 0
+    await holder.announce(mine)
+    assert published == [left, mine.event]
+    assert await store.fetchall("SELECT lease FROM lease_events") == [("mioty",)]
 
 
 @pytest_twisted.ensureDeferred
