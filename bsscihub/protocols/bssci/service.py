@@ -177,7 +177,7 @@ class MiotyService(MiotyActions, FamilyService):
         self.lease = self.cluster.lease("mioty", self.clock)
         """In a cluster its holder alone judges silence and reports the changes the sync picks up."""
         self.lease_events = LeaseEvents(self.lease, hub.store, hub.bus, self.clock)
-        """A cluster: the holder's warnings and auto-detaches, kept with their write until announced."""
+        """A cluster: the holder's warnings, auto-detaches and reports, kept with their write until announced."""
         lifecycle = max(0.05, min(60.0, self.settings.inactivity_warning / 4, self.settings.auto_detach / 4))
         self._loops = [
             (self.looping(self.sync, "syncing the sensor registry"), self.settings.flush_interval),
@@ -654,14 +654,18 @@ class MiotyService(MiotyActions, FamilyService):
                                              problem=f.getErrorMessage()))
         return d
 
+    def _ep(self, ep: str, kind: str, fields: Mapping[str, Any]) -> Event:
+        """An end point's event, timed now."""
+        return Event("mioty", kind, f"mioty/ep/{ep}/event/{kind}",
+                     {"epEui": ep, **fields, "time": rfc3339(self.clock.seconds())})
+
     def _ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> defer.Deferred[Any]:
-        payload = {"epEui": ep, **fields, "time": rfc3339(self.clock.seconds())}
-        return self._event(kind, f"mioty/ep/{ep}/event/{kind}", payload)
+        event = self._ep(ep, kind, fields)
+        return self._event(kind, event.topic, event.payload)
 
     def _held_ep_event(self, ep: str, kind: str, fields: Mapping[str, Any]) -> HeldEvent:
         """A lease holder's end point event, to keep in its fenced write and announce after it (`_announce`)."""
-        payload = {"epEui": ep, **fields, "time": rfc3339(self.clock.seconds())}
-        return self.lease_events.hold(Event("mioty", kind, f"mioty/ep/{ep}/event/{kind}", payload))
+        return self.lease_events.hold(self._ep(ep, kind, fields))
 
     def _announce(self, held: HeldEvent) -> None:
         self._background(self.lease_events.announce(held), f"announcing {held.event.topic}")
