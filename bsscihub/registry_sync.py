@@ -39,12 +39,14 @@ def note_change(cursor: Cursor, family: str, kind: str, key: str, node: str, tim
 
 async def noted(store: Store, family: str, kind: str, keys: Sequence[str]) -> set[str]:
     """Which of `keys` a hub noted an edit of (within the notes kept, an hour)."""
-    if not keys:
-        return set()
-    rows = await store.fetchall(
-        f"SELECT DISTINCT key FROM registry_changes WHERE family = ? AND kind = ? AND key IN"
-        f" ({', '.join('?' * len(keys))})", (family, kind, *keys))
-    return {key for key, in rows}
+    found: set[str] = set()
+    for start in range(0, len(keys), 500):  # a bulk removal's keys, within any database's count of parameters
+        chunk = keys[start:start + 500]
+        rows = await store.fetchall(
+            f"SELECT DISTINCT key FROM registry_changes WHERE family = ? AND kind = ? AND key IN"
+            f" ({', '.join('?' * len(chunk))})", (family, kind, *chunk))
+        found.update(key for key, in rows)
+    return found
 
 
 def prune_notes(cursor: Cursor, family: str, before: float) -> None:

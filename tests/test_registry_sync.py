@@ -11,7 +11,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from bsscihub.registry_sync import KEEP, RegistryChanges
+from bsscihub.registry_sync import KEEP, RegistryChanges, note_change, noted
 from bsscihub.store import Store
 from bsscihub.store.schema import CORE_MIGRATIONS
 
@@ -53,3 +53,16 @@ async def test_an_edit_noted_on_one_hub_is_applied_once_on_the_others(store: Sto
     clock.advance(KEEP + 1.0)
     await three.poll()
     assert await store.fetchall("SELECT COUNT(*) FROM registry_changes") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_which_of_a_bulk_removal_a_hub_noted_is_asked_within_the_databases_parameter_count(
+        store: Store) -> None:
+    # mioty's sync asks about every sensor removed since its last round: one query with 70,000 of them was
+    # more parameters than PostgreSQL takes (65,535).
+    await store.migrate(CORE_MIGRATIONS)
+    euis = [f"{n:016x}" for n in range(70_000)]
+    for eui in (euis[3], euis[-1]):
+        await store.interaction(note_change, "mioty", "sensor", eui, "hub-1", 1.0)
+    assert await noted(store, "mioty", "sensor", euis) == {euis[3], euis[-1]}
+    assert await noted(store, "mioty", "sensor", []) == set()
