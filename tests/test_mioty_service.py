@@ -744,6 +744,28 @@ async def test_acknowledged_uplink_survives_a_stop_without_publishing(tmp_path: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_sensor_removed_elsewhere_is_detached_though_the_sync_that_saw_it_failed_after(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sync read the removal (and moved past it), then its read of the hubs' removal notes failed: the
+    # sensor stayed attached on this hub's stations for good, as no later sync returns that removal again.
+    from bsscihub.protocols.bssci.registry import Registry
+
+    a = await attached_and_heard(running, "bs-a", A)
+    assert await Registry(running.hub.store, reactor).delete_sensor(EP)  # `bsscihub sensors` in another process
+
+    async def hiccup(euis: Any) -> set[str]:
+        raise ConnectionError("the database went away for a moment")
+
+    monkeypatch.setattr(running.service.registry, "removed_by_hubs", hiccup)
+    with pytest.raises(ConnectionError):
+        await running.service.sync()
+    monkeypatch.undo()
+    await running.service.sync()  # the next round (flush_interval)
+    assert (await a.expect("detPrp"))["epEui"] == int(EP, 16)
+    assert EP not in running.service.registry.sensors
+
+
+@pytest_twisted.ensureDeferred
 async def test_sensors_imported_elsewhere_or_here_reach_connected_stations(running: Running) -> None:
     from bsscihub.protocols.bssci import endpoints
 

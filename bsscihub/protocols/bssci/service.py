@@ -721,14 +721,18 @@ class MiotyService(MiotyActions, FamilyService):
         for sensor in changed:
             old = self.registry.adopt(sensor)
             self._announce_change(sensor, old, "external", report and sensor.writer is None, reports)
-        # Read before this hub heard the removing hub's broadcast: that hub reports its removal itself.
-        reported = await self.registry.removed_by_hubs(sorted(deleted)) if report and deleted else set()
+        detached = []
         for eui in deleted:
             old = self.registry.sensors.pop(eui, None)
             if old is not None and old.attached:
                 self._propagate(False, eui)
-                if report and eui not in reported:
-                    reports.append((eui, "detach", {"source": "external", "removed": True}))
+                detached.append(eui)
+        if report and detached:
+            # Asked once the removals took effect here (sensor_changes does not return them again, and this may
+            # fail): a removal a hub noted is reported by that hub.
+            reported = await self.registry.removed_by_hubs(sorted(detached))
+            reports.extend((eui, "detach", {"source": "external", "removed": True}) for eui in detached
+                           if eui not in reported)
         # Not from a hub that still believes it leads after another took the lease over.
         if reports and self.cluster.clustered:
             # Kept with the fence's write: a holder dying before announcing them leaves them to the next.
