@@ -24,24 +24,31 @@ class AsyncStop(Service):
 
 
 class AsyncService(AsyncStop):
-    """startService runs the coroutine `_start`; `when_ready` fires once it ended, `_ready` is its Deferred."""
+    """startService runs the coroutine `_start`; `when_ready` says how it ended, `_ready` fires once it did (never
+    with a failure: a stop that waits for the start is not failed by it)."""
 
     _ready: defer.Deferred[None] | None = None
+    _start_failure: Failure | None = None
 
     def startService(self) -> None:
         super().startService()
+        self._start_failure = None
         self._ready = defer.Deferred.fromCoroutine(self._start())
+        self._ready.addErrback(self._start_failed)
 
     async def _start(self) -> None:
         """What starting takes; override."""
 
+    def _start_failed(self, failure: Failure) -> None:
+        self._start_failure = failure  # told by when_ready, to every caller (the hub reports it)
+
     def when_ready(self) -> defer.Deferred[None]:
-        """Fires once `_start` ended (fails as it failed)."""
+        """Fires once `_start` ended (fails as it failed), each time it is asked."""
         assert self._ready is not None
         d: defer.Deferred[None] = defer.Deferred()
 
-        def settle(result: Any) -> None:
-            d.errback(result) if isinstance(result, Failure) else d.callback(None)
+        def settle(_: Any) -> None:
+            d.errback(self._start_failure) if self._start_failure is not None else d.callback(None)
 
-        self._ready.addBoth(settle)
+        self._ready.addCallback(settle)
         return d
