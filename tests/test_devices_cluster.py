@@ -181,6 +181,36 @@ async def test_a_rename_a_removal_and_a_revoked_key_reach_the_other_hub(family_h
     assert nodes == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_device_s_key_works_on_a_hub_that_has_not_loaded_the_device_yet(family_hubs: FamilyHubs) -> None:
+    # Registered on one hub (as a device registering itself with an organisation key is), posting at once through
+    # the load balancer to another: that hub refused its key (401) until its next look at the database (5 s).
+    brokers = [MemoryBroker(), MemoryBroker()]
+    witnesses = [b.witness(f"{DEV}/+/event/registered", f"{DEV}/+/up") for b in brokers]
+    one, two = await family_hubs.two(brokers, ["devices"], devices={"auto_register": False})
+    registry = two.hub.services["devices"].devices
+    two.hub.services["devices"]._others.stop()  # hub-1 takes no look meanwhile
+    keys = {}
+    for device_id in ("d1", "d2"):
+        assert (await one.api("POST", "/api/v1/devices", {"id": device_id, "name": "Boiler"}))[0] == 201
+        code, created = await one.api("POST", f"/api/v1/devices/{device_id}/key")
+        assert code == 201
+        keys[device_id] = created["key"]
+
+    def post(device_id: str, key: str) -> Any:
+        return two.api("POST", f"/api/v1/devices/{device_id}/telemetry", {"type": "t", "value": 1},
+                       {"X-Device-Key": key}, token=None)
+
+    assert (await post("d2", keys["d1"]))[0] == 401  # another device's key: refused, and d2 is not read in
+    assert "d2" not in registry
+    assert await post("d1", keys["d1"]) == (200, {"accepted": 1})
+    await witnesses[1].when(lambda m: m.topic == f"{DEV}/d1/up")
+    assert (registry["d1"].name, registry["d1"].registered_via) == ("Boiler", "api")
+    registered = [(n, json.loads(m.payload)["deviceId"]) for n, w in enumerate(witnesses) for m in w.messages
+                  if m.topic.endswith("/event/registered")]
+    assert registered == [(0, "d1"), (0, "d2")], "announced by the hub that registered them, once"
+
+
 async def _equals(read: Any, expected: Any) -> bool:
     return bool(await read() == expected)
 
