@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from tests.cluster import MiotyHubs, mioty_hubs
 from tests.redis_server import redis_url
@@ -127,7 +126,7 @@ async def test_a_station_that_moves_takes_its_downlinks_and_only_one_hub_keeps_t
                      packetCnt=2)
     await second.expect("dlDataResRsp")
     second.send("dlDataResCmp", op)
-    await deferLater(reactor, 0.3, lambda: None)
+    await wait_for(lambda: states(one, queued["queId"])[-1:] == ["sent"], "hub-1 reports the downlink sent")
     entry = await stored(one, queued["queId"], one)
     assert (entry["status"], entry["resultBs"]) == ("sent", B)
     assert states(one, queued["queId"])[-1] == "sent"
