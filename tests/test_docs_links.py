@@ -1,4 +1,4 @@
-"""The tests the documentation cites exist: every test file, test function and test module it names.
+"""What the documentation cites exists: every test file, test function and test module, and every REST route.
 
 A document that says "tests/test_x.py proves this" is only as true as that test; a renamed or removed one fails here.
 The map of the code (docs/architecture.md) is held the same way: every module path and interface it names exists.
@@ -9,6 +9,11 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+
+from bsscihub.family import installed_families
+from bsscihub.hub import make_hub
+from bsscihub.web.app import WebApp
+from tests.conftest import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [
@@ -149,3 +154,117 @@ def test_a_module_or_interface_the_map_cites_that_does_not_exist_is_found() -> N
     assert missing_interfaces({"INoSuchInterface": ["x:3"], "IFamilyService": ["x:4"], "IPlugin": ["x:5"]}) == {
         "INoSuchInterface": ["x:3"]}
     assert missing_file_names({"no_such_module.py": ["x:6"], "uplinks.py": ["x:7"]}) == {"no_such_module.py": ["x:6"]}
+
+
+# -- REST routes
+
+METHOD = r"(?:GET|POST|PUT|PATCH|DELETE)"
+CITED_ROUTE = re.compile(rf"(?:\b({METHOD}(?:[|/]{METHOD})*) )?(/api/[\w{{}}./-]*[\w}}])")
+RELATIVE_ROUTE = re.compile(rf"\b({METHOD}(?:[|/]{METHOD})*) (/[\w{{}}./-]*)")
+# A family's paragraph lists its routes relative to its root ("REST (`/api/v1/ble`): `GET /gateways`, ..."),
+# docs/gate.md a whole section ("## REST (`/api/v1/gates`, ...)" and a table of `POST /gates/register` ...).
+REST_ROOT = re.compile(
+    r"^REST \(`(/api/v1/[\w-]+)`\):(.*?)(?=\n\n)|^#+ REST \(`(/api/v1/[\w-]+)`.*?\n(.*?)(?=^#)", re.S | re.M
+)
+
+
+def route_citations() -> dict[tuple[str, str], list[str]]:
+    """(method or "", path as cited) -> where, for every /api/ path and every route of a REST section."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for document in DOCUMENTS:
+        text = document.read_text()
+        where = str(document.relative_to(REPO))
+        for methods, path in CITED_ROUTE.findall(text):
+            if path == "/api/v1":
+                continue  # the API's root, named as a prefix
+            for method in re.split(r"[|/]", methods) if methods else [""]:
+                found.setdefault((method, path.removesuffix(".")), []).append(where)
+        for match in REST_ROOT.finditer(text):
+            root, section = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+            for methods, path in RELATIVE_ROUTE.findall(section):
+                if path.startswith("/api/"):
+                    continue  # cited in full, above
+                # gate.md's table names its routes from /gates on, the families' sections from below their root
+                full = f"/api/v1{path}" if path.startswith(root.removeprefix("/api/v1") + "/") else root + path
+                for method in re.split(r"[|/]", methods):
+                    found.setdefault((method, full.split("?")[0].rstrip("/")), []).append(where)
+    return found
+
+
+def same_route(cited: str, served: str, *, any_name: bool = False) -> bool:
+    """Segment by segment equal, where a served {name} takes any cited value or name; a cited {name} matches
+    only a served one, unless `any_name` (a root such as /api/v1/{name} stands for every family's)."""
+    a, b = cited.split("/"), served.split("/")
+    if len(a) != len(b):
+        return False
+    return all(x == y or y.startswith("{") or (any_name and x.startswith("{")) for x, y in zip(a, b, strict=True))
+
+
+def unserved(cited: dict[tuple[str, str], list[str]], served: dict[str, set[str]]) -> dict[str, list[str]]:
+    """The citations no served route answers, by path or by method."""
+    missing = {}
+    for (method, path), places in cited.items():
+        methods = set().union(*(methods for route, methods in served.items() if same_route(path, route)))
+        # A path cited without a method may name the root of routes ("/api/v1/ble", "/api/v1/{name}").
+        depth = path.count("/") + 1
+        root = not method and any(
+            same_route(path, "/".join(route.split("/")[:depth]), any_name=True) for route in served
+        )
+        if not (methods or root) or (method and method not in methods):
+            missing[f"{method} {path}".strip()] = places
+    return missing
+
+
+def served_routes(tmp_path: Path) -> dict[str, set[str]]:
+    """path -> methods of every route of every installed family and of the core's alerts and webhooks, as
+    twistd mounts them (the services are built, never started)."""
+    from twisted.application.service import MultiService
+    from twisted.internet import reactor
+    from twisted.internet.task import Clock
+
+    from bsscihub.tap import install_integrations
+
+    hub = make_hub(make_config(tmp_path), reactor, installed_families())
+    install_integrations(hub, MultiService())
+    web = WebApp(hub, clock=Clock())
+    try:
+        served: dict[str, set[str]] = {}
+        for bound in web.routes:
+            served.setdefault(bound.route.path.rstrip("/"), set()).add(bound.route.method)
+        for rule in web.app.url_map.iter_rules():  # the app's own: /health, /metrics, /api/docs
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule).rstrip("/")
+            served.setdefault(path, set()).update(rule.methods or ())
+        # The example family's routes (docs/families.md), served once it is installed.
+        for source in REPO.glob("examples/*/*/__init__.py"):
+            family = source.parent.name.removesuffix("_family")
+            for method, path in re.findall(r'api_route\("(\w+)", "([^"]+)"', source.read_text()):
+                served.setdefault(f"/api/v1/{family}{path}", set()).add(method)
+        return served
+    finally:
+        web.stop()
+
+
+def test_every_rest_route_the_docs_cite_is_served(tmp_path: Path) -> None:
+    served = served_routes(tmp_path)
+    assert "/api/v1/alert-rules" in served and "/api/v1/gates/mine" in served and "/ws" in served
+    cited = route_citations()
+    assert ("POST", "/api/v1/devices/register") in cited and ("GET", "/api/v1/gates/mine") in cited
+    assert ("GET", "/api/v1/ble/nodes/{mac}/readings") in cited
+    missing = unserved(cited, served)
+    assert not missing, f"the docs cite REST routes the hub does not serve: {missing}"
+
+
+def test_a_cited_route_the_hub_does_not_serve_is_found(tmp_path: Path) -> None:
+    served = served_routes(tmp_path)
+    cited = {
+        ("PATCH", "/api/v1/mioty/network"): ["x"],
+        ("GET", "/api/v1/no/such"): ["y"],
+        ("GET", "/api/v1/mioty/sensors/0011223344556677/uplinks"): ["z"],
+        ("", "/api/v1/gates/{id}"): ["w"],
+        ("GET", "/api/v1/gates/{id}/state"): ["v"],  # not /gates/files/{file_id}: a cited {id} is no literal
+    }
+    assert unserved(cited, served) == {
+        "PATCH /api/v1/mioty/network": ["x"],
+        "GET /api/v1/no/such": ["y"],
+        "GET /api/v1/gates/{id}/state": ["v"],
+    }
