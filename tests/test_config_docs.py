@@ -117,3 +117,39 @@ def test_readme_key_table_names_only_real_keys_and_links_the_reference() -> None
             named.add(f"{section}.{other}" if section else other)
     assert named, "README's key table was not found"
     assert named <= code_keys(), sorted(named - code_keys())
+
+
+def readme_key_defaults() -> dict[str, str]:
+    """key -> the literal of its default cell in README's table of main keys ("``log.level``/``format``" with
+    "``info`` / ``text``" gives both); cells that are prose, or name another key, are left out."""
+    table = README.read_text().split("The main keys", 1)[1].split("\n\n", 2)[1].splitlines()
+    key_end = table[0].index(" ")
+    default_start = key_end + len(table[0][key_end:]) - len(table[0][key_end:].lstrip())
+    default_end = table[0].index(" ", default_start)
+    found = {}
+    for line in table:
+        if not line.startswith("``"):
+            continue
+        head, _, rest = line[:key_end].strip().replace("``", "").partition("/")
+        section = head.rpartition(".")[0]
+        keys = [head, *(f"{section}.{other}" if section else other for other in filter(None, rest.split("/")))]
+        cells = line[default_start:default_end].strip().split(" / ")
+        if len(cells) == len(keys):
+            literals = [re.match(r"``(.+?)``", cell) for cell in cells]
+            found.update((key, literal.group(0)) for key, literal in zip(keys, literals, strict=True) if literal)
+    return found
+
+
+def test_readme_key_table_gives_the_real_defaults() -> None:
+    found = readme_key_defaults()
+    assert {"bssci.listen", "mqtt.url", "log.format", "mioty.vm_mac_types"} <= set(found), sorted(found)
+    defaults = load_config(None, environ={}, family_sections=SECTIONS)
+    for key, cell in found.items():
+        section, _, name = key.rpartition(".")
+        if key == "keys_dir":  # ``data_dir``: the same directory as data_dir
+            assert cell == "``data_dir``" and defaults.keys_dir == defaults.data_dir
+            continue
+        value = parse(key, cell)
+        from_doc = _load_raw({section: {name: value}} if section else {key: value})
+        owner, default = (from_doc.section(section), defaults.section(section)) if section else (from_doc, defaults)
+        assert getattr(owner, name) == getattr(default, name), f"README.rst: {key} documented {cell}"
