@@ -150,9 +150,11 @@ def test_every_interface_the_architecture_map_cites_exists() -> None:
 def test_a_module_or_interface_the_map_cites_that_does_not_exist_is_found() -> None:
     """The checks above can fail: a moved module or a renamed interface is reported with its place."""
     assert missing_modules({"bsscihub/no_such_module.py": ["x:1"], "bsscihub/store/": ["x:2"]}) == {
-        "bsscihub/no_such_module.py": ["x:1"]}
+        "bsscihub/no_such_module.py": ["x:1"]
+    }
     assert missing_interfaces({"INoSuchInterface": ["x:3"], "IFamilyService": ["x:4"], "IPlugin": ["x:5"]}) == {
-        "INoSuchInterface": ["x:3"]}
+        "INoSuchInterface": ["x:3"]
+    }
     assert missing_file_names({"no_such_module.py": ["x:6"], "uplinks.py": ["x:7"]}) == {"no_such_module.py": ["x:6"]}
 
 
@@ -267,4 +269,44 @@ def test_a_cited_route_the_hub_does_not_serve_is_found(tmp_path: Path) -> None:
         "PATCH /api/v1/mioty/network": ["x"],
         "GET /api/v1/no/such": ["y"],
         "GET /api/v1/gates/{id}/state": ["v"],
+    }
+
+
+# -- CHANGELOG's list of the migrations since 0.1.0
+
+RELEASED = {("core", 1), ("core", 2), ("ble", 1), ("devices", 1), ("gate", 1), ("mioty", 1), ("mioty", 2)}
+"""The migrations 0.1.0 had: what its CHANGELOG entry does not list as new."""
+
+
+def changelog_migrations(text: str) -> set[tuple[str, int]]:
+    """(component, version) of the Unreleased entry's "New migrations: core 3 and 4, web 1 (...); mioty 3, ..."."""
+    listed = re.sub(r"\([^)]*\)", "", text.split("New migrations:", 1)[1].split(".\n", 1)[0])
+    found, component = set(), ""
+    for word in re.findall(r"[a-z_]+|\d+", listed):
+        if word.isdigit():
+            found.add((component, int(word)))
+        elif word != "and":
+            component = word
+    return found
+
+
+def test_the_changelog_lists_every_migration_since_the_last_release(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    hub = make_hub(make_config(tmp_path), reactor, installed_families())
+    applied = {(m.component, m.version) for m in hub.migrations()}
+    assert RELEASED <= applied
+    unreleased = (REPO / "CHANGELOG.md").read_text().split("## [Unreleased]", 1)[1].split("\n## [", 1)[0]
+    listed = changelog_migrations(unreleased)
+    assert listed == applied - RELEASED, (
+        f"CHANGELOG's new migrations: missing {sorted(applied - RELEASED - listed)}, not migrations "
+        f"{sorted(listed - (applied - RELEASED))}"
+    )
+    assert changelog_migrations("New migrations: core 3 and 4, web 1 (x); mioty 3, 4 and 6.\n") == {
+        ("core", 3),
+        ("core", 4),
+        ("web", 1),
+        ("mioty", 3),
+        ("mioty", 4),
+        ("mioty", 6),
     }
