@@ -153,3 +153,24 @@ def test_readme_key_table_gives_the_real_defaults() -> None:
         from_doc = _load_raw({section: {name: value}} if section else {key: value})
         owner, default = (from_doc.section(section), defaults.section(section)) if section else (from_doc, defaults)
         assert getattr(owner, name) == getattr(default, name), f"README.rst: {key} documented {cell}"
+
+
+# Written like a key and not one: certificate binding kinds, audit actions and a key file.
+NOT_KEYS = {"bssci.station", "scaci.ac", "gate.command", "gate.register", "gate.rename", "gate.key"}
+
+
+def cited_keys(text: str) -> set[str]:
+    """`section.key` (or ``section.key``) of a configuration section in a document's prose, modules left out."""
+    sections = "|".join(map(re.escape, SECTIONS))
+    found = re.findall(rf"(?<![\w/.$-])(`{{1,2}})((?:{sections})\.[a-z_]+)\1", text)
+    return {key for _, key in found if not key.endswith(".py")} - NOT_KEYS
+
+
+def test_every_key_the_docs_name_in_their_prose_exists() -> None:
+    documents = [README, REPO / "CHANGELOG.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    unknown = {str(doc.relative_to(REPO)): sorted(cited_keys(doc.read_text()) - code_keys()) for doc in documents}
+    assert not any(unknown.values()), {doc: keys for doc, keys in unknown.items() if keys}
+    assert cited_keys("``mioty.dedup_window`` and `web.no_such_key`, `bsscihub/web.py`") == {
+        "mioty.dedup_window",
+        "web.no_such_key",
+    }
