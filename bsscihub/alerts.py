@@ -14,7 +14,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from bsscihub.bus import Event
-from bsscihub.cluster import Fence, HeldEvent, LeaseEvents, leader_write
+from bsscihub.cluster import Fence, HeldEvent, LeaseEvents
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
 from bsscihub.family import EventSpec, receiver_ids
@@ -426,10 +426,8 @@ class AlertService(AsyncService):
         # and publishes nothing; the event is kept with it until announced, so a crash between the two leaves it
         # to the next holder rather than losing it.
         held = self.lease_events.hold(event) if fence.token else None
-        if not await leader_write(self.lease, lambda claim: self.hub.store.interaction(
+        if not await self.lease_events.write([held] if held else [], lambda claim: self.hub.store.interaction(
                 self._store_transition, claim, rule, target, firing, value, now, held), fence):
-            if held is not None:
-                self.lease_events.drop(held)
             return  # the next round reads the states the newer leader stored
         if held is not None:
             await self.lease_events.announce(held)

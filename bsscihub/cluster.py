@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -384,6 +384,18 @@ class LeaseEvents:
     def drop(self, held: HeldEvent) -> None:
         """Its write was refused (a newer holder wrote): nothing was kept, nothing goes out."""
         self._under_way.discard(held.key)
+
+    async def write(self, held: Sequence[HeldEvent], write: Callable[[Fence], Awaitable[Any]], fence: Fence) -> bool:
+        """`leader_write` of a write that keeps `held`; unless it committed they are dropped here. A write that
+        failed yet did commit (the answer was lost) leaves its events to the holder's round, after the grace."""
+        written = False
+        try:
+            written = await leader_write(self.lease, write, fence)
+        finally:
+            if not written:
+                for event in held:
+                    self.drop(event)
+        return written
 
     async def announce(self, held: HeldEvent) -> None:
         """Publish a kept event once its write committed; it is no longer kept once the bus took it."""

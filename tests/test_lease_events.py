@@ -95,6 +95,31 @@ async def test_a_kept_event_is_announced_by_the_holder_after_the_grace_and_once_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_write_that_failed_though_it_committed_leaves_its_event_to_the_holders_round(store: Store) -> None:
+    # The commit landed but its answer was lost (the connection broke): the event must not stay "under way" on
+    # this hub for good, where the holder's round would never announce it.
+    from bsscihub.cluster import Fence
+
+    await store.migrate(CORE_MIGRATIONS)
+    bus, clock, published = EventBus(), Clock(), []
+    bus.subscribe(published.append)
+    clock.advance(1000.0)
+    lease = LocalLease("alerts")
+    holder = LeaseEvents(lease, store, bus, clock)
+    held = holder.hold(Event("alerts", "alert", "alerts/devices/device/D3/offline", {"id": "D3"}))
+
+    async def committed_then_lost(claim: Fence) -> None:
+        await store.interaction(held.keep)
+        raise ConnectionLost("the answer to the commit was lost")
+
+    with pytest.raises(ConnectionLost):
+        await holder.write([held], committed_then_lost, Fence(lease.name, lease.token))
+    clock.advance(ANNOUNCE_GRACE + 1)
+    assert await holder.announce_left() == 1
+    assert published == [held.event]
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_alert_its_holder_stored_and_did_not_publish_goes_out_once_from_the_next_holder(
         tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster_redis, "LEASE_TTL", 1.5)

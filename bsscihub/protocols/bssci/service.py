@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from bsscihub import audit
 from bsscihub.bus import Event
-from bsscihub.cluster import Fence, HeldEvent, IDedupStore, LeaseEvents, leader_write
+from bsscihub.cluster import Fence, HeldEvent, IDedupStore, LeaseEvents
 from bsscihub.contract import finite_doc
 from bsscihub.family import FamilyService
 from bsscihub.health import ComponentHealth
@@ -743,12 +743,9 @@ class MiotyService(MiotyActions, FamilyService):
                 for event in held:
                     event.keep(cursor)
 
-            written = await leader_write(self.lease, lambda claim: self.hub.store.interaction(keep, claim), fence)
-            for event in held:
-                if written:
+            if await self.lease_events.write(held, lambda claim: self.hub.store.interaction(keep, claim), fence):
+                for event in held:
                     self._announce(event)
-                else:
-                    self.lease_events.drop(event)
         elif reports:  # one hub: nobody else leads
             for eui, kind, fields in reports:
                 self._ep_event(eui, kind, fields)
@@ -807,10 +804,8 @@ class MiotyService(MiotyActions, FamilyService):
             if silent >= settings.auto_detach:
                 # A cluster keeps the event with the write: a holder dying before announcing it leaves it to the next.
                 held = self._held_ep_event(sensor.eui, "auto_detach", fields) if clustered else None
-                if not await leader_write(self.lease, partial(self._save_attached, sensor.eui, False,
-                                                              keep=held.keep if held else None), fence):
-                    if held is not None:
-                        self.lease_events.drop(held)
+                if not await self.lease_events.write([held] if held else [], partial(
+                        self._save_attached, sensor.eui, False, keep=held.keep if held else None), fence):
                     return  # a newer leader judges from now on
                 self._propagate(False, sensor.eui)
                 self._propagate_elsewhere(False, sensor.eui)  # a cluster: the other hubs' stations too
@@ -827,9 +822,8 @@ class MiotyService(MiotyActions, FamilyService):
                     self._ep_event(sensor.eui, "inactivity_warning", fields)
                     continue
                 held = self._held_ep_event(sensor.eui, "inactivity_warning", fields)
-                if not await leader_write(self.lease, partial(self.registry.save_warning, sensor.eui, now,
-                                                              keep=held.keep), fence):
-                    self.lease_events.drop(held)
+                if not await self.lease_events.write([held], partial(self.registry.save_warning, sensor.eui, now,
+                                                                     keep=held.keep), fence):
                     return
                 sensor.warned = True
                 self._announce(held)
