@@ -806,16 +806,21 @@ class RedisLease:
         self._refused = 0  # the newest token the database refused a write of this hub's with
         self._until = float("-inf")
         self._loop: LoopingCall | None = None
+        self._renewing: defer.Deferred[None] | None = None
 
     @property
     def held(self) -> bool:
         return self.clock.seconds() < self._until
 
     def start(self) -> None:
-        self._loop = LoopingCall(self._renew)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
         self._loop.start(self.ttl / 3, now=True).addErrback(
             lambda f: self.log.failure("cluster: lease {lease} stopped", f, lease=self.key))
+
+    def _tick(self) -> defer.Deferred[None]:
+        self._renewing = defer.Deferred.fromCoroutine(self._renew())
+        return self._renewing
 
     async def _renew(self) -> None:
         sent = self.clock.seconds()
@@ -851,6 +856,8 @@ class RedisLease:
     async def _stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._renewing is not None and not self._renewing.called:
+            await self._renewing  # its answer may be the lease: given up below, not left to expire
         if self._until > float("-inf"):
             self._until = float("-inf")
             try:

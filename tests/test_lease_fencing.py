@@ -46,6 +46,17 @@ def _lines(logged: list[LogEvent], text: str) -> list[str]:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_lease_stopped_while_its_first_renewal_is_under_way_is_given_up(nodes: list[Cluster]) -> None:
+    # The answer came after the stop: the hub believed it held the lease after stopping, and the lease stayed
+    # taken in Redis until it expired (other hubs waited out its ttl).
+    lease = RedisLease(nodes[0].link, nodes[0].node, "test", reactor, ttl=30.0)
+    lease.start()  # the first renewal is sent now; its answer comes on a later turn of the reactor
+    await lease.stop()
+    assert not lease.held
+    assert await nodes[0].link.redis.get(lease.key) is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_acquisition_of_a_lease_gets_a_higher_token_and_a_renewal_keeps_it(nodes: list[Cluster]) -> None:
     one, two = (RedisLease(node.link, node.node, "test", reactor, ttl=30.0) for node in nodes)
     tokens = []
