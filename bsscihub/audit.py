@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from bsscihub.contract import rfc3339
 from bsscihub.ratelimit import ILimiter, local_limiter
-from bsscihub.store import Cursor, Store, page
+from bsscihub.store import LIKE_ESCAPE, Cursor, Store, like_pattern, page
 
 
 @attrs.frozen
@@ -83,9 +83,8 @@ async def query(
         params.append(actor)
     if action:
         if action.endswith(("*", ".")):
-            where.append("action LIKE ?")
-            params.append(action.rstrip("*").replace("%", "").replace("_", "\\_") + "%")
-            where[-1] += " ESCAPE '\\'"
+            where.append(f"action LIKE ? {LIKE_ESCAPE}")
+            params.append(like_pattern(action.rstrip("*"), anywhere=False))
         else:
             where.append("action = ?")
             params.append(action)

@@ -1,6 +1,5 @@
-"""The seams a hub cluster replaces: uplink deduplication, a family's shared windows, station ownership, command
-routing, rate limits and leader leases (with the fence of their writes and the events those keep). Each is one small
-interface; the local ones here are one hub's behaviour."""
+"""The seams a hub cluster replaces (dedup, shared windows, station ownership, command routing, rate limits, fenced
+leader leases and their kept events), each one small interface; the local implementations here are one hub's."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from twisted.internet import threads
 
 from bsscihub.contract import opt_time
 from bsscihub.errors import UserFacingError
-from bsscihub.store import Cursor, Store, page
+from bsscihub.store import LIKE_ESCAPE, Cursor, Store, like_pattern, page
 
 ROLES = ("admin", "operator", "viewer")
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -170,8 +170,8 @@ async def list_users(
         where.append("role = ?")
         params.append(role)
     if q:
-        where.append("LOWER(name) LIKE ?")
-        params.append("%" + q.lower().replace("%", "").replace("_", "") + "%")
+        where.append(f"LOWER(name) LIKE ? {LIKE_ESCAPE}")
+        params.append(like_pattern(q.lower()))
     sql_where = " AND ".join(where)
 
     def query(c: Cursor) -> tuple[list[User], int]:

@@ -241,3 +241,28 @@ async def test_a_transaction_postgresql_aborts_for_a_deadlock_runs_again(postgre
     finally:
         for s in hubs:
             await s.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_search_matches_its_text_literally_underscores_and_percent_signs_too(store: Store) -> None:
+    # A user "field_ops" searched as "field_ops" was not found: the search dropped its "_" (and "%").
+    from bsscihub import users
+    from bsscihub.store import LIKE_ESCAPE, like_pattern
+
+    await store.migrate(SAMPLE + CORE_MIGRATIONS)
+    names = ["a_b", "axb", "50%", "5000", "c\\d", "cxd"]
+    await store.execute_rows("INSERT INTO things (name) VALUES {rows}", [(n,) for n in names])
+
+    async def matching(text: str, anywhere: bool = True) -> list[str]:
+        rows = await store.fetchall(f"SELECT name FROM things WHERE name LIKE ? {LIKE_ESCAPE} ORDER BY name",
+                                    (like_pattern(text, anywhere=anywhere),))
+        return [r[0] for r in rows]
+
+    assert await matching("a_b") == ["a_b"]
+    assert await matching("0%") == ["50%"]
+    assert await matching("c\\d") == ["c\\d"]
+    assert await matching("50", anywhere=False) == ["50%", "5000"]
+    for name in ("field_ops", "fieldxops"):
+        await users.add_user(store, name, "viewer", "correct horse 0123")
+    found, total = await users.list_users(store, q="FIELD_OPS")
+    assert [u.name for u in found] == ["field_ops"] and total == 1

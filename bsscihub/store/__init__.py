@@ -116,6 +116,17 @@ class Cursor:
         return int(self._cursor.rowcount)
 
 
+LIKE_ESCAPE = "ESCAPE '\\'"
+"""What follows `col LIKE ?` when the pattern comes from `like_pattern`."""
+
+
+def like_pattern(text: str, *, anywhere: bool = True) -> str:
+    """A LIKE pattern matching `text` literally (its `%`, `_` and `\\` too), anywhere or (anywhere=False) at the
+    start; the statement says `LIKE ? ESCAPE '\\'` (LIKE_ESCAPE)."""
+    literal = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{literal}%" if anywhere else f"{literal}%"
+
+
 def page(cursor: Cursor, columns: str, source: str, where: str, params: Sequence[Any], order: str, limit: int,
          offset: int, *, counted: str | None = None) -> tuple[int, list[tuple[Any, ...]]]:
     """How many rows of `source` match `where`, and the page of them at `offset` in `order` (call it inside one

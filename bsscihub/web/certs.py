@@ -21,7 +21,7 @@ from bsscihub import pki
 from bsscihub.config import HubConfig
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.pki import Binding, BindingKind
-from bsscihub.store import Cursor, Store, page
+from bsscihub.store import LIKE_ESCAPE, Cursor, Store, like_pattern, page
 from bsscihub.web.errors import ApiError, bad_field, conflict
 from bsscihub.web.routing import BoundRoute
 from bsscihub.web.schema import string
@@ -204,8 +204,9 @@ async def list_issued(store: Store, kinds: Mapping[str, BindingKind], *, q: str 
                       offset: int) -> tuple[list[dict[str, Any]], int]:
     where, params = "1 = 1", []
     if q:
-        where = "(LOWER(i.name) LIKE ? OR i.serial LIKE ? OR LOWER(i.binding_subject) LIKE ?)"
-        pattern = "%" + q.lower().replace("%", "").replace("_", "") + "%"
+        where = f"(LOWER(i.name) LIKE ? {LIKE_ESCAPE} OR i.serial LIKE ? {LIKE_ESCAPE}" \
+                f" OR LOWER(i.binding_subject) LIKE ? {LIKE_ESCAPE})"
+        pattern = like_pattern(q.lower())
         params = [pattern, pattern, pattern]
 
     def run(c: Cursor) -> tuple[list[dict[str, Any]], int]:

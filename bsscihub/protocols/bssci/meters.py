@@ -12,7 +12,7 @@ import attrs
 from bsscihub.errors import CommandError
 from bsscihub.keybox import KeyBox
 from bsscihub.protocols.bssci.registry import rfc3339
-from bsscihub.store import Migration, Store, page
+from bsscihub.store import LIKE_ESCAPE, Migration, Store, like_pattern, page
 
 if TYPE_CHECKING:
     from bsscihub.hub import Hub
@@ -208,10 +208,10 @@ class MeterRegistry:
         return Meter.from_row(row) if row is not None else None
 
     async def find(self, needle: str = "", limit: int = 100, offset: int = 0) -> tuple[list[Meter], int]:
-        pattern = f"%{needle.lower()}%"
+        pattern = like_pattern(needle.lower())
+        where = f"id LIKE ? {LIKE_ESCAPE} OR lower(coalesce(name, '')) LIKE ? {LIKE_ESCAPE}"
         total, rows = await self.store.interaction(
-            page, _METER_COLUMNS, "mioty_meters", "id LIKE ? OR lower(coalesce(name, '')) LIKE ?", (pattern, pattern),
-            "id", limit, offset)
+            page, _METER_COLUMNS, "mioty_meters", where, (pattern, pattern), "id", limit, offset)
         return [Meter.from_row(r) for r in rows], total
 
     async def save(self, meter: Meter) -> None:

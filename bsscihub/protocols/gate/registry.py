@@ -13,7 +13,7 @@ import attrs
 
 from bsscihub.contract import opt_time, rfc3339
 from bsscihub.errors import CommandError
-from bsscihub.store import Cursor, Store, page
+from bsscihub.store import LIKE_ESCAPE, Cursor, Store, like_pattern, page
 
 LEVELS = ("user", "engineer")
 """App access levels, lowest first: each includes what the lower ones may do."""
@@ -96,8 +96,8 @@ async def list_units(store: Store, *, q: str = "", limit: int = 50, offset: int 
     where, params = "1 = 1", []
     if q:
         # LOWER on both sides: SQLite's LIKE ignores case, PostgreSQL's does not.
-        where = "(LOWER(controller_id) LIKE ? ESCAPE '\\' OR LOWER(hardware_id) LIKE ? ESCAPE '\\')"
-        pattern = "%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = f"(LOWER(controller_id) LIKE ? {LIKE_ESCAPE} OR LOWER(hardware_id) LIKE ? {LIKE_ESCAPE})"
+        pattern = like_pattern(q.lower())
         params = [pattern, pattern]
 
     def run(c: Cursor) -> tuple[list[Unit], int]:
