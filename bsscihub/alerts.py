@@ -248,8 +248,6 @@ class AlertService(AsyncService):
             lambda f: self.log.failure("alert checks stopped", f))
 
     async def _stop(self) -> None:
-        if self._ready is not None and not self._ready.called:
-            await self._ready
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
+
+from bsscihub.lifecycle import AsyncService
 
 if TYPE_CHECKING:
     from bsscihub.config import HubConfig
@@ -245,7 +247,7 @@ class EventSpec:
 
 
 @implementer(IFamilyService)
-class FamilyService(MultiService):
+class FamilyService(AsyncService, MultiService):
     """A base for family services: on start, `prepare()` (e.g. load the registry), then registers
     `command` in `hub.commands` and subscribes `subscriptions()` through `hub.mqtt`, each handler
     guarded by bsscihub.ingest (bad input is counted, logged once per source and dropped; a handler
@@ -261,8 +263,6 @@ class FamilyService(MultiService):
         self.hub = hub
         self.setName(self.family)
         self._ingest: Any = None
-        self._ready: Deferred[None] | None = None
-        self._start_failure: Failure | None = None
         self._subscribed: list[Deferred[Any]] = []
 
     @property
@@ -299,29 +299,8 @@ class FamilyService(MultiService):
     def _command_keys(self) -> set[str]:
         return {self.family, self.topic_root or self.family}
 
-    def when_ready(self) -> Deferred[None]:
-        """Fires once the service takes messages and commands (fails if `prepare` failed)."""
-        if self._ready is None:
-            return fail(RuntimeError(f"{self.family} service not started"))
-        d: Deferred[None] = Deferred()
-
-        def settle(_: Any) -> None:
-            if self._start_failure is not None:
-                d.errback(self._start_failure)
-            else:
-                d.callback(None)
-
-        self._ready.addCallback(settle)
-        return d
-
-    def startService(self) -> None:
-        super().startService()
-        self._start_failure = None
-        self._ready = Deferred.fromCoroutine(self._start())
-        self._ready.addErrback(self._start_failed)
-
     def _start_failed(self, failure: Failure) -> None:
-        self._start_failure = failure
+        super()._start_failed(failure)
         # The hub reports the failure once, when it waits for its families to be ready.
         self.log.debug("{family} failed to start: {reason}", family=self.family, reason=failure.getErrorMessage())
 
@@ -366,16 +345,11 @@ class FamilyService(MultiService):
         for key in self._command_keys():
             if self.hub.commands.get(key) == self.command:
                 del self.hub.commands[key]
-        children = super().stopService()
-        return Deferred.fromCoroutine(self._stop(children))
+        return super().stopService()  # stops the children, then `_stop` once the start ended
 
-    async def _stop(self, children: Any) -> None:
-        if self._ready is not None and not self._ready.called:
-            try:
-                await self.when_ready()
-            except Exception:
-                return
-        await children
+    async def _stop(self) -> None:
+        assert self._children_stopped is not None  # a MultiService's stopService gives its children's stops
+        await self._children_stopped
         await self.drain()
         if self._ingest is not None:
             self._ingest.reject_log.flush()  # what was dropped since the last line is said before the stop

@@ -13,21 +13,29 @@ from twisted.python.failure import Failure
 
 
 class AsyncStop(Service):
-    """stopService returns the Deferred of the coroutine `_stop`, so the hub waits for it."""
+    """stopService returns the Deferred of the coroutine `_stop`, so the hub waits for it. Listed before MultiService
+    in a class's bases it works for one too: the children's stops are under way by then, `_children_stopped` their
+    Deferred."""
+
+    _children_stopped: defer.Deferred[Any] | None = None
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
+        stopping: Any = super().stopService()  # None for a Service, the children's stops for a MultiService
+        self._children_stopped = stopping
+        return defer.Deferred.fromCoroutine(self._stop_in_turn())
+
+    async def _stop_in_turn(self) -> None:
+        await self._stop()
 
     async def _stop(self) -> None:
         """What stopping takes; override."""
 
 
 class AsyncService(AsyncStop):
-    """startService runs the coroutine `_start`; `when_ready` says how it ended, `_ready` fires once it did (never
-    with a failure: a stop that waits for the start is not failed by it)."""
+    """startService runs the coroutine `_start` (after a MultiService's children started); `when_ready` says how it
+    ended. A stop that comes while the start is under way waits for it to end, failed or not, before `_stop`."""
 
-    _ready: defer.Deferred[None] | None = None
+    _ready: defer.Deferred[None] | None = None  # fires once `_start` ended, never with a failure
     _start_failure: Failure | None = None
 
     def startService(self) -> None:
@@ -42,9 +50,15 @@ class AsyncService(AsyncStop):
     def _start_failed(self, failure: Failure) -> None:
         self._start_failure = failure  # told by when_ready, to every caller (the hub reports it)
 
+    async def _stop_in_turn(self) -> None:
+        if self._ready is not None and not self._ready.called:
+            await self._ready  # `_stop` never tears down what a start still builds
+        await self._stop()
+
     def when_ready(self) -> defer.Deferred[None]:
         """Fires once `_start` ended (fails as it failed), each time it is asked."""
-        assert self._ready is not None
+        if self._ready is None:
+            return defer.fail(RuntimeError(f"{self.name} service not started"))
         d: defer.Deferred[None] = defer.Deferred()
 
         def settle(_: Any) -> None:

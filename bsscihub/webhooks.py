@@ -217,10 +217,11 @@ class WebhookService(AsyncService):
             self._sync.clock = self.clock
             self._sync.start(self.sync_interval, now=False)
 
+    def stopService(self) -> defer.Deferred[None]:
+        self._stopping = True  # at once: a start still under way starts no delivery loop
+        return super().stopService()
+
     async def _stop(self) -> None:
-        self._stopping = True
-        if self._ready is not None and not self._ready.called:
-            await self._ready
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
