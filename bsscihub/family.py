@@ -343,7 +343,7 @@ class FamilyService(AsyncService, MultiService):
     def stopService(self) -> Deferred[None]:
         # Messages still arriving are dropped by the guard once `running` is false.
         for key in self._command_keys():
-            if self.hub.commands.get(key) == self.command:
+            if self.command is not None and self.hub.commands.get(key) == self.command:  # optional: None is no entry
                 del self.hub.commands[key]
         return super().stopService()  # stops the children, then `_stop` once the start ended
 

@@ -130,6 +130,23 @@ async def test_a_family_whose_start_fails_during_its_stop_still_waits_for_its_ch
     assert service.drained  # as a stop that comes after a failed start always did
 
 
+class CommandlessFamily(FamilyService):
+    family = "quietfam"
+
+    def __init__(self) -> None:
+        super().__init__(cast(Any, SimpleNamespace(commands={}, mqtt=None)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_family_without_a_command_starts_and_stops() -> None:
+    service = CommandlessFamily()
+    service.startService()
+    await service.when_ready()
+    assert service.hub.commands == {}
+    await service.stopService()
+    assert not service.running
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_service_not_started_says_so() -> None:
     with pytest.raises(RuntimeError, match="slowfam service not started"):
