@@ -5,7 +5,7 @@ In a cluster every hub stores what it heard and one hub, the lease holder, evalu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -215,6 +215,9 @@ class AlertService(AsyncService):
         self._unsubscribe: Any = None
         self._loop: LoopingCall | None = None
         self._pending: set[defer.Deferred[Any]] = set()
+        # The last write asked for each (rule, target), or a target's deletion: the next one waits for it
+        # (removed once it is done).
+        self._in_turn: dict[tuple[Any, ...], defer.Deferred[None]] = {}
         self._last_purge = 0.0
         self._changes = 0  # transitions made here: states read back from before one are stale
         self.started_at = self.clock.seconds()
@@ -354,7 +357,10 @@ class AlertService(AsyncService):
         self._dirty.discard(key)
         for state_key in [k for k in self.active if k[1:] == key]:
             del self.active[state_key]
-        self._track(self.hub.store.interaction(self._delete_target, key))
+        # After this target's transitions still being stored, else one of them would store its state again;
+        # kept under the target's key too, so that the next transition of any rule waits for it.
+        waiting = [k for k in self._in_turn if k[1:] == key]
+        self._one_after_another([*waiting, key], lambda: self.hub.store.interaction(self._delete_target, key))
 
     @staticmethod
     def _delete_target(cursor: Any, key: tuple[str, str, str]) -> None:
@@ -394,7 +400,35 @@ class AlertService(AsyncService):
         else:
             del self.active[key]
         self._changes += 1
-        self._track(defer.Deferred.fromCoroutine(self._transition(rule, target, met, value, now)))
+        # Decided now, under this leadership and with this payload, even if stored after an earlier transition.
+        fence = Fence(self.lease.name, self.lease.token)
+        body = self.payload(rule, target, met, value, now)
+        self._one_after_another([key], lambda: self._transition(rule, target, met, value, now, fence, body))
+
+    def _one_after_another(self, keys: list[tuple[Any, ...]],
+                           step: Callable[[], Awaitable[Any]]) -> None:
+        """Run `step` once the writes asked for before on these keys are done: on PostgreSQL's several store
+        threads a later write could otherwise commit first (a resolved alert stored as firing). Other keys'
+        writes go on meanwhile."""
+        before = [self._in_turn[k] for k in keys if k in self._in_turn]
+        before += [self._in_turn[k[1:]] for k in keys if len(k) == 4 and k[1:] in self._in_turn]  # a deletion
+
+        async def in_turn() -> None:
+            for d in before:
+                await d  # its failure was logged already (_track): it holds nothing up
+            await step()
+
+        done = defer.Deferred.fromCoroutine(in_turn())
+        self._track(done)
+        for k in keys:
+            self._in_turn[k] = done
+
+        def idle(_: object) -> None:
+            for k in keys:
+                if self._in_turn.get(k) is done:
+                    del self._in_turn[k]
+
+        done.addBoth(idle)
 
     def _track(self, d: defer.Deferred[Any]) -> None:
         self._pending.add(d)
@@ -411,9 +445,8 @@ class AlertService(AsyncService):
                 "since": rfc3339(since if since is not None else now), "lastSeen": opt_time(target.last_seen),
                 "time": rfc3339(now)}
 
-    async def _transition(self, rule: Rule, target: Target, firing: bool, value: float | None, now: float) -> None:
-        fence = Fence(self.lease.name, self.lease.token)  # the leadership this transition was decided under
-        body = self.payload(rule, target, firing, value, now)
+    async def _transition(self, rule: Rule, target: Target, firing: bool, value: float | None, now: float,
+                          fence: Fence, body: dict[str, Any]) -> None:
         topic = f"alerts/{target.family}/{target.kind}/{target.id}/{body['condition']}"
         event = Event("alerts", "alert", topic, body)
         if not fence.token:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from zope.interface.verify import verifyObject
 from bsscihub import audit
 from bsscihub.family import IReceivers, installed_families
 from tests.broker import Mosquitto, free_port
+from tests.conftest import _reset_pg_schema
+from tests.helpers import until
 from tests.test_families import PREFIX, RFC3339, DeviceClient, eventually, payloads, start_hub
 from tests.test_fleets import _token
 
@@ -410,6 +413,60 @@ async def test_reported_offline_and_signal_with_hysteresis(tmp_path: Path, datab
         service.on_event(Event("mioty", "uplink", "mioty/ep/70b3d59ce0000002/up", {"rssi": -130}))
         await _settled(service)
         assert len(published) == 2
+    finally:
+        await service.stopService()
+        await service.hub.store.stop()
+
+
+async def transitions_stored_in_decided_order(service: Any, published: list[Any]) -> None:
+    """The first alert write of a device waits in its store thread (PostgreSQL has 4) while its "resolved" and
+    another device's alert are decided: the resolved one must not overtake it, the other device's must."""
+    from bsscihub.bus import Event
+
+    store = service.hub.store
+    first_may_go = threading.Event()
+    writes: list[tuple[str, bool]] = []
+    store_transition = service._store_transition
+
+    def first_write_slow(cursor: Any, fence: Any, rule: Any, target: Any, firing: bool, *rest: Any) -> None:
+        writes.append((target.id, firing))
+        # D1's firing, decided first, waits (once: a rerun after a deadlock goes on)
+        if (target.id, firing) == ("D1", True) and writes.count(("D1", True)) == 1:
+            assert first_may_go.wait(30), "the test never let the first write go"
+        store_transition(cursor, fence, rule, target, firing, *rest)
+
+    service._store_transition = first_write_slow
+    try:
+        rule = await service.add_rule({"name": "down", "family": "devices", "kind": "device",
+                                       "condition": "offline"}, "tests")
+        service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))
+        service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "online"}))
+        await until(lambda: ("D1", True) in writes, "D1's firing write started")
+        service.on_event(Event("devices", "state", "dev/device/D2/state", {"state": "offline"}))
+        await until(lambda: store.fetchall("SELECT state FROM alert_history WHERE target = 'D2'"),
+                    "another device's alert stored while D1's first write waits")
+        # D1's "resolved" waits its turn (the code before had no turns: it went on and committed first).
+        d1 = (rule.id, "devices", "device", "D1")
+        await until(lambda: d1 in getattr(service, "_in_turn", {}) or store.fetchall(
+            "SELECT state FROM alert_history WHERE target = 'D1'"), "D1's resolved waiting or stored")
+        first_may_go.set()
+        await until(lambda: len(published) == 3 and not service._pending, "the three transitions stored and out")
+    finally:
+        first_may_go.set()
+    assert [e.payload["state"] for e in published if e.payload["id"] == "D1"] == ["firing", "resolved"]
+    assert list(service.active) == [(rule.id, "devices", "device", "D2")]
+    assert [tuple(r) for r in await store.fetchall("SELECT rule_id, target FROM alert_states")] == [(rule.id, "D2")]
+    history = await store.fetchall("SELECT state FROM alert_history WHERE target = 'D1' ORDER BY id")
+    assert [state for (state,) in history] == ["firing", "resolved"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_alerts_transitions_are_stored_in_the_order_they_were_decided(
+        tmp_path: Path, postgres_url: str) -> None:
+    _reset_pg_schema(postgres_url)
+    service, published = await _alert_service(tmp_path, task.Clock(), postgres_url)
+    try:
+        await transitions_stored_in_decided_order(service, published)
     finally:
         await service.stopService()
         await service.hub.store.stop()

@@ -30,7 +30,7 @@ from tests.cluster import clustered_hub, nodes, stop_hub
 from tests.conftest import _reset_pg_schema
 from tests.helpers import until as wait_for
 from tests.redis_server import redis_url
-from tests.test_alerts import Receiver
+from tests.test_alerts import Receiver, transitions_stored_in_decided_order
 from tests.test_web_support import PASSWORD, Harness, fast_hashing
 
 __all__ = ["nodes", "redis_url"]  # fixtures
@@ -225,6 +225,22 @@ async def _webhook_hub(tmp: Path, database: str, redis: str, node: str) -> tuple
     service.startService()
     await service.when_ready()
     return hub, service, streamed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_leaders_transitions_of_one_alert_are_stored_fenced_in_the_order_decided(
+        tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    _reset_pg_schema(postgres_url)
+    # Checked seldom: the test's events decide the transitions, not a round.
+    hub, service, fired = await alerting_hub(tmp_path / "hub-1", postgres_url, redis_url, "hub-1",
+                                             check_interval="60s")
+    try:
+        await wait_for(lambda: service.lease.held, "the only hub holds the alerts lease")
+        await transitions_stored_in_decided_order(service, fired)
+        kept = await hub.store.fetchone("SELECT COUNT(*) FROM lease_events")
+        assert kept == (0,)  # every transition's event was kept with it and announced
+    finally:
+        await stop_hub(hub, service)
 
 
 @pytest_twisted.ensureDeferred
