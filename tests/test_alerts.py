@@ -418,24 +418,30 @@ async def test_reported_offline_and_signal_with_hysteresis(tmp_path: Path, datab
         await service.hub.store.stop()
 
 
-async def transitions_stored_in_decided_order(service: Any, published: list[Any]) -> None:
-    """The first alert write of a device waits in its store thread (PostgreSQL has 4) while its "resolved" and
-    another device's alert are decided: the resolved one must not overtake it, the other device's must."""
-    from bsscihub.bus import Event
-
-    store = service.hub.store
+def d1_first_firing_held(service: Any) -> tuple[threading.Event, list[tuple[str, bool]]]:
+    """From now on the first write of D1's firing waits in its store thread (PostgreSQL has 4) until the returned
+    Event is set; the list gets (device, firing) of each alert write as it starts."""
     first_may_go = threading.Event()
     writes: list[tuple[str, bool]] = []
     store_transition = service._store_transition
 
     def first_write_slow(cursor: Any, fence: Any, rule: Any, target: Any, firing: bool, *rest: Any) -> None:
         writes.append((target.id, firing))
-        # D1's firing, decided first, waits (once: a rerun after a deadlock goes on)
-        if (target.id, firing) == ("D1", True) and writes.count(("D1", True)) == 1:
+        if (target.id, firing) == ("D1", True) and writes.count(("D1", True)) == 1:  # a rerun after a deadlock goes on
             assert first_may_go.wait(30), "the test never let the first write go"
         store_transition(cursor, fence, rule, target, firing, *rest)
 
     service._store_transition = first_write_slow
+    return first_may_go, writes
+
+
+async def transitions_stored_in_decided_order(service: Any, published: list[Any]) -> None:
+    """D1's first alert write waits while its "resolved" and another device's alert are decided: the resolved
+    one must not overtake it, the other device's must."""
+    from bsscihub.bus import Event
+
+    store = service.hub.store
+    first_may_go, writes = d1_first_firing_held(service)
     try:
         rule = await service.add_rule({"name": "down", "family": "devices", "kind": "device",
                                        "condition": "offline"}, "tests")
@@ -470,6 +476,41 @@ async def test_one_alerts_transitions_are_stored_in_the_order_they_were_decided(
     finally:
         await service.stopService()
         await service.hub.store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_devices_alert_state_is_removed_after_its_transitions_and_before_the_next(
+        tmp_path: Path, postgres_url: str) -> None:
+    from bsscihub.bus import Event
+
+    _reset_pg_schema(postgres_url)
+    clock = task.Clock()
+    service, _ = await _alert_service(tmp_path, clock, postgres_url)
+    store = service.hub.store
+    first_may_go, writes = d1_first_firing_held(service)
+    try:
+        rule = await service.add_rule({"name": "down", "family": "devices", "kind": "device",
+                                       "condition": "offline"}, "tests")
+        service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))
+        await until(lambda: ("D1", True) in writes, "D1's firing write started")
+        service.on_event(Event("devices", "deleted", "dev/device/D1/event/deleted", {}))
+        clock.advance(10)
+        service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))  # heard again
+        # The deletion and the new firing wait their turn (the code before had no turns: the new firing went on).
+        await until(lambda: ("devices", "device", "D1") in getattr(service, "_in_turn", {}) or store.fetchall(
+            "SELECT state FROM alert_history WHERE target = 'D1'"), "D1's deletion waiting or its new firing stored")
+        first_may_go.set()
+        await _settled(service)
+        assert list(service.active) == [(rule.id, "devices", "device", "D1")]
+        assert service.active[(rule.id, "devices", "device", "D1")].since == clock.seconds()
+        states = await store.fetchall("SELECT target, since FROM alert_states")
+        assert [tuple(r) for r in states] == [("D1", clock.seconds())]  # the new firing's, not the deleted one's
+        history = await store.fetchall("SELECT time FROM alert_history WHERE target = 'D1' ORDER BY id")
+        assert [time for (time,) in history] == [clock.seconds() - 10, clock.seconds()]
+    finally:
+        first_may_go.set()
+        await service.stopService()
+        await store.stop()
 
 
 class Refusing(Receiver):
