@@ -623,6 +623,9 @@ class AlertService(AsyncService):
         # A rule switched off or deleted ends its alerts without a "resolved": nothing was resolved.
         for key in [k for k in self.active if k[0] == rule_id]:
             del self.active[key]
+        # After the rule's transitions still being stored, else one of them would store its state again.
+        for stored in [d for k, d in list(self._in_turn.items()) if len(k) == 4 and k[0] == rule_id]:
+            await stored  # its failure was logged already (_track)
         await self.hub.store.execute("DELETE FROM alert_states WHERE rule_id = ?", (rule_id,))
 
     def _evaluate_rule(self, rule: Rule) -> None:

@@ -513,6 +513,36 @@ async def test_a_deleted_devices_alert_state_is_removed_after_its_transitions_an
         await store.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_rule_switched_off_while_its_transition_is_stored_leaves_no_state(
+        tmp_path: Path, postgres_url: str) -> None:
+    from bsscihub.bus import Event
+
+    _reset_pg_schema(postgres_url)
+    service, _ = await _alert_service(tmp_path, task.Clock(), postgres_url)
+    store = service.hub.store
+    first_may_go, writes = d1_first_firing_held(service)
+    try:
+        rule = await service.add_rule({"name": "down", "family": "devices", "kind": "device",
+                                       "condition": "offline"}, "tests")
+        service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))
+        await until(lambda: ("D1", True) in writes, "D1's firing write started")
+        # Switched off meanwhile: its states go once the firing is stored (before, the firing stored its state again).
+        switched_off = defer.ensureDeferred(service.update_rule(rule.id, {"enabled": False}))
+        await until(lambda: not service.rules[rule.id].enabled, "the rule switched off")
+        await task.deferLater(reactor, 0.5, lambda: None)  # a DELETE that went ahead would be done by now
+        assert not switched_off.called, "the switch-off did not wait for the firing still being stored"
+        first_may_go.set()
+        await switched_off
+        await _settled(service)
+        assert not service.active
+        assert await store.fetchall("SELECT rule_id, target FROM alert_states") == []
+    finally:
+        first_may_go.set()
+        await service.stopService()
+        await store.stop()
+
+
 class Refusing(Receiver):
     """Refuses the first delivery for good (410), takes the others."""
 
