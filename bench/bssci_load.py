@@ -317,7 +317,7 @@ def _short(filename: str) -> str:
     for marker in ("site-packages/", "lib/python3"):
         if marker in filename:
             return filename.split(marker, 1)[1]
-    return filename.split("/work/main/", 1)[-1]
+    return filename.split(f"{ROOT}/", 1)[-1]  # the checkout's own files, relative to it
 
 
 # --- MQTT witness -------------------------------------------------------------------
