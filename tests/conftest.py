@@ -105,6 +105,20 @@ def store(database_url: str, tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
+def two_pg_stores(postgres_url: str, tmp_path: Path) -> Iterator[list[Store]]:
+    """Two stores on one empty PostgreSQL schema, as two hubs of a cluster have (e.g. to make them deadlock)."""
+    from twisted.internet import reactor
+
+    _reset_pg_schema(postgres_url)
+    stores = [open_store(postgres_url, tmp_path / "unused.sqlite", reactor) for _ in range(2)]
+    for s in stores:
+        s.start()
+    yield stores
+    for s in stores:
+        pytest_twisted.blockon(s.stop())
+
+
+@pytest.fixture
 def logged() -> Iterator[list[LogEvent]]:
     """Every twisted.logger event emitted during the test."""
     with log_events() as events:

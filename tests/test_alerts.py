@@ -435,6 +435,18 @@ def d1_first_firing_held(service: Any) -> tuple[threading.Event, list[tuple[str,
     return first_may_go, writes
 
 
+async def d1_firing_under_way(service: Any, writes: list[tuple[str, bool]]) -> Any:
+    """A rule on devices going offline, and D1 gone offline, once its firing's write started (and, held by
+    d1_first_firing_held, waits); returns the rule."""
+    from bsscihub.bus import Event
+
+    rule = await service.add_rule({"name": "down", "family": "devices", "kind": "device",
+                                   "condition": "offline"}, "tests")
+    service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))
+    await until(lambda: ("D1", True) in writes, "D1's firing write started")
+    return rule
+
+
 async def transitions_stored_in_decided_order(service: Any, published: list[Any]) -> None:
     """D1's first alert write waits while its "resolved" and another device's alert are decided: the resolved
     one must not overtake it, the other device's must."""
@@ -489,10 +501,7 @@ async def test_a_deleted_devices_alert_state_is_removed_after_its_transitions_an
     store = service.hub.store
     first_may_go, writes = d1_first_firing_held(service)
     try:
-        rule = await service.add_rule({"name": "down", "family": "devices", "kind": "device",
-                                       "condition": "offline"}, "tests")
-        service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))
-        await until(lambda: ("D1", True) in writes, "D1's firing write started")
+        rule = await d1_firing_under_way(service, writes)
         service.on_event(Event("devices", "deleted", "dev/device/D1/event/deleted", {}))
         clock.advance(10)
         service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))  # heard again
@@ -516,17 +525,12 @@ async def test_a_deleted_devices_alert_state_is_removed_after_its_transitions_an
 @pytest_twisted.ensureDeferred
 async def test_a_rule_switched_off_while_its_transition_is_stored_leaves_no_state(
         tmp_path: Path, postgres_url: str) -> None:
-    from bsscihub.bus import Event
-
     _reset_pg_schema(postgres_url)
     service, _ = await _alert_service(tmp_path, task.Clock(), postgres_url)
     store = service.hub.store
     first_may_go, writes = d1_first_firing_held(service)
     try:
-        rule = await service.add_rule({"name": "down", "family": "devices", "kind": "device",
-                                       "condition": "offline"}, "tests")
-        service.on_event(Event("devices", "state", "dev/device/D1/state", {"state": "offline"}))
-        await until(lambda: ("D1", True) in writes, "D1's firing write started")
+        rule = await d1_firing_under_way(service, writes)
         # Switched off meanwhile: its states go once the firing is stored (before, the firing stored its state again).
         switched_off = defer.ensureDeferred(service.update_rule(rule.id, {"enabled": False}))
         await until(lambda: not service.rules[rule.id].enabled, "the rule switched off")

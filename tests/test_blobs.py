@@ -111,44 +111,35 @@ async def test_a_stream_is_stored_in_whole_parts_and_checked(store: Store) -> No
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stream_in_a_transaction_run_again_after_a_deadlock_is_stored_whole(postgres_url: str,
-                                                                                    tmp_path: Path) -> None:
+async def test_a_stream_in_a_transaction_run_again_after_a_deadlock_is_stored_whole(
+        two_pg_stores: list[Store]) -> None:
     # gate's upload streams the request body in its transaction: when PostgreSQL aborted it for a deadlock,
     # the run again read a stream already at its end and stored (and marked stored) an empty file.
     import threading
 
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer
 
-    from bsscihub.store import open_store
-    from tests.conftest import _reset_pg_schema
     from tests.helpers import cross_locks
 
-    _reset_pg_schema(postgres_url)
-    hubs = [open_store(postgres_url, tmp_path / "unused.sqlite", reactor) for _ in range(2)]
-    for s in hubs:
-        s.start()
-    try:
-        await hubs[0].migrate(CORE_MIGRATIONS)
-        await hubs[0].execute("CREATE TABLE things (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
-        await hubs[0].execute("INSERT INTO things (id, n) VALUES (1, 0), (2, 0)")
-        both_hold_one = threading.Barrier(2, timeout=10)
-        runs: list[int] = []
+    hubs = two_pg_stores
+    await hubs[0].migrate(CORE_MIGRATIONS)
+    await hubs[0].execute("CREATE TABLE things (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+    await hubs[0].execute("INSERT INTO things (id, n) VALUES (1, 0), (2, 0)")
+    both_hold_one = threading.Barrier(2, timeout=10)
+    runs: list[int] = []
 
-        def upload(c: Cursor, blob_id: str, source: io.BytesIO, first: int, second: int) -> int:
-            size, _ = blobs.write_stream(c, "a", blob_id, source)
-            cross_locks(c, runs, both_hold_one, first, second)
-            return size
+    def upload(c: Cursor, blob_id: str, source: io.BytesIO, first: int, second: int) -> int:
+        size, _ = blobs.write_stream(c, "a", blob_id, source)
+        cross_locks(c, runs, both_hold_one, first, second)
+        return size
 
-        sizes = await defer.gatherResults(
-            [hubs[0].interaction(upload, "x", io.BytesIO(BIG), 1, 2),
-             hubs[1].interaction(upload, "y", io.BytesIO(BIG), 2, 1)], consumeErrors=True)
-        assert len(runs) == 3, "one of the two transactions was aborted and run again"
-        assert sizes == [len(BIG), len(BIG)]
-        for blob_id in ("x", "y"):
-            assert await blobs.read_all(hubs[0], "a", blob_id, len(BIG)) == BIG
-    finally:
-        for s in hubs:
-            await s.stop()
+    sizes = await defer.gatherResults(
+        [hubs[0].interaction(upload, "x", io.BytesIO(BIG), 1, 2),
+         hubs[1].interaction(upload, "y", io.BytesIO(BIG), 2, 1)], consumeErrors=True)
+    assert len(runs) == 3, "one of the two transactions was aborted and run again"
+    assert sizes == [len(BIG), len(BIG)]
+    for blob_id in ("x", "y"):
+        assert await blobs.read_all(hubs[0], "a", blob_id, len(BIG)) == BIG
 
 
 @pytest_twisted.ensureDeferred

@@ -214,33 +214,24 @@ async def test_sql_ascii_database_reads_text_as_text(postgres_url: str, tmp_path
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_transaction_postgresql_aborts_for_a_deadlock_runs_again(postgres_url: str, tmp_path) -> None:
+async def test_a_transaction_postgresql_aborts_for_a_deadlock_runs_again(two_pg_stores: list[Store]) -> None:
     # Two hubs on one database upserting the same rows in another order: PostgreSQL aborts one of the two
     # transactions (a hub logged the traceback and lost its write); the store runs the aborted one again.
     import threading
 
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer
 
-    from bsscihub.store import open_store
-    from tests.conftest import _reset_pg_schema
     from tests.helpers import cross_locks
 
-    _reset_pg_schema(postgres_url)
-    hubs = [open_store(postgres_url, tmp_path / "unused.sqlite", reactor) for _ in range(2)]
-    for s in hubs:
-        s.start()
-    try:
-        await hubs[0].migrate(SAMPLE)
-        await hubs[0].execute_rows("INSERT INTO things (id, name, n) VALUES {rows}", [(1, "a", 0), (2, "b", 0)])
-        both_hold_one = threading.Barrier(2, timeout=10)
-        runs: list[int] = []
-        await defer.gatherResults([hubs[i].interaction(cross_locks, runs, both_hold_one, *rows)
-                                   for i, rows in enumerate([(1, 2), (2, 1)])], consumeErrors=True)
-        assert len(runs) == 3, "one of the two transactions was aborted and run again"
-        assert await hubs[0].fetchall("SELECT id, n FROM things ORDER BY id") == [(1, 2), (2, 2)]
-    finally:
-        for s in hubs:
-            await s.stop()
+    hubs = two_pg_stores
+    await hubs[0].migrate(SAMPLE)
+    await hubs[0].execute_rows("INSERT INTO things (id, name, n) VALUES {rows}", [(1, "a", 0), (2, "b", 0)])
+    both_hold_one = threading.Barrier(2, timeout=10)
+    runs: list[int] = []
+    await defer.gatherResults([hubs[i].interaction(cross_locks, runs, both_hold_one, *rows)
+                               for i, rows in enumerate([(1, 2), (2, 1)])], consumeErrors=True)
+    assert len(runs) == 3, "one of the two transactions was aborted and run again"
+    assert await hubs[0].fetchall("SELECT id, n FROM things ORDER BY id") == [(1, 2), (2, 2)]
 
 
 @pytest_twisted.ensureDeferred
